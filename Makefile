@@ -1,0 +1,44 @@
+# lass_sparse — the commands a user runs. `make test` installs first if needed.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install demo test test-fast bench bench-gpu lint nvcc-check clean
+
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.h)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	# Pinned: a bare `torch` pulls a multi-GB CUDA build on these machines.
+	$(BIN)/python -m pip install -q "$(TORCH)" numpy
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lass-sparse demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests benchmarks --benchmark-disable
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest benchmarks -m "not gpu" --benchmark-only \
+	  --benchmark-json=benchmarks/results/cpu.json
+	$(BIN)/python benchmarks/report.py benchmarks/results/cpu.json
+
+bench-gpu: $(STAMP)
+	$(BIN)/python -m pytest benchmarks -m gpu --benchmark-only \
+	  --benchmark-json=benchmarks/results/gpu.json
+	$(BIN)/python benchmarks/report.py benchmarks/results/gpu.json
+
+lint: $(STAMP)
+	$(BIN)/ruff check lass_sparse tests benchmarks setup.py
+
+nvcc-check:
+	bash .ci/nvcc_check.sh
+
+clean:
+	rm -rf build *.egg-info lass_sparse/*.so $(VENV)

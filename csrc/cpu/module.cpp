@@ -1,0 +1,18 @@
+// Schemas of the C++ CPU kernels (namespace lass_sparse_cpu). The public ops live in
+// lass_sparse/ops.py; lass_sparse/backends/cpu.py registers these as their CPU backend.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// A bare module so `import lass_sparse._C` loads the library (and its TORCH_LIBRARY blocks)
+// under the limited API, as in pytorch/extension-cpp.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(lass_sparse_cpu, m) {
+  m.def("pack_mask(Tensor mask) -> Tensor");
+  m.def("unpack_mask(Tensor bits, int k) -> Tensor");
+}

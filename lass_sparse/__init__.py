@@ -1,0 +1,48 @@
+"""lass_sparse: 1-bit packed per-pair masks fused into PyTorch kernels for LaSS
+(Language-Specific Sub-networks for multilingual translation)."""
+
+from __future__ import annotations
+
+from . import _registry
+from ._registry import use_backend
+from .bitmask import validate_bits
+from .ops import (
+    magnitude_mask,
+    masked_adamw_,
+    masked_linear,
+    masked_qkv_proj,
+    pack_mask,
+    segmented_masked_linear,
+    unpack_mask,
+)
+
+__version__ = "0.1.0"
+
+
+from .backends import load_all as _load_backends  # noqa: E402
+
+_load_backends()
+
+
+# Defined after the import above: the function shadows the subpackage attribute on purpose.
+def backends() -> dict[str, dict[str, object]]:
+    """For each backend (reference, cpu, triton, cuda, cupy): ``{"active": bool, "reason": str}``.
+
+    ``reason`` says why an inactive backend is off and what to do about it.
+    """
+    return {
+        n: {"active": s.active, "reason": s.reason} for n, s in _registry.status().items()
+    }
+
+__all__ = [
+    "backends",
+    "magnitude_mask",
+    "masked_adamw_",
+    "masked_linear",
+    "masked_qkv_proj",
+    "pack_mask",
+    "segmented_masked_linear",
+    "unpack_mask",
+    "use_backend",
+    "validate_bits",
+]

@@ -1,0 +1,157 @@
+"""Backend registry: which kernels exist, which are active, and which one an op call uses.
+
+Every op in :mod:`lass_sparse.ops` has one schema and one entry point. The entry point asks
+:func:`dispatch` for an implementation for the tensors' device; backends register
+implementations here with :func:`register` and report their availability with
+:func:`set_status`. The choice is, in order:
+
+1. the backend forced with :func:`use_backend` (or the ``LASS_SPARSE_BACKEND`` env var) if it
+   implements the op for that device (a forced backend that does not implement the op at all
+   falls through to the default order; one that implements it only for other devices raises);
+2. otherwise the active backends by priority (``cuda``, ``triton``, ``cupy``, ``cpu``,
+   ``reference``), skipping those whose ``supports(*args)`` predicate declines the call.
+
+The ``reference`` backend implements every op on every device, so the chain always ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+BACKENDS: tuple[str, ...] = ("reference", "cpu", "triton", "cuda", "cupy")
+# Lower number = tried first.
+PRIORITY: dict[str, int] = {"cuda": 0, "triton": 1, "cupy": 2, "cpu": 3, "reference": 9}
+ENV_VAR = "LASS_SPARSE_BACKEND"
+
+
+@dataclass(frozen=True)
+class Impl:
+    backend: str
+    fn: Callable
+    devices: frozenset[str]
+    supports: Callable[..., bool] | None = None
+    explicit_only: bool = False
+
+
+@dataclass
+class BackendStatus:
+    name: str
+    active: bool
+    reason: str
+
+
+_impls: dict[str, list[Impl]] = {}
+_status: dict[str, BackendStatus] = {
+    name: BackendStatus(name, False, "not loaded yet") for name in BACKENDS
+}
+_status["reference"] = BackendStatus("reference", True, "plain PyTorch, always available")
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "lass_sparse_forced_backend", default=None
+)
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def set_status(name: str, active: bool, reason: str) -> None:
+    """Record whether backend ``name`` is usable and, if not, why (one actionable sentence)."""
+    _check_name(name)
+    _status[name] = BackendStatus(name, active, reason)
+
+
+def status() -> dict[str, BackendStatus]:
+    return dict(_status)
+
+
+def register(
+    op: str,
+    backend: str,
+    devices: tuple[str, ...] | str,
+    supports: Callable[..., bool] | None = None,
+    explicit_only: bool = False,
+) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as ``backend``'s kernel of ``op`` for ``devices``.
+
+    ``supports(*args)`` may decline individual calls (e.g. a GEMV kernel only for small M);
+    declined calls go to the next backend. ``explicit_only`` kernels run only while their
+    backend is forced (e.g. Triton on CPU tensors under ``TRITON_INTERPRET=1``, for tests).
+    """
+    _check_name(backend)
+    devs = frozenset((devices,) if isinstance(devices, str) else devices)
+
+    def deco(fn: Callable) -> Callable:
+        lst = _impls.setdefault(op, [])
+        lst[:] = [i for i in lst if not (i.backend == backend and i.devices & devs)]
+        lst.append(Impl(backend, fn, devs, supports, explicit_only))
+        lst.sort(key=lambda i: PRIORITY[i.backend])
+        return fn
+
+    return deco
+
+
+def forced_backend() -> str | None:
+    """The backend forced by :func:`use_backend`, else by ``$LASS_SPARSE_BACKEND``, else None."""
+    name = _forced.get()
+    if name is None:
+        name = os.environ.get(ENV_VAR) or None
+        if name is not None:
+            _check_name(name)
+            if not _status[name].active:
+                raise RuntimeError(
+                    f"{ENV_VAR}={name} but backend {name!r} is not active: {_status[name].reason}"
+                )
+    return name
+
+
+def select(op: str, device_type: str, *args) -> Impl:
+    """The implementation of ``op`` that a call with these args on ``device_type`` uses."""
+    impls = _impls.get(op)
+    if not impls:
+        raise RuntimeError(f"lass_sparse: no kernel registered for op {op!r}")
+    forced = forced_backend()
+    if forced is not None:
+        own = [i for i in impls if i.backend == forced]
+        if own:
+            for i in own:
+                if device_type in i.devices:
+                    return i
+            devs = sorted(set().union(*(i.devices for i in own)))
+            raise RuntimeError(
+                f"lass_sparse.{op}: forced backend {forced!r} has no kernel for {device_type} "
+                f"tensors (it runs on: {', '.join(devs)})"
+            )
+    for i in impls:
+        if device_type not in i.devices or not _status[i.backend].active or i.explicit_only:
+            continue
+        if i.supports is not None and not i.supports(*args):
+            continue
+        return i
+    raise RuntimeError(f"lass_sparse.{op}: no active kernel for {device_type} tensors")
+
+
+def dispatch(op: str, device_type: str, *args):
+    """Run the selected implementation of ``op``."""
+    return select(op, device_type, *args).fn(*args)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force backend ``name`` for ops it implements, inside the ``with`` block.
+
+    Raises ``RuntimeError`` (with the reason) if the backend is not active.
+    """
+    _check_name(name)
+    st = _status[name]
+    if not st.active:
+        raise RuntimeError(f"backend {name!r} is not active: {st.reason}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)

@@ -1,0 +1,529 @@
+"""Op schemas, input checks, fake kernels, autograd and dispatch (DESIGN §3).
+
+Every op is a ``torch.library`` custom op in namespace ``lass_sparse`` with a fake kernel (so
+``torch.compile(fullgraph=True)`` traces it) and, where differentiable, autograd registered once
+for all backends. The op body checks its inputs, normalises them (2-D, contiguous) and hands
+them to the backend chosen by :mod:`lass_sparse._registry`.
+
+Shapes: ``x: [..., K]``, ``weight: [N, K]`` (``nn.Linear`` layout), ``bits: int32[N, ceil(K/32)]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _registry
+from . import reference as _reference  # noqa: F401  (registers the oracle kernels)
+from .bitmask import check_bits, check_same_device, num_words
+
+NS = "lass_sparse"
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _dispatch(op: str, device: torch.device, *args):
+    return _registry.dispatch(op, device.type, *args)
+
+
+def _desc(t: Tensor) -> str:
+    return f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
+
+
+def _check_float(op: str, name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: {name} must be float32, float64, bfloat16 or float16, got {_desc(t)}"
+        )
+
+
+def _check_linear(op: str, x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None) -> None:
+    _check_float(op, "x", x)
+    _check_float(op, "weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D [N, K], got {_desc(weight)}")
+    n, k = weight.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"{op}: x must be [..., K={k}] to match weight [N, K], got {_desc(x)}")
+    if x.dtype != weight.dtype:
+        raise TypeError(
+            f"{op}: x and weight must share a dtype, got x {x.dtype} and weight {weight.dtype}"
+        )
+    check_bits(bits, (n,), k, op)
+    if bias is not None:
+        _check_float(op, "bias", bias)
+        if list(bias.shape) != [n] or bias.dtype != weight.dtype:
+            raise ValueError(f"{op}: bias must be {weight.dtype}[{n}], got {_desc(bias)}")
+    check_same_device(op, x=x, weight=weight, bits=bits, bias=bias)
+
+
+# --------------------------------------------------------------------------------- pack / unpack
+
+
+@torch.library.custom_op(f"{NS}::pack_mask", mutates_args=())
+def _pack_mask(mask: Tensor) -> Tensor:
+    if mask.dtype != torch.bool or mask.dim() < 1:
+        raise TypeError(f"pack_mask: mask must be bool[..., K], got {_desc(mask)}")
+    return _dispatch("pack_mask", mask.device, mask.contiguous())
+
+
+@_pack_mask.register_fake
+def _(mask):
+    return mask.new_empty((*mask.shape[:-1], num_words(mask.shape[-1])), dtype=torch.int32)
+
+
+@torch.library.custom_op(f"{NS}::unpack_mask", mutates_args=())
+def _unpack_mask(bits: Tensor, k: int) -> Tensor:
+    if bits.dtype != torch.int32 or bits.dim() < 1 or bits.shape[-1] != num_words(k):
+        raise ValueError(
+            f"unpack_mask: bits must be int32[..., ceil(k/32)={num_words(k)}] for k={k}, "
+            f"got {_desc(bits)}"
+        )
+    return _dispatch("unpack_mask", bits.device, bits.contiguous(), k)
+
+
+@_unpack_mask.register_fake
+def _(bits, k):
+    return bits.new_empty((*bits.shape[:-1], k), dtype=torch.bool)
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """Pack ``mask: bool[..., K]`` into ``int32[..., ceil(K/32)]`` (LSB first, zero padding)."""
+    return torch.ops.lass_sparse.pack_mask(mask)
+
+
+def unpack_mask(bits: Tensor, k: int) -> Tensor:
+    """Unpack ``bits: int32[..., ceil(k/32)]`` into ``bool[..., k]``."""
+    return torch.ops.lass_sparse.unpack_mask(bits, k)
+
+
+# -------------------------------------------------------------------------------- magnitude mask
+
+
+@torch.library.custom_op(f"{NS}::magnitude_mask", mutates_args=())
+def _magnitude_mask(weight: Tensor, alpha: float) -> Tensor:
+    _check_float("magnitude_mask", "weight", weight)
+    if weight.dim() < 1:
+        raise ValueError(f"magnitude_mask: weight must have at least 1 dim, got {_desc(weight)}")
+    if not (0.0 <= alpha < 1.0):
+        raise ValueError(f"magnitude_mask: alpha must be in [0, 1), got {alpha}")
+    return _dispatch("magnitude_mask", weight.device, weight.contiguous(), float(alpha))
+
+
+@_magnitude_mask.register_fake
+def _(weight, alpha):
+    return weight.new_empty((*weight.shape[:-1], num_words(weight.shape[-1])), dtype=torch.int32)
+
+
+def magnitude_mask(weight: Tensor, alpha: float) -> Tensor:
+    """LaSS pruning rule: keep ``|w| > kthvalue(|w|.flatten(), int(alpha * numel))``.
+
+    Returns packed bits ``int32[..., ceil(K/32)]`` for ``weight: [..., K]``. ``alpha`` is the
+    fraction pruned, in ``[0, 1)``; when ``int(alpha * numel) == 0`` every entry is kept (zeros
+    too). Ties: every entry equal to the threshold is pruned, so with repeated magnitudes more
+    than ``int(alpha * numel)`` entries may be dropped — exactly as the original LaSS code.
+    """
+    return torch.ops.lass_sparse.magnitude_mask(weight, alpha)
+
+
+# --------------------------------------------------------------------------------- masked linear
+
+
+@torch.library.custom_op(f"{NS}::masked_linear", mutates_args=())
+def _masked_linear(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None) -> Tensor:
+    _check_linear("masked_linear", x, weight, bits, bias)
+    n, k = weight.shape
+    x2 = x.reshape(-1, k).contiguous()
+    b = None if bias is None else bias.contiguous()
+    y = _dispatch("masked_linear", x.device, x2, weight.contiguous(), bits.contiguous(), b)
+    return y.reshape(*x.shape[:-1], n)
+
+
+@_masked_linear.register_fake
+def _(x, weight, bits, bias):
+    _check_linear("masked_linear", x, weight, bits, bias)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op(f"{NS}::masked_linear_dx", mutates_args=())
+def _masked_linear_dx(grad_out: Tensor, weight: Tensor, bits: Tensor) -> Tensor:
+    """``dx[M, K] = grad_out[M, N] @ (W ⊙ M)``."""
+    n, k = weight.shape
+    _check_linear("masked_linear_dx", grad_out.new_empty(0, k), weight, bits, None)
+    if grad_out.dim() != 2 or grad_out.shape[1] != n:
+        raise ValueError(f"masked_linear_dx: grad_out must be [M, N={n}], got {_desc(grad_out)}")
+    return _dispatch(
+        "masked_linear_dx", grad_out.device, grad_out.contiguous(), weight.contiguous(),
+        bits.contiguous(),
+    )
+
+
+@_masked_linear_dx.register_fake
+def _(grad_out, weight, bits):
+    return grad_out.new_empty((grad_out.shape[0], weight.shape[1]))
+
+
+def _check_dw(op: str, grad_out: Tensor, x: Tensor, bits: Tensor) -> None:
+    _check_float(op, "grad_out", grad_out)
+    _check_float(op, "x", x)
+    if grad_out.dim() != 2 or x.dim() != 2 or grad_out.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{op}: grad_out must be [M, N] and x [M, K] with the same M, got "
+            f"{_desc(grad_out)} and {_desc(x)}"
+        )
+    if grad_out.dtype != x.dtype:
+        raise TypeError(f"{op}: grad_out and x must share a dtype, got {grad_out.dtype}, {x.dtype}")
+    check_bits(bits, (grad_out.shape[1],), x.shape[1], op)
+    check_same_device(op, grad_out=grad_out, x=x, bits=bits)
+
+
+@torch.library.custom_op(f"{NS}::masked_linear_dw", mutates_args=())
+def _masked_linear_dw(grad_out: Tensor, x: Tensor, bits: Tensor) -> Tensor:
+    """``dW[N, K] = (grad_out[M, N]ᵀ @ x[M, K]) ⊙ M``; off-mask entries are exactly 0."""
+    _check_dw("masked_linear_dw", grad_out, x, bits)
+    return _dispatch(
+        "masked_linear_dw", x.device, grad_out.contiguous(), x.contiguous(), bits.contiguous()
+    )
+
+
+@_masked_linear_dw.register_fake
+def _(grad_out, x, bits):
+    return x.new_empty((grad_out.shape[1], x.shape[1]))
+
+
+@torch.library.custom_op(f"{NS}::masked_linear_dw_accumulate_", mutates_args=("grad",))
+def _masked_linear_dw_accumulate_(grad: Tensor, grad_out: Tensor, x: Tensor, bits: Tensor) -> None:
+    """``grad[N, K] += (grad_out ᵀ @ x) ⊙ M`` (grad fp32 or x's dtype), for micro-batches."""
+    _check_dw("masked_linear_dw_accumulate_", grad_out, x, bits)
+    want = [grad_out.shape[1], x.shape[1]]
+    if list(grad.shape) != want or grad.dtype not in (torch.float32, x.dtype):
+        raise ValueError(
+            f"masked_linear_dw_accumulate_: grad must be float32{want} or {x.dtype}{want}, "
+            f"got {_desc(grad)}"
+        )
+    if not grad.is_contiguous():
+        raise ValueError("masked_linear_dw_accumulate_: grad must be contiguous")
+    check_same_device("masked_linear_dw_accumulate_", grad=grad, x=x)
+    _dispatch(
+        "masked_linear_dw_accumulate_", x.device, grad, grad_out.contiguous(), x.contiguous(),
+        bits.contiguous(),
+    )
+
+
+@_masked_linear_dw_accumulate_.register_fake
+def _(grad, grad_out, x, bits):
+    return None
+
+
+def _ml_setup(ctx, inputs, output):
+    x, weight, bits, bias = inputs
+    ctx.save_for_backward(x, weight, bits)
+    ctx.has_bias = bias is not None
+
+
+def _ml_backward(ctx, grad):
+    x, weight, bits = ctx.saved_tensors
+    n, k = weight.shape
+    dy = grad.reshape(-1, n)
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.lass_sparse.masked_linear_dx(dy, weight, bits).reshape(x.shape)
+    if ctx.needs_input_grad[1]:
+        dw = torch.ops.lass_sparse.masked_linear_dw(dy, x.reshape(-1, k), bits)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        db = dy.sum(0)
+    return dx, dw, None, db
+
+
+_masked_linear.register_autograd(_ml_backward, setup_context=_ml_setup)
+
+
+def masked_linear(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``y[..., N] = x[..., K] @ (weight ⊙ M)ᵀ + bias`` without materialising ``weight ⊙ M``.
+
+    ``bits: int32[N, ceil(K/32)]`` is the packed mask. Differentiable in ``x``, ``weight`` and
+    ``bias``: ``dx = dy @ (W ⊙ M)``, ``dW = (dyᵀ x) ⊙ M`` (off-mask entries exactly 0).
+    """
+    return torch.ops.lass_sparse.masked_linear(x, weight, bits, bias)
+
+
+# ------------------------------------------------------------------------ segmented (mixed pairs)
+
+
+def _check_segments(op: str, t: int, p: int, seg_offsets: Tensor, seg_pair: Tensor, device):
+    if seg_offsets.dtype not in (torch.int32, torch.int64) or seg_offsets.dim() != 1:
+        raise TypeError(f"{op}: seg_offsets must be int64[S+1], got {_desc(seg_offsets)}")
+    if seg_pair.dtype not in (torch.int32, torch.int64) or seg_pair.dim() != 1:
+        raise TypeError(f"{op}: seg_pair must be int64[S], got {_desc(seg_pair)}")
+    if seg_offsets.shape[0] != seg_pair.shape[0] + 1:
+        raise ValueError(
+            f"{op}: seg_offsets must have len(seg_pair)+1={seg_pair.shape[0] + 1} entries, got "
+            f"{seg_offsets.shape[0]}"
+        )
+    check_same_device(op, x=torch.empty(0, device=device), seg_offsets=seg_offsets,
+                      seg_pair=seg_pair)
+    if seg_offsets.device.type == "meta":
+        return
+    offs = seg_offsets.tolist()
+    if offs[0] != 0 or offs[-1] != t or any(a > b for a, b in zip(offs, offs[1:])):
+        raise ValueError(
+            f"{op}: seg_offsets must be non-decreasing from 0 to T={t}, got {offs[:8]}"
+            f"{'...' if len(offs) > 8 else ''}"
+        )
+    pairs = seg_pair.tolist()
+    bad = [q for q in pairs if not 0 <= q < p]
+    if bad:
+        raise ValueError(f"{op}: seg_pair ids must be in [0, P={p}), got {bad[0]}")
+
+
+def _check_segmented(op, x, weight, bits_bank, seg_offsets, seg_pair, bias):
+    if bits_bank.dim() != 3:
+        raise ValueError(f"{op}: bits_bank must be int32[P, N, ceil(K/32)], got {_desc(bits_bank)}")
+    _check_linear(op, x, weight, bits_bank[0] if bits_bank.shape[0] else bits_bank, bias)
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D [T, K], got {_desc(x)}")
+    _check_segments(op, x.shape[0], bits_bank.shape[0], seg_offsets, seg_pair, x.device)
+
+
+@torch.library.custom_op(f"{NS}::segmented_masked_linear", mutates_args=())
+def _segmented_masked_linear(
+    x: Tensor, weight: Tensor, bits_bank: Tensor, seg_offsets: Tensor, seg_pair: Tensor,
+    bias: Tensor | None,
+) -> Tensor:
+    _check_segmented("segmented_masked_linear", x, weight, bits_bank, seg_offsets, seg_pair, bias)
+    return _dispatch(
+        "segmented_masked_linear", x.device, x.contiguous(), weight.contiguous(),
+        bits_bank.contiguous(), seg_offsets.long(), seg_pair.long(),
+        None if bias is None else bias.contiguous(),
+    )
+
+
+@_segmented_masked_linear.register_fake
+def _(x, weight, bits_bank, seg_offsets, seg_pair, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op(f"{NS}::segmented_masked_linear_dx", mutates_args=())
+def _segmented_masked_linear_dx(
+    grad_out: Tensor, weight: Tensor, bits_bank: Tensor, seg_offsets: Tensor, seg_pair: Tensor
+) -> Tensor:
+    return _dispatch(
+        "segmented_masked_linear_dx", grad_out.device, grad_out.contiguous(), weight.contiguous(),
+        bits_bank.contiguous(), seg_offsets.long(), seg_pair.long(),
+    )
+
+
+@_segmented_masked_linear_dx.register_fake
+def _(grad_out, weight, bits_bank, seg_offsets, seg_pair):
+    return grad_out.new_empty((grad_out.shape[0], weight.shape[1]))
+
+
+@torch.library.custom_op(f"{NS}::segmented_masked_linear_dw", mutates_args=())
+def _segmented_masked_linear_dw(
+    grad_out: Tensor, x: Tensor, bits_bank: Tensor, seg_offsets: Tensor, seg_pair: Tensor
+) -> Tensor:
+    return _dispatch(
+        "segmented_masked_linear_dw", x.device, grad_out.contiguous(), x.contiguous(),
+        bits_bank.contiguous(), seg_offsets.long(), seg_pair.long(),
+    )
+
+
+@_segmented_masked_linear_dw.register_fake
+def _(grad_out, x, bits_bank, seg_offsets, seg_pair):
+    return x.new_empty((bits_bank.shape[1], x.shape[1]))
+
+
+def _seg_setup(ctx, inputs, output):
+    x, weight, bits_bank, seg_offsets, seg_pair, bias = inputs
+    ctx.save_for_backward(x, weight, bits_bank, seg_offsets, seg_pair)
+    ctx.has_bias = bias is not None
+
+
+def _seg_backward(ctx, grad):
+    x, weight, bank, offs, pair = ctx.saved_tensors
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.lass_sparse.segmented_masked_linear_dx(grad, weight, bank, offs, pair)
+    if ctx.needs_input_grad[1]:
+        dw = torch.ops.lass_sparse.segmented_masked_linear_dw(grad, x, bank, offs, pair)
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        db = grad.sum(0)
+    return dx, dw, None, None, None, db
+
+
+_segmented_masked_linear.register_autograd(_seg_backward, setup_context=_seg_setup)
+
+
+def segmented_masked_linear(
+    x: Tensor,
+    weight: Tensor,
+    bits_bank: Tensor,
+    seg_offsets: Tensor,
+    seg_pair: Tensor,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Mixed-pair masked linear: rows ``seg_offsets[s]:seg_offsets[s+1]`` of ``x[T, K]`` use
+    mask ``bits_bank[seg_pair[s]]`` (``bits_bank: int32[P, N, ceil(K/32)]``). Returns ``[T, N]``.
+
+    ``seg_offsets: int64[S+1]`` is non-decreasing from 0 to T (empty segments allowed);
+    ``seg_pair: int64[S]`` holds pair ids in ``[0, P)`` in any order.
+    """
+    return torch.ops.lass_sparse.segmented_masked_linear(
+        x, weight, bits_bank, seg_offsets, seg_pair, bias
+    )
+
+
+# ---------------------------------------------------------------------------- fused QKV projection
+
+
+def _check_qkv(x, weight, bits, bias, num_heads):
+    op = "masked_qkv_proj"
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be [B, T, D], got {_desc(x)}")
+    d = x.shape[-1]
+    if list(weight.shape) != [3 * d, d]:
+        raise ValueError(f"{op}: weight must be [3D, D] = [{3 * d}, {d}], got {_desc(weight)}")
+    if num_heads <= 0 or d % num_heads:
+        raise ValueError(f"{op}: num_heads must divide D={d}, got {num_heads}")
+    _check_linear(op, x, weight, bits, bias)
+
+
+@torch.library.custom_op(f"{NS}::masked_qkv_proj", mutates_args=())
+def _masked_qkv_proj(
+    x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None, num_heads: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_qkv(x, weight, bits, bias, num_heads)
+    return _dispatch(
+        "masked_qkv_proj", x.device, x.contiguous(), weight.contiguous(), bits.contiguous(),
+        None if bias is None else bias.contiguous(), num_heads,
+    )
+
+
+@_masked_qkv_proj.register_fake
+def _(x, weight, bits, bias, num_heads):
+    b, t, d = x.shape
+    shape = (b, num_heads, t, d // num_heads)
+    return x.new_empty(shape), x.new_empty(shape), x.new_empty(shape)
+
+
+def _qkv_setup(ctx, inputs, output):
+    x, weight, bits, bias, num_heads = inputs
+    ctx.save_for_backward(x, weight, bits)
+    ctx.has_bias = bias is not None
+
+
+def _qkv_backward(ctx, dq, dk, dv):
+    x, weight, bits = ctx.saved_tensors
+    b, t, d = x.shape
+    # [B, H, T, Dh] x3 -> [B*T, 3D] in the weight's row order (q rows, k rows, v rows).
+    dy = torch.stack([dq, dk, dv], 0).permute(1, 3, 0, 2, 4).reshape(b * t, 3 * d)
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.lass_sparse.masked_linear_dx(dy, weight, bits).reshape(b, t, d)
+    if ctx.needs_input_grad[1]:
+        dw = torch.ops.lass_sparse.masked_linear_dw(dy, x.reshape(b * t, d), bits)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        db = dy.sum(0)
+    return dx, dw, None, db, None
+
+
+_masked_qkv_proj.register_autograd(_qkv_backward, setup_context=_qkv_setup)
+
+
+def masked_qkv_proj(
+    x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None, num_heads: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Masked packed in-projection: ``x[B, T, D]``, ``weight[3D, D]`` (q, k, v rows stacked, as
+    ``nn.MultiheadAttention.in_proj_weight``), ``bits: int32[3D, ceil(D/32)]``. Returns q, k, v
+    each ``[B, H, T, D/H]``, the layout ``scaled_dot_product_attention`` takes."""
+    return torch.ops.lass_sparse.masked_qkv_proj(x, weight, bits, bias, num_heads)
+
+
+# ----------------------------------------------------------------------------------- masked AdamW
+
+
+@torch.library.custom_op(
+    f"{NS}::masked_adamw_", mutates_args=("params", "exp_avgs", "exp_avg_sqs")
+)
+def _masked_adamw_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    bits: list[Tensor | None],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    maximize: bool,
+) -> None:
+    op = "masked_adamw_"
+    lens = {len(params), len(grads), len(exp_avgs), len(exp_avg_sqs), len(bits)}
+    if len(lens) != 1:
+        raise ValueError(
+            f"{op}: params, grads, exp_avgs, exp_avg_sqs and bits must have one length, got "
+            f"{len(params)}, {len(grads)}, {len(exp_avgs)}, {len(exp_avg_sqs)}, {len(bits)}"
+        )
+    if not params:
+        return
+    dev = params[0].device
+    for i, (p, g, m, v, b) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, bits)):
+        _check_float(op, f"params[{i}]", p)
+        if not p.is_contiguous():
+            raise ValueError(f"{op}: params[{i}] must be contiguous")
+        if g.shape != p.shape or g.dtype != p.dtype:
+            raise ValueError(f"{op}: grads[{i}] must be {_desc(p)}, got {_desc(g)}")
+        for name, s in (("exp_avgs", m), ("exp_avg_sqs", v)):
+            if s.shape != p.shape or s.dtype != torch.float32 or not s.is_contiguous():
+                raise ValueError(
+                    f"{op}: {name}[{i}] must be contiguous float32{list(p.shape)}, got {_desc(s)}"
+                )
+        if b is not None:
+            if p.dim() < 1:
+                raise ValueError(f"{op}: a masked param must have >= 1 dim, params[{i}] is 0-d")
+            check_bits(b, tuple(p.shape[:-1]), p.shape[-1], op, f"bits[{i}]")
+        check_same_device(op, **{f"params[{i}]": p, f"params[0]": params[0], f"grads[{i}]": g,
+                                 f"exp_avgs[{i}]": m, f"exp_avg_sqs[{i}]": v, f"bits[{i}]": b})
+    _dispatch(
+        "masked_adamw_", dev, list(params), [g.contiguous() for g in grads], list(exp_avgs),
+        list(exp_avg_sqs), [None if b is None else b.contiguous() for b in bits], float(lr),
+        float(beta1), float(beta2), float(eps), float(weight_decay), int(step), bool(maximize),
+    )
+
+
+@_masked_adamw_.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps, weight_decay, step,
+      maximize):
+    return None
+
+
+def masked_adamw_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    bits: Sequence[Tensor | None],
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    step: int,
+    maximize: bool = False,
+) -> None:
+    """One AdamW step, in place, over a list of params (one launch where the backend can).
+
+    Entries whose mask bit is 1 (every entry when ``bits[i] is None``) get the AdamW update
+    (decoupled weight decay, bias correction for ``step`` >= 1); entries whose bit is 0 keep
+    ``p``, ``exp_avg`` and ``exp_avg_sq`` bit-for-bit. State is float32 for any param dtype.
+    """
+    torch.ops.lass_sparse.masked_adamw_(
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(bits), lr, beta1,
+        beta2, eps, weight_decay, step, maximize,
+    )

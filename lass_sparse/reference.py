@@ -1,0 +1,149 @@
+"""The oracle: every op in plain PyTorch (unpack, multiply, matmul). Runs on any device.
+
+Inputs arrive already checked and normalised by :mod:`lass_sparse.ops` (2-D, contiguous);
+every other backend must reproduce these results within dtype tolerance, and exactly where the
+contract says so (off-mask dW is 0; off-mask optimizer state is untouched).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _registry
+from .bitmask import pack_mask_reference, unpack_mask_reference
+
+ALL = ("cpu", "cuda", "meta", "mps", "xpu")
+
+
+def _mask_as(bits: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    return unpack_mask_reference(bits, k).to(dtype)
+
+
+@_registry.register("pack_mask", "reference", ALL)
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    return pack_mask_reference(mask)
+
+
+@_registry.register("unpack_mask", "reference", ALL)
+def unpack_mask(bits: torch.Tensor, k: int) -> torch.Tensor:
+    return unpack_mask_reference(bits, k)
+
+
+def magnitude_threshold(weight: torch.Tensor, alpha: float) -> torch.Tensor | None:
+    """``kthvalue(|w|.flatten(), int(alpha * numel))`` or None when that index is 0 (keep all)."""
+    kth = int(alpha * weight.numel())
+    if kth == 0:
+        return None
+    a = weight.detach().abs().flatten()
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a = a.float()  # exact: widening keeps order and ties
+    return a.kthvalue(kth).values
+
+
+@_registry.register("magnitude_mask", "reference", ALL)
+def magnitude_mask(weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    thr = magnitude_threshold(weight, alpha)
+    if thr is None:
+        keep = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+    else:
+        keep = weight.detach().abs().to(thr.dtype) > thr
+    return pack_mask_reference(keep)
+
+
+@_registry.register("masked_linear", "reference", ALL)
+def masked_linear(x, weight, bits, bias):
+    w = weight * _mask_as(bits, weight.shape[1], weight.dtype)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+@_registry.register("masked_linear_dx", "reference", ALL)
+def masked_linear_dx(grad_out, weight, bits):
+    return grad_out @ (weight * _mask_as(bits, weight.shape[1], weight.dtype))
+
+
+@_registry.register("masked_linear_dw", "reference", ALL)
+def masked_linear_dw(grad_out, x, bits):
+    return (grad_out.t() @ x) * _mask_as(bits, x.shape[1], x.dtype)
+
+
+@_registry.register("masked_linear_dw_accumulate_", "reference", ALL)
+def masked_linear_dw_accumulate_(grad, grad_out, x, bits):
+    dw = grad_out.to(grad.dtype).t() @ x.to(grad.dtype)
+    grad.add_(dw * _mask_as(bits, x.shape[1], grad.dtype))
+
+
+def _segments(seg_offsets: torch.Tensor, seg_pair: torch.Tensor):
+    offs = seg_offsets.tolist()
+    return [(offs[i], offs[i + 1], p) for i, p in enumerate(seg_pair.tolist())]
+
+
+@_registry.register("segmented_masked_linear", "reference", ALL)
+def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
+    out = x.new_zeros(x.shape[0], weight.shape[0])
+    for lo, hi, p in _segments(seg_offsets, seg_pair):
+        if hi > lo:
+            out[lo:hi] = masked_linear(x[lo:hi], weight, bits_bank[p], bias)
+    return out
+
+
+@_registry.register("segmented_masked_linear_dx", "reference", ALL)
+def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair):
+    dx = grad_out.new_zeros(grad_out.shape[0], weight.shape[1])
+    for lo, hi, p in _segments(seg_offsets, seg_pair):
+        if hi > lo:
+            dx[lo:hi] = masked_linear_dx(grad_out[lo:hi], weight, bits_bank[p])
+    return dx
+
+
+@_registry.register("segmented_masked_linear_dw", "reference", ALL)
+def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
+    dw = torch.zeros(bits_bank.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+    for lo, hi, p in _segments(seg_offsets, seg_pair):
+        if hi > lo:
+            masked_linear_dw_accumulate_(dw, grad_out[lo:hi], x[lo:hi], bits_bank[p])
+    return dw.to(x.dtype)
+
+
+@_registry.register("masked_qkv_proj", "reference", ALL)
+def masked_qkv_proj(x, weight, bits, bias, num_heads):
+    b, t, d = x.shape
+    y = masked_linear(x.reshape(b * t, d), weight, bits, bias)  # [B*T, 3D]
+    y = y.reshape(b, t, 3, num_heads, d // num_heads).permute(2, 0, 3, 1, 4)
+    return y[0].contiguous(), y[1].contiguous(), y[2].contiguous()
+
+
+@_registry.register("masked_adamw_", "reference", ALL)
+def masked_adamw_(
+    params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps, weight_decay, step,
+    maximize,
+):
+    """AdamW (decoupled decay, bias correction) on mask-1 entries; mask-0 entries untouched.
+
+    ``bits[i] is None`` means parameter ``i`` is unmasked (plain AdamW). State is fp32; the
+    update is computed in fp32 and rounded to the parameter's dtype.
+    """
+    bc1 = 1.0 - beta1**step
+    bc2 = 1.0 - beta2**step
+    step_size = lr / bc1
+    bc2_sqrt = math.sqrt(bc2)
+    for p, g, m, v, b in zip(params, grads, exp_avgs, exp_avg_sqs, bits):
+        g32 = g.float()
+        if maximize:
+            g32 = -g32
+        p32 = p.float()
+        p_new = p32 * (1.0 - lr * weight_decay)
+        m_new = m * beta1 + g32 * (1.0 - beta1)
+        v_new = v * beta2 + g32 * g32 * (1.0 - beta2)
+        denom = v_new.sqrt() / bc2_sqrt + eps
+        p_new = p_new - step_size * m_new / denom
+        if b is None:
+            p.copy_(p_new.to(p.dtype))
+            m.copy_(m_new)
+            v.copy_(v_new)
+        else:
+            keep = unpack_mask_reference(b, p.shape[-1]).reshape(p.shape)
+            p.copy_(torch.where(keep, p_new.to(p.dtype), p))
+            m.copy_(torch.where(keep, m_new, m))
+            v.copy_(torch.where(keep, v_new, v))

@@ -1,0 +1,95 @@
+"""Build lass_sparse's native extensions.
+
+Always: ``lass_sparse._C``, the C++ CPU kernels (csrc/cpu, OpenMP, -O3).
+When torch is a CUDA build and nvcc is found: ``lass_sparse._cuda`` (csrc/cuda).
+
+Environment knobs:
+  LASS_SPARSE_SKIP_CUDA_BUILD=1   never build the CUDA extension
+  LASS_SPARSE_FORCE_CUDA_BUILD=1  build it even if torch.version.cuda is unset (cross-compile)
+  TORCH_CUDA_ARCH_LIST            default "8.0;9.0"
+  MAX_JOBS                        parallel compile jobs (ninja)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    sys.exit(
+        "lass_sparse builds against an installed torch. Install torch first, then build without "
+        "isolation:  pip install torch==2.13.0 && pip install --no-build-isolation ."
+    )
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _rel(paths: list[str]) -> list[str]:
+    return sorted(os.path.relpath(p, HERE) for p in paths)
+
+
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def extensions():
+    openmp = ["-fopenmp"] if sys.platform != "darwin" else []
+    cxx = ["-O3", *openmp]
+    exts = [
+        CppExtension(
+            "lass_sparse._C",
+            _rel(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))),
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=openmp,
+            py_limited_api=True,
+        )
+    ]
+    want_cuda = not _flag("LASS_SPARSE_SKIP_CUDA_BUILD") and (
+        _flag("LASS_SPARSE_FORCE_CUDA_BUILD") or torch.version.cuda is not None
+    )
+    cuda_sources = glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")) + glob.glob(
+        os.path.join(HERE, "csrc", "cuda", "*.cpp")
+    )
+    if want_cuda and not _nvcc():
+        print(
+            "lass_sparse: skipping the CUDA extension: nvcc not found (set CUDA_HOME or put nvcc "
+            "on PATH; LASS_SPARSE_SKIP_CUDA_BUILD=1 silences this)",
+            file=sys.stderr,
+        )
+    elif want_cuda and cuda_sources:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        exts.append(
+            CUDAExtension(
+                "lass_sparse._cuda",
+                _rel(cuda_sources),
+                include_dirs=[os.path.join(HERE, "csrc")],
+                extra_compile_args={
+                    "cxx": ["-O3"],
+                    "nvcc": ["-O3", "-lineinfo"],
+                },
+                py_limited_api=True,
+            )
+        )
+    return exts
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
