@@ -71,7 +71,7 @@ def unpack_mask_reference(bits: torch.Tensor, k: int) -> torch.Tensor:
         )
     shifts = torch.arange(WORD_BITS, device=bits.device, dtype=torch.int32)
     out = ((bits.unsqueeze(-1) >> shifts) & 1).bool()
-    return out.reshape(*bits.shape[:-1], bits.shape[-1] * WORD_BITS)[..., :k]
+    return out.reshape(*bits.shape[:-1], bits.shape[-1] * WORD_BITS)[..., :k].contiguous()
 
 
 def padding_word_mask(k: int) -> int:

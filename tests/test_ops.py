@@ -1,0 +1,279 @@
+"""Op contracts (DESIGN §3) for every CPU-side backend: values vs the reference, autograd,
+opcheck, gradcheck, torch.compile and bad input. Triton has its own file (interpreter)."""
+
+import math
+
+import pytest
+import torch
+
+import lass_sparse
+from lass_sparse import reference
+from lass_sparse.bitmask import pack_mask_reference, unpack_mask_reference
+
+BACKENDS = [n for n in ("reference", "cpu") if lass_sparse.backends()[n]["active"]]
+
+
+def _case(m_shape, n, k, dtype=torch.float32, p=0.5, bias=True, grad=False):
+    x = torch.randn(*m_shape, k, dtype=dtype)
+    w = torch.randn(n, k, dtype=dtype)
+    mask = torch.rand(n, k) < p
+    b = torch.randn(n, dtype=dtype) if bias else None
+    if grad:
+        x.requires_grad_(True)
+        w.requires_grad_(True)
+        if b is not None:
+            b.requires_grad_(True)
+    return x, w, mask, pack_mask_reference(mask), b
+
+
+SHAPES = [((1,), 7, 5), ((3,), 16, 32), ((4,), 9, 33), ((2, 5), 12, 70), ((17,), 40, 100),
+          ((64,), 33, 257)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m_shape,n,k", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_masked_linear_fp32_matches_dense_of_masked_weight(backend, m_shape, n, k, bias):
+    x, w, mask, bits, b = _case(m_shape, n, k, bias=bias, grad=True)
+    with lass_sparse.use_backend(backend):
+        y = lass_sparse.masked_linear(x, w, bits, b)
+        gy = torch.randn_like(y)
+        y.backward(gy)
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    b2 = None if b is None else b.detach().clone().requires_grad_()
+    y_ref = torch.nn.functional.linear(x2, w2 * mask, b2)
+    y_ref.backward(gy)
+    tol = 1e-5 * math.sqrt(k) * 4
+    assert y.shape == (*m_shape, n)
+    torch.testing.assert_close(y, y_ref, atol=tol, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, atol=tol, rtol=1e-5)
+    # dW = (dy^T x) ⊙ M: off-mask entries exactly zero
+    assert torch.all(w.grad[~mask] == 0)
+    torch.testing.assert_close(w.grad, w2.grad * mask, atol=tol, rtol=1e-5)
+    if b is not None:
+        torch.testing.assert_close(b.grad, b2.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m", [1, 16, 200])
+def test_masked_linear_bf16_within_twice_torch_error(backend, m):
+    n, k = 64, 300
+    x, w, mask, bits, b = _case((m,), n, k, dtype=torch.bfloat16)
+    exact = torch.nn.functional.linear(x.double(), (w * mask).double(), b.double())
+    torch_err = (torch.nn.functional.linear(x, w * mask, b).double() - exact).abs().max()
+    with lass_sparse.use_backend(backend):
+        y = lass_sparse.masked_linear(x, w, bits, b)
+    assert y.dtype == torch.bfloat16
+    ours = (y.double() - exact).abs().max()
+    assert ours <= 2 * torch_err + 1e-6, (float(ours), float(torch_err))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ones_and_all_zeros_masks(backend):
+    x, w, _, _, b = _case((5,), 8, 40)
+    ones = pack_mask_reference(torch.ones(8, 40, dtype=torch.bool))
+    zeros = pack_mask_reference(torch.zeros(8, 40, dtype=torch.bool))
+    with lass_sparse.use_backend(backend):
+        torch.testing.assert_close(lass_sparse.masked_linear(x, w, ones, b),
+                                   torch.nn.functional.linear(x, w, b))
+        torch.testing.assert_close(lass_sparse.masked_linear(x, w, zeros, b), b.expand(5, 8))
+
+
+# ------------------------------------------------------------------------------ magnitude mask
+
+
+def _lass_rule(w, alpha):
+    """The original LaSS code, verbatim in spirit."""
+    kth = int(alpha * w.numel())
+    if kth == 0:
+        return torch.ones_like(w, dtype=torch.bool)
+    thr = torch.kthvalue(w.abs().flatten(), kth).values
+    return w.abs() > thr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alpha", [0.0, 0.001, 0.3, 0.5, 0.7, 0.99])
+@pytest.mark.parametrize("shape", [(16, 40), (3, 1000), (1, 1), (33, 65)])
+def test_magnitude_mask_matches_lass_rule(backend, alpha, shape):
+    w = torch.randn(*shape)
+    with lass_sparse.use_backend(backend):
+        bits = lass_sparse.magnitude_mask(w, alpha)
+    assert torch.equal(unpack_mask_reference(bits, shape[-1]), _lass_rule(w, alpha))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_magnitude_mask_ties_are_pruned(backend, dtype):
+    # Many repeated magnitudes (and signs): every entry equal to the threshold is dropped.
+    w = (torch.randint(-4, 5, (20, 50)).to(dtype)) / 4
+    with lass_sparse.use_backend(backend):
+        bits = lass_sparse.magnitude_mask(w, 0.5)
+    keep = unpack_mask_reference(bits, 50)
+    assert torch.equal(keep, _lass_rule(w.float(), 0.5))
+    assert keep.sum() < 0.5 * w.numel()  # ties push the kept count below 1 - alpha
+
+
+def test_magnitude_mask_alpha_zero_keeps_zeros_too():
+    w = torch.zeros(4, 10)
+    assert unpack_mask_reference(lass_sparse.magnitude_mask(w, 0.0), 10).all()
+
+
+# ------------------------------------------------------------------------- opcheck / gradcheck
+
+
+def _opcheck_samples():
+    samples = []
+    for m_shape, n, k in [((3,), 8, 33), ((2, 4), 5, 64), ((1,), 3, 7)]:
+        for grad in (False, True):
+            x, w, _, bits, b = _case(m_shape, n, k, grad=grad)
+            samples.append(("masked_linear", (x, w, bits, b)))
+            samples.append(("masked_linear", (x, w, bits, None)))
+    x, w, mask, bits, _ = _case((6,), 8, 33)
+    samples += [
+        ("pack_mask", (mask,)),
+        ("unpack_mask", (bits, 33)),
+        ("magnitude_mask", (w, 0.5)),
+        ("masked_linear_dx", (torch.randn(6, 8), w, bits)),
+        ("masked_linear_dw", (torch.randn(6, 8), x, bits)),
+        ("masked_linear_dw_accumulate_", (torch.zeros(8, 33), torch.randn(6, 8), x, bits)),
+    ]
+    bank = pack_mask_reference(torch.rand(3, 8, 33) > 0.5)
+    offs, pair = torch.tensor([0, 2, 2, 6]), torch.tensor([2, 0, 1])
+    for grad in (False, True):
+        xs = torch.randn(6, 33, requires_grad=grad)
+        ws = torch.randn(8, 33, requires_grad=grad)
+        samples.append(("segmented_masked_linear", (xs, ws, bank, offs, pair, None)))
+        xq = torch.randn(2, 3, 16, requires_grad=grad)
+        wq = torch.randn(48, 16, requires_grad=grad)
+        bq = pack_mask_reference(torch.rand(48, 16) > 0.5)
+        samples.append(("masked_qkv_proj", (xq, wq, bq, torch.randn(48), 4)))
+    ps = [torch.randn(4, 40), torch.randn(5)]
+    samples.append(("masked_adamw_", (
+        ps, [torch.randn_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
+        [torch.zeros_like(p) for p in ps], [pack_mask_reference(torch.rand(4, 40) > 0.5), None],
+        1e-3, 0.9, 0.999, 1e-8, 0.01, 1, False)))
+    return samples
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_every_op(backend):
+    seen = set()
+    with lass_sparse.use_backend(backend):
+        for name, args in _opcheck_samples():
+            seen.add(name)
+            torch.library.opcheck(getattr(torch.ops.lass_sparse, name).default, args)
+    assert {"pack_mask", "unpack_mask", "magnitude_mask", "masked_linear",
+            "segmented_masked_linear", "masked_qkv_proj", "masked_adamw_"} <= seen
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    x, w, _, bits, b = _case((3, 2), 6, 37, dtype=torch.float64, grad=True)
+    with lass_sparse.use_backend(backend):
+        assert torch.autograd.gradcheck(lass_sparse.masked_linear, (x, w, bits, b))
+        bank = pack_mask_reference(torch.rand(2, 6, 37) > 0.5)
+        offs, pair = torch.tensor([0, 1, 4, 6]), torch.tensor([1, 0, 1])
+        xs = torch.randn(6, 37, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda a, c: lass_sparse.segmented_masked_linear(a, c, bank, offs, pair), (xs, w))
+        xq = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+        wq = torch.randn(24, 8, dtype=torch.float64, requires_grad=True)
+        bq = pack_mask_reference(torch.rand(24, 8) > 0.5)
+        assert torch.autograd.gradcheck(
+            lambda a, c: lass_sparse.masked_qkv_proj(a, c, bq, None, 2), (xq, wq))
+
+
+def test_compile_fullgraph_equals_eager():
+    x, w, _, bits, b = _case((4, 3), 16, 40)
+
+    def f(x, w, bits, b):
+        return torch.nn.functional.gelu(lass_sparse.masked_linear(x, w, bits, b)) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(x, w, bits, b), f(x, w, bits, b))
+
+
+# ---------------------------------------------------------------------------- segmented / qkv
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_segmented_matches_per_segment_masked_linear(backend):
+    t, n, k, p = 10, 12, 45, 4
+    x, w = torch.randn(t, k), torch.randn(n, k)
+    masks = torch.rand(p, n, k) > 0.5
+    bank = pack_mask_reference(masks)
+    offs, pair = torch.tensor([0, 3, 3, 7, 10]), torch.tensor([3, 1, 0, 3])
+    with lass_sparse.use_backend(backend):
+        y = lass_sparse.segmented_masked_linear(x, w, bank, offs, pair)
+    for lo, hi, q in [(0, 3, 3), (3, 7, 0), (7, 10, 3)]:
+        torch.testing.assert_close(y[lo:hi], x[lo:hi] @ (w * masks[q]).T, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qkv_proj_layout(backend):
+    bsz, t, d, h = 2, 5, 32, 4
+    x, w, b = torch.randn(bsz, t, d), torch.randn(3 * d, d), torch.randn(3 * d)
+    mask = torch.rand(3 * d, d) > 0.5
+    with lass_sparse.use_backend(backend):
+        q, k, v = lass_sparse.masked_qkv_proj(x, w, pack_mask_reference(mask), b, h)
+    y = torch.nn.functional.linear(x, w * mask, b)
+    for i, out in enumerate((q, k, v)):
+        want = y[..., i * d:(i + 1) * d].reshape(bsz, t, h, d // h).transpose(1, 2)
+        assert out.shape == (bsz, h, t, d // h)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_adamw_off_mask_untouched_and_on_mask_matches_torch():
+    p0 = torch.randn(6, 40)
+    mask = torch.rand(6, 40) > 0.5
+    bits = pack_mask_reference(mask)
+    p, m, v = p0.clone(), torch.zeros(6, 40), torch.zeros(6, 40)
+    ref = p0.clone().requires_grad_()
+    opt = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1)
+    for step in range(1, 6):
+        g = torch.randn(6, 40)
+        reference.masked_adamw_([p], [g], [m], [v], [bits], 1e-2, 0.9, 0.999, 1e-8, 0.1, step,
+                                False)
+        ref.grad = g * mask
+        opt.step()
+    assert torch.equal(p[~mask], p0[~mask]) and torch.all(m[~mask] == 0)
+    torch.testing.assert_close(p[mask], ref.detach()[mask], atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input_errors_name_the_argument():
+    x, w, _, bits, b = _case((3,), 8, 40)
+    with pytest.raises(ValueError, match=r"bits must be int32\[8, 2\]"):
+        lass_sparse.masked_linear(x, w, bits[:, :1], b)
+    with pytest.raises(ValueError, match="bits must be int32"):
+        lass_sparse.masked_linear(x, w, bits.long(), b)
+    with pytest.raises(TypeError, match="x and weight must share a dtype"):
+        lass_sparse.masked_linear(x.double(), w, bits, b)
+    with pytest.raises(ValueError, match=r"x must be \[..., K=40\]"):
+        lass_sparse.masked_linear(x[:, :39], w, bits, b)
+    with pytest.raises(ValueError, match="bias must be"):
+        lass_sparse.masked_linear(x, w, bits, b[:3])
+    with pytest.raises(ValueError, match="alpha must be in"):
+        lass_sparse.magnitude_mask(w, 1.0)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        lass_sparse.magnitude_mask(w, -0.1)
+    with pytest.raises(TypeError, match="x must be float32"):
+        lass_sparse.masked_linear(x.long(), w, bits, b)
+    bank = bits.unsqueeze(0).repeat(2, 1, 1)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        lass_sparse.segmented_masked_linear(x, w, bank, torch.tensor([0, 2, 1, 3]),
+                                            torch.tensor([0, 1, 0]))
+    with pytest.raises(ValueError, match=r"seg_pair ids must be in \[0, P=2\)"):
+        lass_sparse.segmented_masked_linear(x, w, bank, torch.tensor([0, 3]), torch.tensor([2]))
+    with pytest.raises(ValueError, match="num_heads must divide"):
+        lass_sparse.masked_qkv_proj(torch.randn(1, 2, 8), torch.randn(24, 8),
+                                    pack_mask_reference(torch.ones(24, 8, dtype=torch.bool)),
+                                    None, 3)
+
+
+def test_different_devices_are_rejected():
+    x, w, _, bits, b = _case((3,), 8, 40)
+    with pytest.raises(ValueError, match="one device"):
+        lass_sparse.masked_linear(x, w, bits.to("meta"), b)
