@@ -487,7 +487,7 @@ def _masked_adamw_(
             if p.dim() < 1:
                 raise ValueError(f"{op}: a masked param must have >= 1 dim, params[{i}] is 0-d")
             check_bits(b, tuple(p.shape[:-1]), p.shape[-1], op, f"bits[{i}]")
-        check_same_device(op, **{f"params[{i}]": p, f"params[0]": params[0], f"grads[{i}]": g,
+        check_same_device(op, **{f"params[{i}]": p, "params[0]": params[0], f"grads[{i}]": g,
                                  f"exp_avgs[{i}]": m, f"exp_avg_sqs[{i}]": v, f"bits[{i}]": b})
     _dispatch(
         "masked_adamw_", dev, list(params), [g.contiguous() for g in grads], list(exp_avgs),

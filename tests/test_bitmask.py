@@ -20,7 +20,7 @@ BACKENDS = [n for n in ("reference", "cpu") if lass_sparse.backends()[n]["active
 
 
 def numpy_pack(mask: np.ndarray) -> np.ndarray:
-    """The format's definition: packbits little, padded to 4 bytes, viewed as little-endian int32."""
+    """The format by definition: packbits little, padded to 4 bytes, viewed as LE int32."""
     n, k = mask.shape
     b = np.packbits(mask, axis=1, bitorder="little")
     b = np.pad(b, ((0, 0), (0, 4 * num_words(k) - b.shape[1])))
