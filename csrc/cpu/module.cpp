@@ -15,4 +15,13 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(lass_sparse_cpu, m) {
   m.def("pack_mask(Tensor mask) -> Tensor");
   m.def("unpack_mask(Tensor bits, int k) -> Tensor");
+  m.def("magnitude_mask(Tensor weight, float alpha) -> Tensor");
+  m.def("masked_linear(Tensor x, Tensor weight, Tensor bits, Tensor? bias) -> Tensor");
+  m.def("masked_linear_dx(Tensor grad_out, Tensor weight, Tensor bits) -> Tensor");
+  m.def("masked_linear_dw(Tensor grad_out, Tensor x, Tensor bits) -> Tensor");
+  m.def("masked_linear_dw_accumulate_(Tensor(a!) grad, Tensor grad_out, Tensor x, Tensor bits) -> ()");
+  m.def(
+      "masked_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor?[] bits, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, int step, bool maximize) -> ()");
 }

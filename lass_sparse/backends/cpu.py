@@ -1,6 +1,10 @@
-"""C++ CPU backend (csrc/cpu, OpenMP): registers ``lass_sparse._C`` kernels for CPU tensors."""
+"""C++ CPU backend (csrc/cpu, OpenMP): registers the ``lass_sparse_cpu::*`` kernels for CPU
+tensors. Kernels take float32, float64 and bfloat16 (fp32 accumulation); other dtypes (float16)
+are declined and fall through to the reference."""
 
 from __future__ import annotations
+
+import torch
 
 from .. import _registry
 
@@ -14,3 +18,74 @@ except ImportError as e:
     )
 else:
     _registry.set_status("cpu", True, "C++ extension lass_sparse._C (OpenMP)")
+    _ops = torch.ops.lass_sparse_cpu
+    _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+    def _dtype_ok(t: torch.Tensor, *_args) -> bool:
+        return t.dtype in _DTYPES
+
+    def _reg(op: str, supports=None):
+        return _registry.register(op, "cpu", ("cpu",), supports=supports)
+
+    _reg("pack_mask")(lambda mask: _ops.pack_mask(mask))
+    _reg("unpack_mask")(lambda bits, k: _ops.unpack_mask(bits, k))
+    _reg("magnitude_mask", _dtype_ok)(lambda w, alpha: _ops.magnitude_mask(w, alpha))
+
+    @_reg("masked_linear", _dtype_ok)
+    def masked_linear(x, weight, bits, bias):
+        return _ops.masked_linear(x, weight, bits, bias)
+
+    @_reg("masked_linear_dx", _dtype_ok)
+    def masked_linear_dx(grad_out, weight, bits):
+        return _ops.masked_linear_dx(grad_out, weight, bits)
+
+    @_reg("masked_linear_dw", _dtype_ok)
+    def masked_linear_dw(grad_out, x, bits):
+        return _ops.masked_linear_dw(grad_out, x, bits)
+
+    @_reg("masked_linear_dw_accumulate_", lambda grad, *a: grad.dtype in _DTYPES)
+    def masked_linear_dw_accumulate_(grad, grad_out, x, bits):
+        _ops.masked_linear_dw_accumulate_(grad, grad_out, x, bits)
+
+    def _segments(seg_offsets, seg_pair):
+        offs = seg_offsets.tolist()
+        return [(offs[i], offs[i + 1], p) for i, p in enumerate(seg_pair.tolist())
+                if offs[i + 1] > offs[i]]
+
+    @_reg("segmented_masked_linear", _dtype_ok)
+    def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
+        for lo, hi, p in _segments(seg_offsets, seg_pair):
+            out[lo:hi] = _ops.masked_linear(x[lo:hi], weight, bits_bank[p], bias)
+        return out
+
+    @_reg("segmented_masked_linear_dx", _dtype_ok)
+    def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair):
+        dx = torch.empty(grad_out.shape[0], weight.shape[1], dtype=grad_out.dtype)
+        for lo, hi, p in _segments(seg_offsets, seg_pair):
+            dx[lo:hi] = _ops.masked_linear_dx(grad_out[lo:hi], weight, bits_bank[p])
+        return dx
+
+    @_reg("segmented_masked_linear_dw", _dtype_ok)
+    def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dw = torch.zeros(bits_bank.shape[1], x.shape[1], dtype=acc)
+        for lo, hi, p in _segments(seg_offsets, seg_pair):
+            _ops.masked_linear_dw_accumulate_(dw, grad_out[lo:hi], x[lo:hi], bits_bank[p])
+        return dw.to(x.dtype)
+
+    @_reg("masked_qkv_proj", _dtype_ok)
+    def masked_qkv_proj(x, weight, bits, bias, num_heads):
+        b, t, d = x.shape
+        y = _ops.masked_linear(x.reshape(b * t, d), weight, bits, bias)
+        y = y.reshape(b, t, 3, num_heads, d // num_heads).permute(2, 0, 3, 1, 4)
+        return y[0].contiguous(), y[1].contiguous(), y[2].contiguous()
+
+    def _adamw_ok(params, *_args) -> bool:
+        return all(p.dtype in (torch.float32, torch.bfloat16) for p in params)
+
+    @_reg("masked_adamw_", _adamw_ok)
+    def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps,
+                      weight_decay, step, maximize):
+        _ops.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps,
+                           weight_decay, step, maximize)

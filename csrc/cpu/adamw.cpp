@@ -1,0 +1,116 @@
+// Fused masked AdamW on the CPU (twin of the CUDA kernel): one pass per parameter. Mask-1
+// entries get decoupled weight decay + the bias-corrected Adam step, computed in fp32;
+// mask-0 entries keep p, exp_avg and exp_avg_sq bit-for-bit (they are never written).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "common.h"
+
+namespace lass_sparse_cpu {
+
+struct AdamConsts {
+  float b1, omb1, b2, omb2, eps, decay, step_size, bc2_sqrt;
+  bool maximize;
+};
+
+static inline float load(const float* p, int64_t i) { return p[i]; }
+static inline float load(const c10::BFloat16* p, int64_t i) { return static_cast<float>(p[i]); }
+
+// Elements [lo, lo + cnt) of one run; `word` selects which are updated (all when word = ~0).
+template <typename T>
+__attribute__((always_inline)) static inline void adam_run(T* p, const T* g, float* m, float* v,
+                                                           int64_t lo, int64_t cnt, uint32_t word,
+                                                           const AdamConsts& c) {
+  for (int64_t j = 0; j < cnt; ++j) {
+    if (!((word >> j) & 1u)) continue;
+    const int64_t i = lo + j;
+    float gi = load(g, i);
+    if (c.maximize) gi = -gi;
+    const float mn = m[i] * c.b1 + gi * c.omb1;
+    const float vn = v[i] * c.b2 + gi * gi * c.omb2;
+    const float denom = std::sqrt(vn) / c.bc2_sqrt + c.eps;
+    const float pn = load(p, i) * c.decay - c.step_size * mn / denom;
+    m[i] = mn;
+    v[i] = vn;
+    p[i] = static_cast<T>(pn);
+  }
+}
+
+template <typename T>
+static void adam_param(T* p, const T* g, float* m, float* v, const int32_t* bits, int64_t numel,
+                       int64_t k, const AdamConsts& c) {
+  if (!bits) {
+    at::parallel_for(0, numel, 1 << 14, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; i += 32)
+        adam_run(p, g, m, v, i, std::min<int64_t>(32, hi - i), 0xFFFFFFFFu, c);
+    });
+    return;
+  }
+  const int64_t rows = k ? numel / k : 0, nw = num_words(k);
+  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(k, 1)),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r)
+                       for (int64_t wi = 0; wi < nw; ++wi) {
+                         const uint32_t word = static_cast<uint32_t>(bits[r * nw + wi]);
+                         if (!word) continue;
+                         const int64_t lo = wi * 32;
+                         adam_run(p + r * k, g + r * k, m + r * k, v + r * k, lo,
+                                  std::min<int64_t>(32, k - lo), word, c);
+                       }
+                   });
+}
+
+void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& bits,
+                   double lr, double beta1, double beta2, double eps, double weight_decay,
+                   int64_t step, bool maximize) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+                  bits.size() == n,
+              "masked_adamw_: all lists must have one length");
+  TORCH_CHECK(step >= 1, "masked_adamw_: step must be >= 1, got ", step);
+  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  AdamConsts c{static_cast<float>(beta1), static_cast<float>(1.0 - beta1),
+               static_cast<float>(beta2), static_cast<float>(1.0 - beta2),
+               static_cast<float>(eps),   static_cast<float>(1.0 - lr * weight_decay),
+               static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)), maximize};
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(p.is_contiguous() && g.is_contiguous() && exp_avgs[i].is_contiguous() &&
+                    exp_avg_sqs[i].is_contiguous(),
+                "masked_adamw_: params[", i, "] and its grad/state must be contiguous");
+    TORCH_CHECK(exp_avgs[i].scalar_type() == at::kFloat && exp_avg_sqs[i].scalar_type() == at::kFloat,
+                "masked_adamw_: optimizer state must be float32");
+    const std::optional<at::Tensor> b = bits.get(i);
+    const int32_t* bp = nullptr;
+    const int64_t k = p.dim() ? p.size(-1) : 1;
+    if (b.has_value()) {
+      TORCH_CHECK(b->scalar_type() == at::kInt && b->is_contiguous() &&
+                      b->numel() == (k ? p.numel() / k : 0) * num_words(k),
+                  "masked_adamw_: bits[", i, "] does not match params[", i, "] ", p.sizes());
+      bp = b->data_ptr<int32_t>();
+    }
+    float* m = exp_avgs[i].data_ptr<float>();
+    float* v = exp_avg_sqs[i].data_ptr<float>();
+    if (p.scalar_type() == at::kFloat)
+      adam_param(p.data_ptr<float>(), g.data_ptr<float>(), m, v, bp, p.numel(), k, c);
+    else if (p.scalar_type() == at::kBFloat16)
+      adam_param(p.data_ptr<c10::BFloat16>(), g.data_ptr<c10::BFloat16>(), m, v, bp, p.numel(),
+                 k, c);
+    else
+      TORCH_CHECK(false, "masked_adamw_ (cpu): params[", i, "] must be float32 or bfloat16, got ",
+                  p.scalar_type());
+  }
+}
+
+}  // namespace lass_sparse_cpu
+
+TORCH_LIBRARY_IMPL(lass_sparse_cpu, CPU, m) {
+  m.impl("masked_adamw_", &lass_sparse_cpu::masked_adamw_);
+}

@@ -1,0 +1,422 @@
+// Fused masked linear on the CPU: y = x @ (W ⊙ M)ᵀ + b, dx = dy @ (W ⊙ M), dW = (dyᵀ x) ⊙ M.
+// W ⊙ M is never materialised whole:
+//  * small M (decode, M <= kGemvMaxRows): the mask bits are decoded inside the inner loop
+//    (AVX-512 masked loads: a mask word is the lane mask), parallel over output rows;
+//  * larger M: one cache-sized tile of W ⊙ M (rows for y and dW, columns for dx) is decoded
+//    at a time into a per-thread buffer and handed to the BLAS GEMM (at::mm_out into the
+//    output slice). Tiles are spread over threads; each GEMM runs single-threaded.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+
+#include "common.h"
+#include "simd.h"
+
+namespace lass_sparse_cpu {
+
+constexpr int64_t kGemvMaxRows = 16;
+
+static int64_t tile_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("LASS_SPARSE_CPU_TILE_KB");
+    const int64_t kb = env ? std::atoll(env) : 512;
+    return std::max<int64_t>(kb, 16) * 1024;
+  }();
+  return bytes;
+}
+
+// Rows (or columns) per tile: ~tile_bytes() of W ⊙ M, a multiple of `align`, at least `align`.
+static int64_t tile_extent(int64_t other, int64_t elt, int64_t total, int64_t align) {
+  int64_t t = tile_bytes() / std::max<int64_t>(1, other * elt);
+  t = std::max<int64_t>(align, (t / align) * align);
+  return std::min<int64_t>(t, std::max<int64_t>(total, 1));
+}
+
+static void check_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
+                         const char* op) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), op,
+              ": x must be [M, K] and weight [N, K], got ", x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), op, ": x and weight dtypes differ");
+  TORCH_CHECK(bits.scalar_type() == at::kInt && bits.dim() == 2 && bits.size(0) == w.size(0) &&
+                  bits.size(1) == num_words(w.size(1)),
+              op, ": bits must be int32[", w.size(0), ", ", num_words(w.size(1)), "], got ",
+              bits.scalar_type(), bits.sizes());
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && bits.is_contiguous(), op,
+              ": inputs must be contiguous");
+}
+
+// ------------------------------------------------------------------------------ GEMV (small M)
+
+template <typename T, typename Acc>
+static void gemv_generic(const T* x, int64_t m_rows, int64_t k, const T* w, const int32_t* bits,
+                         const T* bias, T* y, int64_t n, int64_t n0, int64_t n1) {
+  const int64_t nw = num_words(k);
+  Acc acc[kGemvMaxRows][32];
+  for (int64_t r = n0; r < n1; ++r) {
+    for (int64_t m = 0; m < m_rows; ++m)
+      for (int j = 0; j < 32; ++j) acc[m][j] = Acc(0);
+    const T* wr = w + r * k;
+    for (int64_t wi = 0; wi < nw; ++wi) {
+      const uint32_t word = run_word(bits + r * nw, wi, k);
+      const int64_t lo = wi * 32, cnt = std::min<int64_t>(32, k - lo);
+      Acc wm[32];
+      for (int64_t j = 0; j < cnt; ++j)
+        wm[j] = ((word >> j) & 1u) ? static_cast<Acc>(wr[lo + j]) : Acc(0);
+      for (int64_t m = 0; m < m_rows; ++m) {
+        const T* xr = x + m * k + lo;
+        for (int64_t j = 0; j < cnt; ++j) acc[m][j] += static_cast<Acc>(xr[j]) * wm[j];
+      }
+    }
+    for (int64_t m = 0; m < m_rows; ++m) {
+      Acc s = bias ? static_cast<Acc>(bias[r]) : Acc(0);
+      for (int j = 0; j < 32; ++j) s += acc[m][j];
+      y[m * n + r] = static_cast<T>(s);
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw"))) static inline __m512 bf16x16_to_f32(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// One mask word's 32 weights as two fp32 vectors, pruned lanes zeroed. `full` = all 32 valid.
+template <typename T, bool full>
+__attribute__((target("avx512f,avx512bw"))) static inline void load_word(
+    const T* src, uint32_t word, uint32_t valid, __m512& a, __m512& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    if constexpr (full) {
+      a = _mm512_maskz_mov_ps(static_cast<__mmask16>(word), _mm512_loadu_ps(src));
+      b = _mm512_maskz_mov_ps(static_cast<__mmask16>(word >> 16), _mm512_loadu_ps(src + 16));
+    } else {
+      a = _mm512_maskz_loadu_ps(static_cast<__mmask16>(word & valid), src);
+      b = _mm512_maskz_loadu_ps(static_cast<__mmask16>((word & valid) >> 16), src + 16);
+    }
+  } else {
+    __m512i v = full ? _mm512_maskz_mov_epi16(static_cast<__mmask32>(word), _mm512_loadu_si512(src))
+                     : _mm512_maskz_loadu_epi16(static_cast<__mmask32>(word & valid), src);
+    a = bf16x16_to_f32(_mm512_castsi512_si256(v));
+    b = bf16x16_to_f32(_mm512_extracti64x4_epi64(v, 1));
+  }
+}
+
+// R rows of W (fp32 or bf16) against MB rows of fp32 x; each mask word is a lane mask.
+// R > 1 keeps several weight streams in flight (decode is bandwidth-bound at small M).
+template <typename T, int R, int MB>
+__attribute__((target("avx512f,avx512bw"))) static void gemv_block_avx512(
+    const float* x, int64_t k, const T* wr, const int32_t* wbits, float* out) {
+  __m512 acc[R][MB][2];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m][0] = acc[r][m][1] = _mm512_setzero_ps();
+  const int64_t full_words = k / 32, nw = num_words(k);
+  for (int64_t wi = 0; wi < full_words; ++wi) {
+    for (int r = 0; r < R; ++r) {
+      __m512 wa, wb;
+      load_word<T, true>(wr + r * k + wi * 32, static_cast<uint32_t>(wbits[r * nw + wi]), 0u,
+                         wa, wb);
+      for (int m = 0; m < MB; ++m) {
+        const float* xr = x + m * k + wi * 32;
+        acc[r][m][0] = _mm512_fmadd_ps(wa, _mm512_loadu_ps(xr), acc[r][m][0]);
+        acc[r][m][1] = _mm512_fmadd_ps(wb, _mm512_loadu_ps(xr + 16), acc[r][m][1]);
+      }
+    }
+  }
+  if (full_words < nw) {  // tail word: K % 32 valid lanes
+    const int64_t wi = full_words;
+    const uint32_t valid = valid_lanes(wi, k);
+    for (int r = 0; r < R; ++r) {
+      __m512 wa, wb;
+      load_word<T, false>(wr + r * k + wi * 32, static_cast<uint32_t>(wbits[r * nw + wi]),
+                          valid, wa, wb);
+      for (int m = 0; m < MB; ++m) {
+        const float* xr = x + m * k + wi * 32;
+        __m512 xa = _mm512_maskz_loadu_ps(static_cast<__mmask16>(valid), xr);
+        __m512 xb = _mm512_maskz_loadu_ps(static_cast<__mmask16>(valid >> 16), xr + 16);
+        acc[r][m][0] = _mm512_fmadd_ps(wa, xa, acc[r][m][0]);
+        acc[r][m][1] = _mm512_fmadd_ps(wb, xb, acc[r][m][1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m)
+      out[r * MB + m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m][0], acc[r][m][1]));
+}
+
+template <typename T, int R, int MB>
+static inline void gemv_tile(const float* x, int64_t k, const T* w, const int32_t* bits,
+                             int64_t nw, const T* bias, T* y, int64_t n, int64_t r0, int64_t m0) {
+  float out[R * MB];
+  gemv_block_avx512<T, R, MB>(x + m0 * k, k, w + r0 * k, bits + r0 * nw, out);
+  for (int r = 0; r < R; ++r) {
+    const float b = bias ? static_cast<float>(bias[r0 + r]) : 0.f;
+    for (int m = 0; m < MB; ++m) y[(m0 + m) * n + r0 + r] = static_cast<T>(out[r * MB + m] + b);
+  }
+}
+
+template <typename T>
+static void gemv_avx512(const float* x, int64_t m_rows, int64_t k, const T* w,
+                        const int32_t* bits, const T* bias, T* y, int64_t n, int64_t n0,
+                        int64_t n1) {
+  const int64_t nw = num_words(k);
+  int64_t r = n0;
+  if (m_rows < 4) {  // bandwidth-bound: 4 weight rows at a time
+    for (; r + 4 <= n1; r += 4)
+      for (int64_t m = 0; m < m_rows; ++m) gemv_tile<T, 4, 1>(x, k, w, bits, nw, bias, y, n, r, m);
+  }
+  for (; r < n1; ++r) {
+    int64_t m = 0;
+    for (; m + 8 <= m_rows; m += 8) gemv_tile<T, 1, 8>(x, k, w, bits, nw, bias, y, n, r, m);
+    for (; m + 4 <= m_rows; m += 4) gemv_tile<T, 1, 4>(x, k, w, bits, nw, bias, y, n, r, m);
+    for (; m < m_rows; ++m) gemv_tile<T, 1, 1>(x, k, w, bits, nw, bias, y, n, r, m);
+  }
+}
+
+// bf16 x bf16 with AVX512-BF16: one dot-product instruction per mask word and x row
+// (32 products, fp32 accumulation); the mask word zeroes the pruned weights on load.
+static bool has_avx512_bf16() {
+  static const bool ok = has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+template <int R, int MB>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void gemv_block_bf16dp(
+    const c10::BFloat16* x, int64_t k, const c10::BFloat16* wr, const int32_t* wbits,
+    float* out) {
+  __m512 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  const int64_t nw = num_words(k);
+  for (int64_t wi = 0; wi < nw; ++wi) {
+    const uint32_t valid = valid_lanes(wi, k);
+    __m512i xv[MB];
+    for (int m = 0; m < MB; ++m)
+      xv[m] = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(valid), x + m * k + wi * 32);
+    for (int r = 0; r < R; ++r) {
+      const uint32_t word = static_cast<uint32_t>(wbits[r * nw + wi]) & valid;
+      __m512i wv = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(word), wr + r * k + wi * 32);
+      for (int m = 0; m < MB; ++m)
+        acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv, (__m512bh)xv[m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) out[r * MB + m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+template <int R, int MB>
+static inline void gemv_tile_bf16dp(const c10::BFloat16* x, int64_t k, const c10::BFloat16* w,
+                                    const int32_t* bits, int64_t nw, const c10::BFloat16* bias,
+                                    c10::BFloat16* y, int64_t n, int64_t r0, int64_t m0) {
+  float out[R * MB];
+  gemv_block_bf16dp<R, MB>(x + m0 * k, k, w + r0 * k, bits + r0 * nw, out);
+  for (int r = 0; r < R; ++r) {
+    const float b = bias ? static_cast<float>(bias[r0 + r]) : 0.f;
+    for (int m = 0; m < MB; ++m)
+      y[(m0 + m) * n + r0 + r] = static_cast<c10::BFloat16>(out[r * MB + m] + b);
+  }
+}
+
+static void gemv_bf16dp(const c10::BFloat16* x, int64_t m_rows, int64_t k,
+                        const c10::BFloat16* w, const int32_t* bits, const c10::BFloat16* bias,
+                        c10::BFloat16* y, int64_t n, int64_t n0, int64_t n1) {
+  const int64_t nw = num_words(k);
+  int64_t r = n0;
+  for (; r + 4 <= n1; r += 4) {
+    int64_t m = 0;
+    for (; m + 4 <= m_rows; m += 4) gemv_tile_bf16dp<4, 4>(x, k, w, bits, nw, bias, y, n, r, m);
+    for (; m < m_rows; ++m) gemv_tile_bf16dp<4, 1>(x, k, w, bits, nw, bias, y, n, r, m);
+  }
+  for (; r < n1; ++r)
+    for (int64_t m = 0; m < m_rows; ++m) gemv_tile_bf16dp<1, 1>(x, k, w, bits, nw, bias, y, n, r, m);
+}
+
+static at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
+                       const c10::optional<at::Tensor>& bias) {
+  const int64_t m_rows = x.size(0), k = x.size(1), n = w.size(0);
+  auto y = at::empty({m_rows, n}, x.options());
+  const int32_t* bp = bits.data_ptr<int32_t>();
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, k / 32));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "masked_linear_gemv", [&] {
+    const scalar_t* bias_p = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    constexpr bool simd = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+    if (std::is_same_v<scalar_t, c10::BFloat16> && has_avx512_bf16()) {
+      using bf = c10::BFloat16;  // casts are no-ops: this branch runs for bf16 only
+      const bf* xp = reinterpret_cast<const bf*>(x.data_ptr<scalar_t>());
+      at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+        gemv_bf16dp(xp, m_rows, k, reinterpret_cast<const bf*>(wp), bp,
+                    reinterpret_cast<const bf*>(bias_p), reinterpret_cast<bf*>(yp), n, n0, n1);
+      });
+      return;
+    }
+    if (simd && has_avx512()) {
+      at::Tensor xf = x.to(at::kFloat).contiguous();  // bf16 x widened once, not per row
+      const float* xp = xf.data_ptr<float>();
+      at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+        if constexpr (simd) gemv_avx512<scalar_t>(xp, m_rows, k, wp, bp, bias_p, yp, n, n0, n1);
+      });
+    } else {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+        gemv_generic<scalar_t, acc_t>(xp, m_rows, k, wp, bp, bias_p, yp, n, n0, n1);
+      });
+    }
+  });
+  return y;
+}
+
+// ------------------------------------------------------------------------- tiled (larger M)
+
+// out[r - r0, :] = (W ⊙ M)[r, k0:k0+kc] for r in [r0, r1); k0 is a multiple of 32.
+template <typename T>
+static void decode_block(const T* w, const int32_t* bits, int64_t k, int64_t r0, int64_t r1,
+                         int64_t k0, int64_t kc, T* out) {
+  const int64_t nw = num_words(k);
+  for (int64_t r = r0; r < r1; ++r)
+    masked_copy(w + r * k + k0, bits + r * nw + k0 / 32, kc, out + (r - r0) * kc);
+}
+
+static at::Tensor tiled_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
+                                const c10::optional<at::Tensor>& bias) {
+  const int64_t m_rows = x.size(0), k = x.size(1), n = w.size(0);
+  auto y = at::empty({m_rows, n}, x.options());
+  const int64_t tn = tile_extent(k, w.element_size(), n, 16);
+  const int64_t tiles = (n + tn - 1) / tn;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "masked_linear_tiled", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const int32_t* bp = bits.data_ptr<int32_t>();
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      auto buf = at::empty({tn, k}, w.options());
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r0 = t * tn, r1 = std::min(n, r0 + tn);
+        decode_block(wp, bp, k, r0, r1, 0, k, buf.data_ptr<scalar_t>());
+        auto out = y.narrow(1, r0, r1 - r0);
+        auto wt = buf.narrow(0, 0, r1 - r0).t();
+        if (bias.has_value())
+          at::addmm_out(out, bias->narrow(0, r0, r1 - r0).unsqueeze(0).expand({m_rows, r1 - r0}),
+                        x, wt);
+        else
+          at::mm_out(out, x, wt);
+      }
+    });
+  });
+  return y;
+}
+
+at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
+                         const c10::optional<at::Tensor>& bias) {
+  check_linear(x, w, bits, "masked_linear");
+  if (bias.has_value())
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == w.size(0) &&
+                    bias->scalar_type() == w.scalar_type(),
+                "masked_linear: bias must be contiguous ", w.scalar_type(), "[", w.size(0), "]");
+  if (x.size(0) == 0 || w.size(0) == 0 || w.size(1) == 0) {
+    auto y = at::zeros({x.size(0), w.size(0)}, x.options());
+    if (bias.has_value() && x.size(0)) y.add_(*bias);
+    return y;
+  }
+  if (x.size(0) <= kGemvMaxRows) return gemv(x, w, bits, bias);
+  return tiled_forward(x, w, bits, bias);
+}
+
+at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& bits) {
+  TORCH_CHECK(dy.dim() == 2 && dy.size(1) == w.size(0) && dy.is_contiguous(),
+              "masked_linear_dx: grad_out must be contiguous [M, N=", w.size(0), "], got ",
+              dy.sizes());
+  check_linear(at::empty({0, w.size(1)}, w.options()), w, bits, "masked_linear_dx");
+  const int64_t m_rows = dy.size(0), n = w.size(0), k = w.size(1);
+  auto dx = at::empty({m_rows, k}, dy.options());
+  if (m_rows == 0 || k == 0) return dx;
+  if (n == 0) return dx.zero_();
+  // Column tiles of W ⊙ M: [N, kc] with kc a multiple of 32, so mask words stay aligned.
+  const int64_t kc = tile_extent(n, w.element_size(), k, 32);
+  const int64_t tiles = (k + kc - 1) / kc;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dy.scalar_type(), "masked_linear_dx", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const int32_t* bp = bits.data_ptr<int32_t>();
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      auto buf = at::empty({n, kc}, w.options());
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t k0 = t * kc, cols = std::min(kc, k - k0);
+        auto blk = buf.narrow(1, 0, cols);
+        if (cols != kc) blk = at::empty({n, cols}, w.options());
+        decode_block(wp, bp, k, 0, n, k0, cols, blk.data_ptr<scalar_t>());
+        auto out = dx.narrow(1, k0, cols);
+        at::mm_out(out, dy, blk);
+      }
+    });
+  });
+  return dx;
+}
+
+// rows [r0, r1) of dW (dtype of `dst`) = dy[:, r0:r1]ᵀ @ x, then ⊙ M (or += when accumulate).
+static void dw_tiles(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits,
+                     at::Tensor& dst, bool accumulate) {
+  const int64_t n = dy.size(1), k = x.size(1);
+  const int64_t tn = tile_extent(k, 4, n, 16);
+  const int64_t tiles = (n + tn - 1) / tn;
+  const int32_t* bp = bits.data_ptr<int32_t>();
+  const int64_t nw = num_words(k);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dst.scalar_type(), "masked_linear_dw", [&] {
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      at::Tensor tmp;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r0 = t * tn, r1 = std::min(n, r0 + tn);
+        auto g = dy.narrow(1, r0, r1 - r0).t();
+        auto rows = dst.narrow(0, r0, r1 - r0);
+        scalar_t* base = rows.data_ptr<scalar_t>();
+        if (!accumulate) {
+          at::mm_out(rows, g, x);
+          for (int64_t r = r0; r < r1; ++r)  // mask epilogue, in place while cache-hot
+            masked_copy(base + (r - r0) * k, bp + r * nw, k, base + (r - r0) * k);
+        } else {
+          if (!tmp.defined()) tmp = at::empty({tn, k}, dst.options());
+          auto part = tmp.narrow(0, 0, r1 - r0);
+          at::mm_out(part, g, x);
+          const scalar_t* pp = part.data_ptr<scalar_t>();
+          for (int64_t r = r0; r < r1; ++r)
+            masked_add(pp + (r - r0) * k, bp + r * nw, k, base + (r - r0) * k);
+        }
+      }
+    });
+  });
+}
+
+at::Tensor masked_linear_dw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits) {
+  TORCH_CHECK(dy.dim() == 2 && x.dim() == 2 && dy.size(0) == x.size(0) && dy.is_contiguous() &&
+                  x.is_contiguous() && dy.scalar_type() == x.scalar_type(),
+              "masked_linear_dw: grad_out [M, N] and x [M, K] must be contiguous, same M and dtype");
+  TORCH_CHECK(bits.scalar_type() == at::kInt && bits.dim() == 2 && bits.size(0) == dy.size(1) &&
+                  bits.size(1) == num_words(x.size(1)),
+              "masked_linear_dw: bits must be int32[", dy.size(1), ", ", num_words(x.size(1)),
+              "], got ", bits.sizes());
+  auto dw = at::empty({dy.size(1), x.size(1)}, x.options());
+  if (dw.numel() == 0) return dw;
+  if (x.size(0) == 0) return dw.zero_();
+  dw_tiles(dy, x, bits.contiguous(), dw, false);
+  return dw;
+}
+
+void masked_linear_dw_accumulate_(at::Tensor grad, const at::Tensor& dy, const at::Tensor& x,
+                                  const at::Tensor& bits) {
+  TORCH_CHECK(grad.is_contiguous() && grad.dim() == 2 && grad.size(0) == dy.size(1) &&
+                  grad.size(1) == x.size(1),
+              "masked_linear_dw_accumulate_: grad must be contiguous [N, K]");
+  if (grad.numel() == 0 || x.size(0) == 0) return;
+  // Accumulate in grad's dtype (fp32 master grads for bf16 activations).
+  auto dy_c = dy.to(grad.scalar_type()).contiguous();
+  auto x_c = x.to(grad.scalar_type()).contiguous();
+  dw_tiles(dy_c, x_c, bits.contiguous(), grad, true);
+}
+
+}  // namespace lass_sparse_cpu
+
+TORCH_LIBRARY_IMPL(lass_sparse_cpu, CPU, m) {
+  m.impl("masked_linear", &lass_sparse_cpu::masked_linear);
+  m.impl("masked_linear_dx", &lass_sparse_cpu::masked_linear_dx);
+  m.impl("masked_linear_dw", &lass_sparse_cpu::masked_linear_dw);
+  m.impl("masked_linear_dw_accumulate_", &lass_sparse_cpu::masked_linear_dw_accumulate_);
+}
