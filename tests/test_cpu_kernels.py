@@ -1,0 +1,133 @@
+"""C++ CPU backend specifics: both masked-linear paths (decode GEMV for small M, tiled
+decode -> BLAS for large M), tails, bf16, dW accumulation and the masked AdamW twin."""
+
+import math
+
+import pytest
+import torch
+
+import lass_sparse
+from lass_sparse import _registry, reference
+from lass_sparse.bitmask import pack_mask_reference
+
+pytestmark = pytest.mark.skipif(
+    not lass_sparse.backends()["cpu"]["active"], reason="C++ extension lass_sparse._C not built"
+)
+
+
+def test_cpu_kernels_are_selected_by_default():
+    x, w = torch.randn(3, 40), torch.randn(8, 40)
+    bits = pack_mask_reference(torch.rand(8, 40) > 0.5)
+    for op, args in [("masked_linear", (x, w, bits, None)), ("pack_mask", (torch.ones(2, 3) > 0)),
+                     ("magnitude_mask", (w, 0.5)), ("masked_adamw_", ([w],))]:
+        assert _registry.select(op, "cpu", *args).backend == "cpu", op
+    # float16 is declined and served by the reference
+    assert _registry.select("masked_linear", "cpu", x.half()).backend == "reference"
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 15, 16, 17, 33, 300])
+@pytest.mark.parametrize("k", [1, 31, 32, 33, 100, 517])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_masked_linear_paths_match_reference(m, k, dtype):
+    n = 37
+    x, w, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)
+    mask = torch.rand(n, k) > 0.4
+    bits = pack_mask_reference(mask)
+    y = torch.ops.lass_sparse_cpu.masked_linear(x, w, bits, b)
+    exact = torch.nn.functional.linear(x.double(), (w * mask).double(), b.double())
+    if dtype == torch.bfloat16:
+        torch_err = (torch.nn.functional.linear(x, w * mask, b).double() - exact).abs().max()
+        assert (y.double() - exact).abs().max() <= 2 * torch_err + 1e-6
+    else:
+        tol = (1e-5 if dtype == torch.float32 else 1e-12) * math.sqrt(k) * 4
+        torch.testing.assert_close(y.double(), exact, atol=tol, rtol=1e-5)
+
+
+def test_malformed_padding_bits_are_ignored_not_read_out_of_bounds():
+    x, w = torch.randn(2, 33), torch.randn(5, 33)
+    mask = torch.rand(5, 33) > 0.5
+    bits = pack_mask_reference(mask)
+    dirty = bits.clone()
+    dirty[:, 1] |= -2  # set every padding bit of the last word
+    y = torch.ops.lass_sparse_cpu.masked_linear(x, w, dirty, None)
+    torch.testing.assert_close(y, x @ (w * mask).T)
+
+
+@pytest.mark.parametrize("m", [1, 7, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dx_dw_and_accumulate(m, dtype):
+    n, k = 70, 129
+    dy, x, w = torch.randn(m, n, dtype=dtype), torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    mask = torch.rand(n, k) > 0.5
+    bits = pack_mask_reference(mask)
+    tol = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 0.1}[dtype] * math.sqrt(max(m, n))
+    dx = torch.ops.lass_sparse_cpu.masked_linear_dx(dy, w, bits)
+    torch.testing.assert_close(dx.double(), dy.double() @ (w * mask).double(), atol=tol, rtol=1e-2)
+    dw = torch.ops.lass_sparse_cpu.masked_linear_dw(dy, x, bits)
+    assert torch.all(dw[~mask] == 0)
+    torch.testing.assert_close(dw.double(), (dy.double().T @ x.double()) * mask, atol=tol, rtol=1e-2)
+    grad = torch.randn(n, k)
+    before = grad.clone()
+    torch.ops.lass_sparse_cpu.masked_linear_dw_accumulate_(grad, dy, x, bits)
+    assert torch.equal(grad[~mask], before[~mask])
+    want = before.double() + (dy.double().T @ x.double()) * mask
+    torch.testing.assert_close(grad.double(), want, atol=tol, rtol=1e-2)
+
+
+def _adam_states(shapes, dtype=torch.float32):
+    ps = [torch.randn(*s).to(dtype) for s in shapes]
+    return ps, [torch.zeros(*s) for s in shapes], [torch.zeros(*s) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_adamw_cpu_twin_100_steps(dtype):
+    shapes = [(16, 70), (9, 32), (70,)]
+    masks = [torch.rand(16, 70) > 0.5, torch.rand(9, 32) > 0.3, None]
+    bits = [None if m is None else pack_mask_reference(m) for m in masks]
+    p_c, m_c, v_c = _adam_states(shapes, dtype)
+    p_r, m_r, v_r = [p.clone() for p in p_c], [m.clone() for m in m_c], [v.clone() for v in v_c]
+    p0 = [p.clone() for p in p_c]
+    hp = dict(lr=3e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05, maximize=False)
+    for step in range(1, 101):
+        grads = [torch.randn(*s).to(dtype) for s in shapes]
+        with lass_sparse.use_backend("cpu"):
+            lass_sparse.masked_adamw_(p_c, grads, m_c, v_c, bits, step=step, **hp)
+        reference.masked_adamw_(p_r, grads, m_r, v_r, bits, hp["lr"], hp["beta1"], hp["beta2"],
+                                hp["eps"], hp["weight_decay"], step, False)
+    for i, mask in enumerate(masks):
+        if mask is not None:  # off-mask: bit-identical to the start (p) and to zero (state)
+            assert torch.equal(p_c[i][~mask], p0[i][~mask])
+            assert torch.all(m_c[i][~mask] == 0) and torch.all(v_c[i][~mask] == 0)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(p_c[i].float(), p_r[i].float(), atol=tol, rtol=tol)
+        torch.testing.assert_close(m_c[i], m_r[i], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(v_c[i], v_r[i], atol=1e-7, rtol=1e-5)
+
+
+def test_masked_adamw_cpu_matches_torch_adamw_on_masked_entries():
+    mask = torch.rand(12, 50) > 0.5
+    bits = pack_mask_reference(mask)
+    p = torch.randn(12, 50)
+    ref = p.clone().requires_grad_()
+    opt = torch.optim.AdamW([ref], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1,
+                            maximize=True)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    for step in range(1, 31):
+        g = torch.randn(12, 50)
+        with lass_sparse.use_backend("cpu"):
+            lass_sparse.masked_adamw_([p], [g], [m], [v], [bits], lr=1e-2, weight_decay=0.1,
+                                      step=step, maximize=True)
+        ref.grad = g
+        opt.step()
+    torch.testing.assert_close(p[mask], ref.detach()[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_masked_adamw_cpu_rejects_bad_state():
+    p = torch.randn(4, 40)
+    bits = pack_mask_reference(torch.rand(4, 40) > 0.5)
+    with pytest.raises(ValueError, match=r"exp_avgs\[0\] must be contiguous float32"):
+        lass_sparse.masked_adamw_([p], [p.clone()], [torch.zeros(4, 40, dtype=torch.float64)],
+                                  [torch.zeros(4, 40)], [bits], lr=1e-3, step=1)
+    with pytest.raises(ValueError, match=r"bits\[0\] must be int32\[4, 2\]"):
+        lass_sparse.masked_adamw_([p], [p.clone()], [torch.zeros(4, 40)], [torch.zeros(4, 40)],
+                                  [bits[:, :1]], lr=1e-3, step=1)
