@@ -1,0 +1,45 @@
+"""Shared helpers for the benchmark suites: shapes, inputs, the baselines, and result tagging."""
+
+from __future__ import annotations
+
+import torch
+
+import lass_sparse as ls
+
+# (N, K) weight shapes: Transformer-base FFN (512x2048, 2048x512), -big FFN (1024x4096), 4096^2.
+FULL_SHAPES = [(2048, 512), (512, 2048), (4096, 1024), (4096, 4096)]
+SMOKE_SHAPES = [(96, 200)]  # K not a multiple of 32
+FULL_M = [1, 4, 16, 512]
+SMOKE_M = [1, 17]
+KEEP = 0.3  # fraction of weights a pair keeps (alpha = 0.7), a typical LaSS sparsity
+
+
+def tag(benchmark, op: str, impl: str, **case) -> None:
+    """Record what a benchmark measured so report.py can line up ours/dense/naive per case."""
+    benchmark.group = op + "[" + " ".join(f"{k}={v}" for k, v in case.items()) + "]"
+    benchmark.extra_info.update(op=op, impl=impl, **{k: str(v) for k, v in case.items()})
+
+
+def inputs(m: int, n: int, k: int, dtype: torch.dtype, device="cpu", keep: float = KEEP):
+    x = torch.randn(m, k, dtype=dtype, device=device)
+    w = torch.randn(n, k, dtype=dtype, device=device) / k**0.5
+    mask = torch.rand(n, k, device=device) < keep
+    bits = ls.pack_mask(mask)
+    return x, w, mask, bits
+
+
+def linear_impls(w: torch.Tensor, mask: torch.Tensor, bits: torch.Tensor):
+    """name -> f(x): ours (fused), dense (no mask), naive (LaSS original: bool mask, x @ (W*M).T),
+    unpack (bits -> transient W*M -> BLAS)."""
+    k = w.shape[1]
+    return {
+        "ours": lambda x: ls.masked_linear(x, w, bits),
+        "dense": lambda x: torch.nn.functional.linear(x, w),
+        "naive": lambda x: x @ (w * mask).T,
+        "unpack": lambda x: torch.nn.functional.linear(x, w * ls.unpack_mask(bits, k)),
+    }
+
+
+def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor) -> None:
+    tol = 1e-4 if out.dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)

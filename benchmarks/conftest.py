@@ -1,0 +1,82 @@
+"""Benchmark setup.
+
+Full runs (``make bench``) use the paper's layer shapes. Under ``--benchmark-disable`` (CI's smoke run)
+every benchmark runs once on small shapes and checks its result against the reference, so the suite
+doubles as a correctness test and finishes in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import lass_sparse  # noqa: E402,F401
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def smoke(config) -> bool:
+    return bool(config.getoption("benchmark_disable", False))
+
+
+@pytest.fixture(scope="session")
+def is_smoke(request) -> bool:
+    return smoke(request.config)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["torch"] = torch.__version__
+    machine_info["threads"] = torch.get_num_threads()
+    machine_info["cpu_model"] = cpu_name()
+    machine_info["backends"] = {
+        k: v["active"] for k, v in lass_sparse.backends().items()
+    }
+    if torch.cuda.is_available():
+        machine_info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import triton
+
+        machine_info["triton"] = triton.__version__
+    except ImportError:
+        pass
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_generate_tests(metafunc):
+    """``shape`` and ``m`` parameters: the paper's layer shapes, or small ones in smoke runs."""
+    from common import FULL_M, FULL_SHAPES, SMOKE_M, SMOKE_SHAPES
+
+    s = smoke(metafunc.config)
+    if "shape" in metafunc.fixturenames:
+        shapes = SMOKE_SHAPES if s else FULL_SHAPES
+        metafunc.parametrize("shape", shapes, ids=[f"{n}x{k}" for n, k in shapes])
+    if "m" in metafunc.fixturenames:
+        ms = SMOKE_M if s else FULL_M
+        metafunc.parametrize("m", ms, ids=[f"M{m}" for m in ms])

@@ -1,0 +1,77 @@
+"""Turn a pytest-benchmark JSON file into a markdown table of ratios (ours/dense, ours/naive, ...).
+
+    python benchmarks/report.py benchmarks/results/cpu.json [-o benchmarks/results/<device>.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+BASELINES = ("dense", "naive", "unpack", "reference", "bool", "numpy")
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s * 1e6:.0f} µs" if s < 1e-3 else f"{s * 1e3:.2f} ms"
+
+
+def render(data: dict) -> str:
+    mi = data.get("machine_info", {})
+    device = mi.get("gpu") or mi.get("cpu_model") or mi.get("cpu", {}).get("brand_raw", "?")
+    lines = [
+        f"# Benchmarks on {device}",
+        "",
+        f"- date: {data.get('datetime', '?')}",
+        f"- torch {mi.get('torch', '?')}, triton {mi.get('triton', 'n/a')}, "
+        f"threads {mi.get('threads', '?')}, python {mi.get('python_version', '?')}",
+        f"- active backends: {', '.join(k for k, v in mi.get('backends', {}).items() if v)}",
+        "- time = median of pytest-benchmark rounds, all in this one run; ratio < 1 means ours is faster",
+        "",
+    ]
+    by_op: dict[str, dict[str, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        if "op" not in info:
+            continue
+        by_op[info["op"]][b["group"]][info["impl"]] = b
+    for op, cases in by_op.items():
+        impls = sorted({i for c in cases.values() for i in c}, key=lambda i: (i != "ours", i))
+        base = [i for i in impls if i in BASELINES]
+        lines += [f"## {op}", ""]
+        head = ["case"] + [f"{i}" for i in impls] + [f"ours/{b}" for b in base]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for group, row in cases.items():
+            case = group[group.index("[") + 1 : -1] if "[" in group else group
+            med = {i: row[i]["stats"]["median"] for i in row}
+            cells = [case] + [_fmt_time(med[i]) if i in med else "—" for i in impls]
+            for b in base:
+                ok = "ours" in med and b in med
+                cells.append(f"{med['ours'] / med[b]:.2f}×" if ok else "—")
+            ours = row.get("ours", {})
+            flop = ours.get("extra_info", {}).get("flop")
+            if flop and "ours" in med:
+                cells[0] += f" ({float(flop) / med['ours'] / 1e9:.1f} GFLOP/s)"
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", help="pytest-benchmark --benchmark-json output")
+    ap.add_argument("-o", "--out", help="write markdown here (default: stdout)")
+    a = ap.parse_args(argv)
+    with open(a.json) as f:
+        md = render(json.load(f))
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(md)
+    else:
+        sys.stdout.write(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
