@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 # Modules that contribute subcommands, in --help order.
 COMMAND_MODULES = (
+    "lass_sparse.demo",
     "lass_sparse.lass.corpus",
     "lass_sparse.lass.commands",
 )
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_backends)
     broken = []
     for mod in COMMAND_MODULES:
+        if importlib.util.find_spec(mod) is None:  # not in this version
+            continue
         try:
             module = importlib.import_module(mod)
         except ImportError as e:

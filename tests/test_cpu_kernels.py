@@ -131,3 +131,22 @@ def test_masked_adamw_cpu_rejects_bad_state():
     with pytest.raises(ValueError, match=r"bits\[0\] must be int32\[4, 2\]"):
         lass_sparse.masked_adamw_([p], [p.clone()], [torch.zeros(4, 40)], [torch.zeros(4, 40)],
                                   [bits[:, :1]], lr=1e-3, step=1)
+
+
+@pytest.mark.parametrize("m", [4, 300])
+def test_large_m_paths_with_grad_and_inference_mode(m):
+    """Regression: the tiled path's at::mm_out ran through autograd (x requiring grad) and its
+    buffers clashed with inference tensors."""
+    torch.set_num_threads(2)  # worker threads do not inherit the caller's dispatch guards
+    x = torch.randn(m, 1000, requires_grad=True)
+    w = torch.randn(600, 1000, requires_grad=True)  # 2.4 MB: several tiles, both threads
+    mask = torch.rand(600, 1000) > 0.5
+    bits = pack_mask_reference(mask)
+    y = lass_sparse.masked_linear(x, w, bits)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(y, reference.masked_linear(x, w, bits, None), atol=1e-4, rtol=1e-4)
+    assert not w.grad[~mask].any()
+    with torch.inference_mode():
+        a = lass_sparse.masked_linear(x.detach(), w.detach(), bits)
+    b = lass_sparse.masked_linear(x.detach(), w.detach(), bits)  # outside, after an inference call
+    torch.testing.assert_close(a, b)

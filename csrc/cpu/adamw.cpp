@@ -68,6 +68,8 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
                    at::TensorList exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& bits,
                    double lr, double beta1, double beta2, double eps, double weight_decay,
                    int64_t step, bool maximize) {
+  // Nested ATen calls run below autograd: this kernel is the op's implementation.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
                   bits.size() == n,

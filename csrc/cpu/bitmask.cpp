@@ -8,6 +8,8 @@
 namespace lass_sparse_cpu {
 
 at::Tensor pack_mask(const at::Tensor& mask) {
+  // Nested ATen calls run below autograd: this kernel is the op's implementation.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() >= 1,
               "pack_mask: mask must be bool[..., K], got ", mask.scalar_type(), mask.sizes());
   auto m = mask.contiguous();
@@ -32,6 +34,8 @@ at::Tensor pack_mask(const at::Tensor& mask) {
 }
 
 at::Tensor unpack_mask(const at::Tensor& bits, int64_t k) {
+  // Nested ATen calls run below autograd: this kernel is the op's implementation.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(bits.scalar_type() == at::kInt && bits.dim() >= 1 && bits.size(-1) == num_words(k),
               "unpack_mask: bits must be int32[..., ceil(k/32)] for k=", k, ", got ",
               bits.scalar_type(), bits.sizes());

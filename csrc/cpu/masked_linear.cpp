@@ -289,6 +289,7 @@ static at::Tensor tiled_forward(const at::Tensor& x, const at::Tensor& w, const 
     const scalar_t* wp = w.data_ptr<scalar_t>();
     const int32_t* bp = bits.data_ptr<int32_t>();
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: per worker thread
       auto buf = at::empty({tn, k}, w.options());
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * tn, r1 = std::min(n, r0 + tn);
@@ -308,6 +309,8 @@ static at::Tensor tiled_forward(const at::Tensor& x, const at::Tensor& w, const 
 
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
                          const c10::optional<at::Tensor>& bias) {
+  // Nested ATen calls run below autograd: this kernel is the op's implementation.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_linear(x, w, bits, "masked_linear");
   if (bias.has_value())
     TORCH_CHECK(bias->is_contiguous() && bias->numel() == w.size(0) &&
@@ -323,6 +326,8 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
 }
 
 at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& bits) {
+  // Nested ATen calls run below autograd: this kernel is the op's implementation.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(dy.dim() == 2 && dy.size(1) == w.size(0) && dy.is_contiguous(),
               "masked_linear_dx: grad_out must be contiguous [M, N=", w.size(0), "], got ",
               dy.sizes());
@@ -338,6 +343,7 @@ at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& w, const at:
     const scalar_t* wp = w.data_ptr<scalar_t>();
     const int32_t* bp = bits.data_ptr<int32_t>();
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: per worker thread
       auto buf = at::empty({n, kc}, w.options());
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t k0 = t * kc, cols = std::min(kc, k - k0);
@@ -362,6 +368,7 @@ static void dw_tiles(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   const int64_t nw = num_words(k);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dst.scalar_type(), "masked_linear_dw", [&] {
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: per worker thread
       at::Tensor tmp;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * tn, r1 = std::min(n, r0 + tn);
@@ -386,6 +393,8 @@ static void dw_tiles(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
 }
 
 at::Tensor masked_linear_dw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits) {
+  // Nested ATen calls run below autograd: this kernel is the op's implementation.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(dy.dim() == 2 && x.dim() == 2 && dy.size(0) == x.size(0) && dy.is_contiguous() &&
                   x.is_contiguous() && dy.scalar_type() == x.scalar_type(),
               "masked_linear_dw: grad_out [M, N] and x [M, K] must be contiguous, same M and dtype");
@@ -402,6 +411,8 @@ at::Tensor masked_linear_dw(const at::Tensor& dy, const at::Tensor& x, const at:
 
 void masked_linear_dw_accumulate_(at::Tensor grad, const at::Tensor& dy, const at::Tensor& x,
                                   const at::Tensor& bits) {
+  // Nested ATen calls run below autograd: this kernel is the op's implementation.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(grad.is_contiguous() && grad.dim() == 2 && grad.size(0) == dy.size(1) &&
                   grad.size(1) == x.size(1),
               "masked_linear_dw_accumulate_: grad must be contiguous [N, K]");
