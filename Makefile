@@ -27,12 +27,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -m "not gpu" --benchmark-only \
 	  --benchmark-json=benchmarks/results/cpu.json
-	$(BIN)/python benchmarks/report.py benchmarks/results/cpu.json
+	$(BIN)/python benchmarks/report.py benchmarks/results/cpu.json -o benchmarks/results/cpu.md
+	@echo "wrote benchmarks/results/cpu.md; rename it after the device to commit it"
 
 bench-gpu: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -m gpu --benchmark-only \
 	  --benchmark-json=benchmarks/results/gpu.json
-	$(BIN)/python benchmarks/report.py benchmarks/results/gpu.json
+	$(BIN)/python benchmarks/report.py benchmarks/results/gpu.json -o benchmarks/results/gpu.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check lass_sparse tests benchmarks setup.py
