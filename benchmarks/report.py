@@ -27,7 +27,8 @@ def render(data: dict) -> str:
         f"- torch {mi.get('torch', '?')}, triton {mi.get('triton', 'n/a')}, "
         f"threads {mi.get('threads', '?')}, python {mi.get('python_version', '?')}",
         f"- active backends: {', '.join(k for k, v in mi.get('backends', {}).items() if v)}",
-        "- time = median of pytest-benchmark rounds, all in this one run; ratio < 1 means ours is faster",
+        "- time = median of pytest-benchmark rounds, all in this one run; "
+        "ratio < 1 means ours is faster",
         "",
     ]
     by_op: dict[str, dict[str, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))

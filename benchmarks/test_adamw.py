@@ -1,5 +1,5 @@
-"""Masked AdamW step: ours (one fused call over the list) vs dense torch.optim.AdamW vs the naive way
-(dense AdamW, then restore off-mask p, exp_avg, exp_avg_sq from bool masks)."""
+"""Masked AdamW step: ours (one fused call over the list) vs dense torch.optim.AdamW vs the naive
+way (dense AdamW, then restore off-mask p, exp_avg, exp_avg_sq from bool masks)."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def test_adamw_step(benchmark, impl, dtype, shape):
 
         def step():
             if impl == "naive":
-                old = [(p.detach().clone(), *(opt.state[p].get(s) for s in ("exp_avg", "exp_avg_sq")))
-                       for p in params]
+                old = [(p.detach().clone(), opt.state[p].get("exp_avg"),
+                        opt.state[p].get("exp_avg_sq")) for p in params]
             opt.step()
             if impl == "naive":
                 with torch.no_grad():

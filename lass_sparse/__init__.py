@@ -18,8 +18,16 @@ from .ops import (
 
 __version__ = "0.1.0"
 
-
 from .backends import load_all as _load_backends  # noqa: E402
+from .masks import MaskBank  # noqa: E402
+from .nn import (  # noqa: E402
+    MaskedLinear,
+    MaskedMultiheadAttention,
+    active_pair,
+    attach,
+    convert,
+    set_active_pair,
+)
 
 _load_backends()
 
@@ -35,7 +43,14 @@ def backends() -> dict[str, dict[str, object]]:
     }
 
 __all__ = [
+    "MaskBank",
+    "MaskedLinear",
+    "MaskedMultiheadAttention",
+    "active_pair",
+    "attach",
     "backends",
+    "convert",
+    "set_active_pair",
     "magnitude_mask",
     "masked_adamw_",
     "masked_linear",

@@ -1,10 +1,10 @@
 """MaskBank: every language pair's packed masks (DESIGN §2), with files, similarity and merges.
 
 A bank maps ``pair -> {parameter name -> int32 bits}``; bits follow the packed format of
-:mod:`lass_sparse.bitmask` (``int32[rows, ceil(K/32)]`` for a weight ``[rows, K]``). In memory a bank
-costs exactly one bit per weight per pair (plus row padding to 32). Files are safetensors, never
-pickle, with a format version, the pruning rule and a sha256 per tensor; ``save(compact=True)``
-stores a shared base mask plus per-pair XOR deltas, compressed.
+:mod:`lass_sparse.bitmask` (``int32[rows, ceil(K/32)]`` for a weight ``[rows, K]``). In memory a
+bank costs exactly one bit per weight per pair (plus row padding to 32). Files are safetensors,
+never pickle, with a format version, the pruning rule and a sha256 per tensor;
+``save(compact=True)`` stores a shared base mask plus per-pair XOR deltas, compressed.
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ class MaskBank:
         self.rule = rule
         self._masks: dict[str, dict[str, Tensor]] = {}
         self._stacks: dict[tuple, dict[str, Tensor]] = {}
+        self.version = 0  # bumped on every change; attached models drop device copies
 
     # ------------------------------------------------------------------------------- basics
 
@@ -153,6 +154,7 @@ class MaskBank:
 
     def _changed(self) -> None:
         self._stacks.clear()
+        self.version += 1
 
     def add_pair(self, pair: str, masks: Mapping[str, Tensor], *, overwrite: bool = False) -> None:
         """Add ``pair`` with ``{name -> bool[rows, K] mask or int32 packed bits}`` covering exactly
@@ -453,7 +455,8 @@ class MaskBank:
         except FileNotFoundError:
             raise
         except Exception as e:  # safetensors raises its own error types for a bad header
-            raise ValueError(f"MaskBank.load: {path} is not a readable safetensors file: {e}")
+            raise ValueError(
+                f"MaskBank.load: {path} is not a readable safetensors file: {e}") from None
         if meta.get("format") != FORMAT:
             raise ValueError(f"MaskBank.load: {path} is not a mask bank (format="
                              f"{meta.get('format')!r})")

@@ -30,7 +30,8 @@ def test_cpu_kernels_are_selected_by_default():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_masked_linear_paths_match_reference(m, k, dtype):
     n = 37
-    x, w, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)
+    x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    b = torch.randn(n, dtype=dtype)
     mask = torch.rand(n, k) > 0.4
     bits = pack_mask_reference(mask)
     y = torch.ops.lass_sparse_cpu.masked_linear(x, w, bits, b)
@@ -57,15 +58,18 @@ def test_malformed_padding_bits_are_ignored_not_read_out_of_bounds():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_dx_dw_and_accumulate(m, dtype):
     n, k = 70, 129
-    dy, x, w = torch.randn(m, n, dtype=dtype), torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    dy, x = torch.randn(m, n, dtype=dtype), torch.randn(m, k, dtype=dtype)
+    w = torch.randn(n, k, dtype=dtype)
     mask = torch.rand(n, k) > 0.5
     bits = pack_mask_reference(mask)
-    tol = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 0.1}[dtype] * math.sqrt(max(m, n))
+    tol = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 0.1}[dtype]
+    tol *= math.sqrt(max(m, n))
     dx = torch.ops.lass_sparse_cpu.masked_linear_dx(dy, w, bits)
     torch.testing.assert_close(dx.double(), dy.double() @ (w * mask).double(), atol=tol, rtol=1e-2)
     dw = torch.ops.lass_sparse_cpu.masked_linear_dw(dy, x, bits)
     assert torch.all(dw[~mask] == 0)
-    torch.testing.assert_close(dw.double(), (dy.double().T @ x.double()) * mask, atol=tol, rtol=1e-2)
+    want = (dy.double().T @ x.double()) * mask
+    torch.testing.assert_close(dw.double(), want, atol=tol, rtol=1e-2)
     grad = torch.randn(n, k)
     before = grad.clone()
     torch.ops.lass_sparse_cpu.masked_linear_dw_accumulate_(grad, dy, x, bits)

@@ -1,0 +1,113 @@
+"""MaskedLinear: nn.Linear whose weight is multiplied by the active pair's packed mask, fused."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from .context import MaskContext
+
+
+def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None):
+    """Custom ops are outside autocast's op lists: cast like F.linear would."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+    return x, weight, bias
+
+
+def _row_ids(ids: Tensor, x: Tensor, batch_dim: int) -> Tensor:
+    lead = x.shape[:-1]
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else int(torch.tensor(lead).prod())
+    if x.dim() > 2 and ids.numel() == lead[batch_dim]:
+        view = [1] * len(lead)
+        view[batch_dim] = -1
+        return ids.view(view).expand(lead).reshape(-1)
+    if ids.numel() == rows:
+        return ids
+    raise ValueError(
+        f"pair_ids has {ids.numel()} entries; expected one per batch element "
+        f"(x.shape[{batch_dim}]={lead[batch_dim] if lead else 0}) or one per row ({rows})"
+    )
+
+
+def _segmented(x2: Tensor, ids: Tensor, weight: Tensor, bank_bits: Tensor, bias):
+    """Group rows by pair id and run the segmented kernel; rows come back in input order."""
+    p = bank_bits.shape[0]
+    is_sorted = bool((ids[1:] >= ids[:-1]).all()) if ids.numel() > 1 else True
+    order = None if is_sorted else torch.argsort(ids, stable=True)
+    if order is not None:
+        x2, ids = x2[order], ids[order]
+    counts = torch.bincount(ids, minlength=p)
+    seg_pair = counts.nonzero().flatten()
+    offsets = torch.zeros(seg_pair.numel() + 1, dtype=torch.long, device=ids.device)
+    offsets[1:] = counts[seg_pair].cumsum(0)
+    y = ops.segmented_masked_linear(x2, weight, bank_bits, offsets, seg_pair, bias)
+    if order is not None:
+        y = torch.empty_like(y).index_copy(0, order, y)
+    return y
+
+
+def masked_forward(
+    ctx: MaskContext | None,
+    name: str,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    rows: slice | None = None,
+    batch_dim: int | None = None,
+) -> Tensor:
+    """``F.linear(x, weight ⊙ M, bias)`` with M the active pair's mask of parameter ``name``
+    (``rows`` selects a row block of it, for a packed in_proj). Dense when no pair is active."""
+    if ctx is None or not ctx.active:
+        return F.linear(x, weight, bias)
+    x, weight, bias = _autocast(x, weight, bias)
+    if ctx.pair_ids is None:
+        bits = ctx.bits(name, x.device)
+        if bits is None:
+            return F.linear(x, weight, bias)
+        return ops.masked_linear(x, weight, bits if rows is None else bits[rows], bias)
+    bank_bits = ctx.stacked(name, x.device)
+    if bank_bits is None:
+        return F.linear(x, weight, bias)
+    if rows is not None:
+        bank_bits = bank_bits[:, rows]
+    ids = _row_ids(ctx.pair_ids.to(x.device), x, ctx.batch_dim if batch_dim is None else batch_dim)
+    y = _segmented(x.reshape(-1, x.shape[-1]), ids, weight, bank_bits, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class MaskedLinear(nn.Linear):
+    """Drop-in ``nn.Linear``: same constructor, parameters and state_dict keys. With a MaskBank
+    attached (:func:`lass_sparse.attach`) and a pair active, computes ``x @ (W ⊙ M_pair)ᵀ + b``
+    with the packed mask fused into the kernel (masked dW in backward); otherwise exactly
+    ``nn.Linear``."""
+
+    _lass_ctx: MaskContext | None = None
+    _lass_prefix: str = ""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> MaskedLinear:
+        """A MaskedLinear sharing ``linear``'s weight and bias parameters."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear: expected nn.Linear, got {type(linear).__name__}")
+        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                device="meta")
+        m.weight = linear.weight
+        m.bias = linear.bias
+        m.train(linear.training)
+        return m
+
+    def _lass_param_names(self) -> list[str]:
+        return ["weight"]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return masked_forward(self._lass_ctx, self._lass_prefix + "weight", x, self.weight,
+                              self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", masked=True"

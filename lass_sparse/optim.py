@@ -1,0 +1,135 @@
+"""MaskedAdamW: AdamW that updates only the active pairs' sub-networks (fused masked kernel)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .masks import MaskBank
+
+
+class MaskedAdamW(torch.optim.Optimizer):
+    """AdamW whose step changes, for each masked parameter, only the entries inside the mask of the
+    pairs trained since the last step (bitwise OR: gradient accumulation over several pairs);
+    off-mask ``p``, ``exp_avg`` and ``exp_avg_sq`` stay bit-for-bit unchanged. Parameters without a
+    mask (embeddings, norms, biases) get plain AdamW. State is float32 for any param dtype.
+
+    Usage::
+
+        opt = MaskedAdamW(model.parameters(), lr=5e-4)
+        opt.bind(model, bank)          # which params the bank masks
+        ...loss.backward(); opt.note_pair("en-de"); opt.step(); opt.zero_grad()
+
+    Low level: ``set_masks({param: bits or None})`` fixes the masks explicitly (kept until changed).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"MaskedAdamW: lr must be >= 0, got {lr}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"MaskedAdamW: betas must be in [0, 1), got {betas}")
+        if eps < 0 or weight_decay < 0:
+            raise ValueError(f"MaskedAdamW: eps and weight_decay must be >= 0, got {eps}, "
+                             f"{weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      maximize=maximize))
+        self._bank: MaskBank | None = None
+        self._names: dict[int, str] = {}  # id(param) -> bank name
+        self._pairs: list[str] = []
+        self._explicit: dict[int, Tensor | None] | None = None
+
+    # ------------------------------------------------------------------------------ masks
+
+    def bind(self, model: nn.Module, bank: MaskBank) -> MaskedAdamW:
+        """Mask the parameters of ``model`` that ``bank`` covers (by name)."""
+        ours = {id(p) for g in self.param_groups for p in g["params"]}
+        self._names = {}
+        for name in bank.names:
+            p = model.get_parameter(name)
+            if tuple(p.shape) != bank.shapes[name]:
+                raise ValueError(f"MaskedAdamW.bind: bank shape {list(bank.shapes[name])} for "
+                                 f"{name!r}, parameter is {list(p.shape)}")
+            if id(p) in ours:
+                self._names[id(p)] = name
+        self._bank = bank
+        return self
+
+    def note_pair(self, *pairs: str) -> None:
+        """Record that the coming step's gradients include ``pairs`` (their masks are OR-ed)."""
+        if self._bank is None:
+            raise RuntimeError("MaskedAdamW.note_pair: call bind(model, bank) first")
+        for p in pairs:
+            self._bank._check_pair(p)
+            if p not in self._pairs:
+                self._pairs.append(p)
+
+    @property
+    def pending_pairs(self) -> list[str]:
+        return list(self._pairs)
+
+    def set_masks(self, masks: Mapping[Tensor, Tensor | None] | None) -> None:
+        """Explicit masks by parameter (``None`` entries: plain AdamW); ``None`` clears them."""
+        self._explicit = None if masks is None else {id(p): b for p, b in masks.items()}
+
+    def _masks_for_step(self) -> dict[int, Tensor | None]:
+        if self._explicit is not None:
+            return self._explicit
+        if self._bank is None or not self._names:
+            return {}
+        if not self._pairs:
+            raise RuntimeError(
+                "MaskedAdamW.step: no pair noted since the last step; call note_pair(pair) after "
+                "backward (or set_masks(...) for explicit masks)"
+            )
+        union = self._bank.union(self._pairs)
+        return {pid: union[name] for pid, name in self._names.items()}
+
+    # ------------------------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        masks = self._masks_for_step()
+        for group in self.param_groups:
+            buckets: dict[tuple, list] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("MaskedAdamW does not support sparse gradients")
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                    st["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                st["step"] += 1
+                bits = masks.get(id(p))
+                if bits is not None:
+                    bits = bits.to(p.device)
+                buckets.setdefault((st["step"], p.device), []).append((p, bits))
+            b1, b2 = group["betas"]
+            for (step, _), items in buckets.items():
+                ps = [p for p, _ in items]
+                ops.masked_adamw_(
+                    ps, [p.grad for p in ps], [self.state[p]["exp_avg"] for p in ps],
+                    [self.state[p]["exp_avg_sq"] for p in ps], [b for _, b in items],
+                    lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
+                )
+        self._pairs = []
+        return loss

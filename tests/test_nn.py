@@ -1,0 +1,278 @@
+"""Drop-in modules: MaskedLinear, MaskedMultiheadAttention, convert(), active pair, mixed pairs."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lass_sparse as ls
+from lass_sparse import MaskBank, MaskedLinear, MaskedMultiheadAttention
+
+
+def _linear_bank(layer: nn.Module, pairs=("en-de", "en-fr"), keep=0.5):
+    names = {n: p.shape for n, p in layer.named_parameters() if n.endswith("weight")
+             and p.dim() == 2}
+    bank = MaskBank(names, alpha=1 - keep)
+    for p in pairs:
+        bank.add_pair(p, {n: torch.rand(s) < keep for n, s in names.items()})
+    return bank
+
+
+def _masked_weight(bank, pair, name, w):
+    return w * ls.unpack_mask(bank.bits(pair, name), w.shape[-1]).to(w.dtype)
+
+
+def test_masked_linear_is_nn_linear_without_a_pair_and_masked_with_one():
+    lin = nn.Linear(40, 24)
+    m = MaskedLinear.from_linear(lin)
+    assert m.weight is lin.weight and m.bias is lin.bias and isinstance(m, nn.Linear)
+    x = torch.randn(3, 5, 40)
+    torch.testing.assert_close(m(x), lin(x), rtol=0, atol=0)
+    bank = _linear_bank(m)
+    ls.attach(m, bank)
+    torch.testing.assert_close(m(x), lin(x), rtol=0, atol=0)  # attached, no pair active
+    with ls.active_pair(m, "en-fr"):
+        want = F.linear(x, _masked_weight(bank, "en-fr", "weight", lin.weight), lin.bias)
+        torch.testing.assert_close(m(x), want)
+    torch.testing.assert_close(m(x), lin(x), rtol=0, atol=0)  # restored
+
+
+def test_masked_linear_backward_gives_masked_dw():
+    m = MaskedLinear(33, 20)
+    bank = _linear_bank(m)
+    ls.attach(m, bank)
+    ls.set_active_pair(m, "en-de")
+    m(torch.randn(7, 33)).sum().backward()
+    mask = ls.unpack_mask(bank.bits("en-de", "weight"), 33)
+    assert not m.weight.grad[~mask].any() and m.weight.grad[mask].abs().sum() > 0
+    assert m.bias.grad is not None
+
+
+def test_state_dict_compatible_both_ways():
+    lin = nn.Linear(16, 8)
+    m = MaskedLinear(16, 8)
+    m.load_state_dict(lin.state_dict())
+    assert set(m.state_dict()) == {"weight", "bias"}
+    lin.load_state_dict(m.state_dict())
+    mha, mm = nn.MultiheadAttention(16, 4), MaskedMultiheadAttention(16, 4)
+    mm.load_state_dict(mha.state_dict())
+    assert set(mm.state_dict()) == set(mha.state_dict())
+    mha.load_state_dict(mm.state_dict())
+
+
+def test_unknown_pair_raises_keyerror_listing_pairs():
+    m = MaskedLinear(8, 8)
+    ls.attach(m, _linear_bank(m))
+    with pytest.raises(KeyError, match=r"known pairs: \['en-de', 'en-fr'\]"):
+        ls.set_active_pair(m, "xx-yy")
+
+
+def test_bank_with_wrong_shapes_or_names_is_refused_naming_the_parameter():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    ls.convert(model)
+    bank = MaskBank({"0.weight": (8, 8), "2.weight": (4, 9)})
+    with pytest.raises(ValueError, match=r"'2.weight' is for shape \[4, 9\].*\[4, 8\]"):
+        ls.attach(model, bank)
+    with pytest.raises(ValueError, match="'7.weight'"):
+        ls.attach(model, MaskBank({"7.weight": (8, 8)}))
+
+
+def test_deepcopy_and_pickle_keep_the_shared_context():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    ls.convert(model)
+    bank = MaskBank.from_model(model, 0.5, pair="en-de")
+    ls.attach(model, bank)
+    ls.set_active_pair(model, "en-de")
+    x = torch.randn(2, 8)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        torch.testing.assert_close(clone(x), model(x))
+        assert clone[0]._lass_ctx is clone[1]._lass_ctx is not model[0]._lass_ctx
+        ls.set_active_pair(clone, None)
+        assert model[0]._lass_ctx.pair == "en-de"
+
+
+def test_requires_grad_false_and_autocast():
+    m = MaskedLinear(64, 32)
+    ls.attach(m, _linear_bank(m))
+    ls.set_active_pair(m, "en-de")
+    m.requires_grad_(False)
+    x = torch.randn(4, 64, requires_grad=True)
+    m(x).sum().backward()
+    assert x.grad is not None and m.weight.grad is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    want = F.linear(x, _masked_weight(m._lass_ctx.bank, "en-de", "weight", m.weight), m.bias)
+    torch.testing.assert_close(y.float(), want, atol=5e-2, rtol=5e-2)
+
+
+def test_compile_fullgraph_matches_eager():
+    model = nn.Sequential(MaskedLinear(32, 48), nn.GELU(), MaskedLinear(48, 16))
+    bank = MaskBank.from_model(model, 0.6, pair="en-de")
+    ls.attach(model, bank)
+    ls.set_active_pair(model, "en-de")
+    x = torch.randn(5, 32)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(x), eager, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_pair_rows_match_per_pair_runs():
+    m = MaskedLinear(40, 24)
+    bank = _linear_bank(m, pairs=("en-de", "en-fr", "en-zh"))
+    ls.attach(m, bank)
+    x = torch.randn(6, 3, 40, requires_grad=True)  # batch-first [B, T, K]
+    ids = torch.tensor([2, 0, 2, 1, 0, 0])  # unsorted on purpose
+    pairs = ["en-de", "en-fr", "en-zh"]
+    with ls.active_pair(m, pairs, pair_ids=ids):
+        y = m(x)
+    want = torch.stack([
+        F.linear(x[b], _masked_weight(bank, pairs[int(i)], "weight", m.weight), m.bias)
+        for b, i in enumerate(ids)
+    ])
+    torch.testing.assert_close(y, want)
+    y.sum().backward()
+    union = ls.unpack_mask(bank.union(pairs)["weight"], 40)
+    assert not m.weight.grad[~union].any()
+    with pytest.raises(ValueError, match="pair_ids has 4 entries"):
+        with ls.active_pair(m, pairs, pair_ids=torch.tensor([0, 1, 2, 0])):
+            m(x)
+
+
+def _mha_inputs(batch_first, b=3, t=5, e=32):
+    shape = (b, t, e) if batch_first else (t, b, e)
+    return torch.randn(*shape)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_masked_mha_equals_nn_mha_with_masked_weights(batch_first, need_weights):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+    m = MaskedMultiheadAttention.from_mha(mha)
+    bank = MaskBank.from_model(m, 0.5, pair="en-de")
+    assert set(bank.names) == {"in_proj_weight", "out_proj.weight"}
+    ls.attach(m, bank)
+    ref = copy.deepcopy(mha)
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(_masked_weight(bank, "en-de", "in_proj_weight",
+                                                mha.in_proj_weight))
+        ref.out_proj.weight.copy_(_masked_weight(bank, "en-de", "out_proj.weight",
+                                                 mha.out_proj.weight))
+    x, mem = _mha_inputs(batch_first), _mha_inputs(batch_first, t=7)
+    kpm = torch.zeros(3, 7, dtype=torch.bool)
+    kpm[1, 5:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    with ls.active_pair(m, "en-de"):
+        for args, kw in [((x, x, x), {"attn_mask": causal}), ((x, mem, mem),
+                         {"key_padding_mask": kpm})]:
+            out, w = m(*args, need_weights=need_weights, **kw)
+            out_r, w_r = ref(*args, need_weights=need_weights, **kw)
+            torch.testing.assert_close(out, out_r, atol=1e-5, rtol=1e-5)
+            if need_weights:
+                torch.testing.assert_close(w, w_r, atol=1e-5, rtol=1e-5)
+    out, _ = m(x, x, x)  # no pair: exactly nn.MultiheadAttention
+    torch.testing.assert_close(out, mha(x, x, x)[0], rtol=0, atol=0)
+
+
+def test_masked_mha_kv_cache_matches_full_causal_pass():
+    torch.manual_seed(0)
+    m = MaskedMultiheadAttention(32, 4, batch_first=True)
+    ls.attach(m, MaskBank.from_model(m, 0.5, pair="en-de"))
+    ls.set_active_pair(m, "en-de")
+    m.eval()
+    x, mem = torch.randn(2, 6, 32), torch.randn(2, 4, 32)
+    full, _ = m(x, x, x, attn_mask=nn.Transformer.generate_square_subsequent_mask(6),
+                need_weights=False)
+    cross_full, _ = m(x, mem, mem, need_weights=False)
+    cache, xcache, steps, xsteps = {}, {}, [], []
+    for t in range(6):
+        xt = x[:, t:t + 1]
+        steps.append(m(xt, xt, xt, cache=cache, need_weights=False)[0])
+        xsteps.append(m(xt, mem, mem, cache=xcache, static_kv=True, need_weights=False)[0])
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(xsteps, 1), cross_full, atol=1e-5, rtol=1e-5)
+    assert cache["k"].shape == (2, 4, 6, 8) and xcache["k"].shape == (2, 4, 4, 8)
+
+
+def test_masked_mha_gradients_are_masked():
+    m = MaskedMultiheadAttention(32, 4, batch_first=True)
+    bank = MaskBank.from_model(m, 0.5, pair="en-de")
+    ls.attach(m, bank)
+    ls.set_active_pair(m, "en-de")
+    x = torch.randn(2, 5, 32)
+    m(x, x, x, need_weights=False)[0].sum().backward()
+    for name in ("in_proj_weight", "out_proj.weight"):
+        mask = ls.unpack_mask(bank.bits("en-de", name), 32)
+        assert not m.get_parameter(name).grad[~mask].any(), name
+
+
+def test_convert_nn_transformer_masks_everything_but_norms():
+    torch.manual_seed(0)
+    model = nn.Transformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2,
+                           dim_feedforward=64, dropout=0.0, batch_first=True)
+    ref = copy.deepcopy(model)
+    names = ls.convert(model)
+    assert "encoder.layers.0.self_attn.in_proj_weight" in names
+    assert "decoder.layers.1.multihead_attn.out_proj.weight" in names
+    assert "decoder.layers.0.linear2.weight" in names
+    assert not any("norm" in n for n in names)
+    src, tgt = torch.randn(2, 7, 32), torch.randn(2, 5, 32)
+    tmask = nn.Transformer.generate_square_subsequent_mask(5)
+    model.eval()
+    ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(src, tgt, tgt_mask=tmask), ref(src, tgt, tgt_mask=tmask))
+    bank = MaskBank.from_model(model, 0.5, pair="en-de")
+    ls.attach(model, bank)
+    with torch.no_grad():
+        for n in names:
+            p = ref.get_parameter(n)
+            p.copy_(_masked_weight(bank, "en-de", n, p))
+    with torch.no_grad(), ls.active_pair(model, "en-de"):  # inference: fast path must be off
+        torch.testing.assert_close(model(src, tgt, tgt_mask=tmask),
+                                   ref(src, tgt, tgt_mask=tmask), atol=1e-5, rtol=1e-5)
+
+
+def test_convert_include_exclude_and_output_projection():
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 8)
+            self.body = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+            self.lm_head = nn.Linear(8, 10)
+            self.tied = nn.Linear(8, 10, bias=False)
+            self.tied.weight = self.embed.weight
+
+    assert ls.convert(LM()) == ["body.0.weight", "body.1.weight"]
+    assert ls.convert(LM(), include=["body.1"]) == ["body.1.weight"]
+    assert ls.convert(LM(), exclude=["body.*"]) == ["lm_head.weight"]
+    with pytest.raises(ValueError, match="from_linear"):
+        ls.convert(nn.Linear(2, 2))
+
+
+def test_convert_marian_from_small_config():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MarianConfig(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=0,
+        decoder_start_token_id=0, max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    model = transformers.MarianMTModel(cfg).eval()
+    ids = torch.randint(1, 64, (2, 6))
+    before = model(input_ids=ids, decoder_input_ids=ids).logits
+    names = ls.convert(model)
+    assert "model.encoder.layers.0.self_attn.q_proj.weight" in names
+    assert not any("lm_head" in n or "embed" in n for n in names)
+    bank = MaskBank.from_model(model, 0.5, pair="en-de")
+    ls.attach(model, bank)
+    torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, before)
+    with ls.active_pair(model, "en-de"):
+        after = model(input_ids=ids, decoder_input_ids=ids).logits
+    assert not torch.allclose(after, before)
