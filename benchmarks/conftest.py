@@ -1,6 +1,7 @@
-"""Benchmark setup. Full runs (``make bench``) use the paper's layer shapes. Under
-``--benchmark-disable`` (CI's smoke run) every benchmark runs once on small shapes and checks its result
-against the reference, so the suite doubles as a correctness test and finishes in seconds.
+"""Benchmark setup. Full runs (``make bench``) use the paper's layer shapes.
+
+Under ``--benchmark-disable`` (CI's smoke run) every benchmark runs once on small shapes and
+checks its result against the reference, so the suite doubles as a correctness test.
 """
 
 from __future__ import annotations
