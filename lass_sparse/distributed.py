@@ -1,0 +1,126 @@
+"""Pair-grouped batching and the DDP recipe for LaSS joint training (DESIGN §6).
+
+Every batch holds one pair (the mask is per batch); pairs are drawn with temperature sampling
+(``p_pair ∝ (n_pair / N) ** (1 / T)``, T = 5 in LaSS). Under ``torchrun`` each rank gets whole
+single-pair batches from one global, seed-determined sequence; before each optimizer step the
+ranks all-gather their pairs so :class:`~lass_sparse.optim.MaskedAdamW` applies the union of the
+masks of everything that was all-reduced::
+
+    sampler = PairGroupedSampler(pair_indices, batch_size, rank=rank, num_replicas=world)
+    ddp = DistributedDataParallel(model)           # model converted, bank attached
+    for pair, idx in sampler.batches():
+        with lass_sparse.active_pair(model, pair):
+            loss(ddp, idx).backward()               # DDP averages the gradients
+        opt.note_pair(*gather_pairs(pair))
+        opt.step(); opt.zero_grad()
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def temperature_probs(sizes: Mapping[str, int], temperature: float) -> dict[str, float]:
+    """``p_pair ∝ (n_pair / N) ** (1 / T)``; T=1 is proportional, T→∞ uniform."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    total = sum(sizes.values())
+    if total <= 0:
+        raise ValueError("temperature_probs: no examples")
+    w = {p: (n / total) ** (1.0 / temperature) if n else 0.0 for p, n in sizes.items()}
+    z = sum(w.values())
+    return {p: v / z for p, v in w.items()}
+
+
+class PairGroupedSampler(torch.utils.data.Sampler):
+    """Batch sampler whose batches each hold examples of a single pair.
+
+    Args:
+        pair_indices: pair -> dataset indices of its examples.
+        batch_size: examples per batch.
+        temperature: pair sampling temperature (LaSS: 5).
+        batches_per_epoch: global batches per epoch (default: enough to cover every example once
+            in expectation, ``sum(ceil(n / batch_size))``).
+        num_replicas, rank: distributed split (default: from torch.distributed when initialised).
+        seed: the sequence depends only on (seed, epoch); call :meth:`set_epoch` each epoch.
+    """
+
+    def __init__(
+        self,
+        pair_indices: Mapping[str, Sequence[int]],
+        batch_size: int,
+        *,
+        temperature: float = 5.0,
+        batches_per_epoch: int | None = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"PairGroupedSampler: batch_size must be > 0, got {batch_size}")
+        self.pairs = [p for p, idx in pair_indices.items() if len(idx)]
+        if not self.pairs:
+            raise ValueError("PairGroupedSampler: every pair is empty")
+        self.indices = {p: torch.as_tensor(list(pair_indices[p]), dtype=torch.long)
+                        for p in self.pairs}
+        self.batch_size = batch_size
+        self.probs = temperature_probs({p: len(i) for p, i in self.indices.items()}, temperature)
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if dist.is_initialized() else 1
+        if rank is None:
+            rank = dist.get_rank() if dist.is_initialized() else 0
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"PairGroupedSampler: rank {rank} not in [0, {num_replicas})")
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        total = batches_per_epoch or sum(
+            math.ceil(len(i) / batch_size) for i in self.indices.values())
+        self.global_batches = max(num_replicas, total - total % num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.global_batches // self.num_replicas
+
+    def _global(self) -> Iterator[tuple[str, list[int]]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        probs = torch.tensor([self.probs[p] for p in self.pairs], dtype=torch.float64)
+        choice = torch.multinomial(probs, self.global_batches, replacement=True, generator=g)
+        perm = {p: torch.randperm(len(i), generator=g) for p, i in self.indices.items()}
+        pos = dict.fromkeys(self.pairs, 0)
+        for c in choice.tolist():
+            p = self.pairs[c]
+            idx, n = self.indices[p], len(self.indices[p])
+            take = []
+            while len(take) < self.batch_size and len(take) < n:
+                if pos[p] == n:  # pair exhausted: reshuffle and continue
+                    perm[p] = torch.randperm(n, generator=g)
+                    pos[p] = 0
+                step = min(self.batch_size - len(take), n - pos[p])
+                take += idx[perm[p][pos[p]:pos[p] + step]].tolist()
+                pos[p] += step
+            yield p, take
+
+    def batches(self) -> Iterator[tuple[str, list[int]]]:
+        """This rank's ``(pair, indices)`` batches: global batches ``rank, rank + W, ...``."""
+        for i, b in enumerate(self._global()):
+            if i % self.num_replicas == self.rank:
+                yield b
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _, idx in self.batches():
+            yield idx
+
+
+def gather_pairs(pair: str) -> list[str]:
+    """All ranks' pairs of this step, in rank order without repeats (just ``[pair]`` when not
+    distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [pair]
+    out: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, pair)
+    return list(dict.fromkeys(p for p in out if p is not None))
