@@ -90,7 +90,8 @@ def test_ddp_two_processes_match_one_process_with_accumulation(tmp_path):
     assert len(batches) >= 4 and len(touched) >= 2
     for k, v in model.state_dict().items():
         torch.testing.assert_close(ddp_state[k], v, atol=1e-6, rtol=1e-5, msg=k)
-    never = {n: ~ls.unpack_mask(b, bank.shapes[n][-1]) for n, b in bank.union(list(touched)).items()}
+    union = bank.union(list(touched))
+    never = {n: ~ls.unpack_mask(b, bank.shapes[n][-1]) for n, b in union.items()}
     for n, off in never.items():
         assert torch.equal(ddp_state[n][off], init[n][off])
 
