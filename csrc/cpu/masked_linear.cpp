@@ -19,6 +19,20 @@ namespace lass_sparse_cpu {
 
 constexpr int64_t kGemvMaxRows = 16;
 
+// Largest M served by the decode GEMV (the rest: tiled decode -> BLAS). Env overrides per dtype:
+// LASS_SPARSE_CPU_GEMV_MAX_M (fp32/fp64), LASS_SPARSE_CPU_GEMV_MAX_M_BF16.
+static int64_t gemv_max_rows(at::ScalarType t) {
+  static const int64_t f32 = [] {
+    const char* env = std::getenv("LASS_SPARSE_CPU_GEMV_MAX_M");
+    return env ? std::min<int64_t>(std::atoll(env), kGemvMaxRows) : kGemvMaxRows;
+  }();
+  static const int64_t bf16 = [] {
+    const char* env = std::getenv("LASS_SPARSE_CPU_GEMV_MAX_M_BF16");
+    return env ? std::min<int64_t>(std::atoll(env), kGemvMaxRows) : kGemvMaxRows;
+  }();
+  return t == at::kBFloat16 ? bf16 : f32;
+}
+
 static int64_t tile_bytes() {
   static const int64_t bytes = [] {
     const char* env = std::getenv("LASS_SPARSE_CPU_TILE_KB");
@@ -321,7 +335,7 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
     if (bias.has_value() && x.size(0)) y.add_(*bias);
     return y;
   }
-  if (x.size(0) <= kGemvMaxRows) return gemv(x, w, bits, bias);
+  if (x.size(0) <= gemv_max_rows(w.scalar_type())) return gemv(x, w, bits, bias);
   return tiled_forward(x, w, bits, bias);
 }
 
