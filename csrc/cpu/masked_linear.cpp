@@ -231,12 +231,75 @@ static inline void gemv_tile_bf16dp(const c10::BFloat16* x, int64_t k, const c10
   }
 }
 
+// Words [w0, w1) of R weight rows against MB x rows, accumulating into acc[r * stride + m].
+// K is walked in chunks so the W rows and all x rows of a chunk stay in L1 while every x block
+// reuses them; accumulators live in registers within a chunk.
+template <int R, int MB>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static inline void bf16dp_chunk(
+    const c10::BFloat16* x, int64_t k, const c10::BFloat16* wr, const int32_t* wbits,
+    int64_t nw, int64_t w0, int64_t w1, __m512* acc, int64_t stride) {
+  __m512 a[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) a[r][m] = acc[r * stride + m];
+  for (int64_t wi = w0; wi < w1; ++wi) {
+    const uint32_t valid = valid_lanes(wi, k);
+    __m512i wv[R];
+    for (int r = 0; r < R; ++r)
+      wv[r] = _mm512_maskz_loadu_epi16(
+          static_cast<__mmask32>(static_cast<uint32_t>(wbits[r * nw + wi]) & valid),
+          wr + r * k + wi * 32);
+    for (int m = 0; m < MB; ++m) {
+      const __m512i xv =
+          _mm512_maskz_loadu_epi16(static_cast<__mmask32>(valid), x + m * k + wi * 32);
+      for (int r = 0; r < R; ++r)
+        a[r][m] = _mm512_dpbf16_ps(a[r][m], (__m512bh)wv[r], (__m512bh)xv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r * stride + m] = a[r][m];
+}
+
+// R output rows [r0, r0 + R) for all m_rows (<= kGemvMaxRows) rows of x.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void bf16dp_rows(
+    const c10::BFloat16* x, int64_t m_rows, int64_t k, const c10::BFloat16* w,
+    const int32_t* bits, int64_t nw, const c10::BFloat16* bias, c10::BFloat16* y, int64_t n,
+    int64_t r0) {
+  constexpr int64_t kChunkWords = 16;  // 512 weights: R x 1 KiB of W + m_rows x 1 KiB of x
+  constexpr int MB = R == 4 ? 6 : 8;   // R * MB + R + 1 <= 32 zmm registers
+  __m512 acc[R * kGemvMaxRows];
+  for (auto& v : acc) v = _mm512_setzero_ps();
+  const c10::BFloat16* wr = w + r0 * k;
+  const int32_t* wb = bits + r0 * nw;
+  for (int64_t w0 = 0; w0 < nw; w0 += kChunkWords) {
+    const int64_t w1 = std::min(nw, w0 + kChunkWords);
+    int64_t m = 0;
+    for (; m + MB <= m_rows; m += MB)
+      bf16dp_chunk<R, MB>(x + m * k, k, wr, wb, nw, w0, w1, acc + m, kGemvMaxRows);
+    for (; m + 2 <= m_rows; m += 2)
+      bf16dp_chunk<R, 2>(x + m * k, k, wr, wb, nw, w0, w1, acc + m, kGemvMaxRows);
+    for (; m < m_rows; ++m)
+      bf16dp_chunk<R, 1>(x + m * k, k, wr, wb, nw, w0, w1, acc + m, kGemvMaxRows);
+  }
+  for (int r = 0; r < R; ++r) {
+    const float b = bias ? static_cast<float>(bias[r0 + r]) : 0.f;
+    for (int64_t m = 0; m < m_rows; ++m)
+      y[m * n + r0 + r] =
+          static_cast<c10::BFloat16>(_mm512_reduce_add_ps(acc[r * kGemvMaxRows + m]) + b);
+  }
+}
+
 static void gemv_bf16dp(const c10::BFloat16* x, int64_t m_rows, int64_t k,
                         const c10::BFloat16* w, const int32_t* bits, const c10::BFloat16* bias,
                         c10::BFloat16* y, int64_t n, int64_t n0, int64_t n1) {
   const int64_t nw = num_words(k);
   int64_t r = n0;
-  for (; r + 4 <= n1; r += 4) {
+  if (m_rows >= 8) {  // compute-bound: K-chunked, x blocks reuse L1-resident W chunks
+    for (; r + 4 <= n1; r += 4) bf16dp_rows<4>(x, m_rows, k, w, bits, nw, bias, y, n, r);
+    for (; r < n1; ++r) bf16dp_rows<1>(x, m_rows, k, w, bits, nw, bias, y, n, r);
+    return;
+  }
+  for (; r + 4 <= n1; r += 4) {  // bandwidth-bound: stream whole rows
     int64_t m = 0;
     for (; m + 4 <= m_rows; m += 4) gemv_tile_bf16dp<4, 4>(x, k, w, bits, nw, bias, y, n, r, m);
     for (; m < m_rows; ++m) gemv_tile_bf16dp<4, 1>(x, k, w, bits, nw, bias, y, n, r, m);
