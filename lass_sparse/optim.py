@@ -96,6 +96,13 @@ class MaskedAdamW(torch.optim.Optimizer):
         union = self._bank.union(self._pairs)
         return {pid: union[name] for pid, name in self._names.items()}
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for st in self.state.values():  # the base class casts state to the param dtype
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    st[k] = st[k].float().contiguous()
+
     # ------------------------------------------------------------------------------- step
 
     @torch.no_grad()

@@ -1,0 +1,101 @@
+"""Checkpoints: model and optimizer tensors in safetensors, the rest (config, step, RNG) in JSON.
+
+Crash-safe: tensors go to step-numbered files first, ``state.json`` (written atomically, last)
+names them, then older files are removed — a SIGKILL at any point leaves a loadable checkpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+
+import torch
+from safetensors.torch import load_file, save
+
+from ..masks import atomic_write
+
+STATE = "state.json"
+
+
+def _flatten_optim(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for idx, st in sd["state"].items():
+        meta["state"][str(idx)] = {}
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{idx}.{k}"] = v.contiguous()
+            else:
+                meta["state"][str(idx)][k] = v
+    return tensors, meta
+
+
+def _unflatten_optim(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict = {int(i): dict(s) for i, s in meta["state"].items()}
+    for key, t in tensors.items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = t
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> dict:
+    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+            "python": repr(random.getstate())}
+
+
+def set_rng_state(s: dict) -> None:
+    import ast
+
+    raw = base64.b64decode(s["torch"])
+    torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    random.setstate(ast.literal_eval(s["python"]))
+
+
+def save_checkpoint(folder: str, model: torch.nn.Module, optimizer, state: dict) -> None:
+    """Write model + optimizer + ``state`` (JSON-able) for ``state["step"]``."""
+    os.makedirs(folder, exist_ok=True)
+    step = int(state["step"])
+    mfile, ofile = f"model-{step:08d}.safetensors", f"optim-{step:08d}.safetensors"
+    atomic_write(os.path.join(folder, mfile),
+                 save({k: v.detach().contiguous() for k, v in model.state_dict().items()}))
+    meta = None
+    if optimizer is not None:
+        tensors, meta = _flatten_optim(optimizer.state_dict())
+        atomic_write(os.path.join(folder, ofile), save(tensors))
+    full = dict(state, model_file=mfile, optim_file=ofile if optimizer is not None else None,
+                optim_meta=meta, rng=rng_state())
+    atomic_write(os.path.join(folder, STATE), json.dumps(full, indent=1).encode())
+    for f in os.listdir(folder):  # older step files are now unreferenced
+        if f.endswith(".safetensors") and f not in (mfile, ofile):
+            os.unlink(os.path.join(folder, f))
+
+
+def has_checkpoint(folder: str) -> bool:
+    return os.path.exists(os.path.join(folder, STATE))
+
+
+def read_state(folder: str) -> dict:
+    path = os.path.join(folder, STATE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint in {folder} (missing {STATE})")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_checkpoint(folder: str, model: torch.nn.Module, optimizer=None,
+                    restore_rng: bool = False) -> dict:
+    """Load what :func:`save_checkpoint` wrote into ``model`` (and ``optimizer``); returns the
+    state dict."""
+    state = read_state(folder)
+    sd = load_file(os.path.join(folder, state["model_file"]))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {folder} does not fit the model: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
+    if optimizer is not None and state.get("optim_file"):
+        tensors = load_file(os.path.join(folder, state["optim_file"]))
+        optimizer.load_state_dict(_unflatten_optim(tensors, state["optim_meta"]))
+    if restore_rng:
+        set_rng_state(state["rng"])
+    return state

@@ -1,0 +1,150 @@
+"""Corpus reading: English-centric TSV pairs + multi-way valid/test (DESIGN §5).
+
+Layout of a corpus folder: ``train.en-XX.tsv.gz`` (``English<TAB>XX`` per line, used in both
+directions) and ``valid.tsv.gz`` / ``test.tsv.gz`` (multi-way, header line naming the languages).
+``"demo"`` names the subset bundled with the package.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+
+LANGS = ("en", "de", "fr", "es", "it", "pt", "ru", "zh", "ar")
+_PAIR = re.compile(r"^([a-z]{2,3})-([a-z]{2,3})$")
+
+
+def demo_corpus_path() -> str:
+    return str(resources.files("lass_sparse") / "data" / "demo")
+
+
+def resolve_corpus(path: str) -> str:
+    if path == "demo":
+        return demo_corpus_path()
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"corpus folder {path!r} does not exist (or pass 'demo')")
+    return path
+
+
+def parse_direction(d: str) -> tuple[str, str]:
+    m = _PAIR.match(d)
+    if not m or m.group(1) == m.group(2):
+        raise ValueError(f"not a translation direction: {d!r} (expected like 'en-de')")
+    return m.group(1), m.group(2)
+
+
+@dataclass
+class Corpus:
+    """Training pairs per English-centric pair, multi-way valid/test, and what was skipped."""
+
+    root: str
+    train: dict[str, list[tuple[str, str]]]  # "en-de" -> [(english, german)]
+    valid: list[dict[str, str]]
+    test: list[dict[str, str]]
+    skipped: list[str] = field(default_factory=list)  # "file:line: reason"
+
+    @property
+    def pairs(self) -> list[str]:
+        return sorted(self.train)
+
+    @property
+    def directions(self) -> list[str]:
+        out = []
+        for p in self.pairs:
+            a, b = parse_direction(p)
+            out += [f"{a}-{b}", f"{b}-{a}"]
+        return out
+
+    def examples(self, direction: str) -> list[tuple[str, str]]:
+        """(source, target) training examples of one direction."""
+        src, tgt = parse_direction(direction)
+        if f"{src}-{tgt}" in self.train:
+            return list(self.train[f"{src}-{tgt}"])
+        if f"{tgt}-{src}" in self.train:
+            return [(b, a) for a, b in self.train[f"{tgt}-{src}"]]
+        raise KeyError(f"no training data for direction {direction!r}; pairs in "
+                       f"{self.root}: {self.pairs}")
+
+    def eval_set(self, split: str, direction: str, limit: int | None = None):
+        """(sources, references) of ``direction`` from the multi-way ``split``."""
+        rows = {"valid": self.valid, "test": self.test}[split]
+        src, tgt = parse_direction(direction)
+        if rows and (src not in rows[0] or tgt not in rows[0]):
+            raise KeyError(f"{split} set has no {src}/{tgt} column (has {sorted(rows[0])})")
+        rows = rows[:limit] if limit else rows
+        return [r[src] for r in rows], [r[tgt] for r in rows]
+
+
+def _lines(path: str, skipped: list[str]):
+    with gzip.open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                yield i, raw.decode("utf-8").rstrip("\n").rstrip("\r")
+            except UnicodeDecodeError:
+                skipped.append(f"{path}:{i}: not valid UTF-8")
+
+
+def read_pairs(path: str, skipped: list[str], limit: int | None = None) -> list[tuple[str, str]]:
+    """``English<TAB>XX`` lines; a malformed line is reported as file:line, skipped, counted."""
+    out = []
+    for i, line in _lines(path, skipped):
+        parts = line.split("\t")
+        if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+            skipped.append(f"{path}:{i}: expected 2 non-empty tab-separated fields, "
+                           f"got {len(parts)}")
+            continue
+        out.append((parts[0].strip(), parts[1].strip()))
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+def read_multiway(path: str, skipped: list[str]) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    header: list[str] | None = None
+    for i, line in _lines(path, skipped):
+        parts = line.split("\t")
+        if header is None:
+            header = parts
+            continue
+        if len(parts) != len(header) or not all(p.strip() for p in parts):
+            skipped.append(f"{path}:{i}: expected {len(header)} non-empty fields")
+            continue
+        rows.append(dict(zip(header, (p.strip() for p in parts))))
+    return rows
+
+
+def load_corpus(path: str, pairs: list[str] | None = None, max_train: int | None = None) -> Corpus:
+    """Read a corpus folder (or ``"demo"``). ``pairs``: restrict to these English-centric pairs
+    (``"en-de"``; ``"de-en"`` means the same file); ``max_train``: first N pairs of each."""
+    root = resolve_corpus(path)
+    available = {}
+    for name in sorted(os.listdir(root)):
+        m = re.match(r"^train\.([a-z]+-[a-z]+)\.tsv\.gz$", name)
+        if m:
+            available[m.group(1)] = os.path.join(root, name)
+    if not available:
+        raise FileNotFoundError(f"{root} has no train.xx-yy.tsv.gz files")
+    want = sorted(available)
+    if pairs:
+        want = []
+        for p in pairs:
+            a, b = parse_direction(p)
+            key = f"{a}-{b}" if f"{a}-{b}" in available else f"{b}-{a}"
+            if key not in available:
+                raise KeyError(f"unknown language pair {p!r}; {root} has {sorted(available)}")
+            if key not in want:
+                want.append(key)
+    skipped: list[str] = []
+    train = {p: read_pairs(available[p], skipped, max_train) for p in want}
+    for p, ex in train.items():
+        if not ex:
+            raise ValueError(f"{available[p]} has no usable lines")
+    split = {}
+    for s in ("valid", "test"):
+        f = os.path.join(root, f"{s}.tsv.gz")
+        split[s] = read_multiway(f, skipped) if os.path.exists(f) else []
+    return Corpus(root, train, split["valid"], split["test"], skipped)
