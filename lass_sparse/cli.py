@@ -14,9 +14,9 @@ import sys
 
 # Modules that contribute subcommands, in --help order.
 COMMAND_MODULES = (
-    "lass_sparse.demo",
-    "lass_sparse.lass.corpus",
     "lass_sparse.lass.commands",
+    "lass_sparse.lass.corpus",
+    "lass_sparse.showcase",
 )
 
 

@@ -177,13 +177,13 @@ def run_stage(
             step += 1
             dt = time.perf_counter() - t0
             tokens_total += b.tokens
-            loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
+            loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{b.tokens / dt:.0f}",
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", tok_s=f"{b.tokens / dt:.0f}",
                                 pair=direction)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                log.write(json.dumps({"stage": cfg.stage, "step": step, "loss": float(loss),
+                log.write(json.dumps({"stage": cfg.stage, "step": step, "loss": float(loss.detach()),
                                       "lr": lr_at(step, cfg), "tokens_per_s": b.tokens / dt,
                                       "pair": direction}) + "\n")
                 log.flush()

@@ -1,4 +1,4 @@
-"""``lass-sparse demo``: a short showcase of the packed-mask kernels on this machine.
+"""``lass-sparse showcase``: a short showcase of the packed-mask kernels on this machine.
 
 Prints the active backends, the memory of per-pair masks for a Transformer-base model stored as bool
 (the original LaSS code) vs 1-bit packed (ours), a correctness check of the fused kernel against the
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("demo", help="showcase: mask memory, fused-kernel check and timings")
+    p = sub.add_parser("showcase", help="mask memory, fused-kernel check and timings")
     p.add_argument("--n", type=int, default=4096, help="weight rows (out features)")
     p.add_argument("--k", type=int, default=4096, help="weight columns (in features)")
     p.add_argument("--alpha", type=float, default=0.7, help="fraction of weights pruned")

@@ -1,0 +1,54 @@
+"""Figures: mask similarity heatmap (LaSS Fig. 4) and per-layer similarity (Fig. 5/6)."""
+
+from __future__ import annotations
+
+from ..masks import MaskBank
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def similarity_matrix(bank: MaskBank, pairs: list[str]) -> list[list[float]]:
+    return [[bank.similarity(a, b) for b in pairs] for a in pairs]
+
+
+def similarity_heatmap(bank: MaskBank, pairs: list[str], out_png: str,
+                       title: str = "mask similarity |M1 ∩ M2| / |M1|") -> str:
+    plt = _plt()
+    m = similarity_matrix(bank, pairs)
+    fig, ax = plt.subplots(figsize=(1 + 0.45 * len(pairs), 0.8 + 0.45 * len(pairs)))
+    im = ax.imshow(m, cmap="viridis")
+    ax.set_xticks(range(len(pairs)), pairs, rotation=90)
+    ax.set_yticks(range(len(pairs)), pairs)
+    for i in range(len(pairs)):
+        for j in range(len(pairs)):
+            ax.text(j, i, f"{m[i][j]:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if m[i][j] < 0.8 * max(map(max, m)) else "black")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=130)
+    plt.close(fig)
+    return out_png
+
+
+def layer_similarity_plot(bank: MaskBank, pairs: list[tuple[str, str]], out_png: str) -> str:
+    """Similarity per layer for some pairs of directions (one line each)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for a, b in pairs:
+        s = bank.similarity(a, b, by="layer")
+        ax.plot(list(s), list(s.values()), marker="o", label=f"{a} vs {b}")
+    ax.set_ylabel("similarity")
+    ax.tick_params(axis="x", rotation=60, labelsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=130)
+    plt.close(fig)
+    return out_png

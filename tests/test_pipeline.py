@@ -1,0 +1,184 @@
+"""LaSS pipeline smoke test on a few hundred sentences: every stage, resume, beam cache, metrics."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("sentencepiece")
+pytest.importorskip("sacrebleu")
+
+import lass_sparse as ls  # noqa: E402
+from lass_sparse.lass import pipeline as P  # noqa: E402
+from lass_sparse.lass.data import load_corpus  # noqa: E402
+from lass_sparse.lass.translate import beam_search, ensure_pair  # noqa: E402
+from lass_sparse.lass.train import encode_source, pad_batch  # noqa: E402
+
+SMALL = dict(d_model=32, heads=2, ffn=64, enc_layers=1, dec_layers=2, dropout=0.1)
+KW = dict(batch_size=16, progress=False, ckpt_every=2)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("run"))
+    r = P.prepare(d, "demo", "tiny", vocab_size=400, pairs=["en-de", "en-fr"], max_train=150,
+                  **SMALL)
+    P.train(r, 6, out="base", **KW)
+    for direction in r.directions:
+        P.finetune(r, direction, 3, **KW)
+    P.prune(r, 0.5, out="masks.safetensors")
+    P.joint(r, "masks.safetensors", 4, out="joint", **KW)
+    return r
+
+
+def test_prune_gives_the_requested_sparsity_per_tensor(run):
+    bank = ls.MaskBank.load(run.path("masks.safetensors"))
+    assert sorted(bank.pairs) == sorted(run.directions) == ["de-en", "en-de", "en-fr", "fr-en"]
+    for name, shape in bank.shapes.items():
+        rows, k = shape
+        mask = ls.unpack_mask(bank.bits("en-de", name), k)
+        chunks = 3 if name.endswith("in_proj_weight") else 1
+        for c in mask.chunk(chunks, 0):
+            assert int(c.sum()) == c.numel() - int(0.5 * c.numel()), name
+
+
+def test_joint_training_leaves_weights_outside_every_mask_unchanged(run):
+    base, joint = run.load_model("base"), run.load_model("joint")
+    bank = ls.MaskBank.load(run.path("masks.safetensors"))
+    union = bank.union(bank.pairs)
+    changed = 0
+    for name, bits in union.items():
+        off = ~ls.unpack_mask(bits, bank.shapes[name][-1])
+        a, b = base.get_parameter(name), joint.get_parameter(name)
+        assert torch.equal(a[off], b[off]), name
+        changed += int((a[~off] != b[~off]).sum())
+    assert changed > 0
+    assert not torch.equal(base.embed.weight, joint.embed.weight)  # shared params do train
+
+
+def test_zero_shot_mask_is_encoder_of_x_en_plus_decoder_of_en_y(run):
+    bank = ls.MaskBank.load(run.path("masks.safetensors"))
+    assert ensure_pair(bank, "de-fr") == "de-fr"
+    for n in bank.names:
+        src = "de-en" if n.startswith("encoder.") else "en-fr"
+        assert n.startswith(("encoder.", "decoder.")), n
+        assert torch.equal(bank.bits("de-fr", n), bank.bits(src, n)), n
+    with pytest.raises(KeyError, match="known pairs"):
+        ensure_pair(bank, "ru-zh")
+
+
+def test_beam_search_with_kv_cache_equals_without(run):
+    model = run.load_model("joint")
+    bank = ls.MaskBank.load(run.path("masks.safetensors"))
+    ls.attach(model, bank)
+    src, _ = run.corpus.eval_set("test", "en-de", 6)
+    ids = [encode_source(run.tok, s, "de", model.config.max_len) for s in run.tok.encode(src)]
+    x = pad_batch(ids)
+    bos = run.tok.lang_id("de")
+    with ls.active_pair(model, "en-de"):
+        for beam in (1, 3):
+            a = beam_search(model, x, bos, beam, max_len=12, use_cache=True)
+            b = beam_search(model, x, bos, beam, max_len=12, use_cache=False)
+            assert a == b
+
+
+def test_evaluation_matches_sacrebleu_called_directly(run):
+    import sacrebleu
+
+    res = P.evaluate(run, {"joint": ("joint", "masks.safetensors")}, ["en-de", "de-fr"],
+                     limit=8, beam=2, progress=False)
+    for d in ("en-de", "de-fr"):
+        src, refs = run.corpus.eval_set("test", d, 8)
+        hyps = P.translate_texts(run, "joint", d, src, masks="masks.safetensors", beam=2)
+        assert res["joint"][d]["bleu"] == pytest.approx(
+            sacrebleu.corpus_bleu(hyps, [refs]).score)
+        assert res["joint"][d]["chrf"] == pytest.approx(
+            sacrebleu.corpus_chrf(hyps, [refs]).score)
+        assert 0.0 <= res["joint"][d]["acc"] <= 1.0
+    table = P.render_table(res, ["en-de", "de-fr"])
+    assert "| en-de |" in table and "average" in table
+
+
+def test_extend_strict_keeps_old_pairs_bit_identical(run):
+    old = run.load_model("joint")
+    bank = ls.MaskBank.load(run.path("masks.safetensors"))
+    bank.remove_pair("fr-en")
+    bank.save(run.path("masks-3.safetensors"))
+    out = P.extend(run, "fr-en", masks="masks-3.safetensors", ft_steps=2, steps=3, strict=True,
+                   init="joint", out="extend-strict", **KW)
+    new = run.load_model("extend-strict")
+    full = ls.MaskBank.load(out["masks"])
+    assert "fr-en" in full
+    others = full.union([p for p in full.pairs if p != "fr-en"])
+    for name, p_old in old.named_parameters():
+        p_new = new.get_parameter(name)
+        if name in others:  # old pairs' weights untouched
+            keep = ls.unpack_mask(others[name], full.shapes[name][-1])
+            assert torch.equal(p_old[keep], p_new[keep]), name
+        else:  # shared params frozen under --strict
+            assert torch.equal(p_old, p_new), name
+
+
+def test_resume_after_sigkill_is_bit_identical(run, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for d in (a, b):
+        os.makedirs(d)
+        for f in ("run.json", "spm.model"):
+            shutil.copy(run.path(f), os.path.join(d, f))
+    cmd = [sys.executable, "-m", "lass_sparse.cli", "train", "--run", None, "--steps", "12",
+           "--ckpt-every", "1", "--batch-size", "8", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([c if c else a for c in cmd], check=True, env=env, capture_output=True)
+    proc = subprocess.Popen([c if c else b for c in cmd], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = os.path.join(b, "base", "ckpt", "state.json")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(state) and '"step": 4' in open(state).read():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    import json
+
+    killed_at = json.load(open(state))["step"]
+    assert 1 <= killed_at < 12, "the kill must interrupt training"
+    subprocess.run([c if c else b for c in cmd], check=True, env=env, capture_output=True)
+    ra, rb = P.open_run(a), P.open_run(b)
+    ma, mb = ra.load_model("base"), rb.load_model("base")
+    for (n, x), y in zip(ma.state_dict().items(), mb.state_dict().values()):
+        assert torch.equal(x, y), n
+
+
+def test_bad_input_messages(run, tmp_path, capsys):
+    with pytest.raises(KeyError, match="unknown language pair 'en-xx'"):
+        load_corpus("demo", pairs=["en-xx"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint for stage 'nope'"):
+        run.load_model("nope")
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        P.open_run(str(tmp_path / "empty"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    with gzip.open(corpus / "train.en-de.tsv.gz", "wt") as f:
+        f.write("Open file\tDatei öffnen\nbroken line without tab\nSave\tSpeichern\n\t\n")
+    c = load_corpus(str(corpus))
+    assert c.train["en-de"] == [("Open file", "Datei öffnen"), ("Save", "Speichern")]
+    assert len(c.skipped) == 2 and "train.en-de.tsv.gz:2:" in c.skipped[0]
+    out = tmp_path / "out.txt"
+    out.write_text("keep me")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    from lass_sparse.cli import main
+
+    rc = main(["translate", "--run", run.dir, "--stage", "joint", "--pair", "en-de",
+               "--input", str(empty), "--output", str(out)])
+    assert rc == 1 and "empty input" in capsys.readouterr().err
+    assert out.read_text() == "keep me"
