@@ -19,8 +19,8 @@ pytest.importorskip("sacrebleu")
 import lass_sparse as ls  # noqa: E402
 from lass_sparse.lass import pipeline as P  # noqa: E402
 from lass_sparse.lass.data import load_corpus  # noqa: E402
-from lass_sparse.lass.translate import beam_search, ensure_pair  # noqa: E402
 from lass_sparse.lass.train import encode_source, pad_batch  # noqa: E402
+from lass_sparse.lass.translate import beam_search, ensure_pair  # noqa: E402
 
 SMALL = dict(d_model=32, heads=2, ffn=64, enc_layers=1, dec_layers=2, dropout=0.1)
 KW = dict(batch_size=16, progress=False, ckpt_every=2)

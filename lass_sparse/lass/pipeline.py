@@ -124,8 +124,9 @@ def finetune(run: Run, direction: str, steps: int, *, init: str = "base",
     return run_stage(run.path(out), model, run.encoded([direction]), cfg, progress=progress)
 
 
-def prune(run: Run, alpha: float, *, directions: list[str] | None = None, out: str = "masks.safetensors",
-          random: bool = False, seed: int = 0, ft_prefix: str = "ft") -> MaskBank:
+def prune(run: Run, alpha: float, *, directions: list[str] | None = None,
+          out: str = "masks.safetensors", random: bool = False, seed: int = 0,
+          ft_prefix: str = "ft") -> MaskBank:
     """Magnitude masks of each fine-tuned direction (``--random``: same sparsity, random)."""
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"alpha must be in [0, 1), got {alpha}")
