@@ -183,9 +183,9 @@ def run_stage(
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", tok_s=f"{b.tokens / dt:.0f}",
                                 pair=direction)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                log.write(json.dumps({"stage": cfg.stage, "step": step,
-                                      "loss": float(loss.detach()), "lr": lr_at(step, cfg), "tokens_per_s": b.tokens / dt,
-                                      "pair": direction}) + "\n")
+                rec = {"stage": cfg.stage, "step": step, "loss": float(loss.detach()),
+                       "lr": lr_at(step, cfg), "tokens_per_s": b.tokens / dt, "pair": direction}
+                log.write(json.dumps(rec) + "\n")
                 log.flush()
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 save_checkpoint(ckpt, model, opt, {"step": step, "config": cfg.to_dict()})
