@@ -32,7 +32,7 @@ def write_mo(entries: list[tuple[bytes, bytes]], charset: str = "UTF-8") -> byte
 
 
 def test_read_mo_plurals_contexts_and_charset():
-    mo = write_mo([("Open file".encode(), "Datei öffnen".encode("latin-1")),
+    mo = write_mo([(b"Open file", "Datei öffnen".encode("latin-1")),
                    (b"menu\x04Save all", b"Alle speichern"),
                    (b"%d file\x00%d files", b"%d Datei\x00%d Dateien"),
                    (b"untranslated", b"")], charset="ISO-8859-1")
@@ -64,7 +64,7 @@ def test_split_is_multiway_and_disjoint():
     train, valid, test, pool = C.split(pairs, 5, 10, seed=1)
     assert pool == 30 and len(valid) == 5 and len(test) == 10
     held = {r[0] for r in valid + test}
-    for lang, items in train.items():
+    for items in train.values():
         assert not {en for en, _ in items} & held
     assert len(train["de"]) == 30 - 15 + 1
     assert C.split(pairs, 5, 10, seed=1) == (train, valid, test, pool)  # deterministic

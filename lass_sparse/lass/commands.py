@@ -20,7 +20,7 @@ def _run(args):
 
 def _train_kw(args) -> dict:
     kw = {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-          "ckpt_every": args.ckpt_every, "progress": not args.quiet}
+          "ckpt_every": args.ckpt_every, "progress": not args.quiet, "amp": args.amp}
     if args.warmup is not None:
         kw["warmup"] = args.warmup
     return kw
@@ -173,6 +173,8 @@ def _training(p, steps: int) -> None:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--amp", default="none", choices=["none", "bf16"],
+                   help="bf16 autocast (fp32 master weights; ~1.6x faster on AVX512-BF16 CPUs)")
     p.add_argument("--plot", action="store_true", help="draw the loss curve (loss.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -16,7 +16,7 @@ from ..masks import atomic_write
 
 ZERO_SHOT_LANGS = ("de", "fr", "zh")
 ALPHA = 0.5
-STEPS = {"base": 800, "finetune": 30, "joint": 300}
+STEPS = {"base": 600, "finetune": 40, "joint": 300}
 
 
 def run_demo(args) -> int:
@@ -25,7 +25,7 @@ def run_demo(args) -> int:
 
     t0 = time.time()
     steps = {k: max(1, int(v * args.scale)) for k, v in STEPS.items()}
-    quiet = {"progress": not args.quiet}
+    quiet = {"progress": not args.quiet, "amp": "bf16"}
     print(f"[demo] run folder {args.run}; steps {steps}")
     run = P.prepare(args.run, "demo", "tiny", vocab_size=2500)
     print(f"[demo] corpus: {len(run.corpus.pairs)} pairs, {len(run.directions)} directions, "
@@ -47,6 +47,12 @@ def run_demo(args) -> int:
     timings["finetune (all)"] = round(time.time() - t, 1)
     print(f"[demo] finetune {len(run.directions)} directions: {timings['finetune (all)']} s")
     bank = stage("prune", P.prune, run, ALPHA, out="masks.safetensors")
+    compact = bank.save(run.path("masks-compact.safetensors"), compact=True)
+    st = bank.stats()
+    compact_bits = compact * 8 / (st["weights_per_pair"] * st["pairs"])
+    print(f"[demo] mask bank: {st['pairs']} pairs, packed {st['bytes_per_pair']} B/pair "
+          f"({st['bits_per_weight_per_pair']:.2f} bit/weight), compact on disk "
+          f"{compact_bits:.3f} bit/weight/pair")
     stage("prune random", P.prune, run, ALPHA, out="masks-random.safetensors", random=True)
     stage("joint", P.joint, run, "masks.safetensors", steps["joint"], init="base", out="joint",
           **quiet)
@@ -67,7 +73,9 @@ def run_demo(args) -> int:
     wall = time.time() - t0
     md = "\n".join([
         "# LaSS demo (bundled subset, tiny model)", "",
-        f"Steps: {steps}; α = {ALPHA}; test sentences per direction: {args.limit}; beam 4. "
+        f"Steps: {steps}; α = {ALPHA}; test sentences per direction: {args.limit}; beam 4; "
+        f"bf16 autocast. Mask bank: {st['bytes_per_pair']} B/pair in memory, "
+        f"{compact_bits:.3f} bit/weight/pair compact on disk. "
         f"Wall time {wall / 60:.1f} min.", "",
         "## Supervised directions", "", sup, "",
         f"## Zero-shot ({', '.join(ZERO_SHOT_LANGS)}; LaSS uses merged X→en / en→Y masks)", "",
@@ -77,6 +85,7 @@ def run_demo(args) -> int:
     atomic_write(os.path.join(out_dir, "demo.md"), md.encode())
     atomic_write(os.path.join(out_dir, "demo.json"), json.dumps(
         {"results": res, "steps": steps, "alpha": ALPHA, "timings_s": timings,
+         "compact_bits_per_weight_per_pair": compact_bits,
          "wall_s": wall}, indent=1).encode())
     print(md)
     print(f"[demo] wrote {out_dir}/demo.md, demo.json, similarity.png")

@@ -28,6 +28,7 @@ class ModelConfig:
     dec_layers: int = 2
     max_len: int = 128
     dropout: float = 0.1
+    attn_dropout: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,7 +62,8 @@ class EncoderLayer(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(c.d_model), nn.LayerNorm(c.d_model)
-        self.self_attn = MaskedMultiheadAttention(c.d_model, c.heads, c.dropout, batch_first=True)
+        self.self_attn = MaskedMultiheadAttention(c.d_model, c.heads, c.attn_dropout,
+                                                  batch_first=True)
         self.ffn, self.p = _FFN(c.d_model, c.ffn, c.dropout), c.dropout
 
     def forward(self, x: Tensor, pad: Tensor) -> Tensor:
@@ -75,8 +77,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(c.d_model) for _ in range(3))
-        self.self_attn = MaskedMultiheadAttention(c.d_model, c.heads, c.dropout, batch_first=True)
-        self.cross_attn = MaskedMultiheadAttention(c.d_model, c.heads, c.dropout,
+        self.self_attn = MaskedMultiheadAttention(c.d_model, c.heads, c.attn_dropout,
+                                                  batch_first=True)
+        self.cross_attn = MaskedMultiheadAttention(c.d_model, c.heads, c.attn_dropout,
                                                    batch_first=True)
         self.ffn, self.p = _FFN(c.d_model, c.ffn, c.dropout), c.dropout
 

@@ -40,6 +40,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     clip_norm: float = 1.0
+    amp: str = "none"  # "bf16": CPU/GPU autocast (fp32 master weights and optimizer state)
     seed: int = 0
     ckpt_every: int = 100
     log_every: int = 10
@@ -164,7 +165,7 @@ def run_stage(
                 g["lr"] = lr_at(step + 1, cfg)
             t0 = time.perf_counter()
             ctx = active_pair(model, direction) if bank is not None else contextlib.nullcontext()
-            with ctx:
+            with ctx, _autocast(cfg.amp, b.src.device):
                 loss = label_smoothed_loss(model(b.src, b.tgt_in), b.tgt_out,
                                            cfg.label_smoothing)
                 loss.backward()
@@ -195,6 +196,14 @@ def run_stage(
     return {"stage": cfg.stage, "steps": step, "tokens": tokens_total, "seconds": secs,
             "tokens_per_s": tokens_total / secs if secs > 0 else 0.0,
             "mean_loss": loss_sum / loss_n if loss_n else None}
+
+
+def _autocast(amp: str, device: torch.device):
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp != "bf16":
+        raise ValueError(f"amp must be 'none' or 'bf16', got {amp!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _progress(enabled: bool, cfg: TrainConfig, initial: int):
