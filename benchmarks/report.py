@@ -41,7 +41,11 @@ def render(data: dict) -> str:
         impls = sorted({i for c in cases.values() for i in c}, key=lambda i: (i != "ours", i))
         base = [i for i in impls if i in BASELINES]
         lines += [f"## {op}", ""]
-        head = ["case"] + [f"{i}" for i in impls] + [f"ours/{b}" for b in base]
+        first = next(iter(cases.values()))
+        case_keys = {kv.split("=")[0] for kv in next(iter(cases))[len(op) + 1:-1].split()}
+        extra = sorted({k for r in cases.values() for k in r.get("ours", first.get(
+            "ours", {})).get("extra_info", {})} - case_keys - {"op", "impl", "flop", "bytes"})
+        head = ["case"] + [f"{i}" for i in impls] + [f"ours/{b}" for b in base] + extra
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for group, row in cases.items():
             case = group[group.index("[") + 1 : -1] if "[" in group else group
@@ -54,6 +58,7 @@ def render(data: dict) -> str:
             flop = ours.get("extra_info", {}).get("flop")
             if flop and "ours" in med:
                 cells[0] += f" ({float(flop) / med['ours'] / 1e9:.1f} GFLOP/s)"
+            cells += [str(ours.get("extra_info", {}).get(k, "—")) for k in extra]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

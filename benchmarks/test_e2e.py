@@ -1,0 +1,72 @@
+"""End to end: one LaSS joint-training step (masked forward, masked dW, masked AdamW) and one
+translate batch vs the same model dense, tiny and base configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from common import tag
+
+import lass_sparse as ls
+from lass_sparse.lass.model import Seq2Seq, label_smoothed_loss, make_config
+from lass_sparse.lass.translate import beam_search
+from lass_sparse.optim import MaskedAdamW
+
+CONFIGS = {"tiny": dict(), "base": dict()}
+
+
+def _model(cfg_name: str, smoke: bool):
+    over = dict(d_model=32, heads=2, ffn=64, enc_layers=1, dec_layers=1) if smoke else {}
+    torch.manual_seed(0)
+    return Seq2Seq(make_config(cfg_name, 1000 if smoke else 8000, dropout=0.0, **over))
+
+
+def _batch(vocab: int, b: int, t: int):
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(5, vocab, (b, t), generator=g)
+    tgt = torch.randint(5, vocab, (b, t + 1), generator=g)
+    return src, tgt[:, :-1], tgt[:, 1:]
+
+
+@pytest.mark.parametrize("impl", ["ours", "dense"])
+@pytest.mark.parametrize("config", ["tiny", "base"])
+def test_joint_step(benchmark, impl, config, is_smoke):
+    model = _model(config, is_smoke)
+    src, tgt_in, tgt_out = _batch(model.config.vocab_size, 8 if is_smoke else 32, 24)
+    opt = MaskedAdamW(model.parameters(), lr=1e-4)
+    ctx = None
+    if impl == "ours":
+        bank = ls.MaskBank.from_model(model, 0.5, pair="en-de")
+        ls.attach(model, bank)
+        opt.bind(model, bank)
+        ctx = ls.active_pair
+    tag(benchmark, "joint_step", impl, config=config, tokens=int(src.numel() + tgt_in.numel()))
+
+    def step():
+        if ctx:
+            with ctx(model, "en-de"):
+                loss = label_smoothed_loss(model(src, tgt_in), tgt_out)
+                loss.backward()
+            opt.note_pair("en-de")
+        else:
+            loss = label_smoothed_loss(model(src, tgt_in), tgt_out)
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    loss = benchmark(step)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("impl", ["ours", "dense"])
+@pytest.mark.parametrize("config", ["tiny", "base"])
+def test_translate_batch(benchmark, impl, config, is_smoke):
+    model = _model(config, is_smoke).eval()
+    src, _, _ = _batch(model.config.vocab_size, 8 if is_smoke else 32, 20)
+    tag(benchmark, "translate_batch", impl, config=config, batch=src.shape[0], beam=4)
+    if impl == "ours":
+        ls.attach(model, ls.MaskBank.from_model(model, 0.5, pair="en-de"))
+        ls.set_active_pair(model, "en-de")
+    out = benchmark(lambda: beam_search(model, src, 4, beam=4, max_len=8 if is_smoke else 24))
+    assert len(out) == src.shape[0]
