@@ -1,0 +1,339 @@
+"""Triton kernels: masked linear forward, dx, masked dW (+accumulate), segmented (mixed pairs),
+and the fused QKV projection writing ``[3, B, H, T, Dh]`` directly.
+
+Every kernel reads the packed mask as int32 words, ``BLOCK_K / 32`` words per weight row per K
+step, and expands them in registers: ``(word >> lane) & 1``. ``W ⊙ M`` is never written to memory;
+the dW mask is applied in the epilogue so off-mask entries are exactly 0. fp32 inputs use TF32
+``tl.dot`` on GPUs (``ieee`` under ``TRITON_INTERPRET=1``); accumulation is always fp32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _expand(words, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int32 words [BLOCK_R, BLOCK_K // 32] -> keep mask [BLOCK_R, BLOCK_K] (LSB first)."""
+    lanes = tl.arange(0, 32)
+    bits = (words[:, :, None] >> lanes[None, None, :]) & 1
+    return tl.reshape(bits, (BLOCK_R, BLOCK_K)) != 0
+
+
+@triton.jit
+def _load_masked_w(w_ptr, bits_ptr, rn, k0, N, K, NW, swn, sbn,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[rn, k0:k0+BLOCK_K] with pruned (and out-of-range) entries zeroed: [BLOCK_N, BLOCK_K]."""
+    rk = k0 + tl.arange(0, BLOCK_K)
+    rw = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    w = tl.load(w_ptr + rn[:, None] * swn + rk[None, :],
+                mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+    words = tl.load(bits_ptr + rn[:, None] * sbn + rw[None, :],
+                    mask=(rn[:, None] < N) & (rw[None, :] < NW), other=0)
+    keep = _expand(words, BLOCK_N, BLOCK_K)
+    return tl.where(keep, w, 0.0)
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, y_ptr, tile_lo, tile_hi, tile_pair,
+                M, N, K, NW, sxm, swn, sbn, sbp, sym, syn,
+                HAS_BIAS: tl.constexpr, SEGMENTED: tl.constexpr, IEEE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if SEGMENTED:  # one tile = rows [lo, hi) of one segment, mask of its pair
+        lo = tl.load(tile_lo + pid_m)
+        hi = tl.load(tile_hi + pid_m)
+        bits_ptr += tl.load(tile_pair + pid_m).to(tl.int64) * sbp
+    else:
+        lo = pid_m * BLOCK_M
+        hi = M
+    rm = lo + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :],
+                    mask=(rm[:, None] < hi) & (rk[None, :] < K), other=0.0)
+        w = _load_masked_w(w_ptr, bits_ptr, rn, k0, N, K, NW, swn, sbn, BLOCK_N, BLOCK_K)
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+             mask=(rm[:, None] < hi) & (rn[None, :] < N))
+
+
+@triton.jit
+def _dx_kernel(dy_ptr, w_ptr, bits_ptr, dx_ptr, tile_lo, tile_hi, tile_pair,
+               M, N, K, NW, sdm, swn, sbn, sbp, sxm,
+               SEGMENTED: tl.constexpr, IEEE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dx[M, K] = dy[M, N] @ (W ⊙ M)[N, K]."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    if SEGMENTED:
+        lo = tl.load(tile_lo + pid_m)
+        hi = tl.load(tile_hi + pid_m)
+        bits_ptr += tl.load(tile_pair + pid_m).to(tl.int64) * sbp
+    else:
+        lo = pid_m * BLOCK_M
+        hi = M
+    rm = lo + tl.arange(0, BLOCK_M)
+    k0 = pid_k * BLOCK_K
+    rk = k0 + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        dy = tl.load(dy_ptr + rm[:, None] * sdm + rn[None, :],
+                     mask=(rm[:, None] < hi) & (rn[None, :] < N), other=0.0)
+        w = _load_masked_w(w_ptr, bits_ptr, rn, k0, N, K, NW, swn, sbn, BLOCK_N, BLOCK_K)
+        if IEEE:
+            acc += tl.dot(dy, w, input_precision="ieee")
+        else:
+            acc += tl.dot(dy, w)
+    tl.store(dx_ptr + rm[:, None] * sxm + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=(rm[:, None] < hi) & (rk[None, :] < K))
+
+
+@triton.jit
+def _dw_kernel(dy_ptr, x_ptr, bits_ptr, dw_ptr, seg_lo, seg_hi, seg_pair, S,
+               M, N, K, NW, sdm, sxm, sbn, sbp, swn,
+               ACCUMULATE: tl.constexpr, IEEE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dW[N, K] = Σ_s (dy_sᵀ x_s) ⊙ M_pair(s) over row segments s (one segment when not mixed);
+    ``ACCUMULATE``: add into dW where the mask is 1, leave the rest untouched."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rw = pid_k * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+    total = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    union = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int1)
+    for s in range(0, S):
+        lo = tl.load(seg_lo + s)
+        hi = tl.load(seg_hi + s)
+        pair = tl.load(seg_pair + s).to(tl.int64)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for m0 in range(lo, hi, BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            dyt = tl.load(dy_ptr + rm[None, :] * sdm + rn[:, None],
+                          mask=(rm[None, :] < hi) & (rn[:, None] < N), other=0.0)
+            x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :],
+                        mask=(rm[:, None] < hi) & (rk[None, :] < K), other=0.0)
+            if IEEE:
+                acc += tl.dot(dyt, x, input_precision="ieee")
+            else:
+                acc += tl.dot(dyt, x)
+        words = tl.load(bits_ptr + pair * sbp + rn[:, None] * sbn + rw[None, :],
+                        mask=(rn[:, None] < N) & (rw[None, :] < NW), other=0)
+        keep = _expand(words, BLOCK_N, BLOCK_K)
+        total += tl.where(keep, acc, 0.0)
+        union = union | keep
+    ptrs = dw_ptr + rn[:, None] * swn + rk[None, :]
+    inb = (rn[:, None] < N) & (rk[None, :] < K)
+    if ACCUMULATE:
+        old = tl.load(ptrs, mask=inb, other=0.0).to(tl.float32)
+        total = tl.where(union, old + total, old)
+    tl.store(ptrs, total.to(dw_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _qkv_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, out_ptr, M, D, NW, T, H, DH, sbn,
+                HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y = x[M=B*T, D] @ (W ⊙ M)[3D, D]ᵀ + b, stored as out[3, B, H, T, Dh]."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n3 = 3 * D
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * D + rk[None, :],
+                    mask=(rm[:, None] < M) & (rk[None, :] < D), other=0.0)
+        w = _load_masked_w(w_ptr, bits_ptr, rn, k0, n3, D, NW, D, sbn, BLOCK_N, BLOCK_K)
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < n3, other=0.0).to(tl.float32)[None, :]
+    b_idx, t_idx = rm // T, rm % T
+    which, rem = rn // D, rn % D
+    h_idx, d_idx = rem // DH, rem % DH
+    bsz = M // T
+    off = ((which[None, :] * bsz + b_idx[:, None]) * H + h_idx[None, :]) * T * DH \
+        + t_idx[:, None] * DH + d_idx[None, :]
+    tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < n3))
+
+
+# ---------------------------------------------------------------------------------- launchers
+
+_DUMMY: dict = {}
+
+
+def _dummy(device) -> torch.Tensor:
+    key = str(device)
+    if key not in _DUMMY:
+        _DUMMY[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _DUMMY[key]
+
+
+def _blocks(m: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps); one fixed small config under the interpreter."""
+    if INTERPRET:
+        return 16, 32, 32, 1
+    bm = 16 if m <= 16 else 64 if m <= 256 else 128
+    bk = 64 if dtype != torch.float32 else 32
+    return bm, 128, bk, 4 if bm <= 64 else 8
+
+
+def _ieee(dtype: torch.dtype) -> bool:
+    return INTERPRET or dtype == torch.float64
+
+
+def masked_linear(x, weight, bits, bias):
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    bm, bn, bk, warps = _blocks(m, x.dtype)
+    d = _dummy(x.device)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _fwd_kernel[grid](x, weight, bits, bias if bias is not None else x, y, d, d, d,
+                      m, n, k, bits.shape[1], x.stride(0), weight.stride(0), bits.stride(0), 0,
+                      y.stride(0), y.stride(1), HAS_BIAS=bias is not None, SEGMENTED=False,
+                      IEEE=_ieee(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    return y
+
+
+def masked_linear_dx(grad_out, weight, bits):
+    m, n = grad_out.shape
+    k = weight.shape[1]
+    dx = torch.empty(m, k, dtype=grad_out.dtype, device=grad_out.device)
+    if m == 0 or k == 0:
+        return dx
+    if n == 0:
+        return dx.zero_()
+    bm, bn, bk, warps = _blocks(m, grad_out.dtype)
+    d = _dummy(grad_out.device)
+    grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
+    _dx_kernel[grid](grad_out, weight, bits, dx, d, d, d, m, n, k, bits.shape[1],
+                     grad_out.stride(0), weight.stride(0), bits.stride(0), 0, dx.stride(0),
+                     SEGMENTED=False, IEEE=_ieee(grad_out.dtype), BLOCK_M=bm, BLOCK_N=bn,
+                     BLOCK_K=bk, num_warps=warps)
+    return dx
+
+
+def _dw(grad_out, x, bits_bank, lo, hi, pair, out, accumulate):
+    m, n = grad_out.shape
+    k = x.shape[1]
+    if n == 0 or k == 0:
+        return out
+    bm, bn, bk, warps = _blocks(64, grad_out.dtype)
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+    _dw_kernel[grid](grad_out, x, bits_bank, out, lo, hi, pair, lo.shape[0], m, n, k,
+                     bits_bank.shape[-1], grad_out.stride(0), x.stride(0), bits_bank.stride(-2),
+                     bits_bank.stride(0) if bits_bank.dim() == 3 else 0, out.stride(0),
+                     ACCUMULATE=accumulate, IEEE=_ieee(grad_out.dtype), BLOCK_M=bm,
+                     BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    return out
+
+
+def _one_segment(m: int, device):
+    z = torch.zeros(1, dtype=torch.int32, device=device)
+    return z, torch.full((1,), m, dtype=torch.int32, device=device), z
+
+
+def masked_linear_dw(grad_out, x, bits):
+    out = torch.empty(grad_out.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+    return _dw(grad_out, x, bits, *_one_segment(x.shape[0], x.device), out, False)
+
+
+def masked_linear_dw_accumulate_(grad, grad_out, x, bits):
+    _dw(grad_out, x, bits, *_one_segment(x.shape[0], x.device), grad, True)
+
+
+def _segments(seg_offsets, seg_pair, block_m: int | None, device):
+    """Non-empty segments as int32 (lo, hi, pair); with ``block_m``, split into row tiles."""
+    offs, pairs = seg_offsets.tolist(), seg_pair.tolist()
+    lo, hi, pr = [], [], []
+    for i, p in enumerate(pairs):
+        a, b = offs[i], offs[i + 1]
+        step = block_m or max(b - a, 1)
+        for s in range(a, b, step):
+            lo.append(s)
+            hi.append(min(b, s + step))
+            pr.append(p)
+    mk = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+    return mk(lo), mk(hi), mk(pr)
+
+
+def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
+    t, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    bm, bn, bk, warps = _blocks(64, x.dtype)
+    lo, hi, pr = _segments(seg_offsets, seg_pair, bm, x.device)
+    if lo.numel() == 0 or n == 0:
+        return y
+    grid = (lo.numel(), triton.cdiv(n, bn))
+    _fwd_kernel[grid](x, weight, bits_bank, bias if bias is not None else x, y, lo, hi, pr,
+                      t, n, k, bits_bank.shape[-1], x.stride(0), weight.stride(0),
+                      bits_bank.stride(1), bits_bank.stride(0), y.stride(0), y.stride(1),
+                      HAS_BIAS=bias is not None, SEGMENTED=True, IEEE=_ieee(x.dtype),
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    return y
+
+
+def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair):
+    t, n = grad_out.shape
+    k = weight.shape[1]
+    dx = torch.zeros(t, k, dtype=grad_out.dtype, device=grad_out.device)
+    bm, bn, bk, warps = _blocks(64, grad_out.dtype)
+    lo, hi, pr = _segments(seg_offsets, seg_pair, bm, grad_out.device)
+    if lo.numel() == 0 or k == 0 or n == 0:
+        return dx
+    grid = (lo.numel(), triton.cdiv(k, bk))
+    _dx_kernel[grid](grad_out, weight, bits_bank, dx, lo, hi, pr, t, n, k, bits_bank.shape[-1],
+                     grad_out.stride(0), weight.stride(0), bits_bank.stride(1),
+                     bits_bank.stride(0), dx.stride(0), SEGMENTED=True,
+                     IEEE=_ieee(grad_out.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                     num_warps=warps)
+    return dx
+
+
+def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
+    out = torch.zeros(grad_out.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+    lo, hi, pr = _segments(seg_offsets, seg_pair, None, x.device)
+    if lo.numel() == 0:
+        return out
+    return _dw(grad_out, x, bits_bank, lo, hi, pr, out, False)
+
+
+def masked_qkv_proj(x, weight, bits, bias, num_heads):
+    b, t, d = x.shape
+    dh = d // num_heads
+    out = torch.empty(3, b, num_heads, t, dh, dtype=x.dtype, device=x.device)
+    m = b * t
+    if m == 0 or d == 0:
+        return out[0], out[1], out[2]
+    bm, bn, bk, warps = _blocks(m, x.dtype)
+    grid = (triton.cdiv(m, bm), triton.cdiv(3 * d, bn))
+    _qkv_kernel[grid](x, weight, bits, bias if bias is not None else x, out, m, d,
+                      bits.shape[1], t, num_heads, dh, bits.stride(0),
+                      HAS_BIAS=bias is not None, IEEE=_ieee(x.dtype), BLOCK_M=bm, BLOCK_N=bn,
+                      BLOCK_K=bk, num_warps=warps)
+    return out[0], out[1], out[2]
