@@ -31,6 +31,18 @@ except ImportError:
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _ship_cuda_sources() -> None:
+    """Copy the torch-free kernel header into the package: the cupy backend compiles it at run
+    time in installs that have no csrc/ tree."""
+    dst = os.path.join(HERE, "lass_sparse", "_cuda_src")
+    os.makedirs(dst, exist_ok=True)
+    for f in glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cuh")):
+        shutil.copyfile(f, os.path.join(dst, os.path.basename(f)))
+
+
+_ship_cuda_sources()
+
+
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
