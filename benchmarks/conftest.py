@@ -18,12 +18,9 @@ import lass_sparse  # noqa: E402,F401
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    from lass_sparse.testing import skip_gpu_items_without_cuda
+
+    skip_gpu_items_without_cuda(items)
 
 
 def smoke(config) -> bool:

@@ -36,27 +36,24 @@ class MaskContext:
             self._names = frozenset(self.bank.names)
             self._version = self.bank.version
 
-    def bits(self, name: str, device: torch.device) -> Tensor | None:
-        """The active pair's bits for parameter ``name`` on ``device`` (None: not masked)."""
+    def _device_copy(self, key: tuple, fetch) -> Tensor | None:
         self._fresh()
-        if name not in self._names:
+        if key[1] not in self._names:
             return None
-        key = (self.pair, name, device)
         b = self._cache.get(key)
         if b is None:
-            b = self._cache[key] = self.bank.bits(self.pair, name).to(device)
+            b = self._cache[key] = fetch().to(key[2])
         return b
+
+    def bits(self, name: str, device: torch.device) -> Tensor | None:
+        """The active pair's bits for parameter ``name`` on ``device`` (None: not masked)."""
+        return self._device_copy((self.pair, name, device),
+                                 lambda: self.bank.bits(self.pair, name))
 
     def stacked(self, name: str, device: torch.device) -> Tensor | None:
         """``int32[P, rows, W]`` bits of the mixed batch's pairs for ``name`` (None: not masked)."""
-        self._fresh()
-        if name not in self._names:
-            return None
-        key = (self.pairs, name, device)
-        b = self._cache.get(key)
-        if b is None:
-            b = self._cache[key] = self.bank.stack(self.pairs)[name].to(device)
-        return b
+        return self._device_copy((self.pairs, name, device),
+                                 lambda: self.bank.stack(self.pairs)[name])
 
     def set(self, pair=None, pair_ids=None, batch_dim: int = 0) -> None:
         self._fresh()

@@ -41,6 +41,26 @@ def _load_masked_w(w_ptr, bits_ptr, rn, k0, N, K, NW, swn, sbn,
 
 
 @triton.jit
+def _xwt_bias(x_ptr, w_ptr, bits_ptr, b_ptr, rm, hi, rn, N, K, NW, sxm, swn, sbn,
+              HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 tile ``x[rm, :] @ (W ⊙ M)[rn, :]ᵀ (+ b[rn])``, rows ``>= hi`` read as 0."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :],
+                    mask=(rm[:, None] < hi) & (rk[None, :] < K), other=0.0)
+        w = _load_masked_w(w_ptr, bits_ptr, rn, k0, N, K, NW, swn, sbn, BLOCK_N, BLOCK_K)
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _fwd_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, y_ptr, tile_lo, tile_hi, tile_pair,
                 M, N, K, NW, sxm, swn, sbn, sbp, sym, syn,
                 HAS_BIAS: tl.constexpr, SEGMENTED: tl.constexpr, IEEE: tl.constexpr,
@@ -56,18 +76,8 @@ def _fwd_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, y_ptr, tile_lo, tile_hi, tile_pai
         hi = M
     rm = lo + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :],
-                    mask=(rm[:, None] < hi) & (rk[None, :] < K), other=0.0)
-        w = _load_masked_w(w_ptr, bits_ptr, rn, k0, N, K, NW, swn, sbn, BLOCK_N, BLOCK_K)
-        if IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    acc = _xwt_bias(x_ptr, w_ptr, bits_ptr, b_ptr, rm, hi, rn, N, K, NW, sxm, swn, sbn,
+                    HAS_BIAS, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
              mask=(rm[:, None] < hi) & (rn[None, :] < N))
 
@@ -156,18 +166,8 @@ def _qkv_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, out_ptr, M, D, NW, T, H, DH, sbn,
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n3 = 3 * D
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * D + rk[None, :],
-                    mask=(rm[:, None] < M) & (rk[None, :] < D), other=0.0)
-        w = _load_masked_w(w_ptr, bits_ptr, rn, k0, n3, D, NW, D, sbn, BLOCK_N, BLOCK_K)
-        if IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < n3, other=0.0).to(tl.float32)[None, :]
+    acc = _xwt_bias(x_ptr, w_ptr, bits_ptr, b_ptr, rm, M, rn, n3, D, NW, D, D, sbn,
+                    HAS_BIAS, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
     b_idx, t_idx = rm // T, rm % T
     which, rem = rn // D, rn % D
     h_idx, d_idx = rem // DH, rem % DH
