@@ -57,7 +57,9 @@ def render(data: dict) -> str:
             ours = row.get("ours", {})
             flop = ours.get("extra_info", {}).get("flop")
             if flop and "ours" in med:
-                cells[0] += f" ({float(flop) / med['ours'] / 1e9:.1f} GFLOP/s)"
+                cells[0] += f" ({float(flop) / med['ours'] / 1e9:.1f} GFLOP/s"
+                nbytes = ours.get("extra_info", {}).get("bytes")
+                cells[0] += f", {float(nbytes) / med['ours'] / 1e9:.1f} GB/s)" if nbytes else ")"
             cells += [str(ours.get("extra_info", {}).get(k, "—")) for k in extra]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
