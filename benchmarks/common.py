@@ -43,3 +43,48 @@ def linear_impls(w: torch.Tensor, mask: torch.Tensor, bits: torch.Tensor):
 def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor) -> None:
     tol = 1e-4 if out.dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+class TensorMemory:
+    """Peak bytes of CPU tensor storages created while active (a TorchDispatchMode): what
+    "tracked tensor bytes" means in the CPU results. Storages are counted once and released when
+    the tensor that created them dies (views outliving it make this a slight underestimate);
+    buffers internal to C++ kernels are not seen."""
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+        self._alive: dict[int, int] = {}
+
+    def _release(self, key: int) -> None:
+        self.live -= self._alive.pop(key, 0)
+
+    def __enter__(self):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                        st = t.untyped_storage()
+                        key = st.data_ptr()
+                        if key and key not in tracker._alive:
+                            tracker._alive[key] = st.nbytes()
+                            tracker.live += st.nbytes()
+                            tracker.peak = max(tracker.peak, tracker.live)
+                            weakref.finalize(t, tracker._release, key)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        return False

@@ -60,7 +60,11 @@ def render(data: dict) -> str:
                 cells[0] += f" ({float(flop) / med['ours'] / 1e9:.1f} GFLOP/s"
                 nbytes = ours.get("extra_info", {}).get("bytes")
                 cells[0] += f", {float(nbytes) / med['ours'] / 1e9:.1f} GB/s)" if nbytes else ")"
-            cells += [str(ours.get("extra_info", {}).get(k, "—")) for k in extra]
+            for k in extra:  # per-implementation values when more than one has them
+                vals = [(i, row[i].get("extra_info", {}).get(k)) for i in impls if i in row]
+                vals = [(i, v) for i, v in vals if v is not None]
+                cells.append(str(vals[0][1]) if len(vals) == 1 else
+                             "; ".join(f"{i} {v}" for i, v in vals) or "—")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
