@@ -13,6 +13,10 @@ masks of everything that was all-reduced::
             loss(ddp, idx).backward()               # DDP averages the gradients
         opt.note_pair(*gather_pairs(pair))
         opt.step(); opt.zero_grad()
+
+FSDP2 works the same way (``fully_shard`` each layer and the root instead of DDP): parameters
+are row-sharded DTensors and :class:`~lass_sparse.optim.MaskedAdamW` applies the matching row
+slice of each packed mask to the local shard.
 """
 
 from __future__ import annotations

@@ -105,6 +105,28 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------- step
 
+    @staticmethod
+    def _local(p: Tensor, bits: Tensor | None):
+        """(param, grad, bits) as local tensors: FSDP2 shards parameters row-wise (DTensor), and
+        the packed bits of those rows are the same row slice (bits are packed along K)."""
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - torch without distributed
+            DTensor = ()  # noqa: N806
+        if not isinstance(p, DTensor):
+            return p, p.grad, bits
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local = p.to_local()
+        grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        if bits is not None:
+            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh,
+                                                                  p.placements)
+            if any(o for o in offset[1:]) or tuple(shape[1:]) != tuple(p.shape[1:]):
+                raise NotImplementedError("MaskedAdamW: only row-sharded (dim 0) DTensor params")
+            bits = bits[offset[0]:offset[0] + shape[0]]
+        return local, grad, bits
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -119,22 +141,25 @@ class MaskedAdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("MaskedAdamW does not support sparse gradients")
-                st = self.state[p]
-                if not st:
-                    st["step"] = 0
-                    st["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                    st["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                st["step"] += 1
                 bits = masks.get(id(p))
                 if bits is not None:
                     bits = bits.to(p.device)
-                buckets.setdefault((st["step"], p.device), []).append((p, bits))
+                local, grad, bits = self._local(p, bits)
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros(local.shape, dtype=torch.float32,
+                                                device=local.device)
+                    st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+                st["step"] += 1
+                buckets.setdefault((st["step"], local.device), []).append((p, local, grad, bits))
             b1, b2 = group["betas"]
             for (step, _), items in buckets.items():
-                ps = [p for p, _ in items]
+                ps = [p for p, *_ in items]
                 ops.masked_adamw_(
-                    ps, [p.grad for p in ps], [self.state[p]["exp_avg"] for p in ps],
-                    [self.state[p]["exp_avg_sq"] for p in ps], [b for _, b in items],
+                    [t[1] for t in items], [t[2] for t in items],
+                    [self.state[p]["exp_avg"] for p in ps],
+                    [self.state[p]["exp_avg_sq"] for p in ps], [t[3] for t in items],
                     lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
                     weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
                 )

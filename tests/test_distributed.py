@@ -38,13 +38,21 @@ def _loss(net, x, y):
     return (net(x) - y).pow(2).mean()
 
 
-def _ddp_worker(rank: int, init_file: str, out: str) -> None:
+def _ddp_worker(rank: int, init_file: str, out: str, mode: str = "ddp") -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     try:
         model, bank, x, y, opt = _setup()
-        ddp = nn.parallel.DistributedDataParallel(model)
+        if mode == "fsdp":  # FSDP2: row-sharded DTensor params, masks sliced to match
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in (model[0], model[2]):
+                fully_shard(layer)
+            ddp = fully_shard(model)
+            opt = MaskedAdamW(model.parameters(), lr=1e-2).bind(model, bank)
+        else:
+            ddp = nn.parallel.DistributedDataParallel(model)
         sampler = PairGroupedSampler(PAIRS, BATCH, seed=3)
         assert (sampler.rank, sampler.num_replicas) == (rank, WORLD)
         for pair, idx in sampler.batches():
@@ -53,16 +61,20 @@ def _ddp_worker(rank: int, init_file: str, out: str) -> None:
             opt.note_pair(*gather_pairs(pair))
             opt.step()
             opt.zero_grad()
+        state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                 for k, v in model.state_dict().items()}
         if rank == 0:
-            torch.save(model.state_dict(), out)
+            torch.save(state, out)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process_with_accumulation(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_process_with_accumulation(tmp_path, mode):
+    """DDP (all-reduced grads) and FSDP2 (row-sharded params and masks) on gloo."""
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), out), nprocs=WORLD, join=True)
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), out, mode), nprocs=WORLD, join=True)
     ddp_state = torch.load(out)
 
     model, bank, x, y, opt = _setup()
