@@ -15,6 +15,7 @@ import sys
 # Modules that contribute subcommands, in --help order.
 COMMAND_MODULES = (
     "lass_sparse.lass.commands",
+    "lass_sparse.lass.reproduce",
     "lass_sparse.lass.corpus",
     "lass_sparse.showcase",
 )
