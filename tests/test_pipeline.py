@@ -182,3 +182,11 @@ def test_bad_input_messages(run, tmp_path, capsys):
                "--input", str(empty), "--output", str(out)])
     assert rc == 1 and "empty input" in capsys.readouterr().err
     assert out.read_text() == "keep me"
+
+
+def test_translation_accuracy_and_win_ratio():
+    from lass_sparse.lass.evaluate import translation_accuracy, win_ratio
+
+    assert translation_accuracy(["Das ist eine Datei auf dem Computer", ""], "de") == 0.5
+    assert translation_accuracy(["This is a file on the computer"], "de") == 0.0
+    assert win_ratio({"a": 2.0, "b": 1.0, "c": 3.0}, {"a": 1.0, "b": 2.0, "c": 3.0}) == 1 / 3

@@ -35,7 +35,8 @@ def translation_accuracy(hyps: list[str], tgt_lang: str) -> float:
     if not hyps:
         return float("nan")
     ident = _identifier()
-    return sum(ident.classify(h)[0] == tgt_lang for h in hyps) / len(hyps)
+    # an empty output is in no language (langid would still name one)
+    return sum(bool(h.strip()) and ident.classify(h)[0] == tgt_lang for h in hyps) / len(hyps)
 
 
 def win_ratio(system: dict[str, float], baseline: dict[str, float]) -> float:
