@@ -3,9 +3,26 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <cstring>
+
 #include "common.h"
 
 namespace lass_sparse_cpu {
+
+// 8 bool bytes (0/1) -> 8 bits, byte i -> bit i: the multiplier places byte i's bit at 56 + i and
+// every cross term at a distinct lower bit, so nothing carries into the top byte.
+static inline uint32_t gather8(const bool* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return static_cast<uint32_t>((v * 0x0102040810204080ULL) >> 56);
+}
+
+// 8 bits -> 8 bool bytes (bit i -> byte i): replicate, keep bit i in byte i, normalise to 0/1.
+static inline void spread8(uint32_t byte, bool* p) {
+  uint64_t v = (static_cast<uint64_t>(byte) * 0x0101010101010101ULL) & 0x8040201008040201ULL;
+  v = ((v + 0x7F7F7F7F7F7F7F7FULL) >> 7) & 0x0101010101010101ULL;
+  std::memcpy(p, &v, 8);
+}
 
 at::Tensor pack_mask(const at::Tensor& mask) {
   // Nested ATen calls run below autograd: this kernel is the op's implementation.
@@ -25,7 +42,12 @@ at::Tensor pack_mask(const at::Tensor& mask) {
       for (int64_t wi = 0; wi < w; ++wi) {
         uint32_t word = 0;
         const int64_t lo = wi * 32, n = std::min<int64_t>(32, k - lo);
-        for (int64_t j = 0; j < n; ++j) word |= uint32_t(row[lo + j]) << j;
+        if (n == 32) {
+          word = gather8(row + lo) | gather8(row + lo + 8) << 8 | gather8(row + lo + 16) << 16 |
+                 gather8(row + lo + 24) << 24;
+        } else {
+          for (int64_t j = 0; j < n; ++j) word |= uint32_t(row[lo + j]) << j;
+        }
         dst[r * w + wi] = static_cast<int32_t>(word);
       }
     }
@@ -47,9 +69,16 @@ at::Tensor unpack_mask(const at::Tensor& bits, int64_t k) {
   const int32_t* src = b.data_ptr<int32_t>();
   bool* dst = out.data_ptr<bool>();
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t j = 0; j < k; ++j)
-        dst[r * k + j] = (static_cast<uint32_t>(src[r * w + (j >> 5)]) >> (j & 31)) & 1u;
+    for (int64_t r = r0; r < r1; ++r) {
+      bool* row = dst + r * k;
+      const int32_t* words = src + r * w;
+      int64_t j = 0;
+      for (; j + 32 <= k; j += 32) {
+        const uint32_t word = static_cast<uint32_t>(words[j >> 5]);
+        for (int b = 0; b < 4; ++b) spread8((word >> (8 * b)) & 0xFFu, row + j + 8 * b);
+      }
+      for (; j < k; ++j) row[j] = (static_cast<uint32_t>(words[j >> 5]) >> (j & 31)) & 1u;
+    }
   });
   return out;
 }
