@@ -119,3 +119,8 @@ def test_kernels_compile_ahead_of_time_for_sm80_and_sm90(tmp_path):
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("sm_90") == r.stdout.count("sm_80") == 18
+    r = subprocess.run([sys.executable, "-m", "lass_sparse.backends.triton.aot_check",
+                        "--arch", "90", "--dtype", "bf16", "fp32", "--all-configs"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("sm_90") == 6 * 5 + 6 * 4  # every autotuning candidate compiles

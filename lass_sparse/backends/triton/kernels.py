@@ -190,13 +190,46 @@ def _dummy(device) -> torch.Tensor:
     return _DUMMY[key]
 
 
-def _blocks(m: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps); one fixed small config under the interpreter."""
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) candidates; BLOCK_M comes from the M bucket.
+_CANDIDATES = {
+    "16bit": [(64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 4)],
+    "fp32": [(64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+}
+_TUNED: dict[tuple, tuple] = {}
+AUTOTUNE = os.environ.get("LASS_SPARSE_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _bucket_m(m: int) -> int:
+    return 16 if m <= 16 else 64 if m <= 256 else 128
+
+
+def _config(kind: str, m: int, n: int, k: int, dtype: torch.dtype, launch) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for this (kind, M bucket, N, K, dtype).
+
+    Under the interpreter: one small fixed config. On a GPU: the fastest candidate, timed once
+    per key with ``triton.testing.do_bench`` (``launch(cfg)`` must be safe to repeat); candidates
+    that do not fit the device are skipped. ``LASS_SPARSE_TRITON_AUTOTUNE=0``: first candidate.
+    """
     if INTERPRET:
-        return 16, 32, 32, 1
-    bm = 16 if m <= 16 else 64 if m <= 256 else 128
-    bk = 64 if dtype != torch.float32 else 32
-    return bm, 128, bk, 4 if bm <= 64 else 8
+        return 16, 32, 32, 1, 1
+    bm = _bucket_m(m)
+    cands = [(bm, *c) for c in _CANDIDATES["fp32" if dtype == torch.float32 else "16bit"]]
+    if not AUTOTUNE:
+        return cands[0]
+    key = (kind, bm, n, k, dtype, torch.cuda.current_device())
+    if key not in _TUNED:
+        from triton.testing import do_bench
+
+        best, best_t = cands[0], float("inf")
+        for c in cands:
+            try:
+                t = do_bench(lambda c=c: launch(c), warmup=5, rep=20)
+            except Exception:  # noqa: BLE001 - e.g. OutOfResources: the config does not fit
+                continue
+            if t < best_t:
+                best, best_t = c, t
+        _TUNED[key] = best
+    return _TUNED[key]
 
 
 def _ieee(dtype: torch.dtype) -> bool:
@@ -209,13 +242,18 @@ def masked_linear(x, weight, bits, bias):
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    bm, bn, bk, warps = _blocks(m, x.dtype)
     d = _dummy(x.device)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _fwd_kernel[grid](x, weight, bits, bias if bias is not None else x, y, d, d, d,
-                      m, n, k, bits.shape[1], x.stride(0), weight.stride(0), bits.stride(0), 0,
-                      y.stride(0), y.stride(1), HAS_BIAS=bias is not None, SEGMENTED=False,
-                      IEEE=_ieee(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+
+    def launch(cfg):
+        bm, bn, bk, warps, stages = cfg
+        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+        _fwd_kernel[grid](x, weight, bits, bias if bias is not None else x, y, d, d, d,
+                          m, n, k, bits.shape[1], x.stride(0), weight.stride(0), bits.stride(0),
+                          0, y.stride(0), y.stride(1), HAS_BIAS=bias is not None,
+                          SEGMENTED=False, IEEE=_ieee(x.dtype), BLOCK_M=bm, BLOCK_N=bn,
+                          BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+    launch(_config("fwd", m, n, k, x.dtype, launch))
     return y
 
 
@@ -227,13 +265,17 @@ def masked_linear_dx(grad_out, weight, bits):
         return dx
     if n == 0:
         return dx.zero_()
-    bm, bn, bk, warps = _blocks(m, grad_out.dtype)
     d = _dummy(grad_out.device)
-    grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
-    _dx_kernel[grid](grad_out, weight, bits, dx, d, d, d, m, n, k, bits.shape[1],
-                     grad_out.stride(0), weight.stride(0), bits.stride(0), 0, dx.stride(0),
-                     SEGMENTED=False, IEEE=_ieee(grad_out.dtype), BLOCK_M=bm, BLOCK_N=bn,
-                     BLOCK_K=bk, num_warps=warps)
+
+    def launch(cfg):
+        bm, bn, bk, warps, stages = cfg
+        grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
+        _dx_kernel[grid](grad_out, weight, bits, dx, d, d, d, m, n, k, bits.shape[1],
+                         grad_out.stride(0), weight.stride(0), bits.stride(0), 0, dx.stride(0),
+                         SEGMENTED=False, IEEE=_ieee(grad_out.dtype), BLOCK_M=bm, BLOCK_N=bn,
+                         BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+    launch(_config("dx", m, n, k, grad_out.dtype, launch))
     return dx
 
 
@@ -242,13 +284,23 @@ def _dw(grad_out, x, bits_bank, lo, hi, pair, out, accumulate):
     k = x.shape[1]
     if n == 0 or k == 0:
         return out
-    bm, bn, bk, warps = _blocks(64, grad_out.dtype)
-    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
-    _dw_kernel[grid](grad_out, x, bits_bank, out, lo, hi, pair, lo.shape[0], m, n, k,
-                     bits_bank.shape[-1], grad_out.stride(0), x.stride(0), bits_bank.stride(-2),
-                     bits_bank.stride(0) if bits_bank.dim() == 3 else 0, out.stride(0),
-                     ACCUMULATE=accumulate, IEEE=_ieee(grad_out.dtype), BLOCK_M=bm,
-                     BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+
+    def launch(cfg, dst=out, acc=accumulate):
+        bm, bn, bk, warps, stages = cfg
+        grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+        _dw_kernel[grid](grad_out, x, bits_bank, dst, lo, hi, pair, lo.shape[0], m, n, k,
+                         bits_bank.shape[-1], grad_out.stride(0), x.stride(0),
+                         bits_bank.stride(-2), bits_bank.stride(0) if bits_bank.dim() == 3 else 0,
+                         dst.stride(0), ACCUMULATE=acc, IEEE=_ieee(grad_out.dtype), BLOCK_M=bm,
+                         BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+    if INTERPRET or not AUTOTUNE:
+        cfg = _config("dw", 64, n, k, grad_out.dtype, None)
+    else:  # time candidates on a scratch buffer: accumulation must happen once
+        scratch = torch.empty_like(out)
+        cfg = _config("dw", 64, n, k, grad_out.dtype,
+                      lambda c: launch(c, dst=scratch, acc=False))
+    launch(cfg)
     return out
 
 
@@ -285,16 +337,26 @@ def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
     t, k = x.shape
     n = weight.shape[0]
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
-    bm, bn, bk, warps = _blocks(64, x.dtype)
-    lo, hi, pr = _segments(seg_offsets, seg_pair, bm, x.device)
-    if lo.numel() == 0 or n == 0:
+    if t == 0 or n == 0:
         return y
-    grid = (lo.numel(), triton.cdiv(n, bn))
-    _fwd_kernel[grid](x, weight, bits_bank, bias if bias is not None else x, y, lo, hi, pr,
-                      t, n, k, bits_bank.shape[-1], x.stride(0), weight.stride(0),
-                      bits_bank.stride(1), bits_bank.stride(0), y.stride(0), y.stride(1),
-                      HAS_BIAS=bias is not None, SEGMENTED=True, IEEE=_ieee(x.dtype),
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    tiles: dict[int, tuple] = {}
+
+    def launch(cfg):
+        bm, bn, bk, warps, stages = cfg
+        if bm not in tiles:
+            tiles[bm] = _segments(seg_offsets, seg_pair, bm, x.device)
+        lo, hi, pr = tiles[bm]
+        if lo.numel() == 0:
+            return
+        grid = (lo.numel(), triton.cdiv(n, bn))
+        _fwd_kernel[grid](x, weight, bits_bank, bias if bias is not None else x, y, lo, hi, pr,
+                          t, n, k, bits_bank.shape[-1], x.stride(0), weight.stride(0),
+                          bits_bank.stride(1), bits_bank.stride(0), y.stride(0), y.stride(1),
+                          HAS_BIAS=bias is not None, SEGMENTED=True, IEEE=_ieee(x.dtype),
+                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                          num_stages=stages)
+
+    launch(_config("seg_fwd", 64, n, k, x.dtype, launch))
     return y
 
 
@@ -302,16 +364,25 @@ def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pai
     t, n = grad_out.shape
     k = weight.shape[1]
     dx = torch.zeros(t, k, dtype=grad_out.dtype, device=grad_out.device)
-    bm, bn, bk, warps = _blocks(64, grad_out.dtype)
-    lo, hi, pr = _segments(seg_offsets, seg_pair, bm, grad_out.device)
-    if lo.numel() == 0 or k == 0 or n == 0:
+    if t == 0 or k == 0 or n == 0:
         return dx
-    grid = (lo.numel(), triton.cdiv(k, bk))
-    _dx_kernel[grid](grad_out, weight, bits_bank, dx, lo, hi, pr, t, n, k, bits_bank.shape[-1],
-                     grad_out.stride(0), weight.stride(0), bits_bank.stride(1),
-                     bits_bank.stride(0), dx.stride(0), SEGMENTED=True,
-                     IEEE=_ieee(grad_out.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                     num_warps=warps)
+    tiles: dict[int, tuple] = {}
+
+    def launch(cfg):
+        bm, bn, bk, warps, stages = cfg
+        if bm not in tiles:
+            tiles[bm] = _segments(seg_offsets, seg_pair, bm, grad_out.device)
+        lo, hi, pr = tiles[bm]
+        if lo.numel() == 0:
+            return
+        grid = (lo.numel(), triton.cdiv(k, bk))
+        _dx_kernel[grid](grad_out, weight, bits_bank, dx, lo, hi, pr, t, n, k,
+                         bits_bank.shape[-1], grad_out.stride(0), weight.stride(0),
+                         bits_bank.stride(1), bits_bank.stride(0), dx.stride(0), SEGMENTED=True,
+                         IEEE=_ieee(grad_out.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                         num_warps=warps, num_stages=stages)
+
+    launch(_config("seg_dx", 64, n, k, grad_out.dtype, launch))
     return dx
 
 
@@ -330,10 +401,13 @@ def masked_qkv_proj(x, weight, bits, bias, num_heads):
     m = b * t
     if m == 0 or d == 0:
         return out[0], out[1], out[2]
-    bm, bn, bk, warps = _blocks(m, x.dtype)
-    grid = (triton.cdiv(m, bm), triton.cdiv(3 * d, bn))
-    _qkv_kernel[grid](x, weight, bits, bias if bias is not None else x, out, m, d,
-                      bits.shape[1], t, num_heads, dh, bits.stride(0),
-                      HAS_BIAS=bias is not None, IEEE=_ieee(x.dtype), BLOCK_M=bm, BLOCK_N=bn,
-                      BLOCK_K=bk, num_warps=warps)
+    def launch(cfg):
+        bm, bn, bk, warps, stages = cfg
+        grid = (triton.cdiv(m, bm), triton.cdiv(3 * d, bn))
+        _qkv_kernel[grid](x, weight, bits, bias if bias is not None else x, out, m, d,
+                          bits.shape[1], t, num_heads, dh, bits.stride(0),
+                          HAS_BIAS=bias is not None, IEEE=_ieee(x.dtype), BLOCK_M=bm,
+                          BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+    launch(_config("qkv", m, 3 * d, d, x.dtype, launch))
     return out[0], out[1], out[2]
