@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/lass-sparse demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests benchmarks --benchmark-disable
+	$(BIN)/python -m pytest -q tests benchmarks --benchmark-disable --durations=8
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -m "not gpu" --benchmark-only \

@@ -133,24 +133,25 @@ def test_resume_after_sigkill_is_bit_identical(run, tmp_path):
         os.makedirs(d)
         for f in ("run.json", "spm.model"):
             shutil.copy(run.path(f), os.path.join(d, f))
-    cmd = [sys.executable, "-m", "lass_sparse.cli", "train", "--run", None, "--steps", "12",
+    total = 40
+    cmd = [sys.executable, "-m", "lass_sparse.cli", "train", "--run", None, "--steps", str(total),
            "--ckpt-every", "1", "--batch-size", "8", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([c if c else a for c in cmd], check=True, env=env, capture_output=True)
     proc = subprocess.Popen([c if c else b for c in cmd], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    state = os.path.join(b, "base", "ckpt", "state.json")
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if os.path.exists(state) and '"step": 4' in open(state).read():
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     import json
 
+    state = os.path.join(b, "base", "ckpt", "state.json")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(state) and json.load(open(state))["step"] >= 3:  # atomic writes
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     killed_at = json.load(open(state))["step"]
-    assert 1 <= killed_at < 12, "the kill must interrupt training"
+    assert 3 <= killed_at < total, "the kill must interrupt training"
     subprocess.run([c if c else b for c in cmd], check=True, env=env, capture_output=True)
     ra, rb = P.open_run(a), P.open_run(b)
     ma, mb = ra.load_model("base"), rb.load_model("base")
