@@ -10,6 +10,11 @@ from torch import Tensor, nn
 from . import ops
 from .masks import MaskBank
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - torch without distributed
+    _DTensor = ()
+
 
 class MaskedAdamW(torch.optim.Optimizer):
     """AdamW whose step changes, for each masked parameter, only the entries inside the mask of the
@@ -109,16 +114,12 @@ class MaskedAdamW(torch.optim.Optimizer):
     def _local(p: Tensor, bits: Tensor | None):
         """(param, grad, bits) as local tensors: FSDP2 shards parameters row-wise (DTensor), and
         the packed bits of those rows are the same row slice (bits are packed along K)."""
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # pragma: no cover - torch without distributed
-            DTensor = ()  # noqa: N806
-        if not isinstance(p, DTensor):
+        if not isinstance(p, _DTensor):
             return p, p.grad, bits
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         local = p.to_local()
-        grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        grad = p.grad.to_local() if isinstance(p.grad, _DTensor) else p.grad
         if bits is not None:
             shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh,
                                                                   p.placements)

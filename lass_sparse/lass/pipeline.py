@@ -190,7 +190,6 @@ def extend(run: Run, direction: str, *, masks: str, init: str = "joint", ft_step
             free = {n: b & ~union[n] for n, b in free.items()}
         params = [model.get_parameter(n) for n in bank.names]
         update_masks = {p: free[n] for p, n in zip(params, bank.names)}
-    kw.pop("warmup", None)
     progress = kw.pop("progress", True)
     cfg = TrainConfig(stage=f"extend {direction}", directions=[direction], steps=steps, **kw)
     res = run_stage(run.path(out), model, run.encoded([direction]), cfg, bank=bank,

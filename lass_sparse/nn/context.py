@@ -24,6 +24,7 @@ class MaskContext:
         self.batch_dim = 0
         self._names = frozenset(bank.names)
         self._cache: dict[tuple, Tensor] = {}
+        self._groups: dict[tuple, tuple] = {}  # mixed batch: row grouping per activation shape
         self._version = bank.version
 
     @property
@@ -57,6 +58,7 @@ class MaskContext:
 
     def set(self, pair=None, pair_ids=None, batch_dim: int = 0) -> None:
         self._fresh()
+        self._groups = {}
         if pair_ids is not None:
             pairs = (pair,) if isinstance(pair, str) else tuple(pair or ())
             if not pairs:
@@ -85,6 +87,7 @@ class MaskContext:
 
     def restore(self, state) -> None:
         self.pair, self.pairs, self.pair_ids, self.batch_dim = state
+        self._groups = {}
 
 
 def masked_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -22,7 +24,7 @@ def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None):
 
 def _row_ids(ids: Tensor, x: Tensor, batch_dim: int) -> Tensor:
     lead = x.shape[:-1]
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else int(torch.tensor(lead).prod())
+    rows = math.prod(lead)
     if x.dim() > 2 and ids.numel() == lead[batch_dim]:
         view = [1] * len(lead)
         view[batch_dim] = -1
@@ -35,21 +37,23 @@ def _row_ids(ids: Tensor, x: Tensor, batch_dim: int) -> Tensor:
     )
 
 
-def _segmented(x2: Tensor, ids: Tensor, weight: Tensor, bank_bits: Tensor, bias):
-    """Group rows by pair id and run the segmented kernel; rows come back in input order."""
-    p = bank_bits.shape[0]
-    is_sorted = bool((ids[1:] >= ids[:-1]).all()) if ids.numel() > 1 else True
-    order = None if is_sorted else torch.argsort(ids, stable=True)
-    if order is not None:
-        x2, ids = x2[order], ids[order]
-    counts = torch.bincount(ids, minlength=p)
-    seg_pair = counts.nonzero().flatten()
-    offsets = torch.zeros(seg_pair.numel() + 1, dtype=torch.long, device=ids.device)
-    offsets[1:] = counts[seg_pair].cumsum(0)
-    y = ops.segmented_masked_linear(x2, weight, bank_bits, offsets, seg_pair, bias)
-    if order is not None:
-        y = torch.empty_like(y).index_copy(0, order, y)
-    return y
+def _grouping(ctx: MaskContext, x: Tensor, batch_dim: int):
+    """(row order or None, seg_offsets, seg_pair) of the mixed batch for activations shaped like
+    ``x``; computed once per shape and shared by every masked layer until the pairs change."""
+    key = (tuple(x.shape[:-1]), batch_dim, x.device)
+    g = ctx._groups.get(key)
+    if g is None:
+        ids = _row_ids(ctx.pair_ids.to(x.device), x, batch_dim)
+        is_sorted = bool((ids[1:] >= ids[:-1]).all()) if ids.numel() > 1 else True
+        order = None if is_sorted else torch.argsort(ids, stable=True)
+        if order is not None:
+            ids = ids[order]
+        counts = torch.bincount(ids, minlength=len(ctx.pairs))
+        seg_pair = counts.nonzero().flatten()
+        offsets = torch.zeros(seg_pair.numel() + 1, dtype=torch.long, device=ids.device)
+        offsets[1:] = counts[seg_pair].cumsum(0)
+        g = ctx._groups[key] = (order, offsets, seg_pair)
+    return g
 
 
 def masked_forward(
@@ -76,8 +80,13 @@ def masked_forward(
         return F.linear(x, weight, bias)
     if rows is not None:
         bank_bits = bank_bits[:, rows]
-    ids = _row_ids(ctx.pair_ids.to(x.device), x, ctx.batch_dim if batch_dim is None else batch_dim)
-    y = _segmented(x.reshape(-1, x.shape[-1]), ids, weight, bank_bits, bias)
+    order, offsets, seg_pair = _grouping(ctx, x, ctx.batch_dim if batch_dim is None else batch_dim)
+    x2 = x.reshape(-1, x.shape[-1])
+    if order is not None:
+        x2 = x2[order]
+    y = ops.segmented_masked_linear(x2, weight, bank_bits, offsets, seg_pair, bias)
+    if order is not None:
+        y = torch.empty_like(y).index_copy(0, order, y)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

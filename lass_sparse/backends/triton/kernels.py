@@ -9,6 +9,7 @@ the dW mask is applied in the epilogue so off-mask entries are exactly 0. fp32 i
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -339,13 +340,11 @@ def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
     if t == 0 or n == 0:
         return y
-    tiles: dict[int, tuple] = {}
+    tiles = functools.cache(lambda bm: _segments(seg_offsets, seg_pair, bm, x.device))
 
     def launch(cfg):
         bm, bn, bk, warps, stages = cfg
-        if bm not in tiles:
-            tiles[bm] = _segments(seg_offsets, seg_pair, bm, x.device)
-        lo, hi, pr = tiles[bm]
+        lo, hi, pr = tiles(bm)
         if lo.numel() == 0:
             return
         grid = (lo.numel(), triton.cdiv(n, bn))
@@ -366,13 +365,11 @@ def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pai
     dx = torch.zeros(t, k, dtype=grad_out.dtype, device=grad_out.device)
     if t == 0 or k == 0 or n == 0:
         return dx
-    tiles: dict[int, tuple] = {}
+    tiles = functools.cache(lambda bm: _segments(seg_offsets, seg_pair, bm, grad_out.device))
 
     def launch(cfg):
         bm, bn, bk, warps, stages = cfg
-        if bm not in tiles:
-            tiles[bm] = _segments(seg_offsets, seg_pair, bm, grad_out.device)
-        lo, hi, pr = tiles[bm]
+        lo, hi, pr = tiles(bm)
         if lo.numel() == 0:
             return
         grid = (lo.numel(), triton.cdiv(k, bk))
