@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import signal
@@ -125,6 +126,26 @@ def test_extend_strict_keeps_old_pairs_bit_identical(run):
             assert torch.equal(p_old[keep], p_new[keep]), name
         else:  # shared params frozen under --strict
             assert torch.equal(p_old, p_new), name
+
+
+def test_cli_extend_adds_both_directions_of_a_pair(run, capsys):
+    from lass_sparse.cli import main
+
+    bank = ls.MaskBank.load(run.path("masks.safetensors"))
+    for d in ("en-fr", "fr-en"):
+        bank.remove_pair(d)
+    bank.save(run.path("masks-de.safetensors"))
+    rc = main(["extend", "--run", run.dir, "--pair", "en-fr", "fr-en", "--masks",
+               "masks-de.safetensors", "--init", "joint", "--ft-steps", "2", "--steps", "3",
+               "--batch-size", "16", "--quiet"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["finetune"]) == {"en-fr", "fr-en"} and out["train"]["steps"] == 3
+    full = ls.MaskBank.load(out["masks"])
+    assert sorted(full.pairs) == sorted(run.directions)
+    for d in ("en-fr", "fr-en"):  # each new direction got its own fine-tuned mask
+        assert os.path.exists(run.path("extend", "en-fr+fr-en", "ft", d, "ckpt"))
+    assert full.similarity("en-fr", "fr-en") < 1.0
 
 
 def test_resume_after_sigkill_is_bit_identical(run, tmp_path):

@@ -216,10 +216,11 @@ def add_commands(sub) -> None:
     p.add_argument("--temperature", type=float, default=5.0)
     p.set_defaults(func=cmd_joint)
 
-    p = sub.add_parser("extend", help="add a direction: fine-tune, prune, train its sub-network")
+    p = sub.add_parser("extend", help="add directions: fine-tune, prune, train their sub-networks")
     _common(p)
     _training(p, 200)
-    p.add_argument("--pair", required=True)
+    p.add_argument("--pair", required=True, nargs="+",
+                   help="the new direction(s), e.g. en-ar ar-en (trained together)")
     p.add_argument("--masks", default="masks.safetensors")
     p.add_argument("--init", default="joint")
     p.add_argument("--ft-steps", type=int, default=100)

@@ -163,39 +163,49 @@ def joint(run: Run, masks: str, steps: int, *, init: str = "base", out: str = "j
     return run_stage(run.path(out), model, run.encoded(dirs), cfg, bank=bank, progress=progress)
 
 
-def extend(run: Run, direction: str, *, masks: str, init: str = "joint", ft_steps: int,
-           steps: int, alpha: float | None = None, strict: bool = False,
+def extend(run: Run, directions: str | list[str], *, masks: str, init: str = "joint",
+           ft_steps: int, steps: int, alpha: float | None = None, strict: bool = False,
            out: str | None = None, **kw) -> dict:
-    """Add a direction: fine-tune → prune → train only its sub-network. ``strict``: update only
-    weights outside every other pair's mask and freeze the shared parameters, so existing pairs
-    stay bit-identical."""
+    """Add one or more directions (e.g. both of a new pair): fine-tune each → prune → train only
+    their sub-networks, together, with language-grouped batches. ``strict``: update only weights
+    outside every other pair's mask and freeze the shared parameters, so existing pairs stay
+    bit-identical."""
+    dirs = [directions] if isinstance(directions, str) else list(directions)
+    if not dirs:
+        raise ValueError("extend: directions must name at least one direction")
     bank = load_bank(run, masks)
-    if direction in bank:
-        raise ValueError(f"{direction} already has a mask in {masks}")
-    out = out or f"extend/{direction}"
-    ft = finetune(run, direction, ft_steps, init=init, out=f"{out}/ft", **kw)
-    ft_model = run.load_model(f"{out}/ft")
+    for d in dirs:
+        parse_direction(d)
+        if d in bank:
+            raise ValueError(f"{d} already has a mask in {masks}")
+    out = out or f"extend/{'+'.join(dirs)}"
     alpha = bank.alpha if alpha is None else alpha
-    chunks = masked_parameters(ft_model)
-    bank.add_pair(direction, {n: magnitude_chunks(ft_model.get_parameter(n).detach(), alpha,
-                                                  chunks[n]) for n in bank.names})
+    fts = {}
+    for d in dirs:
+        ft_out = f"{out}/ft" if len(dirs) == 1 else f"{out}/ft/{d}"
+        fts[d] = finetune(run, d, ft_steps, init=init, out=ft_out, **kw)
+        ft_model = run.load_model(ft_out)
+        chunks = masked_parameters(ft_model)
+        bank.add_pair(d, {n: magnitude_chunks(ft_model.get_parameter(n).detach(), alpha,
+                                              chunks[n]) for n in bank.names})
     model = _init_model(run, out, init)
     attach(model, bank)
-    update_masks = params = None
+    update_bank = params = None
     if strict:
-        others = [p for p in bank.pairs if p != direction]
-        free = bank[direction]
-        if others:
-            union = bank.union(others)
-            free = {n: b & ~union[n] for n, b in free.items()}
+        others = [p for p in bank.pairs if p not in dirs]
+        union = bank.union(others) if others else None
+        update_bank = MaskBank(dict(bank.shapes), alpha=bank.alpha)
+        for d in dirs:
+            update_bank.add_pair(d, {n: b & ~union[n] if union else b
+                                     for n, b in bank[d].items()})
         params = [model.get_parameter(n) for n in bank.names]
-        update_masks = {p: free[n] for p, n in zip(params, bank.names)}
     progress = kw.pop("progress", True)
-    cfg = TrainConfig(stage=f"extend {direction}", directions=[direction], steps=steps, **kw)
-    res = run_stage(run.path(out), model, run.encoded([direction]), cfg, bank=bank,
-                    update_masks=update_masks, params=params, progress=progress)
+    cfg = TrainConfig(stage=f"extend {'+'.join(dirs)}", directions=dirs, steps=steps, **kw)
+    res = run_stage(run.path(out), model, run.encoded(dirs), cfg, bank=bank,
+                    update_bank=update_bank, params=params, progress=progress)
     bank.save(run.path(out, "masks.safetensors"))
-    return {"finetune": ft, "train": res, "masks": run.path(out, "masks.safetensors")}
+    return {"finetune": fts[dirs[0]] if len(dirs) == 1 else fts, "train": res,
+            "masks": run.path(out, "masks.safetensors")}
 
 
 def translate_texts(run: Run, stage: str, direction: str, texts: list[str], *,

@@ -1,4 +1,5 @@
-"""Figures: mask similarity heatmap (LaSS Fig. 4) and per-layer similarity (Fig. 5/6)."""
+"""Figures: mask similarity heatmap (LaSS Fig. 4), per-layer similarity (Fig. 5/6) and the
+extension curves (Fig. 3)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,25 @@ def layer_similarity_plot(bank: MaskBank, pairs: list[tuple[str, str]], out_png:
     ax.set_ylabel("similarity")
     ax.tick_params(axis="x", rotation=60, labelsize=7)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=130)
+    plt.close(fig)
+    return out_png
+
+
+def extension_plot(curves: dict[str, list[dict]], out_png: str) -> str:
+    """Fig. 3 analogue: new-pair BLEU and the other directions' BLEU against extension steps,
+    one line per system (``curves``: system -> [{step, new_bleu, others_bleu}, ...])."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for label, pts in curves.items():
+        xs = [p["step"] for p in pts]
+        axes[0].plot(xs, [p["new_bleu"] for p in pts], marker="o", label=label)
+        axes[1].plot(xs, [p["others_bleu"] for p in pts], marker="o", label=label)
+    for ax, title in zip(axes, ("new pair: average BLEU", "other directions: average BLEU")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("extension steps")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_png, dpi=130)
     plt.close(fig)

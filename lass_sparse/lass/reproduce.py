@@ -1,19 +1,26 @@
 """``lass-sparse reproduce``: the paper's experiments on a corpus, one command (issue: reproduce).
 
-Writes ``OUT/reproduction.md`` + ``.json`` + PNGs:
+Writes ``OUT/reproduction.md`` + ``.json`` + PNGs. The work is split into parts that share the run
+folder and can run one after the other (``--part all``, the default) or as concurrent processes on
+separate cores (``--part main --threads 1`` next to ``--part ext --threads 1``, then
+``--part sweep`` and ``--part report``):
 
-1. Table 1 analogue — BLEU / chrF per direction for the dense multilingual baseline (trained as
-   many steps as LaSS's base + joint phases), LaSS, and LaSS with random masks at the same α;
-   averages and win ratios; plus α ∈ ``--alphas`` on a subset of directions (Fig. 7 trend).
-2. Zero-shot (Table 3 analogue) — X→Y among ``--zero-shot`` languages on the multi-way test set:
-   BLEU and translation accuracy, baseline vs LaSS with merged masks.
-3. Extension (Fig. 3 analogue) — a base trained without ``--held-out`` (e.g. ar); the new pair is
-   added by dense continued training (baseline) or by ``extend`` (LaSS, and ``--strict``); BLEU of
-   the new pair and of the others against steps.
-4. Similarity heatmap (Fig. 4) and per-layer similarity (Fig. 5/6).
+``main``  — Table 1 analogue: BLEU / chrF / ACC per direction for the dense multilingual baseline
+            (trained as many steps as LaSS's base + joint phases), LaSS, and LaSS with random masks
+            at the same α; plus the zero-shot directions among ``--zero-shot`` (Table 3 analogue,
+            merged masks for LaSS).
+``sweep`` — α ∈ ``--alphas`` on the directions of ``--alpha-langs``, each α joint-trained from the
+            same base for the same steps on that subset (Fig. 7 trend). Needs ``main``'s
+            fine-tuned models.
+``ext``   — Fig. 3 analogue: a base trained without ``--held-out`` (e.g. ar) goes through the LaSS
+            stages; then the new pair (both directions) is added by dense continued training
+            (baseline), by ``extend`` (LaSS) and by ``extend --strict``; BLEU of the new pair and of
+            the others every ``extend_eval_every`` steps.
+``report``— similarity heatmap (Fig. 4) and per-layer similarity (Fig. 5/6), then the markdown.
 
-Every stage checkpoints into ``--run``; rerunning the command resumes. ``--scale`` multiplies every
-step count (a quick smoke run uses e.g. 0.02).
+Every stage checkpoints into ``--run`` and every finished part writes ``RUN/parts/PART.json``, so
+rerunning the command resumes where it stopped. ``--steps KEY=N`` overrides a step count and
+``--scale`` multiplies all of them (a smoke run uses e.g. ``--scale 0.02``).
 """
 
 from __future__ import annotations
@@ -24,136 +31,324 @@ import time
 
 from ..masks import atomic_write
 
-DEFAULT_STEPS = {"base": 8000, "finetune": 300, "joint": 4000, "extend_ft": 300,
-                 "extend": 1500, "extend_eval_every": 500}
+# The documented CPU run (tiny model, 2 cores, ~2 h with main and ext as two 1-thread processes).
+DEFAULT_STEPS = {"base": 2800, "finetune": 50, "joint": 1300, "sweep_joint": 300,
+                 "ext_base": 2000, "ext_joint": 1000, "extend_ft": 50, "extend": 600,
+                 "extend_eval_every": 200}
+PARTS = ("main", "sweep", "ext", "report")
 
 
-def _steps(scale: float) -> dict:
-    return {k: max(1, int(v * scale)) for k, v in DEFAULT_STEPS.items()}
+def _steps(scale: float, overrides: list[str] | None = None) -> dict:
+    st = dict(DEFAULT_STEPS)
+    for item in overrides or []:
+        key, sep, val = item.partition("=")
+        if not sep or key not in st or not val.isdigit():
+            raise ValueError(f"--steps: expected KEY=N with KEY in {sorted(st)}, got {item!r}")
+        st[key] = int(val)
+    return {k: max(1, int(v * scale)) for k, v in st.items()}
 
 
-def run_reproduction(args) -> int:
+def _part_path(run, part: str) -> str:
+    return run.path("parts", f"{part}.json")
+
+
+def _load_part(run, part: str) -> dict | None:
+    path = _part_path(run, part)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _save_part(run, part: str, data: dict) -> dict:
+    os.makedirs(run.path("parts"), exist_ok=True)
+    atomic_write(_part_path(run, part), json.dumps(data, indent=1).encode())
+    return data
+
+
+class _Stages:
+    """Runs pipeline stages, recording each one's wall time (``RUN/parts/timings.json``)."""
+
+    def __init__(self, run, kw: dict):
+        self.run, self.kw = run, kw
+
+    def __call__(self, label: str, fn, *a, train: bool = True, **k):
+        """``fn(run, *a, **k)``; training stages (``train=True``) also get the shared options."""
+        path = self.run.path("parts", "timings.json")
+        t0 = time.time()
+        out = fn(self.run, *a, **({**self.kw, **k} if train else k))
+        dt = time.time() - t0
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:  # one JSON line per stage call, across processes
+            rec = {"stage": label, "seconds": round(dt, 1), "pid": os.getpid()}
+            f.write(json.dumps(rec) + "\n")
+        return out
+
+
+def _part_main(run, args, st: dict, S: _Stages, ev: dict) -> dict:
     from . import pipeline as P
-    from .plots import layer_similarity_plot, similarity_heatmap
 
-    t0 = time.time()
-    st = _steps(args.scale)
-    kw = {"progress": not args.quiet, "amp": args.amp, "batch_size": args.batch_size}
-    os.makedirs(args.out, exist_ok=True)
-    run = P.prepare(args.run, args.corpus, args.config, args.vocab_size, seed=args.seed)
+    done = _load_part(run, "main")
+    if done is not None:
+        return done
     dirs = run.directions
-    ev = {"limit": args.limit, "beam": args.beam, "progress": not args.quiet}
-    report: dict = {"config": args.config, "steps": st, "alpha": args.alpha, "seed": args.seed,
-                    "corpus": run.info["corpus"], "directions": dirs}
-
-    # 1. base -> fine-tune -> prune -> joint; baseline = base continued densely, same steps
-    P.train(run, st["base"], out="base", **kw)
+    S("base", P.train, st["base"], out="base")
     for d in dirs:
-        P.finetune(run, d, st["finetune"], init="base", **kw)
-    bank = P.prune(run, args.alpha, out="masks.safetensors")
-    P.prune(run, args.alpha, out="masks-random.safetensors", random=True, seed=args.seed)
-    P.joint(run, "masks.safetensors", st["joint"], init="base", out="joint", **kw)
-    P.joint(run, "masks-random.safetensors", st["joint"], init="base", out="joint-random", **kw)
-    P.train(run, st["joint"], out="baseline", init="base", **kw)
+        S(f"finetune {d}", P.finetune, d, st["finetune"], init="base")
+    S("prune", P.prune, args.alpha, out="masks.safetensors", train=False)
+    S("prune random", P.prune, args.alpha, out="masks-random.safetensors", random=True,
+      seed=args.seed, train=False)
+    S("joint", P.joint, "masks.safetensors", st["joint"], init="base", out="joint")
+    S("joint random", P.joint, "masks-random.safetensors", st["joint"], init="base",
+      out="joint-random")
+    S("baseline", P.train, st["joint"], out="baseline", init="base")
     systems = {"baseline": ("baseline", None), "LaSS": ("joint", "masks.safetensors"),
                "random": ("joint-random", "masks-random.safetensors")}
-    zero = [f"{a}-{b}" for a in args.zero_shot for b in args.zero_shot if a != b]
-    res = P.evaluate(run, systems, dirs + zero, **ev)
-    report["main"] = res
-    # alpha sweep on a subset
-    sweep = {}
-    subset = [d for d in dirs if d.split("-")[1] in args.alpha_langs or
-              d.split("-")[0] in args.alpha_langs]
-    for a in args.alphas:
-        if a == args.alpha:
-            sweep[a] = {d: res["LaSS"][d] for d in subset}
-            continue
-        name = f"masks-a{a}.safetensors"
-        P.prune(run, a, directions=subset, out=name)
-        P.joint(run, name, st["joint"], init="base", out=f"joint-a{a}", directions=subset, **kw)
-        sweep[a] = P.evaluate(run, {"LaSS": (f"joint-a{a}", name)}, subset, **ev)["LaSS"]
-    report["alpha_sweep"] = {str(a): v for a, v in sweep.items()}
+    res = S("evaluate main", P.evaluate, systems, dirs + _zero(args), **ev, train=False)
+    return _save_part(run, "main", {"results": res})
 
-    # 3. extension: base without the held-out pair, then add it three ways
+
+def _zero(args) -> list[str]:
+    return [f"{a}-{b}" for a in args.zero_shot for b in args.zero_shot if a != b]
+
+
+def _part_sweep(run, args, st: dict, S: _Stages, ev: dict) -> dict:
+    from . import pipeline as P
+
+    done = _load_part(run, "sweep")
+    if done is not None:
+        return done
+    subset = [d for d in run.directions
+              if set(d.split("-")) & set(args.alpha_langs)]
+    if not subset:
+        raise ValueError(f"--alpha-langs {args.alpha_langs}: no direction of the run has them")
+    missing = [d for d in subset if not os.path.exists(run.path("ft", d, "ckpt"))]
+    if missing:
+        raise FileNotFoundError(f"sweep needs the fine-tuned models of {missing}; run "
+                                "`--part main` first (or concurrently, until its fine-tuning)")
+    sweep = {}
+    for a in args.alphas:
+        name = f"sweep/masks-a{a}.safetensors"
+        S(f"sweep prune α={a}", P.prune, a, directions=subset, out=name, train=False)
+        S(f"sweep joint α={a}", P.joint, name, st["sweep_joint"], init="base",
+          out=f"sweep/joint-a{a}", directions=subset)
+        sweep[str(a)] = S(f"evaluate sweep α={a}", P.evaluate,
+                          {"LaSS": (f"sweep/joint-a{a}", name)}, subset, **ev, train=False)["LaSS"]
+    return _save_part(run, "sweep", {"directions": subset, "results": sweep})
+
+
+def _part_ext(run, args, st: dict, S: _Stages, ev: dict) -> dict:
+    from . import pipeline as P
+
+    done = _load_part(run, "ext")
+    if done is not None:
+        return done
+    dirs = run.directions
     held = [d for d in dirs if args.held_out in d.split("-")]
     others = [d for d in dirs if d not in held]
-    ext: dict = {}
-    if held:
-        P.train(run, st["base"], out="ext/base", directions=others, **kw)
-        for d in others:
-            P.finetune(run, d, st["finetune"], init="ext/base", out=f"ext/ft/{d}", **kw)
-        P.prune(run, args.alpha, directions=others, out="ext/masks.safetensors",
-                ft_prefix="ext/ft")
-        P.joint(run, "ext/masks.safetensors", st["joint"], init="ext/base", out="ext/joint",
-                directions=others, **kw)
-        curves = {"baseline": [], "LaSS": [], "LaSS --strict": []}
-        every = st["extend_eval_every"]
-        for upto in range(every, st["extend"] + 1, every):
-            P.train(run, upto, out="ext/new-baseline", init="ext/joint", directions=held, **kw)
-            r = P.evaluate(run, {"baseline": ("ext/new-baseline", None)}, held + others, **ev)
-            curves["baseline"].append({"step": upto, **_split_avg(r["baseline"], held)})
-        masks = "ext/masks.safetensors"
+    if not held or not others:
+        raise ValueError(f"--held-out {args.held_out!r}: need directions with and without it, "
+                         f"run has {dirs}")
+    S("ext base", P.train, st["ext_base"], out="ext/base", directions=others)
+    for d in others:
+        S(f"ext finetune {d}", P.finetune, d, st["finetune"], init="ext/base",
+          out=f"ext/ft/{d}")
+    S("ext prune", P.prune, args.alpha, directions=others, out="ext/masks.safetensors",
+      ft_prefix="ext/ft", train=False)
+    S("ext joint", P.joint, "ext/masks.safetensors", st["ext_joint"], init="ext/base",
+      out="ext/joint", directions=others)
+    every, total = st["extend_eval_every"], st["extend"]
+    points = sorted({*range(every, total + 1, every), total})
+    # step 0: the others with their masks; the new pair (no mask yet) with the dense model
+    r0 = {**S("evaluate ext start", P.evaluate, {"x": ("ext/joint", "ext/masks.safetensors")},
+              others, **ev, train=False)["x"],
+          **S("evaluate ext start (new pair)", P.evaluate, {"x": ("ext/joint", None)}, held,
+              **ev, train=False)["x"]}
+    curves: dict = {k: [{"step": 0, **_split_avg(r0, held)}]
+                    for k in ("baseline", "LaSS", "LaSS --strict")}
+    per_dir: dict = {k: {} for k in curves}
+    for upto in points:
+        S(f"ext baseline @{upto}", P.train, upto, out="ext/new-baseline", init="ext/joint",
+          directions=held)
+        r = S(f"evaluate ext baseline @{upto}", P.evaluate,
+              {"baseline": ("ext/new-baseline", None)}, dirs, **ev, train=False)["baseline"]
+        curves["baseline"].append({"step": upto, **_split_avg(r, held)})
+        per_dir["baseline"][upto] = r
         for label, strict in (("LaSS", False), ("LaSS --strict", True)):
-            cur, prev = masks, "ext/joint"
-            for d in held:  # one direction after the other, each its own sub-network
-                out = f"ext/{'strict' if strict else 'lass'}/{d}"
-                P.extend(run, d, masks=cur, init=prev,
-                         ft_steps=st["extend_ft"], steps=st["extend"], strict=strict, out=out,
-                         **kw)
-                cur, prev = os.path.join(out, "masks.safetensors"), out
-            r = P.evaluate(run, {label: (prev, cur)}, held + others, **ev)
-            curves[label].append({"step": st["extend"], **_split_avg(r[label], held)})
-        ext = curves
-    report["extension"] = ext
-
-    # 4. similarity figures
-    pngs = {"similarity": similarity_heatmap(bank, dirs, os.path.join(args.out, "similarity.png")),
-            "layers": layer_similarity_plot(bank, [(dirs[0], d) for d in dirs[1:4]],
-                                            os.path.join(args.out, "layer_similarity.png"))}
-    report["similarity_total"] = {f"{a}|{b}": bank.similarity(a, b) for a in dirs for b in dirs}
-    report["wall_s"] = time.time() - t0
-    atomic_write(os.path.join(args.out, "reproduction.json"), json.dumps(report, indent=1).encode())
-    atomic_write(os.path.join(args.out, "reproduction.md"), _markdown(report, dirs, zero, pngs,
-                                                                       args).encode())
-    print(f"wrote {args.out}/reproduction.md")
-    return 0
+            out = f"ext/{'strict' if strict else 'lass'}"
+            S(f"ext {label} @{upto}", P.extend, held, masks="ext/masks.safetensors",
+              init="ext/joint", ft_steps=st["extend_ft"], steps=upto, strict=strict, out=out)
+            sys_ = {label: (out, os.path.join(out, "masks.safetensors"))}
+            r = S(f"evaluate ext {label} @{upto}", P.evaluate, sys_, dirs, **ev,
+                  train=False)[label]
+            curves[label].append({"step": upto, **_split_avg(r, held)})
+            per_dir[label][upto] = r
+    return _save_part(run, "ext", {"held": held, "others": others, "before": r0,
+                                   "curves": curves, "final": {k: v[total] for k, v in
+                                                               per_dir.items()}})
 
 
 def _split_avg(r: dict, held: list[str]) -> dict:
     new = [r[d]["bleu"] for d in held]
     old = [v["bleu"] for d, v in r.items() if d not in held]
-    return {"new_bleu": sum(new) / len(new), "others_bleu": sum(old) / max(len(old), 1)}
+    acc = [r[d]["acc"] for d in held]
+    return {"new_bleu": sum(new) / len(new), "new_acc": sum(acc) / len(acc),
+            "others_bleu": sum(old) / max(len(old), 1)}
 
 
-def _markdown(rep: dict, dirs, zero, pngs, args) -> str:
+def _part_report(run, args, st: dict, parts: dict) -> str:
+    from . import pipeline as P
+    from .plots import extension_plot, layer_similarity_plot, similarity_heatmap
+
+    dirs = run.directions
+    bank = P.load_bank(run, "masks.safetensors")
+    os.makedirs(args.out, exist_ok=True)
+    pngs = {"similarity": similarity_heatmap(bank, dirs, os.path.join(args.out,
+                                                                       "similarity.png")),
+            "layers": layer_similarity_plot(
+                bank, [(a, b) for a, b in _layer_pairs(dirs)],
+                os.path.join(args.out, "layer_similarity.png"))}
+    if "ext" in parts:
+        pngs["extension"] = extension_plot(parts["ext"]["curves"],
+                                           os.path.join(args.out, "extension.png"))
+    timings = _timings(run)
+    report = {"command": _command(args), "config": run.info["config_name"],
+              "model": run.info["model"], "steps": st, "alpha": args.alpha, "seed": args.seed,
+              "limit": args.limit, "beam": args.beam, "batch_size": args.batch_size,
+              "amp": args.amp, "corpus": run.info["corpus"], "directions": dirs,
+              "zero_shot": _zero(args), "parts": parts,
+              "similarity_total": {f"{a}|{b}": bank.similarity(a, b) for a in dirs for b in dirs},
+              "similarity_by_layer": {f"{a}|{b}": bank.similarity(a, b, by="layer")
+                                      for a, b in _layer_pairs(dirs)},
+              "stage_seconds": timings}
+    atomic_write(os.path.join(args.out, "reproduction.json"),
+                 json.dumps(report, indent=1).encode())
+    md = _markdown(report, pngs, args)
+    atomic_write(os.path.join(args.out, "reproduction.md"), md.encode())
+    return os.path.join(args.out, "reproduction.md")
+
+
+def _layer_pairs(dirs: list[str]) -> list[tuple[str, str]]:
+    """en→X against en→Y for a close and a distant Y, and X→en likewise (Fig. 5/6)."""
+    want = [("en-fr", "en-es"), ("en-fr", "en-zh"), ("fr-en", "es-en"), ("fr-en", "zh-en")]
+    pairs = [(a, b) for a, b in want if a in dirs and b in dirs]
+    return pairs or [(dirs[0], d) for d in dirs[1:4]]
+
+
+def _timings(run) -> dict:
+    path = run.path("parts", "timings.json")
+    out: dict = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                out[r["stage"]] = out.get(r["stage"], 0.0) + r["seconds"]
+    return out
+
+
+def _command(args) -> str:
+    cmd = (f"lass-sparse reproduce --corpus {args.corpus} --run {args.run} --out {args.out} "
+           f"--config {args.config} --vocab-size {args.vocab_size} --alpha {args.alpha} "
+           f"--seed {args.seed} --batch-size {args.batch_size} --amp {args.amp} "
+           f"--beam {args.beam}")
+    if args.limit:
+        cmd += f" --limit {args.limit}"
+    if args.scale != 1.0:
+        cmd += f" --scale {args.scale}"
+    for s in args.steps or []:
+        cmd += f" --steps {s}"
+    return cmd
+
+
+def _markdown(rep: dict, pngs: dict, args) -> str:
     from .pipeline import render_table
 
+    dirs, zero, parts = rep["directions"], rep["zero_shot"], rep["parts"]
+    m = rep["model"]
+    secs = sum(rep["stage_seconds"].values())
     lines = ["# LaSS reproduction", "",
-             f"Command: `lass-sparse reproduce --corpus {args.corpus} --config {args.config} "
-             f"--scale {args.scale} --alpha {args.alpha} --seed {args.seed}`; steps "
-             f"{rep['steps']}; wall time {rep['wall_s'] / 3600:.2f} h.", "",
-             "## Table 1 analogue (supervised)", "", render_table(rep["main"], dirs, "baseline"),
-             "", "## Zero-shot", "", render_table(rep["main"], zero, "baseline"), "",
-             "## α sweep (LaSS average BLEU on the subset)", ""]
-    for a, r in rep["alpha_sweep"].items():
-        lines.append(f"- α = {a}: {sum(v['bleu'] for v in r.values()) / max(len(r), 1):.2f}")
-    lines += ["", "## Extension", ""]
-    for label, pts in rep["extension"].items():
-        for p in pts:
-            lines.append(f"- {label} @ {p['step']}: new pair {p['new_bleu']:.2f}, others "
-                         f"{p['others_bleu']:.2f}")
-    lines += ["", f"Figures: {pngs['similarity']}, {pngs['layers']}", ""]
-    return "\n".join(lines)
+             f"Command: `{rep['command']}` (parts may run as concurrent processes, see "
+             "`lass-sparse reproduce --help`).", "",
+             f"Model `{rep['config']}`: d={m['d_model']}, {m['enc_layers']}+{m['dec_layers']} "
+             f"layers, FFN {m['ffn']}, vocabulary {m['vocab_size']}; α={rep['alpha']}; steps "
+             f"{rep['steps']}; batch {rep['batch_size']} sentences; amp {rep['amp']}; beam "
+             f"{rep['beam']}; test sentences per direction: {rep['limit'] or 'all'}. Sum of "
+             f"stage wall times {secs / 3600:.2f} h.", ""]
+    if "main" in parts:
+        res = parts["main"]["results"]
+        lines += ["## Table 1 analogue (supervised, 16 directions)", "",
+                  render_table(res, dirs, "baseline"), "",
+                  "## Table 3 analogue (zero-shot, merged masks for LaSS)", "",
+                  render_table(res, zero, "baseline"), ""]
+    if "sweep" in parts:
+        sw = parts["sweep"]
+        lines += ["## α sweep (Fig. 7 analogue)", "",
+                  f"Joint training on {', '.join(sw['directions'])} only, "
+                  f"{rep['steps']['sweep_joint']} steps from the same base, per α.", "",
+                  "| α | avg BLEU | avg chrF | avg ACC |", "|---|---|---|---|"]
+        for a, r in sw["results"].items():
+            n = max(len(r), 1)
+            lines.append(f"| {a} | {sum(v['bleu'] for v in r.values()) / n:.2f} | "
+                         f"{sum(v['chrf'] for v in r.values()) / n:.2f} | "
+                         f"{sum(v['acc'] for v in r.values()) / n:.3f} |")
+        lines.append("")
+    if "ext" in parts:
+        ext = parts["ext"]
+        lines += ["## Extension (Fig. 3 analogue)", "",
+                  f"Base without {', '.join(ext['held'])}; the new pair is then trained alone.",
+                  "", "| system | step | new pair BLEU | new pair ACC | other directions BLEU |",
+                  "|---|---|---|---|---|"]
+        for label, pts in ext["curves"].items():
+            for p in pts:
+                lines.append(f"| {label} | {p['step']} | {p['new_bleu']:.2f} | "
+                             f"{p['new_acc']:.3f} | {p['others_bleu']:.2f} |")
+        lines.append("")
+    lines += ["## Figures", ""] + [f"- {k}: `{os.path.basename(v)}`" for k, v in pngs.items()]
+    lines += ["", "## Stage wall times (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in rep["stage_seconds"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_reproduction(args) -> int:
+    import torch
+
+    from . import pipeline as P
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    st = _steps(args.scale, args.steps)
+    run = P.prepare(args.run, args.corpus, args.config, args.vocab_size, seed=args.seed)
+    S = _Stages(run, {"progress": not args.quiet, "amp": args.amp,
+                      "batch_size": args.batch_size})
+    ev = {"limit": args.limit, "beam": args.beam, "progress": not args.quiet}
+    todo = PARTS if args.part == "all" else (args.part,)
+    fns = {"main": _part_main, "sweep": _part_sweep, "ext": _part_ext}
+    for part in todo:
+        if part in fns:
+            fns[part](run, args, st, S, ev)
+    if "report" in todo:
+        parts = {p: d for p in fns if (d := _load_part(run, p)) is not None}
+        if "main" not in parts:
+            raise FileNotFoundError("report needs the main part; run `--part main` first")
+        print(f"wrote {_part_report(run, args, st, parts)}")
+    return 0
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("reproduce", help="the paper's experiments on a corpus (tables + figures)")
+    import argparse
+
+    p = sub.add_parser("reproduce", help="the paper's experiments on a corpus (tables + figures)",
+                       description=__doc__.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default="demo")
     p.add_argument("--run", default="runs/reproduce")
     p.add_argument("--out", default="results")
-    p.add_argument("--config", default="small")
+    p.add_argument("--part", default="all", choices=("all",) + PARTS)
+    p.add_argument("--config", default="tiny")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--scale", type=float, default=1.0, help="multiply every step count")
+    p.add_argument("--steps", action="append", metavar="KEY=N",
+                   help=f"override a step count; keys: {', '.join(DEFAULT_STEPS)}")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--alphas", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--alpha-langs", nargs="+", default=["de", "zh"])
@@ -163,6 +358,7 @@ def add_commands(sub) -> None:
     p.add_argument("--beam", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--amp", default="bf16", choices=["none", "bf16"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_reproduction)

@@ -113,6 +113,7 @@ def run_stage(
     *,
     bank: MaskBank | None = None,
     update_masks: dict[nn.Parameter, Tensor | None] | None = None,
+    update_bank: MaskBank | None = None,
     params: list[nn.Parameter] | None = None,
     resume: bool = True,
     progress: bool = True,
@@ -121,7 +122,9 @@ def run_stage(
 
     ``bank``: masked training — each batch runs with its direction's mask and the optimizer
     updates the union of the masks of the step's batches. ``update_masks`` / ``params``: restrict
-    the update explicitly (``extend --strict``). Returns a summary (steps, tokens, seconds, loss).
+    the update explicitly; ``update_bank``: the optimizer masks each step with this bank's masks of
+    the step's directions instead of ``bank``'s (``extend --strict``). Returns a summary (steps,
+    tokens, seconds, loss).
     """
     missing = [d for d in cfg.directions if d not in data.index]
     if missing:
@@ -136,7 +139,7 @@ def run_stage(
                       betas=(0.9, 0.98), eps=1e-8, weight_decay=cfg.weight_decay)
     if bank is not None:
         attach(model, bank)
-        opt.bind(model, bank)
+        opt.bind(model, bank if update_bank is None else update_bank)
     if update_masks is not None:
         opt.set_masks(update_masks)
     step = 0
