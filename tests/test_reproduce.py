@@ -60,6 +60,9 @@ def test_report_has_every_table_and_figure(repro):
         assert [p["step"] for p in pts] == [0, 2, 4]
     assert "--steps extend=4" in rep["command"]
     assert rep["stage_seconds"]["base"] > 0
+    fam = rep["similarity_family"]["en→X"]  # de, fr, zh: no two share a family
+    assert fam["n_same"] == 0 and fam["n_different"] == 3 and 0 < fam["different_family"] <= 1
+    assert "Mask similarity by language family" in md
 
 
 def test_strict_extension_left_old_pairs_bit_identical(repro):

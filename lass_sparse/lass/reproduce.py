@@ -220,12 +220,37 @@ def _part_report(run, args, st: dict, parts: dict) -> str:
               "similarity_total": {f"{a}|{b}": bank.similarity(a, b) for a in dirs for b in dirs},
               "similarity_by_layer": {f"{a}|{b}": bank.similarity(a, b, by="layer")
                                       for a, b in _layer_pairs(dirs)},
+              "similarity_family": _family_stats(bank, dirs),
+              "similarity_by_component": {f"{a}|{b}": bank.similarity(a, b, by="component")
+                                          for a, b in _layer_pairs(dirs)},
               "stage_seconds": timings}
     atomic_write(os.path.join(args.out, "reproduction.json"),
                  json.dumps(report, indent=1).encode())
     md = _markdown(report, pngs, args)
     atomic_write(os.path.join(args.out, "reproduction.md"), md.encode())
     return os.path.join(args.out, "reproduction.md")
+
+
+FAMILY = {"en": "Germanic", "de": "Germanic", "fr": "Romance", "es": "Romance", "it": "Romance",
+          "pt": "Romance", "ru": "Slavic", "zh": "Sinitic", "ar": "Semitic"}
+
+
+def _family_stats(bank, dirs: list[str]) -> dict:
+    """Mean mask similarity of same-family vs different-family languages (Fig. 4's claim), on
+    the en→X side and on the X→en side separately."""
+    out = {}
+    for side, idx in (("en→X", 1), ("X→en", 0)):
+        ds = [d for d in dirs if d.split("-")[1 - idx] == "en"]
+        same, diff = [], []
+        for i, a in enumerate(ds):
+            for b in ds[i + 1:]:
+                la, lb = a.split("-")[idx], b.split("-")[idx]
+                s = (bank.similarity(a, b) + bank.similarity(b, a)) / 2
+                (same if FAMILY.get(la) == FAMILY.get(lb) else diff).append(s)
+        out[side] = {"same_family": sum(same) / len(same) if same else None,
+                     "n_same": len(same), "different_family": sum(diff) / len(diff) if diff
+                     else None, "n_different": len(diff)}
+    return out
 
 
 def _layer_pairs(dirs: list[str]) -> list[tuple[str, str]]:
@@ -303,7 +328,23 @@ def _markdown(rep: dict, pngs: dict, args) -> str:
                 lines.append(f"| {label} | {p['step']} | {p['new_bleu']:.2f} | "
                              f"{p['new_acc']:.3f} | {p['others_bleu']:.2f} |")
         lines.append("")
-    lines += ["## Figures", ""] + [f"- {k}: `{os.path.basename(v)}`" for k, v in pngs.items()]
+    fam = rep["similarity_family"]
+    lines += ["## Mask similarity by language family (Fig. 4 claim)", "",
+              "Mean of |M1 ∩ M2| / |M1| over pairs of directions, symmetrised.", "",
+              "| side | same family | different family |", "|---|---|---|"]
+    for side, f in fam.items():
+        cell = lambda v, n: "–" if v is None else f"{v:.4f} ({n} pairs)"  # noqa: E731
+        lines.append(f"| {side} | {cell(f['same_family'], f['n_same'])} | "
+                     f"{cell(f['different_family'], f['n_different'])} |")
+    comp = rep["similarity_by_component"]
+    if comp:
+        keys = sorted({k for v in comp.values() for k in v})
+        lines += ["", "Similarity by component:", "",
+                  "| pair | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for pair, v in comp.items():
+            lines.append(f"| {pair.replace('|', ' vs ')} | " +
+                         " | ".join(f"{v.get(k, float('nan')):.4f}" for k in keys) + " |")
+    lines += ["", "## Figures", ""] + [f"- {k}: `{os.path.basename(v)}`" for k, v in pngs.items()]
     lines += ["", "## Stage wall times (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in rep["stage_seconds"].items()]
     return "\n".join(lines) + "\n"
