@@ -58,6 +58,10 @@ def test_report_has_every_table_and_figure(repro):
     assert ext["held"] == ["en-zh", "zh-en"]
     for pts in ext["curves"].values():
         assert [p["step"] for p in pts] == [0, 2, 4]
+    # the extension baseline is dense all the way (its own dense phase, not the LaSS model)
+    assert set(ext["before"]) == {"baseline", "LaSS"}
+    state = json.load(open(os.path.join(run_dir, "ext", "baseline", "ckpt", "state.json")))
+    assert state["step"] == 2  # ext_joint steps
     assert "--steps extend=4" in rep["command"]
     assert rep["stage_seconds"]["base"] > 0
     fam = rep["similarity_family"]["en→X"]  # de, fr, zh: no two share a family

@@ -157,18 +157,25 @@ def _part_ext(run, args, st: dict, S: _Stages, ev: dict) -> dict:
       ft_prefix="ext/ft", train=False)
     S("ext joint", P.joint, "ext/masks.safetensors", st["ext_joint"], init="ext/base",
       out="ext/joint", directions=others)
+    # the dense baseline gets the same steps as LaSS's joint phase (dense, from the same base)
+    S("ext baseline (dense)", P.train, st["ext_joint"], out="ext/baseline", init="ext/base",
+      directions=others)
     every, total = st["extend_eval_every"], st["extend"]
     points = sorted({*range(every, total + 1, every), total})
-    # step 0: the others with their masks; the new pair (no mask yet) with the dense model
-    r0 = {**S("evaluate ext start", P.evaluate, {"x": ("ext/joint", "ext/masks.safetensors")},
-              others, **ev, train=False)["x"],
-          **S("evaluate ext start (new pair)", P.evaluate, {"x": ("ext/joint", None)}, held,
-              **ev, train=False)["x"]}
-    curves: dict = {k: [{"step": 0, **_split_avg(r0, held)}]
+    # step 0: the others as trained; the new pair (no mask yet) with the dense weights
+    r0 = {"LaSS": {**S("evaluate ext start", P.evaluate,
+                       {"x": ("ext/joint", "ext/masks.safetensors")}, others, **ev,
+                       train=False)["x"],
+                   **S("evaluate ext start (new pair)", P.evaluate, {"x": ("ext/joint", None)},
+                       held, **ev, train=False)["x"]},
+          "baseline": S("evaluate ext start (baseline)", P.evaluate,
+                        {"x": ("ext/baseline", None)}, dirs, **ev, train=False)["x"]}
+    curves: dict = {k: [{"step": 0, **_split_avg(r0["baseline" if k == "baseline" else "LaSS"],
+                                                  held)}]
                     for k in ("baseline", "LaSS", "LaSS --strict")}
     per_dir: dict = {k: {} for k in curves}
     for upto in points:
-        S(f"ext baseline @{upto}", P.train, upto, out="ext/new-baseline", init="ext/joint",
+        S(f"ext baseline @{upto}", P.train, upto, out="ext/new-baseline", init="ext/baseline",
           directions=held)
         r = S(f"evaluate ext baseline @{upto}", P.evaluate,
               {"baseline": ("ext/new-baseline", None)}, dirs, **ev, train=False)["baseline"]
