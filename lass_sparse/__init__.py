@@ -23,6 +23,7 @@ from .masks import MaskBank  # noqa: E402
 from .nn import (  # noqa: E402
     MaskedLinear,
     MaskedMultiheadAttention,
+    MaskedTiedLinear,
     active_pair,
     attach,
     convert,
@@ -46,6 +47,7 @@ __all__ = [
     "MaskBank",
     "MaskedLinear",
     "MaskedMultiheadAttention",
+    "MaskedTiedLinear",
     "active_pair",
     "attach",
     "backends",

@@ -45,10 +45,15 @@ class PairGroupedSampler(torch.utils.data.Sampler):
 
     Args:
         pair_indices: pair -> dataset indices of its examples.
-        batch_size: examples per batch.
+        batch_size: examples per batch (the cap per batch when ``max_tokens`` is set).
         temperature: pair sampling temperature (LaSS: 5).
         batches_per_epoch: global batches per epoch (default: enough to cover every example once
-            in expectation, ``sum(ceil(n / batch_size))``).
+            in expectation, ``sum(ceil(n / batch_size))``, or the number of token batches).
+        max_tokens, lengths: token batches as in fairseq — each pair's examples are shuffled,
+            sorted by length (``lengths[i]``: tokens of dataset example ``i``, e.g. the longer of
+            source and target), and cut into batches whose padded size ``rows × longest`` stays
+            within ``max_tokens`` (an example longer than that gets a batch of its own); the
+            batches of a pair are then drawn in random order.
         num_replicas, rank: distributed split (default: from torch.distributed when initialised).
         seed: the sequence depends only on (seed, epoch); call :meth:`set_epoch` each epoch.
     """
@@ -63,9 +68,16 @@ class PairGroupedSampler(torch.utils.data.Sampler):
         num_replicas: int | None = None,
         rank: int | None = None,
         seed: int = 0,
+        max_tokens: int | None = None,
+        lengths: Sequence[int] | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"PairGroupedSampler: batch_size must be > 0, got {batch_size}")
+        if max_tokens is not None and (max_tokens <= 0 or lengths is None):
+            raise ValueError("PairGroupedSampler: max_tokens must be > 0 and needs lengths=")
+        self.max_tokens = max_tokens
+        self.lengths = None if lengths is None else torch.as_tensor(list(lengths),
+                                                                    dtype=torch.long)
         self.pairs = [p for p, idx in pair_indices.items() if len(idx)]
         if not self.pairs:
             raise ValueError("PairGroupedSampler: every pair is empty")
@@ -80,8 +92,13 @@ class PairGroupedSampler(torch.utils.data.Sampler):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"PairGroupedSampler: rank {rank} not in [0, {num_replicas})")
         self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
-        total = batches_per_epoch or sum(
-            math.ceil(len(i) / batch_size) for i in self.indices.values())
+        if max_tokens is not None:
+            g0 = torch.Generator().manual_seed(seed)
+            total = batches_per_epoch or sum(len(self._token_batches(p, g0))
+                                             for p in self.pairs)
+        else:
+            total = batches_per_epoch or sum(
+                math.ceil(len(i) / batch_size) for i in self.indices.values())
         self.global_batches = max(num_replicas, total - total % num_replicas)
 
     def set_epoch(self, epoch: int) -> None:
@@ -90,10 +107,40 @@ class PairGroupedSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.global_batches // self.num_replicas
 
+    def _token_batches(self, pair: str, g: torch.Generator) -> list[list[int]]:
+        """``pair``'s examples in length-bucketed batches of at most ``max_tokens`` padded tokens
+        (and ``batch_size`` rows), in random order."""
+        idx = self.indices[pair][torch.randperm(len(self.indices[pair]), generator=g)]
+        lens = self.lengths[idx]
+        order = torch.argsort(lens, stable=True)  # random order among equal lengths
+        idx, lens = idx[order].tolist(), lens[order].tolist()
+        out: list[list[int]] = []
+        cur: list[int] = []
+        longest = 0
+        for i, n in zip(idx, lens):
+            if cur and (max(longest, n) * (len(cur) + 1) > self.max_tokens
+                        or len(cur) >= self.batch_size):
+                out.append(cur)
+                cur, longest = [], 0
+            cur.append(i)
+            longest = max(longest, n)
+        if cur:
+            out.append(cur)
+        perm = torch.randperm(len(out), generator=g).tolist()
+        return [out[j] for j in perm]
+
     def _global(self) -> Iterator[tuple[str, list[int]]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         probs = torch.tensor([self.probs[p] for p in self.pairs], dtype=torch.float64)
         choice = torch.multinomial(probs, self.global_batches, replacement=True, generator=g)
+        if self.max_tokens is not None:
+            queue: dict[str, list[list[int]]] = {p: [] for p in self.pairs}
+            for c in choice.tolist():
+                p = self.pairs[c]
+                if not queue[p]:  # pair's batches used up: new shuffle, new buckets
+                    queue[p] = self._token_batches(p, g)
+                yield p, queue[p].pop()
+            return
         perm = {p: torch.randperm(len(i), generator=g) for p, i in self.indices.items()}
         pos = dict.fromkeys(self.pairs, 0)
         for c in choice.tolist():

@@ -234,8 +234,8 @@ class MaskBank:
         """A bank holding ``pair``'s magnitude masks of ``model`` (typically a model fine-tuned on
         that pair): per tensor, keep ``|w| > kthvalue(|w|, int(alpha * numel))``."""
         chunks = cls._chunks(model, names)
-        params = dict(model.named_parameters())
-        bank = cls({n: params[n].shape for n in chunks}, alpha=alpha, rule="magnitude")
+        bank = cls({n: model.get_parameter(n).shape for n in chunks}, alpha=alpha,
+                   rule="magnitude")
         bank.add_pair(pair, bank.masks_from_model(model, alpha, chunks))
         return bank
 
@@ -255,13 +255,13 @@ class MaskBank:
         alpha = self.alpha if alpha is None else alpha
         if alpha is None:
             raise ValueError("masks_from_model: alpha is unknown; pass alpha=")
-        params = dict(model.named_parameters())
         chunks = chunks or self._chunks(model, self.names)
         out = {}
         for n, shape in self.shapes.items():
-            if n not in params:
-                raise KeyError(f"masks_from_model: model has no parameter {n!r}")
-            p = params[n]
+            try:  # get_parameter also finds aliases (a tied output head's weight)
+                p = model.get_parameter(n)
+            except AttributeError:
+                raise KeyError(f"masks_from_model: model has no parameter {n!r}") from None
             if tuple(p.shape) != shape:
                 raise ValueError(f"masks_from_model: parameter {n!r} is {list(p.shape)}, the "
                                  f"bank expects {list(shape)}")

@@ -58,14 +58,23 @@ class MaskedAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------ masks
 
     def bind(self, model: nn.Module, bank: MaskBank) -> MaskedAdamW:
-        """Mask the parameters of ``model`` that ``bank`` covers (by name)."""
+        """Mask the parameters of ``model`` that ``bank`` covers (by name).
+
+        A masked name that is an alias of a parameter also used unmasked (a tied output head:
+        the embedding lookup reads the same matrix) is not masked here: the whole matrix
+        trains, and the masked forward already zeroes the head's off-mask gradient."""
         ours = {id(p) for g in self.param_groups for p in g["params"]}
+        names_of: dict[int, list[str]] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            names_of.setdefault(id(p), []).append(n)
         self._names = {}
         for name in bank.names:
             p = model.get_parameter(name)
             if tuple(p.shape) != bank.shapes[name]:
                 raise ValueError(f"MaskedAdamW.bind: bank shape {list(bank.shapes[name])} for "
                                  f"{name!r}, parameter is {list(p.shape)}")
+            if any(n not in bank.shapes for n in names_of.get(id(p), [])):
+                continue  # also registered under an unmasked name (tied head): dense update
             if id(p) in ours:
                 self._names[id(p)] = name
         self._bank = bank

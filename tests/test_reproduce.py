@@ -30,7 +30,8 @@ def repro(tmp_path_factory):
     P.prepare(run_dir, "demo", "tiny", vocab_size=900, pairs=["en-de", "en-fr", "en-zh"],
               max_train=120, **SMALL)
     argv = ["reproduce", "--corpus", "demo", "--run", run_dir, "--out", out, "--limit", "4",
-            "--beam", "2", "--batch-size", "8", "--quiet", "--zero-shot", "de", "fr", "zh",
+            "--beam", "2", "--batch-size", "8", "--quiet", "--bootstrap", "50",
+            "--zero-shot", "de", "fr", "zh",
             "--held-out", "zh", "--alpha-langs", "de", "--alphas", "0.3", "0.6", "--alpha",
             "0.6", "--threads", "1"]
     for s in STEPS:
@@ -48,7 +49,12 @@ def test_report_has_every_table_and_figure(repro):
         assert os.path.getsize(os.path.join(out, png)) > 1000
     rep = json.load(open(os.path.join(out, "reproduction.json")))
     main_res = rep["parts"]["main"]["results"]
-    assert set(main_res) == {"baseline", "LaSS", "random"}
+    assert set(main_res) == {"baseline", "theta0", "LaSS", "random", "shared"}
+    sig = rep["parts"]["main"]["significance"]
+    assert set(sig["supervised"]) == {"theta0", "LaSS", "random", "shared"}
+    assert set(sig["supervised"]["LaSS"]["directions"]) == set(rep["directions"])
+    assert 0.0 <= sig["supervised"]["LaSS"]["pooled"]["bleu"]["p_value"] <= 1.0
+    assert "Paired bootstrap, LaSS vs baseline" in md
     assert len(rep["zero_shot"]) == 6
     for system in main_res.values():  # 6 supervised + 6 zero-shot directions, each scored
         assert len(system) == 12 and all(r["n"] == 4 for r in system.values())

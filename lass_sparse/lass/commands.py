@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -13,21 +14,44 @@ def _run(args):
     if getattr(args, "corpus", None) is not None or not os.path.exists(
         os.path.join(args.run, P.RUN_JSON)
     ):
-        return P.prepare(args.run, args.corpus or "demo", args.config, args.vocab_size,
-                         pairs=args.pairs, max_train=args.max_train, seed=args.seed)
-    return P.open_run(args.run)
+        langtok = args.langtok or "src"
+        mop = True if args.mask_output_proj is None else args.mask_output_proj
+        run = P.prepare(args.run, args.corpus or "demo", args.config, args.vocab_size,
+                        pairs=args.pairs, max_train=args.max_train, seed=args.seed,
+                        langtok=langtok, mask_output_proj=mop)
+    else:
+        run = P.open_run(args.run)
+    # options fixed at creation: a different value on a later call is an error, not ignored
+    for opt, want, have in (("--langtok", args.langtok, run.langtok),
+                            ("--mask-output-proj", args.mask_output_proj,
+                             run.model_config.mask_output_proj)):
+        if want is not None and want != have:
+            raise ValueError(f"run {args.run} was created with {opt} {have}; it cannot change "
+                             "(start a new --run)")
+    return run
 
 
 def _train_kw(args) -> dict:
-    kw = {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-          "ckpt_every": args.ckpt_every, "progress": not args.quiet, "amp": args.amp}
+    kw = {"lr": args.lr, "seed": args.seed, "ckpt_every": args.ckpt_every,
+          "progress": not args.quiet, "amp": args.amp, "validate_every": args.validate_every,
+          "patience": args.patience, "valid_limit": args.valid_limit,
+          "max_tokens": args.max_tokens}
+    if args.batch_size is not None:
+        kw["batch_size"] = args.batch_size
+    elif args.max_tokens is not None:
+        kw["batch_size"] = args.max_tokens  # rows are then capped by the token budget only
     if args.warmup is not None:
         kw["warmup"] = args.warmup
+    if getattr(args, "dropout", None) is not None:
+        kw["dropout"] = args.dropout
     return kw
 
 
 def _done(run_dir: str, stage: str, res: dict, plot: bool) -> int:
     print(json.dumps(res, indent=1))
+    if res.get("stopped_early"):
+        print(f"{stage}: stopped early at step {res['steps']}; best validation loss "
+              f"{res['best_valid_loss']:.4f} at step {res['best_step']} ({stage}/best)")
     if plot:
         from .train import plot_log
 
@@ -52,8 +76,9 @@ def cmd_finetune(args) -> int:
     run = P.open_run(args.run)
     directions = run.directions if args.pair == ["all"] else args.pair
     for d in directions:
-        res = P.finetune(run, d, args.steps, init=args.init, **_train_kw(args))
-        _done(args.run, f"ft/{d}", res, args.plot)
+        out = f"{args.out_prefix}/{d}"
+        res = P.finetune(run, d, args.steps, init=args.init, out=out, **_train_kw(args))
+        _done(args.run, out, res, args.plot)
     return 0
 
 
@@ -62,7 +87,7 @@ def cmd_prune(args) -> int:
 
     run = P.open_run(args.run)
     bank = P.prune(run, args.alpha, directions=args.pair, out=args.out, random=args.random,
-                   seed=args.seed)
+                   seed=args.seed, ft_prefix=args.ft_prefix, shared_from=args.shared_from)
     st = bank.stats()
     print(f"wrote {run.path(args.out)}: {st['pairs']} pairs, {st['bytes_per_pair']} bytes/pair, "
           f"kept {sum(st['kept_fraction'].values()) / max(st['pairs'], 1):.1%}")
@@ -83,7 +108,8 @@ def cmd_extend(args) -> int:
 
     run = P.open_run(args.run)
     res = P.extend(run, args.pair, masks=args.masks, init=args.init, ft_steps=args.ft_steps,
-                   steps=args.steps, alpha=args.alpha, strict=args.strict, **_train_kw(args))
+                   steps=args.steps, alpha=args.alpha, strict=args.strict, ft_init=args.ft_init,
+                   **_train_kw(args))
     print(json.dumps(res, indent=1))
     return 0
 
@@ -109,23 +135,47 @@ def cmd_translate(args) -> int:
     return 0
 
 
+def _system(spec: str) -> tuple[str, tuple[str, str | None]]:
+    name, sep, rest = spec.partition("=")
+    stage, _, masks = rest.partition("@")
+    if not sep or not name or not stage:
+        raise ValueError(f"--system: expected NAME=STAGE or NAME=STAGE@MASKS, got {spec!r}")
+    return name, (stage, masks or None)
+
+
 def cmd_evaluate(args) -> int:
     from . import pipeline as P
 
     run = P.open_run(args.run)
-    systems = {args.name: (args.stage, args.masks)}
+    systems = dict(_system(s) for s in args.system or [])
+    if not systems or args.masks or args.stage != "joint":
+        systems[args.name] = (args.stage, args.masks)
     if args.baseline:
         systems = {"baseline": (args.baseline, args.baseline_masks), **systems}
+    rows = None
+    if args.test:
+        from .data import read_test_file
+
+        rows = read_test_file(args.test)
     dirs = args.directions or run.directions
+    hyps: dict = {}
     res = P.evaluate(run, systems, dirs, split=args.split, limit=args.limit, beam=args.beam,
-                     progress=not args.quiet)
-    table = P.render_table(res, dirs, baseline="baseline" if args.baseline else None)
+                     progress=not args.quiet, rows=rows, hyps_out=hyps)
+    base = "baseline" if args.baseline else None
+    table = P.render_table(res, dirs, baseline=base)
+    out = {"results": res, "test": args.test or args.split, "limit": args.limit}
+    if args.bootstrap:
+        if base is None:
+            raise ValueError("--bootstrap needs --baseline (the system to test against)")
+        sig = P.significance(hyps, base, dirs, n_samples=args.bootstrap)
+        table += "\n\n" + P.render_significance(sig, base)
+        out["significance"] = sig
     print(table)
     if args.out:
         from ..masks import atomic_write
 
         atomic_write(args.out + ".md", (table + "\n").encode())
-        atomic_write(args.out + ".json", json.dumps(res, indent=1).encode())
+        atomic_write(args.out + ".json", json.dumps(out, indent=1).encode())
     return 0
 
 
@@ -164,13 +214,29 @@ def _common(p, corpus: bool = False) -> None:
         p.add_argument("--vocab-size", type=int, default=4000)
         p.add_argument("--pairs", nargs="+", help="English-centric pairs to use (default: all)")
         p.add_argument("--max-train", type=int, help="first N training pairs per language pair")
+        p.add_argument("--langtok", choices=["src", "tgt"], default=None,
+                       help="encoder language token: src (released LaSS configs, default) or "
+                       "tgt (target language); fixed when the run is created")
+        p.add_argument("--mask-output-proj", action=argparse.BooleanOptionalAction,
+                       default=None, help="mask the tied output projection per pair (what the "
+                       "released LaSS code ran; default on); fixed when the run is created")
 
 
-def _training(p, steps: int) -> None:
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
-    p.add_argument("--lr", type=float, default=2e-3)
+def _training(p, steps: int, lr: float = 2e-3) -> None:
+    p.add_argument("--steps", type=int, default=steps,
+                   help="number of steps (an upper bound with --patience)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sentences per batch (default 64; with --max-tokens: a cap on rows)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="token batches: length-bucketed, at most N padded tokens (fairseq)")
+    p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--validate-every", type=int, default=0, metavar="K",
+                   help="validation loss every K steps; best weights kept in STAGE/best")
+    p.add_argument("--patience", type=int, default=0, metavar="N",
+                   help="stop after N validations without improvement (0: never)")
+    p.add_argument("--valid-limit", type=int, default=200,
+                   help="validation rows per direction (default 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--amp", default="none", choices=["none", "bf16"],
@@ -194,7 +260,10 @@ def add_commands(sub) -> None:
     _common(p)
     _training(p, 100)
     p.add_argument("--pair", nargs="+", required=True, help="direction(s), e.g. en-de, or all")
-    p.add_argument("--init", default="base")
+    p.add_argument("--init", default="base", help="stage to start from (its best checkpoint)")
+    p.add_argument("--dropout", type=float, help="dropout during the fine-tune (released: 0.3)")
+    p.add_argument("--out-prefix", default="ft",
+                   help="write PREFIX/<direction> (e.g. ft-seed1 for a second seed)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("prune", help="magnitude-prune fine-tuned models into a MaskBank")
@@ -203,6 +272,9 @@ def add_commands(sub) -> None:
     p.add_argument("--pair", nargs="+", help="directions (default: all)")
     p.add_argument("--out", default="masks.safetensors")
     p.add_argument("--random", action="store_true", help="random masks at the same sparsity")
+    p.add_argument("--shared-from", metavar="STAGE",
+                   help="control: STAGE's own magnitude mask (e.g. base) for every direction")
+    p.add_argument("--ft-prefix", default="ft", help="fine-tuned models under PREFIX/<dir>")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_prune)
 
@@ -224,6 +296,8 @@ def add_commands(sub) -> None:
     p.add_argument("--masks", default="masks.safetensors")
     p.add_argument("--init", default="joint")
     p.add_argument("--ft-steps", type=int, default=100)
+    p.add_argument("--ft-init", default="base",
+                   help="fine-tune the new directions from this stage (released: θ0 = base)")
     p.add_argument("--alpha", type=float)
     p.add_argument("--strict", action="store_true",
                    help="update only weights outside every other pair's mask")
@@ -241,11 +315,19 @@ def add_commands(sub) -> None:
     p.add_argument("--output")
     p.set_defaults(func=cmd_translate)
 
-    p = sub.add_parser("evaluate", help="BLEU, chrF, translation accuracy; win ratio")
+    p = sub.add_parser("evaluate", help="BLEU, chrF, translation accuracy; win ratio; "
+                       "paired bootstrap")
     _common(p)
     p.add_argument("--stage", default="joint")
     p.add_argument("--masks")
     p.add_argument("--name", default="system")
+    p.add_argument("--system", action="append", metavar="NAME=STAGE[@MASKS]",
+                   help="a system to score (repeatable), e.g. theta0=base lass=joint@masks."
+                   "safetensors shared=joint-shared@masks-shared.safetensors")
+    p.add_argument("--test", metavar="FILE.tsv[.gz]",
+                   help="your own multi-way test set (header line of language codes)")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="paired bootstrap with N samples against --baseline (sacrebleu's)")
     p.add_argument("--baseline", help="baseline stage to compare against")
     p.add_argument("--baseline-masks")
     p.add_argument("--directions", nargs="+")

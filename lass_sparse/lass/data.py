@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -71,11 +72,18 @@ class Corpus:
     def eval_set(self, split: str, direction: str, limit: int | None = None):
         """(sources, references) of ``direction`` from the multi-way ``split``."""
         rows = {"valid": self.valid, "test": self.test}[split]
-        src, tgt = parse_direction(direction)
-        if rows and (src not in rows[0] or tgt not in rows[0]):
-            raise KeyError(f"{split} set has no {src}/{tgt} column (has {sorted(rows[0])})")
-        rows = rows[:limit] if limit else rows
-        return [r[src] for r in rows], [r[tgt] for r in rows]
+        return eval_pairs(rows, direction, limit, name=split)
+
+
+def eval_pairs(rows: list[dict[str, str]], direction: str, limit: int | None = None, *,
+               name: str = "test") -> tuple[list[str], list[str]]:
+    """(sources, references) of ``direction`` from multi-way ``rows`` (first ``limit`` rows if
+    given). A missing column raises ``KeyError`` naming the set (``name``) and its columns."""
+    src, tgt = parse_direction(direction)
+    if rows and (src not in rows[0] or tgt not in rows[0]):
+        raise KeyError(f"{name} set has no {src}/{tgt} column (has {sorted(rows[0])})")
+    rows = rows[:limit] if limit else rows
+    return [r[src] for r in rows], [r[tgt] for r in rows]
 
 
 def _lines(path: str, skipped: list[str]):
@@ -114,6 +122,73 @@ def read_multiway(path: str, skipped: list[str]) -> list[dict[str, str]]:
             skipped.append(f"{path}:{i}: expected {len(header)} non-empty fields")
             continue
         rows.append(dict(zip(header, (p.strip() for p in parts))))
+    return rows
+
+
+_LANG_CODE = re.compile(r"^[a-z]{2,3}$")
+
+
+def _strict_lines(path: str):
+    """(line number, text) of a plain or gzipped (``.gz``) UTF-8 file; errors are ValueErrors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"test file {path!r} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    gz = path.endswith(".gz")
+    if gz and magic != b"\x1f\x8b":
+        raise ValueError(f"{path}: named .gz but is not gzip-compressed")
+    if not gz and magic == b"\x1f\x8b":
+        raise ValueError(f"{path}: is gzip-compressed; name it .tsv.gz")
+    i = 0
+    try:
+        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not valid UTF-8 ({e.reason} at byte "
+                                     f"{e.start})") from None
+                yield i, text.rstrip("\n").rstrip("\r")
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}:{i + 1}: corrupt or truncated gzip data ({e})") from None
+
+
+def read_test_file(path: str) -> list[dict[str, str]]:
+    """A user's multi-way test set: ``.tsv`` or ``.tsv.gz``, a header line of distinct language
+    codes (``[a-z]{2,3}``, at least two), then one row per line with a non-empty field per
+    language. Unlike the corpus reader nothing is skipped: any malformed line raises
+    ``ValueError`` as ``file:line: what was expected`` (a missing file: ``FileNotFoundError``)."""
+    header: list[str] | None = None
+    rows: list[dict[str, str]] = []
+    for i, line in _strict_lines(path):
+        parts = line.split("\t")
+        if header is None:
+            header = [p.strip() for p in parts]
+            if header:
+                header[0] = header[0].lstrip("\ufeff")  # a UTF-8 byte-order mark
+            for j, code in enumerate(header, 1):
+                if not _LANG_CODE.match(code):
+                    raise ValueError(f"{path}:{i}: header field {j} is {code!r}, expected a "
+                                     f"language code of 2-3 lowercase letters (e.g. 'en')")
+            dup = sorted({c for c in header if header.count(c) > 1})
+            if dup:
+                raise ValueError(f"{path}:{i}: duplicate language column(s) {dup} in header")
+            if len(header) < 2:
+                raise ValueError(f"{path}:{i}: header names {len(header)} language, expected "
+                                 f"at least 2 tab-separated language codes")
+            continue
+        if len(parts) != len(header):
+            raise ValueError(f"{path}:{i}: expected {len(header)} tab-separated fields "
+                             f"({', '.join(header)}), got {len(parts)}")
+        for lang, p in zip(header, parts):
+            if not p.strip():
+                raise ValueError(f"{path}:{i}: empty {lang} field (expected {len(header)} "
+                                 f"non-empty fields: {', '.join(header)})")
+        rows.append(dict(zip(header, (p.strip() for p in parts))))
+    if header is None:
+        raise ValueError(f"{path}: empty file (expected a header line of language codes)")
+    if not rows:
+        raise ValueError(f"{path}: no rows after the header line")
     return rows
 
 

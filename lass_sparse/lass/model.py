@@ -1,20 +1,22 @@
 """The LaSS Transformer: encoder-decoder built from lass_sparse.nn masked modules.
 
 Pre-norm layers, GeLU, learned positional embeddings, one embedding matrix shared by encoder,
-decoder and the (unmasked) output projection, target-language token on both sides. Every attention
-and feed-forward weight is masked per pair; embeddings, norms and biases are shared (LaSS).
+decoder and the output projection. Every attention and feed-forward weight is masked per pair;
+with ``mask_output_proj`` the tied output projection is masked too (``decoder.output_projection``,
+as the released LaSS code ran it) while the embedding lookup stays dense. Embeddings, norms and
+biases are shared (LaSS).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import MaskedLinear, MaskedMultiheadAttention
+from ..nn import MaskedLinear, MaskedMultiheadAttention, MaskedTiedLinear
 from .tokenizer import PAD
 
 
@@ -29,6 +31,8 @@ class ModelConfig:
     max_len: int = 128
     dropout: float = 0.1
     attn_dropout: float = 0.0
+    # False for configs written before the option existed (their output projection was dense).
+    mask_output_proj: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,8 +112,8 @@ class _Stack(nn.Module):
 
 
 class Seq2Seq(nn.Module):
-    """``forward(src, tgt_in) -> logits``; ``src`` starts with the target-language token and
-    ``tgt_in`` with it too (language tokens on both sides)."""
+    """``forward(src, tgt_in) -> logits``; ``src`` starts with a language token (the source's or
+    the target's, see the run's ``langtok``), ``tgt_in`` with the target-language token."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -122,6 +126,8 @@ class Seq2Seq(nn.Module):
         self.dec_pos = nn.Embedding(c.max_len, c.d_model)
         self.encoder = _Stack([EncoderLayer(c) for _ in range(c.enc_layers)], c.d_model)
         self.decoder = _Stack([DecoderLayer(c) for _ in range(c.dec_layers)], c.d_model)
+        if c.mask_output_proj:  # no parameters of its own: state_dict keys are the same
+            self.decoder.output_projection = MaskedTiedLinear(self.embed)
         self.scale = math.sqrt(c.d_model)
 
     def _embed(self, ids: Tensor, pos: nn.Embedding, start: int = 0) -> Tensor:
@@ -144,7 +150,10 @@ class Seq2Seq(nn.Module):
         x = self._embed(tgt_in, self.dec_pos, start)
         for i, layer in enumerate(self.decoder.layers):
             x = layer(x, memory, mem_pad, None if cache is None else cache[i])
-        return F.linear(self.decoder.norm(x), self.embed.weight)  # tied output projection
+        h = self.decoder.norm(x)
+        if self.config.mask_output_proj:
+            return self.decoder.output_projection(h)
+        return F.linear(h, self.embed.weight)  # tied, unmasked output projection
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         memory, pad = self.encode(src)
@@ -152,6 +161,16 @@ class Seq2Seq(nn.Module):
 
     def new_cache(self) -> list[dict]:
         return [{} for _ in self.decoder.layers]
+
+
+def set_dropout(model: Seq2Seq, p: float) -> None:
+    """Change the dropout of every layer (e.g. the fine-tune's own ``--dropout``)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    model.config = replace(model.config, dropout=p)
+    for m in model.modules():
+        if isinstance(m, (EncoderLayer, DecoderLayer, _FFN)):
+            m.p = p
 
 
 def label_smoothed_loss(logits: Tensor, target: Tensor, eps: float = 0.1) -> Tensor:

@@ -2,10 +2,15 @@
 
 Run folder layout::
 
-    run.json            corpus, model config, tokenizer
+    run.json            corpus, model config (incl. mask_output_proj), tokenizer, langtok
     spm.model           SentencePiece model trained on the training text
-    <stage>/ckpt/       model + optimizer + state (resumable), <stage>/log.jsonl
+    <stage>/ckpt/       last checkpoint: model + optimizer + state (resumable)
+    <stage>/best/       best weights on the validation loss (stages run with validate_every)
+    <stage>/log.jsonl   training loss and validation curves
     masks*.safetensors  MaskBanks written by `prune` (and `extend`)
+
+Later stages start from, and evaluation uses, a stage's ``best`` checkpoint when it has one (the
+released recipe fine-tunes and joint-trains from the best θ0), else its last.
 """
 
 from __future__ import annotations
@@ -16,13 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..masks import MaskBank, atomic_write, magnitude_chunks
+from ..masks import MaskBank, atomic_write
 from ..nn import active_pair, attach, masked_parameters
 from .checkpoint import has_checkpoint, load_checkpoint
 from .data import Corpus, load_corpus, parse_direction
 from .model import ModelConfig, Seq2Seq, make_config
 from .tokenizer import Tokenizer
-from .train import Encoded, TrainConfig, run_stage
+from .train import LANGTOKS, Encoded, TrainConfig, run_stage
 
 RUN_JSON = "run.json"
 
@@ -40,6 +45,11 @@ class Run:
     def directions(self) -> list[str]:
         return self.corpus.directions
 
+    @property
+    def langtok(self) -> str:
+        """Encoder language token: ``src`` or ``tgt`` (runs made before the option: ``tgt``)."""
+        return self.info.get("langtok", "tgt")
+
     def path(self, *parts: str) -> str:
         return os.path.join(self.dir, *parts)
 
@@ -47,8 +57,17 @@ class Run:
         torch.manual_seed(self.info.get("seed", 0))
         return Seq2Seq(self.model_config)
 
-    def load_model(self, stage: str) -> Seq2Seq:
-        ckpt = self.path(stage, "ckpt")
+    def checkpoint(self, stage: str, which: str = "best") -> str:
+        """Folder of a stage's ``best`` checkpoint (falls back to ``last`` without one)."""
+        if which not in ("best", "last"):
+            raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+        best = self.path(stage, "best")
+        if which == "best" and has_checkpoint(best):
+            return best
+        return self.path(stage, "ckpt")
+
+    def load_model(self, stage: str, which: str = "best") -> Seq2Seq:
+        ckpt = self.checkpoint(stage, which)
         if not has_checkpoint(ckpt):
             raise FileNotFoundError(f"no checkpoint for stage {stage!r} in {self.dir} "
                                     f"(expected {ckpt}/state.json); run that stage first")
@@ -60,16 +79,38 @@ class Run:
         key = tuple(directions)
         if key not in self._encoded:
             self._encoded[key] = Encoded(self.corpus, self.tok, list(directions),
-                                         self.model_config.max_len)
+                                         self.model_config.max_len, self.langtok)
+        return self._encoded[key]
+
+    def valid_encoded(self, directions: list[str], limit: int | None = None) -> Encoded:
+        """The first ``limit`` rows of the validation set, for each direction."""
+        key = ("valid", tuple(directions), limit)
+        if key not in self._encoded:
+            if not self.corpus.valid:
+                raise ValueError(f"corpus {self.corpus.root} has no valid.tsv.gz; validation "
+                                 "(--validate-every) needs one")
+            pairs = {}
+            for d in directions:
+                src, ref = self.corpus.eval_set("valid", d, limit)
+                pairs[d] = list(zip(src, ref))
+            self._encoded[key] = Encoded(None, self.tok, list(directions),
+                                         self.model_config.max_len, self.langtok, pairs=pairs)
         return self._encoded[key]
 
 
 def prepare(run_dir: str, corpus: str = "demo", config: str = "tiny", vocab_size: int = 4000,
             pairs: list[str] | None = None, max_train: int | None = None, seed: int = 0,
-            **model_overrides) -> Run:
-    """Create (or reopen) a run: read the corpus, train SentencePiece, fix the model config."""
+            langtok: str = "src", mask_output_proj: bool = True, **model_overrides) -> Run:
+    """Create (or reopen) a run: read the corpus, train SentencePiece, fix the model config.
+
+    ``langtok``: ``src`` (released LaSS: source-language token on the encoder) or ``tgt``;
+    ``mask_output_proj``: mask the tied output projection per pair (released code) or not.
+    Both are fixed for the run (stored in run.json)."""
+    if langtok not in LANGTOKS:
+        raise ValueError(f"langtok must be one of {LANGTOKS}, got {langtok!r}")
     if os.path.exists(os.path.join(run_dir, RUN_JSON)):
         return open_run(run_dir)
+    model_overrides["mask_output_proj"] = bool(mask_output_proj)
     data = load_corpus(corpus, pairs, max_train)
     os.makedirs(run_dir, exist_ok=True)
     texts = [s for ex in data.train.values() for pair in ex for s in pair]
@@ -77,7 +118,7 @@ def prepare(run_dir: str, corpus: str = "demo", config: str = "tiny", vocab_size
     cfg = make_config(config, tok.vocab_size, **model_overrides)
     info = {"corpus": os.path.abspath(data.root) if corpus != "demo" else "demo",
             "pairs": data.pairs, "max_train": max_train, "config_name": config,
-            "model": cfg.to_dict(), "tokenizer": "spm.model", "seed": seed,
+            "model": cfg.to_dict(), "tokenizer": "spm.model", "seed": seed, "langtok": langtok,
             "skipped_lines": len(data.skipped)}
     atomic_write(os.path.join(run_dir, RUN_JSON), json.dumps(info, indent=1).encode())
     return Run(run_dir, data, tok, cfg, info)
@@ -96,47 +137,63 @@ def open_run(run_dir: str) -> Run:
 
 
 def _init_model(run: Run, out: str, init: str | None) -> Seq2Seq:
-    """A fresh model, or the weights of stage ``init`` when ``out`` has no checkpoint yet."""
+    """A fresh model, or the (best) weights of stage ``init`` when ``out`` has no checkpoint
+    yet."""
     if init and not has_checkpoint(run.path(out, "ckpt")):
         return run.load_model(init)
     return run.new_model()
+
+
+def _stage(run: Run, out: str, model: Seq2Seq, dirs: list[str], kw: dict,
+           name: str | None = None, **extra) -> dict:
+    """Run one training stage: ``kw`` holds TrainConfig fields plus ``progress`` and
+    ``valid_limit`` (validation rows per direction)."""
+    kw = dict(kw)
+    progress = kw.pop("progress", True)
+    valid_limit = kw.pop("valid_limit", None)
+    cfg = TrainConfig(stage=name or out, directions=dirs, **kw)
+    valid = run.valid_encoded(dirs, valid_limit) if cfg.validate_every else None
+    return run_stage(run.path(out), model, run.encoded(dirs), cfg, valid=valid,
+                     progress=progress, **extra)
 
 
 def train(run: Run, steps: int, *, out: str = "base", init: str | None = None,
           directions: list[str] | None = None, **kw) -> dict:
     """Dense multilingual training over ``directions`` (default: all), temperature sampling."""
     dirs = directions or run.directions
-    model = _init_model(run, out, init)
-    progress = kw.pop("progress", True)
-    cfg = TrainConfig(stage=out, directions=dirs, steps=steps, **kw)
-    return run_stage(run.path(out), model, run.encoded(dirs), cfg, progress=progress)
+    return _stage(run, out, _init_model(run, out, init), dirs, dict(kw, steps=steps))
 
 
 def finetune(run: Run, direction: str, steps: int, *, init: str = "base",
              out: str | None = None, **kw) -> dict:
-    """Fine-tune the multilingual model on one direction (to find its mask)."""
+    """Fine-tune the multilingual model (its best checkpoint) on one direction, optimizer and
+    schedule reset, to find its mask."""
     parse_direction(direction)
     out = out or f"ft/{direction}"
-    model = _init_model(run, out, init)
     kw.setdefault("warmup", 1)
-    progress = kw.pop("progress", True)
-    cfg = TrainConfig(stage=f"finetune {direction}", directions=[direction], steps=steps, **kw)
-    return run_stage(run.path(out), model, run.encoded([direction]), cfg, progress=progress)
+    return _stage(run, out, _init_model(run, out, init), [direction], dict(kw, steps=steps),
+                  name=f"finetune {direction}")
 
 
 def prune(run: Run, alpha: float, *, directions: list[str] | None = None,
           out: str = "masks.safetensors", random: bool = False, seed: int = 0,
-          ft_prefix: str = "ft") -> MaskBank:
-    """Magnitude masks of each fine-tuned direction (``--random``: same sparsity, random)."""
+          ft_prefix: str = "ft", shared_from: str | None = None) -> MaskBank:
+    """Magnitude masks of each fine-tuned direction (``random``: same sparsity, random;
+    ``shared_from=STAGE``: that stage's own magnitude mask for every direction — the
+    "pruned, not language-specific" control)."""
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"alpha must be in [0, 1), got {alpha}")
     dirs = directions or run.directions
     template = run.new_model()
     names = masked_parameters(template)
     bank = MaskBank({n: template.get_parameter(n).shape for n in names}, alpha=alpha)
+    shared = None
+    if shared_from is not None:
+        shared = bank.masks_from_model(run.load_model(shared_from), alpha, names)
     for d in dirs:
-        model = run.load_model(f"{ft_prefix}/{d}")
-        bank.add_pair(d, bank.masks_from_model(model, alpha, names))
+        masks = {n: b.clone() for n, b in shared.items()} if shared is not None else \
+            bank.masks_from_model(run.load_model(f"{ft_prefix}/{d}"), alpha, names)
+        bank.add_pair(d, masks)
     if random:
         bank = bank.random_like(alpha, seed=seed)
     bank.save(run.path(out))
@@ -157,18 +214,16 @@ def joint(run: Run, masks: str, steps: int, *, init: str = "base", out: str = "j
     masked AdamW (only that sub-network and the shared unmasked parameters change)."""
     bank = load_bank(run, masks)
     dirs = directions or [d for d in run.directions if d in bank]
-    model = _init_model(run, out, init)
-    progress = kw.pop("progress", True)
-    cfg = TrainConfig(stage=out, directions=dirs, steps=steps, **kw)
-    return run_stage(run.path(out), model, run.encoded(dirs), cfg, bank=bank, progress=progress)
+    return _stage(run, out, _init_model(run, out, init), dirs, dict(kw, steps=steps), bank=bank)
 
 
 def extend(run: Run, directions: str | list[str], *, masks: str, init: str = "joint",
            ft_steps: int, steps: int, alpha: float | None = None, strict: bool = False,
-           out: str | None = None, **kw) -> dict:
-    """Add one or more directions (e.g. both of a new pair): fine-tune each → prune → train only
-    their sub-networks, together, with language-grouped batches. ``strict``: update only weights
-    outside every other pair's mask and freeze the shared parameters, so existing pairs stay
+           ft_init: str = "base", out: str | None = None, **kw) -> dict:
+    """Add one or more directions (e.g. both of a new pair): fine-tune each from ``ft_init``
+    (θ0, as released; or e.g. the joint model) → prune → train only their sub-networks of
+    ``init`` together, with language-grouped batches. ``strict``: update only weights outside
+    every other pair's mask and freeze the shared parameters, so existing pairs stay
     bit-identical."""
     dirs = [directions] if isinstance(directions, str) else list(directions)
     if not dirs:
@@ -183,11 +238,8 @@ def extend(run: Run, directions: str | list[str], *, masks: str, init: str = "jo
     fts = {}
     for d in dirs:
         ft_out = f"{out}/ft" if len(dirs) == 1 else f"{out}/ft/{d}"
-        fts[d] = finetune(run, d, ft_steps, init=init, out=ft_out, **kw)
-        ft_model = run.load_model(ft_out)
-        chunks = masked_parameters(ft_model)
-        bank.add_pair(d, {n: magnitude_chunks(ft_model.get_parameter(n).detach(), alpha,
-                                              chunks[n]) for n in bank.names})
+        fts[d] = finetune(run, d, ft_steps, init=ft_init, out=ft_out, **kw)
+        bank.add_pair(d, bank.masks_from_model(run.load_model(ft_out), alpha))
     model = _init_model(run, out, init)
     attach(model, bank)
     update_bank = params = None
@@ -198,11 +250,12 @@ def extend(run: Run, directions: str | list[str], *, masks: str, init: str = "jo
         for d in dirs:
             update_bank.add_pair(d, {n: b & ~union[n] if union else b
                                      for n, b in bank[d].items()})
-        params = [model.get_parameter(n) for n in bank.names]
-    progress = kw.pop("progress", True)
-    cfg = TrainConfig(stage=f"extend {'+'.join(dirs)}", directions=dirs, steps=steps, **kw)
-    res = run_stage(run.path(out), model, run.encoded(dirs), cfg, bank=bank,
-                    update_bank=update_bank, params=params, progress=progress)
+        # masked weights only: a tied output projection's matrix is also the (shared, frozen)
+        # embedding lookup, so it stays frozen too
+        registered = dict(model.named_parameters())
+        params = [registered[n] for n in bank.names if n in registered]
+    res = _stage(run, out, model, dirs, dict(kw, steps=steps), name=f"extend {'+'.join(dirs)}",
+                 bank=bank, update_bank=update_bank, params=params)
     bank.save(run.path(out, "masks.safetensors"))
     return {"finetune": fts[dirs[0]] if len(dirs) == 1 else fts, "train": res,
             "masks": run.path(out, "masks.safetensors")}
@@ -216,27 +269,31 @@ def translate_texts(run: Run, stage: str, direction: str, texts: list[str], *,
     from .translate import ensure_pair, translate
 
     model = run.load_model(stage)
+    kw = dict(beam=beam, batch_size=batch_size, lenpen=lenpen, langtok=run.langtok)
     if masks is None:
-        return translate(model, run.tok, texts, direction, beam=beam, batch_size=batch_size,
-                         lenpen=lenpen)
+        return translate(model, run.tok, texts, direction, **kw)
     bank = load_bank(run, masks)
     ensure_pair(bank, direction)
     attach(model, bank)
     with active_pair(model, direction):
-        return translate(model, run.tok, texts, direction, beam=beam, batch_size=batch_size,
-                         lenpen=lenpen)
+        return translate(model, run.tok, texts, direction, **kw)
 
 
 def evaluate(run: Run, systems: dict[str, tuple[str, str | None]], directions: list[str], *,
              split: str = "test", limit: int | None = None, beam: int = 4,
-             batch_size: int = 64, progress: bool = True) -> dict:
+             batch_size: int = 64, progress: bool = True, rows: list[dict] | None = None,
+             hyps_out: dict | None = None) -> dict:
     """BLEU, chrF and translation accuracy of each system on each direction.
 
-    ``systems``: name -> (stage, masks file or None for dense). Zero-shot directions (not in a
-    bank) use merged masks. Returns ``{system: {direction: {bleu, chrf, acc, ...}}}``.
+    ``systems``: name -> (stage, masks file or None for dense); a stage's best checkpoint is used
+    when it has one. Zero-shot directions (not in a bank) use merged masks. ``rows``: a
+    multi-way test set of one's own (see :func:`~lass_sparse.lass.data.read_test_file`) instead
+    of the corpus's ``split``. ``hyps_out``: filled with ``{system: {direction: hypotheses}}``
+    (for :func:`significance`). Returns ``{system: {direction: {bleu, chrf, acc, ...}}}``.
     """
     from tqdm.auto import tqdm
 
+    from .data import eval_pairs
     from .evaluate import bleu_chrf, translation_accuracy
     from .translate import ensure_pair, translate
 
@@ -250,20 +307,67 @@ def evaluate(run: Run, systems: dict[str, tuple[str, str | None]], directions: l
             attach(model, bank)
         results[name] = {}
         for d in directions:
-            src, refs = run.corpus.eval_set(split, d, limit)
+            if rows is not None:
+                src, refs = eval_pairs(rows, d, limit)
+            else:
+                src, refs = run.corpus.eval_set(split, d, limit)
+            kw = dict(beam=beam, batch_size=batch_size, langtok=run.langtok)
             if bank is not None:
                 ensure_pair(bank, d)
                 with active_pair(model, d):
-                    hyps = translate(model, run.tok, src, d, beam=beam, batch_size=batch_size)
+                    hyps = translate(model, run.tok, src, d, **kw)
             else:
-                hyps = translate(model, run.tok, src, d, beam=beam, batch_size=batch_size)
+                hyps = translate(model, run.tok, src, d, **kw)
             tgt = parse_direction(d)[1]
             results[name][d] = {**bleu_chrf(hyps, refs, tgt),
                                 "acc": translation_accuracy(hyps, tgt), "n": len(hyps)}
+            if hyps_out is not None:
+                hyps_out.setdefault(name, {})[d] = (hyps, refs)
             bar.update(1)
             bar.set_postfix(system=name, direction=d, bleu=f"{results[name][d]['bleu']:.1f}")
     bar.close()
     return results
+
+
+def significance(hyps: dict, baseline: str, directions: list[str], *,
+                 n_samples: int = 1000, seed: int = 12345) -> dict:
+    """Paired bootstrap (sacrebleu's) of every system against ``baseline`` on the same rows, per
+    direction and pooled over ``directions`` (average BLEU). ``hyps``: what
+    :func:`evaluate` put in ``hyps_out``. Returns ``{system: {"directions": {d: test},
+    "pooled": test}}``."""
+    from .evaluate import paired_bootstrap, pooled_bootstrap
+
+    if baseline not in hyps:
+        raise KeyError(f"significance: no hypotheses of baseline {baseline!r} "
+                       f"(systems: {sorted(hyps)})")
+    out = {}
+    for name, by_dir in hyps.items():
+        if name == baseline:
+            continue
+        per, pooled_in = {}, {}
+        for d in directions:
+            base_h, refs = hyps[baseline][d]
+            sys_h, _ = by_dir[d]
+            tgt = parse_direction(d)[1]
+            per[d] = paired_bootstrap(base_h, sys_h, refs, tgt, n_samples=n_samples, seed=seed)
+            pooled_in[d] = (base_h, sys_h, refs, tgt)
+        out[name] = {"directions": per,
+                     "pooled": pooled_bootstrap(pooled_in, n_samples=n_samples, seed=seed)}
+    return out
+
+
+def render_significance(sig: dict, baseline: str) -> str:
+    """Markdown: per system, BLEU delta and p-value against the baseline, per direction and
+    pooled."""
+    lines = []
+    for name, s in sig.items():
+        lines += [f"Paired bootstrap, {name} vs {baseline} (BLEU; p: sacrebleu's paired "
+                  "bootstrap p-value):", "", "| direction | Δ BLEU | p |", "|---|---|---|"]
+        for d, t in s["directions"].items():
+            lines.append(f"| {d} | {t['bleu']['delta']:+.2f} | {t['bleu']['p_value']:.4f} |")
+        p = s["pooled"]["bleu"]
+        lines += [f"| **pooled (average)** | {p['delta']:+.2f} | {p['p_value']:.4f} |", ""]
+    return "\n".join(lines)
 
 
 def render_table(results: dict, directions: list[str], baseline: str | None = None) -> str:

@@ -98,14 +98,26 @@ def _part_main(run, args, st: dict, S: _Stages, ev: dict) -> dict:
     S("prune", P.prune, args.alpha, out="masks.safetensors", train=False)
     S("prune random", P.prune, args.alpha, out="masks-random.safetensors", random=True,
       seed=args.seed, train=False)
+    S("prune shared", P.prune, args.alpha, out="masks-shared.safetensors", shared_from="base",
+      train=False)
     S("joint", P.joint, "masks.safetensors", st["joint"], init="base", out="joint")
     S("joint random", P.joint, "masks-random.safetensors", st["joint"], init="base",
       out="joint-random")
+    S("joint shared", P.joint, "masks-shared.safetensors", st["joint"], init="base",
+      out="joint-shared")
     S("baseline", P.train, st["joint"], out="baseline", init="base")
-    systems = {"baseline": ("baseline", None), "LaSS": ("joint", "masks.safetensors"),
-               "random": ("joint-random", "masks-random.safetensors")}
-    res = S("evaluate main", P.evaluate, systems, dirs + _zero(args), **ev, train=False)
-    return _save_part(run, "main", {"results": res})
+    # θ0 is the paper's baseline; "baseline" (dense, same budget as the joint phase) the fair one
+    systems = {"baseline": ("baseline", None), "theta0": ("base", None),
+               "LaSS": ("joint", "masks.safetensors"),
+               "random": ("joint-random", "masks-random.safetensors"),
+               "shared": ("joint-shared", "masks-shared.safetensors")}
+    hyps: dict = {}
+    res = S("evaluate main", P.evaluate, systems, dirs + _zero(args), **ev, hyps_out=hyps,
+            train=False)
+    sig = {"supervised": P.significance(hyps, "baseline", dirs, n_samples=args.bootstrap),
+           "zero_shot": P.significance(hyps, "baseline", _zero(args), n_samples=args.bootstrap)
+           if _zero(args) else {}}
+    return _save_part(run, "main", {"results": res, "significance": sig})
 
 
 def _zero(args) -> list[str]:
@@ -184,7 +196,8 @@ def _part_ext(run, args, st: dict, S: _Stages, ev: dict) -> dict:
         for label, strict in (("LaSS", False), ("LaSS --strict", True)):
             out = f"ext/{'strict' if strict else 'lass'}"
             S(f"ext {label} @{upto}", P.extend, held, masks="ext/masks.safetensors",
-              init="ext/joint", ft_steps=st["extend_ft"], steps=upto, strict=strict, out=out)
+              init="ext/joint", ft_init="ext/base", ft_steps=st["extend_ft"], steps=upto,
+              strict=strict, out=out)
             sys_ = {label: (out, os.path.join(out, "masks.safetensors"))}
             r = S(f"evaluate ext {label} @{upto}", P.evaluate, sys_, dirs, **ev,
                   train=False)[label]
@@ -283,6 +296,13 @@ def _command(args) -> str:
            f"--config {args.config} --vocab-size {args.vocab_size} --alpha {args.alpha} "
            f"--seed {args.seed} --batch-size {args.batch_size} --amp {args.amp} "
            f"--beam {args.beam}")
+    cmd += f" --langtok {args.langtok}"
+    cmd += " --mask-output-proj" if args.mask_output_proj else " --no-mask-output-proj"
+    for opt in ("pairs", "max_train", "max_tokens", "validate_every", "patience",
+                "valid_limit", "bootstrap"):
+        v = getattr(args, opt, None)
+        if v:
+            cmd += f" --{opt.replace('_', '-')} " + (" ".join(v) if isinstance(v, list) else str(v))
     if args.limit:
         cmd += f" --limit {args.limit}"
     if args.scale != 1.0:
@@ -293,7 +313,7 @@ def _command(args) -> str:
 
 
 def _markdown(rep: dict, pngs: dict, args) -> str:
-    from .pipeline import render_table
+    from .pipeline import render_significance, render_table
 
     dirs, zero, parts = rep["directions"], rep["zero_shot"], rep["parts"]
     m = rep["model"]
@@ -308,10 +328,21 @@ def _markdown(rep: dict, pngs: dict, args) -> str:
              f"stage wall times {secs / 3600:.2f} h.", ""]
     if "main" in parts:
         res = parts["main"]["results"]
-        lines += ["## Table 1 analogue (supervised, 16 directions)", "",
-                  render_table(res, dirs, "baseline"), "",
-                  "## Table 3 analogue (zero-shot, merged masks for LaSS)", "",
-                  render_table(res, zero, "baseline"), ""]
+        sig = parts["main"].get("significance", {})
+        lines += [f"## Table 1 analogue (supervised, {len(dirs)} directions)", "",
+                  "Systems: `theta0` = the multilingual base θ0 (the paper's baseline); "
+                  "`baseline` = θ0 trained densely for as many more steps as the joint phase "
+                  "(the fair baseline); `LaSS`; `random` = random masks at the same α; "
+                  "`shared` = θ0's own magnitude mask for every direction (pruned, not "
+                  "language-specific).", "",
+                  render_table(res, dirs, "baseline"), ""]
+        if sig.get("supervised"):
+            lines += [render_significance(sig["supervised"], "baseline"), ""]
+        if zero:
+            lines += ["## Table 3 analogue (zero-shot, merged masks for LaSS)", "",
+                      render_table(res, zero, "baseline"), ""]
+            if sig.get("zero_shot"):
+                lines += [render_significance(sig["zero_shot"], "baseline"), ""]
     if "sweep" in parts:
         sw = parts["sweep"]
         lines += ["## α sweep (Fig. 7 analogue)", "",
@@ -365,9 +396,15 @@ def run_reproduction(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     st = _steps(args.scale, args.steps)
-    run = P.prepare(args.run, args.corpus, args.config, args.vocab_size, seed=args.seed)
-    S = _Stages(run, {"progress": not args.quiet, "amp": args.amp,
-                      "batch_size": args.batch_size})
+    run = P.prepare(args.run, args.corpus, args.config, args.vocab_size, seed=args.seed,
+                    pairs=args.pairs, max_train=args.max_train, langtok=args.langtok,
+                    mask_output_proj=args.mask_output_proj)
+    kw = {"progress": not args.quiet, "amp": args.amp, "batch_size": args.batch_size,
+          "validate_every": args.validate_every, "patience": args.patience,
+          "valid_limit": args.valid_limit}
+    if args.max_tokens:
+        kw.update(max_tokens=args.max_tokens, batch_size=args.max_tokens)
+    S = _Stages(run, kw)
     ev = {"limit": args.limit, "beam": args.beam, "progress": not args.quiet}
     todo = PARTS if args.part == "all" else (args.part,)
     fns = {"main": _part_main, "sweep": _part_sweep, "ext": _part_ext}
@@ -402,6 +439,18 @@ def add_commands(sub) -> None:
     p.add_argument("--alpha-langs", nargs="+", default=["de", "zh"])
     p.add_argument("--zero-shot", nargs="+", default=["de", "fr", "es", "ru", "zh", "ar"])
     p.add_argument("--held-out", default="ar")
+    p.add_argument("--pairs", nargs="+", help="English-centric pairs to use (default: all)")
+    p.add_argument("--max-train", type=int, help="first N training pairs per language pair")
+    p.add_argument("--langtok", default="src", choices=["src", "tgt"],
+                   help="encoder language token (released LaSS: src)")
+    p.add_argument("--mask-output-proj", action=argparse.BooleanOptionalAction, default=True,
+                   help="mask the tied output projection (released LaSS code: on)")
+    p.add_argument("--max-tokens", type=int, help="token batches of at most N tokens")
+    p.add_argument("--validate-every", type=int, default=0, metavar="K")
+    p.add_argument("--patience", type=int, default=0, metavar="N")
+    p.add_argument("--valid-limit", type=int, default=200)
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="paired bootstrap samples against the dense baseline")
     p.add_argument("--limit", type=int, default=None, help="test sentences per direction")
     p.add_argument("--beam", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=64)

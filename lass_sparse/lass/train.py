@@ -4,11 +4,17 @@ One batch = one direction. Masked stages run the forward with the batch's mask (
 and step :class:`~lass_sparse.optim.MaskedAdamW` on that mask, so only the direction's
 sub-network and the shared unmasked parameters change. Checkpoints every ``ckpt_every`` steps;
 a rerun resumes from the last one bit-identically (same batches, RNG and optimizer state).
+
+With ``validate_every`` the stage computes the validation loss of its directions (each under its
+own mask) every K steps, keeps the best weights in ``<stage>/best`` next to the last checkpoint
+``<stage>/ckpt``, and with ``patience`` N stops after N validations without improvement (as
+fairseq's ``--patience``); ``steps`` is then an upper bound.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -19,12 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import PairGroupedSampler
-from ..masks import MaskBank
+from ..masks import MaskBank, atomic_write
 from ..nn import active_pair, attach
 from ..optim import MaskedAdamW
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .data import Corpus, parse_direction
-from .model import label_smoothed_loss
+from .model import label_smoothed_loss, set_dropout
 from .tokenizer import EOS, PAD, Tokenizer
 
 
@@ -44,6 +50,10 @@ class TrainConfig:
     seed: int = 0
     ckpt_every: int = 100
     log_every: int = 10
+    max_tokens: int | None = None  # token batches (batch_size then caps the rows)
+    validate_every: int = 0  # 0: no validation
+    patience: int = 0  # validations without improvement before stopping; 0: never stop early
+    dropout: float | None = None  # None: the model's own
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -69,29 +79,48 @@ def pad_batch(seqs: list[list[int]]) -> Tensor:
     return out
 
 
-def encode_source(tok: Tokenizer, ids: list[int], tgt_lang: str, max_len: int) -> list[int]:
-    """Encoder input: target-language token, the sentence, EOS."""
-    return [tok.lang_id(tgt_lang)] + ids[: max_len - 2] + [EOS]
+LANGTOKS = ("src", "tgt")
+
+
+def encoder_lang(direction: str, langtok: str) -> str:
+    """The language whose token starts the encoder input: the source's (``src``, the released
+    LaSS configs' ``encoder_langtok: src``) or the target's (``tgt``, Johnson et al.)."""
+    if langtok not in LANGTOKS:
+        raise ValueError(f"langtok must be 'src' or 'tgt', got {langtok!r}")
+    s, t = parse_direction(direction)
+    return s if langtok == "src" else t
+
+
+def encode_source(tok: Tokenizer, ids: list[int], lang: str, max_len: int) -> list[int]:
+    """Encoder input: ``lang``'s token (see :func:`encoder_lang`), the sentence, EOS."""
+    return [tok.lang_id(lang)] + ids[: max_len - 2] + [EOS]
 
 
 class Encoded:
-    """Tokenised training examples of several directions, indexed by direction."""
+    """Tokenised examples of several directions, indexed by direction: the training data, or
+    with ``pairs={direction: [(source, target)]}`` any other rows (validation)."""
 
-    def __init__(self, corpus: Corpus, tok: Tokenizer, directions: list[str], max_len: int):
+    def __init__(self, corpus: Corpus | None, tok: Tokenizer, directions: list[str],
+                 max_len: int, langtok: str = "src",
+                 pairs: dict[str, list[tuple[str, str]]] | None = None):
         self.src: list[list[int]] = []
         self.tgt: list[list[int]] = []
         self.index: dict[str, range] = {}
         for d in directions:
             _, t = parse_direction(d)
-            ex = corpus.examples(d)
+            ex = pairs[d] if pairs is not None else corpus.examples(d)
             start = len(self.src)
             src_ids = tok.encode([a for a, _ in ex])
             tgt_ids = tok.encode([b for _, b in ex])
-            lang = tok.lang_id(t)
+            lang, enc_lang = tok.lang_id(t), encoder_lang(d, langtok)
             for a, b in zip(src_ids, tgt_ids):
-                self.src.append(encode_source(tok, a, t, max_len))
+                self.src.append(encode_source(tok, a, enc_lang, max_len))
                 self.tgt.append([lang] + b[: max_len - 2] + [EOS])
             self.index[d] = range(start, len(self.src))
+
+    def lengths(self) -> list[int]:
+        """Tokens of each example: the longer of source and target (for token batches)."""
+        return [max(len(a), len(b)) for a, b in zip(self.src, self.tgt)]
 
     def batch(self, direction: str, idx: list[int]) -> Batch:
         tgt = pad_batch([self.tgt[i] for i in idx])
@@ -115,16 +144,18 @@ def run_stage(
     update_masks: dict[nn.Parameter, Tensor | None] | None = None,
     update_bank: MaskBank | None = None,
     params: list[nn.Parameter] | None = None,
+    valid: Encoded | None = None,
     resume: bool = True,
     progress: bool = True,
 ) -> dict:
-    """Train ``model`` for ``cfg.steps`` steps (resuming from ``out_dir/ckpt`` if present).
+    """Train ``model`` for up to ``cfg.steps`` steps (resuming from ``out_dir/ckpt`` if present).
 
     ``bank``: masked training — each batch runs with its direction's mask and the optimizer
     updates the union of the masks of the step's batches. ``update_masks`` / ``params``: restrict
     the update explicitly; ``update_bank``: the optimizer masks each step with this bank's masks of
-    the step's directions instead of ``bank``'s (``extend --strict``). Returns a summary (steps,
-    tokens, seconds, loss).
+    the step's directions instead of ``bank``'s (``extend --strict``). ``valid``: validation rows
+    of the stage's directions (needed by ``cfg.validate_every``). Returns a summary (steps,
+    tokens, seconds, loss, best validation loss and step, whether it stopped early).
     """
     missing = [d for d in cfg.directions if d not in data.index]
     if missing:
@@ -132,9 +163,16 @@ def run_stage(
     if bank is not None:
         for d in cfg.directions:
             bank._check_pair(d)
-    ckpt = os.path.join(out_dir, "ckpt")
+    if cfg.validate_every < 0 or cfg.patience < 0:
+        raise ValueError("validate_every and patience must be >= 0")
+    if cfg.validate_every and (valid is None or any(d not in valid.index
+                                                   for d in cfg.directions)):
+        raise ValueError(f"{cfg.stage}: validate_every needs validation rows for every direction")
+    ckpt, best_dir = os.path.join(out_dir, "ckpt"), os.path.join(out_dir, "best")
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    if cfg.dropout is not None:
+        set_dropout(model, cfg.dropout)
     opt = MaskedAdamW(params if params is not None else model.parameters(), lr=cfg.lr,
                       betas=(0.9, 0.98), eps=1e-8, weight_decay=cfg.weight_decay)
     if bank is not None:
@@ -143,21 +181,28 @@ def run_stage(
     if update_masks is not None:
         opt.set_masks(update_masks)
     step = 0
+    es = {"best": None, "best_step": None, "bad": 0, "stopped": False}  # early stopping
     if resume and has_checkpoint(ckpt):
         state = load_checkpoint(ckpt, model, opt, restore_rng=True)
         step = int(state["step"])
+        es.update(state.get("valid", {}))
     sampler = PairGroupedSampler({d: data.index[d] for d in cfg.directions}, cfg.batch_size,
                                  temperature=cfg.temperature, seed=cfg.seed, num_replicas=1,
-                                 rank=0)
+                                 rank=0, max_tokens=cfg.max_tokens,
+                                 lengths=data.lengths() if cfg.max_tokens else None)
     per_epoch = len(sampler)
     trainable = [p for g in opt.param_groups for p in g["params"]]
     log_path = os.path.join(out_dir, "log.jsonl")
     model.train()
     epoch, batches = -1, []
     tokens_total, loss_sum, loss_n, t_start = 0, 0.0, 0, time.perf_counter()
-    bar = _progress(progress, cfg, step)
+    bar = None if es["stopped"] else _progress(progress, cfg, step)
+
+    def state() -> dict:
+        return {"step": step, "config": cfg.to_dict(), "valid": dict(es)}
+
     with open(log_path, "a") as log:
-        while step < cfg.steps:
+        while step < cfg.steps and not es["stopped"]:
             e, i = divmod(step, per_epoch)
             if e != epoch:
                 sampler.set_epoch(e)
@@ -185,20 +230,73 @@ def run_stage(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", tok_s=f"{b.tokens / dt:.0f}",
-                                pair=direction)
+                                pair=direction, best=es["best"] and f"{es['best']:.3f}")
             if step % cfg.log_every == 0 or step == cfg.steps:
                 rec = {"stage": cfg.stage, "step": step, "loss": float(loss.detach()),
                        "lr": lr_at(step, cfg), "tokens_per_s": b.tokens / dt, "pair": direction}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                save_checkpoint(ckpt, model, opt, {"step": step, "config": cfg.to_dict()})
+            if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
+                v = validation_loss(model, valid, cfg.directions, bank=bank, amp=cfg.amp,
+                                    label_smoothing=cfg.label_smoothing)
+                improved = es["best"] is None or v["loss"] < es["best"]
+                if improved:
+                    es.update(best=v["loss"], best_step=step, bad=0)
+                    save_checkpoint(best_dir, model, None, {"step": step, "valid": v,
+                                                            "config": cfg.to_dict()})
+                else:
+                    es["bad"] += 1
+                    es["stopped"] = bool(cfg.patience) and es["bad"] >= cfg.patience
+                log.write(json.dumps({"stage": cfg.stage, "step": step, "valid_loss": v["loss"],
+                                      "valid_nll": v["nll"], "best": es["best"],
+                                      "stopped": es["stopped"]}) + "\n")
+                log.flush()
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or es["stopped"]:
+                save_checkpoint(ckpt, model, opt, state())
     if bar is not None:
         bar.close()
     secs = time.perf_counter() - t_start
     return {"stage": cfg.stage, "steps": step, "tokens": tokens_total, "seconds": secs,
             "tokens_per_s": tokens_total / secs if secs > 0 else 0.0,
-            "mean_loss": loss_sum / loss_n if loss_n else None}
+            "mean_loss": loss_sum / loss_n if loss_n else None,
+            "best_valid_loss": es["best"], "best_step": es["best_step"],
+            "stopped_early": es["stopped"]}
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, data: Encoded, directions: list[str], *,
+                    bank: MaskBank | None = None, amp: str = "none", batch_size: int = 64,
+                    label_smoothing: float = 0.1) -> dict:
+    """Token-weighted label-smoothed CE (``loss``, the early-stopping metric, as fairseq's) and
+    NLL over the rows of ``directions``, each under its own mask when ``bank`` is given; also
+    per direction (``by_direction``). Dropout off; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    tot = {"loss": 0.0, "nll": 0.0, "tokens": 0}
+    by_dir = {}
+    try:
+        for d in directions:
+            idx = list(data.index[d])
+            s = {"loss": 0.0, "nll": 0.0, "tokens": 0}
+            ctx = active_pair(model, d) if bank is not None else contextlib.nullcontext()
+            with ctx:
+                for i in range(0, len(idx), batch_size):
+                    b = data.batch(d, idx[i:i + batch_size])
+                    with _autocast(amp, b.src.device):
+                        logits = model(b.src, b.tgt_in)
+                    n = int(b.tgt_out.ne(PAD).sum())
+                    s["loss"] += float(label_smoothed_loss(logits, b.tgt_out,
+                                                           label_smoothing)) * n
+                    s["nll"] += float(label_smoothed_loss(logits, b.tgt_out, 0.0)) * n
+                    s["tokens"] += n
+            by_dir[d] = s["loss"] / max(s["tokens"], 1)
+            for k in tot:
+                tot[k] += s[k]
+    finally:
+        model.train(was_training)
+    n = max(tot["tokens"], 1)
+    return {"loss": tot["loss"] / n, "nll": tot["nll"] / n, "tokens": tot["tokens"],
+            "by_direction": by_dir}
 
 
 def _autocast(amp: str, device: torch.device):
@@ -219,7 +317,8 @@ def _progress(enabled: bool, cfg: TrainConfig, initial: int):
 
 
 def plot_log(log_path: str, out_png: str) -> str:
-    """Loss curve(s) of a ``log.jsonl`` (one line per stage) as a PNG."""
+    """Loss curve(s) of a ``log.jsonl`` (one line per stage, validation curves marked) as a
+    PNG, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,16 +328,20 @@ def plot_log(log_path: str, out_png: str) -> str:
     with open(log_path) as f:
         for line in f:
             r = json.loads(line)
-            xs, ys = curves.setdefault(r["stage"], ([], []))
+            key = "loss" if "loss" in r else "valid_loss"
+            label = r["stage"] if key == "loss" else f"{r['stage']} (validation)"
+            xs, ys = curves.setdefault(label, ([], []))
             xs.append(r["step"])
-            ys.append(r["loss"])
+            ys.append(r[key])
     fig, ax = plt.subplots(figsize=(6, 4))
     for stage, (xs, ys) in curves.items():
-        ax.plot(xs, ys, label=stage)
+        ax.plot(xs, ys, label=stage, marker="o" if stage.endswith("(validation)") else None)
     ax.set_xlabel("step")
     ax.set_ylabel("label-smoothed CE")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format="png")
     plt.close(fig)
+    atomic_write(out_png, buf.getvalue())
     return out_png

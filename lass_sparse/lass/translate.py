@@ -9,7 +9,7 @@ from ..masks import MaskBank
 from .data import parse_direction
 from .model import Seq2Seq
 from .tokenizer import EOS, PAD, Tokenizer
-from .train import encode_source, pad_batch
+from .train import encode_source, encoder_lang, pad_batch
 
 
 def ensure_pair(bank: MaskBank, direction: str, pivot: str = "en") -> str:
@@ -102,13 +102,17 @@ def beam_search(model: Seq2Seq, src: Tensor, bos: int, beam: int = 4, max_len: i
 
 def translate(model: Seq2Seq, tok: Tokenizer, texts: list[str], direction: str, *,
               beam: int = 4, batch_size: int = 64, lenpen: float = 1.0,
-              use_cache: bool = True) -> list[str]:
-    """Translate ``texts`` along ``direction`` (the caller activates the pair's mask)."""
+              use_cache: bool = True, langtok: str = "src") -> list[str]:
+    """Translate ``texts`` along ``direction`` (the caller activates the pair's mask).
+    ``langtok``: the encoder's language token, as the model was trained (the run's)."""
     if not texts:
         return []
+    if beam < 1 or batch_size < 1:
+        raise ValueError(f"beam and batch_size must be >= 1, got {beam}, {batch_size}")
     _, tgt = parse_direction(direction)
+    lang = encoder_lang(direction, langtok)
     ids = tok.encode(texts)
-    src = [encode_source(tok, s, tgt, model.config.max_len) for s in ids]
+    src = [encode_source(tok, s, lang, model.config.max_len) for s in ids]
     order = sorted(range(len(src)), key=lambda i: len(src[i]))
     out: list[str] = [""] * len(src)
     for s in range(0, len(order), batch_size):

@@ -3,13 +3,14 @@
 from .attention import MaskedMultiheadAttention
 from .context import MaskContext, active_pair, attach, get_context, set_active_pair
 from .convert import DEFAULT_EXCLUDE, convert, masked_parameters
-from .linear import MaskedLinear, masked_forward
+from .linear import MaskedLinear, MaskedTiedLinear, masked_forward
 
 __all__ = [
     "DEFAULT_EXCLUDE",
     "MaskContext",
     "MaskedLinear",
     "MaskedMultiheadAttention",
+    "MaskedTiedLinear",
     "active_pair",
     "attach",
     "convert",

@@ -91,11 +91,9 @@ class MaskContext:
 
 
 def masked_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    from .attention import MaskedMultiheadAttention
-    from .linear import MaskedLinear
-
+    """(name, module) of every masked module (MaskedLinear, MaskedTiedLinear, masked MHA)."""
     for name, m in model.named_modules():
-        if isinstance(m, (MaskedLinear, MaskedMultiheadAttention)):
+        if hasattr(m, "_lass_param_names"):
             yield name, m
 
 

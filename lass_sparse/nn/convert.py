@@ -30,32 +30,40 @@ def _matcher(patterns: Patterns) -> Callable[[str], bool] | None:
 
 
 def _selected(
-    model: nn.Module, include: Patterns, exclude: Patterns
+    model: nn.Module, include: Patterns, exclude: Patterns, mask_tied_output: bool = False
 ) -> Iterator[tuple[str, nn.Module]]:
-    """(qualified name, module) of every Linear / MHA that convert() would mask, outermost first."""
+    """(qualified name, module) of every Linear / MHA that convert() would mask, outermost first.
+    ``mask_tied_output``: also Linears whose weight is an embedding's (tied output heads); the
+    default name exclusions do not apply to them, an explicit ``exclude`` does."""
     inc = _matcher(include)
     exc = _matcher(DEFAULT_EXCLUDE if exclude is None else exclude)
+    user_exc = _matcher(exclude)
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     inside_mha: set[str] = set()
     for name, m in model.named_modules():
         if any(name.startswith(p + ".") for p in inside_mha):
             continue  # an MHA's out_proj goes with its MHA
+        is_tied = isinstance(m, nn.Linear) and id(m.weight) in tied
         if isinstance(m, nn.MultiheadAttention):
             inside_mha.add(name)
-        elif not isinstance(m, nn.Linear) or id(m.weight) in tied:
+        elif not isinstance(m, nn.Linear) or (is_tied and not mask_tied_output):
             continue
-        if (inc is not None and not inc(name)) or (exc is not None and exc(name)):
+        if inc is not None and not inc(name):
+            continue
+        if (user_exc if is_tied else exc) is not None and (user_exc if is_tied else exc)(name):
             continue
         yield name, m
 
 
 def masked_parameters(model: nn.Module, include: Patterns = None,
-                      exclude: Patterns = None) -> dict[str, int]:
+                      exclude: Patterns = None, *,
+                      mask_tied_output: bool = False) -> dict[str, int]:
     """``{parameter name -> q/k/v chunks}`` a LaSS mask covers: those of a converted model's masked
     modules, or (unconverted model) those :func:`convert` would mask. ``in_proj_weight`` has 3
     chunks (q, k and v are pruned as separate tensors)."""
     out: dict[str, int] = {}
-    mods = list(masked_modules(model)) or list(_selected(model, include, exclude))
+    mods = list(masked_modules(model)) or list(_selected(model, include, exclude,
+                                                           mask_tied_output))
     for name, m in mods:
         prefix = f"{name}." if name else ""
         if isinstance(m, nn.MultiheadAttention):
@@ -71,6 +79,8 @@ def convert(
     include: Patterns = None,
     exclude: Patterns = None,
     bank: MaskBank | None = None,
+    *,
+    mask_tied_output: bool = False,
 ) -> list[str]:
     """Replace, in place, the ``nn.Linear`` and ``nn.MultiheadAttention`` modules of ``model`` by
     :class:`MaskedLinear` / :class:`MaskedMultiheadAttention` sharing their parameters (state_dict
@@ -79,14 +89,18 @@ def convert(
     ``include`` / ``exclude``: glob patterns over module names (or a predicate). By default every
     linear layer is masked except embeddings, norms, and the output projection (modules named like
     ``lm_head``, ``output_projection``, ``generator``, or whose weight is tied to an embedding) —
-    as in LaSS. ``bank``: attach it right away (see :func:`lass_sparse.attach`).
+    as in LaSS's paper. ``mask_tied_output=True`` masks a head tied to an embedding too (what the
+    released LaSS code ran: the vocabulary projection uses ``E ⊙ M`` while the lookup uses ``E``);
+    its mask gets the head's own name (e.g. ``lm_head.weight``) and :class:`MaskedAdamW` keeps the
+    shared matrix fully trainable. ``bank``: attach it right away (see
+    :func:`lass_sparse.attach`).
     """
     if isinstance(model, (nn.Linear, nn.MultiheadAttention)) and not isinstance(
         model, (MaskedLinear, MaskedMultiheadAttention)
     ):
         raise ValueError("convert: the model itself is a layer; use MaskedLinear.from_linear / "
                          "MaskedMultiheadAttention.from_mha")
-    for name, m in list(_selected(model, include, exclude)):
+    for name, m in list(_selected(model, include, exclude, mask_tied_output)):
         if isinstance(m, (MaskedLinear, MaskedMultiheadAttention)):
             continue
         if isinstance(m, nn.MultiheadAttention):

@@ -120,3 +120,50 @@ class MaskedLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", masked=True"
+
+
+class MaskedTiedLinear(nn.Module):
+    """Output projection tied to an embedding matrix: ``x @ (E ⊙ M_pair)ᵀ (+ bias)``, dense
+    ``x @ Eᵀ`` when no pair is active.
+
+    This is the released LaSS code's masked ``decoder.output_projection`` with shared embeddings:
+    the lookup keeps using ``E`` unmasked, the vocabulary projection uses ``E ⊙ M``. The embedding
+    is referenced, not registered, so the model's parameters and state_dict keys do not change;
+    :attr:`weight` is the embedding's Parameter (the bank keys its mask as ``<name>.weight``).
+    Off-mask entries of ``E`` get gradient from the lookup only; :class:`~lass_sparse.optim.
+    MaskedAdamW` updates the whole matrix, since the lookup uses it unmasked.
+    """
+
+    _lass_ctx: MaskContext | None = None
+    _lass_prefix: str = ""
+
+    def __init__(self, embedding: nn.Embedding, bias: Tensor | None = None) -> None:
+        super().__init__()
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"MaskedTiedLinear: expected nn.Embedding, got "
+                            f"{type(embedding).__name__}")
+        object.__setattr__(self, "_embedding", embedding)  # not a submodule: no duplicate keys
+        self.bias = bias
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self._embedding.weight
+
+    @property
+    def in_features(self) -> int:
+        return self._embedding.embedding_dim
+
+    @property
+    def out_features(self) -> int:
+        return self._embedding.num_embeddings
+
+    def _lass_param_names(self) -> list[str]:
+        return ["weight"]
+
+    def forward(self, input: Tensor) -> Tensor:
+        return masked_forward(self._lass_ctx, self._lass_prefix + "weight", input, self.weight,
+                              self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"tied=True, masked=True")
