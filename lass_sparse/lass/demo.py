@@ -1,7 +1,9 @@
 """``lass-sparse demo`` / ``make demo``: the whole LaSS method on the bundled subset, tiny model.
 
 base → fine-tune every direction → prune (α=0.5) → joint training; a dense baseline continued for
-as many steps as the joint phase; the same joint training with random masks. Evaluates all 16
+as many steps as the joint phase; the same joint training with random masks. The released
+recipe's defaults: source-language token on the encoder, masked tied output projection; the base
+validates every 100 steps and later stages start from its best checkpoint. Evaluates all 16
 directions and zero-shot X→Y among de, fr, zh; writes a markdown + JSON table and the mask
 similarity heatmap. Every stage resumes from its checkpoint if interrupted.
 """
@@ -46,7 +48,8 @@ def run_demo(args) -> int:
         record(name, time.time() - t)
         return res
 
-    stage("base", P.train, run, steps["base"], out="base", **quiet)
+    stage("base", P.train, run, steps["base"], out="base", validate_every=100, valid_limit=50,
+          **quiet)
     t = time.time()
     for d in run.directions:
         P.finetune(run, d, steps["finetune"], init="base", **quiet)
@@ -80,7 +83,8 @@ def run_demo(args) -> int:
     md = "\n".join([
         "# LaSS demo (bundled subset, tiny model)", "",
         f"Steps: {steps}; α = {ALPHA}; test sentences per direction: {args.limit}; beam 4; "
-        f"bf16 autocast. Mask bank: {st['bytes_per_pair']} B/pair in memory, "
+        f"bf16 autocast; encoder tag `{run.langtok}`; output projection "
+        f"{'masked' if run.model_config.mask_output_proj else 'dense'}. Mask bank: {st['bytes_per_pair']} B/pair in memory, "
         f"{compact_bits:.3f} bit/weight/pair compact on disk. "
         f"Time: {compute / 60:.1f} min of stages ({wall / 60:.1f} min in this invocation).", "",
         "## Supervised directions", "", sup, "",
