@@ -16,6 +16,7 @@ import sys
 COMMAND_MODULES = (
     "lass_sparse.lass.commands",
     "lass_sparse.lass.reproduce",
+    "lass_sparse.lass.recipe",
     "lass_sparse.lass.corpus",
     "lass_sparse.showcase",
 )
