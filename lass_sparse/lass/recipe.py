@@ -146,6 +146,7 @@ def run_variant(args) -> dict:
            "test_rows": res["dense"][eval_dirs[0]]["n"], "beam": args.beam,
            "seed": args.seed, "steps_cap": steps, "validate_every": every,
            "patience": args.patience, "max_tokens": args.max_tokens, "lr": args.lr,
+           "valid_limit": args.valid_limit,
            "ft": ft, "timings_s": T.t}
     os.makedirs(os.path.dirname(part), exist_ok=True)
     atomic_write(part, json.dumps(out, indent=1).encode())
@@ -176,6 +177,132 @@ def _diagnostics(run, bank: MaskBank, seed_dirs: list[str], alpha: float) -> dic
     total = sum(s[0] * s[1] for s in bank.shapes.values())
     out["union_coverage"] = kept / total
     return out
+
+
+def _avg(res: dict, system: str, dirs: list[str], metric: str) -> float:
+    return sum(res[system][d][metric] for d in dirs) / len(dirs)
+
+
+def curves_plot(variants: dict[str, dict], out_png: str) -> str:
+    """Validation loss of every stage of every variant (convergence), one panel per variant."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(variants), figsize=(6 * len(variants), 4), squeeze=False)
+    for ax, v in zip(axes[0], variants.values()):
+        for stage, pts in v["curves"].items():
+            if pts:
+                ax.plot([p["step"] for p in pts], [p["valid_loss"] for p in pts],
+                        label=stage, lw=1, ls="--" if stage.startswith("ft") else "-")
+        ax.set_title(f"langtok {v['langtok']}: validation loss per stage")
+        ax.set_xlabel("step of the stage")
+        ax.set_ylabel("label-smoothed CE (validation)")
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format="png")
+    plt.close(fig)
+    atomic_write(out_png, buf.getvalue())
+    return out_png
+
+
+def report(run_dirs: list[str], out_dir: str) -> str:
+    """``reproduction.md`` / ``.json`` / ``curves.png`` from the variants' ``parts/variant.json``
+    (the discussion is written by hand below the generated part)."""
+    from .pipeline import render_significance, render_table
+
+    variants = {}
+    for r in run_dirs:
+        path = os.path.join(r, "parts", "variant.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} missing: run `lass-sparse recipe variant --run {r}`"
+                                    " first")
+        with open(path) as f:
+            v = json.load(f)
+        variants[v["langtok"]] = v
+    os.makedirs(out_dir, exist_ok=True)
+    png = curves_plot(variants, os.path.join(out_dir, "curves.png"))
+    main = next((v for v in variants.values() if v["supervised_evaluated"]), None)
+    L = ["# LaSS reproduction v2: the released recipe, with controls and significance", ""]
+    any_v = next(iter(variants.values()))
+    m = any_v["model"]
+    L += ["## Protocol", "",
+          f"- Data: ../shared/corpus, pairs {', '.join(sorted({d for d in any_v['directions']}))}"
+          f" ({', '.join(f'{d}: {n}' for d, n in any_v['train_examples'].items())} training "
+          "examples); validation: the first "
+          f"{any_v.get('valid_limit', 200)} rows of valid.tsv.gz per direction; test: "
+          f"{any_v['test_rows']} rows of test.tsv.gz (the same rows for every system), beam "
+          f"{any_v['beam']}.",
+          f"- Model `{any_v['config']}`: d={m['d_model']}, {m['enc_layers']}+{m['dec_layers']} "
+          f"layers, FFN {m['ffn']}, vocabulary {m['vocab_size']}, dropout {m['dropout']}; "
+          f"token batches of {any_v['max_tokens']} tokens; bf16 autocast; lr {any_v['lr']} "
+          f"(fine-tune: {any_v['ft']}).",
+          f"- Every stage to convergence: validation every {any_v['validate_every']} steps, "
+          f"patience {any_v['patience']} validations, step caps {any_v['steps_cap']}; later "
+          "stages start from the best θ0 with optimizer and schedule reset.",
+          f"- One seed ({any_v['seed']}) per variant; α chosen on validation loss among "
+          f"{list(any_v['alpha_valid_loss'])}. Paired bootstrap: sacrebleu's, 1000 samples, "
+          "against the dense baseline.",
+          "- Variants (separate θ0s): " + "; ".join(
+              f"`{k}`: {', '.join(v['systems'])}, α={v['alpha']}, "
+              f"{sum(v['timings_s'].values()) / 3600:.2f} h of stages"
+              for k, v in variants.items()), ""]
+    L += ["## Convergence", "", f"![validation curves]({os.path.basename(png)})", "",
+          "| variant | stage | steps run | best step | best valid loss | stopped early |",
+          "|---|---|---|---|---|---|"]
+    for k, v in variants.items():
+        for stage, r in v["stages"].items():
+            bl = r.get("best_valid_loss")
+            L.append(f"| {k} | {stage} | {r['steps']} | {r.get('best_step')} | "
+                     f"{'–' if bl is None else f'{bl:.4f}'} | {r.get('stopped_early')} |")
+    L += ["", "α selection (best validation loss of the joint stage):", ""]
+    for k, v in variants.items():
+        L.append(f"- `{k}`: " + ", ".join(f"α={a}: {x:.4f}"
+                                          for a, x in v["alpha_valid_loss"].items())
+                 + f" → α={v['alpha']}")
+    if main is not None:
+        res, dirs = main["results"], main["directions"]
+        L += ["", f"## Supervised directions (langtok `{main['langtok']}`)", "",
+              "`theta0` = the base (the paper's baseline); `dense` = θ0 trained on, dense, "
+              "under the same step cap and stopping rule as the joint stage (the fair "
+              "baseline); `LaSS` = masked joint training; `LaSS-noout` = the same without the "
+              "output-projection mask; `shared` = θ0's own magnitude mask for every direction; "
+              "`random` = random masks at the same α.", "",
+              render_table(res, dirs, "dense"), "",
+              render_significance(main["significance"]["supervised"], "dense")]
+    zs = any_v["zero_shot"]
+    L += ["", "## Zero-shot: language tag × output-projection mask", "",
+          f"Average over {len(zs)} zero-shot directions ({', '.join(zs)}); ACC = share of "
+          "outputs in the target language (langid). LaSS uses merged X→en encoder / en→Y "
+          "decoder masks.", "",
+          "| system | " + " | ".join(f"{k} BLEU | {k} ACC" for k in variants) + " |",
+          "|---|" + "---|---|" * len(variants)]
+    for sysname in ("theta0", "dense", "LaSS", "LaSS-noout"):
+        cells = []
+        for v in variants.values():
+            cells += [f"{_avg(v['results'], sysname, zs, 'bleu'):.2f}",
+                      f"{_avg(v['results'], sysname, zs, 'acc'):.3f}"]
+        L.append(f"| {sysname} | " + " | ".join(cells) + " |")
+    for k, v in variants.items():
+        L += ["", f"Zero-shot significance, langtok `{k}`:", "",
+              render_significance(v["significance"]["zero_shot"], "dense")]
+    L += ["", "## Mask diagnostics", "",
+          "| variant | α | cross-direction similarity (mean / max) | same direction, two "
+          "fine-tune seeds | union of all masks covers |", "|---|---|---|---|---|"]
+    for k, v in variants.items():
+        dg = v["diagnostics"]
+        seeds = ", ".join(f"{d}: {x:.4f}" for d, x in dg["seed_pairs"].items()) or "–"
+        L.append(f"| {k} | {v['alpha']} | {dg['cross_direction_mean']:.4f} / "
+                 f"{dg['cross_direction_max']:.4f} | {seeds} | {dg['union_coverage']:.1%} |")
+    md = "\n".join(L) + "\n"
+    atomic_write(os.path.join(out_dir, "reproduction.md"), md.encode())
+    atomic_write(os.path.join(out_dir, "reproduction.json"),
+                 json.dumps(variants, indent=1).encode())
+    return os.path.join(out_dir, "reproduction.md")
 
 
 def _kv(item: str) -> tuple[str, int]:
@@ -225,3 +352,7 @@ def add_commands(sub) -> None:
     v.add_argument("--threads", type=int, default=0)
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(func=lambda a: (run_variant(a), 0)[1])
+    r = rsub.add_parser("report", help="reproduction.md from finished variants")
+    r.add_argument("--runs", nargs="+", required=True)
+    r.add_argument("--out", default="results")
+    r.set_defaults(func=lambda a: print(f"wrote {report(a.runs, a.out)}") or 0)
