@@ -84,7 +84,8 @@ def run_demo(args) -> int:
         "# LaSS demo (bundled subset, tiny model)", "",
         f"Steps: {steps}; α = {ALPHA}; test sentences per direction: {args.limit}; beam 4; "
         f"bf16 autocast; encoder tag `{run.langtok}`; output projection "
-        f"{'masked' if run.model_config.mask_output_proj else 'dense'}. Mask bank: {st['bytes_per_pair']} B/pair in memory, "
+        f"{'masked' if run.model_config.mask_output_proj else 'dense'}. Mask bank: "
+        f"{st['bytes_per_pair']} B/pair in memory, "
         f"{compact_bits:.3f} bit/weight/pair compact on disk. "
         f"Time: {compute / 60:.1f} min of stages ({wall / 60:.1f} min in this invocation).", "",
         "## Supervised directions", "", sup, "",
