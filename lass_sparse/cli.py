@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "lass_sparse.lass.commands",
     "lass_sparse.lass.reproduce",
     "lass_sparse.lass.recipe",
+    "lass_sparse.hf.commands",
     "lass_sparse.lass.corpus",
     "lass_sparse.showcase",
 )
