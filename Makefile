@@ -6,7 +6,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test test-fast bench bench-gpu lint nvcc-check clean
+.PHONY: install demo test test-fast bench bench-gpu gpu-check lint nvcc-check clean
 
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,13 @@ bench-gpu: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -m gpu --benchmark-only \
 	  --benchmark-json=benchmarks/results/gpu.json
 	$(BIN)/python benchmarks/report.py benchmarks/results/gpu.json -o benchmarks/results/gpu.md
+
+# On a lent GPU machine (torch/triton/cupy preinstalled, no network): builds with that torch,
+# runs every op/module/optimizer per GPU backend vs the reference, `pytest -m "gpu or triton"`
+# and the GPU benchmarks; pass/fail table + logs in $(or $(OUT),gpu_check_results)/.
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) scripts/gpu_check.py $(if $(OUT),--out $(OUT),)
 
 lint: $(STAMP)
 	$(BIN)/ruff check lass_sparse tests benchmarks setup.py

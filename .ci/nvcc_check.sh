@@ -13,3 +13,12 @@ for arch in sm_80 sm_90; do
     echo "nvcc-check: $f ($arch) ok"
   done
 done
+# Triton: every kernel variant x autotuning candidate at BLOCK_M=128 (the most resources), lowered to cubin for sm_80 and
+# sm_90 with the real launch signature; fails if a candidate does not fit (shared memory,
+# registers, spills). Prints registers / spills / shared memory per candidate.
+PY=${PY:-.venv/bin/python}
+if [ -x "$PY" ] && "$PY" -c "import triton" 2>/dev/null; then
+  env -u TRITON_INTERPRET "$PY" -W ignore -m lass_sparse.backends.triton.aot_check \
+    --arch 80 90 --dtype bf16 fp32 tf32 --all-configs --max-bucket-only | tail -n 3
+  echo "nvcc-check: triton aot_check ok"
+fi

@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import platform
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():  # the interpreter only where no GPU exists (see tests/conftest)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import lass_sparse  # noqa: E402,F401
 

@@ -7,11 +7,15 @@ implementations here with :func:`register` and report their availability with
 
 1. the backend forced with :func:`use_backend` (or the ``LASS_SPARSE_BACKEND`` env var) if it
    implements the op for that device (a forced backend that does not implement the op at all
-   falls through to the default order; one that implements it only for other devices raises);
+   falls through to the default order; one that implements it only for other devices, or whose
+   ``supports(*args)`` predicate declines the call, raises :class:`BackendCannotServe`: a forced
+   kernel never runs on inputs it was not written for);
 2. otherwise the active backends by priority (``cuda``, ``triton``, ``cupy``, ``cpu``,
    ``reference``), skipping those whose ``supports(*args)`` predicate declines the call.
 
 The ``reference`` backend implements every op on every device, so the chain always ends.
+Kernels registered with ``device_guard=True`` (Triton, cupy: they launch on the *current* CUDA
+device) run inside ``torch.cuda.device(tensor's device)``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import contextvars
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+import torch
 
 BACKENDS: tuple[str, ...] = ("reference", "cpu", "triton", "cuda", "cupy")
 # Lower number = tried first.
@@ -35,6 +41,8 @@ class Impl:
     devices: frozenset[str]
     supports: Callable[..., bool] | None = None
     explicit_only: bool = False
+    requires: str = ""
+    device_guard: bool = False
 
 
 @dataclass
@@ -42,6 +50,13 @@ class BackendStatus:
     name: str
     active: bool
     reason: str
+    # True when the backend *should* work here but does not (e.g. a native module that was built
+    # fails to import): tests must fail on it, not skip.
+    broken: bool = False
+
+
+class BackendCannotServe(RuntimeError):
+    """A forced backend (``use_backend`` / ``$LASS_SPARSE_BACKEND``) cannot run this call."""
 
 
 _impls: dict[str, list[Impl]] = {}
@@ -59,10 +74,12 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
 
 
-def set_status(name: str, active: bool, reason: str) -> None:
-    """Record whether backend ``name`` is usable and, if not, why (one actionable sentence)."""
+def set_status(name: str, active: bool, reason: str, broken: bool = False) -> None:
+    """Record whether backend ``name`` is usable and, if not, why (one actionable sentence).
+
+    ``broken``: inactive although it should work here (built but fails to load)."""
     _check_name(name)
-    _status[name] = BackendStatus(name, active, reason)
+    _status[name] = BackendStatus(name, active, reason, broken and not active)
 
 
 def status() -> dict[str, BackendStatus]:
@@ -75,12 +92,17 @@ def register(
     devices: tuple[str, ...] | str,
     supports: Callable[..., bool] | None = None,
     explicit_only: bool = False,
+    requires: str = "",
+    device_guard: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` as ``backend``'s kernel of ``op`` for ``devices``.
 
     ``supports(*args)`` may decline individual calls (e.g. a GEMV kernel only for small M);
-    declined calls go to the next backend. ``explicit_only`` kernels run only while their
-    backend is forced (e.g. Triton on CPU tensors under ``TRITON_INTERPRET=1``, for tests).
+    declined calls go to the next backend, or raise :class:`BackendCannotServe` when the
+    backend is forced; ``requires`` says in words what ``supports`` checks (for that error).
+    ``explicit_only`` kernels run only while their backend is forced (e.g. Triton on CPU
+    tensors under ``TRITON_INTERPRET=1``, for tests). ``device_guard``: run CUDA calls inside
+    ``torch.cuda.device(device)`` (kernels that launch on the current device).
     """
     _check_name(backend)
     devs = frozenset((devices,) if isinstance(devices, str) else devices)
@@ -88,7 +110,7 @@ def register(
     def deco(fn: Callable) -> Callable:
         lst = _impls.setdefault(op, [])
         lst[:] = [i for i in lst if not (i.backend == backend and i.devices & devs)]
-        lst.append(Impl(backend, fn, devs, supports, explicit_only))
+        lst.append(Impl(backend, fn, devs, supports, explicit_only, requires, device_guard))
         lst.sort(key=lambda i: PRIORITY[i.backend])
         return fn
 
@@ -120,9 +142,16 @@ def select(op: str, device_type: str, *args) -> Impl:
         if own:
             for i in own:
                 if device_type in i.devices:
+                    if i.supports is not None and not i.supports(*args):
+                        raise BackendCannotServe(
+                            f"lass_sparse.{op}: forced backend {forced!r} cannot serve this call "
+                            f"({_describe(args)}); its kernel needs "
+                            f"{i.requires or 'other inputs'}. Leave the backend unforced to fall "
+                            "back to the next one"
+                        )
                     return i
             devs = sorted(set().union(*(i.devices for i in own)))
-            raise RuntimeError(
+            raise BackendCannotServe(
                 f"lass_sparse.{op}: forced backend {forced!r} has no kernel for {device_type} "
                 f"tensors (it runs on: {', '.join(devs)})"
             )
@@ -135,9 +164,30 @@ def select(op: str, device_type: str, *args) -> Impl:
     raise RuntimeError(f"lass_sparse.{op}: no active kernel for {device_type} tensors")
 
 
-def dispatch(op: str, device_type: str, *args):
-    """Run the selected implementation of ``op``."""
-    return select(op, device_type, *args).fn(*args)
+def _describe(args) -> str:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(f"{str(a.dtype).replace('torch.', '')}{list(a.shape)}")
+        elif isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            dts = sorted({str(t.dtype).replace("torch.", "") for t in a})
+            out.append(f"{len(a)} tensors of {'/'.join(dts)}")
+    return ", ".join(out[:4]) or "no tensors"
+
+
+def dispatch(op: str, device: str | torch.device, *args):
+    """Run the selected implementation of ``op`` for tensors on ``device``."""
+    dev_type = device.type if isinstance(device, torch.device) else device.split(":")[0]
+    impl = select(op, dev_type, *args)
+    if impl.device_guard and dev_type == "cuda":
+        with torch.cuda.device(device):
+            return impl.fn(*args)
+    return impl.fn(*args)
+
+
+def broken() -> dict[str, str]:
+    """Backends that should work here but do not: name -> reason."""
+    return {n: s.reason for n, s in _status.items() if s.broken}
 
 
 @contextlib.contextmanager

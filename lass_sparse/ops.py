@@ -24,7 +24,7 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _dispatch(op: str, device: torch.device, *args):
-    return _registry.dispatch(op, device.type, *args)
+    return _registry.dispatch(op, device, *args)
 
 
 def _desc(t: Tensor) -> str:

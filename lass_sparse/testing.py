@@ -1,8 +1,14 @@
-"""Test helpers shared by tests/ and benchmarks/ (no pytest import at module level)."""
+"""Test helpers shared by tests/, benchmarks/ and scripts/gpu_check.py (no pytest import at module
+level)."""
 
 from __future__ import annotations
 
 import torch
+
+from . import _registry
+
+# Floors of the flash-attention tolerance rule, relative to max |exact| (see within_torch_error).
+FLOOR = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 def skip_gpu_items_without_cuda(items) -> None:
@@ -15,3 +21,35 @@ def skip_gpu_items_without_cuda(items) -> None:
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def require_backend(name: str) -> None:
+    """Skip the calling test when backend ``name`` is legitimately unavailable here; fail it when
+    the backend is *broken* (e.g. its native module was built but does not import)."""
+    import pytest
+
+    st = _registry.status()[name]
+    if st.broken:
+        pytest.fail(f"backend {name!r} is broken: {st.reason}")
+    if not st.active:
+        pytest.skip(f"backend {name!r} inactive: {st.reason}")
+
+
+def triton_device() -> str:
+    """Where the Triton backend runs here: CUDA tensors with a GPU (compiled kernels), else CPU
+    tensors under ``TRITON_INTERPRET=1``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def within_torch_error(ours: torch.Tensor, torch_same: torch.Tensor, exact: torch.Tensor,
+                       factor: float = 2.0) -> tuple[bool, str]:
+    """The flash-attention tolerance rule: ``ours`` may be off the ``exact`` (float64) result by
+    at most ``factor`` × torch's own error in the same dtype and precision mode (``torch_same``:
+    the reference backend under the same TF32 setting) plus a small floor per dtype."""
+    exact = exact.double()
+    scale = float(exact.abs().max()) if exact.numel() else 0.0
+    ours_err = float((ours.double() - exact).abs().max()) if exact.numel() else 0.0
+    torch_err = float((torch_same.double() - exact).abs().max()) if exact.numel() else 0.0
+    bound = factor * torch_err + FLOOR.get(ours.dtype, 1e-6) * (1.0 + scale)
+    ok = ours_err <= bound
+    return ok, f"err {ours_err:.3g} vs torch {torch_err:.3g} (bound {bound:.3g})"

@@ -15,7 +15,13 @@ import pytest
 import torch
 
 import lass_sparse as ls
-from lass_sparse.backends._cuda_common import adamw_tables, kernel_source
+from lass_sparse.backends._cuda_common import (
+    adamw_tables,
+    cuda_include_dirs,
+    kernel_source,
+    nvrtc_options,
+)
+from lass_sparse.testing import require_backend
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,24 +35,16 @@ def _nvrtc():
     return ctypes.CDLL(sorted(libs)[0]) if libs else None
 
 
-def _cuda_include():
-    for d in [*glob.glob("/usr/local/cuda*/include"),
-              os.path.join(os.path.dirname(__import__("triton").__file__), "backends", "nvidia",
-                           "include")]:
-        if os.path.exists(os.path.join(d, "cuda_bf16.h")):
-            return d
-    return None
-
-
 @pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
 def test_kernel_header_compiles_with_nvrtc(arch):
-    lib, inc = _nvrtc(), _cuda_include()
-    if lib is None or inc is None:
+    """NVRTC with exactly the cupy backend's options and include folder (cuda_bf16.h)."""
+    lib, inc = _nvrtc(), cuda_include_dirs()
+    if lib is None or not inc:
         pytest.skip("needs nvidia-cuda-nvrtc (pip) and CUDA headers")
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), kernel_source().encode(), b"k.cuh", 0,
                                   None, None) == 0
-    opts = [b"--std=c++17", f"-arch={arch}".encode(), f"-I{inc}".encode()]
+    opts = [o.encode() for o in nvrtc_options(inc)] + [f"-arch={arch}".encode()]
     rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     n = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
@@ -55,7 +53,9 @@ def test_kernel_header_compiles_with_nvrtc(arch):
     assert rc == 0, log.value.decode()[-3000:]
 
 
-def test_binding_passes_a_syntax_check(tmp_path):
+def test_binding_compiles_and_exports_the_module_init(tmp_path):
+    """`import lass_sparse._cuda` needs PyInit__cuda (the extension's name in setup.py): compile
+    the binding to an object file and look for the exported symbol."""
     inc = next((d for d in glob.glob("/usr/local/cuda*/include")
                 if os.path.exists(os.path.join(d, "cuda_runtime_api.h"))), None)
     if inc is None or shutil.which("g++") is None:
@@ -64,12 +64,50 @@ def test_binding_passes_a_syntax_check(tmp_path):
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")  # generated in CUDA wheels
     tinc = os.path.join(os.path.dirname(torch.__file__), "include")
-    r = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", f"-I{tmp_path}", f"-I{tinc}",
+    obj = tmp_path / "binding.o"
+    r = subprocess.run(["g++", "-std=c++17", "-O0", "-fPIC", "-c", f"-I{tmp_path}", f"-I{tinc}",
                         f"-I{tinc}/torch/csrc/api/include", f"-I{inc}",
-                        f"-I{sysconfig.get_paths()['include']}",
-                        os.path.join(REPO, "csrc", "cuda", "binding.cpp")],
+                        f"-I{sysconfig.get_paths()['include']}", "-DPy_LIMITED_API=0x030A0000",
+                        os.path.join(REPO, "csrc", "cuda", "binding.cpp"), "-o", str(obj)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(REPO, "setup.py")) as f:
+        assert '"lass_sparse._cuda"' in f.read()
+    nm = subprocess.run(["nm", "-g", "--defined-only", str(obj)], capture_output=True, text=True)
+    assert nm.returncode == 0, nm.stderr
+    exported = {ln.split()[-1] for ln in nm.stdout.splitlines() if " T " in ln}
+    assert "PyInit__cuda" in exported  # C linkage: not mangled
+
+
+def test_launchers_skip_zero_size_grids(tmp_path):
+    """A zero-size grid is a launch error: every host launcher returns cudaSuccess without
+    launching when there is nothing to do (N = 0 or M = 0 for the GEMV, empty masks...). Built
+    with nvcc and called without a GPU: a launch attempt would return an error here."""
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda-13.0/bin/nvcc"
+    if not os.path.exists(nvcc):
+        pytest.skip("needs nvcc")
+    lib = tmp_path / "liblk.so"
+    r = subprocess.run([nvcc, "-std=c++17", "-O0", "-arch=sm_80", "-shared", "-Xcompiler",
+                        "-fPIC", f"-I{REPO}/csrc", os.path.join(REPO, "csrc", "cuda",
+                                                                "lass_kernels.cu"),
+                        "-o", str(lib)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lk = ctypes.CDLL(str(lib))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    gemv = lk.lass_launch_decode_gemv
+    gemv.argtypes = [ctypes.c_int, p, p, p, p, p, ctypes.c_int, i64, i64, p]
+    for m, n in ((1, 0), (0, 64), (16, 0)):
+        assert gemv(0, None, None, None, None, None, m, n, 64, None) == 0, (m, n)
+    assert gemv(0, None, None, None, None, None, 1, 8, 64, None) != 0  # a real launch: no GPU
+    pack = lk.lass_launch_pack
+    pack.argtypes = [p, p, i64, i64, p]
+    assert pack(None, None, 0, 40, None) == 0 and pack(None, None, 5, 0, None) == 0
+    unpack = lk.lass_launch_unpack
+    unpack.argtypes = [p, p, i64, i64, p]
+    assert unpack(None, None, 0, 40, None) == 0
+    mag = lk.lass_launch_magnitude_pack
+    mag.argtypes = [ctypes.c_int, p, ctypes.c_float, p, i64, i64, p]
+    assert mag(2, None, 0.5, None, 0, 40, None) == 0
 
 
 def test_adamw_tables_layout():
@@ -88,8 +126,7 @@ def test_adamw_tables_layout():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "cupy"])
 def test_gpu_backends_match_reference(backend):
-    if not ls.backends()[backend]["active"]:
-        pytest.skip(ls.backends()[backend]["reason"])
+    require_backend(backend)  # a _cuda that was built but does not load fails here
     dev = "cuda"
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(5, 300, device=dev, dtype=dtype)

@@ -37,3 +37,82 @@ def test_env_var_forces_backend(monkeypatch):
     monkeypatch.setenv(_registry.ENV_VAR, "nonsense")
     with pytest.raises(ValueError, match="unknown backend"):
         _registry.select("masked_linear", "cpu")
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """A private copy of the registry tables (fake ops/backends do not leak)."""
+    monkeypatch.setattr(_registry, "_impls", {k: list(v) for k, v in _registry._impls.items()})
+    monkeypatch.setattr(_registry, "_status", dict(_registry._status))
+    return _registry
+
+
+def test_forced_backend_that_declines_a_call_raises_instead_of_running(scratch_registry):
+    """A forced kernel never runs past what its supports() allows (e.g. the 16-row decode GEMV
+    accumulator): it raises BackendCannotServe, naming what the kernel needs."""
+    ran = []
+    _registry.set_status("cupy", True, "fake")
+    _registry.register("masked_linear", "cupy", ("cpu",), supports=lambda x, *a: x.shape[0] <= 16,
+                       requires="at most 16 rows")(lambda *a: ran.append(a) or "gemv")
+    x17, x16 = torch.zeros(17, 8), torch.zeros(16, 8)
+    with lass_sparse.use_backend("cupy"):
+        assert _registry.dispatch("masked_linear", "cpu", x16) == "gemv"
+        with pytest.raises(_registry.BackendCannotServe,
+                           match=r"forced backend 'cupy' cannot serve.*float32\[17, 8\].*"
+                                 r"at most 16 rows"):
+            _registry.dispatch("masked_linear", "cpu", x17)
+    assert len(ran) == 1
+    # unforced, a declined call falls through to the next backend
+    assert _registry.select("masked_linear", "cpu", x17).backend != "cupy"
+
+
+def test_forced_backend_without_a_kernel_for_the_device_raises(scratch_registry):
+    _registry.set_status("cupy", True, "fake")
+    _registry.register("masked_linear", "cupy", ("cuda",))(lambda *a: None)
+    with lass_sparse.use_backend("cupy"):
+        with pytest.raises(_registry.BackendCannotServe, match="no kernel for cpu tensors"):
+            _registry.select("masked_linear", "cpu", torch.zeros(2, 8))
+
+
+def test_device_guard_runs_cuda_kernels_on_the_tensors_device(scratch_registry, monkeypatch):
+    """Triton and cupy launch on the *current* device: their kernels run inside
+    torch.cuda.device(tensor's device)."""
+    entered = []
+
+    class FakeGuard:
+        def __init__(self, dev):
+            self.dev = dev
+
+        def __enter__(self):
+            entered.append(torch.device(self.dev))
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "device", FakeGuard)
+    seen = []
+    _registry.register("fake_op", "reference", ("cuda",), device_guard=True)(
+        lambda *a: seen.append(list(entered)) or 1)
+    _registry.register("fake_op2", "reference", ("cuda",))(lambda *a: 2)
+    assert _registry.dispatch("fake_op", torch.device("cuda", 1)) == 1
+    assert seen == [[torch.device("cuda", 1)]] and entered[-1] == "exit"
+    entered.clear()
+    assert _registry.dispatch("fake_op2", torch.device("cuda", 1)) == 2
+    assert entered == []  # no guard for kernels that set the device themselves
+    from lass_sparse.ops import _dispatch
+
+    seen.clear()
+    _dispatch("fake_op", torch.device("cuda", 3))  # ops pass the tensor's device through
+    assert seen == [[torch.device("cuda", 3)]]
+
+
+def test_broken_backend_fails_tests_instead_of_skipping(scratch_registry):
+    from lass_sparse.testing import require_backend
+
+    _registry.set_status("cuda", False, "built but fails to import", broken=True)
+    assert _registry.broken() == {"cuda": "built but fails to import"}
+    with pytest.raises(pytest.fail.Exception, match="broken: built but fails to import"):
+        require_backend("cuda")
+    _registry.set_status("cuda", False, "not built")
+    with pytest.raises(pytest.skip.Exception, match="not built"):
+        require_backend("cuda")

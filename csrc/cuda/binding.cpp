@@ -1,5 +1,6 @@
 // Torch binding for the CUDA kernels in lass_kernels.cu: ops lass_sparse_cuda::* on CUDA tensors.
 // The kernels themselves have no torch headers (see lass_kernels.cuh).
+#include <Python.h>
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -7,6 +8,14 @@
 #include <torch/library.h>
 
 #include <vector>
+
+// A bare module so `import lass_sparse._cuda` loads the library (and its TORCH_LIBRARY blocks)
+// under the limited API; the name must match the extension's (lass_sparse._cuda in setup.py).
+// PyMODINIT_FUNC gives it C linkage and default visibility.
+PyMODINIT_FUNC PyInit__cuda(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_cuda", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
 
 namespace lass {
 struct AdamWTensor {
@@ -96,6 +105,7 @@ at::Tensor decode_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16, "decode_gemv: x must be [M<=16, K]");
   auto y = at::empty({x.size(0), w.size(0)}, x.options());
+  if (y.numel() == 0) return y;  // no zero-size grid launches
   check(lass_launch_decode_gemv(dtype_code(x, "masked_linear"), x.data_ptr(), w.data_ptr(),
                                 bits.data_ptr<int32_t>(),
                                 bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(),

@@ -9,6 +9,7 @@ extern "C" cudaError_t lass_launch_decode_gemv(int dtype, const void* x, const v
                                                const int32_t* bits, const void* bias, void* y,
                                                int m_rows, int64_t n, int64_t k,
                                                cudaStream_t stream) {
+  if (n <= 0 || m_rows <= 0) return cudaSuccess;  // a zero-size grid is a launch error
   const int64_t nw = (k + 31) / 32;
   const int warps = 8;
   const dim3 grid((unsigned)((n + warps - 1) / warps)), block(32 * warps);

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import sys
 from importlib import resources
 
 import torch
@@ -21,6 +23,48 @@ def kernel_source() -> str:
         with open(tree) as f:
             return f.read()
     return (resources.files("lass_sparse") / "_cuda_src" / "lass_kernels.cuh").read_text()
+
+
+def cuda_include_dirs() -> list[str]:
+    """Folders holding ``cuda_bf16.h`` (and the headers it includes), best first: $CUDA_HOME /
+    $CUDA_PATH, the CUDA toolkit wheels (``nvidia/cu13/include``, ``nvidia/cuda_runtime/
+    include``, ...), cupy's CUDA path, /usr/local/cuda*. NVRTC has no default include path."""
+    cands = [os.path.join(os.environ[v], "include") for v in ("CUDA_HOME", "CUDA_PATH")
+             if os.environ.get(v)]
+    for base in dict.fromkeys(p for p in sys.path if p and os.path.isdir(p)):
+        cands += sorted(glob.glob(os.path.join(base, "nvidia", "*", "include")), reverse=True)
+    try:
+        import cupy
+
+        path = cupy.cuda.get_cuda_path()
+        if path:
+            cands.append(os.path.join(path, "include"))
+    except Exception:  # noqa: BLE001 - cupy missing or without a CUDA path
+        pass
+    cands += ["/usr/local/cuda/include", *sorted(glob.glob("/usr/local/cuda-*/include"),
+                                                 reverse=True)]
+    return [d for d in dict.fromkeys(os.path.realpath(c) for c in cands)
+            if os.path.exists(os.path.join(d, "cuda_bf16.h"))]
+
+
+MISSING_HEADERS = (
+    "cuda_bf16.h was not found (NVRTC needs the CUDA headers to compile the kernels): install "
+    "the CUDA toolkit (set CUDA_HOME) or the headers wheel (`pip install "
+    "nvidia-cuda-runtime` for CUDA 13 / nvidia-cuda-runtime-cu12)"
+)
+
+
+def nvrtc_options(include_dirs: list[str]) -> tuple[str, ...]:
+    """The NVRTC options the cupy backend compiles ``lass_kernels.cuh`` with."""
+    return ("--std=c++17", *(f"-I{d}" for d in include_dirs))
+
+
+def by_dtype(params, grads, exp_avgs, exp_avg_sqs, bits):
+    """The AdamW lists split into one group per param dtype (a kernel launch handles one)."""
+    groups: dict = {}
+    for item in zip(params, grads, exp_avgs, exp_avg_sqs, bits):
+        groups.setdefault(item[0].dtype, []).append(item)
+    return {dt: [list(col) for col in zip(*items)] for dt, items in groups.items()}
 
 
 def adamw_tables(params, grads, exp_avgs, exp_avg_sqs, bits, chunk: int = ADAMW_CHUNK):

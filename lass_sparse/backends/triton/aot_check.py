@@ -1,75 +1,285 @@
-"""Compile every Triton kernel ahead of time for GPU targets, without a GPU.
+"""Compile every Triton kernel ahead of time for GPU targets, without a GPU, and report resources.
 
-    python -m lass_sparse.backends.triton.aot_check [--arch 80 90] [--dtype bf16 fp16 fp32]
+    python -m lass_sparse.backends.triton.aot_check [--arch 80 90] [--dtype bf16 fp16 fp32 tf32]
+                                                    [--all-configs] [--max-bucket-only]
+                                                    [--kernels fwd dx ...] [--json PATH]
 
-Catches what the CPU interpreter cannot (lowering, layouts, register pressure errors). Must run
-without ``TRITON_INTERPRET`` (interpreted functions cannot be compiled).
+Each kernel is compiled with the *real runtime signature*: the launcher in ``kernels.py`` is
+called on meta tensors of a representative shape (M = 16 / 256 / 4096 rows for the three M
+buckets, N = K = 4096, the QKV projection at B·T = M, D = 1024) with the kernel replaced by a
+recorder, and the recorded arguments are specialized by Triton's own binder for the target (ints
+become ``i32``/``i64`` with their divisibility, stride 1 a constant, pointers 16-byte aligned)
+— so M, N, K, NW, ... stay runtime values and the K loop is compiled as it runs.
+
+For each candidate it prints registers, spilled bytes and shared memory, and whether the config
+fits the architecture (shared memory per block: sm_80 163 KB, sm_90 227 KB; <= 255 registers;
+at most SPILL_BUDGET bytes of spill stores). Exit status 1 if any candidate fails to compile or
+does not fit. ``tf32`` is fp32 with
+``torch.backends.cuda.matmul.allow_tf32 = True`` (TF32 ``tl.dot``); ``fp32`` is IEEE.
+
+Catches what the CPU interpreter cannot (lowering, layouts, resources). Must run without
+``TRITON_INTERPRET`` (interpreted functions cannot be compiled).
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
+import contextlib
+import io
+import json
 import os
+import re
 import sys
+import tempfile
 import time
+from dataclasses import asdict, dataclass
 
-INT_PTRS = ("bits_ptr", "tile_lo", "tile_hi", "tile_pair", "seg_lo", "seg_hi", "seg_pair")
+# Max dynamic shared memory per block (opt-in), bytes: A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+MAX_REGS = 255
+SPILL_BUDGET = 512  # bytes of spill stores a kept candidate may have (a few, not a loop's worth)
+BUCKET_M = {16: 16, 64: 256, 128: 4096}  # bucket BLOCK_M -> representative M
+N = K = 4096
+QKV_D, QKV_H = 1024, 16
 
 
-def compile_all(archs: list[int], dtypes: list[str], all_configs: bool = False) -> list[str]:
-    """Compile each kernel (and segmented variant) per dtype and arch: with the default launch
-    config, or (``all_configs``) with every autotuning candidate at BLOCK_M=128."""
+@dataclass
+class Result:
+    kernel: str
+    dtype: str
+    arch: int
+    config: tuple
+    registers: int | None = None
+    spill_bytes: int | None = None
+    shared: int | None = None
+    seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return (not self.error and self.shared is not None
+                and self.shared <= SMEM_LIMIT.get(self.arch, 99 * 1024)
+                and (self.registers or 0) <= MAX_REGS
+                and (self.spill_bytes or 0) <= SPILL_BUDGET)
+
+    def line(self) -> str:
+        bm, bn, bk, w, s = self.config
+        head = f"{self.kernel} {self.dtype} {bm}x{bn}x{bk} w{w} s{s} sm_{self.arch}:"
+        if self.error:
+            return f"{head} ERROR {self.error}"
+        verdict = ("ok" if self.fits else "SPILLS TOO MUCH"
+                   if (self.spill_bytes or 0) > SPILL_BUDGET else "DOES NOT FIT")
+        return (f"{head} regs={self.registers} spill={self.spill_bytes}B "
+                f"smem={self.shared / 1024:.1f}KB {verdict} ({self.seconds:.1f}s)")
+
+
+class _Recorder:
+    """Stands in for a JITFunction: ``rec[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+            "tf32": torch.float32}[name]
+
+
+def _variants():
+    """(name, kernel attribute, buckets, call(kernels, dtype, m)) for every kernel variant."""
+    import torch
+
+    def lin(dt, m):
+        x = torch.empty(m, K, dtype=dt, device="meta")
+        w = torch.empty(N, K, dtype=dt, device="meta")
+        bits = torch.empty(N, K // 32, dtype=torch.int32, device="meta")
+        return x, w, bits
+
+    def fwd(kk, dt, m):
+        x, w, bits = lin(dt, m)
+        kk.masked_linear(x, w, bits, torch.empty(N, dtype=dt, device="meta"))
+
+    def dx(kk, dt, m):
+        _, w, bits = lin(dt, m)
+        kk.masked_linear_dx(torch.empty(m, N, dtype=dt, device="meta"), w, bits)
+
+    def dw(kk, dt, m):
+        x, _, bits = lin(dt, m)
+        kk.masked_linear_dw(torch.empty(m, N, dtype=dt, device="meta"), x, bits)
+
+    def dw_acc(kk, dt, m):
+        x, _, bits = lin(dt, m)
+        grad = torch.empty(N, K, dtype=torch.float32, device="meta")
+        kk.masked_linear_dw_accumulate_(grad, torch.empty(m, N, dtype=dt, device="meta"), x,
+                                        bits)
+
+    def _seg(m):
+        return torch.tensor([0, m // 2, m]), torch.tensor([1, 0])
+
+    def seg_fwd(kk, dt, m):
+        x, w, bits = lin(dt, m)
+        bank = torch.empty(2, N, K // 32, dtype=torch.int32, device="meta")
+        kk.segmented_masked_linear(x, w, bank, *_seg(m), torch.empty(N, dtype=dt, device="meta"))
+
+    def seg_dx(kk, dt, m):
+        _, w, _ = lin(dt, m)
+        bank = torch.empty(2, N, K // 32, dtype=torch.int32, device="meta")
+        kk.segmented_masked_linear_dx(torch.empty(m, N, dtype=dt, device="meta"), w, bank,
+                                      *_seg(m))
+
+    def qkv(kk, dt, m):
+        x = torch.empty(m // 16 if m >= 16 else 1, min(m, 16), QKV_D, dtype=dt, device="meta")
+        w = torch.empty(3 * QKV_D, QKV_D, dtype=dt, device="meta")
+        bits = torch.empty(3 * QKV_D, QKV_D // 32, dtype=torch.int32, device="meta")
+        kk.masked_qkv_proj(x, w, bits, torch.empty(3 * QKV_D, dtype=dt, device="meta"), QKV_H)
+
+    all_b = (16, 64, 128)
+    return [
+        ("fwd", "_fwd_kernel", all_b, fwd),
+        ("dx", "_dx_kernel", all_b, dx),
+        ("dw", "_dw_kernel", (64,), dw),
+        ("dw_acc", "_dw_kernel", (64,), dw_acc),
+        ("seg_fwd", "_fwd_kernel", (64,), seg_fwd),
+        ("seg_dx", "_dx_kernel", (64,), seg_dx),
+        ("qkv", "_qkv_kernel", all_b, qkv),
+    ]
+
+
+def capture(kk, attr: str, call, dtype, m: int, cfg: tuple):
+    """The (kernel, args, kwargs) the launcher passes for this call with config ``cfg``."""
+    import torch
+
+    rec = _Recorder(getattr(kk, attr))
+    old_kernel, old_config = getattr(kk, attr), kk._config
+    setattr(kk, attr, rec)
+    kk._config = lambda *a, **k: cfg
+    try:
+        call(kk, dtype, m)
+    finally:
+        setattr(kk, attr, old_kernel)
+        kk._config = old_config
+    assert len(rec.calls) == 1, f"{attr}: expected one launch, got {len(rec.calls)}"
+    args, kwargs = rec.calls[0]
+    assert all(not isinstance(a, torch.Tensor) or a.device.type == "meta" for a in args)
+    return rec.fn, args, kwargs
+
+
+def _parse_ptxas(log: str) -> tuple[int | None, int | None]:
+    regs = re.findall(r"Used (\d+) registers", log)
+    spills = re.findall(r"(\d+) bytes spill stores", log)
+    return (int(regs[-1]) if regs else None,
+            sum(int(s) for s in spills) if spills else (0 if regs else None))
+
+
+def compile_one(fn, args, kwargs, arch: int) -> tuple[object, int | None, int | None]:
+    """Compile like ``JITFunction.run`` would for ``arch``: (kernel, registers, spill bytes)."""
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-    from . import kernels as K
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(kwargs, debug=False)
+    bound, spec, opts = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+    out = io.StringIO()
+    old = knobs.nvidia.dump_ptxas_log
+    knobs.nvidia.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(out):
+            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                    options=options.__dict__)
+    finally:
+        knobs.nvidia.dump_ptxas_log = old
+    regs, spills = _parse_ptxas(out.getvalue())
+    return kernel, regs, spills
 
-    done = []
-    for name in ("_fwd_kernel", "_dx_kernel", "_dw_kernel", "_qkv_kernel"):
-        fn = getattr(K, name)
-        params = list(inspect.signature(fn.fn).parameters)
-        for dt in dtypes:
-            for seg in (False, True):
-                if seg and "SEGMENTED" not in params:
-                    continue
-                cands = K._CANDIDATES["fp32" if dt == "fp32" else "16bit"]
-                configs = [(128, *c) for c in cands] if all_configs else [(64, *cands[0])]
-                for bm, bn, bk, warps, stages in configs:
-                    sig, const = {}, {}
-                    for p in params:
-                        if p.endswith("_ptr") or p in INT_PTRS:
-                            sig[p] = "*i32" if p in INT_PTRS else f"*{dt}"
-                        elif p.isupper() or p.startswith("BLOCK_"):
-                            sig[p] = "constexpr"
-                            const[p] = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                                        "SEGMENTED": seg, "IEEE": False}.get(p, True)
-                        else:
-                            sig[p] = "i32"
-                    src = ASTSource(fn=fn, signature=sig,
-                                    constexprs={(params.index(k),): v for k, v in const.items()})
+
+@contextlib.contextmanager
+def _tf32(on: bool):
+    import torch
+
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def compile_all(archs: list[int], dtypes: list[str], all_configs: bool = False,
+                max_bucket_only: bool = False, progress=None,
+                kernels: list[str] | None = None) -> list[Result]:
+    """Compile each kernel variant per dtype and arch: the first candidate at the largest M
+    bucket, or (``all_configs``) every candidate at every M bucket the variant uses (only the
+    largest with ``max_bucket_only``)."""
+    from . import kernels as kk
+
+    if kk.INTERPRET:
+        raise RuntimeError("aot_check: unset TRITON_INTERPRET (interpreted kernels cannot be "
+                           "compiled)")
+    results = []
+    for name, attr, buckets, call in _variants():
+        if kernels and name not in kernels:
+            continue
+        for dt_name in dtypes:
+            dt = _torch_dtype(dt_name)
+            for bm in (buckets[-1:] if max_bucket_only or not all_configs else buckets):
+                with _tf32(dt_name == "tf32"):
+                    cands = kk.candidates(dt, bm)
+                for cfg in (cands if all_configs else cands[:1]):
+                    with _tf32(dt_name == "tf32"):
+                        fn, args, kwargs = capture(kk, attr, call, dt, BUCKET_M[bm], cfg)
                     for arch in archs:
+                        r = Result(name, dt_name, arch, tuple(cfg))
                         t = time.time()
-                        triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                       options={"num_warps": warps, "num_stages": stages})
-                        done.append(f"{name} {dt} seg={seg} {bm}x{bn}x{bk} w{warps} s{stages} "
-                                    f"sm_{arch}: {time.time() - t:.1f}s")
-    return done
+                        try:
+                            kernel, r.registers, r.spill_bytes = compile_one(fn, args, kwargs,
+                                                                             arch)
+                            r.shared = int(kernel.metadata.shared)
+                        except Exception as e:  # noqa: BLE001 - reported per candidate
+                            r.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                        r.seconds = time.time() - t
+                        results.append(r)
+                        if progress is not None:
+                            progress(r)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"])
+    ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"],
+                    choices=["bf16", "fp16", "fp32", "tf32"])
     ap.add_argument("--all-configs", action="store_true", help="every autotuning candidate")
+    ap.add_argument("--max-bucket-only", action="store_true",
+                    help="with --all-configs: only the largest M bucket (the most resources)")
+    ap.add_argument("--kernels", nargs="+", help="only these variants: fwd dx dw dw_acc "
+                                                "seg_fwd seg_dx qkv (default: all)")
+    ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("aot_check: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
-    for line in compile_all(a.arch, a.dtype, a.all_configs):
-        print(line)
-    return 0
+    # A fresh cache: a cached kernel skips ptxas, whose log gives registers and spills.
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="lass_aot_")
+    results = compile_all(a.arch, a.dtype, a.all_configs, a.max_bucket_only,
+                          progress=lambda r: print(r.line(), flush=True), kernels=a.kernels)
+    bad = [r for r in results if not r.fits]
+    print(f"aot_check: {len(results)} compiled, {len(bad)} failing or not fitting, "
+          f"{sum(1 for r in results if r.spill_bytes)} spilling")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([dict(asdict(r), fits=r.fits) for r in results], f, indent=1)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@ and the fused QKV projection writing ``[3, B, H, T, Dh]`` directly.
 
 Every kernel reads the packed mask as int32 words, ``BLOCK_K / 32`` words per weight row per K
 step, and expands them in registers: ``(word >> lane) & 1``. ``W ⊙ M`` is never written to memory;
-the dW mask is applied in the epilogue so off-mask entries are exactly 0. fp32 inputs use TF32
-``tl.dot`` on GPUs (``ieee`` under ``TRITON_INTERPRET=1``); accumulation is always fp32.
+the dW mask is applied in the epilogue so off-mask entries are exactly 0. fp32 inputs follow
+torch's matmul precision: IEEE ``tl.dot`` unless ``torch.backends.cuda.matmul.allow_tf32`` (or
+``torch.set_float32_matmul_precision("high")``) allows TF32 (always IEEE under
+``TRITON_INTERPRET=1``); accumulation is always fp32. Row offsets (row index × stride) and the QKV
+output offsets are computed in int64, so tensors past 2³¹ elements index correctly.
 """
 
 from __future__ import annotations
@@ -28,14 +31,32 @@ def _expand(words, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _rows(r, stride):
+    """Element offsets ``r * stride`` of rows ``r``, in int64: M·K, N·K may pass 2³¹."""
+    return r.to(tl.int64) * stride
+
+
+@triton.jit
+def _qkv_offsets(rm, rn, D, T, H, DH):
+    """For rows ``rm`` of x[B*T, D] and columns ``rn`` of y[., 3D]: which of q/k/v (0/1/2) and
+    the int64 offset inside that ``[B, H, T, Dh]`` tensor."""
+    rm64 = rm.to(tl.int64)
+    b_idx, t_idx = rm64 // T, rm64 % T
+    which, rem = rn // D, rn % D
+    h_idx, d_idx = rem // DH, rem % DH
+    off = ((b_idx[:, None] * H + h_idx[None, :]) * T + t_idx[:, None]) * DH + d_idx[None, :]
+    return which, off
+
+
+@triton.jit
 def _load_masked_w(w_ptr, bits_ptr, rn, k0, N, K, NW, swn, sbn,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W[rn, k0:k0+BLOCK_K] with pruned (and out-of-range) entries zeroed: [BLOCK_N, BLOCK_K]."""
     rk = k0 + tl.arange(0, BLOCK_K)
     rw = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-    w = tl.load(w_ptr + rn[:, None] * swn + rk[None, :],
+    w = tl.load(w_ptr + _rows(rn, swn)[:, None] + rk[None, :],
                 mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
-    words = tl.load(bits_ptr + rn[:, None] * sbn + rw[None, :],
+    words = tl.load(bits_ptr + _rows(rn, sbn)[:, None] + rw[None, :],
                     mask=(rn[:, None] < N) & (rw[None, :] < NW), other=0)
     keep = _expand(words, BLOCK_N, BLOCK_K)
     return tl.where(keep, w, 0.0)
@@ -49,7 +70,7 @@ def _xwt_bias(x_ptr, w_ptr, bits_ptr, b_ptr, rm, hi, rn, N, K, NW, sxm, swn, sbn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :],
+        x = tl.load(x_ptr + _rows(rm, sxm)[:, None] + rk[None, :],
                     mask=(rm[:, None] < hi) & (rk[None, :] < K), other=0.0)
         w = _load_masked_w(w_ptr, bits_ptr, rn, k0, N, K, NW, swn, sbn, BLOCK_N, BLOCK_K)
         if IEEE:
@@ -79,7 +100,8 @@ def _fwd_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, y_ptr, tile_lo, tile_hi, tile_pai
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _xwt_bias(x_ptr, w_ptr, bits_ptr, b_ptr, rm, hi, rn, N, K, NW, sxm, swn, sbn,
                     HAS_BIAS, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-    tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + _rows(rm, sym)[:, None] + _rows(rn, syn)[None, :],
+             acc.to(y_ptr.dtype.element_ty),
              mask=(rm[:, None] < hi) & (rn[None, :] < N))
 
 
@@ -104,14 +126,14 @@ def _dx_kernel(dy_ptr, w_ptr, bits_ptr, dx_ptr, tile_lo, tile_hi, tile_pair,
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_ptr + rm[:, None] * sdm + rn[None, :],
+        dy = tl.load(dy_ptr + _rows(rm, sdm)[:, None] + rn[None, :],
                      mask=(rm[:, None] < hi) & (rn[None, :] < N), other=0.0)
         w = _load_masked_w(w_ptr, bits_ptr, rn, k0, N, K, NW, swn, sbn, BLOCK_N, BLOCK_K)
         if IEEE:
             acc += tl.dot(dy, w, input_precision="ieee")
         else:
             acc += tl.dot(dy, w)
-    tl.store(dx_ptr + rm[:, None] * sxm + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
+    tl.store(dx_ptr + _rows(rm, sxm)[:, None] + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=(rm[:, None] < hi) & (rk[None, :] < K))
 
 
@@ -136,20 +158,20 @@ def _dw_kernel(dy_ptr, x_ptr, bits_ptr, dw_ptr, seg_lo, seg_hi, seg_pair, S,
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for m0 in range(lo, hi, BLOCK_M):
             rm = m0 + tl.arange(0, BLOCK_M)
-            dyt = tl.load(dy_ptr + rm[None, :] * sdm + rn[:, None],
+            dyt = tl.load(dy_ptr + _rows(rm, sdm)[None, :] + rn[:, None],
                           mask=(rm[None, :] < hi) & (rn[:, None] < N), other=0.0)
-            x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :],
+            x = tl.load(x_ptr + _rows(rm, sxm)[:, None] + rk[None, :],
                         mask=(rm[:, None] < hi) & (rk[None, :] < K), other=0.0)
             if IEEE:
                 acc += tl.dot(dyt, x, input_precision="ieee")
             else:
                 acc += tl.dot(dyt, x)
-        words = tl.load(bits_ptr + pair * sbp + rn[:, None] * sbn + rw[None, :],
+        words = tl.load(bits_ptr + pair * sbp + _rows(rn, sbn)[:, None] + rw[None, :],
                         mask=(rn[:, None] < N) & (rw[None, :] < NW), other=0)
         keep = _expand(words, BLOCK_N, BLOCK_K)
         total += tl.where(keep, acc, 0.0)
         union = union | keep
-    ptrs = dw_ptr + rn[:, None] * swn + rk[None, :]
+    ptrs = dw_ptr + _rows(rn, swn)[:, None] + rk[None, :]
     inb = (rn[:, None] < N) & (rk[None, :] < K)
     if ACCUMULATE:
         old = tl.load(ptrs, mask=inb, other=0.0).to(tl.float32)
@@ -158,10 +180,11 @@ def _dw_kernel(dy_ptr, x_ptr, bits_ptr, dw_ptr, seg_lo, seg_hi, seg_pair, S,
 
 
 @triton.jit
-def _qkv_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, out_ptr, M, D, NW, T, H, DH, sbn,
+def _qkv_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, q_ptr, k_ptr, v_ptr, M, D, NW, T, H, DH, sbn,
                 HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y = x[M=B*T, D] @ (W ⊙ M)[3D, D]ᵀ + b, stored as out[3, B, H, T, Dh]."""
+    """y = x[M=B*T, D] @ (W ⊙ M)[3D, D]ᵀ + b, stored straight into q, k, v [B, H, T, Dh] (three
+    buffers: a custom op's outputs may not alias each other)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -169,14 +192,10 @@ def _qkv_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, out_ptr, M, D, NW, T, H, DH, sbn,
     n3 = 3 * D
     acc = _xwt_bias(x_ptr, w_ptr, bits_ptr, b_ptr, rm, M, rn, n3, D, NW, D, D, sbn,
                     HAS_BIAS, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-    b_idx, t_idx = rm // T, rm % T
-    which, rem = rn // D, rn % D
-    h_idx, d_idx = rem // DH, rem % DH
-    bsz = M // T
-    off = ((which[None, :] * bsz + b_idx[:, None]) * H + h_idx[None, :]) * T * DH \
-        + t_idx[:, None] * DH + d_idx[None, :]
-    tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < n3))
+    which, off = _qkv_offsets(rm, rn, D, T, H, DH)
+    which = which[None, :]
+    ptrs = tl.where(which == 0, q_ptr + off, tl.where(which == 1, k_ptr + off, v_ptr + off))
+    tl.store(ptrs, acc.to(q_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < n3))
 
 
 # ---------------------------------------------------------------------------------- launchers
@@ -191,11 +210,16 @@ def _dummy(device) -> torch.Tensor:
     return _DUMMY[key]
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) candidates; BLOCK_M comes from the M bucket.
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) candidates; BLOCK_M comes from the M bucket. Chosen
+# with `python -m lass_sparse.backends.triton.aot_check --all-configs --dtype bf16 fp32 tf32`:
+# each fits sm_80's 163 KB and sm_90's 227 KB of shared memory at BLOCK_M = 128 and spills at
+# most a few hundred bytes (tests/test_triton.py checks it). "ieee": fp32 without TF32.
 _CANDIDATES = {
-    "16bit": [(64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 4)],
-    "fp32": [(64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    "16bit": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 8, 4)],
+    "tf32": [(64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 8, 2)],
+    "ieee": [(32, 32, 4, 2), (64, 32, 8, 2)],
 }
+IEEE_MAX_BLOCK_M = 64  # IEEE fp32 tl.dot is FMA: larger tiles spill registers
 _TUNED: dict[tuple, tuple] = {}
 AUTOTUNE = os.environ.get("LASS_SPARSE_TRITON_AUTOTUNE", "1") != "0"
 
@@ -204,23 +228,37 @@ def _bucket_m(m: int) -> int:
     return 16 if m <= 16 else 64 if m <= 256 else 128
 
 
-def _config(kind: str, m: int, n: int, k: int, dtype: torch.dtype, launch) -> tuple:
+def candidates(dtype: torch.dtype, bm: int) -> list[tuple]:
+    """The (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) configs tried for this dtype and M
+    bucket (``aot_check`` compiles each of them for sm_80/sm_90 and checks that it fits)."""
+    if dtype != torch.float32:
+        return [(bm, *c) for c in _CANDIDATES["16bit"]]
+    if _ieee(dtype):
+        return [(min(bm, IEEE_MAX_BLOCK_M), *c) for c in _CANDIDATES["ieee"]]
+    return [(bm, *c) for c in _CANDIDATES["tf32"]]
+
+
+def _config(kind: str, m: int, n: int, k: int, dtype: torch.dtype, launch=None, *,
+            make_launch=None) -> tuple:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for this (kind, M bucket, N, K, dtype).
 
     Under the interpreter: one small fixed config. On a GPU: the fastest candidate, timed once
-    per key with ``triton.testing.do_bench`` (``launch(cfg)`` must be safe to repeat); candidates
-    that do not fit the device are skipped. ``LASS_SPARSE_TRITON_AUTOTUNE=0``: first candidate.
+    per key with ``triton.testing.do_bench`` (``launch(cfg)`` must be safe to repeat; or
+    ``make_launch()`` builds it, only when a key is timed); candidates that fail (do not fit the
+    device) are skipped. ``LASS_SPARSE_TRITON_AUTOTUNE=0``: first candidate.
     """
     if INTERPRET:
         return 16, 32, 32, 1, 1
     bm = _bucket_m(m)
-    cands = [(bm, *c) for c in _CANDIDATES["fp32" if dtype == torch.float32 else "16bit"]]
+    cands = candidates(dtype, bm)
     if not AUTOTUNE:
         return cands[0]
-    key = (kind, bm, n, k, dtype, torch.cuda.current_device())
+    key = (kind, bm, n, k, dtype, _ieee(dtype), torch.cuda.current_device())
     if key not in _TUNED:
         from triton.testing import do_bench
 
+        if launch is None:
+            launch = make_launch()
         best, best_t = cands[0], float("inf")
         for c in cands:
             try:
@@ -234,7 +272,10 @@ def _config(kind: str, m: int, n: int, k: int, dtype: torch.dtype, launch) -> tu
 
 
 def _ieee(dtype: torch.dtype) -> bool:
-    return INTERPRET or dtype == torch.float64
+    """IEEE fp32 ``tl.dot`` (else TF32) — as torch's own fp32 matmul on CUDA would run."""
+    if INTERPRET or dtype == torch.float64:
+        return True
+    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 def masked_linear(x, weight, bits, bias):
@@ -295,13 +336,11 @@ def _dw(grad_out, x, bits_bank, lo, hi, pair, out, accumulate):
                          dst.stride(0), ACCUMULATE=acc, IEEE=_ieee(grad_out.dtype), BLOCK_M=bm,
                          BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
-    if INTERPRET or not AUTOTUNE:
-        cfg = _config("dw", 64, n, k, grad_out.dtype, None)
-    else:  # time candidates on a scratch buffer: accumulation must happen once
+    def make_launch():  # candidates are timed on a scratch buffer: accumulate only once
         scratch = torch.empty_like(out)
-        cfg = _config("dw", 64, n, k, grad_out.dtype,
-                      lambda c: launch(c, dst=scratch, acc=False))
-    launch(cfg)
+        return lambda c: launch(c, dst=scratch, acc=False)
+
+    launch(_config("dw", 64, n, k, grad_out.dtype, make_launch=make_launch))
     return out
 
 
@@ -394,17 +433,19 @@ def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
 def masked_qkv_proj(x, weight, bits, bias, num_heads):
     b, t, d = x.shape
     dh = d // num_heads
-    out = torch.empty(3, b, num_heads, t, dh, dtype=x.dtype, device=x.device)
+    q, k, v = (torch.empty(b, num_heads, t, dh, dtype=x.dtype, device=x.device)
+               for _ in range(3))
     m = b * t
     if m == 0 or d == 0:
-        return out[0], out[1], out[2]
+        return q, k, v
+
     def launch(cfg):
         bm, bn, bk, warps, stages = cfg
         grid = (triton.cdiv(m, bm), triton.cdiv(3 * d, bn))
-        _qkv_kernel[grid](x, weight, bits, bias if bias is not None else x, out, m, d,
+        _qkv_kernel[grid](x, weight, bits, bias if bias is not None else x, q, k, v, m, d,
                           bits.shape[1], t, num_heads, dh, bits.stride(0),
                           HAS_BIAS=bias is not None, IEEE=_ieee(x.dtype), BLOCK_M=bm,
                           BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
     launch(_config("qkv", m, 3 * d, d, x.dtype, launch))
-    return out[0], out[1], out[2]
+    return q, k, v
