@@ -92,3 +92,32 @@ def test_report_and_resume(variants):
     before = os.path.getmtime(os.path.join(src, "parts", "variant.json"))
     assert main(["recipe", "variant", "--run", src, "--langtok", "src"] + TOY) == 0
     assert os.path.getmtime(os.path.join(src, "parts", "variant.json")) == before
+
+
+def test_publish_gives_a_small_run_folder_that_evaluate_scores(variants, tmp_path):
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    src = variants[0]
+    pub = str(tmp_path / "models")
+    assert main(["recipe", "publish", "--run", src, "--out", pub]) == 0
+    sd = load_file(os.path.join(pub, "lass", "ckpt", "model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in sd.values())
+    for f in ("run.json", "spm.model", "masks.safetensors", "theta0/ckpt/state.json"):
+        assert os.path.exists(os.path.join(pub, f)), f
+    from lass_sparse.lass.recipe import publish
+
+    sums = publish(src, pub)  # deterministic: same bytes again
+    with open(os.path.join(pub, "masks.safetensors"), "rb") as fh:
+        assert sums["masks.safetensors"] == hashlib.sha256(fh.read()).hexdigest()
+    test = os.path.join(os.path.dirname(__file__), "..", "lass_sparse", "data", "demo",
+                        "test.tsv.gz")
+    out = str(tmp_path / "ev")
+    assert main(["evaluate", "--run", pub, "--system", "theta0=theta0", "--system",
+                 "lass=lass@masks.safetensors", "--baseline", "dense", "--test", test,
+                 "--directions", "en-de", "zh-en", "--limit", "4", "--beam", "1", "--quiet",
+                 "--out", out]) == 0
+    rep = json.load(open(out + ".json"))
+    assert set(rep["results"]) == {"baseline", "theta0", "lass"}

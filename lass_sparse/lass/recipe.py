@@ -305,6 +305,50 @@ def report(run_dirs: list[str], out_dir: str) -> str:
     return os.path.join(out_dir, "reproduction.md")
 
 
+def publish(run_dir: str, out_dir: str) -> dict:
+    """Copy the main comparison's models (θ0, dense, LaSS: best checkpoints, bf16 safetensors),
+    the compact mask bank, the SentencePiece model and run.json into a small run folder that
+    ``lass-sparse evaluate --run OUT --test FILE`` can score; returns ``{file: sha256}``."""
+    import hashlib
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save
+
+    from .checkpoint import read_state
+
+    with open(os.path.join(run_dir, "parts", "variant.json")) as f:
+        v = json.load(f)
+    os.makedirs(out_dir, exist_ok=True)
+    info = json.load(open(os.path.join(run_dir, "run.json")))
+    info["corpus"] = "demo"  # the training corpus is not needed to score --test files
+    atomic_write(os.path.join(out_dir, "run.json"), json.dumps(info, indent=1).encode())
+    shutil.copyfile(os.path.join(run_dir, "spm.model"), os.path.join(out_dir, "spm.model"))
+    stages = {"theta0": "base", "dense": "dense", "lass": f"joint-a{v['alpha']}"}
+    for name, stage in stages.items():
+        src = os.path.join(run_dir, stage, "best")
+        if not os.path.exists(os.path.join(src, "state.json")):
+            src = os.path.join(run_dir, stage, "ckpt")
+        st = read_state(src)
+        sd = load_file(os.path.join(src, st["model_file"]))
+        ck = os.path.join(out_dir, name, "ckpt")
+        os.makedirs(ck, exist_ok=True)
+        atomic_write(os.path.join(ck, "model.safetensors"),
+                     save({k: t.to(torch.bfloat16).contiguous() for k, t in sd.items()}))
+        atomic_write(os.path.join(ck, "state.json"), json.dumps(
+            {"step": st["step"], "model_file": "model.safetensors", "optim_file": None,
+             "from": f"{stage}/{os.path.basename(src)}", "dtype": "bfloat16"}).encode())
+    MaskBank.load(os.path.join(run_dir, f"masks-a{v['alpha']}.safetensors")).save(
+        os.path.join(out_dir, "masks.safetensors"), compact=True)
+    sums = {}
+    for root, _, files in os.walk(out_dir):
+        for f in sorted(files):
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                sums[os.path.relpath(path, out_dir)] = hashlib.sha256(fh.read()).hexdigest()
+    return sums
+
+
 def _kv(item: str) -> tuple[str, int]:
     key, sep, val = item.partition("=")
     if not sep or key not in DEFAULT_STEPS or not val.isdigit():
@@ -356,3 +400,7 @@ def add_commands(sub) -> None:
     r.add_argument("--runs", nargs="+", required=True)
     r.add_argument("--out", default="results")
     r.set_defaults(func=lambda a: print(f"wrote {report(a.runs, a.out)}") or 0)
+    q = rsub.add_parser("publish", help="θ0 / dense / LaSS (bf16), masks, tokenizer → a folder")
+    q.add_argument("--run", required=True)
+    q.add_argument("--out", default="results/models")
+    q.set_defaults(func=lambda a: print(json.dumps(publish(a.run, a.out), indent=1)) or 0)
