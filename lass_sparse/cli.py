@@ -3,6 +3,11 @@
 Subcommands come from modules that expose ``add_commands(subparsers)``; each parser sets
 ``func(args) -> int | None``. A module that fails to import (a missing optional dependency)
 is reported by ``lass-sparse --help`` rather than breaking the CLI.
+
+Errors: a user error (a bad argument, a missing or corrupt file, a missing optional package)
+prints one line ``lass-sparse: error: ...`` on stderr and exits non-zero (2: a bad command line
+or a missing package; 1: anything else); ``--debug`` (anywhere on the command line, or
+``LASS_SPARSE_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
+import traceback
 
 # Modules that contribute subcommands, in --help order.
 COMMAND_MODULES = (
@@ -34,12 +41,48 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+PROG = "lass-sparse"
+
+# optional packages -> the extra that installs them (pyproject.toml)
+EXTRAS = {"sentencepiece": "lass", "sacrebleu": "lass", "langid": "lass", "matplotlib": "lass",
+          "triton": "triton", "cupy": "cupy"}
+
+
+class CommandError(ValueError):
+    """A user error with a complete one-line message (what, which file/argument, what to do)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def missing_package(name: str, what: str = "this command") -> CommandError:
+    """The one-line error for an optional package that is not installed."""
+    root = name.split(".")[0]
+    extra = EXTRAS.get(root)
+    how = f'pip install "lass_sparse[{extra}]"' if extra else f"pip install {root}"
+    return CommandError(f"{what} needs the Python package {root!r}, which is not installed: "
+                        f"{how}", code=2)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``lass-sparse: error: ...``); subcommand parsers inherit
+    it."""
+
+    def error(self, message: str):  # type: ignore[override]
+        where = self.prog.removeprefix(PROG).strip()
+        hint = f"see `{self.prog} --help`"
+        self.exit(2, f"{PROG}: error: {where + ': ' if where else ''}{message} ({hint})\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lass-sparse",
+    parser = _Parser(
+        prog=PROG,
         description="LaSS (language-specific sub-networks) with 1-bit packed masks fused into "
         "PyTorch kernels.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also accepted after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("backends", help="show which kernel backends are active and why not")
     p.set_defaults(func=_cmd_backends)
@@ -58,13 +101,79 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _file_in_traceback(tb) -> str | None:
+    """The innermost file path a lass_sparse frame was reading when the error happened (errors
+    such as gzip's "Not a gzipped file" do not say which file)."""
+    found = None
+    for frame, _ in traceback.walk_tb(tb):
+        if "lass_sparse" not in frame.f_code.co_filename:
+            continue
+        for name in ("path", "filename", "file", "fname"):
+            v = frame.f_locals.get(name)
+            if isinstance(v, str) and os.path.isfile(v):
+                found = v
+                break
+    return found
+
+
+def describe_error(e: BaseException) -> str:
+    """One line saying what went wrong (and, where the exception does not, which file)."""
+    if isinstance(e, CommandError):
+        return _one_line(e)
+    if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str):
+        msg = e.args[0]  # str(KeyError) adds quotes
+    elif isinstance(e, OSError) and e.filename and e.strerror:
+        msg = f"{e.filename}: {e.strerror}"
+    elif isinstance(e, UnicodeDecodeError):
+        msg = f"not valid UTF-8 text ({e.reason} at byte {e.start})"
+    else:
+        msg = str(e) or type(e).__name__
+    msg = _one_line(msg)
+    path = _file_in_traceback(e.__traceback__)
+    if path and path not in msg and os.path.basename(path) not in msg:
+        msg += f" (reading {path})"
+    user = (ValueError, OSError, KeyError, EOFError, NotImplementedError, RuntimeError)
+    if not isinstance(e, user) and type(e).__name__ not in ("SafetensorError", "LZMAError",
+                                                             "error"):
+        msg = (f"internal error: {type(e).__name__}: {msg} (rerun with --debug for the "
+               "traceback, and please report it)")
+    return msg
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("LASS_SPARSE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
-    return int(args.func(args) or 0)
+    args = None
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
+        return int(args.func(args) or 0)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        code = 1
+        if isinstance(e, ModuleNotFoundError) and e.name:
+            command = getattr(args, "command", None)
+            e = missing_package(e.name, f"`{PROG} {command}`" if command else "this command")
+        if isinstance(e, CommandError):
+            code = e.code
+        print(f"{PROG}: error: {describe_error(e)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -276,3 +276,26 @@ def test_convert_marian_from_small_config():
     with ls.active_pair(model, "en-de"):
         after = model(input_ids=ids, decoder_input_ids=ids).logits
     assert not torch.allclose(after, before)
+
+
+def test_masked_modules_take_the_same_arguments_as_their_nn_originals():
+    """Issue 20 item 13: `MaskedLinear()(input=x)` failed ("unexpected keyword argument
+    'input'")."""
+    import inspect
+
+    def params(f):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
+
+    assert params(MaskedLinear.forward) == params(nn.Linear.forward)
+    mha_params = list(inspect.signature(nn.MultiheadAttention.forward).parameters)
+    assert list(inspect.signature(MaskedMultiheadAttention.forward).parameters)[
+        :len(mha_params)] == mha_params
+    m = MaskedLinear(8, 4)
+    ls.attach(m, _linear_bank(m))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(m(input=x), F.linear(x, m.weight, m.bias), rtol=0, atol=0)
+    with ls.active_pair(m, "en-de"):
+        torch.testing.assert_close(m(input=x), m(x), rtol=0, atol=0)
+    emb = nn.Embedding(6, 8)
+    tied = ls.MaskedTiedLinear(emb)
+    torch.testing.assert_close(tied(input=x), x @ emb.weight.T)

@@ -75,27 +75,74 @@ def has_checkpoint(folder: str) -> bool:
     return os.path.exists(os.path.join(folder, STATE))
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, truncated or corrupt (names the file and what to do)."""
+
+
+def _fix(folder: str) -> str:
+    return (f"restore the file, or delete {folder} to run that stage again from its start "
+            "(or from its other checkpoint)")
+
+
 def read_state(folder: str) -> dict:
     path = os.path.join(folder, STATE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint in {folder} (missing {STATE})")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"checkpoint state {path} is corrupt (not JSON: "
+                              f"{' '.join(str(e).split())}); {_fix(folder)}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model_file"), str) or not (
+        isinstance(state.get("step"), int)
+    ):
+        raise CheckpointError(f"checkpoint state {path} is not a checkpoint's state (needs "
+                              f"'step' and 'model_file'); {_fix(folder)}")
+    for key in ("model_file", "optim_file"):  # names only: never a path out of the folder
+        name = state.get(key)
+        if name is not None and (not isinstance(name, str) or os.path.basename(name) != name):
+            raise CheckpointError(f"checkpoint state {path}: {key} {name!r} is not a file name "
+                                  f"in {folder}; {_fix(folder)}")
+    return state
+
+
+def _load_tensors(folder: str, name: str) -> dict[str, torch.Tensor]:
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint file {path} is missing ({STATE} names it); "
+                              f"{_fix(folder)}")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors' own error type: header too large, truncated, ...
+        raise CheckpointError(f"checkpoint file {path} is corrupt or truncated "
+                              f"({' '.join(str(e).split())}); {_fix(folder)}") from None
 
 
 def load_checkpoint(folder: str, model: torch.nn.Module, optimizer=None,
                     restore_rng: bool = False) -> dict:
     """Load what :func:`save_checkpoint` wrote into ``model`` (and ``optimizer``); returns the
-    state dict."""
+    state dict. A missing, truncated or corrupt file raises :class:`CheckpointError` (a
+    ValueError) naming it."""
     state = read_state(folder)
-    sd = load_file(os.path.join(folder, state["model_file"]))
+    sd = _load_tensors(folder, state["model_file"])
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {folder} does not fit the model: missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]}")
     if optimizer is not None and state.get("optim_file"):
-        tensors = load_file(os.path.join(folder, state["optim_file"]))
-        optimizer.load_state_dict(_unflatten_optim(tensors, state["optim_meta"]))
+        tensors = _load_tensors(folder, state["optim_file"])
+        try:
+            optim_sd = _unflatten_optim(tensors, state["optim_meta"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"checkpoint state {os.path.join(folder, STATE)} has a "
+                                  f"corrupt optimizer entry ({e!r}); {_fix(folder)}") from None
+        optimizer.load_state_dict(optim_sd)
     if restore_rng:
-        set_rng_state(state["rng"])
+        try:
+            set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, SyntaxError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint state {os.path.join(folder, STATE)} has a "
+                                  f"corrupt RNG entry ({type(e).__name__}); "
+                                  f"{_fix(folder)}") from None
     return state

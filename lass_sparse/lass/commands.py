@@ -1,11 +1,167 @@
-"""``lass-sparse`` subcommands for the LaSS pipeline (each stage resumable from its checkpoint)."""
+"""``lass-sparse`` subcommands for the LaSS pipeline (each stage resumable from its checkpoint).
+
+Arguments are validated before any work (argparse types, then the files they name); user errors
+raise :class:`~lass_sparse.cli.CommandError` or a ValueError / OSError naming the file or
+argument, which ``lass-sparse`` prints as one line."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import math
 import os
 import sys
+
+from ..cli import CommandError, missing_package
+
+RUN_JSON = "run.json"  # = pipeline.RUN_JSON (not imported: pipeline needs the [lass] extra)
+
+# ------------------------------------------------------------------------- argument types
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") \
+                from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be {'positive' if lo == 1 else f'>= {lo}'}, "
+                                             f"got {text}")
+        return v
+
+    parse.__name__ = "positive int" if lo == 1 else f"int >= {lo}"
+    return parse
+
+
+positive_int = _int_at_least(1)
+nonneg_int = _int_at_least(0)
+
+
+def _float_in(lo: float, hi: float | None, *, lo_open: bool = False, hi_open: bool = True):
+    where = (f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}" if hi is not None
+             else f"{'>' if lo_open else '>='} {lo:g}")
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in {where}, got {text!r}") \
+                from None
+        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (
+            hi is None or (v < hi if hi_open else v <= hi))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be in {where}, got {text}")
+        return v
+
+    parse.__name__ = f"number in {where}"
+    return parse
+
+
+fraction = _float_in(0.0, 1.0)  # alpha, dropout: [0, 1)
+positive_float = _float_in(0.0, None, lo_open=True)
+
+
+def finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return v
+
+
+def system_spec(spec: str) -> tuple[str, tuple[str, str | None]]:
+    """``NAME=STAGE`` or ``NAME=STAGE@MASKS`` (``--system``)."""
+    name, sep, rest = spec.partition("=")
+    stage, _, masks = rest.partition("@")
+    if not sep or not name or not stage:
+        raise argparse.ArgumentTypeError(f"expected NAME=STAGE or NAME=STAGE@MASKS, got {spec!r}")
+    return name, (stage, masks or None)
+
+
+# ------------------------------------------------------------------- checks before work
+
+_NEEDS = {  # command -> optional packages it imports (the [lass] extra)
+    "train": ("sentencepiece",), "finetune": ("sentencepiece",), "prune": ("sentencepiece",),
+    "joint": ("sentencepiece",), "extend": ("sentencepiece",),
+    "translate": ("sentencepiece",), "evaluate": ("sentencepiece", "sacrebleu", "langid"),
+    "demo": ("sentencepiece", "sacrebleu", "langid", "matplotlib"),
+}
+
+
+def require_packages(args) -> None:
+    """Refuse, before any work, a command whose optional packages are missing (one line naming
+    the extra to install)."""
+    command = args.command + (f" {args.masks_cmd}" if getattr(args, "masks_cmd", None) else "")
+    needs = list(_NEEDS.get(args.command, ()))
+    if getattr(args, "plot", False) or getattr(args, "png", None):
+        needs.append("matplotlib")
+    for name in needs:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise missing_package(name, f"`lass-sparse {command}`") from None
+
+
+def _check_gzip_files(folder: str) -> None:
+    """Every ``*.gz`` of a corpus folder starts like a gzip file (else: which file is not)."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return  # missing folder: the corpus reader says so
+    for name in names:
+        if not name.endswith(".gz"):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(2)
+        except OSError as e:
+            raise CommandError(f"corpus file {path} cannot be read ({e.strerror})") from None
+        if head != b"\x1f\x8b":
+            raise CommandError(f"corpus file {path} is not gzip-compressed; compress it "
+                               f"(gzip {path[:-3]}) or rebuild the corpus")
+
+
+def _read_run_json(run_dir: str) -> dict:
+    path = os.path.join(run_dir, RUN_JSON)
+    if not os.path.exists(path):
+        raise CommandError(f"{run_dir} is not a run folder (no {RUN_JSON}); start one with "
+                           f"`lass-sparse train --run {run_dir}`")
+    fix = f"restore it, or start a new --run (delete {run_dir} to start this one over)"
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (ValueError, RecursionError) as e:
+        raise CommandError(f"run file {path} is corrupt (not JSON: {' '.join(str(e).split())}); "
+                           f"{fix}") from None
+    need = {"corpus": str, "pairs": list, "model": dict, "tokenizer": str}
+    if not isinstance(info, dict):
+        raise CommandError(f"run file {path} is not a run description; {fix}")
+    for key, typ in need.items():
+        if not isinstance(info.get(key), typ):
+            raise CommandError(f"run file {path}: field {key!r} is missing or not a "
+                               f"{typ.__name__}; {fix}")
+    return info
+
+
+def _open_run(run_dir: str):
+    """``pipeline.open_run`` with run.json and the corpus files checked first (one-line errors
+    naming the file)."""
+    from . import pipeline as P
+
+    info = _read_run_json(run_dir)
+    if info["corpus"] != "demo":
+        _check_gzip_files(info["corpus"])
+    try:
+        return P.open_run(run_dir)
+    except TypeError as e:  # ModelConfig(**info["model"]) with unknown or missing fields
+        raise CommandError(f"run file {os.path.join(run_dir, RUN_JSON)} has an invalid model "
+                           f"config ({e}); restore it, or start a new --run") from None
 
 
 def _run(args):
@@ -14,20 +170,24 @@ def _run(args):
     if getattr(args, "corpus", None) is not None or not os.path.exists(
         os.path.join(args.run, P.RUN_JSON)
     ):
+        if args.corpus not in (None, "demo"):
+            _check_gzip_files(args.corpus)
+        if os.path.exists(os.path.join(args.run, P.RUN_JSON)):
+            _read_run_json(args.run)
         langtok = args.langtok or "src"
         mop = True if args.mask_output_proj is None else args.mask_output_proj
         run = P.prepare(args.run, args.corpus or "demo", args.config, args.vocab_size,
                         pairs=args.pairs, max_train=args.max_train, seed=args.seed,
                         langtok=langtok, mask_output_proj=mop)
     else:
-        run = P.open_run(args.run)
+        run = _open_run(args.run)
     # options fixed at creation: a different value on a later call is an error, not ignored
     for opt, want, have in (("--langtok", args.langtok, run.langtok),
                             ("--mask-output-proj", args.mask_output_proj,
                              run.model_config.mask_output_proj)):
         if want is not None and want != have:
-            raise ValueError(f"run {args.run} was created with {opt} {have}; it cannot change "
-                             "(start a new --run)")
+            raise CommandError(f"run {args.run} was created with {opt} {have}; it cannot "
+                               "change (start a new --run)")
     return run
 
 
@@ -73,7 +233,7 @@ def cmd_train(args) -> int:
 def cmd_finetune(args) -> int:
     from . import pipeline as P
 
-    run = P.open_run(args.run)
+    run = _open_run(args.run)
     directions = run.directions if args.pair == ["all"] else args.pair
     for d in directions:
         out = f"{args.out_prefix}/{d}"
@@ -85,7 +245,7 @@ def cmd_finetune(args) -> int:
 def cmd_prune(args) -> int:
     from . import pipeline as P
 
-    run = P.open_run(args.run)
+    run = _open_run(args.run)
     bank = P.prune(run, args.alpha, directions=args.pair, out=args.out, random=args.random,
                    seed=args.seed, ft_prefix=args.ft_prefix, shared_from=args.shared_from)
     st = bank.stats()
@@ -97,7 +257,7 @@ def cmd_prune(args) -> int:
 def cmd_joint(args) -> int:
     from . import pipeline as P
 
-    run = P.open_run(args.run)
+    run = _open_run(args.run)
     res = P.joint(run, args.masks, args.steps, init=args.init, out=args.out,
                   directions=args.directions, temperature=args.temperature, **_train_kw(args))
     return _done(args.run, args.out, res, args.plot)
@@ -106,7 +266,7 @@ def cmd_joint(args) -> int:
 def cmd_extend(args) -> int:
     from . import pipeline as P
 
-    run = P.open_run(args.run)
+    run = _open_run(args.run)
     res = P.extend(run, args.pair, masks=args.masks, init=args.init, ft_steps=args.ft_steps,
                    steps=args.steps, alpha=args.alpha, strict=args.strict, ft_init=args.ft_init,
                    **_train_kw(args))
@@ -114,15 +274,43 @@ def cmd_extend(args) -> int:
     return 0
 
 
+def _read_text(path: str | None) -> list[str]:
+    """Lines of ``--input`` (or stdin) as UTF-8; a binary or non-UTF-8 input is refused naming
+    the line."""
+    where = f"--input {path}" if path else "standard input"
+    if path is not None:
+        if not os.path.isfile(path):
+            raise CommandError(f"--input {path} does not exist (or is not a file)")
+        with open(path, "rb") as f:
+            data = f.read()
+    else:
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise CommandError(f"{where} is not UTF-8 text (line {line}, byte {e.start}: "
+                           f"{e.reason}); translate text files only") from None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise CommandError(f"{where} looks binary (a NUL byte on line {line}); translate text "
+                           "files only")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # as text mode did
+    if lines[-1] == "":
+        lines.pop()
+    return lines
+
+
 def cmd_translate(args) -> int:
     from . import pipeline as P
 
-    run = P.open_run(args.run)
-    src = open(args.input, encoding="utf-8") if args.input else sys.stdin
-    texts = [line.rstrip("\n") for line in src]
+    texts = _read_text(args.input)
     if not texts:
         print("translate: empty input, nothing to translate", file=sys.stderr)
         return 1
+    run = _open_run(args.run)
     hyps = P.translate_texts(run, args.stage, args.pair, texts, masks=args.masks,
                              beam=1 if args.greedy else args.beam, lenpen=args.lenpen)
     out = "\n".join(hyps) + "\n"
@@ -135,19 +323,12 @@ def cmd_translate(args) -> int:
     return 0
 
 
-def _system(spec: str) -> tuple[str, tuple[str, str | None]]:
-    name, sep, rest = spec.partition("=")
-    stage, _, masks = rest.partition("@")
-    if not sep or not name or not stage:
-        raise ValueError(f"--system: expected NAME=STAGE or NAME=STAGE@MASKS, got {spec!r}")
-    return name, (stage, masks or None)
-
-
 def cmd_evaluate(args) -> int:
     from . import pipeline as P
 
-    run = P.open_run(args.run)
-    systems = dict(_system(s) for s in args.system or [])
+    if args.bootstrap and not args.baseline:
+        raise CommandError("--bootstrap needs --baseline (the system to test against)")
+    systems = dict(args.system or [])
     if not systems or args.masks or args.stage != "joint":
         systems[args.name] = (args.stage, args.masks)
     if args.baseline:
@@ -156,7 +337,8 @@ def cmd_evaluate(args) -> int:
     if args.test:
         from .data import read_test_file
 
-        rows = read_test_file(args.test)
+        rows = read_test_file(args.test)  # FileNotFoundError / ValueError naming file:line
+    run = _open_run(args.run)
     dirs = args.directions or run.directions
     hyps: dict = {}
     res = P.evaluate(run, systems, dirs, split=args.split, limit=args.limit, beam=args.beam,
@@ -205,15 +387,28 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+def _guarded(fn):
+    """``fn(args)`` after the optional-package check (before any work)."""
+
+    def run(args):
+        require_packages(args)
+        return fn(args)
+
+    run.__name__ = run.__qualname__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
 def _common(p, corpus: bool = False) -> None:
     p.add_argument("--run", required=True, help="run folder (checkpoints, masks, logs)")
     if corpus:
         p.add_argument("--corpus", default=None,
                        help="corpus folder or 'demo' (the bundled subset); first call only")
         p.add_argument("--config", default="tiny", help="model size: tiny, small, base, big")
-        p.add_argument("--vocab-size", type=int, default=4000)
+        p.add_argument("--vocab-size", type=positive_int, default=4000)
         p.add_argument("--pairs", nargs="+", help="English-centric pairs to use (default: all)")
-        p.add_argument("--max-train", type=int, help="first N training pairs per language pair")
+        p.add_argument("--max-train", type=positive_int,
+                       help="first N training pairs per language pair")
         p.add_argument("--langtok", choices=["src", "tgt"], default=None,
                        help="encoder language token: src (released LaSS configs, default) or "
                        "tgt (target language); fixed when the run is created")
@@ -223,22 +418,22 @@ def _common(p, corpus: bool = False) -> None:
 
 
 def _training(p, steps: int, lr: float = 2e-3) -> None:
-    p.add_argument("--steps", type=int, default=steps,
+    p.add_argument("--steps", type=positive_int, default=steps,
                    help="number of steps (an upper bound with --patience)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="sentences per batch (default 64; with --max-tokens: a cap on rows)")
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="token batches: length-bucketed, at most N padded tokens (fairseq)")
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--validate-every", type=int, default=0, metavar="K",
+    p.add_argument("--lr", type=positive_float, default=lr)
+    p.add_argument("--warmup", type=nonneg_int, default=None)
+    p.add_argument("--validate-every", type=nonneg_int, default=0, metavar="K",
                    help="validation loss every K steps; best weights kept in STAGE/best")
-    p.add_argument("--patience", type=int, default=0, metavar="N",
+    p.add_argument("--patience", type=nonneg_int, default=0, metavar="N",
                    help="stop after N validations without improvement (0: never)")
-    p.add_argument("--valid-limit", type=int, default=200,
+    p.add_argument("--valid-limit", type=positive_int, default=200,
                    help="validation rows per direction (default 200)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--ckpt-every", type=positive_int, default=100)
     p.add_argument("--amp", default="none", choices=["none", "bf16"],
                    help="bf16 autocast (fp32 master weights; ~1.6x faster on AVX512-BF16 CPUs)")
     p.add_argument("--plot", action="store_true", help="draw the loss curve (loss.png)")
@@ -253,22 +448,23 @@ def add_commands(sub) -> None:
     p.add_argument("--init", help="start from this stage's weights (e.g. a dense baseline "
                    "continued for as many steps as LaSS's joint phase)")
     p.add_argument("--directions", nargs="+")
-    p.add_argument("--temperature", type=float, default=5.0)
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--temperature", type=positive_float, default=5.0)
+    p.set_defaults(func=_guarded(cmd_train))
 
     p = sub.add_parser("finetune", help="fine-tune the base on one direction (or 'all')")
     _common(p)
     _training(p, 100)
     p.add_argument("--pair", nargs="+", required=True, help="direction(s), e.g. en-de, or all")
     p.add_argument("--init", default="base", help="stage to start from (its best checkpoint)")
-    p.add_argument("--dropout", type=float, help="dropout during the fine-tune (released: 0.3)")
+    p.add_argument("--dropout", type=fraction, help="dropout during the fine-tune (released: 0.3)")
     p.add_argument("--out-prefix", default="ft",
                    help="write PREFIX/<direction> (e.g. ft-seed1 for a second seed)")
-    p.set_defaults(func=cmd_finetune)
+    p.set_defaults(func=_guarded(cmd_finetune))
 
     p = sub.add_parser("prune", help="magnitude-prune fine-tuned models into a MaskBank")
     _common(p)
-    p.add_argument("--alpha", type=float, default=0.5, help="fraction pruned per tensor")
+    p.add_argument("--alpha", type=fraction, default=0.5,
+                   help="fraction pruned per tensor, in [0, 1)")
     p.add_argument("--pair", nargs="+", help="directions (default: all)")
     p.add_argument("--out", default="masks.safetensors")
     p.add_argument("--random", action="store_true", help="random masks at the same sparsity")
@@ -276,7 +472,7 @@ def add_commands(sub) -> None:
                    help="control: STAGE's own magnitude mask (e.g. base) for every direction")
     p.add_argument("--ft-prefix", default="ft", help="fine-tuned models under PREFIX/<dir>")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_prune)
+    p.set_defaults(func=_guarded(cmd_prune))
 
     p = sub.add_parser("joint", help="structure-aware joint training with the pair masks")
     _common(p)
@@ -285,8 +481,8 @@ def add_commands(sub) -> None:
     p.add_argument("--init", default="base")
     p.add_argument("--out", default="joint")
     p.add_argument("--directions", nargs="+")
-    p.add_argument("--temperature", type=float, default=5.0)
-    p.set_defaults(func=cmd_joint)
+    p.add_argument("--temperature", type=positive_float, default=5.0)
+    p.set_defaults(func=_guarded(cmd_joint))
 
     p = sub.add_parser("extend", help="add directions: fine-tune, prune, train their sub-networks")
     _common(p)
@@ -295,25 +491,25 @@ def add_commands(sub) -> None:
                    help="the new direction(s), e.g. en-ar ar-en (trained together)")
     p.add_argument("--masks", default="masks.safetensors")
     p.add_argument("--init", default="joint")
-    p.add_argument("--ft-steps", type=int, default=100)
+    p.add_argument("--ft-steps", type=positive_int, default=100)
     p.add_argument("--ft-init", default="base",
                    help="fine-tune the new directions from this stage (released: θ0 = base)")
-    p.add_argument("--alpha", type=float)
+    p.add_argument("--alpha", type=fraction, help="fraction pruned per tensor, in [0, 1)")
     p.add_argument("--strict", action="store_true",
                    help="update only weights outside every other pair's mask")
-    p.set_defaults(func=cmd_extend)
+    p.set_defaults(func=_guarded(cmd_extend))
 
     p = sub.add_parser("translate", help="translate stdin (or --input) with beam search")
     _common(p)
     p.add_argument("--stage", default="joint")
     p.add_argument("--pair", required=True, help="direction; zero-shot X-Y merges masks")
     p.add_argument("--masks", help="MaskBank (omit for a dense model)")
-    p.add_argument("--beam", type=int, default=4)
+    p.add_argument("--beam", type=positive_int, default=4)
     p.add_argument("--greedy", action="store_true")
-    p.add_argument("--lenpen", type=float, default=1.0)
+    p.add_argument("--lenpen", type=finite_float, default=1.0)
     p.add_argument("--input")
     p.add_argument("--output")
-    p.set_defaults(func=cmd_translate)
+    p.set_defaults(func=_guarded(cmd_translate))
 
     p = sub.add_parser("evaluate", help="BLEU, chrF, translation accuracy; win ratio; "
                        "paired bootstrap")
@@ -321,38 +517,40 @@ def add_commands(sub) -> None:
     p.add_argument("--stage", default="joint")
     p.add_argument("--masks")
     p.add_argument("--name", default="system")
-    p.add_argument("--system", action="append", metavar="NAME=STAGE[@MASKS]",
+    p.add_argument("--system", action="append", metavar="NAME=STAGE[@MASKS]", type=system_spec,
                    help="a system to score (repeatable), e.g. theta0=base lass=joint@masks."
                    "safetensors shared=joint-shared@masks-shared.safetensors")
     p.add_argument("--test", metavar="FILE.tsv[.gz]",
                    help="your own multi-way test set (header line of language codes)")
-    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+    p.add_argument("--bootstrap", type=nonneg_int, default=0, metavar="N",
                    help="paired bootstrap with N samples against --baseline (sacrebleu's)")
     p.add_argument("--baseline", help="baseline stage to compare against")
     p.add_argument("--baseline-masks")
     p.add_argument("--directions", nargs="+")
     p.add_argument("--split", default="test", choices=["valid", "test"])
-    p.add_argument("--limit", type=int)
-    p.add_argument("--beam", type=int, default=4)
+    p.add_argument("--limit", type=positive_int, help="test sentences per direction")
+    p.add_argument("--beam", type=positive_int, default=4)
     p.add_argument("--out", help="write OUT.md and OUT.json")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=_guarded(cmd_evaluate))
 
     p = sub.add_parser("masks", help="mask bank tools: similarity, stats")
-    msub = p.add_subparsers(dest="masks_cmd", required=True)
+    msub = p.add_subparsers(dest="masks_cmd", required=True, metavar="{similarity,stats}")
     q = msub.add_parser("similarity", help="LaSS Eq. 2 between pairs; heatmap PNG")
     q.add_argument("masks")
     q.add_argument("--pairs", nargs="+")
     q.add_argument("--by", default="total", choices=["total", "layer", "component", "param"])
     q.add_argument("--png")
-    q.set_defaults(func=cmd_masks)
+    q.set_defaults(func=_guarded(cmd_masks))
     q = msub.add_parser("stats", help="sizes and kept fractions")
     q.add_argument("masks")
-    q.set_defaults(func=cmd_masks)
+    q.set_defaults(func=_guarded(cmd_masks))
 
     p = sub.add_parser("demo", help="the whole LaSS pipeline on the bundled subset (tiny model)")
     p.add_argument("--run", default="runs/demo")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply every step count")
-    p.add_argument("--limit", type=int, default=100, help="test sentences per direction")
+    p.add_argument("--scale", type=positive_float, default=1.0,
+                   help="multiply every step count")
+    p.add_argument("--limit", type=positive_int, default=100,
+                   help="test sentences per direction")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=_guarded(cmd_demo))

@@ -3,7 +3,9 @@ extension curves (Fig. 3)."""
 
 from __future__ import annotations
 
-from ..masks import MaskBank
+import io
+
+from ..masks import MaskBank, atomic_write
 
 
 def _plt():
@@ -13,6 +15,18 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, out_png: str) -> str:
+    """Render ``fig`` to PNG in memory and write it atomically (a crash never leaves half a
+    PNG); closes the figure."""
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=130)
+    finally:
+        plt.close(fig)
+    atomic_write(out_png, buf.getvalue())
+    return out_png
 
 
 def similarity_matrix(bank: MaskBank, pairs: list[str]) -> list[list[float]]:
@@ -34,9 +48,7 @@ def similarity_heatmap(bank: MaskBank, pairs: list[str], out_png: str,
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=130)
-    plt.close(fig)
-    return out_png
+    return _save(plt, fig, out_png)
 
 
 def layer_similarity_plot(bank: MaskBank, pairs: list[tuple[str, str]], out_png: str) -> str:
@@ -50,9 +62,7 @@ def layer_similarity_plot(bank: MaskBank, pairs: list[tuple[str, str]], out_png:
     ax.tick_params(axis="x", rotation=60, labelsize=7)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=130)
-    plt.close(fig)
-    return out_png
+    return _save(plt, fig, out_png)
 
 
 def extension_plot(curves: dict[str, list[dict]], out_png: str) -> str:
@@ -69,6 +79,4 @@ def extension_plot(curves: dict[str, list[dict]], out_png: str) -> str:
         ax.set_xlabel("extension steps")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=130)
-    plt.close(fig)
-    return out_png
+    return _save(plt, fig, out_png)

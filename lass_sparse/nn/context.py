@@ -1,8 +1,10 @@
-"""Which pair's masks a model's masked modules use: one shared MaskContext per model."""
+"""Which pair's masks a model's masked modules use: one shared MaskContext per model, with the
+active pair kept per thread."""
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -11,25 +13,109 @@ from torch import Tensor, nn
 from ..masks import MaskBank
 
 
-class MaskContext:
-    """Shared by every masked module of a model: the bank, the active pair (or per-row pair ids
-    for a mixed batch), and device copies of the bits. Plain Python state: deepcopy and pickle
-    carry it."""
+class PairState:
+    """One active-pair setting: a single pair, or a mixed batch (``pairs`` indexed by
+    ``pair_ids``). ``groups`` caches the mixed batch's row grouping per activation shape."""
 
-    def __init__(self, bank: MaskBank) -> None:
-        self.bank = bank
-        self.pair: str | None = None  # single-pair mode
-        self.pairs: tuple[str, ...] | None = None  # mixed mode: pair_ids index into this
-        self.pair_ids: Tensor | None = None
-        self.batch_dim = 0
-        self._names = frozenset(bank.names)
-        self._cache: dict[tuple, Tensor] = {}
-        self._groups: dict[tuple, tuple] = {}  # mixed batch: row grouping per activation shape
-        self._version = bank.version
+    def __init__(self, pair: str | None = None, pairs: tuple[str, ...] | None = None,
+                 pair_ids: Tensor | None = None, batch_dim: int = 0) -> None:
+        self.pair = pair
+        self.pairs = pairs
+        self.pair_ids = pair_ids
+        self.batch_dim = batch_dim
+        self.groups: dict[tuple, tuple] = {}
 
     @property
     def active(self) -> bool:
         return self.pair is not None or self.pair_ids is not None
+
+
+_DENSE = PairState()
+
+
+class MaskContext:
+    """Shared by every masked module of a model: the bank, device copies of the bits, and the
+    active pair, **per thread**: ``with active_pair(model, p)`` in one thread does not change
+    what another thread's forward uses, so threads may run one model with different pairs
+    concurrently.
+
+    A thread that never set a pair (a helper thread: DataParallel replicas, the autograd engine's
+    device threads that recompute checkpointed activations) sees the setting most recently made
+    by a live thread that still holds one, else :func:`set_active_pair`'s. Plain Python state
+    otherwise: deepcopy and pickle carry the calling thread's setting."""
+
+    def __init__(self, bank: MaskBank) -> None:
+        self.bank = bank
+        self._names = frozenset(bank.names)
+        self._cache: dict[tuple, Tensor] = {}
+        self._version = bank.version
+        self._init_threads(_DENSE)
+
+    def _init_threads(self, default: PairState) -> None:
+        self._default = default  # set_active_pair's setting
+        self._fallback = default  # what threads without a setting of their own use
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._held: dict[int, PairState] = {}  # thread ident -> setting, most recent last
+
+    def __getstate__(self) -> dict:
+        st = self.current()
+        d = {k: v for k, v in self.__dict__.items()
+             if k not in ("_local", "_lock", "_held", "_default", "_fallback", "_cache")}
+        d["_default"] = PairState(st.pair, st.pairs, st.pair_ids, st.batch_dim)
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        default = d.pop("_default", _DENSE)
+        self.__dict__.update(d)
+        self._cache = {}
+        self._init_threads(default)
+
+    # ----------------------------------------------------------------- the active setting
+
+    def current(self) -> PairState:
+        """The calling thread's setting."""
+        st = getattr(self._local, "state", None)
+        return self._fallback if st is None else st
+
+    @property
+    def pair(self) -> str | None:
+        return self.current().pair
+
+    @property
+    def pairs(self) -> tuple[str, ...] | None:
+        return self.current().pairs
+
+    @property
+    def pair_ids(self) -> Tensor | None:
+        return self.current().pair_ids
+
+    @property
+    def batch_dim(self) -> int:
+        return self.current().batch_dim
+
+    @property
+    def active(self) -> bool:
+        return self.current().active
+
+    def _hold(self, st: PairState | None) -> None:
+        """Make ``st`` the calling thread's setting (None: none of its own) and update what
+        threads without one see."""
+        ident = threading.get_ident()
+        with self._lock:
+            self._held.pop(ident, None)
+            if st is None:
+                with contextlib.suppress(AttributeError):
+                    del self._local.state
+            else:
+                self._local.state = st
+                self._held[ident] = st
+            live = {t.ident for t in threading.enumerate()}
+            for dead in [i for i in self._held if i not in live]:
+                del self._held[dead]
+            self._fallback = next(reversed(self._held.values()), self._default)
+
+    # ------------------------------------------------------------------------ the bits
 
     def _fresh(self) -> None:
         if self._version != self.bank.version:
@@ -46,19 +132,22 @@ class MaskContext:
             b = self._cache[key] = fetch().to(key[2])
         return b
 
-    def bits(self, name: str, device: torch.device) -> Tensor | None:
+    def bits(self, name: str, device: torch.device,
+             state: PairState | None = None) -> Tensor | None:
         """The active pair's bits for parameter ``name`` on ``device`` (None: not masked)."""
-        return self._device_copy((self.pair, name, device),
-                                 lambda: self.bank.bits(self.pair, name))
+        pair = (state or self.current()).pair
+        return self._device_copy((pair, name, device), lambda: self.bank.bits(pair, name))
 
-    def stacked(self, name: str, device: torch.device) -> Tensor | None:
+    def stacked(self, name: str, device: torch.device,
+                state: PairState | None = None) -> Tensor | None:
         """``int32[P, rows, W]`` bits of the mixed batch's pairs for ``name`` (None: not masked)."""
-        return self._device_copy((self.pairs, name, device),
-                                 lambda: self.bank.stack(self.pairs)[name])
+        pairs = (state or self.current()).pairs
+        return self._device_copy((pairs, name, device), lambda: self.bank.stack(pairs)[name])
 
-    def set(self, pair=None, pair_ids=None, batch_dim: int = 0) -> None:
+    def set(self, pair=None, pair_ids=None, batch_dim: int = 0, *, default: bool = False) -> None:
+        """Set the calling thread's active pair (``default=True``: also what threads that never
+        set one use; :func:`set_active_pair` does that)."""
         self._fresh()
-        self._groups = {}
         if pair_ids is not None:
             pairs = (pair,) if isinstance(pair, str) else tuple(pair or ())
             if not pairs:
@@ -73,21 +162,23 @@ class MaskContext:
                 pairs
             ):
                 raise ValueError(f"set_active_pair: pair_ids must be in [0, {len(pairs)})")
-            self.pair, self.pairs, self.pair_ids = None, pairs, pair_ids.long()
+            st = PairState(None, pairs, pair_ids.long(), batch_dim)
         else:
             if pair is not None:
                 if not isinstance(pair, str):
                     raise TypeError(f"set_active_pair: pair must be a str or None, got {pair!r}")
                 self.bank._check_pair(pair)
-            self.pair, self.pairs, self.pair_ids = pair, None, None
-        self.batch_dim = batch_dim
+            st = PairState(pair, None, None, batch_dim)
+        if default:
+            self._default = st
+        self._hold(st)
 
-    def state(self):
-        return (self.pair, self.pairs, self.pair_ids, self.batch_dim)
+    def state(self) -> PairState | None:
+        """The calling thread's own setting (None: it has none), for :meth:`restore`."""
+        return getattr(self._local, "state", None)
 
-    def restore(self, state) -> None:
-        self.pair, self.pairs, self.pair_ids, self.batch_dim = state
-        self._groups = {}
+    def restore(self, state: PairState | None) -> None:
+        self._hold(state)
 
 
 def masked_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -154,13 +245,14 @@ def set_active_pair(
     pair_ids: Tensor | None = None,
     batch_dim: int = 0,
 ) -> None:
-    """Make ``model``'s masked modules use ``pair``'s masks (None: dense, exactly ``nn.Linear``).
+    """Make ``model``'s masked modules use ``pair``'s masks (None: dense, exactly ``nn.Linear``)
+    in the calling thread, and in threads that have not set a pair of their own.
 
     Mixed-pair batches: ``pair=[names]`` and ``pair_ids`` (LongTensor) indexing them, one id per
     batch element (along ``batch_dim`` of the activations) or per row; rows are grouped by pair and
     run by the segmented kernel.
     """
-    get_context(model).set(pair, pair_ids, batch_dim)
+    get_context(model).set(pair, pair_ids, batch_dim, default=True)
 
 
 @contextlib.contextmanager
@@ -171,7 +263,8 @@ def active_pair(
     pair_ids: Tensor | None = None,
     batch_dim: int = 0,
 ):
-    """``with active_pair(model, "en-de"):`` — :func:`set_active_pair` for the block only."""
+    """``with active_pair(model, "en-de"):`` — ``pair``'s masks for the block only, in the
+    calling thread only: threads may run one model with different pairs at the same time."""
     ctx = get_context(model)
     saved = ctx.state()
     ctx.set(pair, pair_ids, batch_dim)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 from torch import nn
@@ -60,14 +59,19 @@ def masked_parameters(model: nn.Module, include: Patterns = None,
                       mask_tied_output: bool = False) -> dict[str, int]:
     """``{parameter name -> q/k/v chunks}`` a LaSS mask covers: those of a converted model's masked
     modules, or (unconverted model) those :func:`convert` would mask. ``in_proj_weight`` has 3
-    chunks (q, k and v are pruned as separate tensors)."""
+    chunks (q, k and v are pruned as separate tensors); an attention with ``kdim``/``vdim !=
+    embed_dim`` has ``q_proj_weight``, ``k_proj_weight`` and ``v_proj_weight``, one chunk each."""
     out: dict[str, int] = {}
     mods = list(masked_modules(model)) or list(_selected(model, include, exclude,
                                                            mask_tied_output))
     for name, m in mods:
         prefix = f"{name}." if name else ""
         if isinstance(m, nn.MultiheadAttention):
-            out[prefix + "in_proj_weight"] = 3
+            if m._qkv_same_embed_dim:
+                out[prefix + "in_proj_weight"] = 3
+            else:  # kdim / vdim != embed_dim: separate q, k, v weights, one mask each
+                for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                    out[prefix + n] = 1
             out[prefix + "out_proj.weight"] = 1
         else:
             out[prefix + "weight"] = 1
@@ -84,7 +88,8 @@ def convert(
 ) -> list[str]:
     """Replace, in place, the ``nn.Linear`` and ``nn.MultiheadAttention`` modules of ``model`` by
     :class:`MaskedLinear` / :class:`MaskedMultiheadAttention` sharing their parameters (state_dict
-    keys unchanged). Returns the masked parameter names.
+    keys unchanged). Returns the masked parameter names: exactly those of the model's masked
+    modules (every ``nn.MultiheadAttention`` configuration is converted).
 
     ``include`` / ``exclude``: glob patterns over module names (or a predicate). By default every
     linear layer is masked except embeddings, norms, and the output projection (modules named like
@@ -104,10 +109,6 @@ def convert(
         if isinstance(m, (MaskedLinear, MaskedMultiheadAttention)):
             continue
         if isinstance(m, nn.MultiheadAttention):
-            if not MaskedMultiheadAttention.supports(m):
-                warnings.warn(f"convert: {name} (nn.MultiheadAttention with kdim/vdim != "
-                              "embed_dim or bias_kv) left unmasked", stacklevel=2)
-                continue
             new: nn.Module = MaskedMultiheadAttention.from_mha(m)
         else:
             new = MaskedLinear.from_linear(m)

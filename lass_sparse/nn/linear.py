@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .context import MaskContext
+from .context import MaskContext, PairState
 
 
 def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None):
@@ -37,22 +37,22 @@ def _row_ids(ids: Tensor, x: Tensor, batch_dim: int) -> Tensor:
     )
 
 
-def _grouping(ctx: MaskContext, x: Tensor, batch_dim: int):
+def _grouping(st: PairState, x: Tensor, batch_dim: int):
     """(row order or None, seg_offsets, seg_pair) of the mixed batch for activations shaped like
     ``x``; computed once per shape and shared by every masked layer until the pairs change."""
     key = (tuple(x.shape[:-1]), batch_dim, x.device)
-    g = ctx._groups.get(key)
+    g = st.groups.get(key)
     if g is None:
-        ids = _row_ids(ctx.pair_ids.to(x.device), x, batch_dim)
+        ids = _row_ids(st.pair_ids.to(x.device), x, batch_dim)
         is_sorted = bool((ids[1:] >= ids[:-1]).all()) if ids.numel() > 1 else True
         order = None if is_sorted else torch.argsort(ids, stable=True)
         if order is not None:
             ids = ids[order]
-        counts = torch.bincount(ids, minlength=len(ctx.pairs))
+        counts = torch.bincount(ids, minlength=len(st.pairs))
         seg_pair = counts.nonzero().flatten()
         offsets = torch.zeros(seg_pair.numel() + 1, dtype=torch.long, device=ids.device)
         offsets[1:] = counts[seg_pair].cumsum(0)
-        g = ctx._groups[key] = (order, offsets, seg_pair)
+        g = st.groups[key] = (order, offsets, seg_pair)
     return g
 
 
@@ -64,23 +64,26 @@ def masked_forward(
     bias: Tensor | None,
     rows: slice | None = None,
     batch_dim: int | None = None,
+    state: PairState | None = None,
 ) -> Tensor:
     """``F.linear(x, weight ⊙ M, bias)`` with M the active pair's mask of parameter ``name``
-    (``rows`` selects a row block of it, for a packed in_proj). Dense when no pair is active."""
-    if ctx is None or not ctx.active:
+    (``rows`` selects a row block of it, for a packed in_proj). Dense when no pair is active.
+    ``state``: the setting to use (default: the calling thread's, read once)."""
+    st = None if ctx is None else (state or ctx.current())
+    if st is None or not st.active:
         return F.linear(x, weight, bias)
     x, weight, bias = _autocast(x, weight, bias)
-    if ctx.pair_ids is None:
-        bits = ctx.bits(name, x.device)
+    if st.pair_ids is None:
+        bits = ctx.bits(name, x.device, st)
         if bits is None:
             return F.linear(x, weight, bias)
         return ops.masked_linear(x, weight, bits if rows is None else bits[rows], bias)
-    bank_bits = ctx.stacked(name, x.device)
+    bank_bits = ctx.stacked(name, x.device, st)
     if bank_bits is None:
         return F.linear(x, weight, bias)
     if rows is not None:
         bank_bits = bank_bits[:, rows]
-    order, offsets, seg_pair = _grouping(ctx, x, ctx.batch_dim if batch_dim is None else batch_dim)
+    order, offsets, seg_pair = _grouping(st, x, st.batch_dim if batch_dim is None else batch_dim)
     x2 = x.reshape(-1, x.shape[-1])
     if order is not None:
         x2 = x2[order]
@@ -114,8 +117,8 @@ class MaskedLinear(nn.Linear):
     def _lass_param_names(self) -> list[str]:
         return ["weight"]
 
-    def forward(self, x: Tensor) -> Tensor:
-        return masked_forward(self._lass_ctx, self._lass_prefix + "weight", x, self.weight,
+    def forward(self, input: Tensor) -> Tensor:
+        return masked_forward(self._lass_ctx, self._lass_prefix + "weight", input, self.weight,
                               self.bias)
 
     def extra_repr(self) -> str:
