@@ -43,6 +43,7 @@ class Impl:
     explicit_only: bool = False
     requires: str = ""
     device_guard: bool = False
+    dtypes: frozenset | None = None
 
 
 @dataclass
@@ -94,6 +95,7 @@ def register(
     explicit_only: bool = False,
     requires: str = "",
     device_guard: bool = False,
+    dtypes: tuple[torch.dtype, ...] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` as ``backend``'s kernel of ``op`` for ``devices``.
 
@@ -102,7 +104,9 @@ def register(
     backend is forced; ``requires`` says in words what ``supports`` checks (for that error).
     ``explicit_only`` kernels run only while their backend is forced (e.g. Triton on CPU
     tensors under ``TRITON_INTERPRET=1``, for tests). ``device_guard``: run CUDA calls inside
-    ``torch.cuda.device(device)`` (kernels that launch on the current device).
+    ``torch.cuda.device(device)`` (kernels that launch on the current device). ``dtypes``: the
+    floating dtypes the kernel takes (of the first argument); other calls are declined with an
+    error that names the dtype when the backend is forced.
     """
     _check_name(backend)
     devs = frozenset((devices,) if isinstance(devices, str) else devices)
@@ -110,7 +114,8 @@ def register(
     def deco(fn: Callable) -> Callable:
         lst = _impls.setdefault(op, [])
         lst[:] = [i for i in lst if not (i.backend == backend and i.devices & devs)]
-        lst.append(Impl(backend, fn, devs, supports, explicit_only, requires, device_guard))
+        lst.append(Impl(backend, fn, devs, supports, explicit_only, requires, device_guard,
+                        None if dtypes is None else frozenset(dtypes)))
         lst.sort(key=lambda i: PRIORITY[i.backend])
         return fn
 
@@ -142,6 +147,13 @@ def select(op: str, device_type: str, *args) -> Impl:
         if own:
             for i in own:
                 if device_type in i.devices:
+                    bad = _unsupported_dtype(i, args)
+                    if bad is not None:
+                        raise BackendCannotServe(
+                            f"lass_sparse.{op}: backend {forced} does not support {_dt(bad)} for "
+                            f"{op}; supported: {_dtype_list(i.dtypes)}. Leave the backend "
+                            "unforced to fall back to the next one"
+                        )
                     if i.supports is not None and not i.supports(*args):
                         raise BackendCannotServe(
                             f"lass_sparse.{op}: forced backend {forced!r} cannot serve this call "
@@ -158,10 +170,37 @@ def select(op: str, device_type: str, *args) -> Impl:
     for i in impls:
         if device_type not in i.devices or not _status[i.backend].active or i.explicit_only:
             continue
+        if _unsupported_dtype(i, args) is not None:
+            continue
         if i.supports is not None and not i.supports(*args):
             continue
         return i
     raise RuntimeError(f"lass_sparse.{op}: no active kernel for {device_type} tensors")
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+_DTYPE_ORDER = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _dtype_list(dtypes) -> str:
+    names = [_dt(d) for d in sorted(dtypes, key=lambda d: (d not in _DTYPE_ORDER,
+                                                          _DTYPE_ORDER.index(d)
+                                                          if d in _DTYPE_ORDER else 0, str(d)))]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _unsupported_dtype(impl: Impl, args) -> torch.dtype | None:
+    """The first floating dtype of the call's first argument that ``impl`` does not take."""
+    if impl.dtypes is None or not args:
+        return None
+    first = args[0]
+    for t in first if isinstance(first, (list, tuple)) else (first,):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in impl.dtypes:
+            return t.dtype
+    return None
 
 
 def _describe(args) -> str:

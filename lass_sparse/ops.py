@@ -3,13 +3,24 @@
 Every op is a ``torch.library`` custom op in namespace ``lass_sparse`` with a fake kernel (so
 ``torch.compile(fullgraph=True)`` traces it) and, where differentiable, autograd registered once
 for all backends. The op body checks its inputs, normalises them (2-D, contiguous) and hands
-them to the backend chosen by :mod:`lass_sparse._registry`.
+them to the backend chosen by :mod:`lass_sparse._registry`. The fake kernels run the same checks
+(dtype, shape, one device), so a meta tensor among real ones is an error naming the argument,
+never an uninitialised result; checks that read values (segment offsets, pair ids, aliasing of
+optimizer state) run in the op body only.
 
-Shapes: ``x: [..., K]``, ``weight: [N, K]`` (``nn.Linear`` layout), ``bits: int32[N, ceil(K/32)]``.
+Shapes: ``x: [..., K]``, ``weight: [N, K]`` (``nn.Linear`` layout), ``bits: int32[N, ceil(K/32)]``;
+any of M, N, K may be 0 (results as ``F.linear``).
+
+Non-finite values: a masked-out weight is *not used* (a select, never ``W * M``), so NaN/Inf
+stored off the mask never reaches y, dx or dW, and off-mask dW is exactly 0 whatever x and
+grad_out hold. Non-finite x, grad_out, bias or on-mask weights propagate as in
+``F.linear(x, where(M, W, 0), b)``.
 """
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -27,8 +38,12 @@ def _dispatch(op: str, device: torch.device, *args):
     return _registry.dispatch(op, device, *args)
 
 
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _desc(t: Tensor) -> str:
-    return f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
+    return f"{_dt(t.dtype)}{list(t.shape)}"
 
 
 def _check_float(op: str, name: str, t: Tensor) -> None:
@@ -40,7 +55,10 @@ def _check_float(op: str, name: str, t: Tensor) -> None:
         )
 
 
-def _check_linear(op: str, x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None) -> None:
+def _check_linear(op: str, x: Tensor, weight: Tensor, bits: Tensor | None,
+                  bias: Tensor | None) -> None:
+    """x [..., K], weight [N, K], bits int32[N, ceil(K/32)] (None: checked by the caller), bias
+    [N]: dtypes, shapes, and one device for all of them."""
     _check_float(op, "x", x)
     _check_float(op, "weight", weight)
     if weight.dim() != 2:
@@ -52,11 +70,12 @@ def _check_linear(op: str, x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor
         raise TypeError(
             f"{op}: x and weight must share a dtype, got x {x.dtype} and weight {weight.dtype}"
         )
-    check_bits(bits, (n,), k, op)
+    if bits is not None:
+        check_bits(bits, (n,), k, op)
     if bias is not None:
         _check_float(op, "bias", bias)
         if list(bias.shape) != [n] or bias.dtype != weight.dtype:
-            raise ValueError(f"{op}: bias must be {weight.dtype}[{n}], got {_desc(bias)}")
+            raise ValueError(f"{op}: bias must be {_dt(weight.dtype)}[{n}], got {_desc(bias)}")
     check_same_device(op, x=x, weight=weight, bits=bits, bias=bias)
 
 
@@ -77,16 +96,23 @@ def _(mask):
 
 @torch.library.custom_op(f"{NS}::unpack_mask", mutates_args=())
 def _unpack_mask(bits: Tensor, k: int) -> Tensor:
+    _check_unpack(bits, k)
+    return _dispatch("unpack_mask", bits.device, bits.contiguous(), k)
+
+
+def _check_unpack(bits: Tensor, k: int) -> None:
+    if k < 0:
+        raise ValueError(f"unpack_mask: k must be >= 0, got {k}")
     if bits.dtype != torch.int32 or bits.dim() < 1 or bits.shape[-1] != num_words(k):
         raise ValueError(
             f"unpack_mask: bits must be int32[..., ceil(k/32)={num_words(k)}] for k={k}, "
             f"got {_desc(bits)}"
         )
-    return _dispatch("unpack_mask", bits.device, bits.contiguous(), k)
 
 
 @_unpack_mask.register_fake
 def _(bits, k):
+    _check_unpack(bits, k)
     return bits.new_empty((*bits.shape[:-1], k), dtype=torch.bool)
 
 
@@ -136,7 +162,7 @@ def magnitude_mask(weight: Tensor, alpha: float) -> Tensor:
 def _masked_linear(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None) -> Tensor:
     _check_linear("masked_linear", x, weight, bits, bias)
     n, k = weight.shape
-    x2 = x.reshape(-1, k).contiguous()
+    x2 = x.reshape(math.prod(x.shape[:-1]), k).contiguous()  # not -1: K may be 0
     b = None if bias is None else bias.contiguous()
     y = _dispatch("masked_linear", x.device, x2, weight.contiguous(), bits.contiguous(), b)
     return y.reshape(*x.shape[:-1], n)
@@ -151,22 +177,38 @@ def _(x, weight, bits, bias):
 @torch.library.custom_op(f"{NS}::masked_linear_dx", mutates_args=())
 def _masked_linear_dx(grad_out: Tensor, weight: Tensor, bits: Tensor) -> Tensor:
     """``dx[M, K] = grad_out[M, N] @ (W ⊙ M)``."""
-    n, k = weight.shape
-    _check_linear("masked_linear_dx", grad_out.new_empty(0, k), weight, bits, None)
-    if grad_out.dim() != 2 or grad_out.shape[1] != n:
-        raise ValueError(f"masked_linear_dx: grad_out must be [M, N={n}], got {_desc(grad_out)}")
+    _check_dx("masked_linear_dx", grad_out, weight, bits)
     return _dispatch(
         "masked_linear_dx", grad_out.device, grad_out.contiguous(), weight.contiguous(),
         bits.contiguous(),
     )
 
 
+def _check_dx(op: str, grad_out: Tensor, weight: Tensor, bits: Tensor, bank: bool = False):
+    _check_float(op, "grad_out", grad_out)
+    _check_float(op, "weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D [N, K], got {_desc(weight)}")
+    n, k = weight.shape
+    if grad_out.dim() != 2 or grad_out.shape[1] != n:
+        raise ValueError(f"{op}: grad_out must be [M, N={n}], got {_desc(grad_out)}")
+    if grad_out.dtype != weight.dtype:
+        raise TypeError(f"{op}: grad_out and weight must share a dtype, got {grad_out.dtype} and "
+                        f"{weight.dtype}")
+    if bank:
+        _check_bank(op, bits, n, k)
+    else:
+        check_bits(bits, (n,), k, op)
+    check_same_device(op, grad_out=grad_out, weight=weight, bits=bits)
+
+
 @_masked_linear_dx.register_fake
 def _(grad_out, weight, bits):
+    _check_dx("masked_linear_dx", grad_out, weight, bits)
     return grad_out.new_empty((grad_out.shape[0], weight.shape[1]))
 
 
-def _check_dw(op: str, grad_out: Tensor, x: Tensor, bits: Tensor) -> None:
+def _check_dw(op: str, grad_out: Tensor, x: Tensor, bits: Tensor, bank: bool = False) -> None:
     _check_float(op, "grad_out", grad_out)
     _check_float(op, "x", x)
     if grad_out.dim() != 2 or x.dim() != 2 or grad_out.shape[0] != x.shape[0]:
@@ -176,7 +218,10 @@ def _check_dw(op: str, grad_out: Tensor, x: Tensor, bits: Tensor) -> None:
         )
     if grad_out.dtype != x.dtype:
         raise TypeError(f"{op}: grad_out and x must share a dtype, got {grad_out.dtype}, {x.dtype}")
-    check_bits(bits, (grad_out.shape[1],), x.shape[1], op)
+    if bank:
+        _check_bank(op, bits, grad_out.shape[1], x.shape[1])
+    else:
+        check_bits(bits, (grad_out.shape[1],), x.shape[1], op)
     check_same_device(op, grad_out=grad_out, x=x, bits=bits)
 
 
@@ -191,30 +236,37 @@ def _masked_linear_dw(grad_out: Tensor, x: Tensor, bits: Tensor) -> Tensor:
 
 @_masked_linear_dw.register_fake
 def _(grad_out, x, bits):
+    _check_dw("masked_linear_dw", grad_out, x, bits)
     return x.new_empty((grad_out.shape[1], x.shape[1]))
 
 
 @torch.library.custom_op(f"{NS}::masked_linear_dw_accumulate_", mutates_args=("grad",))
 def _masked_linear_dw_accumulate_(grad: Tensor, grad_out: Tensor, x: Tensor, bits: Tensor) -> None:
-    """``grad[N, K] += (grad_out ᵀ @ x) ⊙ M`` (grad fp32 or x's dtype), for micro-batches."""
-    _check_dw("masked_linear_dw_accumulate_", grad_out, x, bits)
-    want = [grad_out.shape[1], x.shape[1]]
-    if list(grad.shape) != want or grad.dtype not in (torch.float32, x.dtype):
-        raise ValueError(
-            f"masked_linear_dw_accumulate_: grad must be float32{want} or {x.dtype}{want}, "
-            f"got {_desc(grad)}"
-        )
-    if not grad.is_contiguous():
-        raise ValueError("masked_linear_dw_accumulate_: grad must be contiguous")
-    check_same_device("masked_linear_dw_accumulate_", grad=grad, x=x)
+    """``grad[N, K] += (grad_out ᵀ @ x) ⊙ M`` (grad fp32 or x's dtype), for micro-batches;
+    off-mask entries of ``grad`` are left as they are."""
+    _check_accumulate(grad, grad_out, x, bits)
     _dispatch(
         "masked_linear_dw_accumulate_", x.device, grad, grad_out.contiguous(), x.contiguous(),
         bits.contiguous(),
     )
 
 
+def _check_accumulate(grad, grad_out, x, bits) -> None:
+    op = "masked_linear_dw_accumulate_"
+    _check_dw(op, grad_out, x, bits)
+    _check_float(op, "grad", grad)
+    want = [grad_out.shape[1], x.shape[1]]
+    if list(grad.shape) != want or grad.dtype not in (torch.float32, x.dtype):
+        alt = "" if x.dtype == torch.float32 else f" or {_dt(x.dtype)}{want}"
+        raise ValueError(f"{op}: grad must be float32{want}{alt}, got {_desc(grad)}")
+    if not grad.is_contiguous():
+        raise ValueError(f"{op}: grad must be contiguous")
+    check_same_device(op, x=x, grad=grad)
+
+
 @_masked_linear_dw_accumulate_.register_fake
 def _(grad, grad_out, x, bits):
+    _check_accumulate(grad, grad_out, x, bits)
     return None
 
 
@@ -227,12 +279,13 @@ def _ml_setup(ctx, inputs, output):
 def _ml_backward(ctx, grad):
     x, weight, bits = ctx.saved_tensors
     n, k = weight.shape
-    dy = grad.reshape(-1, n)
+    m = math.prod(x.shape[:-1])
+    dy = grad.reshape(m, n)  # explicit sizes: N or K may be 0
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
         dx = torch.ops.lass_sparse.masked_linear_dx(dy, weight, bits).reshape(x.shape)
     if ctx.needs_input_grad[1]:
-        dw = torch.ops.lass_sparse.masked_linear_dw(dy, x.reshape(-1, k), bits)
+        dw = torch.ops.lass_sparse.masked_linear_dw(dy, x.reshape(m, k), bits)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         db = dy.sum(0)
     return dx, dw, None, db
@@ -253,7 +306,8 @@ def masked_linear(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None =
 # ------------------------------------------------------------------------ segmented (mixed pairs)
 
 
-def _check_segments(op: str, t: int, p: int, seg_offsets: Tensor, seg_pair: Tensor, device):
+def _check_segments(op: str, t: int, p: int, seg_offsets: Tensor, seg_pair: Tensor, device,
+                    values: bool = True):
     if seg_offsets.dtype not in (torch.int32, torch.int64) or seg_offsets.dim() != 1:
         raise TypeError(f"{op}: seg_offsets must be int64[S+1], got {_desc(seg_offsets)}")
     if seg_pair.dtype not in (torch.int32, torch.int64) or seg_pair.dim() != 1:
@@ -265,7 +319,7 @@ def _check_segments(op: str, t: int, p: int, seg_offsets: Tensor, seg_pair: Tens
         )
     check_same_device(op, x=torch.empty(0, device=device), seg_offsets=seg_offsets,
                       seg_pair=seg_pair)
-    if seg_offsets.device.type == "meta":
+    if not values or seg_offsets.device.type == "meta":  # fake kernels: no data to read
         return
     offs = seg_offsets.tolist()
     if offs[0] != 0 or offs[-1] != t or any(a > b for a, b in zip(offs, offs[1:])):
@@ -279,13 +333,24 @@ def _check_segments(op: str, t: int, p: int, seg_offsets: Tensor, seg_pair: Tens
         raise ValueError(f"{op}: seg_pair ids must be in [0, P={p}), got {bad[0]}")
 
 
-def _check_segmented(op, x, weight, bits_bank, seg_offsets, seg_pair, bias):
-    if bits_bank.dim() != 3:
-        raise ValueError(f"{op}: bits_bank must be int32[P, N, ceil(K/32)], got {_desc(bits_bank)}")
-    _check_linear(op, x, weight, bits_bank[0] if bits_bank.shape[0] else bits_bank, bias)
+def _check_bank(op: str, bank: Tensor, n: int, k: int) -> None:
+    if not isinstance(bank, Tensor) or bank.dim() != 3:
+        got = _desc(bank) if isinstance(bank, Tensor) else type(bank).__name__
+        raise ValueError(f"{op}: bits_bank must be int32[P, N={n}, {num_words(k)}], got {got}")
+    check_bits(bank, (bank.shape[0], n), k, op, "bits_bank")
+
+
+def _check_segmented(op, x, weight, bits_bank, seg_offsets, seg_pair, bias, values=True):
+    _check_float(op, "x", x)
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be 2-D [T, K], got {_desc(x)}")
-    _check_segments(op, x.shape[0], bits_bank.shape[0], seg_offsets, seg_pair, x.device)
+    _check_float(op, "weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D [N, K], got {_desc(weight)}")
+    _check_bank(op, bits_bank, *weight.shape)
+    _check_linear(op, x, weight, None, bias)
+    check_same_device(op, x=x, bits_bank=bits_bank)
+    _check_segments(op, x.shape[0], bits_bank.shape[0], seg_offsets, seg_pair, x.device, values)
 
 
 @torch.library.custom_op(f"{NS}::segmented_masked_linear", mutates_args=())
@@ -303,6 +368,8 @@ def _segmented_masked_linear(
 
 @_segmented_masked_linear.register_fake
 def _(x, weight, bits_bank, seg_offsets, seg_pair, bias):
+    _check_segmented("segmented_masked_linear", x, weight, bits_bank, seg_offsets, seg_pair, bias,
+                     values=False)
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
@@ -310,14 +377,23 @@ def _(x, weight, bits_bank, seg_offsets, seg_pair, bias):
 def _segmented_masked_linear_dx(
     grad_out: Tensor, weight: Tensor, bits_bank: Tensor, seg_offsets: Tensor, seg_pair: Tensor
 ) -> Tensor:
+    _check_seg_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair)
     return _dispatch(
         "segmented_masked_linear_dx", grad_out.device, grad_out.contiguous(), weight.contiguous(),
         bits_bank.contiguous(), seg_offsets.long(), seg_pair.long(),
     )
 
 
+def _check_seg_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair, values=True):
+    op = "segmented_masked_linear_dx"
+    _check_dx(op, grad_out, weight, bits_bank, bank=True)
+    _check_segments(op, grad_out.shape[0], bits_bank.shape[0], seg_offsets, seg_pair,
+                    grad_out.device, values)
+
+
 @_segmented_masked_linear_dx.register_fake
 def _(grad_out, weight, bits_bank, seg_offsets, seg_pair):
+    _check_seg_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair, values=False)
     return grad_out.new_empty((grad_out.shape[0], weight.shape[1]))
 
 
@@ -325,14 +401,22 @@ def _(grad_out, weight, bits_bank, seg_offsets, seg_pair):
 def _segmented_masked_linear_dw(
     grad_out: Tensor, x: Tensor, bits_bank: Tensor, seg_offsets: Tensor, seg_pair: Tensor
 ) -> Tensor:
+    _check_seg_dw(grad_out, x, bits_bank, seg_offsets, seg_pair)
     return _dispatch(
         "segmented_masked_linear_dw", x.device, grad_out.contiguous(), x.contiguous(),
         bits_bank.contiguous(), seg_offsets.long(), seg_pair.long(),
     )
 
 
+def _check_seg_dw(grad_out, x, bits_bank, seg_offsets, seg_pair, values=True):
+    op = "segmented_masked_linear_dw"
+    _check_dw(op, grad_out, x, bits_bank, bank=True)
+    _check_segments(op, x.shape[0], bits_bank.shape[0], seg_offsets, seg_pair, x.device, values)
+
+
 @_segmented_masked_linear_dw.register_fake
 def _(grad_out, x, bits_bank, seg_offsets, seg_pair):
+    _check_seg_dw(grad_out, x, bits_bank, seg_offsets, seg_pair, values=False)
     return x.new_empty((bits_bank.shape[1], x.shape[1]))
 
 
@@ -381,6 +465,8 @@ def segmented_masked_linear(
 
 def _check_qkv(x, weight, bits, bias, num_heads):
     op = "masked_qkv_proj"
+    _check_float(op, "x", x)
+    _check_float(op, "weight", weight)
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be [B, T, D], got {_desc(x)}")
     d = x.shape[-1]
@@ -404,6 +490,7 @@ def _masked_qkv_proj(
 
 @_masked_qkv_proj.register_fake
 def _(x, weight, bits, bias, num_heads):
+    _check_qkv(x, weight, bits, bias, num_heads)
     b, t, d = x.shape
     shape = (b, num_heads, t, d // num_heads)
     return x.new_empty(shape), x.new_empty(shape), x.new_empty(shape)
@@ -462,6 +549,73 @@ def _masked_adamw_(
     step: int,
     maximize: bool,
 ) -> None:
+    if _check_adamw(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps,
+                    weight_decay, step, real=True):
+        _dispatch(
+            "masked_adamw_", params[0].device, list(params), [g.contiguous() for g in grads],
+            list(exp_avgs), list(exp_avg_sqs),
+            [None if b is None else b.contiguous() for b in bits], float(lr), float(beta1),
+            float(beta2), float(eps), float(weight_decay), int(step), bool(maximize),
+        )
+
+
+def _check_hyper(op, lr, beta1, beta2, eps, weight_decay, step) -> None:
+    """The checks ``torch.optim.AdamW`` makes, plus finiteness and the step count."""
+    if not (0.0 <= lr and math.isfinite(lr)):
+        raise ValueError(f"{op}: invalid learning rate {lr}: must be finite and >= 0")
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"{op}: invalid {name} {beta}: must be in [0, 1)")
+    if not (0.0 <= eps and math.isfinite(eps)):
+        raise ValueError(f"{op}: invalid epsilon {eps}: must be finite and >= 0")
+    if not (0.0 <= weight_decay and math.isfinite(weight_decay)):
+        raise ValueError(f"{op}: invalid weight_decay {weight_decay}: must be finite and >= 0")
+    try:
+        count = operator.index(step)
+    except TypeError:
+        count = None
+    if isinstance(step, bool) or count is None or count < 1:
+        raise ValueError(
+            f"{op}: step must be an int >= 1 (the step count including this update; bias "
+            f"correction divides by 1 - beta**step), got {step!r}"
+        )
+
+
+def _check_no_overlap(op: str, spans: list[tuple[str, Tensor, bool]]) -> None:
+    """Raise if a written tensor (flag True) shares memory with any other listed tensor: a
+    duplicate param, or exp_avg aliasing exp_avg_sq, would be updated twice."""
+    items = []
+    for name, t, written in spans:
+        if t.numel() == 0 or t.device.type == "meta" or not t.is_contiguous():
+            continue
+        try:
+            lo = t.data_ptr()
+        except RuntimeError:  # fake / functional tensors have no memory to compare
+            return
+        items.append((str(t.device), lo, lo + t.numel() * t.element_size(), name, written))
+    items.sort(key=lambda i: (i[0], i[1]))
+    dev = None
+    any_end = w_end = 0
+    any_name = w_name = ""
+    for d, lo, hi, name, written in items:
+        if d != dev:
+            dev, any_end, w_end = d, 0, 0
+        other = any_name if written and lo < any_end else w_name if lo < w_end else None
+        if other is not None:
+            raise ValueError(
+                f"{op}: {other} and {name} share memory (a duplicate parameter, or optimizer "
+                "state aliasing another tensor); every param, exp_avg and exp_avg_sq must be "
+                "its own tensor"
+            )
+        if hi > any_end:
+            any_end, any_name = hi, name
+        if written and hi > w_end:
+            w_end, w_name = hi, name
+
+
+def _check_adamw(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps,
+                 weight_decay, step, real: bool) -> bool:
+    """All checks of ``masked_adamw_``; False when there is nothing to update."""
     op = "masked_adamw_"
     lens = {len(params), len(grads), len(exp_avgs), len(exp_avg_sqs), len(bits)}
     if len(lens) != 1:
@@ -469,36 +623,43 @@ def _masked_adamw_(
             f"{op}: params, grads, exp_avgs, exp_avg_sqs and bits must have one length, got "
             f"{len(params)}, {len(grads)}, {len(exp_avgs)}, {len(exp_avg_sqs)}, {len(bits)}"
         )
+    _check_hyper(op, lr, beta1, beta2, eps, weight_decay, step)
     if not params:
-        return
-    dev = params[0].device
+        return False
+    _check_float(op, "params[0]", params[0])
     for i, (p, g, m, v, b) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, bits)):
         _check_float(op, f"params[{i}]", p)
+        _check_float(op, f"grads[{i}]", g)
         if not p.is_contiguous():
             raise ValueError(f"{op}: params[{i}] must be contiguous")
         if g.shape != p.shape or g.dtype != p.dtype:
             raise ValueError(f"{op}: grads[{i}] must be {_desc(p)}, got {_desc(g)}")
-        for name, s in (("exp_avgs", m), ("exp_avg_sqs", v)):
-            if s.shape != p.shape or s.dtype != torch.float32 or not s.is_contiguous():
+        for name, t in (("exp_avgs", m), ("exp_avg_sqs", v)):
+            _check_float(op, f"{name}[{i}]", t)
+            if t.shape != p.shape or t.dtype != torch.float32 or not t.is_contiguous():
                 raise ValueError(
-                    f"{op}: {name}[{i}] must be contiguous float32{list(p.shape)}, got {_desc(s)}"
+                    f"{op}: {name}[{i}] must be contiguous float32{list(p.shape)}, got {_desc(t)}"
                 )
         if b is not None:
             if p.dim() < 1:
                 raise ValueError(f"{op}: a masked param must have >= 1 dim, params[{i}] is 0-d")
             check_bits(b, tuple(p.shape[:-1]), p.shape[-1], op, f"bits[{i}]")
-        check_same_device(op, **{f"params[{i}]": p, "params[0]": params[0], f"grads[{i}]": g,
+        check_same_device(op, **{"params[0]": params[0], f"params[{i}]": p, f"grads[{i}]": g,
                                  f"exp_avgs[{i}]": m, f"exp_avg_sqs[{i}]": v, f"bits[{i}]": b})
-    _dispatch(
-        "masked_adamw_", dev, list(params), [g.contiguous() for g in grads], list(exp_avgs),
-        list(exp_avg_sqs), [None if b is None else b.contiguous() for b in bits], float(lr),
-        float(beta1), float(beta2), float(eps), float(weight_decay), int(step), bool(maximize),
-    )
+    if real:
+        spans = []
+        for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+            spans += [(f"params[{i}]", p, True), (f"exp_avgs[{i}]", m, True),
+                      (f"exp_avg_sqs[{i}]", v, True), (f"grads[{i}]", g, False)]
+        _check_no_overlap(op, spans)
+    return True
 
 
 @_masked_adamw_.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps, weight_decay, step,
       maximize):
+    _check_adamw(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps, weight_decay,
+                 step, real=False)
     return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -14,6 +15,26 @@ try:
     from torch.distributed.tensor import DTensor as _DTensor
 except ImportError:  # pragma: no cover - torch without distributed
     _DTensor = ()
+
+
+def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
+    """As ``torch.optim.AdamW`` checks them (NaN fails every comparison, so it is refused), plus
+    finiteness: an infinite lr, eps or weight decay makes every updated entry NaN."""
+    if isinstance(lr, Tensor):
+        lr = float(lr)
+    if not (0.0 <= lr and math.isfinite(lr)):
+        raise ValueError(f"MaskedAdamW: invalid learning rate lr={lr}: must be finite and >= 0")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"MaskedAdamW: betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= float(beta) < 1.0:
+            raise ValueError(f"MaskedAdamW: invalid beta parameter betas[{i}]={beta}: must be in "
+                             "[0, 1)")
+    if not (0.0 <= eps and math.isfinite(eps)):
+        raise ValueError(f"MaskedAdamW: invalid epsilon value eps={eps}: must be finite and >= 0")
+    if not (0.0 <= weight_decay and math.isfinite(weight_decay)):
+        raise ValueError(f"MaskedAdamW: invalid weight_decay value {weight_decay}: must be "
+                         "finite and >= 0")
 
 
 class MaskedAdamW(torch.optim.Optimizer):
@@ -41,19 +62,30 @@ class MaskedAdamW(torch.optim.Optimizer):
         *,
         maximize: bool = False,
     ) -> None:
-        if lr < 0:
-            raise ValueError(f"MaskedAdamW: lr must be >= 0, got {lr}")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"MaskedAdamW: betas must be in [0, 1), got {betas}")
-        if eps < 0 or weight_decay < 0:
-            raise ValueError(f"MaskedAdamW: eps and weight_decay must be >= 0, got {eps}, "
-                             f"{weight_decay}")
+        _check_hyperparameters(lr, betas, eps, weight_decay)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       maximize=maximize))
         self._bank: MaskBank | None = None
         self._names: dict[int, str] = {}  # id(param) -> bank name
         self._pairs: list[str] = []
         self._explicit: dict[int, Tensor | None] | None = None
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``, but a parameter listed twice in one
+        group is an error (torch only warns): one fused step would update it twice."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        seen: set[int] = set()
+        for p in params:
+            if id(p) in seen:
+                raise ValueError("MaskedAdamW: a parameter group lists the same parameter twice "
+                                 f"(shape {list(p.shape)}); pass each parameter once")
+            seen.add(id(p))
+        merged = {**self.defaults, **param_group} if self.defaults else param_group
+        if self.defaults:
+            _check_hyperparameters(merged["lr"], merged["betas"], merged["eps"],
+                                   merged["weight_decay"])
+        super().add_param_group({**param_group, "params": params})
 
     # ------------------------------------------------------------------------------ masks
 

@@ -3,6 +3,11 @@
 Inputs arrive already checked and normalised by :mod:`lass_sparse.ops` (2-D, contiguous);
 every other backend must reproduce these results within dtype tolerance, and exactly where the
 contract says so (off-mask dW is 0; off-mask optimizer state is untouched).
+
+Non-finite values: a masked-out weight is *not used*. The mask is applied with a select
+(``torch.where(M, W, 0)``), never a multiply (``W * M`` would turn a NaN/Inf stored off the mask
+into NaN outputs), and the dW epilogue selects too, so off-mask dW is exactly 0 whatever ``x``
+and ``grad_out`` hold (Inf/NaN included).
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from .bitmask import pack_mask_reference, unpack_mask_reference
 ALL = ("cpu", "cuda", "meta", "mps", "xpu")
 
 
-def _mask_as(bits: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
-    return unpack_mask_reference(bits, k).to(dtype)
+def _select(bits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` where the mask (of ``t``'s last dim) is 1, else exactly 0 (NaN/Inf included)."""
+    keep = unpack_mask_reference(bits, t.shape[-1])
+    return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 @_registry.register("pack_mask", "reference", ALL)
@@ -54,24 +61,24 @@ def magnitude_mask(weight: torch.Tensor, alpha: float) -> torch.Tensor:
 
 @_registry.register("masked_linear", "reference", ALL)
 def masked_linear(x, weight, bits, bias):
-    w = weight * _mask_as(bits, weight.shape[1], weight.dtype)
-    return torch.nn.functional.linear(x, w, bias)
+    return torch.nn.functional.linear(x, _select(bits, weight), bias)
 
 
 @_registry.register("masked_linear_dx", "reference", ALL)
 def masked_linear_dx(grad_out, weight, bits):
-    return grad_out @ (weight * _mask_as(bits, weight.shape[1], weight.dtype))
+    return grad_out @ _select(bits, weight)
 
 
 @_registry.register("masked_linear_dw", "reference", ALL)
 def masked_linear_dw(grad_out, x, bits):
-    return (grad_out.t() @ x) * _mask_as(bits, x.shape[1], x.dtype)
+    return _select(bits, grad_out.t() @ x)
 
 
 @_registry.register("masked_linear_dw_accumulate_", "reference", ALL)
 def masked_linear_dw_accumulate_(grad, grad_out, x, bits):
     dw = grad_out.to(grad.dtype).t() @ x.to(grad.dtype)
-    grad.add_(dw * _mask_as(bits, x.shape[1], grad.dtype))
+    keep = unpack_mask_reference(bits, x.shape[1])
+    grad.copy_(torch.where(keep, grad + dw, grad))  # off-mask grad untouched
 
 
 def _segments(seg_offsets: torch.Tensor, seg_pair: torch.Tensor):
@@ -109,9 +116,15 @@ def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
 @_registry.register("masked_qkv_proj", "reference", ALL)
 def masked_qkv_proj(x, weight, bits, bias, num_heads):
     b, t, d = x.shape
-    y = masked_linear(x.reshape(b * t, d), weight, bits, bias)  # [B*T, 3D]
+    return split_qkv(masked_linear(x.reshape(b * t, d), weight, bits, bias), b, t, num_heads)
+
+
+def split_qkv(y: torch.Tensor, b: int, t: int, num_heads: int):
+    """``y[B*T, 3D]`` -> three separate ``[B, H, T, D/H]`` tensors (fresh memory each, zero-size
+    ones included: a custom op's outputs may not alias each other)."""
+    d = y.shape[1] // 3
     y = y.reshape(b, t, 3, num_heads, d // num_heads).permute(2, 0, 3, 1, 4)
-    return y[0].contiguous(), y[1].contiguous(), y[2].contiguous()
+    return tuple(y[i].clone(memory_format=torch.contiguous_format) for i in range(3))
 
 
 @_registry.register("masked_adamw_", "reference", ALL)

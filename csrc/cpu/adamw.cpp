@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
 
 #include "common.h"
 
@@ -75,6 +76,35 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
                   bits.size() == n,
               "masked_adamw_: all lists must have one length");
   TORCH_CHECK(step >= 1, "masked_adamw_: step must be >= 1, got ", step);
+  TORCH_CHECK(std::isfinite(lr) && lr >= 0.0, "masked_adamw_: lr must be finite and >= 0, got ",
+              lr);
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0,
+              "masked_adamw_: betas must be in [0, 1), got ", beta1, ", ", beta2);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0 && std::isfinite(weight_decay) &&
+                  weight_decay >= 0.0,
+              "masked_adamw_: eps and weight_decay must be finite and >= 0, got ", eps, ", ",
+              weight_decay);
+  const char* op = "masked_adamw_";
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    const std::string idx = "[" + std::to_string(i) + "]";
+    check_cpu(p, op, ("params" + idx).c_str());
+    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16,
+                "masked_adamw_ (cpu): params", idx, " must be float32 or bfloat16, got ",
+                p.scalar_type());
+    TORCH_CHECK(p.is_contiguous(), op, ": params", idx, " must be contiguous");
+    check_exact(g, op, ("grads" + idx).c_str(), p.scalar_type(), p.sizes());
+    check_exact(exp_avgs[i], op, ("exp_avgs" + idx).c_str(), at::kFloat, p.sizes());
+    check_exact(exp_avg_sqs[i], op, ("exp_avg_sqs" + idx).c_str(), at::kFloat, p.sizes());
+    const std::optional<at::Tensor> b = bits.get(i);
+    if (b.has_value()) {
+      TORCH_CHECK(p.dim() >= 1, op, ": a masked param must have >= 1 dim, params", idx,
+                  " is 0-d");
+      check_bits(*b, p.sizes().slice(0, p.dim() - 1), p.size(-1), op, ("bits" + idx).c_str());
+    }
+  }
+  // Every list entry is checked before the first one is updated: no half-applied step.
   const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
   AdamConsts c{static_cast<float>(beta1), static_cast<float>(1.0 - beta1),
@@ -84,20 +114,9 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
-    TORCH_CHECK(p.is_contiguous() && g.is_contiguous() && exp_avgs[i].is_contiguous() &&
-                    exp_avg_sqs[i].is_contiguous(),
-                "masked_adamw_: params[", i, "] and its grad/state must be contiguous");
-    TORCH_CHECK(exp_avgs[i].scalar_type() == at::kFloat && exp_avg_sqs[i].scalar_type() == at::kFloat,
-                "masked_adamw_: optimizer state must be float32");
     const std::optional<at::Tensor> b = bits.get(i);
-    const int32_t* bp = nullptr;
+    const int32_t* bp = b.has_value() ? b->data_ptr<int32_t>() : nullptr;
     const int64_t k = p.dim() ? p.size(-1) : 1;
-    if (b.has_value()) {
-      TORCH_CHECK(b->scalar_type() == at::kInt && b->is_contiguous() &&
-                      b->numel() == (k ? p.numel() / k : 0) * num_words(k),
-                  "masked_adamw_: bits[", i, "] does not match params[", i, "] ", p.sizes());
-      bp = b->data_ptr<int32_t>();
-    }
     float* m = exp_avgs[i].data_ptr<float>();
     float* v = exp_avg_sqs[i].data_ptr<float>();
     if (p.scalar_type() == at::kFloat)
@@ -105,9 +124,6 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
     else if (p.scalar_type() == at::kBFloat16)
       adam_param(p.data_ptr<c10::BFloat16>(), g.data_ptr<c10::BFloat16>(), m, v, bp, p.numel(),
                  k, c);
-    else
-      TORCH_CHECK(false, "masked_adamw_ (cpu): params[", i, "] must be float32 or bfloat16, got ",
-                  p.scalar_type());
   }
 }
 

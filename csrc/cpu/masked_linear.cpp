@@ -51,15 +51,13 @@ static int64_t tile_extent(int64_t other, int64_t elt, int64_t total, int64_t al
 
 static void check_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
                          const char* op) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), op,
-              ": x must be [M, K] and weight [N, K], got ", x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), op, ": x and weight dtypes differ");
-  TORCH_CHECK(bits.scalar_type() == at::kInt && bits.dim() == 2 && bits.size(0) == w.size(0) &&
-                  bits.size(1) == num_words(w.size(1)),
-              op, ": bits must be int32[", w.size(0), ", ", num_words(w.size(1)), "], got ",
-              bits.scalar_type(), bits.sizes());
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && bits.is_contiguous(), op,
-              ": inputs must be contiguous");
+  check_float_2d(x, op, "x");
+  check_float_2d(w, op, "weight");
+  TORCH_CHECK(x.size(1) == w.size(1), op, ": x must be [M, K] and weight [N, K], got ",
+              x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), op, ": x and weight dtypes differ (",
+              x.scalar_type(), ", ", w.scalar_type(), ")");
+  check_bits(bits, {w.size(0)}, w.size(1), op);
 }
 
 // ------------------------------------------------------------------------------ GEMV (small M)
@@ -389,10 +387,7 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
   // Nested ATen calls run below autograd: this kernel is the op's implementation.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_linear(x, w, bits, "masked_linear");
-  if (bias.has_value())
-    TORCH_CHECK(bias->is_contiguous() && bias->numel() == w.size(0) &&
-                    bias->scalar_type() == w.scalar_type(),
-                "masked_linear: bias must be contiguous ", w.scalar_type(), "[", w.size(0), "]");
+  if (bias.has_value()) check_exact(*bias, "masked_linear", "bias", w.scalar_type(), {w.size(0)});
   if (x.size(0) == 0 || w.size(0) == 0 || w.size(1) == 0) {
     auto y = at::zeros({x.size(0), w.size(0)}, x.options());
     if (bias.has_value() && x.size(0)) y.add_(*bias);
@@ -405,10 +400,12 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
 at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& bits) {
   // Nested ATen calls run below autograd: this kernel is the op's implementation.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  TORCH_CHECK(dy.dim() == 2 && dy.size(1) == w.size(0) && dy.is_contiguous(),
-              "masked_linear_dx: grad_out must be contiguous [M, N=", w.size(0), "], got ",
-              dy.sizes());
-  check_linear(at::empty({0, w.size(1)}, w.options()), w, bits, "masked_linear_dx");
+  check_float_2d(w, "masked_linear_dx", "weight");
+  check_float_2d(dy, "masked_linear_dx", "grad_out");
+  TORCH_CHECK(dy.size(1) == w.size(0) && dy.scalar_type() == w.scalar_type(),
+              "masked_linear_dx: grad_out must be ", w.scalar_type(), "[M, N=", w.size(0),
+              "], got ", dy.scalar_type(), dy.sizes());
+  check_bits(bits, {w.size(0)}, w.size(1), "masked_linear_dx");
   const int64_t m_rows = dy.size(0), n = w.size(0), k = w.size(1);
   auto dx = at::empty({m_rows, k}, dy.options());
   if (m_rows == 0 || k == 0) return dx;
@@ -469,20 +466,27 @@ static void dw_tiles(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   });
 }
 
+// grad_out [M, N] and x [M, K] (contiguous, floating, CPU) and bits int32[N, ceil(K/32)].
+static void check_dw_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits,
+                          const char* op) {
+  check_float_2d(dy, op, "grad_out");
+  check_float_2d(x, op, "x");
+  TORCH_CHECK(dy.size(0) == x.size(0), op, ": grad_out [M, N] and x [M, K] must have the same M, "
+              "got ", dy.sizes(), " and ", x.sizes());
+  check_bits(bits, {dy.size(1)}, x.size(1), op);
+}
+
 at::Tensor masked_linear_dw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits) {
   // Nested ATen calls run below autograd: this kernel is the op's implementation.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  TORCH_CHECK(dy.dim() == 2 && x.dim() == 2 && dy.size(0) == x.size(0) && dy.is_contiguous() &&
-                  x.is_contiguous() && dy.scalar_type() == x.scalar_type(),
-              "masked_linear_dw: grad_out [M, N] and x [M, K] must be contiguous, same M and dtype");
-  TORCH_CHECK(bits.scalar_type() == at::kInt && bits.dim() == 2 && bits.size(0) == dy.size(1) &&
-                  bits.size(1) == num_words(x.size(1)),
-              "masked_linear_dw: bits must be int32[", dy.size(1), ", ", num_words(x.size(1)),
-              "], got ", bits.sizes());
+  check_dw_args(dy, x, bits, "masked_linear_dw");
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type(),
+              "masked_linear_dw: grad_out and x dtypes differ (", dy.scalar_type(), ", ",
+              x.scalar_type(), ")");
   auto dw = at::empty({dy.size(1), x.size(1)}, x.options());
   if (dw.numel() == 0) return dw;
   if (x.size(0) == 0) return dw.zero_();
-  dw_tiles(dy, x, bits.contiguous(), dw, false);
+  dw_tiles(dy, x, bits, dw, false);
   return dw;
 }
 
@@ -490,14 +494,16 @@ void masked_linear_dw_accumulate_(at::Tensor grad, const at::Tensor& dy, const a
                                   const at::Tensor& bits) {
   // Nested ATen calls run below autograd: this kernel is the op's implementation.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  TORCH_CHECK(grad.is_contiguous() && grad.dim() == 2 && grad.size(0) == dy.size(1) &&
-                  grad.size(1) == x.size(1),
-              "masked_linear_dw_accumulate_: grad must be contiguous [N, K]");
+  check_dw_args(dy, x, bits, "masked_linear_dw_accumulate_");
+  check_float_2d(grad, "masked_linear_dw_accumulate_", "grad");
+  TORCH_CHECK(grad.size(0) == dy.size(1) && grad.size(1) == x.size(1),
+              "masked_linear_dw_accumulate_: grad must be [N=", dy.size(1), ", K=", x.size(1),
+              "], got ", grad.sizes());
   if (grad.numel() == 0 || x.size(0) == 0) return;
   // Accumulate in grad's dtype (fp32 master grads for bf16 activations).
   auto dy_c = dy.to(grad.scalar_type()).contiguous();
   auto x_c = x.to(grad.scalar_type()).contiguous();
-  dw_tiles(dy_c, x_c, bits.contiguous(), grad, true);
+  dw_tiles(dy_c, x_c, bits, grad, true);
 }
 
 }  // namespace lass_sparse_cpu

@@ -7,6 +7,8 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <string>
 #include <vector>
 
 // A bare module so `import lass_sparse._cuda` loads the library (and its TORCH_LIBRARY blocks)
@@ -62,7 +64,35 @@ void check(cudaError_t e, const char* op) {
   TORCH_CHECK(e == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(e));
 }
 
+// Argument checks every entry point runs before a launch: the dispatcher routes by device only,
+// so dtype, shape, numel, layout and "one device" are checked here (a wrong size must raise, never
+// become an out-of-bounds access on the GPU).
+void check_on(const at::Tensor& t, const at::Device& dev, const char* op, const std::string& name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.is_cuda() && t.device() == dev, op, ": ", name, " must be on ", dev,
+              " with the other tensors, got ", t.device());
+}
+
+void check_exact(const at::Tensor& t, const at::Device& dev, const char* op,
+                 const std::string& name, at::ScalarType dtype, at::IntArrayRef sizes) {
+  check_on(t, dev, op, name);
+  TORCH_CHECK(t.scalar_type() == dtype && t.sizes() == sizes, op, ": ", name, " must be ", dtype,
+              sizes, ", got ", t.scalar_type(), t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// bits of a [rows..., k] tensor: int32[rows..., ceil(k/32)], contiguous, on `dev`.
+void check_bits(const at::Tensor& bits, const at::Device& dev, at::IntArrayRef rows, int64_t k,
+                const char* op, const std::string& name) {
+  std::vector<int64_t> want(rows.begin(), rows.end());
+  want.push_back((k + 31) / 32);
+  check_exact(bits, dev, op, name, at::kInt, want);
+}
+
 at::Tensor pack_mask(const at::Tensor& mask) {
+  check_on(mask, mask.device(), "pack_mask", "mask");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() >= 1,
+              "pack_mask: mask must be bool[..., K], got ", mask.scalar_type(), mask.sizes());
   const c10::cuda::CUDAGuard guard(mask.device());
   auto m = mask.contiguous();
   const int64_t k = m.size(-1), rows = m.numel() / std::max<int64_t>(k, 1);
@@ -75,6 +105,11 @@ at::Tensor pack_mask(const at::Tensor& mask) {
 }
 
 at::Tensor unpack_mask(const at::Tensor& bits, int64_t k) {
+  check_on(bits, bits.device(), "unpack_mask", "bits");
+  TORCH_CHECK(k >= 0, "unpack_mask: k must be >= 0, got ", k);
+  TORCH_CHECK(bits.scalar_type() == at::kInt && bits.dim() >= 1 && bits.size(-1) == (k + 31) / 32,
+              "unpack_mask: bits must be int32[..., ceil(k/32)] for k=", k, ", got ",
+              bits.scalar_type(), bits.sizes());
   const c10::cuda::CUDAGuard guard(bits.device());
   auto b = bits.contiguous();
   const int64_t rows = b.numel() / std::max<int64_t>(b.size(-1), 1);
@@ -87,6 +122,10 @@ at::Tensor unpack_mask(const at::Tensor& bits, int64_t k) {
 }
 
 at::Tensor magnitude_pack(const at::Tensor& weight, double threshold) {
+  check_on(weight, weight.device(), "magnitude_mask", "weight");
+  TORCH_CHECK(weight.dim() >= 1, "magnitude_mask: weight must have >= 1 dim, got ",
+              weight.sizes());
+  dtype_code(weight, "magnitude_mask");
   const c10::cuda::CUDAGuard guard(weight.device());
   auto w = weight.contiguous();
   const int64_t k = w.size(-1), rows = w.numel() / std::max<int64_t>(k, 1);
@@ -102,8 +141,18 @@ at::Tensor magnitude_pack(const at::Tensor& weight, double threshold) {
 
 at::Tensor decode_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
                        const c10::optional<at::Tensor>& bias) {
+  const char* op = "masked_linear";
+  check_on(x, x.device(), op, "x");
+  const at::Device dev = x.device();
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16, "decode_gemv: x must be [M<=16, K], got ",
+              x.sizes());
+  dtype_code(x, op);
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  TORCH_CHECK(w.defined() && w.dim() == 2, op, ": weight must be 2-D [N, K]");
+  check_exact(w, dev, op, "weight", x.scalar_type(), {w.size(0), x.size(1)});
+  check_bits(bits, dev, {w.size(0)}, w.size(1), op, "bits");
+  if (bias.has_value()) check_exact(*bias, dev, op, "bias", x.scalar_type(), {w.size(0)});
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16, "decode_gemv: x must be [M<=16, K]");
   auto y = at::empty({x.size(0), w.size(0)}, x.options());
   if (y.numel() == 0) return y;  // no zero-size grid launches
   check(lass_launch_decode_gemv(dtype_code(x, "masked_linear"), x.data_ptr(), w.data_ptr(),
@@ -119,15 +168,44 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
                    at::TensorList exp_avg_sqs, const c10::List<c10::optional<at::Tensor>>& bits,
                    double lr, double beta1, double beta2, double eps, double weight_decay,
                    int64_t step, bool maximize) {
+  const char* op = "masked_adamw_";
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+                  bits.size() == n,
+              op, ": all lists must have one length");
+  TORCH_CHECK(step >= 1, op, ": step must be >= 1, got ", step);
+  TORCH_CHECK(std::isfinite(lr) && lr >= 0.0, op, ": lr must be finite and >= 0, got ", lr);
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0, op,
+              ": betas must be in [0, 1), got ", beta1, ", ", beta2);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0 && std::isfinite(weight_decay) &&
+                  weight_decay >= 0.0,
+              op, ": eps and weight_decay must be finite and >= 0, got ", eps, ", ", weight_decay);
   if (params.empty()) return;
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  const int code = dtype_code(params[0], "masked_adamw_");
+  check_on(params[0], params[0].device(), op, "params[0]");
+  const at::Device dev = params[0].device();
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const std::string idx = "[" + std::to_string(i) + "]";
+    check_on(p, dev, op, "params" + idx);
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), op,
+                ": all params must share one dtype");
+    TORCH_CHECK(p.is_contiguous(), op, ": params", idx, " must be contiguous");
+    check_exact(grads[i], dev, op, "grads" + idx, p.scalar_type(), p.sizes());
+    check_exact(exp_avgs[i], dev, op, "exp_avgs" + idx, at::kFloat, p.sizes());
+    check_exact(exp_avg_sqs[i], dev, op, "exp_avg_sqs" + idx, at::kFloat, p.sizes());
+    const c10::optional<at::Tensor> b = bits.get(i);
+    if (b.has_value()) {
+      TORCH_CHECK(p.dim() >= 1, op, ": a masked param must have >= 1 dim, params", idx,
+                  " is 0-d");
+      check_bits(*b, dev, p.sizes().slice(0, p.dim() - 1), p.size(-1), op, "bits" + idx);
+    }
+  }
+  const c10::cuda::CUDAGuard guard(dev);
+  const int code = dtype_code(params[0], op);
   std::vector<int64_t> table;
   std::vector<int32_t> chunk_tensor;
   std::vector<int64_t> chunk_start;
   for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(params[i].scalar_type() == params[0].scalar_type(),
-                "masked_adamw_: all params must share one dtype");
     const at::Tensor& p = params[i];
     const int64_t k = p.dim() ? std::max<int64_t>(p.size(-1), 1) : 1;
     c10::optional<at::Tensor> b = bits.get(i);

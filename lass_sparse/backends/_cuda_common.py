@@ -86,3 +86,90 @@ def adamw_tables(params, grads, exp_avgs, exp_avg_sqs, bits, chunk: int = ADAMW_
 
 def bias_corrections(beta1: float, beta2: float, step: int) -> tuple[float, float]:
     return 1.0 - beta1**step, 1.0 - beta2**step
+
+
+# ------------------------------------------------------------------------- argument checks
+# The cupy loader hands raw pointers to kernels that trust every size: it checks each tensor it
+# touches first (dtype, device, shape, numel, contiguity), as the compiled binding does in C++.
+
+
+def _d(t) -> str:
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"{str(t.dtype).replace('torch.', '')}{list(t.shape)} on {t.device}"
+
+
+def check_tensor(op: str, name: str, t, device: torch.device, dtype=None, shape=None) -> None:
+    """``t`` is a contiguous tensor on ``device`` (of ``dtype`` / ``shape`` when given)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} must be on {device} with the other tensors, got {_d(t)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{op}: {name} must be {str(dtype).replace('torch.', '')}, got {_d(t)}")
+    if shape is not None and list(t.shape) != list(shape):
+        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {_d(t)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous, got {_d(t)}")
+
+
+def check_float_kernel(op: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype not in SUFFIX:
+        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {_d(t)}")
+
+
+def check_pack_args(mask) -> None:
+    check_tensor("pack_mask", "mask", mask, getattr(mask, "device", None), torch.bool)
+    if mask.dim() < 1:
+        raise ValueError(f"pack_mask: mask must be bool[..., K], got {_d(mask)}")
+
+
+def check_unpack_args(bits, k: int) -> None:
+    check_tensor("unpack_mask", "bits", bits, getattr(bits, "device", None), torch.int32)
+    if k < 0 or bits.dim() < 1 or bits.shape[-1] != (k + 31) // 32:
+        raise ValueError(f"unpack_mask: bits must be int32[..., ceil(k/32)] for k={k}, "
+                         f"got {_d(bits)}")
+
+
+def check_magnitude_args(weight) -> None:
+    check_tensor("magnitude_mask", "weight", weight, getattr(weight, "device", None))
+    check_float_kernel("magnitude_mask", "weight", weight)
+    if weight.dim() < 1:
+        raise ValueError(f"magnitude_mask: weight must have >= 1 dim, got {_d(weight)}")
+
+
+def check_gemv_args(x, weight, bits, bias) -> None:
+    op = "masked_linear"
+    check_tensor(op, "x", x, getattr(x, "device", None))
+    check_float_kernel(op, "x", x)
+    if x.dim() != 2 or x.shape[0] > GEMV_MAX_M:
+        raise ValueError(f"{op}: the decode GEMV takes x [M<={GEMV_MAX_M}, K], got {_d(x)}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D [N, K], got {_d(weight)}")
+    n, k = weight.shape[0], x.shape[1]
+    check_tensor(op, "weight", weight, x.device, x.dtype, (n, k))
+    check_tensor(op, "bits", bits, x.device, torch.int32, (n, (k + 31) // 32))
+    if bias is not None:
+        check_tensor(op, "bias", bias, x.device, x.dtype, (n,))
+
+
+def check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, bits) -> None:
+    op = "masked_adamw_"
+    n = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(bits) == n):
+        raise ValueError(f"{op}: all lists must have one length")
+    if not n:
+        return
+    dev = getattr(params[0], "device", None)
+    for i, (p, g, m, v, b) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, bits)):
+        check_tensor(op, f"params[{i}]", p, dev)
+        check_float_kernel(op, f"params[{i}]", p)
+        check_tensor(op, f"grads[{i}]", g, dev, p.dtype, p.shape)
+        check_tensor(op, f"exp_avgs[{i}]", m, dev, torch.float32, p.shape)
+        check_tensor(op, f"exp_avg_sqs[{i}]", v, dev, torch.float32, p.shape)
+        if b is not None:
+            if p.dim() < 1:
+                raise ValueError(f"{op}: a masked param must have >= 1 dim, params[{i}] is 0-d")
+            k = p.shape[-1]
+            check_tensor(op, f"bits[{i}]", b, dev, torch.int32, (*p.shape[:-1], (k + 31) // 32))
+

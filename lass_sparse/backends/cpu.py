@@ -1,12 +1,14 @@
 """C++ CPU backend (csrc/cpu, OpenMP): registers the ``lass_sparse_cpu::*`` kernels for CPU
-tensors. Kernels take float32, float64 and bfloat16 (fp32 accumulation); other dtypes (float16)
-are declined and fall through to the reference."""
+tensors. The linear kernels take float32, float64 and bfloat16 (fp32 accumulation), AdamW float32
+and bfloat16 params, the magnitude mask float16 too; other calls are declined (``dtypes=``) and
+fall through to the reference, or raise naming the dtype when the backend is forced."""
 
 from __future__ import annotations
 
 import torch
 
 from .. import _registry
+from ..reference import split_qkv
 
 try:
     from .. import _C  # noqa: F401  (loads the TORCH_LIBRARY ops lass_sparse_cpu::*)
@@ -21,52 +23,50 @@ else:
     _ops = torch.ops.lass_sparse_cpu
     _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
-    def _dtype_ok(t: torch.Tensor, *_args) -> bool:
-        return t.dtype in _DTYPES
+    def _reg(op: str, dtypes=_DTYPES):
+        return _registry.register(op, "cpu", ("cpu",), dtypes=dtypes)
 
-    def _reg(op: str, supports=None):
-        return _registry.register(op, "cpu", ("cpu",), supports=supports)
+    _reg("pack_mask", None)(lambda mask: _ops.pack_mask(mask))
+    _reg("unpack_mask", None)(lambda bits, k: _ops.unpack_mask(bits, k))
+    _reg("magnitude_mask", (*_DTYPES, torch.float16))(  # compares in fp32 for half types
+        lambda w, alpha: _ops.magnitude_mask(w, alpha))
 
-    _reg("pack_mask")(lambda mask: _ops.pack_mask(mask))
-    _reg("unpack_mask")(lambda bits, k: _ops.unpack_mask(bits, k))
-    _reg("magnitude_mask", _dtype_ok)(lambda w, alpha: _ops.magnitude_mask(w, alpha))
-
-    @_reg("masked_linear", _dtype_ok)
+    @_reg("masked_linear")
     def masked_linear(x, weight, bits, bias):
         return _ops.masked_linear(x, weight, bits, bias)
 
-    @_reg("masked_linear_dx", _dtype_ok)
+    @_reg("masked_linear_dx")
     def masked_linear_dx(grad_out, weight, bits):
         return _ops.masked_linear_dx(grad_out, weight, bits)
 
-    @_reg("masked_linear_dw", _dtype_ok)
+    @_reg("masked_linear_dw")
     def masked_linear_dw(grad_out, x, bits):
         return _ops.masked_linear_dw(grad_out, x, bits)
 
-    @_reg("masked_linear_dw_accumulate_", lambda grad, *a: grad.dtype in _DTYPES)
+    @_reg("masked_linear_dw_accumulate_")  # dtypes of grad; x and grad_out are cast to it
     def masked_linear_dw_accumulate_(grad, grad_out, x, bits):
-        _ops.masked_linear_dw_accumulate_(grad, grad_out, x, bits)
+        _ops.masked_linear_dw_accumulate_(grad, grad_out.to(grad.dtype), x.to(grad.dtype), bits)
 
     def _segments(seg_offsets, seg_pair):
         offs = seg_offsets.tolist()
         return [(offs[i], offs[i + 1], p) for i, p in enumerate(seg_pair.tolist())
                 if offs[i + 1] > offs[i]]
 
-    @_reg("segmented_masked_linear", _dtype_ok)
+    @_reg("segmented_masked_linear")
     def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
         out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
         for lo, hi, p in _segments(seg_offsets, seg_pair):
             out[lo:hi] = _ops.masked_linear(x[lo:hi], weight, bits_bank[p], bias)
         return out
 
-    @_reg("segmented_masked_linear_dx", _dtype_ok)
+    @_reg("segmented_masked_linear_dx")
     def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair):
         dx = torch.empty(grad_out.shape[0], weight.shape[1], dtype=grad_out.dtype)
         for lo, hi, p in _segments(seg_offsets, seg_pair):
             dx[lo:hi] = _ops.masked_linear_dx(grad_out[lo:hi], weight, bits_bank[p])
         return dx
 
-    @_reg("segmented_masked_linear_dw", _dtype_ok)
+    @_reg("segmented_masked_linear_dw")
     def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         dw = torch.zeros(bits_bank.shape[1], x.shape[1], dtype=acc)
@@ -74,17 +74,13 @@ else:
             _ops.masked_linear_dw_accumulate_(dw, grad_out[lo:hi], x[lo:hi], bits_bank[p])
         return dw.to(x.dtype)
 
-    @_reg("masked_qkv_proj", _dtype_ok)
+    @_reg("masked_qkv_proj")
     def masked_qkv_proj(x, weight, bits, bias, num_heads):
         b, t, d = x.shape
-        y = _ops.masked_linear(x.reshape(b * t, d), weight, bits, bias)
-        y = y.reshape(b, t, 3, num_heads, d // num_heads).permute(2, 0, 3, 1, 4)
-        return y[0].contiguous(), y[1].contiguous(), y[2].contiguous()
+        return split_qkv(_ops.masked_linear(x.reshape(b * t, d), weight, bits, bias), b, t,
+                         num_heads)
 
-    def _adamw_ok(params, *_args) -> bool:
-        return all(p.dtype in (torch.float32, torch.bfloat16) for p in params)
-
-    @_reg("masked_adamw_", _adamw_ok)
+    @_reg("masked_adamw_", (torch.float32, torch.bfloat16))
     def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps,
                       weight_decay, step, maximize):
         _ops.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps,

@@ -40,11 +40,12 @@ def load(import_module=importlib.import_module, find_spec=importlib.util.find_sp
 def _register() -> None:
     _ops = torch.ops.lass_sparse_cuda
 
-    def _reg(op, supports=None, requires=""):
-        return _registry.register(op, "cuda", ("cuda",), supports=supports, requires=requires)
+    def _reg(op, supports=None, requires="", dtypes=tuple(SUFFIX)):
+        return _registry.register(op, "cuda", ("cuda",), supports=supports, requires=requires,
+                                  dtypes=dtypes)
 
-    _reg("pack_mask")(lambda mask: _ops.pack_mask(mask))
-    _reg("unpack_mask")(lambda bits, k: _ops.unpack_mask(bits, k))
+    _reg("pack_mask", dtypes=None)(lambda mask: _ops.pack_mask(mask))
+    _reg("unpack_mask", dtypes=None)(lambda bits, k: _ops.unpack_mask(bits, k))
 
     @_reg("magnitude_mask", lambda w, *a: w.dtype in SUFFIX, f"{_FLOATS} weights")
     def magnitude_mask(weight, alpha):

@@ -23,6 +23,11 @@ from ._cuda_common import (
     adamw_tables,
     bias_corrections,
     by_dtype,
+    check_adamw_args,
+    check_gemv_args,
+    check_magnitude_args,
+    check_pack_args,
+    check_unpack_args,
     cuda_include_dirs,
     kernel_source,
     nvrtc_options,
@@ -75,12 +80,13 @@ def _setup() -> None:
         with cupy.cuda.Device(dev), stream:
             _fn(name)(grid, (block,), args)
 
-    def _reg(op, supports=None, requires=""):
+    def _reg(op, supports=None, requires="", dtypes=tuple(SUFFIX)):
         return _registry.register(op, "cupy", ("cuda",), supports=supports, requires=requires,
-                                  device_guard=True)
+                                  device_guard=True, dtypes=dtypes)
 
-    @_reg("pack_mask")
+    @_reg("pack_mask", dtypes=None)
     def pack_mask(mask):
+        check_pack_args(mask)
         m = mask.reshape(-1, mask.shape[-1]).contiguous()
         rows, k = m.shape
         nw = (k + 31) // 32
@@ -89,8 +95,9 @@ def _setup() -> None:
                 np.int64(rows), np.int64(k), np.int64(nw))
         return bits.reshape(*mask.shape[:-1], nw)
 
-    @_reg("unpack_mask")
+    @_reg("unpack_mask", dtypes=None)
     def unpack_mask(bits, k):
+        check_unpack_args(bits, k)
         b = bits.reshape(-1, bits.shape[-1]).contiguous()
         rows = b.shape[0]
         out = torch.empty(rows, k, dtype=torch.bool, device=bits.device)
@@ -105,6 +112,7 @@ def _setup() -> None:
     def magnitude_mask(weight, alpha):
         from ..reference import magnitude_threshold
 
+        check_magnitude_args(weight)
         w = weight.reshape(-1, weight.shape[-1]).contiguous()
         rows, k = w.shape
         nw = (k + 31) // 32
@@ -120,6 +128,7 @@ def _setup() -> None:
 
     @_reg("masked_linear", _gemv_ok, f"at most {GEMV_MAX_M} rows (decode GEMV) of {_FLOATS}")
     def masked_linear(x, weight, bits, bias):
+        check_gemv_args(x, weight, bits, bias)
         m, k = x.shape
         n = weight.shape[0]
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -137,6 +146,9 @@ def _setup() -> None:
     @_reg("masked_adamw_", _adamw_ok, f"{_FLOATS} params")
     def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps,
                       weight_decay, step, maximize):
+        check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, bits)
+        if step < 1:
+            raise ValueError(f"masked_adamw_: step must be >= 1, got {step}")
         bc1, bc2 = bias_corrections(beta1, beta2, step)
         for dtype, group in by_dtype(params, grads, exp_avgs, exp_avg_sqs, bits).items():
             table, ct, cs = adamw_tables(*group)

@@ -83,5 +83,6 @@ else:
         for op in _OPS:
             pred = _supports_grad if op == "masked_linear_dw_accumulate_" else _supports
             _registry.register(op, "triton", devices, supports=pred, explicit_only=explicit,
-                               requires=_REQUIRES, device_guard=True)(getattr(kernels, op))
+                               requires=_REQUIRES, device_guard=True,
+                               dtypes=_FLOATS)(getattr(kernels, op))
         _registry.set_status("triton", True, reason)
