@@ -185,13 +185,9 @@ def _avg(res: dict, system: str, dirs: list[str], metric: str) -> float:
 
 def curves_plot(variants: dict[str, dict], out_png: str) -> str:
     """Validation loss of every stage of every variant (convergence), one panel per variant."""
-    import io
+    from .plots import _plt, _save
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     fig, axes = plt.subplots(1, len(variants), figsize=(6 * len(variants), 4), squeeze=False)
     for ax, v in zip(axes[0], variants.values()):
         for stage, pts in v["curves"].items():
@@ -203,11 +199,7 @@ def curves_plot(variants: dict[str, dict], out_png: str) -> str:
         ax.set_ylabel("label-smoothed CE (validation)")
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=120, format="png")
-    plt.close(fig)
-    atomic_write(out_png, buf.getvalue())
-    return out_png
+    return _save(plt, fig, out_png)
 
 
 def report(run_dirs: list[str], out_dir: str) -> str:

@@ -14,7 +14,6 @@ fairseq's ``--patience``); ``steps`` is then an upper bound.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import os
@@ -25,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import PairGroupedSampler
-from ..masks import MaskBank, atomic_write
+from ..masks import MaskBank
 from ..nn import active_pair, attach
 from ..optim import MaskedAdamW
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
@@ -319,11 +318,9 @@ def _progress(enabled: bool, cfg: TrainConfig, initial: int):
 def plot_log(log_path: str, out_png: str) -> str:
     """Loss curve(s) of a ``log.jsonl`` (one line per stage, validation curves marked) as a
     PNG, written atomically."""
-    import matplotlib
+    from .plots import _plt, _save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     curves: dict[str, tuple[list, list]] = {}
     with open(log_path) as f:
         for line in f:
@@ -340,8 +337,4 @@ def plot_log(log_path: str, out_png: str) -> str:
     ax.set_ylabel("label-smoothed CE")
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=120, format="png")
-    plt.close(fig)
-    atomic_write(out_png, buf.getvalue())
-    return out_png
+    return _save(plt, fig, out_png)

@@ -93,14 +93,25 @@ def masked_forward(
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-class MaskedLinear(nn.Linear):
+class _MaskedWeight:
+    """The masked forward of a module with one maskable ``weight`` (and an optional bias)."""
+
+    _lass_ctx: MaskContext | None = None
+    _lass_prefix: str = ""
+
+    def _lass_param_names(self) -> list[str]:
+        return ["weight"]
+
+    def forward(self, input: Tensor) -> Tensor:
+        return masked_forward(self._lass_ctx, self._lass_prefix + "weight", input, self.weight,
+                              self.bias)
+
+
+class MaskedLinear(_MaskedWeight, nn.Linear):
     """Drop-in ``nn.Linear``: same constructor, parameters and state_dict keys. With a MaskBank
     attached (:func:`lass_sparse.attach`) and a pair active, computes ``x @ (W ⊙ M_pair)ᵀ + b``
     with the packed mask fused into the kernel (masked dW in backward); otherwise exactly
     ``nn.Linear``."""
-
-    _lass_ctx: MaskContext | None = None
-    _lass_prefix: str = ""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> MaskedLinear:
@@ -114,18 +125,11 @@ class MaskedLinear(nn.Linear):
         m.train(linear.training)
         return m
 
-    def _lass_param_names(self) -> list[str]:
-        return ["weight"]
-
-    def forward(self, input: Tensor) -> Tensor:
-        return masked_forward(self._lass_ctx, self._lass_prefix + "weight", input, self.weight,
-                              self.bias)
-
     def extra_repr(self) -> str:
         return super().extra_repr() + ", masked=True"
 
 
-class MaskedTiedLinear(nn.Module):
+class MaskedTiedLinear(_MaskedWeight, nn.Module):
     """Output projection tied to an embedding matrix: ``x @ (E ⊙ M_pair)ᵀ (+ bias)``, dense
     ``x @ Eᵀ`` when no pair is active.
 
@@ -136,9 +140,6 @@ class MaskedTiedLinear(nn.Module):
     Off-mask entries of ``E`` get gradient from the lookup only; :class:`~lass_sparse.optim.
     MaskedAdamW` updates the whole matrix, since the lookup uses it unmasked.
     """
-
-    _lass_ctx: MaskContext | None = None
-    _lass_prefix: str = ""
 
     def __init__(self, embedding: nn.Embedding, bias: Tensor | None = None) -> None:
         super().__init__()
@@ -159,13 +160,6 @@ class MaskedTiedLinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self._embedding.num_embeddings
-
-    def _lass_param_names(self) -> list[str]:
-        return ["weight"]
-
-    def forward(self, input: Tensor) -> Tensor:
-        return masked_forward(self._lass_ctx, self._lass_prefix + "weight", input, self.weight,
-                              self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
