@@ -378,3 +378,11 @@ def test_evaluate_bootstrap_against_the_baseline(run, tmp_path):
     for t in [*sig["directions"].values(), sig["pooled"]]:
         assert 0.0 <= t["bleu"]["p_value"] <= 1.0
     assert "Paired bootstrap" in open(out + ".md").read()
+
+
+def test_heatmap_colour_scale_spans_the_off_diagonal_values():
+    from lass_sparse.lass.plots import color_range
+
+    m = [[1.0, 0.91, 0.95], [0.92, 1.0, 0.93], [0.96, 0.94, 1.0]]
+    assert color_range(m) == (0.91, 0.96)
+    assert color_range([[1.0]]) == (0.0, 1.0)

@@ -88,7 +88,8 @@ def test_report_and_resume(variants):
                  "Paired bootstrap, LaSS vs dense"):
         assert head in md, head
     assert "| LaSS-noout |" in md
-    assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
+    for png in ("curves.png", "similarity.png", "layer_similarity.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 1000, png
     before = os.path.getmtime(os.path.join(src, "parts", "variant.json"))
     assert main(["recipe", "variant", "--run", src, "--langtok", "src"] + TOY) == 0
     assert os.path.getmtime(os.path.join(src, "parts", "variant.json")) == before

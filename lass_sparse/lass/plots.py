@@ -33,18 +33,29 @@ def similarity_matrix(bank: MaskBank, pairs: list[str]) -> list[list[float]]:
     return [[bank.similarity(a, b) for b in pairs] for a in pairs]
 
 
+def color_range(m: list[list[float]]) -> tuple[float, float]:
+    """Colour limits over the off-diagonal values (the diagonal is 1 by definition and would
+    flatten every other cell into one colour)."""
+    off = [v for i, row in enumerate(m) for j, v in enumerate(row) if i != j]
+    if not off:
+        return 0.0, 1.0
+    lo, hi = min(off), max(off)
+    return (lo, hi) if hi > lo else (lo - 1e-3, hi + 1e-3)
+
+
 def similarity_heatmap(bank: MaskBank, pairs: list[str], out_png: str,
                        title: str = "mask similarity |M1 ∩ M2| / |M1|") -> str:
     plt = _plt()
     m = similarity_matrix(bank, pairs)
+    lo, hi = color_range(m)
     fig, ax = plt.subplots(figsize=(1 + 0.45 * len(pairs), 0.8 + 0.45 * len(pairs)))
-    im = ax.imshow(m, cmap="viridis")
+    im = ax.imshow(m, cmap="viridis", vmin=lo, vmax=hi)  # the diagonal's 1.0 saturates
     ax.set_xticks(range(len(pairs)), pairs, rotation=90)
     ax.set_yticks(range(len(pairs)), pairs)
     for i in range(len(pairs)):
         for j in range(len(pairs)):
-            ax.text(j, i, f"{m[i][j]:.2f}", ha="center", va="center", fontsize=6,
-                    color="white" if m[i][j] < 0.8 * max(map(max, m)) else "black")
+            ax.text(j, i, f"{m[i][j]:.3f}", ha="center", va="center", fontsize=6,
+                    color="white" if m[i][j] < (lo + hi) / 2 else "black")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()

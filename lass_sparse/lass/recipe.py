@@ -202,6 +202,11 @@ def curves_plot(variants: dict[str, dict], out_png: str) -> str:
     return _save(plt, fig, out_png)
 
 
+def _same(run_dir: str, variant: dict) -> bool:
+    with open(os.path.join(run_dir, "parts", "variant.json")) as f:
+        return json.load(f)["langtok"] == variant["langtok"]
+
+
 def report(run_dirs: list[str], out_dir: str) -> str:
     """``reproduction.md`` / ``.json`` / ``curves.png`` from the variants' ``parts/variant.json``
     (the discussion is written by hand below the generated part)."""
@@ -219,6 +224,21 @@ def report(run_dirs: list[str], out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     png = curves_plot(variants, os.path.join(out_dir, "curves.png"))
     main = next((v for v in variants.values() if v["supervised_evaluated"]), None)
+    figs = {"validation curves": png}
+    if main is not None:
+        from .plots import layer_similarity_plot, similarity_heatmap
+
+        mdir = next(r for r in run_dirs if os.path.exists(os.path.join(r, "parts",
+                                                                       "variant.json"))
+                    and _same(r, main))
+        bank = MaskBank.load(os.path.join(mdir, f"masks-a{main['alpha']}.safetensors"))
+        dirs = main["directions"]
+        figs["mask similarity (LaSS Fig. 4)"] = similarity_heatmap(
+            bank, dirs, os.path.join(out_dir, "similarity.png"))
+        want = [("en-fr", "en-de"), ("en-fr", "en-zh"), ("fr-en", "de-en"), ("fr-en", "zh-en")]
+        pairs = [(a, b) for a, b in want if a in dirs and b in dirs] or [(dirs[0], dirs[1])]
+        figs["similarity per layer (Fig. 5/6)"] = layer_similarity_plot(
+            bank, pairs, os.path.join(out_dir, "layer_similarity.png"))
     L = ["# LaSS reproduction v2: the released recipe, with controls and significance", ""]
     any_v = next(iter(variants.values()))
     m = any_v["model"]
@@ -243,7 +263,8 @@ def report(run_dirs: list[str], out_dir: str) -> str:
               f"`{k}`: {', '.join(v['systems'])}, α={v['alpha']}, "
               f"{sum(v['timings_s'].values()) / 3600:.2f} h of stages"
               for k, v in variants.items()), ""]
-    L += ["## Convergence", "", f"![validation curves]({os.path.basename(png)})", "",
+    L += ["## Figures", ""] + [f"- {k}: `{os.path.basename(v)}`" for k, v in figs.items()]
+    L += ["", "## Convergence", "", f"![validation curves]({os.path.basename(png)})", "",
           "| variant | stage | steps run | best step | best valid loss | stopped early |",
           "|---|---|---|---|---|---|"]
     for k, v in variants.items():
