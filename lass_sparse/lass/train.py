@@ -228,8 +228,11 @@ def run_stage(
             loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", tok_s=f"{b.tokens / dt:.0f}",
-                                pair=direction, best=es["best"] and f"{es['best']:.3f}")
+                post = {"loss": f"{float(loss.detach()):.3f}", "tok_s": f"{b.tokens / dt:.0f}",
+                        "pair": direction}
+                if es["best"] is not None:
+                    post["valid_best"] = f"{es['best']:.3f}"
+                bar.set_postfix(post)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 rec = {"stage": cfg.stage, "step": step, "loss": float(loss.detach()),
                        "lr": lr_at(step, cfg), "tokens_per_s": b.tokens / dt, "pair": direction}
