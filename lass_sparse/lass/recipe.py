@@ -202,17 +202,13 @@ def curves_plot(variants: dict[str, dict], out_png: str) -> str:
     return _save(plt, fig, out_png)
 
 
-def _same(run_dir: str, variant: dict) -> bool:
-    with open(os.path.join(run_dir, "parts", "variant.json")) as f:
-        return json.load(f)["langtok"] == variant["langtok"]
-
-
 def report(run_dirs: list[str], out_dir: str) -> str:
     """``reproduction.md`` / ``.json`` / ``curves.png`` from the variants' ``parts/variant.json``
     (the discussion is written by hand below the generated part)."""
     from .pipeline import render_significance, render_table
 
     variants = {}
+    dirs_of: dict[str, str] = {}
     for r in run_dirs:
         path = os.path.join(r, "parts", "variant.json")
         if not os.path.exists(path):
@@ -221,6 +217,7 @@ def report(run_dirs: list[str], out_dir: str) -> str:
         with open(path) as f:
             v = json.load(f)
         variants[v["langtok"]] = v
+        dirs_of[v["langtok"]] = r
     os.makedirs(out_dir, exist_ok=True)
     png = curves_plot(variants, os.path.join(out_dir, "curves.png"))
     main = next((v for v in variants.values() if v["supervised_evaluated"]), None)
@@ -228,9 +225,7 @@ def report(run_dirs: list[str], out_dir: str) -> str:
     if main is not None:
         from .plots import layer_similarity_plot, similarity_heatmap
 
-        mdir = next(r for r in run_dirs if os.path.exists(os.path.join(r, "parts",
-                                                                       "variant.json"))
-                    and _same(r, main))
+        mdir = dirs_of[main["langtok"]]
         bank = MaskBank.load(os.path.join(mdir, f"masks-a{main['alpha']}.safetensors"))
         dirs = main["directions"]
         figs["mask similarity (LaSS Fig. 4)"] = similarity_heatmap(
