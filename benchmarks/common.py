@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import lass_sparse as ls
@@ -10,7 +11,11 @@ import lass_sparse as ls
 FULL_SHAPES = [(2048, 512), (512, 2048), (4096, 1024), (4096, 4096)]
 SMOKE_SHAPES = [(96, 200)]  # K not a multiple of 32
 FULL_M = [1, 4, 16, 512]
+GPU_M = [1, 256, 4096]  # a GPU training batch is thousands of tokens
 SMOKE_M = [1, 17]
+# ``device`` parameter: CUDA cases carry the ``gpu`` marker (``make bench`` runs ``not gpu``,
+# ``make bench-gpu`` / scripts/gpu_check.py run ``gpu``; CI skips them where no GPU exists).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 KEEP = 0.3  # fraction of weights a pair keeps (alpha = 0.7), a typical LaSS sparsity
 
 
@@ -18,6 +23,23 @@ def tag(benchmark, op: str, impl: str, **case) -> None:
     """Record what a benchmark measured so report.py can line up ours/dense/naive per case."""
     benchmark.group = op + "[" + " ".join(f"{k}={v}" for k, v in case.items()) + "]"
     benchmark.extra_info.update(op=op, impl=impl, **{k: str(v) for k, v in case.items()})
+
+
+def timed(benchmark, device: str, fn, *args):
+    """``benchmark(fn, *args)``; on CUDA two warm-up calls first (JIT compiles, autotuning,
+    allocator) and a synchronize inside every round, so a round is the kernels' time, not the
+    launch's."""
+    if device != "cuda":
+        return benchmark(fn, *args)
+
+    def synced(*a):
+        out = fn(*a)
+        torch.cuda.synchronize()
+        return out
+
+    synced(*args)
+    synced(*args)
+    return benchmark(synced, *args)
 
 
 def inputs(m: int, n: int, k: int, dtype: torch.dtype, device="cpu", keep: float = KEEP):

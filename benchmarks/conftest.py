@@ -68,13 +68,29 @@ def _seed():
 
 
 def pytest_generate_tests(metafunc):
-    """``shape`` and ``m`` parameters: the paper's layer shapes, or small ones in smoke runs."""
-    from common import FULL_M, FULL_SHAPES, SMOKE_M, SMOKE_SHAPES
+    """``device``, ``shape`` and ``m`` parameters: the paper's layer shapes, or small ones in
+    smoke runs; CUDA cases carry the ``gpu`` marker and their own batch sizes."""
+    from common import DEVICES, FULL_M, FULL_SHAPES, GPU_M, SMOKE_M, SMOKE_SHAPES
 
     s = smoke(metafunc.config)
+    names = metafunc.fixturenames
+    if metafunc.definition.get_closest_marker("gpu"):  # a GPU-only benchmark
+        DEVICES = [d for d in DEVICES if _dev(d) == "cuda"]
+    if "device" in names and "m" in names:  # CUDA gets its own, larger batch sizes
+        cases = [pytest.param(_dev(d), m,
+                              marks=getattr(d, "marks", ()), id=f"{_dev(d)}-M{m}")
+                 for d in DEVICES for m in (SMOKE_M if s else GPU_M if _dev(d) == "cuda"
+                                            else FULL_M)]
+        metafunc.parametrize("device,m", cases)
+    elif "device" in names:
+        metafunc.parametrize("device", DEVICES)
     if "shape" in metafunc.fixturenames:
         shapes = SMOKE_SHAPES if s else FULL_SHAPES
         metafunc.parametrize("shape", shapes, ids=[f"{n}x{k}" for n, k in shapes])
-    if "m" in metafunc.fixturenames:
+    if "m" in metafunc.fixturenames and "device" not in names:
         ms = SMOKE_M if s else FULL_M
         metafunc.parametrize("m", ms, ids=[f"M{m}" for m in ms])
+
+
+def _dev(p) -> str:
+    return p.values[0] if hasattr(p, "values") else p

@@ -5,33 +5,33 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import KEEP, tag
+from common import KEEP, tag, timed
 
 import lass_sparse as ls
 
 N_PARAMS = 4
 
 
-def _params(shape, dtype):
+def _params(shape, dtype, device):
     n, k = shape
-    ps = [torch.randn(n, k, dtype=dtype) for _ in range(N_PARAMS)]
+    ps = [torch.randn(n, k, dtype=dtype, device=device) for _ in range(N_PARAMS)]
     gs = [torch.randn_like(p) for p in ps]
-    masks = [torch.rand(n, k) < KEEP for _ in ps]
+    masks = [torch.rand(n, k, device=device) < KEEP for _ in ps]
     return ps, gs, masks
 
 
 @pytest.mark.parametrize("impl", ["ours", "dense", "naive"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_adamw_step(benchmark, impl, dtype, shape):
+def test_adamw_step(benchmark, impl, dtype, shape, device):
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    ps, gs, masks = _params(shape, dt)
+    ps, gs, masks = _params(shape, dt, device)
     n, k = shape
-    tag(benchmark, "masked_adamw", impl, dtype=dtype, params=N_PARAMS, N=n, K=k)
+    tag(benchmark, "masked_adamw", impl, device=device, dtype=dtype, params=N_PARAMS, N=n, K=k)
     before = [p.clone() for p in ps]
     if impl == "ours":
         bits = [ls.pack_mask(m) for m in masks]
-        ms = [torch.zeros(p.shape) for p in ps]
-        vs = [torch.zeros(p.shape) for p in ps]
+        ms = [torch.zeros(p.shape, device=device) for p in ps]
+        vs = [torch.zeros(p.shape, device=device) for p in ps]
         state = {"step": 0}
 
         def step():
@@ -58,7 +58,7 @@ def test_adamw_step(benchmark, impl, dtype, shape):
                             st["exp_avg"].copy_(torch.where(m, st["exp_avg"], m0))
                             st["exp_avg_sq"].copy_(torch.where(m, st["exp_avg_sq"], v0))
 
-    benchmark(step)
+    timed(benchmark, device, step)
     if impl != "dense":
         for p, p0, m in zip(ps, before, masks):
             assert torch.equal(p.detach()[~m], p0[~m]), "off-mask params must not change"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import assert_close_to_ref, inputs, linear_impls, tag
+from common import assert_close_to_ref, inputs, linear_impls, tag, timed
 
 import lass_sparse as ls
 from lass_sparse import reference
@@ -15,15 +15,30 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_forward(benchmark, impl, dtype, shape, m):
+def test_forward(benchmark, impl, dtype, shape, m, device):
+    _forward(benchmark, impl, dtype, shape, m, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cupy"])  # "ours" is the default (cuda)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_forward_gpu_backends(benchmark, backend, dtype, shape, m, device):
+    """Each GPU backend forced, next to test_forward's default dispatch in the same groups."""
+    if not ls.backends()[backend]["active"]:
+        pytest.skip(f"backend {backend} inactive: {ls.backends()[backend]['reason']}")
+    with ls.use_backend(backend):
+        _forward(benchmark, f"ours[{backend}]", dtype, shape, m, device)
+
+
+def _forward(benchmark, impl, dtype, shape, m, device):
     n, k = shape
-    x, w, mask, bits = inputs(m, n, k, DTYPES[dtype])
-    f = linear_impls(w, mask, bits)[impl]
-    tag(benchmark, "masked_linear", impl, dtype=dtype, M=m, N=n, K=k)
+    x, w, mask, bits = inputs(m, n, k, DTYPES[dtype], device)
+    f = linear_impls(w, mask, bits)[impl.split("[")[0]]
+    tag(benchmark, "masked_linear", impl, device=device, dtype=dtype, M=m, N=n, K=k)
     benchmark.extra_info["flop"] = 2 * m * n * k
     benchmark.extra_info["bytes"] = w.numel() * w.element_size() + bits.numel() * 4
     with torch.inference_mode():
-        out = benchmark(f, x)
+        out = timed(benchmark, device, f, x)
     if impl != "dense":
         assert_close_to_ref(out, reference.masked_linear(x, w, bits, None))
 
@@ -44,28 +59,30 @@ def _fwd_bwd(impl: str, x, w, mask, bits):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_forward_backward(benchmark, impl, dtype, shape, m, is_smoke):
+def test_forward_backward(benchmark, impl, dtype, shape, m, device, is_smoke):
     if m < 16 and not is_smoke:
         pytest.skip("training shapes only (M >= 16)")
     n, k = shape
-    x, w, mask, bits = inputs(m, n, k, DTYPES[dtype])
-    tag(benchmark, "masked_linear_fwd_bwd", impl, dtype=dtype, M=m, N=n, K=k)
+    x, w, mask, bits = inputs(m, n, k, DTYPES[dtype], device)
+    tag(benchmark, "masked_linear_fwd_bwd", impl, device=device, dtype=dtype, M=m, N=n, K=k)
     benchmark.extra_info["flop"] = 6 * m * n * k
-    dw = benchmark(_fwd_bwd(impl, x, w, mask, bits))
+    dw = timed(benchmark, device, _fwd_bwd(impl, x, w, mask, bits))
     if impl != "dense":
         assert not dw[~mask].any(), "off-mask dW must be exactly zero"
 
 
 @pytest.mark.parametrize("impl", ["ours", "bool", "numpy"])
-def test_pack_mask(benchmark, impl, shape):
+def test_pack_mask(benchmark, impl, shape, device):
+    if impl == "numpy" and device != "cpu":
+        pytest.skip("numpy packs host memory")
     n, k = shape
-    mask = torch.rand(n, k) < 0.3
-    tag(benchmark, "pack_mask", impl, N=n, K=k)
+    mask = torch.rand(n, k, device=device) < 0.3
+    tag(benchmark, "pack_mask", impl, device=device, N=n, K=k)
     if impl == "ours":
-        out = benchmark(ls.pack_mask, mask)
+        out = timed(benchmark, device, ls.pack_mask, mask)
         assert torch.equal(ls.unpack_mask(out, k), mask)
     elif impl == "bool":  # what the original stores: a bool copy per pair
-        benchmark(mask.clone)
+        timed(benchmark, device, mask.clone)
     else:
         import numpy as np
 
@@ -73,29 +90,29 @@ def test_pack_mask(benchmark, impl, shape):
 
 
 @pytest.mark.parametrize("impl", ["ours", "reference"])
-def test_unpack_mask(benchmark, impl, shape):
+def test_unpack_mask(benchmark, impl, shape, device):
     n, k = shape
-    bits = ls.pack_mask(torch.rand(n, k) < 0.3)
+    bits = ls.pack_mask(torch.rand(n, k, device=device) < 0.3)
     f = ls.unpack_mask if impl == "ours" else reference.unpack_mask
-    tag(benchmark, "unpack_mask", impl, N=n, K=k)
-    out = benchmark(f, bits, k)
+    tag(benchmark, "unpack_mask", impl, device=device, N=n, K=k)
+    out = timed(benchmark, device, f, bits, k)
     assert torch.equal(out, reference.unpack_mask(bits, k))
 
 
 @pytest.mark.parametrize("impl", ["ours", "naive"])
-def test_magnitude_mask(benchmark, impl, shape):
+def test_magnitude_mask(benchmark, impl, shape, device):
     """ours: packed bits on device; naive: the LaSS formula producing a bool mask."""
     n, k = shape
-    w = torch.randn(n, k)
+    w = torch.randn(n, k, device=device)
     alpha = 0.7
-    tag(benchmark, "magnitude_mask", impl, N=n, K=k)
+    tag(benchmark, "magnitude_mask", impl, device=device, N=n, K=k)
 
     def naive():
         a = w.abs()
         return a > a.flatten().kthvalue(int(alpha * a.numel())).values
 
     if impl == "ours":
-        out = benchmark(ls.magnitude_mask, w, alpha)
+        out = timed(benchmark, device, ls.magnitude_mask, w, alpha)
         assert torch.equal(ls.unpack_mask(out, k), naive())
     else:
-        benchmark(naive)
+        timed(benchmark, device, naive)

@@ -45,7 +45,7 @@ class Row:
     backend: str
     case: str
     dtype: str
-    status: str  # PASS, FAIL, N/A
+    status: str  # PASS, FAIL, N/A, SKIP
     detail: str = ""
 
 
@@ -334,8 +334,12 @@ def _bits_case(ls, backend, name, shape, dtype, device):
     return "bit-exact"
 
 
-def run_cases(device: str, backends, dtype_names, small: bool, only: str | None = None):
+def run_cases(device: str, backends, dtype_names, small: bool, only: str | None = None,
+              budget_s: float | None = None):
+    """Every case per backend and dtype; past ``budget_s`` seconds the rest are reported as
+    SKIP (time budget) so a lent machine's limited time still yields a complete table."""
     torch = _torch()
+    t_start = time.time()
     import lass_sparse as ls
     from lass_sparse._registry import BackendCannotServe
 
@@ -350,6 +354,9 @@ def run_cases(device: str, backends, dtype_names, small: bool, only: str | None 
                 if kind == "bits" and name != "magnitude_mask" and dn != dtype_names[0]:
                     continue  # dtype-free ops: once
                 dtype = dtypes[dn]
+                if budget_s is not None and time.time() - t_start > budget_s:
+                    rows.append(Row(backend, name, dn, "SKIP", f"time budget {budget_s:.0f}s"))
+                    continue
                 old_tf32 = torch.backends.cuda.matmul.allow_tf32
                 torch.backends.cuda.matmul.allow_tf32 = dn == "tf32"
                 t0 = time.time()
@@ -386,7 +393,8 @@ def table(rows, steps, backends_info, device_name) -> str:
     n_fail = sum(r.status == "FAIL" for r in rows) + sum(not ok for _, ok, _ in steps)
     out = [f"# GPU check on {device_name}", "",
            f"{sum(r.status == 'PASS' for r in rows)} passed, {n_fail} failed, "
-           f"{sum(r.status == 'N/A' for r in rows)} not applicable", "", "## Steps", "",
+           f"{sum(r.status == 'N/A' for r in rows)} not applicable, "
+           f"{sum(r.status == 'SKIP' for r in rows)} skipped (time budget)", "", "## Steps", "",
            "| step | result | detail |", "|---|---|---|"]
     out += [f"| {s} | {'PASS' if ok else 'FAIL'} | {d} |" for s, ok, d in steps]
     out += ["", "## Backends", "", "| backend | active | reason |", "|---|---|---|"]
@@ -427,7 +435,26 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--skip-pytest", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--step-timeout", type=float, default=420,
+                    help="seconds each of build, pytest and benchmarks may run (default 420)")
+    ap.add_argument("--cases-budget", type=float, default=None,
+                    help="seconds for the case table; later cases are reported SKIP")
+    ap.add_argument("--bench-max-time", type=float, default=0.1,
+                    help="pytest-benchmark --benchmark-max-time per benchmark (default 0.1 s)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds for the whole check: each step gets at most what is left "
+                         "(minus 15 s to write the table)")
+    ap.add_argument("--bench-first", action="store_true",
+                    help="run the benchmarks before pytest (when time is short)")
     a = ap.parse_args(argv)
+
+    t_start = time.time()
+
+    def left(cap: float | None) -> float | None:
+        if a.deadline is None:
+            return cap
+        rest = max(1.0, a.deadline - (time.time() - t_start) - 15)
+        return rest if cap is None else min(cap, rest)
 
     torch = _torch()
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -446,7 +473,8 @@ def main(argv=None) -> int:
         env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
         ok, d = _run([sys.executable, "-m", "pip", "install", "--no-build-isolation",
-                      "--no-deps", "-e", "."], os.path.join(a.out, "build.log"), env=env)
+                      "--no-deps", "-e", "."], os.path.join(a.out, "build.log"), env=env,
+                     timeout=left(a.step_timeout))
         steps.append(("build + install (pip -e .)", ok, d))
 
     import lass_sparse as ls
@@ -478,7 +506,8 @@ def main(argv=None) -> int:
         backends = [b for b in ("reference", "cpu", "triton") if info[b]["active"]]
     dtypes = a.dtypes or (["fp32", "tf32", "bf16", "fp16"] if a.device == "cuda" else ["fp32"])
     t0 = time.time()
-    rows = run_cases(a.device, backends, dtypes, small=a.device == "cpu", only=a.only)
+    rows = run_cases(a.device, backends, dtypes, small=a.device == "cpu", only=a.only,
+                     budget_s=left(a.cases_budget))
     steps.append(("op/module/optimizer cases", all(r.status != "FAIL" for r in rows),
                   f"{len(rows)} cases over {', '.join(backends) or 'no backend'} in "
                   f"{time.time() - t0:.0f}s"))
@@ -490,26 +519,45 @@ def main(argv=None) -> int:
             f.write(table(rows, steps, info, dev_name))
 
     write()
-    if full and not a.skip_pytest:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+    def run_pytest():
+        import importlib.util
+
+        extra = []
+        if importlib.util.find_spec("xdist"):  # Triton compiles in parallel processes
+            extra += ["-n", str(min(8, os.cpu_count() or 1))]
+        if importlib.util.find_spec("pytest_timeout"):
+            extra += ["--timeout", "180"]
         ok, d = _run([sys.executable, "-m", "pytest", "-q", "-m", "gpu or triton", "tests",
-                      "-p", "no:cacheprovider"], os.path.join(a.out, "pytest.log"), env=env)
+                      "-p", "no:cacheprovider", "-rfE", *extra],
+                     os.path.join(a.out, "pytest.log"), env=env, timeout=left(a.step_timeout))
         steps.append(("pytest -m 'gpu or triton' tests", ok, d))
         write()
-    if full and not a.skip_bench:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+    def run_bench():
         js = os.path.join(a.out, "bench-gpu.json")
         ok, d = _run([sys.executable, "-m", "pytest", "benchmarks", "-m", "gpu",
-                      "--benchmark-only", f"--benchmark-json={js}", "-p", "no:cacheprovider"],
-                     os.path.join(a.out, "bench.log"), env=env)
+                      "--benchmark-only", f"--benchmark-json={js}", "-p", "no:cacheprovider",
+                      f"--benchmark-max-time={a.bench_max_time}", "--benchmark-min-rounds=5",
+                      "-q", "-rfE"],
+                     os.path.join(a.out, "bench.log"), env=env, timeout=left(a.step_timeout))
         if "rc=5" in d:  # pytest: no tests collected
-            ok, d = True, "no GPU benchmarks collected (benchmarks -m gpu)"
-        elif ok:
-            ok, d = _run([sys.executable, "benchmarks/report.py", js, "-o",
-                          os.path.join(a.out, "bench-gpu.md")],
-                         os.path.join(a.out, "report.log"))
+            ok, d = False, "no GPU benchmarks collected (benchmarks -m gpu)"
+        elif os.path.exists(js):  # a report even when a benchmark failed
+            ok2, d2 = _run([sys.executable, "benchmarks/report.py", js, "-o",
+                            os.path.join(a.out, "bench-gpu.md")],
+                           os.path.join(a.out, "report.log"))
+            ok, d = ok and ok2, d if ok2 else d2
         steps.append(("benchmarks -m gpu (make bench-gpu)", ok, d))
         write()
+
+    order = [(not a.skip_pytest, run_pytest), (not a.skip_bench, run_bench)]
+    if a.bench_first:
+        order.reverse()
+    for wanted, fn in order:
+        if full and wanted:
+            fn()
     failed = [r for r in rows if r.status == "FAIL"] + [s for s in steps if not s[1]]
     print(f"gpu_check: {len(rows)} cases, {len(failed)} failures; table: {path}")
     for r in rows:
