@@ -11,7 +11,7 @@ import lass_sparse as ls
 FULL_SHAPES = [(2048, 512), (512, 2048), (4096, 1024), (4096, 4096)]
 SMOKE_SHAPES = [(96, 200)]  # K not a multiple of 32
 FULL_M = [1, 4, 16, 512]
-GPU_M = [1, 256, 4096]  # a GPU training batch is thousands of tokens
+GPU_M = [1, 16, 64, 256, 4096]  # a GPU training batch is thousands of tokens
 SMOKE_M = [1, 17]
 # ``device`` parameter: CUDA cases carry the ``gpu`` marker (``make bench`` runs ``not gpu``,
 # ``make bench-gpu`` / scripts/gpu_check.py run ``gpu``; CI skips them where no GPU exists).

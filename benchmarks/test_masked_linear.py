@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from common import assert_close_to_ref, inputs, linear_impls, tag, timed
 
 import lass_sparse as ls
 from lass_sparse import reference
+from lass_sparse._registry import BackendCannotServe
 
 IMPLS = ["ours", "dense", "naive", "unpack"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -20,14 +23,38 @@ def test_forward(benchmark, impl, dtype, shape, m, device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cupy"])  # "ours" is the default (cuda)
+@pytest.mark.parametrize("backend", ["triton", "fused", "cupy"])  # "ours" is the default
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_forward_gpu_backends(benchmark, backend, dtype, shape, m, device):
-    """Each GPU backend forced, next to test_forward's default dispatch in the same groups."""
-    if not ls.backends()[backend]["active"]:
-        pytest.skip(f"backend {backend} inactive: {ls.backends()[backend]['reason']}")
-    with ls.use_backend(backend):
+def test_forward_gpu_backends(benchmark, backend, dtype, shape, m, device, monkeypatch):
+    """Each GPU backend forced, next to test_forward's default dispatch in the same groups;
+    ``fused``: the Triton GEMM kernels at every M (no W ⊙ M + cuBLAS route)."""
+    with _forced(backend, monkeypatch):
         _forward(benchmark, f"ours[{backend}]", dtype, shape, m, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_forward_backward_fused(benchmark, dtype, shape, m, device, monkeypatch):
+    if m < 16:
+        pytest.skip("training shapes only (M >= 16)")
+    with _forced("fused", monkeypatch):
+        test_forward_backward(benchmark, "ours[fused]", dtype, shape, m, device, False)
+
+
+@contextlib.contextmanager
+def _forced(backend: str, monkeypatch):
+    name = "triton" if backend == "fused" else backend
+    if not ls.backends()[name]["active"]:
+        pytest.skip(f"backend {name} inactive: {ls.backends()[name]['reason']}")
+    if backend == "fused":
+        from lass_sparse.backends.triton import kernels
+
+        monkeypatch.setattr(kernels, "CUBLAS_MIN_M", 2**62)
+    try:
+        with ls.use_backend(name):
+            yield
+    except BackendCannotServe as e:  # e.g. cupy: decode GEMV only (M <= 16)
+        pytest.skip(str(e).split(";")[0])
 
 
 def _forward(benchmark, impl, dtype, shape, m, device):
@@ -46,7 +73,7 @@ def _forward(benchmark, impl, dtype, shape, m, device):
 def _fwd_bwd(impl: str, x, w, mask, bits):
     w = w.detach().requires_grad_(True)
     x = x.detach().requires_grad_(True)
-    f = linear_impls(w, mask, bits)[impl]
+    f = linear_impls(w, mask, bits)[impl.split("[")[0]]
 
     def step():
         w.grad = x.grad = None

@@ -46,6 +46,8 @@ def magnitude_threshold(weight: torch.Tensor, alpha: float) -> torch.Tensor | No
     a = weight.detach().abs().flatten()
     if a.dtype in (torch.float16, torch.bfloat16):
         a = a.float()  # exact: widening keeps order and ties
+    if a.is_cuda:  # CUDA kthvalue took 122 ms on 16M weights (H200); a radix sort takes ~1 ms
+        return torch.sort(a).values[kth - 1]
     return a.kthvalue(kth).values
 
 

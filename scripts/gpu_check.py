@@ -476,6 +476,9 @@ def main(argv=None) -> int:
                       "--no-deps", "-e", "."], os.path.join(a.out, "build.log"), env=env,
                      timeout=left(a.step_timeout))
         steps.append(("build + install (pip -e .)", ok, d))
+        # an editable install's path hook is read at interpreter start: import from the tree
+        # (the build put the extensions there) in this already-running process
+        sys.path.insert(0, REPO)
 
     import lass_sparse as ls
 

@@ -33,6 +33,14 @@ def _ieee_fp32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
+@pytest.fixture(params=["fused", "cublas"])
+def route(request, monkeypatch):
+    """Both ways the GEMM-shaped ops run: the fused kernels, and W ⊙ M in one pass + a matmul
+    (what a GPU takes from ``kernels.CUBLAS_MIN_M`` rows on)."""
+    monkeypatch.setattr(kernels, "CUBLAS_MIN_M", 1 if request.param == "cublas" else 2**62)
+    return request.param
+
+
 def _case(m, n, k, p=None, device=DEV):
     x = torch.randn(m, k, device=device)
     w = torch.randn(n, k, device=device)
@@ -44,6 +52,7 @@ def _case(m, n, k, p=None, device=DEV):
 @pytest.mark.parametrize("m", [1, 17])
 @pytest.mark.parametrize("k", [31, 64, 70])
 @pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.usefixtures("route")
 def test_forward(m, k, bias):
     x, w, _, bits = _case(m, 40, k)
     b = torch.randn(40, device=DEV) if bias else None
@@ -52,6 +61,7 @@ def test_forward(m, k, bias):
 
 
 @pytest.mark.parametrize("m,k", [(5, 33), (20, 64)])
+@pytest.mark.usefixtures("route")
 def test_dx_dw_and_accumulate(m, k):
     x, w, masks, bits = _case(m, 36, k)
     mask = masks[0]
@@ -68,6 +78,7 @@ def test_dx_dw_and_accumulate(m, k):
     assert (grad[~mask] == 7.0).all()
 
 
+@pytest.mark.usefixtures("route")
 def test_segmented_forward_and_backward():
     x, w, masks, bank = _case(23, 40, 45, p=3)
     offsets = torch.tensor([0, 7, 7, 15, 23], device=DEV)
@@ -87,6 +98,7 @@ def test_segmented_forward_and_backward():
     torch.testing.assert_close(dw, want_dw, **TOL)
 
 
+@pytest.mark.usefixtures("route")
 def test_qkv_projection_layout():
     bsz, t, d, h = 2, 5, 32, 4
     x = torch.randn(bsz, t, d, device=DEV)
@@ -104,6 +116,7 @@ def test_qkv_projection_layout():
         torch.testing.assert_close(o, r, **TOL)
 
 
+@pytest.mark.usefixtures("route")
 def test_ops_dispatch_to_triton_with_autograd():
     x, w, masks, bits = _case(9, 24, 40)
     x.requires_grad_(True)
@@ -123,6 +136,21 @@ def test_ops_dispatch_to_triton_with_autograd():
     torch.testing.assert_close(gx, x.grad, **TOL)
     torch.testing.assert_close(gw, w.grad, **TOL)
     assert not gw[~masks[0]].any()
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (37, 70), (40, 129)])
+def test_apply_mask_and_accumulate_keep_off_mask_bits(n, k):
+    w = torch.randn(n, k, device=DEV)
+    mask = torch.rand(n, k, device=DEV) > 0.5
+    bits = pack_mask_reference(mask)
+    assert torch.equal(kernels.apply_mask(w, bits), torch.where(mask, w, 0.0))
+    grad = torch.full((n, k), -0.0, device=DEV)  # off-mask -0.0 must stay -0.0, not become +0.0
+    kernels.apply_mask(w, bits, out=grad, accumulate=True)
+    assert torch.equal(grad[mask], w[mask])
+    assert torch.equal(torch.signbit(grad[~mask]), torch.ones_like(grad[~mask], dtype=torch.bool))
+    inplace = w.clone()
+    assert kernels.apply_mask(inplace, bits, out=inplace) is inplace
+    assert torch.equal(inplace, torch.where(mask, w, 0.0))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU check: a GPU compiles them for real")

@@ -155,14 +155,15 @@ def capture(kk, attr: str, call, dtype, m: int, cfg: tuple):
     import torch
 
     rec = _Recorder(getattr(kk, attr))
-    old_kernel, old_config = getattr(kk, attr), kk._config
+    old_kernel, old_config, old_min_m = getattr(kk, attr), kk._config, kk.CUBLAS_MIN_M
     setattr(kk, attr, rec)
     kk._config = lambda *a, **k: cfg
+    kk.CUBLAS_MIN_M = 2**62  # the fused kernels at every M (not the cuBLAS route)
     try:
         call(kk, dtype, m)
     finally:
         setattr(kk, attr, old_kernel)
-        kk._config = old_config
+        kk._config, kk.CUBLAS_MIN_M = old_config, old_min_m
     assert len(rec.calls) == 1, f"{attr}: expected one launch, got {len(rec.calls)}"
     args, kwargs = rec.calls[0]
     assert all(not isinstance(a, torch.Tensor) or a.device.type == "meta" for a in args)

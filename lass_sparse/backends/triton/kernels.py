@@ -31,6 +31,17 @@ def _expand(words, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _rna(v):
+    """fp32 operands of a TF32 ``tl.dot`` rounded to nearest TF32 (10-bit mantissa, ties away),
+    as cuBLAS rounds them; the tensor cores would otherwise truncate, with about twice the error
+    and a bias that grows with K. 16-bit operands pass through."""
+    if v.dtype == tl.float32:
+        i = v.to(tl.int32, bitcast=True)
+        v = ((i + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    return v
+
+
+@triton.jit
 def _rows(r, stride):
     """Element offsets ``r * stride`` of rows ``r``, in int64: M·K, N·K may pass 2³¹."""
     return r.to(tl.int64) * stride
@@ -76,7 +87,7 @@ def _xwt_bias(x_ptr, w_ptr, bits_ptr, b_ptr, rm, hi, rn, N, K, NW, sxm, swn, sbn
         if IEEE:
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
-            acc += tl.dot(x, tl.trans(w))
+            acc += tl.dot(_rna(x), tl.trans(_rna(w)))
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -132,7 +143,7 @@ def _dx_kernel(dy_ptr, w_ptr, bits_ptr, dx_ptr, tile_lo, tile_hi, tile_pair,
         if IEEE:
             acc += tl.dot(dy, w, input_precision="ieee")
         else:
-            acc += tl.dot(dy, w)
+            acc += tl.dot(_rna(dy), _rna(w))
     tl.store(dx_ptr + _rows(rm, sxm)[:, None] + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=(rm[:, None] < hi) & (rk[None, :] < K))
 
@@ -165,7 +176,7 @@ def _dw_kernel(dy_ptr, x_ptr, bits_ptr, dw_ptr, seg_lo, seg_hi, seg_pair, S,
             if IEEE:
                 acc += tl.dot(dyt, x, input_precision="ieee")
             else:
-                acc += tl.dot(dyt, x)
+                acc += tl.dot(_rna(dyt), _rna(x))
         words = tl.load(bits_ptr + pair * sbp + _rows(rn, sbn)[:, None] + rw[None, :],
                         mask=(rn[:, None] < N) & (rw[None, :] < NW), other=0)
         keep = _expand(words, BLOCK_N, BLOCK_K)
@@ -196,6 +207,28 @@ def _qkv_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, q_ptr, k_ptr, v_ptr, M, D, NW, T,
     which = which[None, :]
     ptrs = tl.where(which == 0, q_ptr + off, tl.where(which == 1, k_ptr + off, v_ptr + off))
     tl.store(ptrs, acc.to(q_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < n3))
+
+
+@triton.jit
+def _apply_mask_kernel(src_ptr, bits_ptr, out_ptr, N, K, NW, ssn, sbn, son,
+                       ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out = src ⊙ M (``out`` may be ``src``), or with ``ACCUMULATE`` out += src ⊙ M (entries off
+    the mask keep their exact bits)."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rw = tl.program_id(1) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+    inb = (rn[:, None] < N) & (rk[None, :] < K)
+    v = tl.load(src_ptr + _rows(rn, ssn)[:, None] + rk[None, :], mask=inb, other=0.0)
+    words = tl.load(bits_ptr + _rows(rn, sbn)[:, None] + rw[None, :],
+                    mask=(rn[:, None] < N) & (rw[None, :] < NW), other=0)
+    keep = _expand(words, BLOCK_N, BLOCK_K)
+    ptrs = out_ptr + _rows(rn, son)[:, None] + rk[None, :]
+    if ACCUMULATE:
+        old = tl.load(ptrs, mask=inb, other=0.0)
+        v = tl.where(keep, (old.to(tl.float32) + v.to(tl.float32)).to(old.dtype), old)
+    else:
+        v = tl.where(keep, v, 0.0)
+    tl.store(ptrs, v.to(out_ptr.dtype.element_ty), mask=inb)
 
 
 # ---------------------------------------------------------------------------------- launchers
@@ -271,6 +304,44 @@ def _config(kind: str, m: int, n: int, k: int, dtype: torch.dtype, launch=None, 
     return _TUNED[key]
 
 
+# Rows from which the GEMM-shaped ops take the "W ⊙ M in one pass, then cuBLAS" route: on an
+# H200 (benchmarks/results/nvidia-h200.md) the fused kernels ran 2.5-8x slower than cuBLAS at
+# M >= 256, while one mask pass plus cuBLAS costs about what the naive bool-mask way does. The
+# masked weight is a transient of W's size, freed after the call; the packed bits stay the only
+# stored mask. Off under the interpreter unless LASS_SPARSE_CUBLAS_MIN_M is set.
+CUBLAS_MIN_M = int(os.environ.get("LASS_SPARSE_CUBLAS_MIN_M", 2**62 if INTERPRET else 64))
+
+
+def apply_mask(src: torch.Tensor, bits: torch.Tensor, out: torch.Tensor | None = None,
+               accumulate: bool = False) -> torch.Tensor:
+    """``src ⊙ M`` into ``out`` (new if None; may be ``src``), or ``out += src ⊙ M``."""
+    n, k = src.shape
+    if out is None:
+        out = torch.empty(n, k, dtype=src.dtype, device=src.device)
+    if n == 0 or k == 0:
+        return out
+    bn, bk, warps = (16, 32, 1) if INTERPRET else (32, 128, 4)
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+    _apply_mask_kernel[grid](src, bits, out, n, k, bits.shape[-1], src.stride(0),
+                             bits.stride(-2), out.stride(0), ACCUMULATE=accumulate,
+                             BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    return out
+
+
+def _same_dtype(*ts) -> bool:
+    """cuBLAS takes one dtype; the fused kernels also mix them."""
+    return len({t.dtype for t in ts if t is not None}) == 1
+
+
+def _segment_list(seg_offsets, seg_pair) -> list[tuple[int, int, int]]:
+    offs, pairs = seg_offsets.tolist(), seg_pair.tolist()
+    return [(offs[i], offs[i + 1], p) for i, p in enumerate(pairs) if offs[i + 1] > offs[i]]
+
+
+def _route_segments(segs, t: int) -> bool:
+    return bool(segs) and t / len(segs) >= CUBLAS_MIN_M
+
+
 def _ieee(dtype: torch.dtype) -> bool:
     """IEEE fp32 ``tl.dot`` (else TF32) — as torch's own fp32 matmul on CUDA would run."""
     if INTERPRET or dtype == torch.float64:
@@ -281,6 +352,8 @@ def _ieee(dtype: torch.dtype) -> bool:
 def masked_linear(x, weight, bits, bias):
     m, k = x.shape
     n = weight.shape[0]
+    if m >= CUBLAS_MIN_M and n > 0 and _same_dtype(x, weight, bias):
+        return torch.nn.functional.linear(x, apply_mask(weight, bits), bias)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
@@ -307,6 +380,8 @@ def masked_linear_dx(grad_out, weight, bits):
         return dx
     if n == 0:
         return dx.zero_()
+    if m >= CUBLAS_MIN_M and _same_dtype(grad_out, weight):
+        return torch.mm(grad_out, apply_mask(weight, bits), out=dx)
     d = _dummy(grad_out.device)
 
     def launch(cfg):
@@ -326,6 +401,10 @@ def _dw(grad_out, x, bits_bank, lo, hi, pair, out, accumulate):
     k = x.shape[1]
     if n == 0 or k == 0:
         return out
+    if m >= CUBLAS_MIN_M and bits_bank.dim() == 2 and _same_dtype(grad_out, x, out):
+        # one segment: (dyᵀ x) ⊙ M
+        prod = torch.mm(grad_out.t(), x)
+        return apply_mask(prod, bits_bank, out=out, accumulate=accumulate)
 
     def launch(cfg, dst=out, acc=accumulate):
         bm, bn, bk, warps, stages = cfg
@@ -379,6 +458,12 @@ def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
     if t == 0 or n == 0:
         return y
+    segs = _segment_list(seg_offsets, seg_pair)
+    if _route_segments(segs, t) and _same_dtype(x, weight, bias):
+        wm = functools.cache(lambda p: apply_mask(weight, bits_bank[p]))
+        for a, b, p in segs:
+            y[a:b] = torch.nn.functional.linear(x[a:b], wm(p), bias)
+        return y
     tiles = functools.cache(lambda bm: _segments(seg_offsets, seg_pair, bm, x.device))
 
     def launch(cfg):
@@ -404,6 +489,12 @@ def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pai
     dx = torch.zeros(t, k, dtype=grad_out.dtype, device=grad_out.device)
     if t == 0 or k == 0 or n == 0:
         return dx
+    segs = _segment_list(seg_offsets, seg_pair)
+    if _route_segments(segs, t) and _same_dtype(grad_out, weight):
+        wm = functools.cache(lambda p: apply_mask(weight, bits_bank[p]))
+        for a, b, p in segs:
+            torch.mm(grad_out[a:b], wm(p), out=dx[a:b])
+        return dx
     tiles = functools.cache(lambda bm: _segments(seg_offsets, seg_pair, bm, grad_out.device))
 
     def launch(cfg):
@@ -424,6 +515,12 @@ def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pai
 
 def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
     out = torch.zeros(grad_out.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+    segs = _segment_list(seg_offsets, seg_pair)
+    if _route_segments(segs, x.shape[0]) and out.numel() and _same_dtype(grad_out, x):
+        for a, b, p in segs:
+            apply_mask(torch.mm(grad_out[a:b].t(), x[a:b]), bits_bank[p], out=out,
+                       accumulate=True)
+        return out
     lo, hi, pr = _segments(seg_offsets, seg_pair, None, x.device)
     if lo.numel() == 0:
         return out
@@ -437,6 +534,12 @@ def masked_qkv_proj(x, weight, bits, bias, num_heads):
                for _ in range(3))
     m = b * t
     if m == 0 or d == 0:
+        return q, k, v
+    if m >= CUBLAS_MIN_M and _same_dtype(x, weight, bias):
+        y = torch.nn.functional.linear(x.reshape(m, d), apply_mask(weight, bits), bias)
+        y5 = y.view(b, t, 3, num_heads, dh)
+        for i, out in enumerate((q, k, v)):
+            out.copy_(y5[:, :, i].transpose(1, 2))
         return q, k, v
 
     def launch(cfg):
