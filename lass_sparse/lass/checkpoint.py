@@ -25,7 +25,7 @@ def _flatten_optim(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
         meta["state"][str(idx)] = {}
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"{idx}.{k}"] = v.contiguous()
+                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
             else:
                 meta["state"][str(idx)][k] = v
     return tensors, meta
@@ -39,26 +39,40 @@ def _unflatten_optim(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
 def rng_state() -> dict:
-    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-            "python": repr(random.getstate())}
+    out = {"torch": _b64(torch.get_rng_state()), "python": repr(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on a GPU
+        out["cuda"] = [_b64(t) for t in torch.cuda.get_rng_state_all()]
+    return out
 
 
 def set_rng_state(s: dict) -> None:
     import ast
 
-    raw = base64.b64decode(s["torch"])
-    torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    torch.set_rng_state(_unb64(s["torch"]))
     random.setstate(ast.literal_eval(s["python"]))
+    cuda = s.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([_unb64(c) for c in cuda])
 
 
 def save_checkpoint(folder: str, model: torch.nn.Module, optimizer, state: dict) -> None:
-    """Write model + optimizer + ``state`` (JSON-able) for ``state["step"]``."""
+    """Write model + optimizer + ``state`` (JSON-able) for ``state["step"]``; tensors are saved
+    from the CPU, so a checkpoint loads on any device."""
     os.makedirs(folder, exist_ok=True)
     step = int(state["step"])
     mfile, ofile = f"model-{step:08d}.safetensors", f"optim-{step:08d}.safetensors"
     atomic_write(os.path.join(folder, mfile),
-                 save({k: v.detach().contiguous() for k, v in model.state_dict().items()}))
+                 save({k: v.detach().cpu().contiguous()
+                       for k, v in model.state_dict().items()}))
     meta = None
     if optimizer is not None:
         tensors, meta = _flatten_optim(optimizer.state_dict())

@@ -149,16 +149,26 @@ def _read_run_json(run_dir: str) -> dict:
     return info
 
 
-def _open_run(run_dir: str):
+def _device(args):
+    from .device import resolve_device
+
+    try:
+        return resolve_device(getattr(args, "device", None) or "auto")
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+
+
+def _open_run(run_dir: str, args=None):
     """``pipeline.open_run`` with run.json and the corpus files checked first (one-line errors
-    naming the file)."""
+    naming the file), on ``args.device``."""
     from . import pipeline as P
 
+    device = _device(args)
     info = _read_run_json(run_dir)
     if info["corpus"] != "demo":
         _check_gzip_files(info["corpus"])
     try:
-        return P.open_run(run_dir)
+        return P.open_run(run_dir, device)
     except TypeError as e:  # ModelConfig(**info["model"]) with unknown or missing fields
         raise CommandError(f"run file {os.path.join(run_dir, RUN_JSON)} has an invalid model "
                            f"config ({e}); restore it, or start a new --run") from None
@@ -178,9 +188,9 @@ def _run(args):
         mop = True if args.mask_output_proj is None else args.mask_output_proj
         run = P.prepare(args.run, args.corpus or "demo", args.config, args.vocab_size,
                         pairs=args.pairs, max_train=args.max_train, seed=args.seed,
-                        langtok=langtok, mask_output_proj=mop)
+                        langtok=langtok, mask_output_proj=mop, device=_device(args))
     else:
-        run = _open_run(args.run)
+        run = _open_run(args.run, args)
     # options fixed at creation: a different value on a later call is an error, not ignored
     for opt, want, have in (("--langtok", args.langtok, run.langtok),
                             ("--mask-output-proj", args.mask_output_proj,
@@ -233,7 +243,7 @@ def cmd_train(args) -> int:
 def cmd_finetune(args) -> int:
     from . import pipeline as P
 
-    run = _open_run(args.run)
+    run = _open_run(args.run, args)
     directions = run.directions if args.pair == ["all"] else args.pair
     for d in directions:
         out = f"{args.out_prefix}/{d}"
@@ -245,7 +255,7 @@ def cmd_finetune(args) -> int:
 def cmd_prune(args) -> int:
     from . import pipeline as P
 
-    run = _open_run(args.run)
+    run = _open_run(args.run, args)
     bank = P.prune(run, args.alpha, directions=args.pair, out=args.out, random=args.random,
                    seed=args.seed, ft_prefix=args.ft_prefix, shared_from=args.shared_from)
     st = bank.stats()
@@ -257,7 +267,7 @@ def cmd_prune(args) -> int:
 def cmd_joint(args) -> int:
     from . import pipeline as P
 
-    run = _open_run(args.run)
+    run = _open_run(args.run, args)
     res = P.joint(run, args.masks, args.steps, init=args.init, out=args.out,
                   directions=args.directions, temperature=args.temperature, **_train_kw(args))
     return _done(args.run, args.out, res, args.plot)
@@ -266,7 +276,7 @@ def cmd_joint(args) -> int:
 def cmd_extend(args) -> int:
     from . import pipeline as P
 
-    run = _open_run(args.run)
+    run = _open_run(args.run, args)
     res = P.extend(run, args.pair, masks=args.masks, init=args.init, ft_steps=args.ft_steps,
                    steps=args.steps, alpha=args.alpha, strict=args.strict, ft_init=args.ft_init,
                    **_train_kw(args))
@@ -310,7 +320,7 @@ def cmd_translate(args) -> int:
     if not texts:
         print("translate: empty input, nothing to translate", file=sys.stderr)
         return 1
-    run = _open_run(args.run)
+    run = _open_run(args.run, args)
     hyps = P.translate_texts(run, args.stage, args.pair, texts, masks=args.masks,
                              beam=1 if args.greedy else args.beam, lenpen=args.lenpen)
     out = "\n".join(hyps) + "\n"
@@ -338,7 +348,7 @@ def cmd_evaluate(args) -> int:
         from .data import read_test_file
 
         rows = read_test_file(args.test)  # FileNotFoundError / ValueError naming file:line
-    run = _open_run(args.run)
+    run = _open_run(args.run, args)
     dirs = args.directions or run.directions
     hyps: dict = {}
     res = P.evaluate(run, systems, dirs, split=args.split, limit=args.limit, beam=args.beam,
@@ -400,7 +410,10 @@ def _guarded(fn):
 
 
 def _common(p, corpus: bool = False) -> None:
+    from .device import DEVICE_HELP
+
     p.add_argument("--run", required=True, help="run folder (checkpoints, masks, logs)")
+    p.add_argument("--device", default="auto", help=f"where to train/translate: {DEVICE_HELP}")
     if corpus:
         p.add_argument("--corpus", default=None,
                        help="corpus folder or 'demo' (the bundled subset); first call only")
@@ -434,8 +447,10 @@ def _training(p, steps: int, lr: float = 2e-3) -> None:
                    help="validation rows per direction (default 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt-every", type=positive_int, default=100)
-    p.add_argument("--amp", default="none", choices=["none", "bf16"],
-                   help="bf16 autocast (fp32 master weights; ~1.6x faster on AVX512-BF16 CPUs)")
+    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
+                   help="autocast with fp32 master weights: auto = bf16 on a GPU (fp16 with a "
+                   "grad scaler where bf16 is missing), none on a CPU; bf16 on a CPU is ~1.6x "
+                   "faster on AVX512-BF16 CPUs")
     p.add_argument("--plot", action="store_true", help="draw the loss curve (loss.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -552,5 +567,6 @@ def add_commands(sub) -> None:
                    help="multiply every step count")
     p.add_argument("--limit", type=positive_int, default=100,
                    help="test sentences per direction")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:N")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_guarded(cmd_demo))

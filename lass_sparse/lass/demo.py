@@ -29,7 +29,8 @@ def run_demo(args) -> int:
     steps = {k: max(1, int(v * args.scale)) for k, v in STEPS.items()}
     quiet = {"progress": not args.quiet, "amp": "bf16"}
     print(f"[demo] run folder {args.run}; steps {steps}")
-    run = P.prepare(args.run, "demo", "tiny", vocab_size=2500)
+    run = P.prepare(args.run, "demo", "tiny", vocab_size=2500,
+                    device=getattr(args, "device", None) or "auto")
     print(f"[demo] corpus: {len(run.corpus.pairs)} pairs, {len(run.directions)} directions, "
           f"{sum(len(v) for v in run.corpus.train.values())} sentence pairs; "
           f"tokenizer {run.tok.vocab_size} pieces")

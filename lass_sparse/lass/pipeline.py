@@ -25,6 +25,7 @@ from ..masks import MaskBank, atomic_write
 from ..nn import active_pair, attach, masked_parameters
 from .checkpoint import has_checkpoint, load_checkpoint
 from .data import Corpus, load_corpus, parse_direction
+from .device import resolve_device
 from .model import ModelConfig, Seq2Seq, make_config
 from .tokenizer import Tokenizer
 from .train import LANGTOKS, Encoded, TrainConfig, run_stage
@@ -39,6 +40,7 @@ class Run:
     tok: Tokenizer
     model_config: ModelConfig
     info: dict
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _encoded: dict = field(default_factory=dict)
 
     @property
@@ -54,8 +56,9 @@ class Run:
         return os.path.join(self.dir, *parts)
 
     def new_model(self) -> Seq2Seq:
+        """A freshly initialised model (the same on every device: initialised on the CPU)."""
         torch.manual_seed(self.info.get("seed", 0))
-        return Seq2Seq(self.model_config)
+        return Seq2Seq(self.model_config).to(self.device)
 
     def checkpoint(self, stage: str, which: str = "best") -> str:
         """Folder of a stage's ``best`` checkpoint (falls back to ``last`` without one)."""
@@ -66,14 +69,16 @@ class Run:
             return best
         return self.path(stage, "ckpt")
 
-    def load_model(self, stage: str, which: str = "best") -> Seq2Seq:
+    def load_model(self, stage: str, which: str = "best",
+                   device: torch.device | str | None = None) -> Seq2Seq:
+        """A stage's weights on ``device`` (default: the run's)."""
         ckpt = self.checkpoint(stage, which)
         if not has_checkpoint(ckpt):
             raise FileNotFoundError(f"no checkpoint for stage {stage!r} in {self.dir} "
                                     f"(expected {ckpt}/state.json); run that stage first")
         model = Seq2Seq(self.model_config)
         load_checkpoint(ckpt, model)
-        return model
+        return model.to(self.device if device is None else device)
 
     def encoded(self, directions: list[str]) -> Encoded:
         key = tuple(directions)
@@ -100,16 +105,18 @@ class Run:
 
 def prepare(run_dir: str, corpus: str = "demo", config: str = "tiny", vocab_size: int = 4000,
             pairs: list[str] | None = None, max_train: int | None = None, seed: int = 0,
-            langtok: str = "src", mask_output_proj: bool = True, **model_overrides) -> Run:
+            langtok: str = "src", mask_output_proj: bool = True, device: str = "auto",
+            **model_overrides) -> Run:
     """Create (or reopen) a run: read the corpus, train SentencePiece, fix the model config.
 
     ``langtok``: ``src`` (released LaSS: source-language token on the encoder) or ``tgt``;
     ``mask_output_proj``: mask the tied output projection per pair (released code) or not.
-    Both are fixed for the run (stored in run.json)."""
+    Both are fixed for the run (stored in run.json). ``device`` (``auto``: CUDA when available)
+    is where this process trains and translates; it is not stored: checkpoints load anywhere."""
     if langtok not in LANGTOKS:
         raise ValueError(f"langtok must be one of {LANGTOKS}, got {langtok!r}")
     if os.path.exists(os.path.join(run_dir, RUN_JSON)):
-        return open_run(run_dir)
+        return open_run(run_dir, device)
     model_overrides["mask_output_proj"] = bool(mask_output_proj)
     data = load_corpus(corpus, pairs, max_train)
     os.makedirs(run_dir, exist_ok=True)
@@ -121,10 +128,10 @@ def prepare(run_dir: str, corpus: str = "demo", config: str = "tiny", vocab_size
             "model": cfg.to_dict(), "tokenizer": "spm.model", "seed": seed, "langtok": langtok,
             "skipped_lines": len(data.skipped)}
     atomic_write(os.path.join(run_dir, RUN_JSON), json.dumps(info, indent=1).encode())
-    return Run(run_dir, data, tok, cfg, info)
+    return Run(run_dir, data, tok, cfg, info, resolve_device(device))
 
 
-def open_run(run_dir: str) -> Run:
+def open_run(run_dir: str, device: str | torch.device = "auto") -> Run:
     path = os.path.join(run_dir, RUN_JSON)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{run_dir} is not a run folder (no {RUN_JSON}); start one with "
@@ -133,7 +140,7 @@ def open_run(run_dir: str) -> Run:
         info = json.load(f)
     data = load_corpus(info["corpus"], info["pairs"], info["max_train"])
     tok = Tokenizer(os.path.join(run_dir, info["tokenizer"]))
-    return Run(run_dir, data, tok, ModelConfig(**info["model"]), info)
+    return Run(run_dir, data, tok, ModelConfig(**info["model"]), info, resolve_device(device))
 
 
 def _init_model(run: Run, out: str, init: str | None) -> Seq2Seq:
@@ -189,10 +196,10 @@ def prune(run: Run, alpha: float, *, directions: list[str] | None = None,
     bank = MaskBank({n: template.get_parameter(n).shape for n in names}, alpha=alpha)
     shared = None
     if shared_from is not None:
-        shared = bank.masks_from_model(run.load_model(shared_from), alpha, names)
+        shared = bank.masks_from_model(run.load_model(shared_from, device="cpu"), alpha, names)
     for d in dirs:
         masks = {n: b.clone() for n, b in shared.items()} if shared is not None else \
-            bank.masks_from_model(run.load_model(f"{ft_prefix}/{d}"), alpha, names)
+            bank.masks_from_model(run.load_model(f"{ft_prefix}/{d}", device="cpu"), alpha, names)
         bank.add_pair(d, masks)
     if random:
         bank = bank.random_like(alpha, seed=seed)
@@ -239,7 +246,7 @@ def extend(run: Run, directions: str | list[str], *, masks: str, init: str = "jo
     for d in dirs:
         ft_out = f"{out}/ft" if len(dirs) == 1 else f"{out}/ft/{d}"
         fts[d] = finetune(run, d, ft_steps, init=ft_init, out=ft_out, **kw)
-        bank.add_pair(d, bank.masks_from_model(run.load_model(ft_out), alpha))
+        bank.add_pair(d, bank.masks_from_model(run.load_model(ft_out, device="cpu"), alpha))
     model = _init_model(run, out, init)
     attach(model, bank)
     update_bank = params = None

@@ -72,7 +72,7 @@ def run_variant(args) -> dict:
             return json.load(f)
     run = P.prepare(args.run, args.corpus, args.config, args.vocab_size, pairs=args.pairs,
                     max_train=args.max_train, seed=args.seed, langtok=args.langtok,
-                    mask_output_proj=True)
+                    mask_output_proj=True, device=args.device)
     steps = {**DEFAULT_STEPS, **dict(_kv(s) for s in args.steps or [])}
     every = {**DEFAULT_VALID, **dict(_kv(s) for s in args.validate_every or [])}
     T = _Timer(run)
@@ -396,7 +396,8 @@ def add_commands(sub) -> None:
     v.add_argument("--ft-lr", type=float, default=1e-3)
     v.add_argument("--ft-warmup", type=int, default=20)
     v.add_argument("--ft-dropout", type=float, default=0.3)
-    v.add_argument("--amp", default="bf16", choices=["none", "bf16"])
+    v.add_argument("--amp", default="bf16", choices=["auto", "none", "bf16", "fp16"])
+    v.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:N")
     v.add_argument("--limit", type=int, default=None, help="test rows (default: all)")
     v.add_argument("--beam", type=int, default=4)
     v.add_argument("--bootstrap", type=int, default=1000)

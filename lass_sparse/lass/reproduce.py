@@ -398,7 +398,7 @@ def run_reproduction(args) -> int:
     st = _steps(args.scale, args.steps)
     run = P.prepare(args.run, args.corpus, args.config, args.vocab_size, seed=args.seed,
                     pairs=args.pairs, max_train=args.max_train, langtok=args.langtok,
-                    mask_output_proj=args.mask_output_proj)
+                    mask_output_proj=args.mask_output_proj, device=args.device)
     kw = {"progress": not args.quiet, "amp": args.amp, "batch_size": args.batch_size,
           "validate_every": args.validate_every, "patience": args.patience,
           "valid_limit": args.valid_limit}
@@ -454,7 +454,8 @@ def add_commands(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="test sentences per direction")
     p.add_argument("--beam", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--amp", default="bf16", choices=["none", "bf16"])
+    p.add_argument("--amp", default="bf16", choices=["auto", "none", "bf16", "fp16"])
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")

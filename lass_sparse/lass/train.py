@@ -29,6 +29,7 @@ from ..nn import active_pair, attach
 from ..optim import MaskedAdamW
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .data import Corpus, parse_direction
+from .device import model_device, resolve_amp
 from .model import label_smoothed_loss, set_dropout
 from .tokenizer import EOS, PAD, Tokenizer
 
@@ -45,7 +46,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     clip_norm: float = 1.0
-    amp: str = "none"  # "bf16": CPU/GPU autocast (fp32 master weights and optimizer state)
+    amp: str = "none"  # bf16 / fp16 (GPU, grad scaler) autocast, fp32 master weights; auto:
+    # bf16 on a GPU, none on a CPU
     seed: int = 0
     ckpt_every: int = 100
     log_every: int = 10
@@ -69,6 +71,12 @@ class Batch:
     @property
     def tokens(self) -> int:
         return int(self.src.ne(PAD).sum() + self.tgt_out.ne(PAD).sum())
+
+    def to(self, device: torch.device) -> Batch:
+        if self.src.device == device:
+            return self
+        return Batch(self.direction, *(t.to(device, non_blocking=True)
+                                       for t in (self.src, self.tgt_in, self.tgt_out)))
 
 
 def pad_batch(seqs: list[list[int]]) -> Tensor:
@@ -169,6 +177,9 @@ def run_stage(
         raise ValueError(f"{cfg.stage}: validate_every needs validation rows for every direction")
     ckpt, best_dir = os.path.join(out_dir, "ckpt"), os.path.join(out_dir, "best")
     os.makedirs(out_dir, exist_ok=True)
+    dev = model_device(model)  # batches follow the model (the caller places it)
+    amp = resolve_amp(cfg.amp, dev)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     torch.manual_seed(cfg.seed)
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
@@ -201,26 +212,35 @@ def run_stage(
         return {"step": step, "config": cfg.to_dict(), "valid": dict(es)}
 
     with open(log_path, "a") as log:
+        if step < cfg.steps and not es["stopped"]:  # which device and kernels this run used
+            log.write(json.dumps(_env_record(cfg.stage, step, dev, amp)) + "\n")
+            log.flush()
         while step < cfg.steps and not es["stopped"]:
             e, i = divmod(step, per_epoch)
             if e != epoch:
                 sampler.set_epoch(e)
                 epoch, batches = e, list(sampler.batches())
             direction, idx = batches[i]
-            b = data.batch(direction, idx)
+            b = data.batch(direction, idx).to(dev)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step + 1, cfg)
             t0 = time.perf_counter()
             ctx = active_pair(model, direction) if bank is not None else contextlib.nullcontext()
-            with ctx, _autocast(cfg.amp, b.src.device):
+            with ctx, _autocast(amp, dev):
                 loss = label_smoothed_loss(model(b.src, b.tgt_in), b.tgt_out,
                                            cfg.label_smoothing)
-                loss.backward()
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            if scaler is not None:
+                scaler.unscale_(opt)
             if cfg.clip_norm:
                 nn.utils.clip_grad_norm_(trainable, cfg.clip_norm)
             if bank is not None and update_masks is None:
                 opt.note_pair(direction)
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)  # skipped when the scaled gradients overflowed
+                scaler.update()
+            else:
+                opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
@@ -239,7 +259,7 @@ def run_stage(
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
-                v = validation_loss(model, valid, cfg.directions, bank=bank, amp=cfg.amp,
+                v = validation_loss(model, valid, cfg.directions, bank=bank, amp=amp,
                                     label_smoothing=cfg.label_smoothing)
                 improved = es["best"] is None or v["loss"] < es["best"]
                 if improved:
@@ -274,6 +294,8 @@ def validation_loss(model: nn.Module, data: Encoded, directions: list[str], *,
     per direction (``by_direction``). Dropout off; the model's mode is restored."""
     was_training = model.training
     model.eval()
+    dev = model_device(model)
+    amp = resolve_amp(amp, dev)
     tot = {"loss": 0.0, "nll": 0.0, "tokens": 0}
     by_dir = {}
     try:
@@ -283,8 +305,8 @@ def validation_loss(model: nn.Module, data: Encoded, directions: list[str], *,
             ctx = active_pair(model, d) if bank is not None else contextlib.nullcontext()
             with ctx:
                 for i in range(0, len(idx), batch_size):
-                    b = data.batch(d, idx[i:i + batch_size])
-                    with _autocast(amp, b.src.device):
+                    b = data.batch(d, idx[i:i + batch_size]).to(dev)
+                    with _autocast(amp, dev):
                         logits = model(b.src, b.tgt_in)
                     n = int(b.tgt_out.ne(PAD).sum())
                     s["loss"] += float(label_smoothed_loss(logits, b.tgt_out,
@@ -304,9 +326,22 @@ def validation_loss(model: nn.Module, data: Encoded, directions: list[str], *,
 def _autocast(amp: str, device: torch.device):
     if amp == "none":
         return contextlib.nullcontext()
-    if amp != "bf16":
-        raise ValueError(f"amp must be 'none' or 'bf16', got {amp!r}")
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
+    return torch.autocast(device.type,
+                          dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _env_record(stage: str, step: int, dev: torch.device, amp: str) -> dict:
+    """A log line saying where a stage (re)started: device, autocast and active kernels."""
+    from .. import backends
+
+    rec = {"stage": stage, "step": step, "event": "start", "device": str(dev), "amp": amp,
+           "torch": torch.__version__,
+           "backends": sorted(n for n, r in backends().items() if r["active"])}
+    if dev.type == "cuda":
+        rec["gpu"] = torch.cuda.get_device_name(dev)
+    return rec
 
 
 def _progress(enabled: bool, cfg: TrainConfig, initial: int):
@@ -328,6 +363,8 @@ def plot_log(log_path: str, out_png: str) -> str:
     with open(log_path) as f:
         for line in f:
             r = json.loads(line)
+            if "loss" not in r and "valid_loss" not in r:
+                continue  # e.g. the "start" record (device, kernels)
             key = "loss" if "loss" in r else "valid_loss"
             label = r["stage"] if key == "loss" else f"{r['stage']} (validation)"
             xs, ys = curves.setdefault(label, ([], []))

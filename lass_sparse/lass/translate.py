@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ..masks import MaskBank
 from .data import parse_direction
+from .device import model_device
 from .model import Seq2Seq
 from .tokenizer import EOS, PAD, Tokenizer
 from .train import encode_source, encoder_lang, pad_batch
@@ -115,10 +116,11 @@ def translate(model: Seq2Seq, tok: Tokenizer, texts: list[str], direction: str, 
     src = [encode_source(tok, s, lang, model.config.max_len) for s in ids]
     order = sorted(range(len(src)), key=lambda i: len(src[i]))
     out: list[str] = [""] * len(src)
+    dev = model_device(model)
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
-        hyps = beam_search(model, pad_batch([src[i] for i in chunk]), tok.lang_id(tgt), beam,
-                           lenpen=lenpen, use_cache=use_cache)
+        hyps = beam_search(model, pad_batch([src[i] for i in chunk]).to(dev), tok.lang_id(tgt),
+                           beam, lenpen=lenpen, use_cache=use_cache)
         for i, h in zip(chunk, tok.decode(hyps)):
             out[i] = h
     return out
