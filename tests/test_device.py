@@ -102,7 +102,7 @@ def gpu_run(tmp_path_factory):
     if not HAS_CUDA:
         pytest.skip("needs a CUDA GPU")
     d = str(tmp_path_factory.mktemp("gpu_run"))
-    r = P.prepare(d, "demo", "tiny", vocab_size=400, pairs=["en-de", "en-zh"], max_train=150,
+    r = P.prepare(d, "demo", "tiny", vocab_size=1000, pairs=["en-de", "en-zh"], max_train=150,
                   device="cuda", **SMALL)
     res = {"base": P.train(r, 6, out="base", amp="auto", **KW)}
     for direction in r.directions:
@@ -145,6 +145,7 @@ def test_gpu_checkpoints_load_on_the_cpu_and_translate_the_same(gpu_run):
     hyp_cpu = P.translate_texts(cpu_run, "joint", "en-de", texts, masks="masks.safetensors",
                                 beam=1)
     assert len(hyp_gpu) == len(hyp_cpu) == 2
+    pytest.importorskip("langid")  # translation accuracy (not on every GPU image)
     res = P.evaluate(r, {"lass": ("joint", "masks.safetensors")}, ["en-de", "de-zh"],
                      limit=6, beam=2, progress=False)
     assert all(0.0 <= res["lass"][d]["bleu"] <= 100.0 for d in ("en-de", "de-zh"))

@@ -18,7 +18,7 @@ from ..masks import atomic_write
 
 ZERO_SHOT_LANGS = ("de", "fr", "zh")
 ALPHA = 0.5
-STEPS = {"base": 600, "finetune": 40, "joint": 300}
+STEPS = {"base": 500, "finetune": 30, "joint": 250}
 
 
 def run_demo(args) -> int:
