@@ -35,38 +35,62 @@ def _batch_size(device: str, smoke: bool) -> int:
 @pytest.mark.parametrize("impl", ["ours", "dense", "naive"])
 @pytest.mark.parametrize("config", ["tiny", "base"])
 def test_joint_step(benchmark, impl, config, device, is_smoke):
-    """ours: packed masks fused (masked dW, masked AdamW); dense: no masks; naive: the original
-    LaSS way — a bool mask per weight, ``W * mask`` built every step (autograd keeps it)."""
+    """ours: packed masks fused (masked dW, masked AdamW); dense: no masks, ``torch.optim.AdamW``;
+    naive: the original LaSS way — a bool mask per weight, ``W * mask`` built every step,
+    ``torch.optim.AdamW``, then off-mask weights and moments restored from the bool masks."""
     model = _model(config, is_smoke, device)
     src, tgt_in, tgt_out = _batch(model.config.vocab_size, _batch_size(device, is_smoke), 24,
                                   device)
-    opt = MaskedAdamW(model.parameters(), lr=1e-4)
     bank = ls.MaskBank.from_model(model, 0.5, pair="en-de")
-    masks = {n: ls.unpack_mask(bank.bits("en-de", n), s[-1]) for n, s in bank.shapes.items()}
+    registered = dict(model.named_parameters())
+    masks = {n: ls.unpack_mask(bank.bits("en-de", n), s[-1]).to(device)
+             for n, s in bank.shapes.items() if n in registered}
+    before = {n: registered[n].detach().clone() for n in masks}
     if impl == "ours":
+        opt = MaskedAdamW(model.parameters(), lr=1e-4)
         ls.attach(model, bank)
         opt.bind(model, bank)
     else:
-        opt.set_masks({model.get_parameter(n): bank.bits("en-de", n) for n in bank.names}
-                      if impl == "naive" else None)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     tag(benchmark, "joint_step", impl, device=device, config=config,
         tokens=int(src.numel() + tgt_in.numel()))
+    losses = []
 
     def forward():
         if impl == "naive":
-            eff = {n: p * masks[n] if n in masks else p for n, p in model.named_parameters()}
+            eff = {n: p * masks[n] if n in masks else p for n, p in registered.items()}
             return torch.func.functional_call(model, eff, (src, tgt_in))
         return model(src, tgt_in)
+
+    def restore_off_mask(old):
+        with torch.no_grad():
+            for n, (p0, m0, v0) in old.items():
+                p, keep, st = registered[n], masks[n], opt.state[registered[n]]
+                p.copy_(torch.where(keep, p, p0))
+                if m0 is not None:
+                    st["exp_avg"].copy_(torch.where(keep, st["exp_avg"], m0))
+                    st["exp_avg_sq"].copy_(torch.where(keep, st["exp_avg_sq"], v0))
 
     def step():
         if impl == "ours":
             with ls.active_pair(model, "en-de"):
-                label_smoothed_loss(forward(), tgt_out).backward()
+                loss = label_smoothed_loss(forward(), tgt_out)
+                loss.backward()
             opt.note_pair("en-de")
         else:
-            label_smoothed_loss(forward(), tgt_out).backward()
+            loss = label_smoothed_loss(forward(), tgt_out)
+            loss.backward()
+        old = None
+        if impl == "naive":
+            old = {n: (registered[n].detach().clone(),
+                       *(opt.state[registered[n]][k].clone()
+                         if registered[n] in opt.state else None
+                         for k in ("exp_avg", "exp_avg_sq"))) for n in masks}
         opt.step()
+        if old is not None:
+            restore_off_mask(old)
         opt.zero_grad()
+        losses.append(loss.detach())
 
     step()  # optimizer state exists before measuring memory
     if device == "cuda":
@@ -84,6 +108,16 @@ def test_joint_step(benchmark, impl, config, device, is_smoke):
                   "naive": sum(m.nbytes for m in masks.values()), "dense": 0}[impl]
     benchmark.extra_info["mask_MB_per_pair"] = f"{mask_bytes / 2**20:.2f}"
     timed(benchmark, device, step)
+    assert all(torch.isfinite(x).item() for x in losses), "non-finite loss"
+    changed = 0
+    for n, keep in masks.items():
+        p = registered[n].detach()
+        if impl != "dense":
+            assert torch.equal(p[~keep], before[n][~keep]), f"{n}: off-mask weights changed"
+        changed += int((p != before[n]).sum())
+    assert changed > 0, "no weight changed"
+    assert "mask_MB_per_pair" in benchmark.extra_info
+    assert any(k.startswith("peak_") for k in benchmark.extra_info)
 
 
 @pytest.mark.parametrize("impl", ["ours", "dense"])
