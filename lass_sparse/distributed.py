@@ -156,6 +156,12 @@ class PairGroupedSampler(torch.utils.data.Sampler):
                 pos[p] += step
             yield p, take
 
+    def global_sequence(self) -> list[tuple[str, list[int]]]:
+        """Every rank's ``(pair, indices)`` batches of this epoch in global order (batch ``i``
+        belongs to rank ``i % num_replicas``): what one process accumulating the ranks' batches
+        consumes."""
+        return list(self._global())
+
     def batches(self) -> Iterator[tuple[str, list[int]]]:
         """This rank's ``(pair, indices)`` batches: global batches ``rank, rank + W, ...``."""
         for i, b in enumerate(self._global()):
@@ -167,11 +173,18 @@ class PairGroupedSampler(torch.utils.data.Sampler):
             yield idx
 
 
-def gather_pairs(pair: str) -> list[str]:
-    """All ranks' pairs of this step, in rank order without repeats (just ``[pair]`` when not
-    distributed)."""
+def gather_pairs(*pairs: str) -> list[str]:
+    """All ranks' pairs of this step (each rank may pass several: its accumulated batches), in
+    rank order without repeats (just ``pairs`` when not distributed)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return [pair]
-    out: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, pair)
-    return list(dict.fromkeys(p for p in out if p is not None))
+        return list(dict.fromkeys(pairs))
+    out: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, list(pairs))
+    return list(dict.fromkeys(p for ps in out if ps for p in ps))
+
+
+def world_and_rank() -> tuple[int, int]:
+    """``(world size, rank)`` of the initialised process group, else ``(1, 0)``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0

@@ -149,13 +149,45 @@ def _read_run_json(run_dir: str) -> dict:
     return info
 
 
+TRAINING = ("train", "finetune", "joint", "extend")
+
+
 def _device(args):
+    """``--device``; under torchrun a bare ``cuda`` means this rank's GPU, cuda:$LOCAL_RANK."""
     from .device import resolve_device
 
     try:
-        return resolve_device(getattr(args, "device", None) or "auto")
+        dev = resolve_device(getattr(args, "device", None) or "auto")
     except ValueError as e:
         raise CommandError(str(e)) from None
+    local = os.environ.get("LOCAL_RANK")
+    if dev.type == "cuda" and dev.index is None and local is not None and _world() > 1:
+        dev = resolve_device(f"cuda:{int(local)}")
+    return dev
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _dist_setup(args) -> tuple[int, int]:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (NCCL on GPUs, else gloo) for
+    the training commands; the others refuse (they run in one process)."""
+    import torch
+    import torch.distributed as dist
+
+    if _world() <= 1:
+        return 1, 0
+    command = getattr(args, "command", "")
+    if command not in TRAINING:
+        raise CommandError(f"`{command}` runs in one process: start it without torchrun "
+                           f"(torchrun is for {', '.join(TRAINING)})")
+    if not dist.is_initialized():
+        dev = _device(args)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_world_size(), dist.get_rank()
 
 
 def _open_run(run_dir: str, args=None):
@@ -163,6 +195,8 @@ def _open_run(run_dir: str, args=None):
     naming the file), on ``args.device``."""
     from . import pipeline as P
 
+    if args is not None:
+        _dist_setup(args)
     device = _device(args)
     info = _read_run_json(run_dir)
     if info["corpus"] != "demo":
@@ -177,6 +211,23 @@ def _open_run(run_dir: str, args=None):
 def _run(args):
     from . import pipeline as P
 
+    world, rank = _dist_setup(args)
+    if world > 1:  # rank 0 creates the run (tokenizer, run.json); the others then open it
+        import torch.distributed as dist
+
+        if rank == 0:
+            run = _create_or_open(args, P)
+        dist.barrier()
+        if rank != 0:
+            run = _open_run(args.run, args)
+        _check_fixed_options(args, run)
+        return run
+    run = _create_or_open(args, P)
+    _check_fixed_options(args, run)
+    return run
+
+
+def _create_or_open(args, P):
     if getattr(args, "corpus", None) is not None or not os.path.exists(
         os.path.join(args.run, P.RUN_JSON)
     ):
@@ -191,18 +242,21 @@ def _run(args):
                         langtok=langtok, mask_output_proj=mop, device=_device(args))
     else:
         run = _open_run(args.run, args)
-    # options fixed at creation: a different value on a later call is an error, not ignored
+    return run
+
+
+def _check_fixed_options(args, run) -> None:
+    """Options fixed at creation: a different value on a later call is an error, not ignored."""
     for opt, want, have in (("--langtok", args.langtok, run.langtok),
                             ("--mask-output-proj", args.mask_output_proj,
                              run.model_config.mask_output_proj)):
         if want is not None and want != have:
             raise CommandError(f"run {args.run} was created with {opt} {have}; it cannot "
                                "change (start a new --run)")
-    return run
 
 
 def _train_kw(args) -> dict:
-    kw = {"lr": args.lr, "seed": args.seed, "ckpt_every": args.ckpt_every,
+    kw = {"lr": args.lr, "seed": args.seed, "ckpt_every": args.ckpt_every, "accum": args.accum,
           "progress": not args.quiet, "amp": args.amp, "validate_every": args.validate_every,
           "patience": args.patience, "valid_limit": args.valid_limit,
           "max_tokens": args.max_tokens}
@@ -245,10 +299,17 @@ def cmd_finetune(args) -> int:
 
     run = _open_run(args.run, args)
     directions = run.directions if args.pair == ["all"] else args.pair
-    for d in directions:
+    world, rank = _dist_setup(args)
+    spread = world > 1 and len(directions) > 1  # torchrun: one direction per rank at a time
+    for d in directions[rank::world] if spread else directions:
         out = f"{args.out_prefix}/{d}"
-        res = P.finetune(run, d, args.steps, init=args.init, out=out, **_train_kw(args))
+        res = P.finetune(run, d, args.steps, init=args.init, out=out, distributed=not spread,
+                         **_train_kw(args))
         _done(args.run, out, res, args.plot)
+    if spread:
+        import torch.distributed as dist
+
+        dist.barrier()
     return 0
 
 
@@ -445,6 +506,9 @@ def _training(p, steps: int, lr: float = 2e-3) -> None:
                    help="stop after N validations without improvement (0: never)")
     p.add_argument("--valid-limit", type=positive_int, default=200,
                    help="validation rows per direction (default 200)")
+    p.add_argument("--accum", type=positive_int, default=1, metavar="A",
+                   help="batches accumulated per step (fairseq --update-freq); under torchrun "
+                   "each rank adds its batches, so N ranks ≈ one process with --accum N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt-every", type=positive_int, default=100)
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],

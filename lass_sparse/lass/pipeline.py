@@ -172,14 +172,15 @@ def train(run: Run, steps: int, *, out: str = "base", init: str | None = None,
 
 
 def finetune(run: Run, direction: str, steps: int, *, init: str = "base",
-             out: str | None = None, **kw) -> dict:
+             out: str | None = None, distributed: bool = True, **kw) -> dict:
     """Fine-tune the multilingual model (its best checkpoint) on one direction, optimizer and
-    schedule reset, to find its mask."""
+    schedule reset, to find its mask. ``distributed=False``: this process alone, also under
+    ``torchrun`` (ranks fine-tuning different directions)."""
     parse_direction(direction)
     out = out or f"ft/{direction}"
     kw.setdefault("warmup", 1)
     return _stage(run, out, _init_model(run, out, init), [direction], dict(kw, steps=steps),
-                  name=f"finetune {direction}")
+                  name=f"finetune {direction}", distributed=distributed)
 
 
 def prune(run: Run, alpha: float, *, directions: list[str] | None = None,

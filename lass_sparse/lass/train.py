@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..distributed import PairGroupedSampler
+from ..distributed import PairGroupedSampler, gather_pairs, world_and_rank
 from ..masks import MaskBank
 from ..nn import active_pair, attach
 from ..optim import MaskedAdamW
@@ -55,6 +55,7 @@ class TrainConfig:
     validate_every: int = 0  # 0: no validation
     patience: int = 0  # validations without improvement before stopping; 0: never stop early
     dropout: float | None = None  # None: the model's own
+    accum: int = 1  # batches accumulated per optimizer step (fairseq --update-freq)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -154,6 +155,7 @@ def run_stage(
     valid: Encoded | None = None,
     resume: bool = True,
     progress: bool = True,
+    distributed: bool = True,
 ) -> dict:
     """Train ``model`` for up to ``cfg.steps`` steps (resuming from ``out_dir/ckpt`` if present).
 
@@ -163,6 +165,12 @@ def run_stage(
     the step's directions instead of ``bank``'s (``extend --strict``). ``valid``: validation rows
     of the stage's directions (needed by ``cfg.validate_every``). Returns a summary (steps,
     tokens, seconds, loss, best validation loss and step, whether it stopped early).
+
+    Under ``torchrun`` (an initialised process group, ``distributed=True``) the model runs in
+    DDP: rank r takes global batches r, r + W, ... of one seed-determined sequence, gradients are
+    averaged, the optimizer updates the union of every rank's masks, and rank 0 writes the
+    checkpoints, logs and progress bar. ``cfg.accum`` = A accumulates A consecutive batches per
+    step, so W ranks with A = 1 and one process with A = W take the same steps.
     """
     missing = [d for d in cfg.directions if d not in data.index]
     if missing:
@@ -172,6 +180,10 @@ def run_stage(
             bank._check_pair(d)
     if cfg.validate_every < 0 or cfg.patience < 0:
         raise ValueError("validate_every and patience must be >= 0")
+    if cfg.accum < 1:
+        raise ValueError(f"accum must be >= 1, got {cfg.accum}")
+    world, rank = world_and_rank() if distributed else (1, 0)
+    lead = rank == 0  # writes checkpoints, logs, the progress bar
     if cfg.validate_every and (valid is None or any(d not in valid.index
                                                    for d in cfg.directions)):
         raise ValueError(f"{cfg.stage}: validate_every needs validation rows for every direction")
@@ -196,46 +208,64 @@ def run_stage(
         state = load_checkpoint(ckpt, model, opt, restore_rng=True)
         step = int(state["step"])
         es.update(state.get("valid", {}))
+    slots = world * cfg.accum  # global batches per optimizer step
     sampler = PairGroupedSampler({d: data.index[d] for d in cfg.directions}, cfg.batch_size,
-                                 temperature=cfg.temperature, seed=cfg.seed, num_replicas=1,
+                                 temperature=cfg.temperature, seed=cfg.seed, num_replicas=slots,
                                  rank=0, max_tokens=cfg.max_tokens,
                                  lengths=data.lengths() if cfg.max_tokens else None)
     per_epoch = len(sampler)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda"
+                                      else None)
     trainable = [p for g in opt.param_groups for p in g["params"]]
     log_path = os.path.join(out_dir, "log.jsonl")
     model.train()
     epoch, batches = -1, []
     tokens_total, loss_sum, loss_n, t_start = 0, 0.0, 0, time.perf_counter()
-    bar = None if es["stopped"] else _progress(progress, cfg, step)
+    bar = None if es["stopped"] else _progress(progress and lead, cfg, step)
 
     def state() -> dict:
         return {"step": step, "config": cfg.to_dict(), "valid": dict(es)}
 
-    with open(log_path, "a") as log:
+    with open(log_path, "a") if lead else contextlib.nullcontext(_NullLog()) as log:
         if step < cfg.steps and not es["stopped"]:  # which device and kernels this run used
-            log.write(json.dumps(_env_record(cfg.stage, step, dev, amp)) + "\n")
+            log.write(json.dumps(_env_record(cfg.stage, step, dev, amp, world, cfg.accum))
+                      + "\n")
             log.flush()
         while step < cfg.steps and not es["stopped"]:
             e, i = divmod(step, per_epoch)
             if e != epoch:
                 sampler.set_epoch(e)
-                epoch, batches = e, list(sampler.batches())
-            direction, idx = batches[i]
-            b = data.batch(direction, idx).to(dev)
+                epoch, batches = e, sampler.global_sequence()
+            micro = batches[i * slots + rank * cfg.accum:i * slots + (rank + 1) * cfg.accum]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step + 1, cfg)
             t0 = time.perf_counter()
-            ctx = active_pair(model, direction) if bank is not None else contextlib.nullcontext()
-            with ctx, _autocast(amp, dev):
-                loss = label_smoothed_loss(model(b.src, b.tgt_in), b.tgt_out,
-                                           cfg.label_smoothing)
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+            tokens, losses = 0, []
+            for j, (direction, idx) in enumerate(micro):
+                b = data.batch(direction, idx).to(dev)
+                tokens += b.tokens
+                ctx = (active_pair(model, direction) if bank is not None
+                       else contextlib.nullcontext())
+                sync = (net.no_sync() if world > 1 and j < len(micro) - 1
+                        else contextlib.nullcontext())
+                with ctx, sync, _autocast(amp, dev):
+                    loss = label_smoothed_loss(net(b.src, b.tgt_in), b.tgt_out,
+                                               cfg.label_smoothing)
+                    scaled = loss / len(micro)
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                losses.append(loss.detach())
+            loss = torch.stack(losses).mean()
+            direction = micro[-1][0]
             if scaler is not None:
                 scaler.unscale_(opt)
             if cfg.clip_norm:
                 nn.utils.clip_grad_norm_(trainable, cfg.clip_norm)
             if bank is not None and update_masks is None:
-                opt.note_pair(direction)
+                opt.note_pair(*gather_pairs(*(d for d, _ in micro)))
             if scaler is not None:
                 scaler.step(opt)  # skipped when the scaled gradients overflowed
                 scaler.update()
@@ -244,18 +274,18 @@ def run_stage(
             opt.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
-            tokens_total += b.tokens
+            tokens_total += tokens
             loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
             if bar is not None:
                 bar.update(1)
-                post = {"loss": f"{float(loss.detach()):.3f}", "tok_s": f"{b.tokens / dt:.0f}",
+                post = {"loss": f"{float(loss.detach()):.3f}", "tok_s": f"{tokens / dt:.0f}",
                         "pair": direction}
                 if es["best"] is not None:
                     post["valid_best"] = f"{es['best']:.3f}"
                 bar.set_postfix(post)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 rec = {"stage": cfg.stage, "step": step, "loss": float(loss.detach()),
-                       "lr": lr_at(step, cfg), "tokens_per_s": b.tokens / dt, "pair": direction}
+                       "lr": lr_at(step, cfg), "tokens_per_s": tokens / dt, "pair": direction}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
@@ -264,8 +294,9 @@ def run_stage(
                 improved = es["best"] is None or v["loss"] < es["best"]
                 if improved:
                     es.update(best=v["loss"], best_step=step, bad=0)
-                    save_checkpoint(best_dir, model, None, {"step": step, "valid": v,
-                                                            "config": cfg.to_dict()})
+                    if lead:
+                        save_checkpoint(best_dir, model, None, {"step": step, "valid": v,
+                                                                "config": cfg.to_dict()})
                 else:
                     es["bad"] += 1
                     es["stopped"] = bool(cfg.patience) and es["bad"] >= cfg.patience
@@ -273,10 +304,12 @@ def run_stage(
                                       "valid_nll": v["nll"], "best": es["best"],
                                       "stopped": es["stopped"]}) + "\n")
                 log.flush()
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or es["stopped"]:
+            if (step % cfg.ckpt_every == 0 or step == cfg.steps or es["stopped"]) and lead:
                 save_checkpoint(ckpt, model, opt, state())
     if bar is not None:
         bar.close()
+    if world > 1:
+        torch.distributed.barrier()  # rank 0's last checkpoint is on disk for every rank
     secs = time.perf_counter() - t_start
     return {"stage": cfg.stage, "steps": step, "tokens": tokens_total, "seconds": secs,
             "tokens_per_s": tokens_total / secs if secs > 0 else 0.0,
@@ -332,12 +365,21 @@ def _autocast(amp: str, device: torch.device):
                           dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def _env_record(stage: str, step: int, dev: torch.device, amp: str) -> dict:
-    """A log line saying where a stage (re)started: device, autocast and active kernels."""
+class _NullLog:
+    def write(self, _s: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def _env_record(stage: str, step: int, dev: torch.device, amp: str, world: int = 1,
+                accum: int = 1) -> dict:
+    """A log line saying where a stage (re)started: device, autocast, active kernels, ranks."""
     from .. import backends
 
     rec = {"stage": stage, "step": step, "event": "start", "device": str(dev), "amp": amp,
-           "torch": torch.__version__,
+           "world_size": world, "accum": accum, "torch": torch.__version__,
            "backends": sorted(n for n, r in backends().items() if r["active"])}
     if dev.type == "cuda":
         rec["gpu"] = torch.cuda.get_device_name(dev)
