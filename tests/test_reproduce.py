@@ -117,3 +117,28 @@ def test_extend_rejects_a_direction_already_in_the_bank(repro):
     with pytest.raises(ValueError, match="already has a mask"):
         P.extend(run, ["en-de", "en-zh"], masks="masks.safetensors", init="joint", ft_steps=1,
                  steps=1, out="x")
+
+
+def test_gpu_preset_fills_defaults_and_explicit_flags_win(tmp_path):
+    """`reproduce --preset gpu` (sized for one GPU) run end to end on the CPU at a tiny scale:
+    preset values where flags were left at their defaults, explicit flags kept."""
+    from lass_sparse.cli import main
+    from lass_sparse.lass import pipeline as P
+    from lass_sparse.lass.checkpoint import read_state
+
+    run, out = str(tmp_path / "run"), str(tmp_path / "out")
+    rc = main(["reproduce", "--preset", "gpu", "--corpus", "demo", "--pairs", "en-de", "en-fr",
+               "--config", "tiny", "--vocab-size", "400", "--scale", "0.002", "--limit", "3",
+               "--zero-shot", "de", "fr", "--device", "cpu", "--amp", "none", "--beam", "1",
+               "--run", run, "--out", out, "--quiet"])
+    assert rc == 0
+    md = open(os.path.join(out, "reproduction-gpu.md")).read()
+    assert "--preset gpu" in md and "--config tiny" in md
+    assert os.path.exists(os.path.join(out, "reproduction-gpu-similarity.png"))
+    assert not os.path.exists(os.path.join(out, "reproduction.md"))
+    r = P.open_run(run, "cpu")
+    assert r.model_config.d_model == 128 and r.tok.vocab_size <= 400  # explicit flags won
+    cfg = read_state(r.path("base", "ckpt"))["config"]
+    assert cfg["steps"] == 7 and cfg["lr"] == 5e-4 and cfg["warmup"] == 1000  # 3500 × 0.002
+    assert cfg["max_tokens"] == 8192 and cfg["validate_every"] == 500
+    assert not os.path.exists(r.path("parts", "ext.json"))  # main + report only

@@ -37,6 +37,25 @@ DEFAULT_STEPS = {"base": 2800, "finetune": 50, "joint": 1300, "sweep_joint": 300
                  "extend_eval_every": 200}
 PARTS = ("main", "sweep", "ext", "report")
 
+# `--preset gpu`: the paper-like run for one GPU, about 40 min on an H100. Sizing, from the
+# measured throughput of the CLI pipeline on an H200 (benchmarks/results/nvidia-h200-pipeline.log:
+# Transformer-base, bf16 autocast, 8,192-token batches: 45.9k tokens/s dense, 47.3k masked,
+# about 11k real tokens per step); an H100 assumed no faster: on the full shared corpus (~16M
+# tokens an epoch over 16 directions) base 3,500 steps ≈ 38M tokens ≈ 2.4 epochs ≈ 14 min;
+# 16 fine-tunes × 120 steps ≈ 21M tokens ≈ 8 min (+ stage start-up); joint, random, shared and
+# dense continuation × 800 steps ≈ 35M tokens ≈ 13 min; evaluation of 5 systems on 16 + 6
+# directions × 200 test rows, beam 4 ≈ 4 min. The released schedule's lr 5e-4 (inverse sqrt),
+# with a warm-up of 1,000 steps for the shorter run. Explicit flags override preset values.
+PRESETS = {
+    "gpu": {"config": "base", "vocab_size": 16000, "max_tokens": 8192, "lr": 5e-4,
+            "warmup": 1000, "steps": ["base=3500", "finetune=120", "joint=800"],
+            "limit": 200, "zero_shot": ["de", "fr", "zh"], "part": "main+report",
+            "amp": "bf16", "validate_every": 500, "patience": 0,
+            "report_name": "reproduction-gpu"},
+}
+_UNSET = type("_Unset", (), {"__repr__": lambda self: "<unset>"})()
+_DEFAULTS: dict = {}  # real defaults of the options a preset may set (parsed as _UNSET)
+
 
 def _steps(scale: float, overrides: list[str] | None = None) -> dict:
     st = dict(DEFAULT_STEPS)
@@ -223,11 +242,13 @@ def _part_report(run, args, st: dict, parts: dict) -> str:
     dirs = run.directions
     bank = P.load_bank(run, "masks.safetensors")
     os.makedirs(args.out, exist_ok=True)
+    pre = "" if (getattr(args, "report_name", None) or "reproduction") == "reproduction" \
+        else f"{args.report_name}-"
     pngs = {"similarity": similarity_heatmap(bank, dirs, os.path.join(args.out,
-                                                                       "similarity.png")),
+                                                                       f"{pre}similarity.png")),
             "layers": layer_similarity_plot(
                 bank, [(a, b) for a, b in _layer_pairs(dirs)],
-                os.path.join(args.out, "layer_similarity.png"))}
+                os.path.join(args.out, f"{pre}layer_similarity.png"))}
     if "ext" in parts:
         pngs["extension"] = extension_plot(parts["ext"]["curves"],
                                            os.path.join(args.out, "extension.png"))
@@ -244,11 +265,11 @@ def _part_report(run, args, st: dict, parts: dict) -> str:
               "similarity_by_component": {f"{a}|{b}": bank.similarity(a, b, by="component")
                                           for a, b in _layer_pairs(dirs)},
               "stage_seconds": timings}
-    atomic_write(os.path.join(args.out, "reproduction.json"),
-                 json.dumps(report, indent=1).encode())
+    name = getattr(args, "report_name", None) or "reproduction"
+    atomic_write(os.path.join(args.out, f"{name}.json"), json.dumps(report, indent=1).encode())
     md = _markdown(report, pngs, args)
-    atomic_write(os.path.join(args.out, "reproduction.md"), md.encode())
-    return os.path.join(args.out, "reproduction.md")
+    atomic_write(os.path.join(args.out, f"{name}.md"), md.encode())
+    return os.path.join(args.out, f"{name}.md")
 
 
 FAMILY = {"en": "Germanic", "de": "Germanic", "fr": "Romance", "es": "Romance", "it": "Romance",
@@ -297,6 +318,8 @@ def _command(args) -> str:
            f"--seed {args.seed} --batch-size {args.batch_size} --amp {args.amp} "
            f"--beam {args.beam}")
     cmd += f" --langtok {args.langtok}"
+    if getattr(args, "preset", None):
+        cmd += f" --preset {args.preset}"
     cmd += " --mask-output-proj" if args.mask_output_proj else " --no-mask-output-proj"
     for opt in ("pairs", "max_train", "max_tokens", "validate_every", "patience",
                 "valid_limit", "bootstrap"):
@@ -388,11 +411,26 @@ def _markdown(rep: dict, pngs: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def apply_preset(args) -> None:
+    """Options not given on the command line take ``args.preset``'s value, else their default."""
+    preset = PRESETS.get(getattr(args, "preset", None) or "", {})
+    for key, default in _DEFAULTS.items():
+        if getattr(args, key, _UNSET) is _UNSET:
+            setattr(args, key, preset.get(key, default))
+    if "steps" in preset:  # --steps KEY=N given explicitly override the preset's, key by key
+        args.steps = list(preset["steps"]) + list(getattr(args, "steps", None) or [])
+
+
 def run_reproduction(args) -> int:
     import torch
 
     from . import pipeline as P
+    from .device import resolve_device
 
+    apply_preset(args)
+    if args.preset == "gpu" and resolve_device(args.device).type != "cuda":
+        print("reproduce: --preset gpu is sized for one GPU (~40 min on an H100); running on "
+              "the CPU", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     st = _steps(args.scale, args.steps)
@@ -401,12 +439,14 @@ def run_reproduction(args) -> int:
                     mask_output_proj=args.mask_output_proj, device=args.device)
     kw = {"progress": not args.quiet, "amp": args.amp, "batch_size": args.batch_size,
           "validate_every": args.validate_every, "patience": args.patience,
-          "valid_limit": args.valid_limit}
+          "valid_limit": args.valid_limit, "lr": args.lr}
+    if args.warmup is not None:
+        kw["warmup"] = args.warmup
     if args.max_tokens:
         kw.update(max_tokens=args.max_tokens, batch_size=args.max_tokens)
     S = _Stages(run, kw)
     ev = {"limit": args.limit, "beam": args.beam, "progress": not args.quiet}
-    todo = PARTS if args.part == "all" else (args.part,)
+    todo = PARTS if args.part == "all" else tuple(args.part.split("+"))
     fns = {"main": _part_main, "sweep": _part_sweep, "ext": _part_ext}
     for part in todo:
         if part in fns:
@@ -428,7 +468,16 @@ def add_commands(sub) -> None:
     p.add_argument("--corpus", default="demo")
     p.add_argument("--run", default="runs/reproduce")
     p.add_argument("--out", default="results")
-    p.add_argument("--part", default="all", choices=("all",) + PARTS)
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="gpu: Transformer-base on the whole corpus, token batches, the released "
+                   "schedule, sized for ~40 min on one H100 (main + report parts; writes "
+                   "OUT/reproduction-gpu.md); explicit flags override it")
+    p.add_argument("--part", default="all",
+                   choices=("all", "main+report") + PARTS)
+    p.add_argument("--report-name", default="reproduction",
+                   help="OUT/NAME.md and .json (default reproduction)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--config", default="tiny")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--scale", type=float, default=1.0, help="multiply every step count")
@@ -460,3 +509,8 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_reproduction)
+    keys = {k for v in PRESETS.values() for k in v} - {"steps"}  # append: merged instead
+    for a in p._actions:  # parse preset-able options as "unset" to tell them from explicit ones
+        if a.dest in keys:
+            _DEFAULTS[a.dest] = a.default
+            a.default = _UNSET
