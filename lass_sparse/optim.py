@@ -69,6 +69,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._names: dict[int, str] = {}  # id(param) -> bank name
         self._pairs: list[str] = []
         self._explicit: dict[int, Tensor | None] | None = None
+        self._union_cache: dict[tuple, dict[int, Tensor]] = {}  # (pairs, bank version) -> bits
+        self._device_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def add_param_group(self, param_group: dict) -> None:
         """As ``torch.optim.Optimizer.add_param_group``, but a parameter listed twice in one
@@ -110,6 +112,8 @@ class MaskedAdamW(torch.optim.Optimizer):
             if id(p) in ours:
                 self._names[id(p)] = name
         self._bank = bank
+        self._union_cache.clear()
+        self._device_cache.clear()
         return self
 
     def note_pair(self, *pairs: str) -> None:
@@ -139,8 +143,24 @@ class MaskedAdamW(torch.optim.Optimizer):
                 "MaskedAdamW.step: no pair noted since the last step; call note_pair(pair) after "
                 "backward (or set_masks(...) for explicit masks)"
             )
-        union = self._bank.union(self._pairs)
-        return {pid: union[name] for pid, name in self._names.items()}
+        key = (tuple(sorted(self._pairs)), self._bank.version)
+        if key not in self._union_cache:
+            if len(self._union_cache) >= 64 or any(k[1] != key[1] for k in self._union_cache):
+                self._union_cache.clear()  # bank changed, or many pair combinations seen
+            union = self._bank.union(self._pairs)
+            self._union_cache[key] = {pid: union[name] for pid, name in self._names.items()}
+        return self._union_cache[key]
+
+    def _on_device(self, masks: dict, pid: int, device: torch.device) -> Tensor:
+        """``masks[pid]`` on ``device``, copied once per (mask set, device) and reused by later
+        steps with the same pairs (a GPU step would otherwise copy every mask each step)."""
+        key = (id(masks), pid, device)
+        hit = self._device_cache.get(key)
+        if hit is None or hit[0] is not masks[pid]:
+            if len(self._device_cache) > 4096:
+                self._device_cache.clear()
+            hit = self._device_cache[key] = (masks[pid], masks[pid].to(device))
+        return hit[1]
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -184,8 +204,9 @@ class MaskedAdamW(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("MaskedAdamW does not support sparse gradients")
                 bits = masks.get(id(p))
-                if bits is not None:
-                    bits = bits.to(p.device)
+                if bits is not None and bits.device != p.device:
+                    bits = (bits.to(p.device) if self._explicit is not None
+                            else self._on_device(masks, id(p), p.device))
                 local, grad, bits = self._local(p, bits)
                 st = self.state[p]
                 if not st:

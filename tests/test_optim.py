@@ -114,3 +114,37 @@ def test_bad_hyperparameters():
         MaskedAdamW([nn.Parameter(torch.zeros(2))], lr=-1)
     with pytest.raises(ValueError, match="betas"):
         MaskedAdamW([nn.Parameter(torch.zeros(2))], betas=(1.0, 0.9))
+
+
+def test_step_reuses_the_union_and_device_copies_until_the_bank_changes(monkeypatch):
+    """The union of a step's masks is computed once per pair set (not every step), recomputed
+    after the bank changes; device copies of the bits are made once and reused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16))
+    ls.convert(model)
+    bank = MaskBank.from_model(model, 0.5, pair="a")
+    opt = MaskedAdamW(model.parameters(), lr=1e-2).bind(model, bank)
+    calls = []
+    union = bank.union
+    monkeypatch.setattr(bank, "union", lambda pairs: calls.append(tuple(pairs)) or union(pairs))
+
+    def step(pair):
+        with ls.active_pair(model, pair):
+            model(torch.randn(4, 8)).sum().backward()
+        opt.note_pair(pair)
+        opt.step()
+        opt.zero_grad()
+
+    ls.attach(model, bank)
+    for _ in range(3):
+        step("a")
+    assert calls == [("a",)]
+    bank.add_pair("b", {n: torch.rand(s) < 0.5 for n, s in bank.shapes.items()})
+    step("a")
+    step("b")
+    assert calls == [("a",), ("a",), ("b",)]
+    masks = opt._union_cache[(("b",), bank.version)]
+    pid = next(iter(masks))
+    first = opt._on_device(masks, pid, torch.device("meta"))
+    assert opt._on_device(masks, pid, torch.device("meta")) is first
+    assert first.device.type == "meta" and first.shape == masks[pid].shape
