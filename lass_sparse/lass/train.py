@@ -30,6 +30,7 @@ from ..optim import MaskedAdamW
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .data import Corpus, parse_direction
 from .device import model_device, resolve_amp
+from .encoding import LANGTOKS, encode_source, encoder_lang, pad_batch  # noqa: F401 (re-exported)
 from .model import label_smoothed_loss, set_dropout
 from .tokenizer import EOS, PAD, Tokenizer
 
@@ -78,30 +79,6 @@ class Batch:
             return self
         return Batch(self.direction, *(t.to(device, non_blocking=True)
                                        for t in (self.src, self.tgt_in, self.tgt_out)))
-
-
-def pad_batch(seqs: list[list[int]]) -> Tensor:
-    out = torch.full((len(seqs), max(len(s) for s in seqs)), PAD, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out
-
-
-LANGTOKS = ("src", "tgt")
-
-
-def encoder_lang(direction: str, langtok: str) -> str:
-    """The language whose token starts the encoder input: the source's (``src``, the released
-    LaSS configs' ``encoder_langtok: src``) or the target's (``tgt``, Johnson et al.)."""
-    if langtok not in LANGTOKS:
-        raise ValueError(f"langtok must be 'src' or 'tgt', got {langtok!r}")
-    s, t = parse_direction(direction)
-    return s if langtok == "src" else t
-
-
-def encode_source(tok: Tokenizer, ids: list[int], lang: str, max_len: int) -> list[int]:
-    """Encoder input: ``lang``'s token (see :func:`encoder_lang`), the sentence, EOS."""
-    return [tok.lang_id(lang)] + ids[: max_len - 2] + [EOS]
 
 
 class Encoded:

@@ -8,9 +8,9 @@ from torch import Tensor
 from ..masks import MaskBank
 from .data import parse_direction
 from .device import model_device
+from .encoding import encode_source, encoder_lang, pad_batch
 from .model import Seq2Seq
 from .tokenizer import EOS, PAD, Tokenizer
-from .train import encode_source, encoder_lang, pad_batch
 
 
 def ensure_pair(bank: MaskBank, direction: str, pivot: str = "en") -> str:
