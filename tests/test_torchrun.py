@@ -175,3 +175,26 @@ def test_killed_rank_then_restart_resumes_from_the_last_checkpoint(made):
     assert starts[-1]["step"] == step  # the restart resumed there, not from 0
     _cli("joint", "--run", ref, "--steps", str(until), *TRAIN, nproc=2)
     assert _max_diff(_params(killed, "joint"), _params(ref, "joint")) == 0.0
+
+
+def test_fsdp_two_ranks_like_one_process_and_resume_whole(made):
+    """--fsdp: FSDP2-sharded joint training equals one process accumulating two batches; its
+    checkpoints are whole (they load in one process) and a stop/restart continues exactly."""
+    a, b, c = _copies_with_masks(made, "fsdp-one", "fsdp-two", "fsdp-resumed")
+    src = made[1]
+    _cli("joint", "--run", a, "--steps", "4", "--accum", "2", *TRAIN)
+    _cli("joint", "--run", b, "--steps", "4", "--fsdp", *TRAIN, nproc=2)
+    pa, pb = _params(a, "joint"), _params(b, "joint")  # loads the FSDP checkpoint unsharded
+    assert _max_diff(pa, pb) <= TOL
+    with open(os.path.join(b, "joint", "log.jsonl")) as f:
+        start = json.loads(f.readline())
+    assert start["sharding"] == "fsdp2" and start["sharded_params"] == len(pb)  # every one
+    base = _params(src, "base")
+    bank = ls.MaskBank.load(os.path.join(src, "masks.safetensors"))
+    for name, bits in bank.union(bank.pairs).items():
+        if name in pb:
+            off = ~ls.unpack_mask(bits, bank.shapes[name][-1])
+            assert torch.equal(pb[name][off], base[name][off]), name
+    _cli("joint", "--run", c, "--steps", "2", "--fsdp", *TRAIN, nproc=2)
+    _cli("joint", "--run", c, "--steps", "4", "--fsdp", *TRAIN, nproc=2)
+    assert _max_diff(_params(c, "joint"), pb) == 0.0

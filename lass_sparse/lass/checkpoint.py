@@ -64,20 +64,23 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all([_unb64(c) for c in cuda])
 
 
-def save_checkpoint(folder: str, model: torch.nn.Module, optimizer, state: dict) -> None:
+def save_checkpoint(folder: str, model: torch.nn.Module | None, optimizer, state: dict, *,
+                    model_state: dict | None = None, optim_state: dict | None = None) -> None:
     """Write model + optimizer + ``state`` (JSON-able) for ``state["step"]``; tensors are saved
-    from the CPU, so a checkpoint loads on any device."""
+    from the CPU, so a checkpoint loads on any device. ``model_state`` / ``optim_state``: full
+    state dicts gathered by the caller (sharded training) instead of the objects' own."""
     os.makedirs(folder, exist_ok=True)
     step = int(state["step"])
     mfile, ofile = f"model-{step:08d}.safetensors", f"optim-{step:08d}.safetensors"
+    msd = model.state_dict() if model_state is None else model_state
     atomic_write(os.path.join(folder, mfile),
-                 save({k: v.detach().cpu().contiguous()
-                       for k, v in model.state_dict().items()}))
+                 save({k: v.detach().cpu().contiguous() for k, v in msd.items()}))
     meta = None
-    if optimizer is not None:
-        tensors, meta = _flatten_optim(optimizer.state_dict())
+    if optimizer is not None or optim_state is not None:
+        tensors, meta = _flatten_optim(optimizer.state_dict() if optim_state is None
+                                       else optim_state)
         atomic_write(os.path.join(folder, ofile), save(tensors))
-    full = dict(state, model_file=mfile, optim_file=ofile if optimizer is not None else None,
+    full = dict(state, model_file=mfile, optim_file=ofile if meta is not None else None,
                 optim_meta=meta, rng=rng_state())
     atomic_write(os.path.join(folder, STATE), json.dumps(full, indent=1).encode())
     for f in os.listdir(folder):  # older step files are now unreferenced
@@ -131,6 +134,19 @@ def _load_tensors(folder: str, name: str) -> dict[str, torch.Tensor]:
     except Exception as e:  # safetensors' own error type: header too large, truncated, ...
         raise CheckpointError(f"checkpoint file {path} is corrupt or truncated "
                               f"({' '.join(str(e).split())}); {_fix(folder)}") from None
+
+
+def load_optimizer_state(folder: str) -> dict | None:
+    """The optimizer state dict a checkpoint holds (tensors on the CPU), or None."""
+    state = read_state(folder)
+    if not state.get("optim_file"):
+        return None
+    tensors = _load_tensors(folder, state["optim_file"])
+    try:
+        return _unflatten_optim(tensors, state["optim_meta"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint state {os.path.join(folder, STATE)} has a corrupt "
+                              f"optimizer entry ({e!r}); {_fix(folder)}") from None
 
 
 def load_checkpoint(folder: str, model: torch.nn.Module, optimizer=None,

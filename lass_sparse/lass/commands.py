@@ -257,6 +257,7 @@ def _check_fixed_options(args, run) -> None:
 
 def _train_kw(args) -> dict:
     kw = {"lr": args.lr, "seed": args.seed, "ckpt_every": args.ckpt_every, "accum": args.accum,
+          "fsdp": args.fsdp,
           "progress": not args.quiet, "amp": args.amp, "validate_every": args.validate_every,
           "patience": args.patience, "valid_limit": args.valid_limit,
           "max_tokens": args.max_tokens}
@@ -509,6 +510,9 @@ def _training(p, steps: int, lr: float = 2e-3) -> None:
     p.add_argument("--accum", type=positive_int, default=1, metavar="A",
                    help="batches accumulated per step (fairseq --update-freq); under torchrun "
                    "each rank adds its batches, so N ranks ≈ one process with --accum N")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: FSDP2 (row-sharded parameters and optimizer state) "
+                   "instead of DDP; checkpoints stay whole")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt-every", type=positive_int, default=100)
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],

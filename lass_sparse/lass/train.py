@@ -27,7 +27,7 @@ from ..distributed import PairGroupedSampler, gather_pairs, world_and_rank
 from ..masks import MaskBank
 from ..nn import active_pair, attach
 from ..optim import MaskedAdamW
-from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import has_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
 from .data import Corpus, parse_direction
 from .device import model_device, resolve_amp
 from .encoding import LANGTOKS, encode_source, encoder_lang, pad_batch  # noqa: F401 (re-exported)
@@ -57,6 +57,7 @@ class TrainConfig:
     patience: int = 0  # validations without improvement before stopping; 0: never stop early
     dropout: float | None = None  # None: the model's own
     accum: int = 1  # batches accumulated per optimizer step (fairseq --update-freq)
+    fsdp: bool = False  # under torchrun: FSDP2 (row-sharded parameters) instead of DDP
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -147,7 +148,10 @@ def run_stage(
     DDP: rank r takes global batches r, r + W, ... of one seed-determined sequence, gradients are
     averaged, the optimizer updates the union of every rank's masks, and rank 0 writes the
     checkpoints, logs and progress bar. ``cfg.accum`` = A accumulates A consecutive batches per
-    step, so W ranks with A = 1 and one process with A = W take the same steps.
+    step, so W ranks with A = 1 and one process with A = W take the same steps. ``cfg.fsdp``:
+    FSDP2 instead of DDP (each layer and the root ``fully_shard``-ed, parameters and optimizer
+    state row-sharded, masks sliced to match); checkpoints are gathered to full tensors, so they
+    load anywhere.
     """
     missing = [d for d in cfg.directions if d not in data.index]
     if missing:
@@ -181,10 +185,24 @@ def run_stage(
         opt.set_masks(update_masks)
     step = 0
     es = {"best": None, "best_step": None, "bad": 0, "stopped": False}  # early stopping
-    if resume and has_checkpoint(ckpt):
-        state = load_checkpoint(ckpt, model, opt, restore_rng=True)
+    sharded = world > 1 and cfg.fsdp
+    resuming = resume and has_checkpoint(ckpt)
+    if resuming:
+        state = load_checkpoint(ckpt, model, None if sharded else opt, restore_rng=True)
         step = int(state["step"])
         es.update(state.get("valid", {}))
+    if sharded:  # shard the (loaded) model, then build the optimizer over the shards
+        _fsdp_shard(model)
+        opt = MaskedAdamW(params if params is not None else model.parameters(), lr=cfg.lr,
+                          betas=(0.9, 0.98), eps=1e-8, weight_decay=cfg.weight_decay)
+        if bank is not None:
+            opt.bind(model, bank if update_bank is None else update_bank)
+        if update_masks is not None:
+            opt.set_masks(update_masks)
+        if resuming:
+            osd = load_optimizer_state(ckpt)
+            if osd is not None:
+                opt.load_state_dict(_local_optim_state(opt, osd))
     slots = world * cfg.accum  # global batches per optimizer step
     sampler = PairGroupedSampler({d: data.index[d] for d in cfg.directions}, cfg.batch_size,
                                  temperature=cfg.temperature, seed=cfg.seed, num_replicas=slots,
@@ -192,7 +210,7 @@ def run_stage(
                                  lengths=data.lengths() if cfg.max_tokens else None)
     per_epoch = len(sampler)
     net = model
-    if world > 1:
+    if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda"
@@ -207,10 +225,22 @@ def run_stage(
     def state() -> dict:
         return {"step": step, "config": cfg.to_dict(), "valid": dict(es)}
 
+    def save(folder: str, optimizer, st: dict) -> None:
+        """Rank 0 writes; sharded, every rank first helps gather the full tensors."""
+        if sharded:
+            msd, osd = _full_state(model, optimizer)
+            if lead:
+                save_checkpoint(folder, None, None, st, model_state=msd, optim_state=osd)
+        elif lead:
+            save_checkpoint(folder, model, optimizer, st)
+
     with open(log_path, "a") if lead else contextlib.nullcontext(_NullLog()) as log:
         if step < cfg.steps and not es["stopped"]:  # which device and kernels this run used
-            log.write(json.dumps(_env_record(cfg.stage, step, dev, amp, world, cfg.accum))
-                      + "\n")
+            rec = _env_record(cfg.stage, step, dev, amp, world, cfg.accum)
+            rec["sharding"] = "fsdp2" if sharded else "ddp" if world > 1 else "none"
+            if sharded:
+                rec["sharded_params"] = sum(_is_dtensor(p) for p in model.parameters())
+            log.write(json.dumps(rec) + "\n")
             log.flush()
         while step < cfg.steps and not es["stopped"]:
             e, i = divmod(step, per_epoch)
@@ -227,7 +257,10 @@ def run_stage(
                 tokens += b.tokens
                 ctx = (active_pair(model, direction) if bank is not None
                        else contextlib.nullcontext())
-                sync = (net.no_sync() if world > 1 and j < len(micro) - 1
+                last = j == len(micro) - 1
+                if sharded:
+                    model.set_requires_gradient_sync(last)
+                sync = (net.no_sync() if world > 1 and not sharded and not last
                         else contextlib.nullcontext())
                 with ctx, sync, _autocast(amp, dev):
                     loss = label_smoothed_loss(net(b.src, b.tgt_in), b.tgt_out,
@@ -271,9 +304,7 @@ def run_stage(
                 improved = es["best"] is None or v["loss"] < es["best"]
                 if improved:
                     es.update(best=v["loss"], best_step=step, bad=0)
-                    if lead:
-                        save_checkpoint(best_dir, model, None, {"step": step, "valid": v,
-                                                                "config": cfg.to_dict()})
+                    save(best_dir, None, {"step": step, "valid": v, "config": cfg.to_dict()})
                 else:
                     es["bad"] += 1
                     es["stopped"] = bool(cfg.patience) and es["bad"] >= cfg.patience
@@ -281,8 +312,8 @@ def run_stage(
                                       "valid_nll": v["nll"], "best": es["best"],
                                       "stopped": es["stopped"]}) + "\n")
                 log.flush()
-            if (step % cfg.ckpt_every == 0 or step == cfg.steps or es["stopped"]) and lead:
-                save_checkpoint(ckpt, model, opt, state())
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or es["stopped"]:
+                save(ckpt, opt, state())
     if bar is not None:
         bar.close()
     if world > 1:
@@ -340,6 +371,58 @@ def _autocast(amp: str, device: torch.device):
         raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
     return torch.autocast(device.type,
                           dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _fsdp_shard(model: nn.Module) -> None:
+    """FSDP2: each encoder/decoder layer, then the root (embeddings, norms, output head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for stack in (model.encoder, model.decoder):
+        for layer in stack.layers:
+            fully_shard(layer)
+    fully_shard(model)
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _full_state(model: nn.Module, opt) -> tuple[dict, dict | None]:
+    """Full model and optimizer state dicts of a sharded model (a collective: every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    msd = {k: v.full_tensor() if _is_dtensor(v) else v for k, v in model.state_dict().items()}
+    if opt is None:
+        return msd, None
+    params = [p for g in opt.param_groups for p in g["params"]]
+    osd = opt.state_dict()
+    state = {}
+    for idx, st in osd["state"].items():
+        p = params[idx]
+        state[idx] = {k: DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape,
+                                            stride=p.stride(), run_check=False).full_tensor()
+                      if _is_dtensor(p) and torch.is_tensor(v) and v.dim() else v
+                      for k, v in st.items()}
+    return msd, {"state": state, "param_groups": osd["param_groups"]}
+
+
+def _local_optim_state(opt, osd: dict) -> dict:
+    """A full optimizer state dict cut to this rank's rows of each sharded parameter."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {}
+    for idx, st in osd["state"].items():
+        p = params[int(idx)]
+        if not _is_dtensor(p):
+            state[idx] = st
+            continue
+        shape, off = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        state[idx] = {k: v[off[0]:off[0] + shape[0]] if torch.is_tensor(v) and v.dim() else v
+                      for k, v in st.items()}
+    return {"state": state, "param_groups": osd["param_groups"]}
 
 
 class _NullLog:
