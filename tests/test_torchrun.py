@@ -22,7 +22,7 @@ from lass_sparse.lass.checkpoint import read_state  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
-SMALL = dict(d_model=32, heads=2, ffn=64, enc_layers=1, dec_layers=1, dropout=0.0)
+SMALL = dict(d_model=32, heads=2, ffn=64, enc_layers=1, dec_layers=1, dropout=0.1)
 TRAIN = ["--device", "cpu", "--quiet", "--batch-size", "8", "--ckpt-every", "2", "--lr", "3e-3",
          "--warmup", "1"]
 TOL = 2e-5  # fp32: gloo's all-reduce mean vs accumulated halves, a few ulps per step

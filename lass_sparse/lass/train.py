@@ -253,6 +253,9 @@ def run_stage(
             t0 = time.perf_counter()
             tokens, losses = 0, []
             for j, (direction, idx) in enumerate(micro):
+                # dropout's RNG per global batch: ranks draw different masks, and W ranks draw
+                # exactly what one process with --accum W draws
+                torch.manual_seed(_batch_seed(cfg.seed, step * slots + rank * cfg.accum + j))
                 b = data.batch(direction, idx).to(dev)
                 tokens += b.tokens
                 ctx = (active_pair(model, direction) if bank is not None
@@ -371,6 +374,10 @@ def _autocast(amp: str, device: torch.device):
         raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
     return torch.autocast(device.type,
                           dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _batch_seed(seed: int, global_batch: int) -> int:
+    return (seed * 1_000_003 + global_batch * 7_919 + 17) % (2**63 - 1)
 
 
 def _fsdp_shard(model: nn.Module) -> None:
