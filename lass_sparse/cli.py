@@ -20,6 +20,17 @@ import sys
 import traceback
 
 # Modules that contribute subcommands, in --help order.
+# Commands that run under torchrun (one process per rank); every other command refuses there.
+DISTRIBUTED_COMMANDS = ("train", "finetune", "joint", "extend")
+
+
+def check_torchrun(command: str | None) -> None:
+    """Refuse a one-process command started by torchrun (its ranks would write the same files)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and command not in DISTRIBUTED_COMMANDS:
+        raise CommandError(f"`{command}` runs in one process: start it without torchrun "
+                           f"(torchrun is for {', '.join(DISTRIBUTED_COMMANDS)})")
+
+
 COMMAND_MODULES = (
     "lass_sparse.lass.commands",
     "lass_sparse.lass.reproduce",
@@ -155,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 0
+        check_torchrun(getattr(args, "command", None))
         return int(args.func(args) or 0)
     except SystemExit:
         raise

@@ -133,10 +133,13 @@ def test_two_ranks_joint_train_like_one_process_and_respect_masks(made):
     assert checked > 0
 
 
-def test_refuses_non_training_commands_under_torchrun(made):
-    p = _cli("prune", "--run", made[1], "--alpha", "0.5", nproc=2, check=False)
+@pytest.mark.parametrize("command", [["prune", "--alpha", "0.5"], ["demo"]])
+def test_refuses_non_training_commands_under_torchrun(made, command):
+    run = os.path.join(str(made[0]), "refused") if command[0] == "demo" else made[1]
+    p = _cli(command[0], "--run", run, *command[1:], nproc=2, check=False)
     assert p.returncode != 0
     assert "runs in one process: start it without torchrun" in p.stderr
+    assert not os.path.exists(os.path.join(str(made[0]), "refused"))  # before any work
 
 
 def _children(pid: int) -> list[int]:

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 
-from ..cli import CommandError, missing_package
+from ..cli import CommandError, check_torchrun, missing_package
 
 RUN_JSON = "run.json"  # = pipeline.RUN_JSON (not imported: pipeline needs the [lass] extra)
 
@@ -149,9 +149,6 @@ def _read_run_json(run_dir: str) -> dict:
     return info
 
 
-TRAINING = ("train", "finetune", "joint", "extend")
-
-
 def _device(args):
     """``--device``; under torchrun a bare ``cuda`` means this rank's GPU, cuda:$LOCAL_RANK."""
     from .device import resolve_device
@@ -178,10 +175,7 @@ def _dist_setup(args) -> tuple[int, int]:
 
     if _world() <= 1:
         return 1, 0
-    command = getattr(args, "command", "")
-    if command not in TRAINING:
-        raise CommandError(f"`{command}` runs in one process: start it without torchrun "
-                           f"(torchrun is for {', '.join(TRAINING)})")
+    check_torchrun(getattr(args, "command", None))
     if not dist.is_initialized():
         dev = _device(args)
         if dev.type == "cuda":
