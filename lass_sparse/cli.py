@@ -19,18 +19,23 @@ import os
 import sys
 import traceback
 
-# Modules that contribute subcommands, in --help order.
 # Commands that run under torchrun (one process per rank); every other command refuses there.
 DISTRIBUTED_COMMANDS = ("train", "finetune", "joint", "extend")
 
 
+def env_world_size() -> int:
+    """Processes torchrun started for this job (``$WORLD_SIZE``; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def check_torchrun(command: str | None) -> None:
     """Refuse a one-process command started by torchrun (its ranks would write the same files)."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and command not in DISTRIBUTED_COMMANDS:
+    if env_world_size() > 1 and command not in DISTRIBUTED_COMMANDS:
         raise CommandError(f"`{command}` runs in one process: start it without torchrun "
                            f"(torchrun is for {', '.join(DISTRIBUTED_COMMANDS)})")
 
 
+# Modules that contribute subcommands, in --help order.
 COMMAND_MODULES = (
     "lass_sparse.lass.commands",
     "lass_sparse.lass.reproduce",

@@ -70,7 +70,6 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._pairs: list[str] = []
         self._explicit: dict[int, Tensor | None] | None = None
         self._union_cache: dict[tuple, dict[int, Tensor]] = {}  # (pairs, bank version) -> bits
-        self._device_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def add_param_group(self, param_group: dict) -> None:
         """As ``torch.optim.Optimizer.add_param_group``, but a parameter listed twice in one
@@ -113,7 +112,6 @@ class MaskedAdamW(torch.optim.Optimizer):
                 self._names[id(p)] = name
         self._bank = bank
         self._union_cache.clear()
-        self._device_cache.clear()
         return self
 
     def note_pair(self, *pairs: str) -> None:
@@ -151,16 +149,14 @@ class MaskedAdamW(torch.optim.Optimizer):
             self._union_cache[key] = {pid: union[name] for pid, name in self._names.items()}
         return self._union_cache[key]
 
-    def _on_device(self, masks: dict, pid: int, device: torch.device) -> Tensor:
-        """``masks[pid]`` on ``device``, copied once per (mask set, device) and reused by later
-        steps with the same pairs (a GPU step would otherwise copy every mask each step)."""
-        key = (id(masks), pid, device)
-        hit = self._device_cache.get(key)
-        if hit is None or hit[0] is not masks[pid]:
-            if len(self._device_cache) > 4096:
-                self._device_cache.clear()
-            hit = self._device_cache[key] = (masks[pid], masks[pid].to(device))
-        return hit[1]
+    @staticmethod
+    def _on_device(masks: dict, pid: int, device: torch.device) -> Tensor:
+        """``masks[pid]`` on ``device``; the copy replaces the cached entry, so later steps with
+        the same pairs reuse it (a GPU step would otherwise copy every mask each step)."""
+        bits = masks[pid]
+        if bits.device != device:
+            bits = masks[pid] = bits.to(device)
+        return bits
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 
-from ..cli import CommandError, check_torchrun, missing_package
+from ..cli import CommandError, env_world_size, missing_package
 
 RUN_JSON = "run.json"  # = pipeline.RUN_JSON (not imported: pipeline needs the [lass] extra)
 
@@ -158,24 +158,19 @@ def _device(args):
     except ValueError as e:
         raise CommandError(str(e)) from None
     local = os.environ.get("LOCAL_RANK")
-    if dev.type == "cuda" and dev.index is None and local is not None and _world() > 1:
+    if dev.type == "cuda" and dev.index is None and local is not None and env_world_size() > 1:
         dev = resolve_device(f"cuda:{int(local)}")
     return dev
 
 
-def _world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
 def _dist_setup(args) -> tuple[int, int]:
-    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (NCCL on GPUs, else gloo) for
-    the training commands; the others refuse (they run in one process)."""
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (NCCL on GPUs, else gloo). The
+    CLI has already refused the commands that run in one process (``cli.check_torchrun``)."""
     import torch
     import torch.distributed as dist
 
-    if _world() <= 1:
+    if env_world_size() <= 1:
         return 1, 0
-    check_torchrun(getattr(args, "command", None))
     if not dist.is_initialized():
         dev = _device(args)
         if dev.type == "cuda":

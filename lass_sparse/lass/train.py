@@ -176,33 +176,26 @@ def run_stage(
     torch.manual_seed(cfg.seed)
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
-    opt = MaskedAdamW(params if params is not None else model.parameters(), lr=cfg.lr,
-                      betas=(0.9, 0.98), eps=1e-8, weight_decay=cfg.weight_decay)
     if bank is not None:
         attach(model, bank)
-        opt.bind(model, bank if update_bank is None else update_bank)
-    if update_masks is not None:
-        opt.set_masks(update_masks)
     step = 0
     es = {"best": None, "best_step": None, "bad": 0, "stopped": False}  # early stopping
     sharded = world > 1 and cfg.fsdp
     resuming = resume and has_checkpoint(ckpt)
-    if resuming:
-        state = load_checkpoint(ckpt, model, None if sharded else opt, restore_rng=True)
+    if resuming:  # weights first: FSDP shards the loaded model
+        state = load_checkpoint(ckpt, model, None, restore_rng=True)
         step = int(state["step"])
         es.update(state.get("valid", {}))
-    if sharded:  # shard the (loaded) model, then build the optimizer over the shards
+    if sharded:
         _fsdp_shard(model)
-        opt = MaskedAdamW(params if params is not None else model.parameters(), lr=cfg.lr,
-                          betas=(0.9, 0.98), eps=1e-8, weight_decay=cfg.weight_decay)
-        if bank is not None:
-            opt.bind(model, bank if update_bank is None else update_bank)
-        if update_masks is not None:
-            opt.set_masks(update_masks)
-        if resuming:
-            osd = load_optimizer_state(ckpt)
-            if osd is not None:
-                opt.load_state_dict(_local_optim_state(opt, osd))
+    opt = MaskedAdamW(params if params is not None else model.parameters(), lr=cfg.lr,
+                      betas=(0.9, 0.98), eps=1e-8, weight_decay=cfg.weight_decay)
+    if bank is not None:
+        opt.bind(model, bank if update_bank is None else update_bank)
+    if update_masks is not None:
+        opt.set_masks(update_masks)
+    if resuming and (osd := load_optimizer_state(ckpt)) is not None:
+        opt.load_state_dict(_local_optim_state(opt, osd))  # each rank's rows when sharded
     slots = world * cfg.accum  # global batches per optimizer step
     sampler = PairGroupedSampler({d: data.index[d] for d in cfg.directions}, cfg.batch_size,
                                  temperature=cfg.temperature, seed=cfg.seed, num_replicas=slots,
