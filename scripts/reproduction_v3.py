@@ -12,13 +12,18 @@ projection, en-de/en-fr/en-zh, 10,000 sentences per direction) and
 4. joint-trains LaSS at both α, then the dense continuation and the shared-mask control at the α
    chosen on validation loss, all with the released peak lr 5e-4 (two 1-thread processes at a
    time), every one to its stopping rule;
-5. evaluates θ0, dense, LaSS and shared on the 6 supervised directions and θ0, dense, LaSS on
+5. (``--extend``, a third process once step 4's α is chosen) adds the pair de-fr/fr-de, pivoted
+   through English, to the LaSS model: fine-tune both from θ0, prune at α, train only their
+   sub-networks from the LaSS model, in paper mode and ``--strict``; evaluates old and new
+   directions and checks that strict mode leaves every old pair's masked weights bit-identical;
+6. evaluates θ0, dense, LaSS and shared on the 6 supervised directions and θ0, dense, LaSS on
    the 6 zero-shot directions (full 1,000-row test set, beam 4; two processes) and runs the paired
    bootstraps; writes ``RUN/v3.json``.
 
 Every step resumes from its checkpoints, so rerunning the same command continues a killed run:
 
     python scripts/reproduction_v3.py runs/v3 --from runs/src
+    python scripts/reproduction_v3.py runs/v3 --extend      # concurrently, 1 thread
 """
 from __future__ import annotations
 
@@ -37,6 +42,9 @@ COMMON = ["--amp", "bf16", "--device", "cpu", "--quiet", "--valid-limit", "200",
 JOINT = ["--max-tokens", "4096", "--lr", "5e-4", "--warmup", "200", "--validate-every", "50"]
 SUPERVISED = ["en-de", "de-en", "en-fr", "fr-en", "en-zh", "zh-en"]
 ZERO = ["de-fr", "de-zh", "fr-de", "fr-zh", "zh-de", "zh-fr"]
+NEW = ["de-fr", "fr-de"]
+FT = ["--max-tokens", "4096", "--lr", "1e-3", "--warmup", "20", "--dropout", "0.3",
+      "--validate-every", "30"]
 
 
 def env() -> dict:
@@ -94,6 +102,80 @@ def evaluate_part(run_dir: str, part: str, limit: int | None) -> None:
                  json.dumps({"results": res, "hyps": hyps}).encode())
 
 
+def extension(a) -> None:
+    """Step 5: de-fr/fr-de added to the LaSS model, paper mode and strict; v3-extend.json."""
+    import torch
+
+    from lass_sparse import unpack_mask
+    from lass_sparse.lass import pipeline as P
+    from lass_sparse.masks import atomic_write
+
+    run, t = a.run, {}
+    apath = os.path.join(run, "v3-alpha.json")
+    while not os.path.exists(apath):  # the main process writes it after the α joints
+        time.sleep(30)
+    with open(apath) as f:
+        alpha = json.load(f)["alpha"]
+    lass, masks = f"joint-a{alpha}", f"masks-a{alpha}.safetensors"
+    R = ["--run", run]
+    if not all(done(run, f"extend-paper/ft/{d}", a.ext_ft_cap) for d in NEW):
+        sh([CLI + ["finetune"] + R + COMMON + FT + ["--pair"] + NEW + [
+            "--steps", str(a.ext_ft_cap), "--out-prefix", "extend-paper/ft"]],
+           "extension fine-tunes", t)
+    for mode in ("paper", "strict"):
+        out = f"extend-{mode}"
+        if mode == "strict" and not os.path.exists(os.path.join(run, out, "ft")):
+            shutil.copytree(os.path.join(run, "extend-paper", "ft"), os.path.join(run, out, "ft"))
+        if not done(run, out, a.ext_cap):
+            sh([CLI + ["extend"] + R + COMMON + JOINT + ["--pair"] + NEW + [
+                "--masks", masks, "--init", lass, "--ft-init", "base", "--ft-steps",
+                str(a.ext_ft_cap), "--steps", str(a.ext_cap), "--out", out] +
+                (["--strict"] if mode == "strict" else [])], f"extend {mode}", t)
+    torch.set_num_threads(1)
+    r = P.open_run(run, device="cpu")
+    # strict mode: every old pair's effective weights W ⊙ M are bit-identical to LaSS's
+    old = P.load_bank(r, masks)
+    def weights(stage: str) -> dict:
+        """Every state tensor, and the bank's masked weights by their bank names (a tied
+        output projection's matrix is the embedding)."""
+        model = r.load_model(stage, device="cpu")
+        out = dict(model.state_dict())
+        for n in old.shapes:
+            mod, _, attr = n.rpartition(".")
+            out[n] = getattr(model.get_submodule(mod), attr).detach()
+        return out
+
+    before = weights(lass)
+    identical = {}
+    dense = [n for n in before if n not in old.shapes]  # every pair's (embedding included)
+    for mode in ("paper", "strict"):
+        after = weights(f"extend-{mode}")
+        diff = max(float((before[n] - after[n]).abs().max()) for n in dense)
+        for d in old.pairs:
+            for n, bits in old[d].items():
+                m = unpack_mask(bits, old.shapes[n][-1])
+                diff = max(diff, float(((before[n] - after[n]) * m).abs().max()))
+        identical[mode] = diff
+    systems_old = {f"extend-{m}": (f"extend-{m}", f"extend-{m}/masks.safetensors")
+                   for m in ("paper", "strict")}
+    systems_new = {"theta0": ("base", None), "LaSS (zero-shot)": (lass, masks), **systems_old}
+    hyps: dict = {}
+    t0 = time.time()
+    res_old = P.evaluate(r, systems_old, SUPERVISED, limit=a.limit, progress=False,
+                         hyps_out=hyps)
+    hyps_new: dict = {}
+    res_new = P.evaluate(r, systems_new, NEW, limit=a.limit, progress=False, hyps_out=hyps_new)
+    t["evaluate"] = round(time.time() - t0, 1)
+    stages = [f"extend-paper/ft/{d}" for d in NEW] + ["extend-paper", "extend-strict"]
+    atomic_write(os.path.join(run, "v3-extend.json"), json.dumps({
+        "alpha": alpha, "old_pair_max_abs_weight_change": identical,
+        "results_old": res_old, "results_new": res_new, "hyps_old": hyps,
+        "hyps_new": hyps_new, "stages": {s: stage_summary(run, s) for s in stages},
+        "curves": {s: curve(run, s) for s in stages}, "timings_s": t,
+        "train_examples": {d: len(r.corpus.examples(d)) for d in NEW}}, indent=1).encode())
+    log(f"wrote {run}/v3-extend.json")
+
+
 def curve(run: str, stage: str) -> list[dict]:
     path = os.path.join(run, stage, "log.jsonl")
     with open(path) as f:
@@ -118,10 +200,15 @@ def main() -> None:
     ap.add_argument("--ft-cap", type=int, default=400)
     ap.add_argument("--joint-cap", type=int, default=1000)
     ap.add_argument("--limit", type=int, help="test rows per direction (default: all 1,000)")
+    ap.add_argument("--extend", action="store_true", help="the extension experiment (step 5)")
+    ap.add_argument("--ext-ft-cap", type=int, default=300)
+    ap.add_argument("--ext-cap", type=int, default=400)
     ap.add_argument("--eval-part", choices=["supervised", "zero"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.eval_part:
         return evaluate_part(a.run, a.eval_part, a.limit)
+    if a.extend:
+        return extension(a)
     run, t = a.run, {}
     tpath = os.path.join(run, "v3-timings.json")
     if os.path.exists(tpath):
@@ -146,8 +233,7 @@ def main() -> None:
         save_t()
     if not all(done(run, f"ft/{d}", a.ft_cap) for d in SUPERVISED):
         sh([TORCHRUN + ["finetune"] + R + COMMON +
-            ["--pair", "all", "--steps", str(a.ft_cap), "--max-tokens", "4096", "--lr", "1e-3",
-             "--warmup", "20", "--dropout", "0.3", "--validate-every", "30"]], "fine-tunes", t)
+            ["--pair", "all", "--steps", str(a.ft_cap)] + FT], "fine-tunes", t)
         save_t()
     for alpha in (0.5, 0.7):
         if not os.path.exists(os.path.join(run, f"masks-a{alpha}.safetensors")):

@@ -101,3 +101,29 @@ def test_build_from_a_local_deb(tmp_path):
     assert open(os.path.join(out, "train.en-de.tsv.gz"), "rb").read() == first  # same bytes
     with gzip.open(os.path.join(out, "valid.tsv.gz"), "rt") as f:
         assert f.readline().split() == ["en", *C.TARGETS]
+
+
+def _write_train(root, pair: str, rows: list[tuple[str, str]]) -> None:
+    with gzip.open(os.path.join(root, f"train.{pair}.tsv.gz"), "wt") as f:
+        f.writelines(f"{a}\t{b}\n" for a, b in rows)
+
+
+def test_non_english_direction_is_pivoted_through_english(tmp_path):
+    root = str(tmp_path)
+    _write_train(root, "en-de", [("one", "eins"), ("two", "zwei"), ("three", "drei"),
+                                 ("four", "vier")])
+    _write_train(root, "en-fr", [("four", "quatre"), ("two", "deux"), ("five", "cinq"),
+                                 ("one", "un")])
+    c = load_corpus(root)
+    assert c.examples("de-fr") == [("eins", "un"), ("zwei", "deux"), ("vier", "quatre")]
+    assert c.examples("fr-de") == [("un", "eins"), ("deux", "zwei"), ("quatre", "vier")]
+    assert "de-fr" not in c.directions  # only English-centric pairs are trained by default
+    # max_train caps the pivoted rows, which come from the whole files (not the capped pairs)
+    capped = load_corpus(root, pairs=["en-de"], max_train=1)
+    assert capped.examples("de-en") == [("eins", "one")]
+    assert capped.examples("de-fr") == [("eins", "un")]
+    with pytest.raises(KeyError, match="train.en-zh.tsv.gz"):
+        c.examples("de-zh")
+    _write_train(root, "en-es", [("six", "seis")])
+    with pytest.raises(ValueError, match="no English sentence is shared"):
+        load_corpus(root).examples("es-de")

@@ -153,6 +153,22 @@ def test_cli_extend_adds_both_directions_of_a_pair(run, capsys):
     assert full.similarity("en-fr", "fr-en") < 1.0
 
 
+def test_cli_extend_a_pivoted_pair_into_its_own_folder(run, capsys):
+    """A pair the model never saw (de-fr, built through English) added with --out."""
+    from lass_sparse.cli import main
+
+    rc = main(["extend", "--run", run.dir, "--pair", "de-fr", "fr-de", "--masks",
+               "masks.safetensors", "--init", "joint", "--ft-steps", "2", "--steps", "2",
+               "--batch-size", "16", "--quiet", "--out", "ext-defr"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["masks"] == run.path("ext-defr", "masks.safetensors")
+    full = ls.MaskBank.load(out["masks"])
+    assert sorted(full.pairs) == sorted(run.directions + ["de-fr", "fr-de"])
+    assert os.path.exists(run.path("ext-defr", "ft", "de-fr", "ckpt"))
+    assert 0 < len(run.corpus.examples("de-fr")) <= 150  # pivoted, capped by max_train
+
+
 def test_resume_after_sigkill_is_bit_identical(run, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     for d in (a, b):

@@ -330,7 +330,7 @@ def cmd_extend(args) -> int:
     run = _open_run(args.run, args)
     res = P.extend(run, args.pair, masks=args.masks, init=args.init, ft_steps=args.ft_steps,
                    steps=args.steps, alpha=args.alpha, strict=args.strict, ft_init=args.ft_init,
-                   **_train_kw(args))
+                   out=args.out, **_train_kw(args))
     print(json.dumps(res, indent=1))
     return 0
 
@@ -569,6 +569,8 @@ def add_commands(sub) -> None:
     p.add_argument("--alpha", type=fraction, help="fraction pruned per tensor, in [0, 1)")
     p.add_argument("--strict", action="store_true",
                    help="update only weights outside every other pair's mask")
+    p.add_argument("--out", help="stage folder in the run (default: extend/<directions>); the "
+                   "extended mask bank is OUT/masks.safetensors")
     p.set_defaults(func=_guarded(cmd_extend))
 
     p = sub.add_parser("translate", help="translate stdin (or --input) with beam search")

@@ -46,6 +46,8 @@ class Corpus:
     valid: list[dict[str, str]]
     test: list[dict[str, str]]
     skipped: list[str] = field(default_factory=list)  # "file:line: reason"
+    max_train: int | None = None  # cap on examples per pair (pivoted directions too)
+    _pivots: dict = field(default_factory=dict, repr=False)
 
     @property
     def pairs(self) -> list[str]:
@@ -66,8 +68,33 @@ class Corpus:
             return list(self.train[f"{src}-{tgt}"])
         if f"{tgt}-{src}" in self.train:
             return [(b, a) for a, b in self.train[f"{tgt}-{src}"]]
+        if "en" not in (src, tgt):
+            return self.pivot(src, tgt)
         raise KeyError(f"no training data for direction {direction!r}; pairs in "
                        f"{self.root}: {self.pairs}")
+
+    def pivot(self, src: str, tgt: str) -> list[tuple[str, str]]:
+        """(src, tgt) examples of a non-English direction built through English: the rows of
+        ``train.en-{src}`` and ``train.en-{tgt}`` (whole files) with the same English side, in
+        the order of the first file, the first ``max_train`` of them. The valid/test rows are
+        held out of every training file, so they stay unseen. For adding a new pair to a model
+        trained on English-centric pairs (``lass-sparse extend --pair de-fr fr-de``)."""
+        key = tuple(sorted((src, tgt)))
+        if key not in self._pivots:
+            files = {x: os.path.join(self.root, f"train.en-{x}.tsv.gz") for x in key}
+            missing = [f for f in files.values() if not os.path.exists(f)]
+            if missing:
+                raise KeyError(f"no training data for direction {src}-{tgt}: pivoting through "
+                               f"English needs {' and '.join(missing)}")
+            a, b = key
+            other = dict(read_pairs(files[b], self.skipped))
+            rows = [(x, other[en]) for en, x in read_pairs(files[a], self.skipped)
+                    if en in other]
+            if not rows:
+                raise ValueError(f"no English sentence is shared by {files[a]} and {files[b]}")
+            self._pivots[key] = rows[: self.max_train] if self.max_train else rows
+        rows = self._pivots[key]
+        return list(rows) if src == key[0] else [(y, x) for x, y in rows]
 
     def eval_set(self, split: str, direction: str, limit: int | None = None):
         """(sources, references) of ``direction`` from the multi-way ``split``."""
@@ -222,4 +249,4 @@ def load_corpus(path: str, pairs: list[str] | None = None, max_train: int | None
     for s in ("valid", "test"):
         f = os.path.join(root, f"{s}.tsv.gz")
         split[s] = read_multiway(f, skipped) if os.path.exists(f) else []
-    return Corpus(root, train, split["valid"], split["test"], skipped)
+    return Corpus(root, train, split["valid"], split["test"], skipped, max_train)
