@@ -32,11 +32,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _ship_cuda_sources() -> None:
-    """Copy the torch-free kernel header into the package: the cupy backend compiles it at run
-    time in installs that have no csrc/ tree."""
+    """Copy the torch-free kernel headers (lass_kernels.cuh and the ABI header lass_abi.h) into
+    the package: the cupy backend compiles them at run time in installs that have no csrc/
+    tree. The copies are build outputs (git-ignored), never a second checked-in source."""
     dst = os.path.join(HERE, "lass_sparse", "_cuda_src")
     os.makedirs(dst, exist_ok=True)
-    for f in glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cuh")):
+    for f in glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cuh")) + glob.glob(
+            os.path.join(HERE, "csrc", "cuda", "*.h")):
         shutil.copyfile(f, os.path.join(dst, os.path.basename(f)))
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import lass_sparse as ls
+from lass_sparse.backends import _cuda_common as cc
 from lass_sparse.backends._cuda_common import (
     adamw_tables,
     cuda_include_dirs,
@@ -108,6 +109,29 @@ def test_launchers_skip_zero_size_grids(tmp_path):
     mag = lk.lass_launch_magnitude_pack
     mag.argtypes = [ctypes.c_int, p, ctypes.c_float, p, i64, i64, p]
     assert mag(2, None, 0.5, None, 0, 40, None) == 0
+
+
+def test_one_abi_header_for_kernels_binding_and_loader():
+    """lass_abi.h is the only definition of the shared structs and constants: the kernel header
+    and the binding include it, the loader reads its constants, NVRTC gets it inlined once."""
+    cuda = os.path.join(REPO, "csrc", "cuda")
+    texts = {f: open(os.path.join(cuda, f)).read() for f in os.listdir(cuda)}
+    assert [f for f, t in texts.items() if "struct AdamWTensor {" in t] == ["lass_abi.h"]
+    assert [f for f, t in texts.items() if "constexpr int64_t kAdamWChunk" in t] == ["lass_abi.h"]
+    for f in ("lass_kernels.cuh", "binding.cpp"):
+        assert '#include "lass_abi.h"' in texts[f], f
+    assert "65536" not in texts["binding.cpp"] and "512" not in texts["lass_kernels.cu"]
+    abi = cc.abi()
+    assert abi["dtype_codes"] == {"kFloat32": 0, "kFloat16": 1, "kBFloat16": 2}
+    assert cc.DTYPE_CODE == {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+    assert (cc.GEMV_MAX_M, cc.ADAMW_CHUNK, cc.ADAMW_BLOCK) == (
+        abi["kGemvMaxM"], abi["kAdamWChunk"], abi["kAdamWBlock"])
+    assert tuple(abi["adamw_fields"]) == cc.ADAMW_FIELDS
+    src = kernel_source()
+    assert '#include "lass_abi.h"' not in src and src.count("struct AdamWTensor {") == 1
+    tracked = subprocess.run(["git", "ls-files", "lass_sparse/_cuda_src"], cwd=REPO,
+                             capture_output=True, text=True).stdout.split()
+    assert tracked == []  # the shipped headers are build-time copies, not checked in
 
 
 def test_adamw_tables_layout():

@@ -7,6 +7,8 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include "lass_abi.h"  // structs, dtype codes, limits and launchers shared with the kernels
+
 #include <cmath>
 #include <string>
 #include <vector>
@@ -19,66 +21,42 @@ PyMODINIT_FUNC PyInit__cuda(void) {
   return PyModule_Create(&module_def);
 }
 
-namespace lass {
-struct AdamWTensor {
-  void* p;
-  const void* g;
-  float* m;
-  float* v;
-  const int32_t* bits;
-  int64_t numel, k, nw;
-};
-struct AdamWArgs {
-  float lr, beta1, beta2, eps, weight_decay, bc1, bc2;
-  int maximize;
-};
-}  // namespace lass
-
-extern "C" {
-cudaError_t lass_launch_decode_gemv(int, const void*, const void*, const int32_t*, const void*,
-                                    void*, int, int64_t, int64_t, cudaStream_t);
-cudaError_t lass_launch_pack(const bool*, int32_t*, int64_t, int64_t, cudaStream_t);
-cudaError_t lass_launch_unpack(const int32_t*, bool*, int64_t, int64_t, cudaStream_t);
-cudaError_t lass_launch_magnitude_pack(int, const void*, float, int32_t*, int64_t, int64_t,
-                                       cudaStream_t);
-cudaError_t lass_launch_masked_adamw(int, const lass::AdamWTensor*, const int32_t*,
-                                     const int64_t*, int64_t, int64_t, lass::AdamWArgs,
-                                     cudaStream_t);
-}
+// A launcher's cudaError_t as a RuntimeError naming the op.
+#define LASS_CUDA_CHECK(op, expr)                                                           \
+  do {                                                                                      \
+    const cudaError_t lass_err_ = (expr);                                                   \
+    TORCH_CHECK(lass_err_ == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(lass_err_)); \
+  } while (0)
+// `cond` must hold for argument `name` of `op`, else a RuntimeError saying what was expected.
+#define LASS_CHECK_ARG(cond, op, name, ...) TORCH_CHECK(cond, op, ": ", name, " ", __VA_ARGS__)
 
 namespace {
 
-constexpr int64_t kChunk = 65536;
-
 int dtype_code(const at::Tensor& t, const char* op) {
   switch (t.scalar_type()) {
-    case at::kFloat: return 0;
-    case at::kHalf: return 1;
-    case at::kBFloat16: return 2;
+    case at::kFloat: return lass::kFloat32;
+    case at::kHalf: return lass::kFloat16;
+    case at::kBFloat16: return lass::kBFloat16;
     default: TORCH_CHECK(false, op, ": float32, float16 or bfloat16 expected, got ", t.scalar_type());
   }
   return -1;
-}
-
-void check(cudaError_t e, const char* op) {
-  TORCH_CHECK(e == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(e));
 }
 
 // Argument checks every entry point runs before a launch: the dispatcher routes by device only,
 // so dtype, shape, numel, layout and "one device" are checked here (a wrong size must raise, never
 // become an out-of-bounds access on the GPU).
 void check_on(const at::Tensor& t, const at::Device& dev, const char* op, const std::string& name) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(t.is_cuda() && t.device() == dev, op, ": ", name, " must be on ", dev,
-              " with the other tensors, got ", t.device());
+  LASS_CHECK_ARG(t.defined(), op, name, "is undefined");
+  LASS_CHECK_ARG(t.is_cuda() && t.device() == dev, op, name, "must be on ", dev,
+                 " with the other tensors, got ", t.device());
 }
 
 void check_exact(const at::Tensor& t, const at::Device& dev, const char* op,
                  const std::string& name, at::ScalarType dtype, at::IntArrayRef sizes) {
   check_on(t, dev, op, name);
-  TORCH_CHECK(t.scalar_type() == dtype && t.sizes() == sizes, op, ": ", name, " must be ", dtype,
-              sizes, ", got ", t.scalar_type(), t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  LASS_CHECK_ARG(t.scalar_type() == dtype && t.sizes() == sizes, op, name, "must be ", dtype,
+                 sizes, ", got ", t.scalar_type(), t.sizes());
+  LASS_CHECK_ARG(t.is_contiguous(), op, name, "must be contiguous");
 }
 
 // bits of a [rows..., k] tensor: int32[rows..., ceil(k/32)], contiguous, on `dev`.
@@ -99,8 +77,8 @@ at::Tensor pack_mask(const at::Tensor& mask) {
   auto sizes = m.sizes().vec();
   sizes.back() = (k + 31) / 32;
   auto bits = at::empty(sizes, m.options().dtype(at::kInt));
-  check(lass_launch_pack(m.data_ptr<bool>(), bits.data_ptr<int32_t>(), rows, k,
-                         c10::cuda::getCurrentCUDAStream()), "pack_mask");
+  LASS_CUDA_CHECK("pack_mask", lass_launch_pack(m.data_ptr<bool>(), bits.data_ptr<int32_t>(),
+                                                rows, k, c10::cuda::getCurrentCUDAStream()));
   return bits;
 }
 
@@ -116,8 +94,8 @@ at::Tensor unpack_mask(const at::Tensor& bits, int64_t k) {
   auto sizes = b.sizes().vec();
   sizes.back() = k;
   auto out = at::empty(sizes, b.options().dtype(at::kBool));
-  check(lass_launch_unpack(b.data_ptr<int32_t>(), out.data_ptr<bool>(), rows, k,
-                           c10::cuda::getCurrentCUDAStream()), "unpack_mask");
+  LASS_CUDA_CHECK("unpack_mask", lass_launch_unpack(b.data_ptr<int32_t>(), out.data_ptr<bool>(),
+                                                    rows, k, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -132,10 +110,11 @@ at::Tensor magnitude_pack(const at::Tensor& weight, double threshold) {
   auto sizes = w.sizes().vec();
   sizes.back() = (k + 31) / 32;
   auto bits = at::empty(sizes, w.options().dtype(at::kInt));
-  check(lass_launch_magnitude_pack(dtype_code(w, "magnitude_mask"), w.data_ptr(),
-                                   static_cast<float>(threshold), bits.data_ptr<int32_t>(), rows,
-                                   k, c10::cuda::getCurrentCUDAStream()),
-        "magnitude_mask");
+  LASS_CUDA_CHECK("magnitude_mask",
+                  lass_launch_magnitude_pack(dtype_code(w, "magnitude_mask"), w.data_ptr(),
+                                             static_cast<float>(threshold),
+                                             bits.data_ptr<int32_t>(), rows, k,
+                                             c10::cuda::getCurrentCUDAStream()));
   return bits;
 }
 
@@ -144,8 +123,8 @@ at::Tensor decode_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const char* op = "masked_linear";
   check_on(x, x.device(), op, "x");
   const at::Device dev = x.device();
-  TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16, "decode_gemv: x must be [M<=16, K], got ",
-              x.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= lass::kGemvMaxM, "decode_gemv: x must be [M<=",
+              lass::kGemvMaxM, ", K], got ", x.sizes());
   dtype_code(x, op);
   TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
   TORCH_CHECK(w.defined() && w.dim() == 2, op, ": weight must be 2-D [N, K]");
@@ -155,12 +134,12 @@ at::Tensor decode_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty({x.size(0), w.size(0)}, x.options());
   if (y.numel() == 0) return y;  // no zero-size grid launches
-  check(lass_launch_decode_gemv(dtype_code(x, "masked_linear"), x.data_ptr(), w.data_ptr(),
-                                bits.data_ptr<int32_t>(),
-                                bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(),
-                                static_cast<int>(x.size(0)), w.size(0), w.size(1),
-                                c10::cuda::getCurrentCUDAStream()),
-        "masked_linear");
+  LASS_CUDA_CHECK(op, lass_launch_decode_gemv(dtype_code(x, op), x.data_ptr(), w.data_ptr(),
+                                              bits.data_ptr<int32_t>(),
+                                              bias.has_value() ? bias->data_ptr() : nullptr,
+                                              y.data_ptr(), static_cast<int>(x.size(0)),
+                                              w.size(0), w.size(1),
+                                              c10::cuda::getCurrentCUDAStream()));
   return y;
 }
 
@@ -202,27 +181,26 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
   }
   const c10::cuda::CUDAGuard guard(dev);
   const int code = dtype_code(params[0], op);
-  std::vector<int64_t> table;
+  std::vector<lass::AdamWTensor> table;  // the ABI struct itself: no second layout to keep
   std::vector<int32_t> chunk_tensor;
   std::vector<int64_t> chunk_start;
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     const int64_t k = p.dim() ? std::max<int64_t>(p.size(-1), 1) : 1;
     c10::optional<at::Tensor> b = bits.get(i);
-    table.insert(table.end(),
-                 {reinterpret_cast<int64_t>(p.data_ptr()),
-                  reinterpret_cast<int64_t>(grads[i].data_ptr()),
-                  reinterpret_cast<int64_t>(exp_avgs[i].data_ptr()),
-                  reinterpret_cast<int64_t>(exp_avg_sqs[i].data_ptr()),
-                  b.has_value() ? reinterpret_cast<int64_t>(b->data_ptr()) : 0, p.numel(), k,
-                  (k + 31) / 32});
-    for (int64_t s = 0; s < p.numel(); s += kChunk) {
+    table.push_back({p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr<float>(),
+                     exp_avg_sqs[i].data_ptr<float>(),
+                     b.has_value() ? b->data_ptr<int32_t>() : nullptr, p.numel(), k,
+                     (k + 31) / 32});
+    for (int64_t s = 0; s < p.numel(); s += lass::kAdamWChunk) {
       chunk_tensor.push_back(static_cast<int32_t>(i));
       chunk_start.push_back(s);
     }
   }
   auto opts = params[0].options();
-  auto d_table = at::tensor(table, opts.dtype(at::kLong));
+  const int64_t table_bytes = static_cast<int64_t>(table.size() * sizeof(lass::AdamWTensor));
+  auto d_table = at::from_blob(table.data(), {table_bytes}, at::TensorOptions(at::kByte))
+                     .to(opts.device());
   auto d_ct = at::tensor(chunk_tensor, opts.dtype(at::kInt));
   auto d_cs = at::tensor(chunk_start, opts.dtype(at::kLong));
   const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
@@ -231,12 +209,11 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
                        static_cast<float>(beta2), static_cast<float>(eps),
                        static_cast<float>(weight_decay), static_cast<float>(bc1),
                        static_cast<float>(bc2), maximize ? 1 : 0};
-  check(lass_launch_masked_adamw(code, reinterpret_cast<const lass::AdamWTensor*>(
-                                           d_table.data_ptr<int64_t>()),
-                                 d_ct.data_ptr<int32_t>(), d_cs.data_ptr<int64_t>(),
-                                 static_cast<int64_t>(chunk_start.size()), kChunk, args,
-                                 c10::cuda::getCurrentCUDAStream()),
-        "masked_adamw_");
+  LASS_CUDA_CHECK(op, lass_launch_masked_adamw(
+                          code, reinterpret_cast<const lass::AdamWTensor*>(d_table.data_ptr()),
+                          d_ct.data_ptr<int32_t>(), d_cs.data_ptr<int64_t>(),
+                          static_cast<int64_t>(chunk_start.size()), lass::kAdamWChunk, args,
+                          c10::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace

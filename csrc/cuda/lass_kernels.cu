@@ -2,9 +2,8 @@
 // binding.cpp launches them; cupy compiles lass_kernels.cuh itself with NVRTC).
 #include "lass_kernels.cuh"
 
-namespace lass {
-
-// Host launchers with C linkage for the torch binding (no torch headers here).
+// Host launchers with C linkage for the torch binding (no torch headers here); declared in
+// lass_abi.h.
 extern "C" cudaError_t lass_launch_decode_gemv(int dtype, const void* x, const void* w,
                                                const int32_t* bits, const void* bias, void* y,
                                                int m_rows, int64_t n, int64_t k,
@@ -12,18 +11,19 @@ extern "C" cudaError_t lass_launch_decode_gemv(int dtype, const void* x, const v
   if (n <= 0 || m_rows <= 0) return cudaSuccess;  // a zero-size grid is a launch error
   const int64_t nw = (k + 31) / 32;
   const int warps = 8;
+  if (m_rows > lass::kGemvMaxM) return cudaErrorInvalidValue;
   const dim3 grid((unsigned)((n + warps - 1) / warps)), block(32 * warps);
   switch (dtype) {
-    case 0:
+    case lass::kFloat32:
       lass_decode_gemv_f32<<<grid, block, 0, stream>>>(
           (const float*)x, (const float*)w, bits, (const float*)bias, (float*)y, m_rows, n, k, nw);
       break;
-    case 1:
+    case lass::kFloat16:
       lass_decode_gemv_f16<<<grid, block, 0, stream>>>((const __half*)x, (const __half*)w, bits,
                                                        (const __half*)bias, (__half*)y, m_rows,
                                                        n, k, nw);
       break;
-    case 2:
+    case lass::kBFloat16:
       lass_decode_gemv_bf16<<<grid, block, 0, stream>>>(
           (const __nv_bfloat16*)x, (const __nv_bfloat16*)w, bits, (const __nv_bfloat16*)bias,
           (__nv_bfloat16*)y, m_rows, n, k, nw);
@@ -57,35 +57,32 @@ extern "C" cudaError_t lass_launch_magnitude_pack(int dtype, const void* w, floa
   if (total == 0) return cudaSuccess;
   const unsigned blocks = (unsigned)((total + 255) / 256);
   switch (dtype) {
-    case 0: lass_magnitude_pack_f32<<<blocks, 256, 0, stream>>>((const float*)w, thr, bits, rows, k, nw); break;
-    case 1: lass_magnitude_pack_f16<<<blocks, 256, 0, stream>>>((const __half*)w, thr, bits, rows, k, nw); break;
-    case 2: lass_magnitude_pack_bf16<<<blocks, 256, 0, stream>>>((const __nv_bfloat16*)w, thr, bits, rows, k, nw); break;
+    case lass::kFloat32: lass_magnitude_pack_f32<<<blocks, 256, 0, stream>>>((const float*)w, thr, bits, rows, k, nw); break;
+    case lass::kFloat16: lass_magnitude_pack_f16<<<blocks, 256, 0, stream>>>((const __half*)w, thr, bits, rows, k, nw); break;
+    case lass::kBFloat16: lass_magnitude_pack_bf16<<<blocks, 256, 0, stream>>>((const __nv_bfloat16*)w, thr, bits, rows, k, nw); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }
 
-// tensors/chunk tables live in device memory (filled by the caller); one launch for the list.
-extern "C" cudaError_t lass_launch_masked_adamw(int dtype, const AdamWTensor* tensors,
+extern "C" cudaError_t lass_launch_masked_adamw(int dtype, const lass::AdamWTensor* tensors,
                                                 const int32_t* chunk_tensor,
                                                 const int64_t* chunk_start, int64_t chunks,
-                                                int64_t chunk_size, AdamWArgs args,
+                                                int64_t chunk_size, lass::AdamWArgs args,
                                                 cudaStream_t stream) {
   if (chunks == 0) return cudaSuccess;
   const unsigned grid = (unsigned)chunks;
   switch (dtype) {
-    case 0: lass_masked_adamw_f32<<<grid, 512, 0, stream>>>(
+    case lass::kFloat32: lass_masked_adamw_f32<<<grid, lass::kAdamWBlock, 0, stream>>>(
           tensors, chunk_tensor, chunk_start, chunk_size, args.lr, args.beta1, args.beta2, args.eps,
           args.weight_decay, args.bc1, args.bc2, args.maximize); break;
-    case 1: lass_masked_adamw_f16<<<grid, 512, 0, stream>>>(
+    case lass::kFloat16: lass_masked_adamw_f16<<<grid, lass::kAdamWBlock, 0, stream>>>(
           tensors, chunk_tensor, chunk_start, chunk_size, args.lr, args.beta1, args.beta2, args.eps,
           args.weight_decay, args.bc1, args.bc2, args.maximize); break;
-    case 2: lass_masked_adamw_bf16<<<grid, 512, 0, stream>>>(
+    case lass::kBFloat16: lass_masked_adamw_bf16<<<grid, lass::kAdamWBlock, 0, stream>>>(
           tensors, chunk_tensor, chunk_start, chunk_size, args.lr, args.beta1, args.beta2, args.eps,
           args.weight_decay, args.bc1, args.bc2, args.maximize); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }
-
-}  // namespace lass

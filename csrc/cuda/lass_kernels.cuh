@@ -2,18 +2,11 @@
 // them on machines without a GPU and cupy (NVRTC) can compile the same source at run time.
 //
 // Packed mask format: bits[row, w] bit j (LSB first) = mask[row, 32*w + j]; padding bits are 0.
-// Kernels with C linkage (extern "C") are the ones cupy looks up by name.
+// Kernels with C linkage (extern "C") are the ones cupy looks up by name. Structs, dtype codes and
+// limits shared with the binding and the cupy loader are in lass_abi.h.
 #pragma once
 
-#ifdef __CUDACC_RTC__  // NVRTC (cupy): no libc headers
-typedef signed char int8_t;
-typedef int int32_t;
-typedef unsigned int uint32_t;
-typedef long long int64_t;
-typedef unsigned long long uintptr_t;
-#else
-#include <cstdint>
-#endif
+#include "lass_abi.h"
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -63,7 +56,6 @@ __device__ __forceinline__ void magnitude_word(const T* w, float thr, int32_t* b
 // y[m, n] = sum_k x[m, k] * w[n, k] * bit(n, k) + b[n] for M <= 16 (the translate path).
 // One warp per output row; each lane reads 8 consecutive weights per step (one 128-bit load for
 // 16-bit types), the 4 lanes of a 32-weight group share one mask word; fp32 accumulation.
-constexpr int kMaxM = 16;
 
 template <typename T>
 __device__ __forceinline__ void decode_gemv_row(const T* __restrict__ x,
@@ -73,9 +65,9 @@ __device__ __forceinline__ void decode_gemv_row(const T* __restrict__ x,
                                                 int m_rows, int64_t n, int64_t k, int64_t nw,
                                                 int64_t row, int lane) {
   if (row >= n) return;
-  float acc[kMaxM];
+  float acc[kGemvMaxM];
 #pragma unroll
-  for (int m = 0; m < kMaxM; ++m) acc[m] = 0.f;
+  for (int m = 0; m < kGemvMaxM; ++m) acc[m] = 0.f;
   const T* wr = w + row * k;
   const int32_t* br = bits + row * nw;
   const bool vec = (k % 8 == 0) && sizeof(T) == 2 && ((uintptr_t)w % 16 == 0);
@@ -114,22 +106,7 @@ __device__ __forceinline__ void decode_gemv_row(const T* __restrict__ x,
 // ------------------------------------------------------------------------------ masked AdamW
 // Multi-tensor: one launch over a list of tensors described by a chunk table. Entries whose
 // mask bit is 0 keep p, exp_avg and exp_avg_sq bit-for-bit (nothing is written).
-struct AdamWTensor {
-  void* p;
-  const void* g;
-  float* m;
-  float* v;
-  const int32_t* bits;  // nullptr: unmasked (plain AdamW)
-  int64_t numel;
-  int64_t k;   // last dim (row length) for the mask
-  int64_t nw;  // words per row
-};
-
-struct AdamWArgs {
-  float lr, beta1, beta2, eps, weight_decay, bc1, bc2;
-  int maximize;
-};
-
+// (AdamWTensor / AdamWArgs: lass_abi.h)
 template <typename T>
 __device__ __forceinline__ void adamw_element(const AdamWTensor& t, const AdamWArgs& a,
                                               int64_t i) {

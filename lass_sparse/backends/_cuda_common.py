@@ -2,27 +2,62 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
+import re
 import sys
 from importlib import resources
 
 import torch
 
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
-GEMV_MAX_M = 16
-ADAMW_CHUNK = 65536
+ABI_HEADER = "lass_abi.h"
+_ABI_INCLUDE = f'#include "{ABI_HEADER}"'
 
 
-def kernel_source() -> str:
-    """Text of csrc/cuda/lass_kernels.cuh (in-tree, or the copy installed with the package)."""
+def _source(name: str) -> str:
+    """Text of csrc/cuda/NAME (in-tree, or the build-time copy in lass_sparse/_cuda_src)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    tree = os.path.join(here, "..", "..", "csrc", "cuda", "lass_kernels.cuh")
+    tree = os.path.join(here, "..", "..", "csrc", "cuda", name)
     if os.path.exists(tree):
         with open(tree) as f:
             return f.read()
-    return (resources.files("lass_sparse") / "_cuda_src" / "lass_kernels.cuh").read_text()
+    return (resources.files("lass_sparse") / "_cuda_src" / name).read_text()
+
+
+@functools.cache
+def abi() -> dict:
+    """The constants of csrc/cuda/lass_abi.h (the one ABI of kernels, binding and this loader):
+    ``{"kGemvMaxM": 16, "kAdamWChunk": 65536, ..., "dtype_codes": {"kFloat32": 0, ...},
+    "adamw_fields": ["p", "g", ..., "nw"]}``."""
+    text = _source(ABI_HEADER)
+    out: dict = {n: int(v) for n, v in re.findall(r"constexpr\s+\w+\s+(k\w+)\s*=\s*(\d+);", text)}
+    enum = re.search(r"enum DTypeCode[^{]*\{([^}]*)\}", text)
+    out["dtype_codes"] = {n: int(v) for n, v in re.findall(r"(k\w+)\s*=\s*(\d+)", enum.group(1))}
+    body = re.search(r"struct AdamWTensor\s*\{(.*?)\};", text, re.S).group(1)
+    out["adamw_fields"] = re.findall(r"(\w+);", re.sub(r"//[^\n]*", "", body))
+    return out
+
+
+def kernel_source() -> str:
+    """lass_kernels.cuh with lass_abi.h inlined: one self-contained text for NVRTC (cupy)."""
+    src = _source("lass_kernels.cuh")
+    if _ABI_INCLUDE not in src:
+        raise RuntimeError(f"lass_kernels.cuh does not include {ABI_HEADER}")
+    return src.replace(_ABI_INCLUDE, _source(ABI_HEADER).replace("#pragma once", ""), 1)
+
+
+_CODES = abi()["dtype_codes"]
+DTYPE_CODE = {torch.float32: _CODES["kFloat32"], torch.float16: _CODES["kFloat16"],
+              torch.bfloat16: _CODES["kBFloat16"]}
+SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+GEMV_MAX_M = abi()["kGemvMaxM"]
+ADAMW_CHUNK = abi()["kAdamWChunk"]
+ADAMW_BLOCK = abi()["kAdamWBlock"]
+ADAMW_FIELDS = ("p", "g", "m", "v", "bits", "numel", "k", "nw")  # adamw_tables' column order
+if tuple(abi()["adamw_fields"]) != ADAMW_FIELDS:
+    raise ImportError(f"lass_abi.h AdamWTensor fields {abi()['adamw_fields']} differ from the "
+                      f"loader's table columns {ADAMW_FIELDS}")
 
 
 def cuda_include_dirs() -> list[str]:
@@ -68,13 +103,16 @@ def by_dtype(params, grads, exp_avgs, exp_avg_sqs, bits):
 
 
 def adamw_tables(params, grads, exp_avgs, exp_avg_sqs, bits, chunk: int = ADAMW_CHUNK):
-    """The AdamWTensor table (int64[T, 8]: p, g, m, v, bits, numel, k, nw) and the chunk table
-    (tensor index, start) for one multi-tensor launch; all on the params' device."""
+    """The AdamWTensor table (int64[T, 8], columns ``ADAMW_FIELDS``: the struct of lass_abi.h)
+    and the chunk table (tensor index, start) for one multi-tensor launch; on the params'
+    device."""
     rows, ct, cs = [], [], []
     for i, (p, g, m, v, b) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, bits)):
         k = p.shape[-1] if p.dim() else 1
-        rows.append([p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
-                     0 if b is None else b.data_ptr(), p.numel(), max(k, 1), (k + 31) // 32])
+        row = {"p": p.data_ptr(), "g": g.data_ptr(), "m": m.data_ptr(), "v": v.data_ptr(),
+               "bits": 0 if b is None else b.data_ptr(), "numel": p.numel(), "k": max(k, 1),
+               "nw": (k + 31) // 32}
+        rows.append([row[f] for f in ADAMW_FIELDS])
         for s in range(0, p.numel(), chunk):
             ct.append(i)
             cs.append(s)

@@ -16,6 +16,7 @@ import torch
 
 from .. import _registry
 from ._cuda_common import (
+    ADAMW_BLOCK,
     ADAMW_CHUNK,
     GEMV_MAX_M,
     MISSING_HEADERS,
@@ -152,7 +153,7 @@ def _setup() -> None:
         bc1, bc2 = bias_corrections(beta1, beta2, step)
         for dtype, group in by_dtype(params, grads, exp_avgs, exp_avg_sqs, bits).items():
             table, ct, cs = adamw_tables(*group)
-            _launch(f"lass_masked_adamw_{SUFFIX[dtype]}", (ct.numel(),), 512, ptr(table),
+            _launch(f"lass_masked_adamw_{SUFFIX[dtype]}", (ct.numel(),), ADAMW_BLOCK, ptr(table),
                     ptr(ct), ptr(cs), np.int64(ADAMW_CHUNK), np.float32(lr), np.float32(beta1),
                     np.float32(beta2), np.float32(eps), np.float32(weight_decay),
                     np.float32(bc1), np.float32(bc2), np.int32(bool(maximize)))

@@ -1,0 +1,69 @@
+// The one ABI between the torch-free CUDA kernels (lass_kernels.cuh / .cu), the torch binding
+// (binding.cpp) and the cupy loader (lass_sparse/backends/_cuda_common.py reads the constants and
+// the AdamWTensor field order from this file): dtype codes, limits, structs, host launchers.
+// Torch-free and NVRTC-safe (cupy compiles it, inlined into lass_kernels.cuh, at run time).
+#pragma once
+
+#ifdef __CUDACC_RTC__  // NVRTC (cupy): no libc headers
+typedef signed char int8_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uintptr_t;
+#else
+#include <cstdint>
+#endif
+
+namespace lass {
+
+// The launchers' `dtype` argument; kernels are named <name>_f32 / _f16 / _bf16.
+enum DTypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Decode GEMV: the most rows of x one launch serves (fp32 accumulators per row in registers).
+constexpr int kGemvMaxM = 16;
+// Masked AdamW: elements per block (the chunk table's granularity) and threads per block.
+constexpr int64_t kAdamWChunk = 65536;
+constexpr int kAdamWBlock = 512;
+
+// One tensor of a multi-tensor AdamW launch. Hosts build a table of these as int64[T, 8] rows in
+// this field order (pointers are 64-bit), so the layout is fixed here.
+struct AdamWTensor {
+  void* p;
+  const void* g;
+  float* m;
+  float* v;
+  const int32_t* bits;  // nullptr: unmasked (plain AdamW)
+  int64_t numel;
+  int64_t k;   // last dim (row length) for the mask
+  int64_t nw;  // words per row
+};
+static_assert(sizeof(AdamWTensor) == 8 * sizeof(int64_t), "AdamWTensor is one int64[8] row");
+
+struct AdamWArgs {
+  float lr, beta1, beta2, eps, weight_decay, bc1, bc2;  // bc*: bias corrections 1 - beta^step
+  int maximize;
+};
+
+}  // namespace lass
+
+#if !defined(__CUDACC_RTC__)
+#include <cuda_runtime_api.h>
+// Host launchers (lass_kernels.cu), called by the torch binding. Each returns cudaSuccess without
+// launching when there is nothing to do (a zero-size grid is a launch error).
+extern "C" {
+cudaError_t lass_launch_decode_gemv(int dtype, const void* x, const void* w, const int32_t* bits,
+                                    const void* bias, void* y, int m_rows, int64_t n, int64_t k,
+                                    cudaStream_t stream);
+cudaError_t lass_launch_pack(const bool* mask, int32_t* bits, int64_t rows, int64_t k,
+                             cudaStream_t stream);
+cudaError_t lass_launch_unpack(const int32_t* bits, bool* mask, int64_t rows, int64_t k,
+                               cudaStream_t stream);
+cudaError_t lass_launch_magnitude_pack(int dtype, const void* w, float thr, int32_t* bits,
+                                       int64_t rows, int64_t k, cudaStream_t stream);
+// tensors / chunk tables live in device memory (filled by the caller); one launch for the list.
+cudaError_t lass_launch_masked_adamw(int dtype, const lass::AdamWTensor* tensors,
+                                     const int32_t* chunk_tensor, const int64_t* chunk_start,
+                                     int64_t chunks, int64_t chunk_size, lass::AdamWArgs args,
+                                     cudaStream_t stream);
+}
+#endif
