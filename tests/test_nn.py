@@ -180,8 +180,12 @@ def test_masked_mha_equals_nn_mha_with_masked_weights(batch_first, need_weights)
     torch.testing.assert_close(out, mha(x, x, x)[0], rtol=0, atol=0)
 
 
-def test_masked_mha_kv_cache_matches_full_causal_pass():
+def test_masked_mha_kv_cache_matches_full_causal_pass(monkeypatch):
     torch.manual_seed(0)
+    fused = []  # cached self-attention steps take the fused q/k/v projection, as a full pass
+    real = ls.ops.masked_qkv_proj
+    monkeypatch.setattr(ls.ops, "masked_qkv_proj",
+                        lambda *a: fused.append(a[0].shape[1]) or real(*a))
     m = MaskedMultiheadAttention(32, 4, batch_first=True)
     ls.attach(m, MaskBank.from_model(m, 0.5, pair="en-de"))
     ls.set_active_pair(m, "en-de")
@@ -198,6 +202,7 @@ def test_masked_mha_kv_cache_matches_full_causal_pass():
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(xsteps, 1), cross_full, atol=1e-5, rtol=1e-5)
     assert cache["k"].shape == (2, 4, 6, 8) and xcache["k"].shape == (2, 4, 4, 8)
+    assert fused == [6] + [1] * 6  # the full causal pass, then each self-attention step
 
 
 def test_masked_mha_gradients_are_masked():

@@ -48,6 +48,18 @@ def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return mask.to(dtype)
 
 
+def _store(cache: dict, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    cache["k"], cache["v"] = k, v
+    return k, v
+
+
+def _append(cache: dict, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Self-attention's keys/values so far: the cached ones, then this step's ([B, H, T, Dh])."""
+    if "k" in cache:
+        k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+    return _store(cache, k, v)
+
+
 class MaskedMultiheadAttention(nn.MultiheadAttention):
     """Drop-in ``nn.MultiheadAttention``: same constructor, parameters and state_dict keys, every
     configuration (``kdim``/``vdim``, ``add_bias_kv``, ``add_zero_attn``, ``batch_first``, bool
@@ -154,11 +166,13 @@ class MaskedMultiheadAttention(nn.MultiheadAttention):
         h, dh = self.num_heads, self.head_dim
         single = st is not None and st.active and st.pair_ids is None
         bits = None
-        if single and self._qkv_same_embed_dim and is_self and cache is None:
+        if single and self._qkv_same_embed_dim and is_self and not static_kv:
             bits = ctx.bits(self._lass_prefix + "in_proj_weight", query.device, st)
-        if bits is not None:
+        if bits is not None:  # one fused launch for q, k, v (cached decoding steps too)
             x, w, b = _autocast(query, self.in_proj_weight, self.in_proj_bias)
             q, k, v = ops.masked_qkv_proj(x, w, bits, b, h)
+            if cache is not None:
+                k, v = _append(cache, k, v)
         else:
             q = self._proj(query, 0, st)
             if cache is not None and static_kv and "k" in cache:
@@ -166,10 +180,8 @@ class MaskedMultiheadAttention(nn.MultiheadAttention):
             else:
                 k, v = self._proj(key, 1, st), self._proj(value, 2, st)
                 if cache is not None:
-                    if not static_kv and "k" in cache:
-                        k = torch.cat([cache["k"], k], 2)
-                        v = torch.cat([cache["v"], v], 2)
-                    cache["k"], cache["v"] = k, v
+                    k, v = (_append(cache, k, v) if not static_kv
+                            else _store(cache, k, v))
         tk0 = k.shape[2]  # keys from the inputs (and cache); bias_k / zero slot follow
         extra = 0
         if self.bias_k is not None:
