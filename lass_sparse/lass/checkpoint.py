@@ -14,7 +14,7 @@ import random
 import torch
 from safetensors.torch import load_file, save
 
-from ..masks import atomic_write
+from ..fileio import atomic_write
 
 STATE = "state.json"
 

@@ -376,7 +376,7 @@ def cmd_translate(args) -> int:
                              beam=1 if args.greedy else args.beam, lenpen=args.lenpen)
     out = "\n".join(hyps) + "\n"
     if args.output:
-        from ..masks import atomic_write
+        from ..fileio import atomic_write
 
         atomic_write(args.output, out.encode("utf-8"))
     else:
@@ -415,7 +415,7 @@ def cmd_evaluate(args) -> int:
         out["significance"] = sig
     print(table)
     if args.out:
-        from ..masks import atomic_write
+        from ..fileio import atomic_write
 
         atomic_write(args.out + ".md", (table + "\n").encode())
         atomic_write(args.out + ".json", json.dumps(out, indent=1).encode())

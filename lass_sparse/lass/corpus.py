@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 
 from tqdm.auto import tqdm
 
-from ..masks import atomic_write
+from ..fileio import atomic_write
 
 TARGETS = ("de", "fr", "es", "it", "pt", "ru", "zh", "ar")
 LOCALES = {"de": "de", "fr": "fr", "es": "es", "it": "it", "pt_BR": "pt", "pt-BR": "pt",

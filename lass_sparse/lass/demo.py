@@ -14,7 +14,7 @@ import json
 import os
 import time
 
-from ..masks import atomic_write
+from ..fileio import atomic_write
 
 ZERO_SHOT_LANGS = ("de", "fr", "zh")
 ALPHA = 0.5

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..masks import MaskBank, atomic_write
+from ..fileio import atomic_write
+from ..masks import MaskBank
 from ..nn import active_pair, attach, masked_parameters
 from .checkpoint import has_checkpoint, load_checkpoint
 from .data import Corpus, load_corpus, parse_direction
@@ -183,6 +184,17 @@ def finetune(run: Run, direction: str, steps: int, *, init: str = "base",
                   name=f"finetune {direction}", distributed=distributed)
 
 
+def _direction_masks(run: Run, bank: MaskBank, stage: str, alpha: float,
+                     chunks: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Magnitude masks of ``stage``'s weights for ``bank``'s parameters: the one pruning path of
+    :func:`prune` and :func:`extend`. ``chunks`` (q/k/v chunks per name) defaults to
+    ``masked_parameters`` of a fresh model, built on the meta device (no memory, no RNG use)."""
+    if chunks is None:
+        with torch.device("meta"):
+            chunks = masked_parameters(Seq2Seq(run.model_config))
+    return bank.masks_from_model(run.load_model(stage, device="cpu"), alpha, chunks)
+
+
 def prune(run: Run, alpha: float, *, directions: list[str] | None = None,
           out: str = "masks.safetensors", random: bool = False, seed: int = 0,
           ft_prefix: str = "ft", shared_from: str | None = None) -> MaskBank:
@@ -197,10 +209,10 @@ def prune(run: Run, alpha: float, *, directions: list[str] | None = None,
     bank = MaskBank({n: template.get_parameter(n).shape for n in names}, alpha=alpha)
     shared = None
     if shared_from is not None:
-        shared = bank.masks_from_model(run.load_model(shared_from, device="cpu"), alpha, names)
+        shared = _direction_masks(run, bank, shared_from, alpha, names)
     for d in dirs:
         masks = {n: b.clone() for n, b in shared.items()} if shared is not None else \
-            bank.masks_from_model(run.load_model(f"{ft_prefix}/{d}", device="cpu"), alpha, names)
+            _direction_masks(run, bank, f"{ft_prefix}/{d}", alpha, names)
         bank.add_pair(d, masks)
     if random:
         bank = bank.random_like(alpha, seed=seed)
@@ -247,7 +259,7 @@ def extend(run: Run, directions: str | list[str], *, masks: str, init: str = "jo
     for d in dirs:
         ft_out = f"{out}/ft" if len(dirs) == 1 else f"{out}/ft/{d}"
         fts[d] = finetune(run, d, ft_steps, init=ft_init, out=ft_out, **kw)
-        bank.add_pair(d, bank.masks_from_model(run.load_model(ft_out, device="cpu"), alpha))
+        bank.add_pair(d, _direction_masks(run, bank, ft_out, alpha))
     model = _init_model(run, out, init)
     attach(model, bank)
     update_bank = params = None

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import io
 
-from ..masks import MaskBank, atomic_write
+from ..fileio import atomic_write
+from ..masks import MaskBank
 
 
 def _plt():

@@ -22,7 +22,8 @@ import json
 import os
 import time
 
-from ..masks import MaskBank, atomic_write
+from ..fileio import atomic_write
+from ..masks import MaskBank
 
 OUT_PROJ = "decoder.output_projection.weight"
 DEFAULT_STEPS = {"base": 2000, "finetune": 240, "joint": 600}

@@ -29,7 +29,7 @@ import json
 import os
 import time
 
-from ..masks import atomic_write
+from ..fileio import atomic_write
 
 # The documented CPU run (tiny model, 2 cores, ~2 h with main and ext as two 1-thread processes).
 DEFAULT_STEPS = {"base": 2800, "finetune": 50, "joint": 1300, "sweep_joint": 300,

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..masks import MaskBank
+from ..pruning import masked_modules
 
 
 class PairState:
@@ -179,13 +180,6 @@ class MaskContext:
 
     def restore(self, state: PairState | None) -> None:
         self._hold(state)
-
-
-def masked_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) of every masked module (MaskedLinear, MaskedTiedLinear, masked MHA)."""
-    for name, m in model.named_modules():
-        if hasattr(m, "_lass_param_names"):
-            yield name, m
 
 
 def get_context(model: nn.Module) -> MaskContext:

@@ -1,81 +1,17 @@
-"""convert(model): swap nn.Linear / nn.MultiheadAttention for their masked twins, in place."""
+"""convert(model): swap nn.Linear / nn.MultiheadAttention for their masked twins, in place.
+
+Which modules are masked (``DEFAULT_EXCLUDE``, :func:`masked_parameters`) lives in
+:mod:`lass_sparse.pruning`; the names are re-exported here."""
 
 from __future__ import annotations
-
-import fnmatch
-from collections.abc import Callable, Iterable, Iterator
 
 from torch import nn
 
 from ..masks import MaskBank
+from ..pruning import DEFAULT_EXCLUDE, Patterns, _selected, masked_parameters  # noqa: F401
 from .attention import MaskedMultiheadAttention
-from .context import attach, masked_modules
+from .context import attach
 from .linear import MaskedLinear
-
-# LaSS masks every weight matrix except embeddings, norms and the output (vocabulary) projection.
-DEFAULT_EXCLUDE = ("*lm_head*", "*output_projection*", "*generator*", "*final_logits*",
-                   "*embed*")
-
-Patterns = Iterable[str] | Callable[[str], bool] | None
-
-
-def _matcher(patterns: Patterns) -> Callable[[str], bool] | None:
-    if patterns is None:
-        return None
-    if callable(patterns):
-        return patterns
-    pats = [patterns] if isinstance(patterns, str) else list(patterns)
-    return lambda name: any(fnmatch.fnmatchcase(name, p) for p in pats)
-
-
-def _selected(
-    model: nn.Module, include: Patterns, exclude: Patterns, mask_tied_output: bool = False
-) -> Iterator[tuple[str, nn.Module]]:
-    """(qualified name, module) of every Linear / MHA that convert() would mask, outermost first.
-    ``mask_tied_output``: also Linears whose weight is an embedding's (tied output heads); the
-    default name exclusions do not apply to them, an explicit ``exclude`` does."""
-    inc = _matcher(include)
-    exc = _matcher(DEFAULT_EXCLUDE if exclude is None else exclude)
-    user_exc = _matcher(exclude)
-    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    inside_mha: set[str] = set()
-    for name, m in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside_mha):
-            continue  # an MHA's out_proj goes with its MHA
-        is_tied = isinstance(m, nn.Linear) and id(m.weight) in tied
-        if isinstance(m, nn.MultiheadAttention):
-            inside_mha.add(name)
-        elif not isinstance(m, nn.Linear) or (is_tied and not mask_tied_output):
-            continue
-        if inc is not None and not inc(name):
-            continue
-        if (user_exc if is_tied else exc) is not None and (user_exc if is_tied else exc)(name):
-            continue
-        yield name, m
-
-
-def masked_parameters(model: nn.Module, include: Patterns = None,
-                      exclude: Patterns = None, *,
-                      mask_tied_output: bool = False) -> dict[str, int]:
-    """``{parameter name -> q/k/v chunks}`` a LaSS mask covers: those of a converted model's masked
-    modules, or (unconverted model) those :func:`convert` would mask. ``in_proj_weight`` has 3
-    chunks (q, k and v are pruned as separate tensors); an attention with ``kdim``/``vdim !=
-    embed_dim`` has ``q_proj_weight``, ``k_proj_weight`` and ``v_proj_weight``, one chunk each."""
-    out: dict[str, int] = {}
-    mods = list(masked_modules(model)) or list(_selected(model, include, exclude,
-                                                           mask_tied_output))
-    for name, m in mods:
-        prefix = f"{name}." if name else ""
-        if isinstance(m, nn.MultiheadAttention):
-            if m._qkv_same_embed_dim:
-                out[prefix + "in_proj_weight"] = 3
-            else:  # kdim / vdim != embed_dim: separate q, k, v weights, one mask each
-                for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
-                    out[prefix + n] = 1
-            out[prefix + "out_proj.weight"] = 1
-        else:
-            out[prefix + "weight"] = 1
-    return out
 
 
 def convert(
