@@ -44,6 +44,10 @@ class Impl:
     requires: str = ""
     device_guard: bool = False
     dtypes: frozenset | None = None
+    # The kernel checks every tensor it touches itself (dtype, shape, device, layout, aliasing)
+    # and raises before touching memory: the op then runs its Python checks only to word the
+    # error of a call the kernel refused (see :func:`dispatch_checked`).
+    validates: bool = False
 
 
 @dataclass
@@ -68,6 +72,9 @@ _status["reference"] = BackendStatus("reference", True, "plain PyTorch, always a
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "lass_sparse_forced_backend", default=None
 )
+# Unforced choices that depend only on (op, device type, dtypes): no ``supports`` predicate was
+# consulted. Cleared whenever a kernel is registered or a backend's status changes.
+_select_cache: dict[tuple, Impl] = {}
 
 
 def _check_name(name: str) -> None:
@@ -81,6 +88,7 @@ def set_status(name: str, active: bool, reason: str, broken: bool = False) -> No
     ``broken``: inactive although it should work here (built but fails to load)."""
     _check_name(name)
     _status[name] = BackendStatus(name, active, reason, broken and not active)
+    _select_cache.clear()
 
 
 def status() -> dict[str, BackendStatus]:
@@ -96,6 +104,7 @@ def register(
     requires: str = "",
     device_guard: bool = False,
     dtypes: tuple[torch.dtype, ...] | None = None,
+    validates: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` as ``backend``'s kernel of ``op`` for ``devices``.
 
@@ -106,7 +115,9 @@ def register(
     tensors under ``TRITON_INTERPRET=1``, for tests). ``device_guard``: run CUDA calls inside
     ``torch.cuda.device(device)`` (kernels that launch on the current device). ``dtypes``: the
     floating dtypes the kernel takes (of the first argument); other calls are declined with an
-    error that names the dtype when the backend is forced.
+    error that names the dtype when the backend is forced. ``validates``: the kernel checks every
+    tensor it touches and raises before writing anything (C++ entry points), so unforced calls
+    skip the op's Python checks until the kernel refuses.
     """
     _check_name(backend)
     devs = frozenset((devices,) if isinstance(devices, str) else devices)
@@ -115,8 +126,9 @@ def register(
         lst = _impls.setdefault(op, [])
         lst[:] = [i for i in lst if not (i.backend == backend and i.devices & devs)]
         lst.append(Impl(backend, fn, devs, supports, explicit_only, requires, device_guard,
-                        None if dtypes is None else frozenset(dtypes)))
+                        None if dtypes is None else frozenset(dtypes), validates))
         lst.sort(key=lambda i: PRIORITY[i.backend])
+        _select_cache.clear()
         return fn
 
     return deco
@@ -167,15 +179,36 @@ def select(op: str, device_type: str, *args) -> Impl:
                 f"lass_sparse.{op}: forced backend {forced!r} has no kernel for {device_type} "
                 f"tensors (it runs on: {', '.join(devs)})"
             )
+    key = (op, device_type, _dtypes(args))
+    hit = _select_cache.get(key)
+    if hit is not None:
+        return hit
+    cacheable = True
     for i in impls:
         if device_type not in i.devices or not _status[i.backend].active or i.explicit_only:
             continue
         if _unsupported_dtype(i, args) is not None:
             continue
-        if i.supports is not None and not i.supports(*args):
-            continue
+        if i.supports is not None:
+            cacheable = False  # the choice depends on more than dtypes (e.g. the row count)
+            if not i.supports(*args):
+                continue
+        if cacheable:
+            _select_cache[key] = i
         return i
     raise RuntimeError(f"lass_sparse.{op}: no active kernel for {device_type} tensors")
+
+
+def _dtypes(args) -> object:
+    """The floating dtypes :func:`_unsupported_dtype` looks at (the first argument's)."""
+    if not args:
+        return None
+    first = args[0]
+    if isinstance(first, torch.Tensor):
+        return first.dtype
+    if isinstance(first, (list, tuple)):
+        return frozenset(t.dtype for t in first if isinstance(t, torch.Tensor))
+    return None
 
 
 def _dt(dtype: torch.dtype) -> str:
@@ -214,14 +247,39 @@ def _describe(args) -> str:
     return ", ".join(out[:4]) or "no tensors"
 
 
-def dispatch(op: str, device: str | torch.device, *args):
-    """Run the selected implementation of ``op`` for tensors on ``device``."""
-    dev_type = device.type if isinstance(device, torch.device) else device.split(":")[0]
-    impl = select(op, dev_type, *args)
+def _run(impl: Impl, device, dev_type: str, args):
     if impl.device_guard and dev_type == "cuda":
         with torch.cuda.device(device):
             return impl.fn(*args)
     return impl.fn(*args)
+
+
+def dispatch(op: str, device: str | torch.device, *args):
+    """Run the selected implementation of ``op`` for tensors on ``device``."""
+    dev_type = device.type if isinstance(device, torch.device) else device.split(":")[0]
+    return _run(select(op, dev_type, *args), device, dev_type, args)
+
+
+def dispatch_checked(op: str, device: str | torch.device, check: Callable[[], None], *args):
+    """:func:`dispatch` for an op whose input checks are ``check()`` (raises on bad input).
+
+    A kernel registered with ``validates=True`` checks its inputs itself, so an unforced call
+    runs it straight away and calls ``check()`` only when the kernel raises, to replace the
+    kernel's error with the op's (the kernel's propagates when ``check()`` finds nothing wrong).
+    Other kernels, and every call under a forced backend, run ``check()`` first."""
+    dev_type = device.type if isinstance(device, torch.device) else device.split(":")[0]
+    if forced_backend() is not None:
+        check()
+        return _run(select(op, dev_type, *args), device, dev_type, args)
+    impl = select(op, dev_type, *args)
+    if not impl.validates:
+        check()
+        return _run(impl, device, dev_type, args)
+    try:
+        return _run(impl, device, dev_type, args)
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        check()
+        raise
 
 
 def broken() -> dict[str, str]:

@@ -38,6 +38,10 @@ def _dispatch(op: str, device: torch.device, *args):
     return _registry.dispatch(op, device, *args)
 
 
+def _is_tensors(*ts) -> bool:
+    return all(isinstance(t, Tensor) for t in ts)
+
+
 def _dt(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -160,12 +164,19 @@ def magnitude_mask(weight: Tensor, alpha: float) -> Tensor:
 
 @torch.library.custom_op(f"{NS}::masked_linear", mutates_args=())
 def _masked_linear(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None) -> Tensor:
-    _check_linear("masked_linear", x, weight, bits, bias)
+    def check() -> None:
+        _check_linear("masked_linear", x, weight, bits, bias)
+
+    if not (_is_tensors(x, weight, bits) and weight.dim() == 2 and x.dim() >= 1
+            and x.shape[-1] == weight.shape[1]):
+        check()  # raises: the reshape below needs these
     n, k = weight.shape
-    x2 = x.reshape(math.prod(x.shape[:-1]), k).contiguous()  # not -1: K may be 0
+    flat = x.dim() == 2
+    x2 = (x if flat else x.reshape(math.prod(x.shape[:-1]), k)).contiguous()  # K may be 0
     b = None if bias is None else bias.contiguous()
-    y = _dispatch("masked_linear", x.device, x2, weight.contiguous(), bits.contiguous(), b)
-    return y.reshape(*x.shape[:-1], n)
+    y = _registry.dispatch_checked("masked_linear", x.device, check, x2, weight.contiguous(),
+                                   bits.contiguous(), b)
+    return y if flat else y.reshape(*x.shape[:-1], n)
 
 
 @_masked_linear.register_fake
@@ -177,9 +188,13 @@ def _(x, weight, bits, bias):
 @torch.library.custom_op(f"{NS}::masked_linear_dx", mutates_args=())
 def _masked_linear_dx(grad_out: Tensor, weight: Tensor, bits: Tensor) -> Tensor:
     """``dx[M, K] = grad_out[M, N] @ (W ⊙ M)``."""
-    _check_dx("masked_linear_dx", grad_out, weight, bits)
-    return _dispatch(
-        "masked_linear_dx", grad_out.device, grad_out.contiguous(), weight.contiguous(),
+    def check() -> None:
+        _check_dx("masked_linear_dx", grad_out, weight, bits)
+
+    if not _is_tensors(grad_out, weight, bits):
+        check()
+    return _registry.dispatch_checked(
+        "masked_linear_dx", grad_out.device, check, grad_out.contiguous(), weight.contiguous(),
         bits.contiguous(),
     )
 
@@ -228,9 +243,14 @@ def _check_dw(op: str, grad_out: Tensor, x: Tensor, bits: Tensor, bank: bool = F
 @torch.library.custom_op(f"{NS}::masked_linear_dw", mutates_args=())
 def _masked_linear_dw(grad_out: Tensor, x: Tensor, bits: Tensor) -> Tensor:
     """``dW[N, K] = (grad_out[M, N]ᵀ @ x[M, K]) ⊙ M``; off-mask entries are exactly 0."""
-    _check_dw("masked_linear_dw", grad_out, x, bits)
-    return _dispatch(
-        "masked_linear_dw", x.device, grad_out.contiguous(), x.contiguous(), bits.contiguous()
+    def check() -> None:
+        _check_dw("masked_linear_dw", grad_out, x, bits)
+
+    if not _is_tensors(grad_out, x, bits):
+        check()
+    return _registry.dispatch_checked(
+        "masked_linear_dw", x.device, check, grad_out.contiguous(), x.contiguous(),
+        bits.contiguous(),
     )
 
 
@@ -549,14 +569,23 @@ def _masked_adamw_(
     step: int,
     maximize: bool,
 ) -> None:
-    if _check_adamw(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps,
-                    weight_decay, step, real=True):
-        _dispatch(
-            "masked_adamw_", params[0].device, list(params), [g.contiguous() for g in grads],
-            list(exp_avgs), list(exp_avg_sqs),
-            [None if b is None else b.contiguous() for b in bits], float(lr), float(beta1),
-            float(beta2), float(eps), float(weight_decay), int(step), bool(maximize),
-        )
+    def check() -> None:
+        _check_adamw(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps,
+                     weight_decay, step, real=True)
+
+    n = len(params)
+    if not params or not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(bits) == n):
+        check()  # raises on unequal lengths; an empty list is a no-op
+        return
+    _check_hyper("masked_adamw_", lr, beta1, beta2, eps, weight_decay, step)
+    if not isinstance(params[0], Tensor):
+        check()
+    _registry.dispatch_checked(
+        "masked_adamw_", params[0].device, check, list(params),
+        [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
+        [None if b is None else b.contiguous() for b in bits], float(lr), float(beta1),
+        float(beta2), float(eps), float(weight_decay), int(step), bool(maximize),
+    )
 
 
 def _check_hyper(op, lr, beta1, beta2, eps, weight_decay, step) -> None:

@@ -23,23 +23,24 @@ else:
     _ops = torch.ops.lass_sparse_cpu
     _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
-    def _reg(op: str, dtypes=_DTYPES):
-        return _registry.register(op, "cpu", ("cpu",), dtypes=dtypes)
+    def _reg(op: str, dtypes=_DTYPES, validates: bool = False):
+        return _registry.register(op, "cpu", ("cpu",), dtypes=dtypes, validates=validates)
 
     _reg("pack_mask", None)(lambda mask: _ops.pack_mask(mask))
     _reg("unpack_mask", None)(lambda bits, k: _ops.unpack_mask(bits, k))
     _reg("magnitude_mask", (*_DTYPES, torch.float16))(  # compares in fp32 for half types
         lambda w, alpha: _ops.magnitude_mask(w, alpha))
 
-    @_reg("masked_linear")
+    # validates: these C++ entry points check every tensor before touching memory (common.h)
+    @_reg("masked_linear", validates=True)
     def masked_linear(x, weight, bits, bias):
         return _ops.masked_linear(x, weight, bits, bias)
 
-    @_reg("masked_linear_dx")
+    @_reg("masked_linear_dx", validates=True)
     def masked_linear_dx(grad_out, weight, bits):
         return _ops.masked_linear_dx(grad_out, weight, bits)
 
-    @_reg("masked_linear_dw")
+    @_reg("masked_linear_dw", validates=True)
     def masked_linear_dw(grad_out, x, bits):
         return _ops.masked_linear_dw(grad_out, x, bits)
 
@@ -80,7 +81,7 @@ else:
         return split_qkv(_ops.masked_linear(x.reshape(b * t, d), weight, bits, bias), b, t,
                          num_heads)
 
-    @_reg("masked_adamw_", (torch.float32, torch.bfloat16))
+    @_reg("masked_adamw_", (torch.float32, torch.bfloat16), validates=True)
     def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps,
                       weight_decay, step, maximize):
         _ops.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps,
