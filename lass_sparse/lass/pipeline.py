@@ -29,7 +29,7 @@ from .data import Corpus, load_corpus, parse_direction
 from .device import resolve_device
 from .model import ModelConfig, Seq2Seq, make_config
 from .tokenizer import Tokenizer
-from .train import LANGTOKS, Encoded, TrainConfig, run_stage
+from .train import LANGTOKS, Encoded, TrainConfig, UpdatePolicy, run_stage
 
 RUN_JSON = "run.json"
 
@@ -153,7 +153,7 @@ def _init_model(run: Run, out: str, init: str | None) -> Seq2Seq:
 
 
 def _stage(run: Run, out: str, model: Seq2Seq, dirs: list[str], kw: dict,
-           name: str | None = None, **extra) -> dict:
+           name: str | None = None, policy: UpdatePolicy | None = None, **extra) -> dict:
     """Run one training stage: ``kw`` holds TrainConfig fields plus ``progress`` and
     ``valid_limit`` (validation rows per direction)."""
     kw = dict(kw)
@@ -161,7 +161,7 @@ def _stage(run: Run, out: str, model: Seq2Seq, dirs: list[str], kw: dict,
     valid_limit = kw.pop("valid_limit", None)
     cfg = TrainConfig(stage=name or out, directions=dirs, **kw)
     valid = run.valid_encoded(dirs, valid_limit) if cfg.validate_every else None
-    return run_stage(run.path(out), model, run.encoded(dirs), cfg, valid=valid,
+    return run_stage(run.path(out), model, run.encoded(dirs), cfg, policy=policy, valid=valid,
                      progress=progress, **extra)
 
 
@@ -234,7 +234,8 @@ def joint(run: Run, masks: str, steps: int, *, init: str = "base", out: str = "j
     masked AdamW (only that sub-network and the shared unmasked parameters change)."""
     bank = load_bank(run, masks)
     dirs = directions or [d for d in run.directions if d in bank]
-    return _stage(run, out, _init_model(run, out, init), dirs, dict(kw, steps=steps), bank=bank)
+    return _stage(run, out, _init_model(run, out, init), dirs, dict(kw, steps=steps),
+                  policy=UpdatePolicy(bank=bank))
 
 
 def extend(run: Run, directions: str | list[str], *, masks: str, init: str = "joint",
@@ -262,7 +263,7 @@ def extend(run: Run, directions: str | list[str], *, masks: str, init: str = "jo
         bank.add_pair(d, _direction_masks(run, bank, ft_out, alpha))
     model = _init_model(run, out, init)
     attach(model, bank)
-    update_bank = params = None
+    policy = UpdatePolicy(bank)
     if strict:
         others = [p for p in bank.pairs if p not in dirs]
         union = bank.union(others) if others else None
@@ -273,9 +274,10 @@ def extend(run: Run, directions: str | list[str], *, masks: str, init: str = "jo
         # masked weights only: a tied output projection's matrix is also the (shared, frozen)
         # embedding lookup, so it stays frozen too
         registered = dict(model.named_parameters())
-        params = [registered[n] for n in bank.names if n in registered]
+        policy = UpdatePolicy(bank, update_bank,
+                              tuple(registered[n] for n in bank.names if n in registered))
     res = _stage(run, out, model, dirs, dict(kw, steps=steps), name=f"extend {'+'.join(dirs)}",
-                 bank=bank, update_bank=update_bank, params=params)
+                 policy=policy)
     bank.save(run.path(out, "masks.safetensors"))
     return {"finetune": fts[dirs[0]] if len(dirs) == 1 else fts, "train": res,
             "masks": run.path(out, "masks.safetensors")}

@@ -120,16 +120,39 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * min(s / w, math.sqrt(w / s))
 
 
+@dataclass(frozen=True)
+class UpdatePolicy:
+    """What a training stage runs with and may change.
+
+    ``UpdatePolicy()``: dense, every parameter. ``bank``: masked training — each batch runs with
+    its direction's mask and the optimizer updates the union of the masks of the step's batches
+    (LaSS joint training). ``update_bank``: the optimizer masks each step with this bank's masks
+    of the step's directions instead (``extend --strict``: outside every old pair's mask).
+    ``params``: only these parameters are trained (the others frozen)."""
+
+    bank: MaskBank | None = None
+    update_bank: MaskBank | None = None
+    params: tuple[nn.Parameter, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.update_bank is not None and self.bank is None:
+            raise ValueError("UpdatePolicy: update_bank needs the bank the batches run with")
+
+    @property
+    def masked(self) -> bool:
+        return self.bank is not None
+
+    def optimizer_bank(self) -> MaskBank | None:
+        return self.bank if self.update_bank is None else self.update_bank
+
+
 def run_stage(
     out_dir: str,
     model: nn.Module,
     data: Encoded,
     cfg: TrainConfig,
     *,
-    bank: MaskBank | None = None,
-    update_masks: dict[nn.Parameter, Tensor | None] | None = None,
-    update_bank: MaskBank | None = None,
-    params: list[nn.Parameter] | None = None,
+    policy: UpdatePolicy | None = None,
     valid: Encoded | None = None,
     resume: bool = True,
     progress: bool = True,
@@ -137,10 +160,8 @@ def run_stage(
 ) -> dict:
     """Train ``model`` for up to ``cfg.steps`` steps (resuming from ``out_dir/ckpt`` if present).
 
-    ``bank``: masked training — each batch runs with its direction's mask and the optimizer
-    updates the union of the masks of the step's batches. ``update_masks`` / ``params``: restrict
-    the update explicitly; ``update_bank``: the optimizer masks each step with this bank's masks of
-    the step's directions instead of ``bank``'s (``extend --strict``). ``valid``: validation rows
+    ``policy``: what runs masked and what the optimizer may change (:class:`UpdatePolicy`;
+    default dense). ``valid``: validation rows
     of the stage's directions (needed by ``cfg.validate_every``). Returns a summary (steps,
     tokens, seconds, loss, best validation loss and step, whether it stopped early).
 
@@ -153,6 +174,8 @@ def run_stage(
     state row-sharded, masks sliced to match); checkpoints are gathered to full tensors, so they
     load anywhere.
     """
+    policy = policy or UpdatePolicy()
+    bank = policy.bank
     missing = [d for d in cfg.directions if d not in data.index]
     if missing:
         raise KeyError(f"no training data for directions {missing}")
@@ -188,12 +211,11 @@ def run_stage(
         es.update(state.get("valid", {}))
     if sharded:
         _fsdp_shard(model)
-    opt = MaskedAdamW(params if params is not None else model.parameters(), lr=cfg.lr,
+    opt = MaskedAdamW(policy.params if policy.params is not None else model.parameters(),
+                      lr=cfg.lr,
                       betas=(0.9, 0.98), eps=1e-8, weight_decay=cfg.weight_decay)
     if bank is not None:
-        opt.bind(model, bank if update_bank is None else update_bank)
-    if update_masks is not None:
-        opt.set_masks(update_masks)
+        opt.bind(model, policy.optimizer_bank())
     if resuming and (osd := load_optimizer_state(ckpt)) is not None:
         opt.load_state_dict(_local_optim_state(opt, osd))  # each rank's rows when sharded
     slots = world * cfg.accum  # global batches per optimizer step
@@ -270,7 +292,7 @@ def run_stage(
                 scaler.unscale_(opt)
             if cfg.clip_norm:
                 nn.utils.clip_grad_norm_(trainable, cfg.clip_norm)
-            if bank is not None and update_masks is None:
+            if bank is not None:
                 opt.note_pair(*gather_pairs(*(d for d, _ in micro)))
             if scaler is not None:
                 scaler.step(opt)  # skipped when the scaled gradients overflowed
