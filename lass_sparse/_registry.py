@@ -148,12 +148,17 @@ def forced_backend() -> str | None:
     return name
 
 
-def select(op: str, device_type: str, *args) -> Impl:
-    """The implementation of ``op`` that a call with these args on ``device_type`` uses."""
+_UNSET = object()
+
+
+def select(op: str, device_type: str, *args, forced=_UNSET) -> Impl:
+    """The implementation of ``op`` that a call with these args on ``device_type`` uses
+    (``forced``: :func:`forced_backend`'s answer, when the caller already has it)."""
     impls = _impls.get(op)
     if not impls:
         raise RuntimeError(f"lass_sparse: no kernel registered for op {op!r}")
-    forced = forced_backend()
+    if forced is _UNSET:
+        forced = forced_backend()
     if forced is not None:
         own = [i for i in impls if i.backend == forced]
         if own:
@@ -268,10 +273,11 @@ def dispatch_checked(op: str, device: str | torch.device, check: Callable[[], No
     kernel's error with the op's (the kernel's propagates when ``check()`` finds nothing wrong).
     Other kernels, and every call under a forced backend, run ``check()`` first."""
     dev_type = device.type if isinstance(device, torch.device) else device.split(":")[0]
-    if forced_backend() is not None:
+    forced = forced_backend()
+    if forced is not None:
         check()
-        return _run(select(op, dev_type, *args), device, dev_type, args)
-    impl = select(op, dev_type, *args)
+        return _run(select(op, dev_type, *args, forced=forced), device, dev_type, args)
+    impl = select(op, dev_type, *args, forced=None)
     if not impl.validates:
         check()
         return _run(impl, device, dev_type, args)
