@@ -314,7 +314,7 @@ def report(run_dirs: list[str], out_dir: str) -> str:
     return os.path.join(out_dir, "reproduction.md")
 
 
-def publish(run_dir: str, out_dir: str) -> dict:
+def publish(run_dir: str, out_dir: str, alpha: float | None = None) -> dict:
     """Copy the main comparison's models (θ0, dense, LaSS: best checkpoints, bf16 safetensors),
     the compact mask bank, the SentencePiece model and run.json into a small run folder that
     ``lass-sparse evaluate --run OUT --test FILE`` can score; returns ``{file: sha256}``."""
@@ -326,8 +326,14 @@ def publish(run_dir: str, out_dir: str) -> dict:
 
     from .checkpoint import read_state
 
-    with open(os.path.join(run_dir, "parts", "variant.json")) as f:
-        v = json.load(f)
+    if alpha is None:
+        path = os.path.join(run_dir, "parts", "variant.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} missing: pass --alpha (the LaSS masks are "
+                                    "masks-a<alpha>.safetensors)")
+        with open(path) as f:
+            alpha = json.load(f)["alpha"]
+    v = {"alpha": alpha}
     os.makedirs(out_dir, exist_ok=True)
     info = json.load(open(os.path.join(run_dir, "run.json")))
     info["corpus"] = "demo"  # the training corpus is not needed to score --test files
@@ -413,4 +419,6 @@ def add_commands(sub) -> None:
     q = rsub.add_parser("publish", help="θ0 / dense / LaSS (bf16), masks, tokenizer → a folder")
     q.add_argument("--run", required=True)
     q.add_argument("--out", default="results/models")
-    q.set_defaults(func=lambda a: print(json.dumps(publish(a.run, a.out), indent=1)) or 0)
+    q.add_argument("--alpha", type=float, help="the LaSS α (default: the variant's choice)")
+    q.set_defaults(func=lambda a: print(json.dumps(publish(a.run, a.out, a.alpha), indent=1))
+                   or 0)
