@@ -110,3 +110,58 @@ class TensorMemory:
     def __exit__(self, *exc):
         self._mode.__exit__(*exc)
         return False
+
+
+def adamw_stepper(impl: str, ps: list, gs: list, masks: list, device):
+    """(step, params) of one optimizer step over ``ps`` with grads ``gs``:
+
+    - ``ours``: one ``masked_adamw_`` call (fp32 state whatever the param dtype);
+    - ``dense``: ``torch.optim.AdamW(foreach=True)`` on the params (state in their dtype);
+    - ``dense32``: the same on fp32 master copies (fp32 state, what ours keeps for bf16
+      params), grads cast in and the result cast back into the params;
+    - ``naive``: dense AdamW, then off-mask p, exp_avg, exp_avg_sq restored from bool masks
+      (the original LaSS code's way).
+    ``params`` are the tensors whose values the step changes (to check masks afterwards)."""
+    if impl == "ours":
+        bits = [ls.pack_mask(m) for m in masks]
+        ms = [torch.zeros(p.shape, device=device) for p in ps]
+        vs = [torch.zeros(p.shape, device=device) for p in ps]
+        state = {"step": 0}
+
+        def step():
+            state["step"] += 1
+            ls.masked_adamw_(ps, gs, ms, vs, bits, lr=1e-3, step=state["step"])
+
+        return step, ps
+    if impl == "dense32":
+        master = [torch.nn.Parameter(p.float()) for p in ps]
+        opt = torch.optim.AdamW(master, lr=1e-3, foreach=True)
+
+        def step():
+            for w, g in zip(master, gs):
+                w.grad = g.float()
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_copy_(ps, master)
+
+        return step, ps
+    params = [torch.nn.Parameter(p) for p in ps]
+    for p, g in zip(params, gs):
+        p.grad = g
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    if impl == "dense":
+        return opt.step, params
+
+    def naive():
+        old = [(p.detach().clone(), opt.state[p].get("exp_avg"), opt.state[p].get("exp_avg_sq"))
+               for p in params]
+        opt.step()
+        with torch.no_grad():
+            for p, m, (p0, m0, v0) in zip(params, masks, old):
+                p.copy_(torch.where(m, p, p0))
+                st = opt.state[p]
+                if m0 is not None:
+                    st["exp_avg"].copy_(torch.where(m, st["exp_avg"], m0))
+                    st["exp_avg_sq"].copy_(torch.where(m, st["exp_avg_sq"], v0))
+
+    return naive, params

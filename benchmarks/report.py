@@ -10,7 +10,7 @@ import json
 import sys
 from collections import defaultdict
 
-BASELINES = ("dense", "naive", "unpack", "reference", "bool", "numpy", "plain")
+BASELINES = ("dense", "dense32", "naive", "unpack", "reference", "bool", "numpy", "plain")
 
 
 def _fmt_time(s: float) -> str:

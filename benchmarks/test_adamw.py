@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import KEEP, tag, timed
-
-import lass_sparse as ls
+from common import KEEP, adamw_stepper, tag, timed
 
 N_PARAMS = 4
 
@@ -20,45 +18,20 @@ def _params(shape, dtype, device):
     return ps, gs, masks
 
 
-@pytest.mark.parametrize("impl", ["ours", "dense", "naive"])
+@pytest.mark.parametrize("impl", ["ours", "dense", "dense32", "naive"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_adamw_step(benchmark, impl, dtype, shape, device):
+    """``dense``: torch AdamW with state in the param dtype; ``dense32`` (bf16 only): torch
+    AdamW on fp32 master weights (fp32 state, as ours) copied back into the bf16 params."""
+    if impl == "dense32" and dtype == "fp32":
+        pytest.skip("dense32 is dense for fp32 params")
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     ps, gs, masks = _params(shape, dt, device)
     n, k = shape
     tag(benchmark, "masked_adamw", impl, device=device, dtype=dtype, params=N_PARAMS, N=n, K=k)
     before = [p.clone() for p in ps]
-    if impl == "ours":
-        bits = [ls.pack_mask(m) for m in masks]
-        ms = [torch.zeros(p.shape, device=device) for p in ps]
-        vs = [torch.zeros(p.shape, device=device) for p in ps]
-        state = {"step": 0}
-
-        def step():
-            state["step"] += 1
-            ls.masked_adamw_(ps, gs, ms, vs, bits, lr=1e-3, step=state["step"])
-    else:
-        params = [torch.nn.Parameter(p) for p in ps]
-        for p, g in zip(params, gs):
-            p.grad = g
-        opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
-        ps = params
-
-        def step():
-            if impl == "naive":
-                old = [(p.detach().clone(), opt.state[p].get("exp_avg"),
-                        opt.state[p].get("exp_avg_sq")) for p in params]
-            opt.step()
-            if impl == "naive":
-                with torch.no_grad():
-                    for p, m, (p0, m0, v0) in zip(params, masks, old):
-                        p.copy_(torch.where(m, p, p0))
-                        st = opt.state[p]
-                        if m0 is not None:
-                            st["exp_avg"].copy_(torch.where(m, st["exp_avg"], m0))
-                            st["exp_avg_sq"].copy_(torch.where(m, st["exp_avg_sq"], v0))
-
+    step, ps = adamw_stepper(impl, ps, gs, masks, device)
     timed(benchmark, device, step)
-    if impl != "dense":
+    if impl in ("ours", "naive"):
         for p, p0, m in zip(ps, before, masks):
             assert torch.equal(p.detach()[~m], p0[~m]), "off-mask params must not change"

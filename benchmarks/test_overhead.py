@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import assert_close_to_ref, inputs, linear_impls, tag, timed
+from common import adamw_stepper, assert_close_to_ref, inputs, linear_impls, tag, timed
 
-import lass_sparse as ls
 from lass_sparse import reference
 
 N, K = 64, 64
@@ -51,22 +50,7 @@ def test_call_overhead_adamw(benchmark, impl, device):
     gs = [torch.randn_like(p) for p in ps]
     masks = [torch.rand(N, K, device=device) < 0.5 for _ in ps]
     before = [p.clone() for p in ps]
-    if impl == "ours":
-        bits = [ls.pack_mask(m) for m in masks]
-        ms = [torch.zeros_like(p) for p in ps]
-        vs = [torch.zeros_like(p) for p in ps]
-        state = {"step": 0}
-
-        def step():
-            state["step"] += 1
-            ls.masked_adamw_(ps, gs, ms, vs, bits, lr=1e-3, step=state["step"])
-    else:
-        params = [torch.nn.Parameter(p) for p in ps]
-        for p, g in zip(params, gs):
-            p.grad = g
-        opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
-        ps = params
-        step = opt.step
+    step, ps = adamw_stepper(impl, ps, gs, masks, device)
     timed(benchmark, device, step)
     for p, p0, m in zip(ps, before, masks):
         changed = p.detach() != p0

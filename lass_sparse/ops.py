@@ -42,6 +42,14 @@ def _is_tensors(*ts) -> bool:
     return all(isinstance(t, Tensor) for t in ts)
 
 
+def _checked(op: str, device: torch.device, check, *tensors: Tensor):
+    """Dispatch ``op`` on contiguous ``tensors`` with ``check`` (raising) as its input checks:
+    run first unless the kernel validates (``_registry.dispatch_checked``)."""
+    if not _is_tensors(*tensors):
+        check()
+    return _registry.dispatch_checked(op, device, check, *(t.contiguous() for t in tensors))
+
+
 def _dt(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -188,15 +196,9 @@ def _(x, weight, bits, bias):
 @torch.library.custom_op(f"{NS}::masked_linear_dx", mutates_args=())
 def _masked_linear_dx(grad_out: Tensor, weight: Tensor, bits: Tensor) -> Tensor:
     """``dx[M, K] = grad_out[M, N] @ (W ⊙ M)``."""
-    def check() -> None:
-        _check_dx("masked_linear_dx", grad_out, weight, bits)
-
-    if not _is_tensors(grad_out, weight, bits):
-        check()
-    return _registry.dispatch_checked(
-        "masked_linear_dx", grad_out.device, check, grad_out.contiguous(), weight.contiguous(),
-        bits.contiguous(),
-    )
+    return _checked("masked_linear_dx", grad_out.device,
+                    lambda: _check_dx("masked_linear_dx", grad_out, weight, bits),
+                    grad_out, weight, bits)
 
 
 def _check_dx(op: str, grad_out: Tensor, weight: Tensor, bits: Tensor, bank: bool = False):
@@ -243,15 +245,8 @@ def _check_dw(op: str, grad_out: Tensor, x: Tensor, bits: Tensor, bank: bool = F
 @torch.library.custom_op(f"{NS}::masked_linear_dw", mutates_args=())
 def _masked_linear_dw(grad_out: Tensor, x: Tensor, bits: Tensor) -> Tensor:
     """``dW[N, K] = (grad_out[M, N]ᵀ @ x[M, K]) ⊙ M``; off-mask entries are exactly 0."""
-    def check() -> None:
-        _check_dw("masked_linear_dw", grad_out, x, bits)
-
-    if not _is_tensors(grad_out, x, bits):
-        check()
-    return _registry.dispatch_checked(
-        "masked_linear_dw", x.device, check, grad_out.contiguous(), x.contiguous(),
-        bits.contiguous(),
-    )
+    return _checked("masked_linear_dw", x.device,
+                    lambda: _check_dw("masked_linear_dw", grad_out, x, bits), grad_out, x, bits)
 
 
 @_masked_linear_dw.register_fake

@@ -5,27 +5,12 @@ backend with the flash-attention tolerance rule (the case list of scripts/gpu_ch
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import pytest
+from conftest import load_gpu_check
 
 import lass_sparse as ls
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                      "gpu_check.py")
-
-
-def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-GC = _gpu_check()
+GC = load_gpu_check()
 CASES = [name for name, _, _ in GC.cases(small=True)]
 # CPU: the C++ kernels against the reference (the Triton interpreter runs in test_gpu_check's
 # dry run); CUDA: every GPU backend.

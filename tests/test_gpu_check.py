@@ -4,13 +4,13 @@ exit codes."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import load_gpu_check
 
 import lass_sparse as ls
 from lass_sparse import _registry
@@ -21,11 +21,7 @@ CPU_BACKENDS = [b for b in ("reference", "cpu", "triton") if ls.backends()[b]["a
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_gpu_check()
 
 
 def test_dry_run_passes_every_case_on_every_cpu_backend(tmp_path):

@@ -203,6 +203,15 @@ def curves_plot(variants: dict[str, dict], out_png: str) -> str:
     return _save(plt, fig, out_png)
 
 
+def _variant(run_dir: str, hint: str) -> dict:
+    """``RUN/parts/variant.json``; a missing file names itself and ``hint``."""
+    path = os.path.join(run_dir, "parts", "variant.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} missing: {hint}")
+    with open(path) as f:
+        return json.load(f)
+
+
 def report(run_dirs: list[str], out_dir: str) -> str:
     """``reproduction.md`` / ``.json`` / ``curves.png`` from the variants' ``parts/variant.json``
     (the discussion is written by hand below the generated part)."""
@@ -211,12 +220,7 @@ def report(run_dirs: list[str], out_dir: str) -> str:
     variants = {}
     dirs_of: dict[str, str] = {}
     for r in run_dirs:
-        path = os.path.join(r, "parts", "variant.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} missing: run `lass-sparse recipe variant --run {r}`"
-                                    " first")
-        with open(path) as f:
-            v = json.load(f)
+        v = _variant(r, f"run `lass-sparse recipe variant --run {r}` first")
         variants[v["langtok"]] = v
         dirs_of[v["langtok"]] = r
     os.makedirs(out_dir, exist_ok=True)
@@ -327,12 +331,8 @@ def publish(run_dir: str, out_dir: str, alpha: float | None = None) -> dict:
     from .checkpoint import read_state
 
     if alpha is None:
-        path = os.path.join(run_dir, "parts", "variant.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} missing: pass --alpha (the LaSS masks are "
-                                    "masks-a<alpha>.safetensors)")
-        with open(path) as f:
-            alpha = json.load(f)["alpha"]
+        alpha = _variant(run_dir, "pass --alpha (the LaSS masks are "
+                                  "masks-a<alpha>.safetensors)")["alpha"]
     v = {"alpha": alpha}
     os.makedirs(out_dir, exist_ok=True)
     info = json.load(open(os.path.join(run_dir, "run.json")))
