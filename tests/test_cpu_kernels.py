@@ -154,3 +154,57 @@ def test_large_m_paths_with_grad_and_inference_mode(m):
         a = lass_sparse.masked_linear(x.detach(), w.detach(), bits)
     b = lass_sparse.masked_linear(x.detach(), w.detach(), bits)  # outside, after an inference call
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_segmented_tiles_outer_segments_inner_match_reference(dtype, bias):
+    """Empty segments, a pair used twice, consecutive segments of one pair, K not a multiple of
+    32, more rows than one tile."""
+    t, n, k, p = 40, 300, 45, 3
+    x, w = torch.randn(t, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    bank = torch.stack([pack_mask_reference(torch.rand(n, k) > 0.5) for _ in range(p)])
+    offs = torch.tensor([0, 7, 7, 19, 30, 31, 40])
+    pair = torch.tensor([2, 0, 1, 1, 0, 2])
+    y = torch.ops.lass_sparse_cpu.segmented_masked_linear(x, w, bank, offs, pair, b)
+    want = torch.cat([reference.masked_linear(x[lo:hi], w, bank[q], b)
+                      for lo, hi, q in zip(offs[:-1].tolist(), offs[1:].tolist(), pair.tolist())])
+    tol = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(y, want, atol=tol, rtol=tol)
+
+
+def test_segmented_kernel_validates_what_it_reads():
+    """Called directly (no Python checks before it): bad offsets or pair ids raise, never read
+    out of bounds."""
+    x, w = torch.randn(6, 40), torch.randn(8, 40)
+    bank = torch.stack([pack_mask_reference(torch.rand(8, 40) > 0.5) for _ in range(2)])
+    op = torch.ops.lass_sparse_cpu.segmented_masked_linear
+    bad = [(torch.tensor([0, 3, 7]), torch.tensor([0, 1]), "from 0 to T=6"),
+           (torch.tensor([0, 4, 3, 6]), torch.tensor([0, 1, 0]), "non-decreasing"),
+           (torch.tensor([0, 3, 6]), torch.tensor([0, 2]), r"in \[0, P=2\)"),
+           (torch.tensor([0, 3, 6]), torch.tensor([-1, 0]), r"in \[0, P=2\)"),
+           (torch.tensor([0, 6]), torch.tensor([0, 1]), "seg_offsets must be")]
+    for offs, pair, msg in bad:
+        with pytest.raises(RuntimeError, match=msg):
+            op(x, w, bank, offs, pair, None)
+    with pytest.raises(RuntimeError, match="bits_bank must be"):
+        op(x, w, bank[:, :, :1], torch.tensor([0, 6]), torch.tensor([0]), None)
+
+
+def test_masked_adamw_kernel_refuses_aliased_tensors():
+    """The C++ entry point checks aliasing itself (the op then words the error in Python)."""
+    p = torch.randn(4, 40)
+    m, v = torch.zeros(4, 40), torch.zeros(4, 40)
+    args = (1e-3, 0.9, 0.999, 1e-8, 0.0, 1, False)
+    with pytest.raises(RuntimeError, match="share memory"):
+        torch.ops.lass_sparse_cpu.masked_adamw_([p, p], [p.clone(), p.clone()], [m, m.clone()],
+                                                [v, v.clone()], [None, None], *args)
+    with pytest.raises(RuntimeError, match="share memory"):
+        torch.ops.lass_sparse_cpu.masked_adamw_([p], [p.clone()], [m], [m], [None], *args)
+    g = torch.randn(4, 40)  # grads are read only: one grad for two params is fine
+    torch.ops.lass_sparse_cpu.masked_adamw_([p, p.clone()], [g, g], [m, m.clone()],
+                                            [v, v.clone()], [None, None], *args)
+    with pytest.raises(ValueError, match="share memory"):  # the op's own words
+        lass_sparse.masked_adamw_([p, p], [p.clone(), p.clone()], [m, m.clone()],
+                                  [v, v.clone()], [None, None], lr=1e-3, step=1)

@@ -36,7 +36,7 @@ static int64_t gemv_max_rows(at::ScalarType t) {
 static int64_t tile_bytes() {
   static const int64_t bytes = [] {
     const char* env = std::getenv("LASS_SPARSE_CPU_TILE_KB");
-    const int64_t kb = env ? std::atoll(env) : 2048;
+    const int64_t kb = env ? std::atoll(env) : 512;
     return std::max<int64_t>(kb, 16) * 1024;
   }();
   return bytes;
@@ -44,10 +44,12 @@ static int64_t tile_bytes() {
 
 // Rows (or columns) per tile: ~tile_bytes() of W ⊙ M, a multiple of `align`, at least `align`,
 // and no more than an equal share per thread (every thread gets a tile when there are enough
-// rows). Large tiles keep each GEMM call efficient (few, wide calls; at M = 16 a 64-column tile
-// ran the bf16 dx GEMM at half the dense speed); the share keeps the threads busy.
-static int64_t tile_extent(int64_t other, int64_t elt, int64_t total, int64_t align) {
-  int64_t t = tile_bytes() / std::max<int64_t>(1, other * elt);
+// rows). The default 512 KB keeps a decoded tile in L2 for its GEMM; 2 MB was faster for the
+// bf16 dx/dW at M = 16 (fewer, wider GEMM calls) but slower at M = 32-512 (measured on a busy
+// 2-core machine; LASS_SPARSE_CPU_TILE_KB overrides).
+static int64_t tile_extent(int64_t other, int64_t elt, int64_t total, int64_t align,
+                           int64_t scale = 1) {
+  int64_t t = scale * tile_bytes() / std::max<int64_t>(1, other * elt);
   t = std::max<int64_t>(align, (t / align) * align);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t share = ((total + threads - 1) / threads + align - 1) / align * align;
@@ -388,6 +390,84 @@ static at::Tensor tiled_forward(const at::Tensor& x, const at::Tensor& w, const 
   return y;
 }
 
+// Mixed-pair batch: rows [seg_offsets[s], seg_offsets[s+1]) of x use pair seg_pair[s]'s mask.
+// Tiles of W's rows are the outer loop (spread over threads) and segments the inner one, so a
+// tile of W is read from memory once and decoded once per segment while it is cache-hot; each
+// segment's rows then go through one GEMM against the decoded tile.
+at::Tensor segmented_masked_linear(const at::Tensor& x, const at::Tensor& w,
+                                   const at::Tensor& bits_bank, const at::Tensor& seg_offsets,
+                                   const at::Tensor& seg_pair,
+                                   const c10::optional<at::Tensor>& bias) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const char* op = "segmented_masked_linear";
+  check_float_2d(x, op, "x");
+  check_float_2d(w, op, "weight");
+  TORCH_CHECK(x.size(1) == w.size(1) && x.scalar_type() == w.scalar_type(), op,
+              ": x must be ", w.scalar_type(), "[T, K=", w.size(1), "], got ", x.scalar_type(),
+              x.sizes());
+  const int64_t t_rows = x.size(0), n = w.size(0), k = w.size(1);
+  check_cpu(bits_bank, op, "bits_bank");
+  TORCH_CHECK(bits_bank.dim() == 3, op, ": bits_bank must be int32[P, N, ceil(K/32)], got ",
+              bits_bank.sizes());
+  const int64_t pairs = bits_bank.size(0);
+  check_exact(bits_bank, op, "bits_bank", at::kInt, {pairs, n, num_words(k)});
+  check_cpu(seg_offsets, op, "seg_offsets");
+  check_cpu(seg_pair, op, "seg_pair");
+  const int64_t segs = seg_pair.size(0);
+  check_exact(seg_pair, op, "seg_pair", at::kLong, {segs});
+  check_exact(seg_offsets, op, "seg_offsets", at::kLong, {segs + 1});
+  if (bias.has_value()) check_exact(*bias, op, "bias", w.scalar_type(), {n});
+  const int64_t* offs = seg_offsets.data_ptr<int64_t>();
+  const int64_t* pid = seg_pair.data_ptr<int64_t>();
+  TORCH_CHECK(offs[0] == 0 && offs[segs] == t_rows, op, ": seg_offsets must run from 0 to T=",
+              t_rows);
+  for (int64_t s = 0; s < segs; ++s) {
+    TORCH_CHECK(offs[s] <= offs[s + 1], op, ": seg_offsets must be non-decreasing");
+    TORCH_CHECK(pid[s] >= 0 && pid[s] < pairs, op, ": seg_pair ids must be in [0, P=", pairs,
+                "), got ", pid[s]);
+  }
+  auto y = at::empty({t_rows, n}, x.options());
+  if (t_rows == 0 || n == 0) return y;
+  if (k == 0) {
+    if (bias.has_value()) return y.copy_(bias->unsqueeze(0).expand({t_rows, n}));
+    return y.zero_();
+  }
+  // 4x the usual tile: each segment's GEMM has few rows, so wider tiles mean fewer calls
+  const int64_t tn = tile_extent(k, w.element_size(), n, 16, 4);
+  const int64_t tiles = (n + tn - 1) / tn;
+  const int64_t bank_stride = n * num_words(k);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "segmented_masked_linear", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const int32_t* bp = bits_bank.data_ptr<int32_t>();
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: per worker thread
+      auto buf = at::empty({tn, k}, w.options());
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r0 = t * tn, r1 = std::min(n, r0 + tn);
+        auto wt = buf.narrow(0, 0, r1 - r0).t();
+        int64_t decoded = -1;  // the pair whose mask the buffer holds
+        for (int64_t s = 0; s < segs; ++s) {
+          const int64_t a = offs[s], b = offs[s + 1];
+          if (a == b) continue;
+          if (pid[s] != decoded) {
+            decode_block(wp, bp + pid[s] * bank_stride, k, r0, r1, 0, k,
+                         buf.data_ptr<scalar_t>());
+            decoded = pid[s];
+          }
+          auto out = y.narrow(0, a, b - a).narrow(1, r0, r1 - r0);
+          auto xs = x.narrow(0, a, b - a);
+          if (bias.has_value())
+            at::addmm_out(out, bias->narrow(0, r0, r1 - r0).unsqueeze(0).expand({b - a, r1 - r0}),
+                          xs, wt);
+          else
+            at::mm_out(out, xs, wt);
+        }
+      }
+    });
+  });
+  return y;
+}
+
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
                          const c10::optional<at::Tensor>& bias) {
   // Nested ATen calls run below autograd: this kernel is the op's implementation.
@@ -516,6 +596,7 @@ void masked_linear_dw_accumulate_(at::Tensor grad, const at::Tensor& dy, const a
 
 TORCH_LIBRARY_IMPL(lass_sparse_cpu, CPU, m) {
   m.impl("masked_linear", &lass_sparse_cpu::masked_linear);
+  m.impl("segmented_masked_linear", &lass_sparse_cpu::segmented_masked_linear);
   m.impl("masked_linear_dx", &lass_sparse_cpu::masked_linear_dx);
   m.impl("masked_linear_dw", &lass_sparse_cpu::masked_linear_dw);
   m.impl("masked_linear_dw_accumulate_", &lass_sparse_cpu::masked_linear_dw_accumulate_);

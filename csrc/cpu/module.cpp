@@ -17,6 +17,9 @@ TORCH_LIBRARY(lass_sparse_cpu, m) {
   m.def("unpack_mask(Tensor bits, int k) -> Tensor");
   m.def("magnitude_mask(Tensor weight, float alpha) -> Tensor");
   m.def("masked_linear(Tensor x, Tensor weight, Tensor bits, Tensor? bias) -> Tensor");
+  m.def(
+      "segmented_masked_linear(Tensor x, Tensor weight, Tensor bits_bank, Tensor seg_offsets, "
+      "Tensor seg_pair, Tensor? bias) -> Tensor");
   m.def("masked_linear_dx(Tensor grad_out, Tensor weight, Tensor bits) -> Tensor");
   m.def("masked_linear_dw(Tensor grad_out, Tensor x, Tensor bits) -> Tensor");
   m.def("masked_linear_dw_accumulate_(Tensor(a!) grad, Tensor grad_out, Tensor x, Tensor bits) -> ()");

@@ -53,12 +53,9 @@ else:
         return [(offs[i], offs[i + 1], p) for i, p in enumerate(seg_pair.tolist())
                 if offs[i + 1] > offs[i]]
 
-    @_reg("segmented_masked_linear")
+    @_reg("segmented_masked_linear")  # one pass over W's row tiles, every segment per tile
     def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
-        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
-        for lo, hi, p in _segments(seg_offsets, seg_pair):
-            out[lo:hi] = _ops.masked_linear(x[lo:hi], weight, bits_bank[p], bias)
-        return out
+        return _ops.segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias)
 
     @_reg("segmented_masked_linear_dx")
     def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair):
