@@ -11,6 +11,7 @@
 #include <string>
 
 #include "common.h"
+#include "simd.h"
 
 namespace lass_sparse_cpu {
 
@@ -42,9 +43,85 @@ __attribute__((always_inline)) static inline void adam_run(T* p, const T* g, flo
   }
 }
 
+// AVX-512: 16 lanes per step, the mask word's bits are the lane masks of masked loads and
+// stores, so off-mask p, m and v are never written. The same operations in the same order as
+// adam_run (separate mul and add, IEEE sqrt and div, round-to-nearest-even to bf16), so both
+// paths give identical bits.
+__attribute__((target("avx512f,avx512bw"))) static inline __m512 load16(const float* p,
+                                                                          __mmask16 k) {
+  return _mm512_maskz_loadu_ps(k, p);
+}
+__attribute__((target("avx512f,avx512bw"))) static inline __m512 load16(const c10::BFloat16* p,
+                                                                          __mmask16 k) {
+  const __m256i raw = _mm512_castsi512_si256(_mm512_maskz_loadu_epi16(k, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+__attribute__((target("avx512f,avx512bw"))) static inline void store16(float* p, __mmask16 k,
+                                                                         __m512 x) {
+  _mm512_mask_storeu_ps(p, k, x);
+}
+__attribute__((target("avx512f,avx512bw"))) static inline void store16(c10::BFloat16* p,
+                                                                         __mmask16 k, __m512 x) {
+  const __m512i u = _mm512_castps_si512(x);  // c10's float -> bfloat16: nearest even, NaN 0x7FC0
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r,
+                              _mm512_set1_epi32(0x7FC0));
+  _mm512_mask_storeu_epi16(p, k, _mm512_castsi256_si512(_mm512_cvtepi32_epi16(r)));
+}
+
+// Elements [0, count) of one row; `words`: its mask (nullptr: every element).
+template <typename T>
+__attribute__((target("avx512f,avx512bw"))) static void adam_row_avx512(
+    T* p, const T* g, float* m, float* v, const int32_t* words, int64_t count,
+    const AdamConsts& c) {
+  const __m512 b1 = _mm512_set1_ps(c.b1), omb1 = _mm512_set1_ps(c.omb1);
+  const __m512 b2 = _mm512_set1_ps(c.b2), omb2 = _mm512_set1_ps(c.omb2);
+  const __m512 eps = _mm512_set1_ps(c.eps), decay = _mm512_set1_ps(c.decay);
+  const __m512 step = _mm512_set1_ps(c.step_size), bc2 = _mm512_set1_ps(c.bc2_sqrt);
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  for (int64_t w = 0; w * 32 < count; ++w) {
+    const uint32_t word = words ? run_word(words, w, count) : valid_lanes(w, count);
+    for (int half = 0; half < 2; ++half) {
+      const __mmask16 k = static_cast<__mmask16>(word >> (16 * half));
+      if (!k) continue;
+      const int64_t i = w * 32 + 16 * half;
+      __m512 gi = load16(g + i, k);
+      if (c.maximize) gi = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(gi), sign));
+      const __m512 mn = _mm512_add_ps(_mm512_mul_ps(load16(m + i, k), b1),
+                                      _mm512_mul_ps(gi, omb1));
+      const __m512 vn = _mm512_add_ps(_mm512_mul_ps(load16(v + i, k), b2),
+                                      _mm512_mul_ps(_mm512_mul_ps(gi, gi), omb2));
+      const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vn), bc2), eps);
+      const __m512 pn = _mm512_sub_ps(_mm512_mul_ps(load16(p + i, k), decay),
+                                      _mm512_div_ps(_mm512_mul_ps(step, mn), denom));
+      store16(m + i, k, mn);
+      store16(v + i, k, vn);
+      store16(p + i, k, pn);
+    }
+  }
+}
+
 template <typename T>
 static void adam_param(T* p, const T* g, float* m, float* v, const int32_t* bits, int64_t numel,
                        int64_t k, const AdamConsts& c) {
+  if (has_avx512()) {
+    if (!bits) {
+      at::parallel_for(0, numel, 1 << 14, [&](int64_t lo, int64_t hi) {
+        adam_row_avx512(p + lo, g + lo, m + lo, v + lo, nullptr, hi - lo, c);
+      });
+      return;
+    }
+    const int64_t rows = k ? numel / k : 0, nw = num_words(k);
+    at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(k, 1)),
+                     [&](int64_t r0, int64_t r1) {
+                       for (int64_t r = r0; r < r1; ++r)
+                         adam_row_avx512(p + r * k, g + r * k, m + r * k, v + r * k,
+                                         bits + r * nw, k, c);
+                     });
+    return;
+  }
   if (!bits) {
     at::parallel_for(0, numel, 1 << 14, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; i += 32)

@@ -6,14 +6,20 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "common.h"
 
 namespace lass_sparse_cpu {
 
+// LASS_SPARSE_CPU_SIMD=0 forces the portable loops (tests compare the two paths bit for bit).
 inline bool has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  static const bool ok = [] {
+    const char* env = std::getenv("LASS_SPARSE_CPU_SIMD");
+    if (env && env[0] == '0') return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  }();
   return ok;
 }
 
