@@ -13,21 +13,6 @@ import pytest  # noqa: E402
 import lass_sparse  # noqa: E402,F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_gpu_check():
-    """scripts/gpu_check.py as a module (its case list and runner, for the tests)."""
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("gpu_check",
-                                                  os.path.join(REPO, "scripts", "gpu_check.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
 SHARED_CORPUS = os.path.join(os.path.dirname(REPO), "shared", "corpus")
 
 

@@ -6,7 +6,7 @@ backend with the flash-attention tolerance rule (the case list of scripts/gpu_ch
 from __future__ import annotations
 
 import pytest
-from conftest import load_gpu_check
+from gpu_check_loader import load_gpu_check
 
 import lass_sparse as ls
 

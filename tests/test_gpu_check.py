@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import load_gpu_check
+from gpu_check_loader import load_gpu_check
 
 import lass_sparse as ls
 from lass_sparse import _registry
