@@ -362,38 +362,57 @@ static void decode_block(const T* w, const int32_t* bits, int64_t k, int64_t r0,
     masked_copy(w + r * k + k0, bits + r * nw + k0 / 32, kc, out + (r - r0) * kc);
 }
 
-static at::Tensor tiled_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
-                                const c10::optional<at::Tensor>& bias) {
-  const int64_t m_rows = x.size(0), k = x.size(1), n = w.size(0);
-  auto y = at::empty({m_rows, n}, x.options());
-  const int64_t tn = tile_extent(k, w.element_size(), n, 16);
+// y[offs[s]:offs[s+1], :] = x[offs[s]:offs[s+1], :] @ (W ⊙ M_pid[s])ᵀ (+ bias) for every segment
+// s; M_p's bits start at bits + p * bank_stride. Tiles of W's rows are the outer loop (spread over
+// threads) and segments the inner one, so a tile of W is read from memory once and decoded once
+// per pair change while it is cache-hot; each segment's rows then go through one GEMM.
+static void tiled_segments(const at::Tensor& x, const at::Tensor& w, const int32_t* bits,
+                           int64_t bank_stride, const int64_t* offs, const int64_t* pid,
+                           int64_t segs, const c10::optional<at::Tensor>& bias, at::Tensor& y,
+                           int64_t scale) {
+  const int64_t k = x.size(1), n = w.size(0);
+  const int64_t tn = tile_extent(k, w.element_size(), n, 16, scale);
   const int64_t tiles = (n + tn - 1) / tn;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "masked_linear_tiled", [&] {
     const scalar_t* wp = w.data_ptr<scalar_t>();
-    const int32_t* bp = bits.data_ptr<int32_t>();
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: per worker thread
       auto buf = at::empty({tn, k}, w.options());
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * tn, r1 = std::min(n, r0 + tn);
-        decode_block(wp, bp, k, r0, r1, 0, k, buf.data_ptr<scalar_t>());
-        auto out = y.narrow(1, r0, r1 - r0);
         auto wt = buf.narrow(0, 0, r1 - r0).t();
-        if (bias.has_value())
-          at::addmm_out(out, bias->narrow(0, r0, r1 - r0).unsqueeze(0).expand({m_rows, r1 - r0}),
-                        x, wt);
-        else
-          at::mm_out(out, x, wt);
+        int64_t decoded = -1;  // the pair whose mask the buffer holds
+        for (int64_t s = 0; s < segs; ++s) {
+          const int64_t a = offs[s], b = offs[s + 1];
+          if (a == b) continue;
+          if (pid[s] != decoded) {
+            decode_block(wp, bits + pid[s] * bank_stride, k, r0, r1, 0, k,
+                         buf.data_ptr<scalar_t>());
+            decoded = pid[s];
+          }
+          auto out = y.narrow(0, a, b - a).narrow(1, r0, r1 - r0);
+          auto xs = x.narrow(0, a, b - a);
+          if (bias.has_value())
+            at::addmm_out(out, bias->narrow(0, r0, r1 - r0).unsqueeze(0).expand({b - a, r1 - r0}),
+                          xs, wt);
+          else
+            at::mm_out(out, xs, wt);
+        }
       }
     });
   });
+}
+
+static at::Tensor tiled_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
+                                const c10::optional<at::Tensor>& bias) {
+  auto y = at::empty({x.size(0), w.size(0)}, x.options());
+  const int64_t offs[2] = {0, x.size(0)}, pid[1] = {0};
+  tiled_segments(x, w, bits.data_ptr<int32_t>(), 0, offs, pid, 1, bias, y, 1);
   return y;
 }
 
-// Mixed-pair batch: rows [seg_offsets[s], seg_offsets[s+1]) of x use pair seg_pair[s]'s mask.
-// Tiles of W's rows are the outer loop (spread over threads) and segments the inner one, so a
-// tile of W is read from memory once and decoded once per segment while it is cache-hot; each
-// segment's rows then go through one GEMM against the decoded tile.
+// Mixed-pair batch: rows [seg_offsets[s], seg_offsets[s+1]) of x use pair seg_pair[s]'s mask
+// (one pass over W's tiles for all segments: tiled_segments).
 at::Tensor segmented_masked_linear(const at::Tensor& x, const at::Tensor& w,
                                    const at::Tensor& bits_bank, const at::Tensor& seg_offsets,
                                    const at::Tensor& seg_pair,
@@ -433,38 +452,8 @@ at::Tensor segmented_masked_linear(const at::Tensor& x, const at::Tensor& w,
     return y.zero_();
   }
   // 4x the usual tile: each segment's GEMM has few rows, so wider tiles mean fewer calls
-  const int64_t tn = tile_extent(k, w.element_size(), n, 16, 4);
-  const int64_t tiles = (n + tn - 1) / tn;
-  const int64_t bank_stride = n * num_words(k);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "segmented_masked_linear", [&] {
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    const int32_t* bp = bits_bank.data_ptr<int32_t>();
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: per worker thread
-      auto buf = at::empty({tn, k}, w.options());
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t r0 = t * tn, r1 = std::min(n, r0 + tn);
-        auto wt = buf.narrow(0, 0, r1 - r0).t();
-        int64_t decoded = -1;  // the pair whose mask the buffer holds
-        for (int64_t s = 0; s < segs; ++s) {
-          const int64_t a = offs[s], b = offs[s + 1];
-          if (a == b) continue;
-          if (pid[s] != decoded) {
-            decode_block(wp, bp + pid[s] * bank_stride, k, r0, r1, 0, k,
-                         buf.data_ptr<scalar_t>());
-            decoded = pid[s];
-          }
-          auto out = y.narrow(0, a, b - a).narrow(1, r0, r1 - r0);
-          auto xs = x.narrow(0, a, b - a);
-          if (bias.has_value())
-            at::addmm_out(out, bias->narrow(0, r0, r1 - r0).unsqueeze(0).expand({b - a, r1 - r0}),
-                          xs, wt);
-          else
-            at::mm_out(out, xs, wt);
-        }
-      }
-    });
-  });
+  tiled_segments(x, w, bits_bank.data_ptr<int32_t>(), n * num_words(k), offs, pid, segs, bias, y,
+                 4);
   return y;
 }
 
