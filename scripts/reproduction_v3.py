@@ -401,6 +401,18 @@ def write_report(run_dir: str, out_dir: str) -> None:
          "- **Significance**: sacrebleu's paired bootstrap (1,000 samples) per direction, and "
          "pooled over directions (average BLEU), with the 95% CI of the difference. One seed "
          "(0) of the whole pass; the v2 run measured a second fine-tune → joint seed (below).",
+         "- **How it ran**: the fixed commit c8197b0 (extension: b57a849, which adds pivoted "
+         "directions and `extend --out`), a separate clone with its own venv, 2 cores:", "",
+         "```bash",
+         "python scripts/reproduction_v3.py runs/v3 --from runs/src --base-cap 5000 --ft-cap 400 "
+         "--joint-cap 800",
+         "python scripts/reproduction_v3.py runs/v3 --extend --ext-ft-cap 300 --ext-cap 400  "
+         "# beside it",
+         "python scripts/reproduction_v3.py runs/v3 --report results",
+         "```", "",
+         "  `runs/src` is the v2 run (`lass-sparse recipe variant --run runs/src --langtok src "
+         "--controls ...`, see reproduction-v2.md); only its θ0 checkpoint and tokenizer are "
+         "used. Every step resumes from its checkpoints.",
          "", "## Convergence", "", "![validation curves](curves.png)", "",
          "| stage | steps run | cap | best step | best valid loss | stopped by the rule |",
          "|---|---|---|---|---|---|"]
@@ -446,6 +458,7 @@ def write_report(run_dir: str, out_dir: str) -> None:
           f"{v['similarity']['cross_direction_max']:.4f}.",
           "- ![similarity](similarity.png) (colour scale over the off-diagonal values) and "
           "per layer: ![layer similarity](layer_similarity.png)", ""]
+    L += _models_section(os.path.join(out_dir, "models"))
     disc = os.path.join(out_dir, "reproduction-discussion.md")
     if os.path.exists(disc):
         with open(disc) as f:
@@ -456,6 +469,38 @@ def write_report(run_dir: str, out_dir: str) -> None:
         slim["extension"] = {k: x for k, x in ext.items() if not k.startswith("hyps")}
     atomic_write(os.path.join(out_dir, "reproduction.json"), json.dumps(slim, indent=1).encode())
     log(f"wrote {out_dir}/reproduction.md")
+
+
+def _models_section(folder: str) -> list[str]:
+    """The published models (``lass-sparse recipe publish``): files, sizes, sha256."""
+    import hashlib
+
+    if not os.path.exists(os.path.join(folder, "run.json")):
+        return []
+    rows, total = [], 0
+    for root, _, files in sorted(os.walk(folder)):
+        for f in sorted(files):
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                data = fh.read()
+            total += len(data)
+            rows.append(f"| `{os.path.relpath(path, folder)}` | {len(data) / 1e6:.2f} MB | "
+                        f"`{hashlib.sha256(data).hexdigest()}` |")
+    return ["## Published models", "",
+            "`results/models/` is a run folder with θ0 (`theta0`), the dense baseline (`dense`) "
+            "and LaSS (`lass`), each the best checkpoint on validation stored as bf16 "
+            "safetensors, plus the compact LaSS mask bank, the SentencePiece model and run.json "
+            f"({total / 1e6:.1f} MB in all). Made by `lass-sparse recipe publish --run runs/v3 "
+            "--out results/models --alpha 0.5`. Re-evaluate them on the test set with:", "",
+            "```bash",
+            "lass-sparse evaluate --run results/models --system theta0=theta0 \\",
+            "  --system lass=lass@masks.safetensors --baseline dense \\",
+            "  --test ../shared/corpus/test.tsv.gz --directions en-de de-en en-fr fr-en en-zh "
+            "zh-en --bootstrap 1000 --out results/models/eval",
+            "```", "",
+            "The weights are bf16 copies of the fp32 checkpoints scored above, so scores can "
+            "differ in the last digit.", "",
+            "| file | size | sha256 |", "|---|---|---|", *rows, ""]
 
 
 def _extension_section(ext: dict, v: dict, run_dir: str) -> list[str]:
