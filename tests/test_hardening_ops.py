@@ -241,6 +241,13 @@ def _cases() -> dict[str, dict[str, list]]:
             "masked_linear": _linear_cases(public=False),
             "masked_linear_dx": _dx_cases(public=False),
             "masked_linear_dw": _dw_cases(public=False),
+            "segmented_masked_linear": _seg_cases() + [
+                ("int32 offsets (the kernel takes int64)",
+                 lambda: (*_seg_args()[:3], torch.tensor([0, 8], dtype=torch.int32),
+                          torch.tensor([0]), None)),
+                ("non-contiguous x", lambda: (torch.randn(4096, 8).t(), *_seg_args()[1:], None)),
+                ("meta offsets", lambda: (*_seg_args()[:3], torch.tensor([0, 8], device="meta"),
+                                          torch.tensor([0]), None))],
             "masked_linear_dw_accumulate_": _acc_cases(public=False),
             "masked_adamw_": _adamw_cases(public=False) + [
                 ("lr inf", lambda: (*_adamw_lists(torch.randn(4, 40)), math.inf, *_HP[1:])),
