@@ -103,29 +103,23 @@ __attribute__((target("avx512f,avx512bw"))) static void adam_row_avx512(
   }
 }
 
+// One row (or run) of `count` elements; `words`: its mask (nullptr: every element).
+template <typename T>
+static void adam_row(T* p, const T* g, float* m, float* v, const int32_t* words, int64_t count,
+                     const AdamConsts& c) {
+  if (has_avx512()) return adam_row_avx512(p, g, m, v, words, count, c);
+  for (int64_t w = 0; w * 32 < count; ++w) {
+    const uint32_t word = words ? run_word(words, w, count) : valid_lanes(w, count);
+    if (word) adam_run(p, g, m, v, w * 32, std::min<int64_t>(32, count - w * 32), word, c);
+  }
+}
+
 template <typename T>
 static void adam_param(T* p, const T* g, float* m, float* v, const int32_t* bits, int64_t numel,
                        int64_t k, const AdamConsts& c) {
-  if (has_avx512()) {
-    if (!bits) {
-      at::parallel_for(0, numel, 1 << 14, [&](int64_t lo, int64_t hi) {
-        adam_row_avx512(p + lo, g + lo, m + lo, v + lo, nullptr, hi - lo, c);
-      });
-      return;
-    }
-    const int64_t rows = k ? numel / k : 0, nw = num_words(k);
-    at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(k, 1)),
-                     [&](int64_t r0, int64_t r1) {
-                       for (int64_t r = r0; r < r1; ++r)
-                         adam_row_avx512(p + r * k, g + r * k, m + r * k, v + r * k,
-                                         bits + r * nw, k, c);
-                     });
-    return;
-  }
   if (!bits) {
     at::parallel_for(0, numel, 1 << 14, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; i += 32)
-        adam_run(p, g, m, v, i, std::min<int64_t>(32, hi - i), 0xFFFFFFFFu, c);
+      adam_row(p + lo, g + lo, m + lo, v + lo, nullptr, hi - lo, c);
     });
     return;
   }
@@ -133,13 +127,7 @@ static void adam_param(T* p, const T* g, float* m, float* v, const int32_t* bits
   at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(k, 1)),
                    [&](int64_t r0, int64_t r1) {
                      for (int64_t r = r0; r < r1; ++r)
-                       for (int64_t wi = 0; wi < nw; ++wi) {
-                         const uint32_t word = static_cast<uint32_t>(bits[r * nw + wi]);
-                         if (!word) continue;
-                         const int64_t lo = wi * 32;
-                         adam_run(p + r * k, g + r * k, m + r * k, v + r * k, lo,
-                                  std::min<int64_t>(32, k - lo), word, c);
-                       }
+                       adam_row(p + r * k, g + r * k, m + r * k, v + r * k, bits + r * nw, k, c);
                    });
 }
 

@@ -138,10 +138,6 @@ class UpdatePolicy:
         if self.update_bank is not None and self.bank is None:
             raise ValueError("UpdatePolicy: update_bank needs the bank the batches run with")
 
-    @property
-    def masked(self) -> bool:
-        return self.bank is not None
-
     def optimizer_bank(self) -> MaskBank | None:
         return self.bank if self.update_bank is None else self.update_bank
 
