@@ -38,7 +38,8 @@ DEFAULT_STEPS = {"base": 2800, "finetune": 50, "joint": 1300, "sweep_joint": 300
 PARTS = ("main", "sweep", "ext", "report")
 
 # `--preset gpu`: the paper-like run for one GPU, about 40 min on an H100. Sizing, from the
-# measured throughput of the CLI pipeline on an H200 (benchmarks/results/nvidia-h200-pipeline.log:
+# measured throughput of the CLI pipeline on an H200
+# (benchmarks/results/nvidia-h200-run2-pipeline.log:
 # Transformer-base, bf16 autocast, 8,192-token batches: 45.9k tokens/s dense, 47.3k masked,
 # about 11k real tokens per step); an H100 assumed no faster: on the full shared corpus (~16M
 # tokens an epoch over 16 directions) base 3,500 steps ≈ 38M tokens ≈ 2.4 epochs ≈ 14 min;

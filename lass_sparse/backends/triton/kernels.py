@@ -305,10 +305,10 @@ def _config(kind: str, m: int, n: int, k: int, dtype: torch.dtype, launch=None, 
 
 
 # Rows from which the GEMM-shaped ops take the "W ⊙ M in one pass, then cuBLAS" route: on an
-# H200 (benchmarks/results/nvidia-h200.md) the fused kernels ran 2.5-8x slower than cuBLAS at
-# M >= 256, while one mask pass plus cuBLAS costs about what the naive bool-mask way does. The
-# masked weight is a transient of W's size, freed after the call; the packed bits stay the only
-# stored mask. Off under the interpreter unless LASS_SPARSE_CUBLAS_MIN_M is set.
+# H200 (benchmarks/results/nvidia-h200-run2-caa4181.md) the fused kernels ran 2.5-8x slower
+# than cuBLAS at M >= 256, while one mask pass plus cuBLAS costs about what the naive bool-mask
+# way does. The masked weight is a transient of W's size, freed after the call; the packed bits
+# stay the only stored mask. Off under the interpreter unless LASS_SPARSE_CUBLAS_MIN_M is set.
 CUBLAS_MIN_M = int(os.environ.get("LASS_SPARSE_CUBLAS_MIN_M", 2**62 if INTERPRET else 64))
 
 
