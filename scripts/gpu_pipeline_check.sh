@@ -11,6 +11,10 @@ OUTDIR=${OUT:-gpu_pipeline}
 R=$(mktemp -d)/run
 mkdir -p "$OUTDIR"
 LS="python3 -m lass_sparse.cli"
+# evaluate needs the [lass] extras; fail before training, not after it
+python3 -c "import langid, sacrebleu, sentencepiece" 2>/dev/null || {
+  echo "gpu_pipeline_check: needs langid, sacrebleu and sentencepiece (pip install \".[lass]\";" \
+       "without network, carry a wheel: pip wheel --no-deps langid)" >&2; exit 2; }
 {
   set -x
   $LS train --run "$R" --config base --pairs en-de en-zh --max-tokens "$MAX_TOKENS" \
