@@ -8,6 +8,12 @@ them to the backend chosen by :mod:`lass_sparse._registry`. The fake kernels run
 never an uninitialised result; checks that read values (segment offsets, pair ids, aliasing of
 optimizer state) run in the op body only.
 
+Eager calls: in plain eager (no compile or trace, no dispatch mode, no functorch transform),
+``masked_linear``, ``masked_qkv_proj``, their backward ops and ``masked_adamw_`` (under no_grad)
+run the op body directly (with an equivalent ``autograd.Function`` when a gradient is needed),
+skipping the custom-op wrapper layers: the same checks and kernels, bit-identical results, about
+half the per-call host overhead. Everything else goes through ``torch.ops.lass_sparse``.
+
 Shapes: ``x: [..., K]``, ``weight: [N, K]`` (``nn.Linear`` layout), ``bits: int32[N, ceil(K/32)]``;
 any of M, N, K may be 0 (results as ``F.linear``).
 
@@ -48,6 +54,30 @@ def _checked(op: str, device: torch.device, check, *tensors: Tensor):
     if not _is_tensors(*tensors):
         check()
     return _registry.dispatch_checked(op, device, check, *(t.contiguous() for t in tensors))
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _eager(*ts: Tensor | None) -> bool:
+    """True for a plain eager call: no compile or trace, no dispatch mode (fake, functional,
+    FlopCounter, ...), no functorch transform, and plain, non-meta tensors. The public functions
+    then run the op body (and, for gradients, an equivalent ``autograd.Function``) directly,
+    skipping the custom-op wrapper layers; every other call goes through ``torch.ops``. Both
+    paths run the same checks and kernels."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    return all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in ts)
+
+
+def _profiled(op: str, fn, *args):
+    """``fn(*args)`` under a ``lass_sparse::op`` profiler range when a profiler is on (the
+    direct path has no dispatcher entry of its own to show)."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.profiler.record_function(f"{NS}::{op}"):
+            return fn(*args)
+    return fn(*args)
 
 
 def _dt(dtype: torch.dtype) -> str:
@@ -170,8 +200,7 @@ def magnitude_mask(weight: Tensor, alpha: float) -> Tensor:
 # --------------------------------------------------------------------------------- masked linear
 
 
-@torch.library.custom_op(f"{NS}::masked_linear", mutates_args=())
-def _masked_linear(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None) -> Tensor:
+def _masked_linear_body(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None) -> Tensor:
     def check() -> None:
         _check_linear("masked_linear", x, weight, bits, bias)
 
@@ -187,18 +216,25 @@ def _masked_linear(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None)
     return y if flat else y.reshape(*x.shape[:-1], n)
 
 
+_masked_linear = torch.library.custom_op(f"{NS}::masked_linear", _masked_linear_body,
+                                         mutates_args=())
+
+
 @_masked_linear.register_fake
 def _(x, weight, bits, bias):
     _check_linear("masked_linear", x, weight, bits, bias)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.custom_op(f"{NS}::masked_linear_dx", mutates_args=())
-def _masked_linear_dx(grad_out: Tensor, weight: Tensor, bits: Tensor) -> Tensor:
+def _masked_linear_dx_body(grad_out: Tensor, weight: Tensor, bits: Tensor) -> Tensor:
     """``dx[M, K] = grad_out[M, N] @ (W ⊙ M)``."""
     return _checked("masked_linear_dx", grad_out.device,
                     lambda: _check_dx("masked_linear_dx", grad_out, weight, bits),
                     grad_out, weight, bits)
+
+
+_masked_linear_dx = torch.library.custom_op(f"{NS}::masked_linear_dx", _masked_linear_dx_body,
+                                            mutates_args=())
 
 
 def _check_dx(op: str, grad_out: Tensor, weight: Tensor, bits: Tensor, bank: bool = False):
@@ -242,11 +278,14 @@ def _check_dw(op: str, grad_out: Tensor, x: Tensor, bits: Tensor, bank: bool = F
     check_same_device(op, grad_out=grad_out, x=x, bits=bits)
 
 
-@torch.library.custom_op(f"{NS}::masked_linear_dw", mutates_args=())
-def _masked_linear_dw(grad_out: Tensor, x: Tensor, bits: Tensor) -> Tensor:
+def _masked_linear_dw_body(grad_out: Tensor, x: Tensor, bits: Tensor) -> Tensor:
     """``dW[N, K] = (grad_out[M, N]ᵀ @ x[M, K]) ⊙ M``; off-mask entries are exactly 0."""
     return _checked("masked_linear_dw", x.device,
                     lambda: _check_dw("masked_linear_dw", grad_out, x, bits), grad_out, x, bits)
+
+
+_masked_linear_dw = torch.library.custom_op(f"{NS}::masked_linear_dw", _masked_linear_dw_body,
+                                            mutates_args=())
 
 
 @_masked_linear_dw.register_fake
@@ -285,6 +324,21 @@ def _(grad, grad_out, x, bits):
     return None
 
 
+def _dx(dy: Tensor, weight: Tensor, bits: Tensor) -> Tensor:
+    """The backward passes' dx: the body directly in a plain eager backward (no graph built
+    for double backward), else through the op."""
+    if not torch.is_grad_enabled() and _eager(dy, weight, bits):
+        return _profiled("masked_linear_dx", _masked_linear_dx_body, dy, weight, bits)
+    return torch.ops.lass_sparse.masked_linear_dx(dy, weight, bits)
+
+
+def _dw(dy: Tensor, x: Tensor, bits: Tensor) -> Tensor:
+    """dW as :func:`_dx` chooses."""
+    if not torch.is_grad_enabled() and _eager(dy, x, bits):
+        return _profiled("masked_linear_dw", _masked_linear_dw_body, dy, x, bits)
+    return torch.ops.lass_sparse.masked_linear_dw(dy, x, bits)
+
+
 def _ml_setup(ctx, inputs, output):
     x, weight, bits, bias = inputs
     ctx.save_for_backward(x, weight, bits)
@@ -298,9 +352,9 @@ def _ml_backward(ctx, grad):
     dy = grad.reshape(m, n)  # explicit sizes: N or K may be 0
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
-        dx = torch.ops.lass_sparse.masked_linear_dx(dy, weight, bits).reshape(x.shape)
+        dx = _dx(dy, weight, bits).reshape(x.shape)
     if ctx.needs_input_grad[1]:
-        dw = torch.ops.lass_sparse.masked_linear_dw(dy, x.reshape(m, k), bits)
+        dw = _dw(dy, x.reshape(m, k), bits)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         db = dy.sum(0)
     return dx, dw, None, db
@@ -309,12 +363,32 @@ def _ml_backward(ctx, grad):
 _masked_linear.register_autograd(_ml_backward, setup_context=_ml_setup)
 
 
+class _MaskedLinearFn(torch.autograd.Function):
+    """The eager twin of the op's registered autograd: same body, same backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bits, bias):  # ctx-style: no per-call signature binding
+        y = _masked_linear_body(x, weight, bits, bias)
+        _ml_setup(ctx, (x, weight, bits, bias), y)
+        return y
+
+    backward = staticmethod(_ml_backward)
+
+
+def _needs_grad(*ts: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
 def masked_linear(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None = None) -> Tensor:
     """``y[..., N] = x[..., K] @ (weight ⊙ M)ᵀ + bias`` without materialising ``weight ⊙ M``.
 
     ``bits: int32[N, ceil(K/32)]`` is the packed mask. Differentiable in ``x``, ``weight`` and
     ``bias``: ``dx = dy @ (W ⊙ M)``, ``dW = (dyᵀ x) ⊙ M`` (off-mask entries exactly 0).
     """
+    if _eager(x, weight, bits, bias):
+        if _needs_grad(x, weight, bias):
+            return _profiled("masked_linear", _MaskedLinearFn.apply, x, weight, bits, bias)
+        return _profiled("masked_linear", _masked_linear_body, x, weight, bits, bias)
     return torch.ops.lass_sparse.masked_linear(x, weight, bits, bias)
 
 
@@ -492,8 +566,7 @@ def _check_qkv(x, weight, bits, bias, num_heads):
     _check_linear(op, x, weight, bits, bias)
 
 
-@torch.library.custom_op(f"{NS}::masked_qkv_proj", mutates_args=())
-def _masked_qkv_proj(
+def _masked_qkv_proj_body(
     x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None, num_heads: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_qkv(x, weight, bits, bias, num_heads)
@@ -501,6 +574,10 @@ def _masked_qkv_proj(
         "masked_qkv_proj", x.device, x.contiguous(), weight.contiguous(), bits.contiguous(),
         None if bias is None else bias.contiguous(), num_heads,
     )
+
+
+_masked_qkv_proj = torch.library.custom_op(f"{NS}::masked_qkv_proj", _masked_qkv_proj_body,
+                                           mutates_args=())
 
 
 @_masked_qkv_proj.register_fake
@@ -524,9 +601,9 @@ def _qkv_backward(ctx, dq, dk, dv):
     dy = torch.stack([dq, dk, dv], 0).permute(1, 3, 0, 2, 4).reshape(b * t, 3 * d)
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
-        dx = torch.ops.lass_sparse.masked_linear_dx(dy, weight, bits).reshape(b, t, d)
+        dx = _dx(dy, weight, bits).reshape(b, t, d)
     if ctx.needs_input_grad[1]:
-        dw = torch.ops.lass_sparse.masked_linear_dw(dy, x.reshape(b * t, d), bits)
+        dw = _dw(dy, x.reshape(b * t, d), bits)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         db = dy.sum(0)
     return dx, dw, None, db, None
@@ -535,22 +612,37 @@ def _qkv_backward(ctx, dq, dk, dv):
 _masked_qkv_proj.register_autograd(_qkv_backward, setup_context=_qkv_setup)
 
 
+class _MaskedQKVFn(torch.autograd.Function):
+    """The eager twin of the op's registered autograd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bits, bias, num_heads):
+        q, k, v = _masked_qkv_proj_body(x, weight, bits, bias, num_heads)
+        _qkv_setup(ctx, (x, weight, bits, bias, num_heads), (q, k, v))
+        return q, k, v
+
+    backward = staticmethod(_qkv_backward)
+
+
 def masked_qkv_proj(
     x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None, num_heads: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Masked packed in-projection: ``x[B, T, D]``, ``weight[3D, D]`` (q, k, v rows stacked, as
     ``nn.MultiheadAttention.in_proj_weight``), ``bits: int32[3D, ceil(D/32)]``. Returns q, k, v
     each ``[B, H, T, D/H]``, the layout ``scaled_dot_product_attention`` takes."""
+    if _eager(x, weight, bits, bias):
+        if _needs_grad(x, weight, bias):
+            return _profiled("masked_qkv_proj", _MaskedQKVFn.apply, x, weight, bits, bias,
+                             num_heads)
+        return _profiled("masked_qkv_proj", _masked_qkv_proj_body, x, weight, bits, bias,
+                         num_heads)
     return torch.ops.lass_sparse.masked_qkv_proj(x, weight, bits, bias, num_heads)
 
 
 # ----------------------------------------------------------------------------------- masked AdamW
 
 
-@torch.library.custom_op(
-    f"{NS}::masked_adamw_", mutates_args=("params", "exp_avgs", "exp_avg_sqs")
-)
-def _masked_adamw_(
+def _masked_adamw_body(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -581,6 +673,11 @@ def _masked_adamw_(
         [None if b is None else b.contiguous() for b in bits], float(lr), float(beta1),
         float(beta2), float(eps), float(weight_decay), int(step), bool(maximize),
     )
+
+
+_masked_adamw_ = torch.library.custom_op(
+    f"{NS}::masked_adamw_", _masked_adamw_body, mutates_args=("params", "exp_avgs", "exp_avg_sqs")
+)
 
 
 def _check_hyper(op, lr, beta1, beta2, eps, weight_decay, step) -> None:
@@ -708,7 +805,11 @@ def masked_adamw_(
     (decoupled weight decay, bias correction for ``step`` >= 1); entries whose bit is 0 keep
     ``p``, ``exp_avg`` and ``exp_avg_sq`` bit-for-bit. State is float32 for any param dtype.
     """
-    torch.ops.lass_sparse.masked_adamw_(
-        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(bits), lr, beta1,
-        beta2, eps, weight_decay, step, maximize,
-    )
+    args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(bits), lr, beta1,
+            beta2, eps, weight_decay, step, maximize)
+    # direct in plain eager under no_grad (as optimizers step); mutation under grad mode, and
+    # every traced call, through the op
+    if not torch.is_grad_enabled() and _eager(*args[0], *args[1], *args[2], *args[3], *args[4]):
+        _profiled("masked_adamw_", _masked_adamw_body, *args)
+        return
+    torch.ops.lass_sparse.masked_adamw_(*args)

@@ -195,6 +195,90 @@ def test_compile_fullgraph_equals_eager():
     torch.testing.assert_close(compiled(x, w, bits, b), f(x, w, bits, b))
 
 
+def _grads(fn, *ts):
+    out = fn(*ts)
+    outs = out if isinstance(out, tuple) else (out,)
+    sum(o.float().pow(2).sum() for o in outs).backward()
+    res = [o.detach().clone() for o in outs] + [t.grad.clone() for t in ts if t is not None
+                                                 and t.requires_grad]
+    for t in ts:
+        if t is not None:
+            t.grad = None
+    return res
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_direct_path_equals_the_op_path(dtype):
+    """The public functions call the op bodies directly in plain eager; results and gradients
+    are bit-identical to going through torch.ops (which compile, opcheck and modes take)."""
+    x, w, _, bits, b = _case((2, 3), 24, 40, dtype=dtype, grad=True)
+    ls_ops = lass_sparse.ops
+    for public, op, args in (
+            (ls_ops.masked_linear, torch.ops.lass_sparse.masked_linear, (x, w, bits, b)),
+            (lambda *a: ls_ops.masked_qkv_proj(*a, 2),
+             lambda *a: torch.ops.lass_sparse.masked_qkv_proj(*a, 2),
+             (torch.randn(2, 3, 8, dtype=dtype, requires_grad=True),
+              torch.randn(24, 8, dtype=dtype, requires_grad=True), bits[:, :1].contiguous(),
+              torch.randn(24, dtype=dtype, requires_grad=True)))):
+        for a, e in zip(_grads(public, *args), _grads(op, *args)):
+            assert torch.equal(a, e)
+    with torch.no_grad():  # the no-grad direct path
+        assert torch.equal(ls_ops.masked_linear(x, w, bits, b),
+                           torch.ops.lass_sparse.masked_linear(x, w, bits, b))
+
+
+def test_eager_direct_path_is_taken_only_in_plain_eager(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+    body = lass_sparse.ops._masked_linear_body
+    monkeypatch.setattr(lass_sparse.ops, "_masked_linear_body",
+                        lambda *a: calls.append(1) or body(*a))
+    x, w, _, bits, b = _case((3,), 16, 40)
+    lass_sparse.masked_linear(x, w, bits, b)
+    assert calls == [1], "plain eager call did not take the direct path"
+
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        lass_sparse.masked_linear(x, w, bits, b)
+    assert calls == [1] and any("lass_sparse.masked_linear" in s for s in seen), seen
+    with FakeTensorMode() as mode:
+        y = lass_sparse.masked_linear(mode.from_tensor(x), mode.from_tensor(w),
+                                      mode.from_tensor(bits), mode.from_tensor(b))
+    assert calls == [1] and list(y.shape) == [3, 16]
+    with pytest.raises(ValueError, match="x must be"):  # same checks on the direct path
+        lass_sparse.masked_linear(x[:, :7], w, bits, b)
+
+
+def test_eager_direct_adamw_equals_the_op_path():
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(8, 40, generator=g), torch.randn(5, generator=g)]
+    gs = [torch.randn_like(p) for p in ps]
+    bits = [pack_mask_reference(torch.rand(8, 40, generator=g) < 0.5), None]
+    runs = []
+    for fn in (lass_sparse.masked_adamw_, None):
+        p2 = [p.clone() for p in ps]
+        m2 = [torch.zeros_like(p) for p in ps]
+        v2 = [torch.zeros_like(p) for p in ps]
+        kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=3,
+                  maximize=False)
+        with torch.no_grad():
+            if fn is not None:
+                fn(p2, gs, m2, v2, bits, **kw)
+            else:
+                torch.ops.lass_sparse.masked_adamw_(p2, gs, m2, v2, bits, *kw.values())
+        runs.append(p2 + m2 + v2)
+    for a, e in zip(*runs):
+        assert torch.equal(a, e)
+
+
 # ---------------------------------------------------------------------------- segmented / qkv
 
 
