@@ -400,8 +400,9 @@ def write_report(run_dir: str, out_dir: str) -> None:
          f"θ0 {v['stages']['base']['cap']}, fine-tune {v['stages']['ft/en-de']['cap']}, joint "
          f"{v['stages']['dense']['cap']} steps.",
          "- **Significance**: sacrebleu's paired bootstrap (1,000 samples) per direction, and "
-         "pooled over directions (average BLEU), with the 95% CI of the difference. One seed "
-         "(0) of the whole pass; the v2 run measured a second fine-tune → joint seed (below).",
+         "pooled over directions (average BLEU), with the 95% CI of the difference. Seed 0 for "
+         "the whole pass; a second seed of the fine-tune → joint pass and the dense "
+         "continuation where `v3-seed1.json` exists (section \"Second seed\").",
          "- **How it ran**: the fixed commit c8197b0 (extension: b57a849, which adds pivoted "
          "directions and `extend --out`), a separate clone with its own venv, 2 cores:", "",
          "```bash",
@@ -453,11 +454,23 @@ def write_report(run_dir: str, out_dir: str) -> None:
     L += ["", P.render_significance(sig["zero_shot"], "dense")]
     if ext:
         L += _extension_section(ext, v, run_dir)
+    seed1 = None
+    if os.path.exists(os.path.join(run_dir, "v3-seed1.json")):
+        with open(os.path.join(run_dir, "v3-seed1.json")) as f:
+            seed1 = json.load(f)
+        L += _seed1_section(seed1, v)
     L += ["## Mask diagnostics", "",
           f"- Cross-direction similarity of the α={a} masks (LaSS Eq. 2): mean "
           f"{v['similarity']['cross_direction_mean']:.4f}, max "
-          f"{v['similarity']['cross_direction_max']:.4f}.",
-          "- ![similarity](similarity.png) (colour scale over the off-diagonal values) and "
+          f"{v['similarity']['cross_direction_max']:.4f}."]
+    if seed1:
+        same = seed1["similarity"]["same_direction_across_seeds"]
+        c1 = seed1["similarity"]["cross_direction_seed1"]
+        L += [f"- Same direction, seed 0 vs seed 1 (both α={a}): mean "
+              f"{sum(same.values()) / len(same):.4f} (" + ", ".join(
+                  f"{d} {x:.3f}" for d, x in same.items()) + f"); cross-direction within "
+              f"seed 1: mean {c1['mean']:.4f}, max {c1['max']:.4f}."]
+    L += ["- ![similarity](similarity.png) (colour scale over the off-diagonal values) and "
           "per layer: ![layer similarity](layer_similarity.png)", ""]
     L += _models_section(os.path.join(out_dir, "models"))
     disc = os.path.join(out_dir, "reproduction-discussion.md")
@@ -466,10 +479,46 @@ def write_report(run_dir: str, out_dir: str) -> None:
             L += [f.read().rstrip(), ""]
     atomic_write(os.path.join(out_dir, "reproduction.md"), "\n".join(L).encode())
     slim = {k: x for k, x in v.items()}
+    if seed1:
+        slim["seed1"] = seed1
     if ext:
         slim["extension"] = {k: x for k, x in ext.items() if not k.startswith("hyps")}
     atomic_write(os.path.join(out_dir, "reproduction.json"), json.dumps(slim, indent=1).encode())
     log(f"wrote {out_dir}/reproduction.md")
+
+
+def _seed1_section(s1: dict, v: dict) -> list[str]:
+    """The second seed (scripts/reproduction_v3_seed1.py): fine-tune → prune → joint and the
+    dense continuation again from the same θ0 with seed 1."""
+    res, sig = s1["results"], s1["significance"]
+    systems = ("dense", "LaSS", "dense-s1", "LaSS-s1")
+
+    def avg(name: str) -> float:
+        return _avg(res, name, SUPERVISED, "bleu")
+
+    L = ["## Second seed", "",
+         "`scripts/reproduction_v3_seed1.py runs/v3` (same fixed commit c8197b0) repeated the "
+         "fine-tunes, pruning at the chosen α, the LaSS joint stage and the dense continuation "
+         "from the same θ0 with `--seed 1` (data order, dropout), same recipe, caps and stopping "
+         "rule; both evaluated on the same test rows. Wall time: " + ", ".join(
+             f"{k} {t / 60:.1f} min" for k, t in s1["timings_s"].items()) + ".", "",
+         "| stage (seed 1) | steps run | cap | best step | best valid loss | stopped by the "
+         "rule |", "|---|---|---|---|---|---|"]
+    for st, r in s1["stages"].items():
+        L.append(f"| {st} | {r['steps']} | {r['cap']} | {r['best_step']} | "
+                 f"{r['best_valid_loss']:.4f} | {'yes' if r['stopped_early'] else 'no (cap)'} |")
+    L += ["", "| system | average BLEU (6 directions) |", "|---|---|"]
+    L += [f"| {n} | {avg(n):.2f} |" for n in systems if n in res]
+    b = s1["pooled_over_seeds"]["bleu"]
+    lo, hi = b["delta_ci95"]
+    L += ["", "| paired test | Δ BLEU | 95% CI of Δ | p | directions better | better with "
+          "p < 0.05 |", "|---|---|---|---|---|---|",
+          _pooled_row("seed 0: LaSS vs dense", v["significance"]["supervised"]["LaSS"]),
+          _pooled_row("seed 1: LaSS-s1 vs dense-s1", sig["LaSS-s1 vs dense-s1"]["LaSS-s1"]),
+          _pooled_row("LaSS-s1 vs seed 0's dense", sig["LaSS-s1 vs dense"]["LaSS-s1"]),
+          f"| both seeds pooled (12 seed × direction sets): LaSS vs dense | {b['delta']:+.2f} | "
+          f"[{lo:+.2f}, {hi:+.2f}] | {b['p_value']:.3f} | | |", ""]
+    return L
 
 
 def _models_section(folder: str) -> list[str]:
