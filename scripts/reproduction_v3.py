@@ -78,6 +78,20 @@ def sh(cmds: list[list[str]], label: str, timings: dict) -> None:
     log(f"{label}: {timings[label]:.0f} s")
 
 
+def timings(path: str):
+    """Wall times per phase, resumed from ``path``; returns (dict, save function)."""
+    t: dict = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            t = json.load(f)
+
+    def save() -> None:
+        with open(path, "w") as f:
+            json.dump(t, f, indent=1)
+
+    return t, save
+
+
 def evaluate_part(run_dir: str, part: str, limit: int | None) -> None:
     """One evaluation share in this process (1 thread): results and hypotheses to a JSON."""
     import torch
@@ -214,15 +228,8 @@ def main() -> None:
         return evaluate_part(a.run, a.eval_part, a.limit)
     if a.extend:
         return extension(a)
-    run, t = a.run, {}
-    tpath = os.path.join(run, "v3-timings.json")
-    if os.path.exists(tpath):
-        with open(tpath) as f:
-            t = json.load(f)
-
-    def save_t() -> None:
-        with open(tpath, "w") as f:
-            json.dump(t, f, indent=1)
+    run = a.run
+    t, save_t = timings(os.path.join(run, "v3-timings.json"))
 
     if not os.path.exists(os.path.join(run, "run.json")):
         os.makedirs(run, exist_ok=True)

@@ -39,6 +39,7 @@ from reproduction_v3 import (  # noqa: E402
     log,
     sh,
     stage_summary,
+    timings,
 )
 
 SEED = ["--seed", "1"]
@@ -121,17 +122,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.eval_part:
         return evaluate_part(a.run, a.eval_part, a.limit)
-    run, t = a.run, {}
+    run = a.run
     with open(os.path.join(run, "v3-alpha.json")) as f:
         alpha = json.load(f)["alpha"]
-    tpath = os.path.join(run, "v3-seed1-timings.json")
-    if os.path.exists(tpath):
-        with open(tpath) as f:
-            t = json.load(f)
-
-    def save_t() -> None:
-        with open(tpath, "w") as f:
-            json.dump(t, f, indent=1)
+    t, save_t = timings(os.path.join(run, "v3-seed1-timings.json"))
 
     R = ["--run", run]
     if not all(done(run, f"ft-s1/{d}", a.ft_cap) for d in SUPERVISED):
