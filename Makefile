@@ -37,7 +37,8 @@ bench-gpu: $(STAMP)
 
 # On a lent GPU machine (torch/triton/cupy preinstalled, no network): builds with that torch,
 # runs every op/module/optimizer per GPU backend vs the reference, `pytest -m "gpu or triton"`
-# and the GPU benchmarks; pass/fail table + logs in $(or $(OUT),gpu_check_results)/.
+# the GPU benchmarks, the CLI pipeline and a joint-step profile; pass/fail table + logs in
+# $(or $(OUT),gpu_check_results)/.
 GPU_PY ?= python3
 gpu-check:
 	$(GPU_PY) scripts/gpu_check.py $(if $(OUT),--out $(OUT),)

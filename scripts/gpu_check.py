@@ -16,7 +16,12 @@ On a CUDA machine it
    ``DIR/gpu_check.md``;
 4. runs ``pytest -m "gpu or triton"`` (compiled Triton kernels, the cuda/cupy tests) into
    ``DIR/pytest.log`` and the GPU benchmarks (``make bench-gpu``) into ``DIR/bench-gpu.json`` /
-   ``.md``.
+   ``.md`` (log: ``DIR/bench.log``);
+5. runs the CLI pipeline on the GPU (``scripts/gpu_pipeline_check.sh``: base, fine-tune, prune,
+   joint, evaluate) into ``DIR/pipeline.log`` and ``scripts/profile_step.py`` (where a joint
+   step's host and device time go) into ``DIR/profile.txt``.
+
+Eight files at most come back from a lent machine: these are the eight.
 
 Results go to ``--out`` (default ``$OUT`` if set, else ``gpu_check_results/``). Exit status: 0
 when every step and case passed, 1 when any failed (the table is written anyway), 2 when no
@@ -406,9 +411,9 @@ def table(rows, steps, backends_info, device_name) -> str:
     return "\n".join(out) + "\n"
 
 
-def _run(cmd, log_path, env=None, timeout=None) -> tuple[bool, str]:
+def _run(cmd, log_path, env=None, timeout=None, append=False) -> tuple[bool, str]:
     t0 = time.time()
-    with open(log_path, "w") as log:
+    with open(log_path, "a" if append else "w") as log:
         try:
             r = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                timeout=timeout)
@@ -435,6 +440,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--skip-pytest", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--skip-pipeline", action="store_true", help="no CLI pipeline, no profile")
     ap.add_argument("--step-timeout", type=float, default=420,
                     help="seconds each of build, pytest and benchmarks may run (default 420)")
     ap.add_argument("--cases-budget", type=float, default=None,
@@ -550,14 +556,30 @@ def main(argv=None) -> int:
         elif os.path.exists(js):  # a report even when a benchmark failed
             ok2, d2 = _run([sys.executable, "benchmarks/report.py", js, "-o",
                             os.path.join(a.out, "bench-gpu.md")],
-                           os.path.join(a.out, "report.log"))
+                           os.path.join(a.out, "bench.log"), append=True)
             ok, d = ok and ok2, d if ok2 else d2
         steps.append(("benchmarks -m gpu (make bench-gpu)", ok, d))
+        write()
+
+    def run_pipeline():
+        penv = dict(env, OUT=a.out)
+        ok, d = _run(["bash", "scripts/gpu_pipeline_check.sh"], os.path.join(a.out, "pipeline.out"),
+                     env=penv, timeout=left(a.step_timeout))
+        if ok:  # the script tees pipeline.log itself; keep its output only when it failed
+            os.remove(os.path.join(a.out, "pipeline.out"))
+        steps.append(("CLI pipeline on the GPU (gpu_pipeline_check.sh)", ok, d))
+        ok, d = _run([sys.executable, "scripts/profile_step.py", "--device", "cuda", "--out",
+                      a.out], os.path.join(a.out, "profile.log"), env=env,
+                     timeout=left(a.step_timeout))
+        if ok:  # profile.txt holds the tables
+            os.remove(os.path.join(a.out, "profile.log"))
+        steps.append(("joint-step profile (profile_step.py)", ok, d))
         write()
 
     order = [(not a.skip_pytest, run_pytest), (not a.skip_bench, run_bench)]
     if a.bench_first:
         order.reverse()
+    order.append((not a.skip_pipeline, run_pipeline))
     for wanted, fn in order:
         if full and wanted:
             fn()

@@ -98,3 +98,17 @@ def test_forced_backend_that_cannot_serve_is_na_only_where_expected(monkeypatch,
     rows = {r.case: r for r in gc.run_cases("cpu", ["cupy"], ["fp32"], True, only="M=5")}
     assert rows["masked_linear M=5"].status == "FAIL" and "supports() skipped" in \
         rows["masked_linear M=5"].detail
+
+
+def test_profile_step_runs_on_cpu_and_writes_both_tables(tmp_path):
+    """scripts/profile_step.py (the last step of the GPU check) on CPU, tiny config."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "profile_step.py"),
+                        "--device", "cpu", "--config", "tiny", "--batch", "2", "--iters", "1",
+                        "--rows", "5", "--out", str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    text = (tmp_path / "profile.txt").read_text()
+    assert "## masked_linear fwd+bwd" in text and "## joint step tiny batch=2x24" in text
+    assert text.count("ours/dense") == 2 and text.count("### ours") == 2
+    assert "lass_sparse" in text  # our ops show up in the profile (record_function ranges)
