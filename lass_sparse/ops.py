@@ -213,7 +213,9 @@ def _masked_linear_body(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | 
     b = None if bias is None else bias.contiguous()
     y = _registry.dispatch_checked("masked_linear", x.device, check, x2, weight.contiguous(),
                                    bits.contiguous(), b)
-    return y if flat else y.reshape(*x.shape[:-1], n)
+    # detach: a plain tensor, not a view of the 2-D result, so in-place ops on the output
+    # (``F.relu(..., inplace=True)``) work under autograd as after ``F.linear``
+    return y if flat else y.reshape(*x.shape[:-1], n).detach()
 
 
 _masked_linear = torch.library.custom_op(f"{NS}::masked_linear", _masked_linear_body,

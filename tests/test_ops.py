@@ -257,6 +257,20 @@ def test_eager_direct_path_is_taken_only_in_plain_eager(monkeypatch):
         lass_sparse.masked_linear(x[:, :7], w, bits, b)
 
 
+@pytest.mark.parametrize("path", ["public", "op"])
+def test_in_place_on_the_output_works_under_autograd(path):
+    """As after F.linear: ``y.relu_()`` on a [B, T, N] output, gradients as the dense way."""
+    x, w, mask, bits, b = _case((2, 3), 8, 20, grad=True)
+    fn = lass_sparse.masked_linear if path == "public" else torch.ops.lass_sparse.masked_linear
+    y = fn(x, w, bits, b)
+    y.add_(1.0).relu_().sum().backward()
+    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    torch.nn.functional.linear(x2, w2 * mask, b2).add_(1.0).relu_().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(w.grad, w2.grad * mask)
+    torch.testing.assert_close(b.grad, b2.grad)
+
+
 def test_eager_direct_adamw_equals_the_op_path():
     g = torch.Generator().manual_seed(0)
     ps = [torch.randn(8, 40, generator=g), torch.randn(5, generator=g)]
