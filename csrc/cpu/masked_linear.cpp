@@ -57,6 +57,12 @@ static int64_t tile_extent(int64_t other, int64_t elt, int64_t total, int64_t al
   return std::min<int64_t>(t, std::max<int64_t>(total, 1));
 }
 
+// The backward's GEMMs at M <= kWideTileMaxM rows are skinny (dx: [M, N] @ [N, kc]; dW: an outer
+// product [tn, M] @ [M, K]), so their tiles are 4x wider: fewer, larger calls. Measured at M=16
+// bf16, 1 thread: dx 346 -> 280 us and dW 337 -> 249 us at 2048x512, dW 1.40 -> 0.99 ms at
+// 4096x1024; at M = 32-512 the wider tiles were slower, so they stay 1x there.
+constexpr int64_t kWideTileMaxM = 16;
+
 static void check_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
                          const char* op) {
   check_float_2d(x, op, "x");
@@ -486,7 +492,7 @@ at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& w, const at:
   if (m_rows == 0 || k == 0) return dx;
   if (n == 0) return dx.zero_();
   // Column tiles of W ⊙ M: [N, kc] with kc a multiple of 32, so mask words stay aligned.
-  const int64_t kc = tile_extent(n, w.element_size(), k, 32);
+  const int64_t kc = tile_extent(n, w.element_size(), k, 32, m_rows <= kWideTileMaxM ? 4 : 1);
   const int64_t tiles = (k + kc - 1) / kc;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dy.scalar_type(), "masked_linear_dx", [&] {
     const scalar_t* wp = w.data_ptr<scalar_t>();
@@ -511,7 +517,7 @@ at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& w, const at:
 static void dw_tiles(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits,
                      at::Tensor& dst, bool accumulate) {
   const int64_t n = dy.size(1), k = x.size(1);
-  const int64_t tn = tile_extent(k, 4, n, 16);
+  const int64_t tn = tile_extent(k, 4, n, 16, dy.size(0) <= kWideTileMaxM ? 4 : 1);
   const int64_t tiles = (n + tn - 1) / tn;
   const int32_t* bp = bits.data_ptr<int32_t>();
   const int64_t nw = num_words(k);
