@@ -62,7 +62,8 @@ static int64_t tile_extent(int64_t other, int64_t elt, int64_t total, int64_t al
 // bf16, 1 thread: dx 346 -> 280 us and dW 337 -> 249 us at 2048x512, dW 1.40 -> 0.99 ms at
 // 4096x1024; at M = 32-512 the wider tiles were slower, so they stay 1x there.
 constexpr int64_t kWideTileMaxM = 16;
-constexpr int64_t kDwMinRows = 256;
+// Smallest tile extent (dx columns, dW rows) above that range; see dw_tiles and masked_linear_dx.
+constexpr int64_t kMinTile = 256;
 
 static void check_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
                          const char* op) {
@@ -493,7 +494,10 @@ at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& w, const at:
   if (m_rows == 0 || k == 0) return dx;
   if (n == 0) return dx.zero_();
   // Column tiles of W ⊙ M: [N, kc] with kc a multiple of 32, so mask words stay aligned.
-  const int64_t kc = tile_extent(n, w.element_size(), k, 32, m_rows <= kWideTileMaxM ? 4 : 1);
+  int64_t kc = tile_extent(n, w.element_size(), k, 32, m_rows <= kWideTileMaxM ? 4 : 1);
+  // Each tile's GEMM repacks all of dy: at least kMinTile columns (or a thread's share)
+  // above the skinny range (as for dW's rows below).
+  if (m_rows > kWideTileMaxM) kc = std::max(kc, std::min(kMinTile, tile_extent(1, 1, k, 32)));
   const int64_t tiles = (k + kc - 1) / kc;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dy.scalar_type(), "masked_linear_dx", [&] {
     const scalar_t* wp = w.data_ptr<scalar_t>();
@@ -521,9 +525,9 @@ static void dw_tiles(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   int64_t tn = tile_extent(k, 4, n, 16, dy.size(0) <= kWideTileMaxM ? 4 : 1);
   // Each tile's GEMM packs all of x again (M x K): with few rows per tile (32 at K = 4096) that
   // repacking cost 1.37-1.47x dense dW at M=512 bf16 4096x4096 (2 threads, busy machine);
-  // at least kDwMinRows rows (or a thread's share) made it 1.00-1.08x. The mask epilogue then
+  // at least kMinTile rows (or a thread's share) made it 1.00-1.08x. The mask epilogue then
   // works on a tile larger than L2, which costs far less than the GEMM.
-  if (dy.size(0) > kWideTileMaxM) tn = std::max(tn, std::min(kDwMinRows, tile_extent(1, 1, n, 16)));
+  if (dy.size(0) > kWideTileMaxM) tn = std::max(tn, std::min(kMinTile, tile_extent(1, 1, n, 16)));
   const int64_t tiles = (n + tn - 1) / tn;
   const int32_t* bp = bits.data_ptr<int32_t>();
   const int64_t nw = num_words(k);
