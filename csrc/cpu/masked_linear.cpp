@@ -60,7 +60,8 @@ static int64_t tile_extent(int64_t other, int64_t elt, int64_t total, int64_t al
 // The backward's GEMMs at M <= kWideTileMaxM rows are skinny (dx: [M, N] @ [N, kc]; dW: an outer
 // product [tn, M] @ [M, K]), so their tiles are 4x wider: fewer, larger calls. Measured at M=16
 // bf16, 1 thread: dx 346 -> 280 us and dW 337 -> 249 us at 2048x512, dW 1.40 -> 0.99 ms at
-// 4096x1024; at M = 32-512 the wider tiles were slower, so they stay 1x there.
+// 4096x1024. (4x tiles for every op and M were slower at M = 32-512 in an earlier measurement;
+// above this range kMinTile sets a floor on the backward's tiles instead.)
 constexpr int64_t kWideTileMaxM = 16;
 // Smallest tile extent (dx columns, dW rows) above that range; see dw_tiles and masked_linear_dx.
 constexpr int64_t kMinTile = 256;
