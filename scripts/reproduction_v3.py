@@ -24,6 +24,7 @@ Every step resumes from its checkpoints, so rerunning the same command continues
 
     python scripts/reproduction_v3.py runs/v3 --from runs/src
     python scripts/reproduction_v3.py runs/v3 --extend      # concurrently, 1 thread
+    python scripts/reproduction_v3_seed1.py runs/v3             # second seed (optional)
     python scripts/reproduction_v3.py runs/v3 --report results   # reproduction.md/.json, figures
 """
 from __future__ import annotations
@@ -417,6 +418,7 @@ def write_report(run_dir: str, out_dir: str) -> None:
          "--joint-cap 800",
          "python scripts/reproduction_v3.py runs/v3 --extend --ext-ft-cap 300 --ext-cap 400  "
          "# beside it",
+         "python scripts/reproduction_v3_seed1.py runs/v3   # the second seed, afterwards",
          "python scripts/reproduction_v3.py runs/v3 --report results",
          "```", "",
          "  `runs/src` is the v2 run (`lass-sparse recipe variant --run runs/src --langtok src "
