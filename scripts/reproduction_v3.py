@@ -527,6 +527,17 @@ def _seed1_section(s1: dict, v: dict) -> list[str]:
           _pooled_row("LaSS-s1 vs seed 0's dense", sig["LaSS-s1 vs dense"]["LaSS-s1"]),
           f"| both seeds pooled (12 seed × direction sets): LaSS vs dense | {b['delta']:+.2f} | "
           f"[{lo:+.2f}, {hi:+.2f}] | {b['p_value']:.3f} | | |", ""]
+    z = s1.get("zero_shot")
+    if z:
+        L += [f"Zero-shot, seed 1 (the {len(ZERO)} directions of the zero-shot section, merged "
+              "masks):", "", "| system | BLEU | ACC | off-target |", "|---|---|---|---|"]
+        for name in z:
+            acc = _avg(z, name, ZERO, "acc")
+            L.append(f"| {name} | {_avg(z, name, ZERO, 'bleu'):.2f} | {acc:.3f} | {1 - acc:.1%} |")
+        zs = sig["zero-shot: LaSS-s1 vs dense-s1"]["LaSS-s1"]
+        L += ["", "| paired test | Δ BLEU | 95% CI of Δ | p | directions better | better with "
+              "p < 0.05 |", "|---|---|---|---|---|---|",
+              _pooled_row("zero-shot, seed 1: LaSS-s1 vs dense-s1", zs), ""]
     return L
 
 

@@ -7,7 +7,8 @@ lr 5e-4; patience 4), so the LaSS-vs-dense comparison is measured twice.
    the directions, as v3);
 2. prunes them at v3's α into ``masks-s1.safetensors``;
 3. joint-trains LaSS-s1 and the dense continuation dense-s1 (two 1-thread processes);
-4. evaluates both on the 6 supervised directions (full test set, beam 4; two processes);
+4. evaluates both on the 6 supervised and the 6 zero-shot directions (full test set, beam 4;
+   two processes at a time);
 5. writes ``RUN/v3-seed1.json``: results, paired bootstraps (LaSS-s1 vs dense-s1; LaSS-s1 vs
    seed 0's dense; both seeds pooled: LaSS vs dense over 12 seed×direction sets), and the mask
    diagnostic the issue asks for, same-direction similarity across seeds vs cross-direction
@@ -34,6 +35,7 @@ from reproduction_v3 import (  # noqa: E402
     JOINT,
     SUPERVISED,
     TORCHRUN,
+    ZERO,
     curve,
     done,
     log,
@@ -46,8 +48,18 @@ SEED = ["--seed", "1"]
 SYSTEMS = {"LaSS-s1": ("joint-s1", "masks-s1.safetensors"), "dense-s1": ("dense-s1", None)}
 
 
-def evaluate_part(run_dir: str, name: str, limit: int | None) -> None:
-    """One system on the supervised directions in this process (1 thread)."""
+PARTS = [f"{n}@{split}" for split in ("supervised", "zero") for n in SYSTEMS]
+
+
+def _eval_path(run_dir: str, part: str) -> str:
+    name, split = part.split("@")
+    return os.path.join(run_dir, f"v3-seed1-eval-{name}.json" if split == "supervised"
+                        else f"v3-seed1-zero-{name}.json")
+
+
+def evaluate_part(run_dir: str, part: str, limit: int | None) -> None:
+    """One system (``NAME@supervised`` or ``NAME@zero``: the 6 supervised or the 6 zero-shot
+    directions) in this process (1 thread)."""
     import torch
 
     from lass_sparse.lass import pipeline as P
@@ -55,11 +67,11 @@ def evaluate_part(run_dir: str, name: str, limit: int | None) -> None:
 
     torch.set_num_threads(1)
     run = P.open_run(run_dir, device="cpu")
+    name, split = part.split("@")
     hyps: dict = {}
-    res = P.evaluate(run, {name: SYSTEMS[name]}, SUPERVISED, limit=limit, progress=False,
-                     hyps_out=hyps)
-    atomic_write(os.path.join(run_dir, f"v3-seed1-eval-{name}.json"),
-                 json.dumps({"results": res, "hyps": hyps}).encode())
+    res = P.evaluate(run, {name: SYSTEMS[name]}, SUPERVISED if split == "supervised" else ZERO,
+                     limit=limit, progress=False, hyps_out=hyps)
+    atomic_write(_eval_path(run_dir, part), json.dumps({"results": res, "hyps": hyps}).encode())
 
 
 def report(run_dir: str, alpha: float, timings: dict) -> dict:
@@ -72,15 +84,17 @@ def report(run_dir: str, alpha: float, timings: dict) -> dict:
         s0 = json.load(f)
     hyps = {k: s0["hyps"][k] for k in ("dense", "LaSS")}
     res = {k: s0["results"][k] for k in ("dense", "LaSS")}
-    for name in SYSTEMS:
-        with open(os.path.join(run_dir, f"v3-seed1-eval-{name}.json")) as f:
+    zhyps, zres = {}, {}
+    for part in PARTS:
+        with open(_eval_path(run_dir, part)) as f:
             e = json.load(f)
-        hyps.update(e["hyps"])
-        res.update(e["results"])
+        (hyps if part.endswith("@supervised") else zhyps).update(e["hyps"])
+        (res if part.endswith("@supervised") else zres).update(e["results"])
     sig = {"LaSS-s1 vs dense-s1": P.significance(
                {k: hyps[k] for k in ("dense-s1", "LaSS-s1")}, "dense-s1", SUPERVISED),
            "LaSS-s1 vs dense": P.significance(
-               {k: hyps[k] for k in ("dense", "LaSS-s1")}, "dense", SUPERVISED)}
+               {k: hyps[k] for k in ("dense", "LaSS-s1")}, "dense", SUPERVISED),
+           "zero-shot: LaSS-s1 vs dense-s1": P.significance(zhyps, "dense-s1", ZERO)}
     both = {}
     for d in SUPERVISED:
         tgt = parse_direction(d)[1]
@@ -98,7 +112,7 @@ def report(run_dir: str, alpha: float, timings: dict) -> dict:
     cross0 = [b0.similarity(x, y) for x in SUPERVISED for y in SUPERVISED if x != y]
     cross1 = [b1.similarity(x, y) for x in SUPERVISED for y in SUPERVISED if x != y]
     stages = [f"ft-s1/{d}" for d in SUPERVISED] + ["joint-s1", "dense-s1"]
-    out = {"alpha": alpha, "results": res, "significance": sig,
+    out = {"alpha": alpha, "results": res, "zero_shot": zres, "significance": sig,
            "pooled_over_seeds": pooled_seeds,
            "similarity": {"same_direction_across_seeds": same,
                           "cross_direction_seed0": {"mean": sum(cross0) / len(cross0),
@@ -118,7 +132,7 @@ def main() -> None:
     ap.add_argument("--ft-cap", type=int, default=400)
     ap.add_argument("--joint-cap", type=int, default=800)
     ap.add_argument("--limit", type=int, help="test rows per direction (default: all 1,000)")
-    ap.add_argument("--eval-part", choices=sorted(SYSTEMS), help=argparse.SUPPRESS)
+    ap.add_argument("--eval-part", choices=PARTS, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.eval_part:
         return evaluate_part(a.run, a.eval_part, a.limit)
@@ -145,8 +159,7 @@ def main() -> None:
             ["--steps", str(a.joint_cap), "--init", "base", "--out", "dense-s1"]],
            "joint-s1 | dense-s1", t)
         save_t()
-    todo = [n for n in SYSTEMS
-            if not os.path.exists(os.path.join(run, f"v3-seed1-eval-{n}.json"))]
+    todo = [p for p in PARTS if not os.path.exists(_eval_path(run, p))]
     if todo:
         lim = ["--limit", str(a.limit)] if a.limit else []
         sh([[sys.executable, os.path.abspath(__file__), run, "--eval-part", n] + lim
