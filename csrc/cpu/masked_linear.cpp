@@ -61,9 +61,10 @@ static int64_t tile_extent(int64_t other, int64_t elt, int64_t total, int64_t al
 // product [tn, M] @ [M, K]), so their tiles are 4x wider: fewer, larger calls. Measured at M=16
 // bf16, 1 thread: dx 346 -> 280 us and dW 337 -> 249 us at 2048x512, dW 1.40 -> 0.99 ms at
 // 4096x1024. (4x tiles for every op and M were slower at M = 32-512 in an earlier measurement;
-// above this range kMinTile sets a floor on the backward's tiles instead.)
+// above this range kMinTile sets a floor on the tiles instead.)
 constexpr int64_t kWideTileMaxM = 16;
-// Smallest tile extent (dx columns, dW rows) above that range; see dw_tiles and masked_linear_dx.
+// Smallest tile extent (forward and dW rows, dx columns) above that range: each tile's GEMM
+// repacks the whole activation operand; see tiled_forward, dw_tiles and masked_linear_dx.
 constexpr int64_t kMinTile = 256;
 
 static void check_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
@@ -378,9 +379,10 @@ static void decode_block(const T* w, const int32_t* bits, int64_t k, int64_t r0,
 static void tiled_segments(const at::Tensor& x, const at::Tensor& w, const int32_t* bits,
                            int64_t bank_stride, const int64_t* offs, const int64_t* pid,
                            int64_t segs, const c10::optional<at::Tensor>& bias, at::Tensor& y,
-                           int64_t scale) {
+                           int64_t scale, int64_t min_rows = 0) {
   const int64_t k = x.size(1), n = w.size(0);
-  const int64_t tn = tile_extent(k, w.element_size(), n, 16, scale);
+  const int64_t tn = std::max(tile_extent(k, w.element_size(), n, 16, scale),
+                              std::min(min_rows, tile_extent(1, 1, n, 16)));
   const int64_t tiles = (n + tn - 1) / tn;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "masked_linear_tiled", [&] {
     const scalar_t* wp = w.data_ptr<scalar_t>();
@@ -416,7 +418,10 @@ static at::Tensor tiled_forward(const at::Tensor& x, const at::Tensor& w, const 
                                 const c10::optional<at::Tensor>& bias) {
   auto y = at::empty({x.size(0), w.size(0)}, x.options());
   const int64_t offs[2] = {0, x.size(0)}, pid[1] = {0};
-  tiled_segments(x, w, bits.data_ptr<int32_t>(), 0, offs, pid, 1, bias, y, 1);
+  // Each tile's GEMM repacks all of x: at least kMinTile rows (or a thread's share) above the
+  // GEMV range, as in the backward (fp32 M=512 4096x4096: 32-row tiles were 1.17x dense).
+  tiled_segments(x, w, bits.data_ptr<int32_t>(), 0, offs, pid, 1, bias, y, 1,
+                 x.size(0) > kWideTileMaxM ? kMinTile : 0);
   return y;
 }
 
