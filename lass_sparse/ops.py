@@ -381,6 +381,37 @@ def _needs_grad(*ts: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
+_cpu_train_op: list = []  # [op or None], resolved on first use
+
+
+def _cpu_autograd(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None):
+    """masked_linear with its gradient in C++ (``lass_sparse_cpu::masked_linear_autograd``: one
+    C++ autograd node, the same kernels) for an eager CPU call that the C++ backend serves
+    unforced; None when another path must take it. Errors are worded by the op's checks."""
+    if not _cpu_train_op:
+        ok = _registry.status()["cpu"].active
+        _cpu_train_op.append(getattr(torch.ops.lass_sparse_cpu, "masked_linear_autograd", None)
+                             if ok else None)
+    op = _cpu_train_op[0]
+    if (op is None or x.device.type != "cpu" or weight.dim() != 2 or x.dim() < 1
+            or x.shape[-1] != weight.shape[1] or _registry.forced_backend() is not None):
+        return None
+    try:
+        if _registry.select("masked_linear", "cpu", x, weight, bits, bias).backend != "cpu":
+            return None
+    except RuntimeError:
+        return None
+    n, k = weight.shape
+    x2 = (x if x.dim() == 2 else x.reshape(-1, k)).contiguous()
+    try:
+        y = op(x2, weight.contiguous(), bits.contiguous(),
+               None if bias is None else bias.contiguous())
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        _check_linear("masked_linear", x, weight, bits, bias)
+        raise
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+
+
 def masked_linear(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None = None) -> Tensor:
     """``y[..., N] = x[..., K] @ (weight ⊙ M)ᵀ + bias`` without materialising ``weight ⊙ M``.
 
@@ -389,6 +420,9 @@ def masked_linear(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None =
     """
     if _eager(x, weight, bits, bias):
         if _needs_grad(x, weight, bias):
+            y = _profiled("masked_linear", _cpu_autograd, x, weight, bits, bias)
+            if y is not None:
+                return y
             return _profiled("masked_linear", _MaskedLinearFn.apply, x, weight, bits, bias)
         return _profiled("masked_linear", _masked_linear_body, x, weight, bits, bias)
     return torch.ops.lass_sparse.masked_linear(x, weight, bits, bias)

@@ -239,6 +239,7 @@ def _cases() -> dict[str, dict[str, list]]:
             "unpack_mask": _unpack_cases(),
             "magnitude_mask": _magnitude_cases(),
             "masked_linear": _linear_cases(public=False),
+            "masked_linear_autograd": _linear_cases(public=False),
             "masked_linear_dx": _dx_cases(public=False),
             "masked_linear_dw": _dw_cases(public=False),
             "segmented_masked_linear": _seg_cases() + [

@@ -271,6 +271,35 @@ def test_in_place_on_the_output_works_under_autograd(path):
     torch.testing.assert_close(b.grad, b2.grad)
 
 
+def _node_names(y):
+    names, todo = [], [y.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None:
+            names.append(type(fn).__name__ if not hasattr(fn, "name") else fn.name())
+            todo += [f for f, _ in fn.next_functions]
+    return names
+
+
+@pytest.mark.skipif(not lass_sparse.backends()["cpu"]["active"], reason="needs the C++ backend")
+def test_cpu_training_calls_take_the_cpp_autograd_node():
+    """Eager CPU calls that need a gradient run forward and backward as one C++ autograd node
+    (lass_sparse_cpu::masked_linear_autograd), bit-identical to the op path; forced backends,
+    bad input and double backward behave as on the op path."""
+    x, w, _, bits, b = _case((2, 3), 24, 40, grad=True)
+    y = lass_sparse.masked_linear(x, w, bits, b)
+    names = _node_names(y)
+    assert any("MaskedLinearFn" in n and "Cpp" in n for n in names), names
+    assert not any(n.startswith("_MaskedLinearFn") for n in names), names
+    with lass_sparse.use_backend("reference"):
+        names = _node_names(lass_sparse.masked_linear(x, w, bits, b))
+    assert any(n.startswith("_MaskedLinearFn") for n in names), names
+    with pytest.raises(ValueError, match="masked_linear: bits"):
+        lass_sparse.masked_linear(x, w, bits[:, :1].contiguous(), b)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), w, create_graph=True)
+
+
 def test_eager_direct_adamw_equals_the_op_path():
     g = torch.Generator().manual_seed(0)
     ps = [torch.randn(8, 40, generator=g), torch.randn(5, generator=g)]

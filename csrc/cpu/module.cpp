@@ -17,6 +17,8 @@ TORCH_LIBRARY(lass_sparse_cpu, m) {
   m.def("unpack_mask(Tensor bits, int k) -> Tensor");
   m.def("magnitude_mask(Tensor weight, float alpha) -> Tensor");
   m.def("masked_linear(Tensor x, Tensor weight, Tensor bits, Tensor? bias) -> Tensor");
+  // masked_linear with its gradient in C++ (eager CPU training; x 2-D)
+  m.def("masked_linear_autograd(Tensor x, Tensor weight, Tensor bits, Tensor? bias) -> Tensor");
   m.def(
       "segmented_masked_linear(Tensor x, Tensor weight, Tensor bits_bank, Tensor seg_offsets, "
       "Tensor seg_pair, Tensor? bias) -> Tensor");
