@@ -25,6 +25,7 @@ grad_out hold. Non-finite x, grad_out, bias or on-mask weights propagate as in
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Sequence
@@ -326,19 +327,20 @@ def _(grad, grad_out, x, bits):
     return None
 
 
+def _grad_op(op: str, body, *args: Tensor) -> Tensor:
+    """A backward pass's dx or dW: ``body`` directly in a plain eager backward (no graph built
+    for double backward), else through ``torch.ops.lass_sparse.<op>``."""
+    if not torch.is_grad_enabled() and _eager(*args):
+        return _profiled(op, body, *args)
+    return getattr(torch.ops.lass_sparse, op)(*args)
+
+
 def _dx(dy: Tensor, weight: Tensor, bits: Tensor) -> Tensor:
-    """The backward passes' dx: the body directly in a plain eager backward (no graph built
-    for double backward), else through the op."""
-    if not torch.is_grad_enabled() and _eager(dy, weight, bits):
-        return _profiled("masked_linear_dx", _masked_linear_dx_body, dy, weight, bits)
-    return torch.ops.lass_sparse.masked_linear_dx(dy, weight, bits)
+    return _grad_op("masked_linear_dx", _masked_linear_dx_body, dy, weight, bits)
 
 
 def _dw(dy: Tensor, x: Tensor, bits: Tensor) -> Tensor:
-    """dW as :func:`_dx` chooses."""
-    if not torch.is_grad_enabled() and _eager(dy, x, bits):
-        return _profiled("masked_linear_dw", _masked_linear_dw_body, dy, x, bits)
-    return torch.ops.lass_sparse.masked_linear_dw(dy, x, bits)
+    return _grad_op("masked_linear_dw", _masked_linear_dw_body, dy, x, bits)
 
 
 def _ml_setup(ctx, inputs, output):
@@ -381,23 +383,25 @@ def _needs_grad(*ts: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
-_cpu_train_op: list = []  # [op or None], resolved on first use
+@functools.cache
+def _cpu_train_op():
+    """``lass_sparse_cpu::masked_linear_autograd`` where the C++ backend is active, else None."""
+    if not _registry.status()["cpu"].active:
+        return None
+    return getattr(torch.ops.lass_sparse_cpu, "masked_linear_autograd", None)
 
 
 def _cpu_autograd(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None):
     """masked_linear with its gradient in C++ (``lass_sparse_cpu::masked_linear_autograd``: one
     C++ autograd node, the same kernels) for an eager CPU call that the C++ backend serves
     unforced; None when another path must take it. Errors are worded by the op's checks."""
-    if not _cpu_train_op:
-        ok = _registry.status()["cpu"].active
-        _cpu_train_op.append(getattr(torch.ops.lass_sparse_cpu, "masked_linear_autograd", None)
-                             if ok else None)
-    op = _cpu_train_op[0]
+    op = _cpu_train_op()
     if (op is None or x.device.type != "cpu" or weight.dim() != 2 or x.dim() < 1
             or x.shape[-1] != weight.shape[1] or _registry.forced_backend() is not None):
         return None
     try:
-        if _registry.select("masked_linear", "cpu", x, weight, bits, bias).backend != "cpu":
+        sel = _registry.select("masked_linear", "cpu", x, weight, bits, bias, forced=None)
+        if sel.backend != "cpu":
             return None
     except RuntimeError:
         return None

@@ -104,11 +104,9 @@ def report(run_dir: str, alpha: float, timings: dict) -> dict:
     pooled_seeds = pooled_bootstrap(both)
     b0 = MaskBank.load(os.path.join(run_dir, f"masks-a{alpha}.safetensors"))
     b1 = MaskBank.load(os.path.join(run_dir, "masks-s1.safetensors"))
-    same = {}
-    for d in SUPERVISED:
-        m = MaskBank.load(os.path.join(run_dir, f"masks-a{alpha}.safetensors"))
-        m.add_pair(f"{d}@s1", b1[d])
-        same[d] = m.similarity(d, f"{d}@s1")
+    for d in SUPERVISED:  # seed 1's masks beside seed 0's, under their own names
+        b0.add_pair(f"{d}@s1", b1[d])
+    same = {d: b0.similarity(d, f"{d}@s1") for d in SUPERVISED}
     cross0 = [b0.similarity(x, y) for x in SUPERVISED for y in SUPERVISED if x != y]
     cross1 = [b1.similarity(x, y) for x in SUPERVISED for y in SUPERVISED if x != y]
     stages = [f"ft-s1/{d}" for d in SUPERVISED] + ["joint-s1", "dense-s1"]

@@ -68,6 +68,11 @@ constexpr int64_t kWideTileMaxM = 16;
 // repacks the whole activation operand; see tiled_forward, dw_tiles and masked_linear_dx.
 constexpr int64_t kMinTile = 256;
 
+// kMinTile, or an equal share per thread of `total` when that is smaller.
+static int64_t min_tile(int64_t total, int64_t align) {
+  return std::min(kMinTile, tile_extent(1, 1, total, align));
+}
+
 static void check_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
                          const char* op) {
   check_float_2d(x, op, "x");
@@ -380,10 +385,10 @@ static void decode_block(const T* w, const int32_t* bits, int64_t k, int64_t r0,
 static void tiled_segments(const at::Tensor& x, const at::Tensor& w, const int32_t* bits,
                            int64_t bank_stride, const int64_t* offs, const int64_t* pid,
                            int64_t segs, const c10::optional<at::Tensor>& bias, at::Tensor& y,
-                           int64_t scale, int64_t min_rows = 0) {
+                           int64_t scale, bool floor = false) {
   const int64_t k = x.size(1), n = w.size(0);
-  const int64_t tn = std::max(tile_extent(k, w.element_size(), n, 16, scale),
-                              std::min(min_rows, tile_extent(1, 1, n, 16)));
+  int64_t tn = tile_extent(k, w.element_size(), n, 16, scale);
+  if (floor) tn = std::max(tn, min_tile(n, 16));
   const int64_t tiles = (n + tn - 1) / tn;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "masked_linear_tiled", [&] {
     const scalar_t* wp = w.data_ptr<scalar_t>();
@@ -422,7 +427,7 @@ static at::Tensor tiled_forward(const at::Tensor& x, const at::Tensor& w, const 
   // Each tile's GEMM repacks all of x: at least kMinTile rows (or a thread's share) above the
   // GEMV range, as in the backward (fp32 M=512 4096x4096: 32-row tiles were 1.17x dense).
   tiled_segments(x, w, bits.data_ptr<int32_t>(), 0, offs, pid, 1, bias, y, 1,
-                 x.size(0) > kWideTileMaxM ? kMinTile : 0);
+                 x.size(0) > kWideTileMaxM);
   return y;
 }
 
@@ -504,7 +509,7 @@ at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& w, const at:
   int64_t kc = tile_extent(n, w.element_size(), k, 32, m_rows <= kWideTileMaxM ? 4 : 1);
   // Each tile's GEMM repacks all of dy: at least kMinTile columns (or a thread's share)
   // above the skinny range (as for dW's rows below).
-  if (m_rows > kWideTileMaxM) kc = std::max(kc, std::min(kMinTile, tile_extent(1, 1, k, 32)));
+  if (m_rows > kWideTileMaxM) kc = std::max(kc, min_tile(k, 32));
   const int64_t tiles = (k + kc - 1) / kc;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dy.scalar_type(), "masked_linear_dx", [&] {
     const scalar_t* wp = w.data_ptr<scalar_t>();
@@ -534,7 +539,7 @@ static void dw_tiles(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   // repacking cost 1.37-1.47x dense dW at M=512 bf16 4096x4096 (2 threads, busy machine);
   // at least kMinTile rows (or a thread's share) made it 1.00-1.08x. The mask epilogue then
   // works on a tile larger than L2, which costs far less than the GEMM.
-  if (dy.size(0) > kWideTileMaxM) tn = std::max(tn, std::min(kMinTile, tile_extent(1, 1, n, 16)));
+  if (dy.size(0) > kWideTileMaxM) tn = std::max(tn, min_tile(n, 16));
   const int64_t tiles = (n + tn - 1) / tn;
   const int32_t* bp = bits.data_ptr<int32_t>();
   const int64_t nw = num_words(k);
