@@ -212,6 +212,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run")
     ap.add_argument("--from", dest="src", default="runs/src", help="v2 run with θ0 (base/)")
+    ap.add_argument("--scratch", action="store_true",
+                    help="train θ0 from scratch in RUN instead of continuing --from's")
+    ap.add_argument("--corpus", default="/work/shared/corpus", help="with --scratch")
+    ap.add_argument("--max-train", type=int, default=3000,
+                    help="with --scratch: sentence pairs per language pair")
+    ap.add_argument("--vocab-size", type=int, default=4000, help="with --scratch")
     ap.add_argument("--base-cap", type=int, default=6000)
     ap.add_argument("--ft-cap", type=int, default=400)
     ap.add_argument("--joint-cap", type=int, default=1000)
@@ -232,7 +238,14 @@ def main() -> None:
     run = a.run
     t, save_t = timings(os.path.join(run, "v3-timings.json"))
 
-    if not os.path.exists(os.path.join(run, "run.json")):
+    create: list[str] = []
+    if a.scratch and not os.path.exists(os.path.join(run, "run.json")):
+        # θ0 from scratch in RUN (rank 0 creates the run: tokenizer, run.json)
+        create = ["--corpus", a.corpus, "--config", "tiny", "--pairs", "en-de", "en-fr",
+                  "en-zh", "--max-train", str(a.max_train), "--vocab-size", str(a.vocab_size),
+                  "--langtok", "src", "--mask-output-proj"]
+        log(f"θ0 from scratch: {a.max_train} sentence pairs per language pair")
+    elif not os.path.exists(os.path.join(run, "run.json")):
         os.makedirs(run, exist_ok=True)
         for f in ("run.json", "spm.model", "spm.vocab"):
             shutil.copyfile(os.path.join(a.src, f), os.path.join(run, f))
@@ -240,9 +253,9 @@ def main() -> None:
         log(f"θ0 copied from {a.src}/base (step 1600)")
     R = ["--run", run]
     if not done(run, "base", a.base_cap):
-        sh([TORCHRUN + ["train"] + R + COMMON +
+        sh([TORCHRUN + ["train"] + R + create + COMMON +
             ["--steps", str(a.base_cap), "--max-tokens", "2048", "--lr", "2e-3", "--warmup",
-             "200", "--validate-every", "100"]], "base (continued)", t)
+             "200", "--validate-every", "100"]], "base" if a.scratch else "base (continued)", t)
         save_t()
     if not all(done(run, f"ft/{d}", a.ft_cap) for d in SUPERVISED):
         sh([TORCHRUN + ["finetune"] + R + COMMON +
