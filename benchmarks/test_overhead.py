@@ -41,6 +41,22 @@ def test_call_overhead_linear(benchmark, impl, grad, device):
 
 
 @pytest.mark.parametrize("impl", ["ours", "dense"])
+def test_call_overhead_op_path(benchmark, impl, device):
+    """The path torch.compile'd graphs, opcheck and dispatch modes take: torch.ops.lass_sparse
+    (on CPU one dispatcher trip to the C++ kernel, past torch's custom-op autograd wrapper)."""
+    x, w, mask, bits = inputs(1, N, K, torch.float32, device)
+    tag(benchmark, "call_overhead", impl, device=device, call="masked_linear fwd via torch.ops",
+        M=1, N=N, K=K)
+    op = torch.ops.lass_sparse.masked_linear
+    f = (lambda x: op(x, w, bits, None)) if impl == "ours" else (
+        lambda x: torch.nn.functional.linear(x, w))
+    with torch.inference_mode():
+        out = timed(benchmark, device, f, x)
+    if impl == "ours":
+        assert_close_to_ref(out, reference.masked_linear(x, w, bits, None))
+
+
+@pytest.mark.parametrize("impl", ["ours", "dense"])
 def test_call_overhead_adamw(benchmark, impl, device):
     """One optimizer step over 50 small tensors: ours (one masked_adamw_ call) vs
     torch.optim.AdamW(foreach=True)."""

@@ -72,6 +72,9 @@ _status["reference"] = BackendStatus("reference", True, "plain PyTorch, always a
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "lass_sparse_forced_backend", default=None
 )
+# Called with the forced backend (None: none) whenever use_backend() enters or leaves, in that
+# thread: native kernels that cannot read the context variable keep their own copy (backends/cpu).
+_force_listeners: list[Callable[[str | None], None]] = []
 # Unforced choices that depend only on (op, device type, dtypes): no ``supports`` predicate was
 # consulted. Cleared whenever a kernel is registered or a backend's status changes.
 _select_cache: dict[tuple, Impl] = {}
@@ -132,6 +135,12 @@ def register(
         return fn
 
     return deco
+
+
+def on_force(fn: Callable[[str | None], None]) -> None:
+    """Call ``fn(name)`` whenever :func:`use_backend` changes this thread's forced backend
+    (``None`` on leaving the outermost block; ``$LASS_SPARSE_BACKEND`` is then in force)."""
+    _force_listeners.append(fn)
 
 
 def forced_backend() -> str | None:
@@ -304,7 +313,11 @@ def use_backend(name: str) -> Iterator[None]:
     if not st.active:
         raise RuntimeError(f"backend {name!r} is not active: {st.reason}")
     token = _forced.set(name)
+    for fn in _force_listeners:
+        fn(name)
     try:
         yield
     finally:
         _forced.reset(token)
+        for fn in _force_listeners:
+            fn(_forced.get())

@@ -8,11 +8,16 @@ them to the backend chosen by :mod:`lass_sparse._registry`. The fake kernels run
 never an uninitialised result; checks that read values (segment offsets, pair ids, aliasing of
 optimizer state) run in the op body only.
 
+Native kernels: the C++ CPU kernels register under these ops' names (``TORCH_LIBRARY_IMPL(
+lass_sparse, CPU)``, csrc/cpu/entry.h); they defer to the op body through ``<op>.registry`` (the
+op's schema, read from the op) when another backend is forced or they refuse the inputs.
+
 Eager calls: in plain eager (no compile or trace, no dispatch mode, no functorch transform),
 ``masked_linear``, ``masked_qkv_proj``, their backward ops and ``masked_adamw_`` (under no_grad)
-run the op body directly (with an equivalent ``autograd.Function`` when a gradient is needed),
-skipping the custom-op wrapper layers: the same checks and kernels, bit-identical results, about
-half the per-call host overhead. Everything else goes through ``torch.ops.lass_sparse``.
+run the op body (on CPU tensors: the op's CPU kernel, below autograd) directly, with an
+equivalent ``autograd.Function`` when a gradient is needed, skipping the custom-op wrapper layers:
+the same checks and kernels, bit-identical results, less per-call host overhead. Everything
+else goes through ``torch.ops.lass_sparse``.
 
 Shapes: ``x: [..., K]``, ``weight: [N, K]`` (``nn.Linear`` layout), ``bits: int32[N, ceil(K/32)]``;
 any of M, N, K may be 0 (results as ``F.linear``).
@@ -72,6 +77,17 @@ def _eager(*ts: Tensor | None) -> bool:
     return all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in ts)
 
 
+_CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+
+
+def _cpu_kernel(op: str):
+    """``op``'s CPU kernel, called below autograd: the C++ entry where the extension is built
+    (it defers to the op body under a forced backend or for inputs it does not take), else the
+    op body. The direct path for plain eager calls on CPU tensors."""
+    handle = getattr(torch.ops.lass_sparse, op).default
+    return lambda *args: handle.redispatch(_CPU_KEYS, *args)
+
+
 def _profiled(op: str, fn, *args):
     """``fn(*args)`` under a ``lass_sparse::op`` profiler range when a profiler is on (the
     direct path has no dispatcher entry of its own to show)."""
@@ -125,11 +141,13 @@ def _check_linear(op: str, x: Tensor, weight: Tensor, bits: Tensor | None,
 # --------------------------------------------------------------------------------- pack / unpack
 
 
-@torch.library.custom_op(f"{NS}::pack_mask", mutates_args=())
-def _pack_mask(mask: Tensor) -> Tensor:
+def _pack_mask_body(mask: Tensor) -> Tensor:
     if mask.dtype != torch.bool or mask.dim() < 1:
         raise TypeError(f"pack_mask: mask must be bool[..., K], got {_desc(mask)}")
     return _dispatch("pack_mask", mask.device, mask.contiguous())
+
+
+_pack_mask = torch.library.custom_op(f"{NS}::pack_mask", _pack_mask_body, mutates_args=())
 
 
 @_pack_mask.register_fake
@@ -137,10 +155,13 @@ def _(mask):
     return mask.new_empty((*mask.shape[:-1], num_words(mask.shape[-1])), dtype=torch.int32)
 
 
-@torch.library.custom_op(f"{NS}::unpack_mask", mutates_args=())
-def _unpack_mask(bits: Tensor, k: int) -> Tensor:
+def _unpack_mask_body(bits: Tensor, k: int) -> Tensor:
     _check_unpack(bits, k)
     return _dispatch("unpack_mask", bits.device, bits.contiguous(), k)
+
+
+_unpack_mask = torch.library.custom_op(f"{NS}::unpack_mask", _unpack_mask_body,
+                                       mutates_args=())
 
 
 def _check_unpack(bits: Tensor, k: int) -> None:
@@ -172,14 +193,17 @@ def unpack_mask(bits: Tensor, k: int) -> Tensor:
 # -------------------------------------------------------------------------------- magnitude mask
 
 
-@torch.library.custom_op(f"{NS}::magnitude_mask", mutates_args=())
-def _magnitude_mask(weight: Tensor, alpha: float) -> Tensor:
+def _magnitude_mask_body(weight: Tensor, alpha: float) -> Tensor:
     _check_float("magnitude_mask", "weight", weight)
     if weight.dim() < 1:
         raise ValueError(f"magnitude_mask: weight must have at least 1 dim, got {_desc(weight)}")
     if not (0.0 <= alpha < 1.0):
         raise ValueError(f"magnitude_mask: alpha must be in [0, 1), got {alpha}")
     return _dispatch("magnitude_mask", weight.device, weight.contiguous(), float(alpha))
+
+
+_magnitude_mask = torch.library.custom_op(f"{NS}::magnitude_mask", _magnitude_mask_body,
+                                          mutates_args=())
 
 
 @_magnitude_mask.register_fake
@@ -297,8 +321,7 @@ def _(grad_out, x, bits):
     return x.new_empty((grad_out.shape[1], x.shape[1]))
 
 
-@torch.library.custom_op(f"{NS}::masked_linear_dw_accumulate_", mutates_args=("grad",))
-def _masked_linear_dw_accumulate_(grad: Tensor, grad_out: Tensor, x: Tensor, bits: Tensor) -> None:
+def _dw_accumulate_body(grad: Tensor, grad_out: Tensor, x: Tensor, bits: Tensor) -> None:
     """``grad[N, K] += (grad_out ᵀ @ x) ⊙ M`` (grad fp32 or x's dtype), for micro-batches;
     off-mask entries of ``grad`` are left as they are."""
     _check_accumulate(grad, grad_out, x, bits)
@@ -306,6 +329,10 @@ def _masked_linear_dw_accumulate_(grad: Tensor, grad_out: Tensor, x: Tensor, bit
         "masked_linear_dw_accumulate_", x.device, grad, grad_out.contiguous(), x.contiguous(),
         bits.contiguous(),
     )
+
+
+_masked_linear_dw_accumulate_ = torch.library.custom_op(
+    f"{NS}::masked_linear_dw_accumulate_", _dw_accumulate_body, mutates_args=("grad",))
 
 
 def _check_accumulate(grad, grad_out, x, bits) -> None:
@@ -331,7 +358,7 @@ def _grad_op(op: str, body, *args: Tensor) -> Tensor:
     """A backward pass's dx or dW: ``body`` directly in a plain eager backward (no graph built
     for double backward), else through ``torch.ops.lass_sparse.<op>``."""
     if not torch.is_grad_enabled() and _eager(*args):
-        return _profiled(op, body, *args)
+        return _profiled(op, _GRAD_CPU[op] if args[0].is_cpu else body, *args)
     return getattr(torch.ops.lass_sparse, op)(*args)
 
 
@@ -428,7 +455,8 @@ def masked_linear(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None =
             if y is not None:
                 return y
             return _profiled("masked_linear", _MaskedLinearFn.apply, x, weight, bits, bias)
-        return _profiled("masked_linear", _masked_linear_body, x, weight, bits, bias)
+        body = _ML_CPU if x.device.type == "cpu" else _masked_linear_body
+        return _profiled("masked_linear", body, x, weight, bits, bias)
     return torch.ops.lass_sparse.masked_linear(x, weight, bits, bias)
 
 
@@ -482,8 +510,7 @@ def _check_segmented(op, x, weight, bits_bank, seg_offsets, seg_pair, bias, valu
     _check_segments(op, x.shape[0], bits_bank.shape[0], seg_offsets, seg_pair, x.device, values)
 
 
-@torch.library.custom_op(f"{NS}::segmented_masked_linear", mutates_args=())
-def _segmented_masked_linear(
+def _segmented_masked_linear_body(
     x: Tensor, weight: Tensor, bits_bank: Tensor, seg_offsets: Tensor, seg_pair: Tensor,
     bias: Tensor | None,
 ) -> Tensor:
@@ -493,6 +520,10 @@ def _segmented_masked_linear(
         bits_bank.contiguous(), seg_offsets.long(), seg_pair.long(),
         None if bias is None else bias.contiguous(),
     )
+
+
+_segmented_masked_linear = torch.library.custom_op(
+    f"{NS}::segmented_masked_linear", _segmented_masked_linear_body, mutates_args=())
 
 
 @_segmented_masked_linear.register_fake
@@ -850,6 +881,38 @@ def masked_adamw_(
     # direct in plain eager under no_grad (as optimizers step); mutation under grad mode, and
     # every traced call, through the op
     if not torch.is_grad_enabled() and _eager(*args[0], *args[1], *args[2], *args[3], *args[4]):
-        _profiled("masked_adamw_", _masked_adamw_body, *args)
+        on_cpu = bool(args[0]) and isinstance(args[0][0], Tensor) and args[0][0].is_cpu
+        _profiled("masked_adamw_", _ADAMW_CPU if on_cpu else _masked_adamw_body, *args)
         return
     torch.ops.lass_sparse.masked_adamw_(*args)
+
+
+# ------------------------------------------------------------------- native kernels' deferral
+
+
+# Ops whose C++ CPU kernels register under the public name (csrc/cpu/entry.h). Such a kernel
+# defers to ``lass_sparse::<op>.registry``, the op's own schema (read from the op, not written
+# again) with its Python body, when another backend is forced or it refuses the inputs: the body
+# words the error, or the registry picks a backend that takes them (e.g. the reference for
+# float16). Called only from those kernels, below autograd.
+_NATIVE_BODIES = {
+    "pack_mask": _pack_mask_body,
+    "unpack_mask": _unpack_mask_body,
+    "magnitude_mask": _magnitude_mask_body,
+    "masked_linear": _masked_linear_body,
+    "masked_linear_dx": _masked_linear_dx_body,
+    "masked_linear_dw": _masked_linear_dw_body,
+    "masked_linear_dw_accumulate_": _dw_accumulate_body,
+    "segmented_masked_linear": _segmented_masked_linear_body,
+    "masked_adamw_": _masked_adamw_body,
+}
+_REGISTRY_LIB = torch.library.Library(NS, "FRAGMENT")
+for _name, _body in _NATIVE_BODIES.items():
+    _schema = str(getattr(torch.ops.lass_sparse, _name).default._schema)
+    _REGISTRY_LIB.define(f"{_name}.registry(" + _schema.split("(", 1)[1])
+    _REGISTRY_LIB.impl(f"{_name}.registry", _body, "CompositeExplicitAutograd")
+
+_ML_CPU = _cpu_kernel("masked_linear")
+_ADAMW_CPU = _cpu_kernel("masked_adamw_")
+_GRAD_CPU = {"masked_linear_dx": _cpu_kernel("masked_linear_dx"),
+             "masked_linear_dw": _cpu_kernel("masked_linear_dw")}

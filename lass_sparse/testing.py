@@ -53,3 +53,26 @@ def within_torch_error(ours: torch.Tensor, torch_same: torch.Tensor, exact: torc
     bound = factor * torch_err + FLOOR.get(ours.dtype, 1e-6) * (1.0 + scale)
     ok = ours_err <= bound
     return ok, f"err {ours_err:.3g} vs torch {torch_err:.3g} (bound {bound:.3g})"
+
+
+class _CPUKernels:
+    """``cpu_kernels.<op>(*args)``: ``torch.ops.lass_sparse.<op>`` on CPU tensors with the C++
+    kernel's own checks and errors: the native entry runs its kernel and never defers to the
+    op's Python body (see csrc/cpu/entry.h). For tests of what the kernels validate."""
+
+    def __getattr__(self, op: str):
+        from . import _C  # noqa: PLC0415 - only where the C++ backend is built
+
+        fn = getattr(torch.ops.lass_sparse, op)
+
+        def call(*args):
+            prev = _C.kernels_only(True)
+            try:
+                return fn(*args)
+            finally:
+                _C.kernels_only(prev)
+
+        return call
+
+
+cpu_kernels = _CPUKernels()

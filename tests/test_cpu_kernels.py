@@ -9,6 +9,7 @@ import torch
 import lass_sparse
 from lass_sparse import _registry, reference
 from lass_sparse.bitmask import pack_mask_reference
+from lass_sparse.testing import cpu_kernels
 
 pytestmark = pytest.mark.skipif(
     not lass_sparse.backends()["cpu"]["active"], reason="C++ extension lass_sparse._C not built"
@@ -34,7 +35,7 @@ def test_masked_linear_paths_match_reference(m, k, dtype):
     b = torch.randn(n, dtype=dtype)
     mask = torch.rand(n, k) > 0.4
     bits = pack_mask_reference(mask)
-    y = torch.ops.lass_sparse_cpu.masked_linear(x, w, bits, b)
+    y = cpu_kernels.masked_linear(x, w, bits, b)
     exact = torch.nn.functional.linear(x.double(), (w * mask).double(), b.double())
     if dtype == torch.bfloat16:
         torch_err = (torch.nn.functional.linear(x, w * mask, b).double() - exact).abs().max()
@@ -50,7 +51,7 @@ def test_malformed_padding_bits_are_ignored_not_read_out_of_bounds():
     bits = pack_mask_reference(mask)
     dirty = bits.clone()
     dirty[:, 1] |= -2  # set every padding bit of the last word
-    y = torch.ops.lass_sparse_cpu.masked_linear(x, w, dirty, None)
+    y = cpu_kernels.masked_linear(x, w, dirty, None)
     torch.testing.assert_close(y, x @ (w * mask).T)
 
 
@@ -64,15 +65,15 @@ def test_dx_dw_and_accumulate(m, dtype):
     bits = pack_mask_reference(mask)
     tol = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 0.1}[dtype]
     tol *= math.sqrt(max(m, n))
-    dx = torch.ops.lass_sparse_cpu.masked_linear_dx(dy, w, bits)
+    dx = cpu_kernels.masked_linear_dx(dy, w, bits)
     torch.testing.assert_close(dx.double(), dy.double() @ (w * mask).double(), atol=tol, rtol=1e-2)
-    dw = torch.ops.lass_sparse_cpu.masked_linear_dw(dy, x, bits)
+    dw = cpu_kernels.masked_linear_dw(dy, x, bits)
     assert torch.all(dw[~mask] == 0)
     want = (dy.double().T @ x.double()) * mask
     torch.testing.assert_close(dw.double(), want, atol=tol, rtol=1e-2)
     grad = torch.randn(n, k)
     before = grad.clone()
-    torch.ops.lass_sparse_cpu.masked_linear_dw_accumulate_(grad, dy, x, bits)
+    cpu_kernels.masked_linear_dw_accumulate_(grad, dy, x, bits)
     assert torch.equal(grad[~mask], before[~mask])
     want = before.double() + (dy.double().T @ x.double()) * mask
     torch.testing.assert_close(grad.double(), want, atol=tol, rtol=1e-2)
@@ -167,7 +168,7 @@ def test_segmented_tiles_outer_segments_inner_match_reference(dtype, bias):
     bank = torch.stack([pack_mask_reference(torch.rand(n, k) > 0.5) for _ in range(p)])
     offs = torch.tensor([0, 7, 7, 19, 30, 31, 40])
     pair = torch.tensor([2, 0, 1, 1, 0, 2])
-    y = torch.ops.lass_sparse_cpu.segmented_masked_linear(x, w, bank, offs, pair, b)
+    y = cpu_kernels.segmented_masked_linear(x, w, bank, offs, pair, b)
     want = torch.cat([reference.masked_linear(x[lo:hi], w, bank[q], b)
                       for lo, hi, q in zip(offs[:-1].tolist(), offs[1:].tolist(), pair.tolist())])
     tol = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 5e-2}[dtype]
@@ -179,7 +180,7 @@ def test_segmented_kernel_validates_what_it_reads():
     out of bounds."""
     x, w = torch.randn(6, 40), torch.randn(8, 40)
     bank = torch.stack([pack_mask_reference(torch.rand(8, 40) > 0.5) for _ in range(2)])
-    op = torch.ops.lass_sparse_cpu.segmented_masked_linear
+    op = cpu_kernels.segmented_masked_linear
     bad = [(torch.tensor([0, 3, 7]), torch.tensor([0, 1]), "from 0 to T=6"),
            (torch.tensor([0, 4, 3, 6]), torch.tensor([0, 1, 0]), "non-decreasing"),
            (torch.tensor([0, 3, 6]), torch.tensor([0, 2]), r"in \[0, P=2\)"),
@@ -198,12 +199,12 @@ def test_masked_adamw_kernel_refuses_aliased_tensors():
     m, v = torch.zeros(4, 40), torch.zeros(4, 40)
     args = (1e-3, 0.9, 0.999, 1e-8, 0.0, 1, False)
     with pytest.raises(RuntimeError, match="share memory"):
-        torch.ops.lass_sparse_cpu.masked_adamw_([p, p], [p.clone(), p.clone()], [m, m.clone()],
+        cpu_kernels.masked_adamw_([p, p], [p.clone(), p.clone()], [m, m.clone()],
                                                 [v, v.clone()], [None, None], *args)
     with pytest.raises(RuntimeError, match="share memory"):
-        torch.ops.lass_sparse_cpu.masked_adamw_([p], [p.clone()], [m], [m], [None], *args)
+        cpu_kernels.masked_adamw_([p], [p.clone()], [m], [m], [None], *args)
     g = torch.randn(4, 40)  # grads are read only: one grad for two params is fine
-    torch.ops.lass_sparse_cpu.masked_adamw_([p, p.clone()], [g, g], [m, m.clone()],
+    cpu_kernels.masked_adamw_([p, p.clone()], [g, g], [m, m.clone()],
                                             [v, v.clone()], [None, None], *args)
     with pytest.raises(ValueError, match="share memory"):  # the op's own words
         lass_sparse.masked_adamw_([p, p], [p.clone(), p.clone()], [m, m.clone()],
@@ -220,6 +221,7 @@ def _adamw_steps(simd: bool) -> dict:
     code = r"""
 import io, sys, torch, lass_sparse as ls
 from lass_sparse.bitmask import pack_mask_reference
+from lass_sparse.testing import cpu_kernels
 g = torch.Generator().manual_seed(0)
 out = {}
 for dt in (torch.float32, torch.bfloat16):
@@ -250,3 +252,76 @@ def test_masked_adamw_simd_and_portable_paths_agree_bit_for_bit():
     for key in a:
         for x, y in zip(a[key], b[key]):
             assert torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0)), key
+
+
+# ------------------------------------------------- the kernels under the public names (dispatcher)
+
+
+def _record_registry(monkeypatch) -> list[str]:
+    """The backends the registry runs (it runs only when a C++ entry defers to the op body)."""
+    seen: list[str] = []
+    run = _registry._run
+
+    def spy(impl, *a):
+        seen.append(impl.backend)
+        return run(impl, *a)
+
+    monkeypatch.setattr(_registry, "_run", spy)
+    return seen
+
+
+def test_cpu_kernels_are_the_public_ops_cpu_kernels():
+    for op in ("pack_mask", "unpack_mask", "magnitude_mask", "masked_linear", "masked_linear_dx",
+               "masked_linear_dw", "masked_linear_dw_accumulate_", "segmented_masked_linear",
+               "masked_adamw_"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lass_sparse::{op}", "CPU"), op
+    assert not hasattr(torch.ops.lass_sparse_cpu, "masked_linear"), "a second schema is back"
+
+
+@pytest.mark.parametrize("path", ["torch.ops", "public"])
+def test_a_cpu_call_reaches_the_kernel_without_the_python_body(monkeypatch, path):
+    seen = _record_registry(monkeypatch)
+    x, w = torch.randn(2, 3, 40), torch.randn(8, 40)
+    bits = pack_mask_reference(torch.rand(8, 40) > 0.5)
+    f = torch.ops.lass_sparse.masked_linear if path == "torch.ops" else lass_sparse.masked_linear
+    with torch.no_grad():
+        y = f(x, w, bits, None)
+        f(x.transpose(0, 1), w, bits, None)  # any strides: the entry makes them contiguous
+    assert seen == []
+    torch.testing.assert_close(y, reference.masked_linear(x, w, bits, None))
+
+
+def test_the_kernels_defer_to_the_op_body_for_inputs_they_do_not_take(monkeypatch):
+    seen = _record_registry(monkeypatch)
+    x, w = torch.randn(5, 40, dtype=torch.float16), torch.randn(8, 40, dtype=torch.float16)
+    bits = pack_mask_reference(torch.rand(8, 40) > 0.5)
+    y = torch.ops.lass_sparse.masked_linear(x, w, bits, None)
+    assert seen == ["reference"]  # float16: the registry's next backend
+    assert torch.equal(y, reference.masked_linear(x, w, bits, None))
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., K=40\]"):  # the op's words
+        torch.ops.lass_sparse.masked_linear(x[:, :7], w, bits, None)
+
+
+def test_forced_backends_reach_the_kernels_per_thread_and_from_the_env(monkeypatch):
+    import threading
+
+    seen = _record_registry(monkeypatch)
+    x, w = torch.randn(5, 40), torch.randn(8, 40)
+    bits = pack_mask_reference(torch.rand(8, 40) > 0.5)
+    ops = torch.ops.lass_sparse
+    with lass_sparse.use_backend("reference"):
+        ops.masked_linear(x, w, bits, None)
+        with lass_sparse.use_backend("cpu"):
+            ops.masked_linear(x, w, bits, None)  # the kernel itself: no registry
+        ops.masked_linear_dx(x[:, :8].contiguous(), w, bits)
+        other = threading.Thread(target=lambda: ops.masked_linear(x, w, bits, None))
+        other.start()  # a new thread starts unforced (as the context variable)
+        other.join()
+    assert seen == ["reference", "reference"]
+    ops.masked_linear(x, w, bits, None)
+    assert len(seen) == 2
+    monkeypatch.setenv(_registry.ENV_VAR, "reference")
+    ops.masked_linear(x, w, bits, None)
+    with lass_sparse.use_backend("cpu"):  # use_backend overrides the environment
+        ops.masked_linear(x, w, bits, None)
+    assert seen == ["reference"] * 3

@@ -63,18 +63,20 @@ def test_a_wrong_kernel_fails_the_run_but_the_table_is_written(tmp_path, scratch
     declined: each becomes a FAIL row, the others still run, the exit status is 1."""
     gc = _load()
     real = [i for i in _registry._impls["masked_linear"] if i.backend == "reference"][0].fn
-    _registry.set_status("cpu", True, "fake")
-    _registry.register("masked_linear", "cpu", ("cpu",))(
+    # a fake "cuda" backend on CPU tensors (the real cpu kernels sit in the dispatcher, where a
+    # registry entry cannot replace them)
+    _registry.set_status("cuda", True, "fake")
+    _registry.register("masked_linear", "cuda", ("cpu",))(
         lambda x, w, b, bias: real(x, w, b, bias) * 1.01)
-    _registry.register("unpack_mask", "cpu", ("cpu",))(
+    _registry.register("unpack_mask", "cuda", ("cpu",))(
         lambda bits, k: (_ for _ in ()).throw(RuntimeError("kernel exploded")))
-    rc = gc.main(["--device", "cpu", "--dry", "--backends", "cpu", "--out", str(tmp_path)])
+    rc = gc.main(["--device", "cpu", "--dry", "--backends", "cuda", "--out", str(tmp_path)])
     assert rc == 1
     table = (tmp_path / "gpu_check.md").read_text()
-    assert "| cpu | masked_linear M=5 | fp32 | FAIL | AssertionError: out0" in table
-    assert "| cpu | unpack_mask | fp32 | FAIL | RuntimeError: kernel exploded" in table
-    assert "| cpu | pack_mask | fp32 | PASS |" in table
-    assert "| cpu | masked_qkv_proj | fp32 | PASS |" in table  # qkv does not use masked_linear
+    assert "| cuda | masked_linear M=5 | fp32 | FAIL | AssertionError: out0" in table
+    assert "| cuda | unpack_mask | fp32 | FAIL | RuntimeError: kernel exploded" in table
+    assert "| cuda | pack_mask | fp32 | PASS |" in table
+    assert "| cuda | masked_qkv_proj | fp32 | PASS |" in table  # qkv does not use masked_linear
 
 
 def test_forced_backend_that_cannot_serve_is_na_only_where_expected(monkeypatch,

@@ -17,6 +17,7 @@ import lass_sparse
 from lass_sparse import _registry
 from lass_sparse.bitmask import pack_mask_reference, unpack_mask_reference
 from lass_sparse.optim import MaskedAdamW
+from lass_sparse.testing import cpu_kernels
 
 BACKENDS = [n for n in ("reference", "cpu") if lass_sparse.backends()[n]["active"]]
 ALL_BACKENDS = BACKENDS + [n for n in ("triton",) if lass_sparse.backends()[n]["active"]]
@@ -233,28 +234,29 @@ def _cases() -> dict[str, dict[str, list]]:
             "masked_qkv_proj": _qkv_cases(),
             "masked_adamw_": _adamw_cases(),
         },
-        "lass_sparse_cpu": {
-            "pack_mask": _pack_cases() + [
-                ("meta mask", lambda: (torch.ones(4, 40, dtype=torch.bool, device="meta"),))],
+        # the C++ kernels registered under the public names (TORCH_LIBRARY_IMPL(lass_sparse,
+        # CPU)), run with their own checks only (testing.cpu_kernels: no Python body first)
+        "cpu_kernels": {
+            "pack_mask": _pack_cases(),
             "unpack_mask": _unpack_cases(),
             "magnitude_mask": _magnitude_cases(),
-            "masked_linear": _linear_cases(public=False),
-            "masked_linear_autograd": _linear_cases(public=False),
-            "masked_linear_dx": _dx_cases(public=False),
-            "masked_linear_dw": _dw_cases(public=False),
+            # the entries take what the op takes ([..., K] x, any strides): the op's cases
+            "masked_linear": _linear_cases(),
+            "masked_linear_dx": _dx_cases(),
+            "masked_linear_dw": _dw_cases(),
             "segmented_masked_linear": _seg_cases() + [
                 ("int32 offsets (the kernel takes int64)",
                  lambda: (*_seg_args()[:3], torch.tensor([0, 8], dtype=torch.int32),
                           torch.tensor([0]), None)),
-                ("non-contiguous x", lambda: (torch.randn(4096, 8).t(), *_seg_args()[1:], None)),
                 ("meta offsets", lambda: (*_seg_args()[:3], torch.tensor([0, 8], device="meta"),
                                           torch.tensor([0]), None))],
-            "masked_linear_dw_accumulate_": _acc_cases(public=False),
-            "masked_adamw_": _adamw_cases(public=False) + [
+            "masked_linear_dw_accumulate_": _acc_cases(),
+            "masked_adamw_": _adamw_cases() + [
                 ("lr inf", lambda: (*_adamw_lists(torch.randn(4, 40)), math.inf, *_HP[1:])),
                 ("beta1 = 1", lambda: (*_adamw_lists(torch.randn(4, 40)), 1e-3, 1.0,
                                        *_HP[2:]))],
         },
+        "lass_sparse_cpu": {"masked_linear_autograd": _linear_cases(public=False)},
         # Built only on CUDA machines (csrc/cuda/binding.cpp); the builders run only there.
         "lass_sparse_cuda": _cuda_cases() if torch.cuda.is_available() else {},
     }
@@ -305,7 +307,30 @@ def _run_cases() -> None:
                     print(f"RAISED {type(e).__name__}: {msg}", flush=True)
                 else:
                     print(f"NORAISE {ns}::{name} [{label}]", flush=True)
+    for name in cpu_kernel_ops():
+        todo = cases["cpu_kernels"].get(name)
+        if not todo:
+            print(f"MISSING cpu_kernels::{name}", flush=True)
+            continue
+        op = getattr(cpu_kernels, name)
+        for label, build in todo:
+            print(f"CASE cpu_kernels::{name} [{label}]", flush=True)
+            try:
+                op(*build())
+            except Exception as e:  # noqa: BLE001 - any Python exception is the pass
+                msg = str(e).splitlines()[0][:160] if str(e) else ""
+                print(f"RAISED {type(e).__name__}: {msg}", flush=True)
+            else:
+                print(f"NORAISE cpu_kernels::{name} [{label}]", flush=True)
     print("END", flush=True)
+
+
+def cpu_kernel_ops() -> list[str]:
+    """The public ops with a C++ kernel registered for CPU (from the dispatcher)."""
+    if not lass_sparse.backends()["cpu"]["active"]:
+        return []
+    return [n for n in registered_ops(("lass_sparse",)).get("lass_sparse", [])
+            if torch._C._dispatch_has_kernel_for_dispatch_key(f"lass_sparse::{n}", "CPU")]
 
 
 def test_every_registered_op_rejects_wrong_sizes_with_an_exception_not_a_signal():
@@ -324,7 +349,7 @@ def test_every_registered_op_rejects_wrong_sizes_with_an_exception_not_a_signal(
     ns_seen = {ln.split()[1].split("::")[0] for ln in out if ln.startswith("CASE")}
     assert {"lass_sparse"} <= ns_seen
     if lass_sparse.backends()["cpu"]["active"]:
-        assert "lass_sparse_cpu" in ns_seen
+        assert {"lass_sparse_cpu", "cpu_kernels"} <= ns_seen
 
 
 def test_registered_ops_are_all_known():
@@ -340,12 +365,12 @@ def test_issue_examples_raise_and_leave_params_alone():
     p0 = p.clone()
     if lass_sparse.backends()["cpu"]["active"]:
         with pytest.raises(RuntimeError, match=r"grads\[0\] must be"):
-            torch.ops.lass_sparse_cpu.masked_adamw_(
+            cpu_kernels.masked_adamw_(
                 [p], [torch.randn(1)], [torch.zeros_like(p)], [torch.zeros_like(p)], [None],
                 1e-3, .9, .999, 1e-8, 0., 1, False)
         with pytest.raises(RuntimeError, match=r"bits must be Int\[4096, 128\]"):
-            torch.ops.lass_sparse_cpu.masked_linear_dw(torch.randn(8, 4096), torch.randn(8, 4096),
-                                                       _i32(4096, 1))
+            cpu_kernels.masked_linear_dw(torch.randn(8, 4096), torch.randn(8, 4096),
+                                         _i32(4096, 1))
     with pytest.raises(ValueError, match=r"bits_bank must be int32\[1, 4096, 128\]"):
         torch.ops.lass_sparse.segmented_masked_linear_dw(
             torch.randn(8, 4096), torch.randn(8, 4096), _i32(1, 4096, 1), torch.tensor([0, 8]),

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "common.h"
+#include "entry.h"
 
 namespace lass_sparse_cpu {
 
@@ -88,7 +89,20 @@ at::Tensor unpack_mask(const at::Tensor& bits, int64_t k) {
 
 }  // namespace lass_sparse_cpu
 
-TORCH_LIBRARY_IMPL(lass_sparse_cpu, CPU, m) {
-  m.impl("pack_mask", &lass_sparse_cpu::pack_mask);
-  m.impl("unpack_mask", &lass_sparse_cpu::unpack_mask);
+namespace lass_sparse_cpu {
+static at::Tensor pack_mask_op(const at::Tensor& mask) {
+  static const auto registry = registry_overload<decltype(pack_mask_op)>("lass_sparse::pack_mask");
+  return run_or_defer(registry, [&] { return pack_mask(mask.contiguous()); }, mask);
+}
+
+static at::Tensor unpack_mask_op(const at::Tensor& bits, int64_t k) {
+  static const auto registry =
+      registry_overload<decltype(unpack_mask_op)>("lass_sparse::unpack_mask");
+  return run_or_defer(registry, [&] { return unpack_mask(bits.contiguous(), k); }, bits, k);
+}
+}  // namespace lass_sparse_cpu
+
+TORCH_LIBRARY_IMPL(lass_sparse, CPU, m) {
+  m.impl("pack_mask", &lass_sparse_cpu::pack_mask_op);
+  m.impl("unpack_mask", &lass_sparse_cpu::unpack_mask_op);
 }

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "entry.h"
 
 namespace lass_sparse_cpu {
 
@@ -48,6 +49,15 @@ at::Tensor magnitude_mask(const at::Tensor& weight, double alpha) {
 
 }  // namespace lass_sparse_cpu
 
-TORCH_LIBRARY_IMPL(lass_sparse_cpu, CPU, m) {
-  m.impl("magnitude_mask", &lass_sparse_cpu::magnitude_mask);
+namespace lass_sparse_cpu {
+static at::Tensor magnitude_mask_op(const at::Tensor& weight, double alpha) {
+  static const auto registry =
+      registry_overload<decltype(magnitude_mask_op)>("lass_sparse::magnitude_mask");
+  return run_or_defer(
+      registry, [&] { return magnitude_mask(weight.contiguous(), alpha); }, weight, alpha);
+}
+}  // namespace lass_sparse_cpu
+
+TORCH_LIBRARY_IMPL(lass_sparse, CPU, m) {
+  m.impl("magnitude_mask", &lass_sparse_cpu::magnitude_mask_op);
 }

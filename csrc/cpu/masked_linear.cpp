@@ -14,6 +14,7 @@
 #include <cstdlib>
 
 #include "common.h"
+#include "entry.h"
 #include "simd.h"
 
 namespace lass_sparse_cpu {
@@ -645,16 +646,99 @@ at::Tensor masked_linear_autograd(const at::Tensor& x, const at::Tensor& w,
   return MaskedLinearFn::apply(x, w, bits, bias);
 }
 
+// ---- entries under the public names (entry.h): the op's normalisation (x [..., K] as rows,
+// contiguous inputs), then the kernel, or the op's Python body
+
+static at::Tensor masked_linear_op(const at::Tensor& x, const at::Tensor& w,
+                                   const at::Tensor& bits,
+                                   const c10::optional<at::Tensor>& bias) {
+  static const auto registry =
+      registry_overload<decltype(masked_linear_op)>("lass_sparse::masked_linear");
+  return run_or_defer(
+      registry,
+      [&] {
+        // below autograd: the [..., N] result is a plain tensor, not a view (in-place ops on
+        // it work under autograd, as after F.linear)
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        const auto b = contiguous(bias);
+        if (x.dim() == 2) return masked_linear(x.contiguous(), w.contiguous(), bits.contiguous(), b);
+        TORCH_CHECK(x.dim() >= 1 && w.dim() == 2 && x.size(-1) == w.size(1),
+                    "masked_linear: x must be [..., K] to match weight [N, K]");
+        int64_t m_rows = 1;  // the product of the leading sizes (K may be 0)
+        for (int64_t d = 0; d + 1 < x.dim(); ++d) m_rows *= x.size(d);
+        auto y = masked_linear(x.reshape({m_rows, w.size(1)}).contiguous(), w.contiguous(),
+                               bits.contiguous(), b);
+        auto sizes = x.sizes().vec();
+        sizes.back() = w.size(0);
+        return y.view(sizes);
+      },
+      x, w, bits, bias);
+}
+
+static at::Tensor segmented_masked_linear_op(const at::Tensor& x, const at::Tensor& w,
+                                             const at::Tensor& bits_bank,
+                                             const at::Tensor& seg_offsets,
+                                             const at::Tensor& seg_pair,
+                                             const c10::optional<at::Tensor>& bias) {
+  static const auto registry = registry_overload<decltype(segmented_masked_linear_op)>(
+      "lass_sparse::segmented_masked_linear");
+  return run_or_defer(
+      registry,
+      [&] {
+        return segmented_masked_linear(x.contiguous(), w.contiguous(), bits_bank.contiguous(),
+                                       seg_offsets.contiguous(), seg_pair.contiguous(),
+                                       contiguous(bias));
+      },
+      x, w, bits_bank, seg_offsets, seg_pair, bias);
+}
+
+static at::Tensor masked_linear_dx_op(const at::Tensor& dy, const at::Tensor& w,
+                                      const at::Tensor& bits) {
+  static const auto registry =
+      registry_overload<decltype(masked_linear_dx_op)>("lass_sparse::masked_linear_dx");
+  return run_or_defer(
+      registry,
+      [&] { return masked_linear_dx(dy.contiguous(), w.contiguous(), bits.contiguous()); }, dy,
+      w, bits);
+}
+
+static at::Tensor masked_linear_dw_op(const at::Tensor& dy, const at::Tensor& x,
+                                      const at::Tensor& bits) {
+  static const auto registry =
+      registry_overload<decltype(masked_linear_dw_op)>("lass_sparse::masked_linear_dw");
+  return run_or_defer(
+      registry,
+      [&] { return masked_linear_dw(dy.contiguous(), x.contiguous(), bits.contiguous()); }, dy,
+      x, bits);
+}
+
+static void masked_linear_dw_accumulate_op(const at::Tensor& grad, const at::Tensor& dy,
+                                           const at::Tensor& x, const at::Tensor& bits) {
+  static const auto registry = registry_overload<decltype(masked_linear_dw_accumulate_op)>(
+      "lass_sparse::masked_linear_dw_accumulate_");
+  run_or_defer(
+      registry,
+      [&] {
+        // the op takes grad float32 or x's dtype; the kernel accumulates in grad's dtype
+        TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == x.scalar_type(),
+                    "masked_linear_dw_accumulate_: grad must be float32 or x's dtype");
+        TORCH_CHECK(dy.scalar_type() == x.scalar_type(),
+                    "masked_linear_dw_accumulate_: grad_out and x must share a dtype");
+        masked_linear_dw_accumulate_(grad, dy.contiguous(), x.contiguous(), bits.contiguous());
+      },
+      grad, dy, x, bits);
+}
+
 }  // namespace lass_sparse_cpu
 
 TORCH_LIBRARY_IMPL(lass_sparse_cpu, CompositeImplicitAutograd, m) {
   m.impl("masked_linear_autograd", &lass_sparse_cpu::masked_linear_autograd);
 }
 
-TORCH_LIBRARY_IMPL(lass_sparse_cpu, CPU, m) {
-  m.impl("masked_linear", &lass_sparse_cpu::masked_linear);
-  m.impl("segmented_masked_linear", &lass_sparse_cpu::segmented_masked_linear);
-  m.impl("masked_linear_dx", &lass_sparse_cpu::masked_linear_dx);
-  m.impl("masked_linear_dw", &lass_sparse_cpu::masked_linear_dw);
-  m.impl("masked_linear_dw_accumulate_", &lass_sparse_cpu::masked_linear_dw_accumulate_);
+TORCH_LIBRARY_IMPL(lass_sparse, CPU, m) {
+  m.impl("masked_linear", &lass_sparse_cpu::masked_linear_op);
+  m.impl("segmented_masked_linear", &lass_sparse_cpu::segmented_masked_linear_op);
+  m.impl("masked_linear_dx", &lass_sparse_cpu::masked_linear_dx_op);
+  m.impl("masked_linear_dw", &lass_sparse_cpu::masked_linear_dw_op);
+  m.impl("masked_linear_dw_accumulate_", &lass_sparse_cpu::masked_linear_dw_accumulate_op);
 }

@@ -1,7 +1,11 @@
-"""C++ CPU backend (csrc/cpu, OpenMP): registers the ``lass_sparse_cpu::*`` kernels for CPU
-tensors. The linear kernels take float32, float64 and bfloat16 (fp32 accumulation), AdamW float32
-and bfloat16 params, the magnitude mask float16 too; other calls are declined (``dtypes=``) and
-fall through to the reference, or raise naming the dtype when the backend is forced."""
+"""C++ CPU backend (csrc/cpu, OpenMP). Its kernels register under the public op names
+(``TORCH_LIBRARY_IMPL(lass_sparse, CPU)``), so a CPU call through ``torch.ops`` reaches them in
+one dispatcher trip; they defer to the op's Python body when another backend is forced or they
+refuse the inputs (csrc/cpu/entry.h). Here they are also registered with the backend registry, for
+the eager calls, forced ``cpu`` and ``backends()``: the linear kernels take float32, float64 and
+bfloat16 (fp32 accumulation), AdamW float32 and bfloat16 params, the magnitude mask float16 too;
+other calls are declined (``dtypes=``) and fall through to the reference, or raise naming the
+dtype when the backend is forced."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from .. import _registry
 from ..reference import split_qkv
 
 try:
-    from .. import _C  # noqa: F401  (loads the TORCH_LIBRARY ops lass_sparse_cpu::*)
+    from .. import _C  # loads the kernels (TORCH_LIBRARY_IMPL(lass_sparse, CPU))
 except ImportError as e:
     _registry.set_status(
         "cpu", False,
@@ -20,66 +24,64 @@ except ImportError as e:
     )
 else:
     _registry.set_status("cpu", True, "C++ extension lass_sparse._C (OpenMP)")
-    _ops = torch.ops.lass_sparse_cpu
+    # the kernels read the forced backend of their thread from here (they cannot see contextvars)
+    _registry.on_force(lambda name: _C.set_forced(name or ""))
     _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+    _CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 
-    def _reg(op: str, dtypes=_DTYPES, validates: bool = False):
-        return _registry.register(op, "cpu", ("cpu",), dtypes=dtypes, validates=validates)
+    def _native(op: str):
+        """The C++ kernel registered for ``op`` on CPU, below autograd, as the registry's choice:
+        it runs (no deferral to the op body) and a refusal raises the kernel's error, which the
+        op words (``validates``) or its checks preceded."""
+        handle = getattr(torch.ops.lass_sparse, op).default
 
-    _reg("pack_mask", None)(lambda mask: _ops.pack_mask(mask))
-    _reg("unpack_mask", None)(lambda bits, k: _ops.unpack_mask(bits, k))
-    _reg("magnitude_mask", (*_DTYPES, torch.float16))(  # compares in fp32 for half types
-        lambda w, alpha: _ops.magnitude_mask(w, alpha))
+        def run(*args):
+            prev = _C.kernels_only(True)
+            try:
+                return handle.redispatch(_CPU, *args)
+            finally:
+                _C.kernels_only(prev)
 
-    # validates: these C++ entry points check every tensor before touching memory (common.h)
-    @_reg("masked_linear", validates=True)
-    def masked_linear(x, weight, bits, bias):
-        return _ops.masked_linear(x, weight, bits, bias)
+        return run
 
-    @_reg("masked_linear_dx", validates=True)
-    def masked_linear_dx(grad_out, weight, bits):
-        return _ops.masked_linear_dx(grad_out, weight, bits)
+    def _reg(op: str, dtypes=_DTYPES, validates: bool = False, fn=None):
+        return _registry.register(op, "cpu", ("cpu",), dtypes=dtypes, validates=validates)(
+            fn or _native(op))
 
-    @_reg("masked_linear_dw", validates=True)
-    def masked_linear_dw(grad_out, x, bits):
-        return _ops.masked_linear_dw(grad_out, x, bits)
-
-    @_reg("masked_linear_dw_accumulate_")  # dtypes of grad; x and grad_out are cast to it
-    def masked_linear_dw_accumulate_(grad, grad_out, x, bits):
-        _ops.masked_linear_dw_accumulate_(grad, grad_out.to(grad.dtype), x.to(grad.dtype), bits)
+    _reg("pack_mask", None)
+    _reg("unpack_mask", None)
+    _reg("magnitude_mask", (*_DTYPES, torch.float16))  # compares in fp32 for half types
+    # validates: these entry points check every tensor before touching memory (common.h)
+    _reg("masked_linear", validates=True)
+    _reg("masked_linear_dx", validates=True)
+    _reg("masked_linear_dw", validates=True)
+    _reg("masked_adamw_", (torch.float32, torch.bfloat16), validates=True)
+    _reg("masked_linear_dw_accumulate_")  # dtypes of grad; x and grad_out are cast to it
+    _reg("segmented_masked_linear")  # one pass over W's row tiles, every segment per tile
+    _linear, _dx = _native("masked_linear"), _native("masked_linear_dx")
+    _accumulate = _native("masked_linear_dw_accumulate_")
 
     def _segments(seg_offsets, seg_pair):
         offs = seg_offsets.tolist()
         return [(offs[i], offs[i + 1], p) for i, p in enumerate(seg_pair.tolist())
                 if offs[i + 1] > offs[i]]
 
-    @_reg("segmented_masked_linear")  # one pass over W's row tiles, every segment per tile
-    def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
-        return _ops.segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias)
-
-    @_reg("segmented_masked_linear_dx")
+    @_registry.register("segmented_masked_linear_dx", "cpu", ("cpu",), dtypes=_DTYPES)
     def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair):
         dx = torch.empty(grad_out.shape[0], weight.shape[1], dtype=grad_out.dtype)
         for lo, hi, p in _segments(seg_offsets, seg_pair):
-            dx[lo:hi] = _ops.masked_linear_dx(grad_out[lo:hi], weight, bits_bank[p])
+            dx[lo:hi] = _dx(grad_out[lo:hi], weight, bits_bank[p])
         return dx
 
-    @_reg("segmented_masked_linear_dw")
+    @_registry.register("segmented_masked_linear_dw", "cpu", ("cpu",), dtypes=_DTYPES)
     def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         dw = torch.zeros(bits_bank.shape[1], x.shape[1], dtype=acc)
         for lo, hi, p in _segments(seg_offsets, seg_pair):
-            _ops.masked_linear_dw_accumulate_(dw, grad_out[lo:hi], x[lo:hi], bits_bank[p])
+            _accumulate(dw, grad_out[lo:hi], x[lo:hi], bits_bank[p])
         return dw.to(x.dtype)
 
-    @_reg("masked_qkv_proj")
+    @_registry.register("masked_qkv_proj", "cpu", ("cpu",), dtypes=_DTYPES)
     def masked_qkv_proj(x, weight, bits, bias, num_heads):
         b, t, d = x.shape
-        return split_qkv(_ops.masked_linear(x.reshape(b * t, d), weight, bits, bias), b, t,
-                         num_heads)
-
-    @_reg("masked_adamw_", (torch.float32, torch.bfloat16), validates=True)
-    def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps,
-                      weight_decay, step, maximize):
-        _ops.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps,
-                           weight_decay, step, maximize)
+        return split_qkv(_linear(x.reshape(b * t, d), weight, bits, bias), b, t, num_heads)
