@@ -291,37 +291,23 @@ def registered_ops(namespaces=NAMESPACES) -> dict[str, list[str]]:
 def _run_cases() -> None:
     """Subprocess body: one line per case, flushed before the call (a signal names its case)."""
     cases = _cases()
-    for ns, names in registered_ops().items():
-        for name in names:
-            todo = cases.get(ns, {}).get(name)
-            if not todo:
-                print(f"MISSING {ns}::{name}", flush=True)
-                continue
-            op = getattr(getattr(torch.ops, ns), name)
-            for label, build in todo:
-                print(f"CASE {ns}::{name} [{label}]", flush=True)
-                try:
-                    op(*build())
-                except Exception as e:  # noqa: BLE001 - any Python exception is the pass
-                    msg = str(e).splitlines()[0][:160] if str(e) else ""
-                    print(f"RAISED {type(e).__name__}: {msg}", flush=True)
-                else:
-                    print(f"NORAISE {ns}::{name} [{label}]", flush=True)
-    for name in cpu_kernel_ops():
-        todo = cases["cpu_kernels"].get(name)
+    groups = [(ns, name, getattr(getattr(torch.ops, ns), name))
+              for ns, names in registered_ops().items() for name in names]
+    groups += [("cpu_kernels", name, getattr(cpu_kernels, name)) for name in cpu_kernel_ops()]
+    for ns, name, op in groups:
+        todo = cases.get(ns, {}).get(name)
         if not todo:
-            print(f"MISSING cpu_kernels::{name}", flush=True)
+            print(f"MISSING {ns}::{name}", flush=True)
             continue
-        op = getattr(cpu_kernels, name)
         for label, build in todo:
-            print(f"CASE cpu_kernels::{name} [{label}]", flush=True)
+            print(f"CASE {ns}::{name} [{label}]", flush=True)
             try:
                 op(*build())
             except Exception as e:  # noqa: BLE001 - any Python exception is the pass
                 msg = str(e).splitlines()[0][:160] if str(e) else ""
                 print(f"RAISED {type(e).__name__}: {msg}", flush=True)
             else:
-                print(f"NORAISE cpu_kernels::{name} [{label}]", flush=True)
+                print(f"NORAISE {ns}::{name} [{label}]", flush=True)
     print("END", flush=True)
 
 
