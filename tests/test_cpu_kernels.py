@@ -325,3 +325,21 @@ def test_forced_backends_reach_the_kernels_per_thread_and_from_the_env(monkeypat
     with lass_sparse.use_backend("cpu"):  # use_backend overrides the environment
         ops.masked_linear(x, w, bits, None)
     assert seen == ["reference"] * 3
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9])
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 33), (64, 100), (65, 31), (130, 64)])
+def test_bf16_dx_of_few_rows_matches_reference(m, n, k):
+    """The AVX512-BF16 dx of M <= 8 rows (row pairs interleaved, an odd last row, column tails;
+    M = 9 takes the decode -> GEMM path): within the tolerance rule of torch's own bf16 matmul,
+    off-mask weights (NaN here) never read."""
+    from lass_sparse.testing import within_torch_error
+
+    dy = torch.randn(m, n, dtype=torch.bfloat16)
+    mask = torch.rand(n, k) > 0.4
+    w = torch.randn(n, k, dtype=torch.bfloat16).masked_fill(~mask, float("nan"))
+    bits = pack_mask_reference(mask)
+    dx = cpu_kernels.masked_linear_dx(dy, w, bits)
+    w0 = torch.where(mask, w, torch.zeros_like(w))
+    ok, msg = within_torch_error(dx, dy @ w0, dy.double() @ w0.double())
+    assert ok, msg
