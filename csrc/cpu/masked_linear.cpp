@@ -526,6 +526,10 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static inline void dx_bf1
   const int32_t* wb = bits + wi;
   int64_t r = r0;
   for (; r + 2 <= r1; r += 2) {
+    // the lines of the next two blocks of these rows: the walk goes down columns, which the
+    // hardware prefetchers do not follow
+    _mm_prefetch(reinterpret_cast<const char*>(w + r * k + k0 + 64), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + (r + 1) * k + k0 + 64), _MM_HINT_T0);
     const __m512i a = _mm512_maskz_loadu_epi16(
         static_cast<__mmask32>(static_cast<uint32_t>(wb[r * nw]) & valid), w + r * k + k0);
     const __m512i b = _mm512_maskz_loadu_epi16(
