@@ -41,6 +41,23 @@ def test_forward_backward_fused(benchmark, dtype, shape, m, device, monkeypatch)
         test_forward_backward(benchmark, "ours[fused]", dtype, shape, m, device, False)
 
 
+@pytest.mark.parametrize("impl", ["ours", "dense", "naive"])
+@pytest.mark.parametrize("rows", [1, 8])
+def test_backward_dx_few_rows(benchmark, impl, rows, shape, device):
+    """bf16 dx = dy @ (W ⊙ M) of a few rows (CPU: AVX512-BF16 dot products over W row pairs
+    under their mask words, no decoded copy of W) vs dense dy @ W and the naive dy @ (W * mask)."""
+    n, k = shape
+    _, w, mask, bits = inputs(rows, n, k, torch.bfloat16, device)
+    dy = torch.randn(rows, n, dtype=torch.bfloat16, device=device)
+    tag(benchmark, "masked_linear_dx", impl, device=device, dtype="bf16", M=rows, N=n, K=k)
+    f = {"ours": lambda: torch.ops.lass_sparse.masked_linear_dx(dy, w, bits),
+         "dense": lambda: dy @ w, "naive": lambda: dy @ (w * mask)}[impl]
+    with torch.inference_mode():
+        out = timed(benchmark, device, f)
+    if impl == "ours":
+        assert_close_to_ref(out, reference.masked_linear_dx(dy, w, bits))
+
+
 @contextlib.contextmanager
 def _forced(backend: str, monkeypatch):
     name = "triton" if backend == "fused" else backend
