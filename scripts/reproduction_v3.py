@@ -109,6 +109,8 @@ def evaluate_part(run_dir: str, part: str, limit: int | None) -> None:
         systems = {"theta0": ("base", None), "dense": ("dense", None), "LaSS": lass,
                    "shared": ("joint-shared", "masks-shared.safetensors")}
         dirs = SUPERVISED
+    elif part == "random":
+        systems, dirs = {"random": ("joint-random", "masks-random.safetensors")}, SUPERVISED
     else:
         systems = {"theta0": ("base", None), "dense": ("dense", None), "LaSS": lass}
         dirs = ZERO
@@ -227,7 +229,10 @@ def main() -> None:
     ap.add_argument("--ext-cap", type=int, default=400)
     ap.add_argument("--report", metavar="DIR", help="write DIR/reproduction.md (+ .json, figures) "
                     "from the finished run; DIR/reproduction-discussion.md is appended")
-    ap.add_argument("--eval-part", choices=["supervised", "zero"], help=argparse.SUPPRESS)
+    ap.add_argument("--random-control", action="store_true",
+                    help="also train and evaluate random masks at the chosen α (a control)")
+    ap.add_argument("--eval-part", choices=["supervised", "zero", "random"],
+                    help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.report:
         return write_report(a.run, a.report)
@@ -286,6 +291,18 @@ def main() -> None:
             ["--steps", str(a.joint_cap), "--masks", "masks-shared.safetensors", "--out",
              "joint-shared"]], "dense | joint shared", t)
         save_t()
+    if a.random_control:  # random masks at the chosen α, trained like LaSS (one process)
+        if not os.path.exists(os.path.join(run, "masks-random.safetensors")):
+            sh([CLI + ["prune"] + R + ["--alpha", str(best), "--random", "--out",
+                                       "masks-random.safetensors"]], "prune random", t)
+        if not done(run, "joint-random", a.joint_cap):
+            sh([CLI + ["joint"] + R + COMMON + JOINT +
+                ["--steps", str(a.joint_cap), "--masks", "masks-random.safetensors", "--out",
+                 "joint-random"]], "joint random", t)
+            save_t()
+        if not os.path.exists(os.path.join(run, "v3-eval-random.json")):
+            sh([[sys.executable, __file__, run, "--eval-part", "random"]], "evaluate random", t)
+            save_t()
     parts = {p: os.path.join(run, f"v3-eval-{p}.json") for p in ("supervised", "zero")}
     todo = [p for p, f in parts.items() if not os.path.exists(f)]
     if todo:
@@ -371,6 +388,30 @@ def _pooled_row(name: str, sig: dict) -> str:
             f"{wins}/{n} | {signif}/{n} |")
 
 
+def _random_rows(run_dir: str, v: dict) -> list[str]:
+    """The random-mask control (``--random-control``), where it ran: BLEU and paired tests."""
+    from lass_sparse.lass import pipeline as P
+
+    path = os.path.join(run_dir, "v3-eval-random.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rnd = json.load(f)
+    with open(os.path.join(run_dir, "v3-eval-supervised.json")) as f:
+        hs = json.load(f)["hyps"]
+    h = {"random": rnd["hyps"]["random"], "dense": hs["dense"], "LaSS": hs["LaSS"]}
+    vs_dense = P.significance({k: h[k] for k in ("dense", "random")}, "dense", SUPERVISED)
+    vs_lass = P.significance({k: h[k] for k in ("random", "LaSS")}, "random", SUPERVISED)
+    bleu = _avg(rnd["results"], "random", SUPERVISED, "bleu")
+    st = stage_summary(run_dir, "joint-random")
+    return [_pooled_row("random vs dense", vs_dense["random"]),
+            _pooled_row("LaSS vs random", vs_lass["LaSS"]), "",
+            f"`random` (`--random-control`): random masks at α={v['alpha']} for every direction, "
+            f"trained like LaSS ({'stopped by the rule' if st['stopped_early'] else 'cap'} at "
+            f"step {st['steps']}, best {st['best_step']}, validation loss "
+            f"{st['best_valid_loss']:.4f}); average BLEU {bleu:.2f}."]
+
+
 def _header(run_dir: str, v: dict, ext: dict | None, n_test: int) -> list[str]:
     """Title and protocol of the report, from the run's run.json, stages and timings."""
     with open(os.path.join(run_dir, "run.json")) as f:
@@ -399,8 +440,9 @@ def _header(run_dir: str, v: dict, ext: dict | None, n_test: int) -> list[str]:
                  "recipe, controls and significance")
         theta0 = ("- **θ0**: trained from scratch in this run (lr 2e-3, 200 warm-up steps, "
                   "inverse sqrt) as 2 DDP ranks of 2,048 tokens (a 4,096-token global batch).")
+        rnd = " --random-control" * os.path.exists(os.path.join(run_dir, "v3-eval-random.json"))
         how = [f"python scripts/reproduction_v3.py runs/{name} --scratch --max-train "
-               f"{info['max_train']} --vocab-size {m['vocab_size']} {caps}"]
+               f"{info['max_train']} --vocab-size {m['vocab_size']} {caps}{rnd}"]
         origin = ["  Every step resumes from its checkpoints."]
     else:
         title = ("# LaSS reproduction v3: longer stages, the released joint lr, the extension "
@@ -501,7 +543,7 @@ def write_report(run_dir: str, out_dir: str) -> None:
         _pooled_row("LaSS vs dense", sig["supervised"]["LaSS"]),
         _pooled_row("LaSS vs shared", sig["LaSS vs shared"]["LaSS"]),
         _pooled_row("shared vs dense", sig["supervised"]["shared"]),
-        _pooled_row("θ0 vs dense", sig["supervised"]["theta0"]), "",
+        _pooled_row("θ0 vs dense", sig["supervised"]["theta0"]), *_random_rows(run_dir, v), "",
         P.render_significance(sig["supervised"], "dense"),
         P.render_significance(sig["LaSS vs shared"], "shared"),
         "## Zero-shot", "",
