@@ -407,9 +407,16 @@ def _random_rows(run_dir: str, v: dict) -> list[str]:
     return [_pooled_row("random vs dense", vs_dense["random"]),
             _pooled_row("LaSS vs random", vs_lass["LaSS"]), "",
             f"`random` (`--random-control`): random masks at α={v['alpha']} for every direction, "
-            f"trained like LaSS ({'stopped by the rule' if st['stopped_early'] else 'cap'} at "
-            f"step {st['steps']}, best {st['best_step']}, validation loss "
-            f"{st['best_valid_loss']:.4f}); average BLEU {bleu:.2f}."]
+            f"trained like LaSS ({_ended(st)} at step {st['steps']}, best {st['best_step']}, "
+            f"validation loss {st['best_valid_loss']:.4f}); average BLEU {bleu:.2f}."]
+
+
+def _ended(st: dict) -> str:
+    if st["stopped_early"]:
+        return "stopped by the rule"
+    if st["steps"] >= st["cap"]:
+        return "reached its cap"
+    return "stopped by hand, not converged,"
 
 
 def _header(run_dir: str, v: dict, ext: dict | None, n_test: int) -> list[str]:
