@@ -56,23 +56,14 @@ def within_torch_error(ours: torch.Tensor, torch_same: torch.Tensor, exact: torc
 
 
 class _CPUKernels:
-    """``cpu_kernels.<op>(*args)``: ``torch.ops.lass_sparse.<op>`` on CPU tensors with the C++
-    kernel's own checks and errors: the native entry runs its kernel and never defers to the
-    op's Python body (see csrc/cpu/entry.h). For tests of what the kernels validate."""
+    """``cpu_kernels.<op>(*args)``: the C++ CPU kernel of ``<op>`` with its own checks and errors
+    (``backends.cpu.native``: no deferral to the op's Python body, see csrc/cpu/entry.h). For
+    tests of what the kernels validate."""
 
     def __getattr__(self, op: str):
-        from . import _C  # noqa: PLC0415 - only where the C++ backend is built
+        from .backends import cpu  # noqa: PLC0415 - only where the C++ backend is built
 
-        fn = getattr(torch.ops.lass_sparse, op)
-
-        def call(*args):
-            prev = _C.kernels_only(True)
-            try:
-                return fn(*args)
-            finally:
-                _C.kernels_only(prev)
-
-        return call
+        return cpu.native(op)
 
 
 cpu_kernels = _CPUKernels()

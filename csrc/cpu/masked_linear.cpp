@@ -497,9 +497,10 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
 // W: for the 32 columns of a mask word, every pair of W rows (n, n+1) is loaded under its mask
 // words and interleaved into (W[n, k], W[n+1, k]) pairs, and one dot-product instruction per dy
 // row and 16 columns adds dy[m, n] W[n, k] + dy[m, n+1] W[n+1, k] to fp32 accumulators held in
-// registers. 1 thread, on a machine busy with a training run: 4096x4096 dx at M=1 0.43x dense
-// (decode -> GEMM: 1.39x), at M=8 4096x1024 1.72x (2.00x); at M=16 it lost (1.72-2.24x against
-// 1.27-1.79x: half of a dense GEMM's dot-product throughput), so M=16 keeps decode -> GEMM.
+// registers. benchmarks/test_masked_linear.py (dx of few rows), 1 thread, one core busy: M=1
+// 0.44-0.51x dense (decode -> GEMM: 1.38-2.44x), M=8 0.83-1.49x (1.25-1.42x); at M=16 it lost
+// (1.7-2.2x against 1.3-1.8x: half of a dense GEMM's dot-product throughput), so M=16 keeps
+// decode -> GEMM.
 constexpr int64_t kDxDotMaxRows = 8;
 // Rows [r0, r1) of W for the 32 columns of mask word `wi` and MR dy rows: acc (fp32, row stride
 // k) += dy[:, r0:r1] @ (W ⊙ M)[r0:r1, 32 wi : 32 wi + 32].
@@ -517,7 +518,8 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static inline void dx_bf1
                                                53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
                                                27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
   const __m512i lo_idx = _mm512_load_si512(kLo), hi_idx = _mm512_load_si512(kHi);
-  const auto lanes_lo = static_cast<__mmask16>(valid), lanes_hi = static_cast<__mmask16>(valid >> 16);
+  const auto lanes_lo = static_cast<__mmask16>(valid);
+  const auto lanes_hi = static_cast<__mmask16>(valid >> 16);
   __m512 lo[MR], hi[MR];
   for (int m = 0; m < MR; ++m) {
     lo[m] = _mm512_maskz_loadu_ps(lanes_lo, acc_out + m * k + k0);
@@ -614,12 +616,11 @@ at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& w, const at:
   auto dx = at::empty({m_rows, k}, dy.options());
   if (m_rows == 0 || k == 0) return dx;
   if (n == 0) return dx.zero_();
-  static const bool vl = __builtin_cpu_supports("avx512vl");
   static const int64_t dp_max_m = [] {  // LASS_SPARSE_CPU_DX_DP_MAX_M overrides
     const char* env = std::getenv("LASS_SPARSE_CPU_DX_DP_MAX_M");
     return env ? std::min<int64_t>(std::atoll(env), kGemvMaxRows) : kDxDotMaxRows;
   }();
-  if (dy.scalar_type() == at::kBFloat16 && m_rows <= dp_max_m && has_avx512_bf16() && vl) {
+  if (dy.scalar_type() == at::kBFloat16 && m_rows <= dp_max_m && has_avx512_bf16()) {
     dx_bf16dp(dy, w, bits, dx);
     return dx;
   }

@@ -29,7 +29,7 @@ else:
     _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
     _CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 
-    def _native(op: str):
+    def native(op: str):
         """The C++ kernel registered for ``op`` on CPU, below autograd, as the registry's choice:
         it runs (no deferral to the op body) and a refusal raises the kernel's error, which the
         op words (``validates``) or its checks preceded."""
@@ -46,7 +46,7 @@ else:
 
     def _reg(op: str, dtypes=_DTYPES, validates: bool = False, fn=None):
         return _registry.register(op, "cpu", ("cpu",), dtypes=dtypes, validates=validates)(
-            fn or _native(op))
+            fn or native(op))
 
     _reg("pack_mask", None)
     _reg("unpack_mask", None)
@@ -58,8 +58,8 @@ else:
     _reg("masked_adamw_", (torch.float32, torch.bfloat16), validates=True)
     _reg("masked_linear_dw_accumulate_")  # dtypes of grad; x and grad_out are cast to it
     _reg("segmented_masked_linear")  # one pass over W's row tiles, every segment per tile
-    _linear, _dx = _native("masked_linear"), _native("masked_linear_dx")
-    _accumulate = _native("masked_linear_dw_accumulate_")
+    _linear, _dx = native("masked_linear"), native("masked_linear_dx")
+    _accumulate = native("masked_linear_dw_accumulate_")
 
     def _segments(seg_offsets, seg_pair):
         offs = seg_offsets.tolist()
