@@ -8,13 +8,14 @@ them to the backend chosen by :mod:`lass_sparse._registry`. The fake kernels run
 never an uninitialised result; checks that read values (segment offsets, pair ids, aliasing of
 optimizer state) run in the op body only.
 
-Native kernels: the C++ CPU kernels register under these ops' names (``TORCH_LIBRARY_IMPL(
-lass_sparse, CPU)``, csrc/cpu/entry.h); they defer to the op body through ``<op>.registry`` (the
-op's schema, read from the op) when another backend is forced or they refuse the inputs.
+Native kernels: the C++ CPU and CUDA kernels register under these ops' names
+(``TORCH_LIBRARY_IMPL(lass_sparse, CPU / CUDA)``, csrc/common/entry.h); they defer to the op body
+through ``<op>.registry`` (the op's schema, read from the op) when another backend is forced or
+a call is not theirs (inputs they refuse; on CUDA, more rows than the decode GEMV takes).
 
 Eager calls: in plain eager (no compile or trace, no dispatch mode, no functorch transform),
 ``masked_linear``, ``masked_qkv_proj``, their backward ops and ``masked_adamw_`` (under no_grad)
-run the op body (on CPU tensors: the op's CPU kernel, below autograd) directly, with an
+run the op body (on CPU and CUDA tensors: the op's native kernel, below autograd) directly, with an
 equivalent ``autograd.Function`` when a gradient is needed, skipping the custom-op wrapper layers:
 the same checks and kernels, bit-identical results, less per-call host overhead. Everything
 else goes through ``torch.ops.lass_sparse``.
@@ -77,15 +78,13 @@ def _eager(*ts: Tensor | None) -> bool:
     return all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in ts)
 
 
-_CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
-
-
-def _cpu_kernel(op: str):
-    """``op``'s CPU kernel, called below autograd: the C++ entry where the extension is built
-    (it defers to the op body under a forced backend or for inputs it does not take), else the
-    op body. The direct path for plain eager calls on CPU tensors."""
+def _native_kernel(op: str, key: str = "CPU"):
+    """``op``'s kernel for dispatch key ``key`` (``CPU``, ``CUDA``), called below autograd: the
+    C++ entry where that extension is built (it defers to the op body under a forced backend or
+    for inputs it does not take), else the op body. The direct path for plain eager calls."""
     handle = getattr(torch.ops.lass_sparse, op).default
-    return lambda *args: handle.redispatch(_CPU_KEYS, *args)
+    keys = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+    return lambda *args: handle.redispatch(keys, *args)
 
 
 def _profiled(op: str, fn, *args):
@@ -455,7 +454,7 @@ def masked_linear(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None =
             if y is not None:
                 return y
             return _profiled("masked_linear", _MaskedLinearFn.apply, x, weight, bits, bias)
-        body = _ML_CPU if x.device.type == "cpu" else _masked_linear_body
+        body = _ML_NATIVE.get(x.device.type, _masked_linear_body)
         return _profiled("masked_linear", body, x, weight, bits, bias)
     return torch.ops.lass_sparse.masked_linear(x, weight, bits, bias)
 
@@ -881,8 +880,8 @@ def masked_adamw_(
     # direct in plain eager under no_grad (as optimizers step); mutation under grad mode, and
     # every traced call, through the op
     if not torch.is_grad_enabled() and _eager(*args[0], *args[1], *args[2], *args[3], *args[4]):
-        on_cpu = bool(args[0]) and isinstance(args[0][0], Tensor) and args[0][0].is_cpu
-        _profiled("masked_adamw_", _ADAMW_CPU if on_cpu else _masked_adamw_body, *args)
+        dev = args[0][0].device.type if args[0] and isinstance(args[0][0], Tensor) else None
+        _profiled("masked_adamw_", _ADAMW_NATIVE.get(dev, _masked_adamw_body), *args)
         return
     torch.ops.lass_sparse.masked_adamw_(*args)
 
@@ -890,7 +889,7 @@ def masked_adamw_(
 # ------------------------------------------------------------------- native kernels' deferral
 
 
-# Ops whose C++ CPU kernels register under the public name (csrc/cpu/entry.h). Such a kernel
+# Ops whose C++ kernels register under the public name (csrc/common/entry.h). Such a kernel
 # defers to ``lass_sparse::<op>.registry``, the op's own schema (read from the op, not written
 # again) with its Python body, when another backend is forced or it refuses the inputs: the body
 # words the error, or the registry picks a backend that takes them (e.g. the reference for
@@ -912,7 +911,10 @@ for _name, _body in _NATIVE_BODIES.items():
     _REGISTRY_LIB.define(f"{_name}.registry(" + _schema.split("(", 1)[1])
     _REGISTRY_LIB.impl(f"{_name}.registry", _body, "CompositeExplicitAutograd")
 
-_ML_CPU = _cpu_kernel("masked_linear")
-_ADAMW_CPU = _cpu_kernel("masked_adamw_")
-_GRAD_CPU = {"masked_linear_dx": _cpu_kernel("masked_linear_dx"),
-             "masked_linear_dw": _cpu_kernel("masked_linear_dw")}
+# The direct path's kernels by device type (C++ entries on CPU and CUDA; others: the op body).
+_ML_NATIVE = {"cpu": _native_kernel("masked_linear"),
+              "cuda": _native_kernel("masked_linear", "CUDA")}
+_ADAMW_NATIVE = {"cpu": _native_kernel("masked_adamw_"),
+                 "cuda": _native_kernel("masked_adamw_", "CUDA")}
+_GRAD_CPU = {"masked_linear_dx": _native_kernel("masked_linear_dx"),
+             "masked_linear_dw": _native_kernel("masked_linear_dw")}

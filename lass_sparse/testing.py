@@ -55,15 +55,19 @@ def within_torch_error(ours: torch.Tensor, torch_same: torch.Tensor, exact: torc
     return ok, f"err {ours_err:.3g} vs torch {torch_err:.3g} (bound {bound:.3g})"
 
 
-class _CPUKernels:
-    """``cpu_kernels.<op>(*args)``: the C++ CPU kernel of ``<op>`` with its own checks and errors
-    (``backends.cpu.native``: no deferral to the op's Python body, see csrc/cpu/entry.h). For
-    tests of what the kernels validate."""
+class _Kernels:
+    """``<backend>_kernels.<op>(*args)``: the compiled kernel of ``<op>`` (``cpu``: csrc/cpu,
+    ``cuda``: csrc/cuda) with its own checks and errors (``native``: no deferral to the op's
+    Python body, see csrc/common/entry.h). For tests of what the kernels validate."""
+
+    def __init__(self, backend: str):
+        self._backend = backend
 
     def __getattr__(self, op: str):
-        from .backends import cpu  # noqa: PLC0415 - only where the C++ backend is built
+        import importlib  # noqa: PLC0415 - only where that extension is built
 
-        return cpu.native(op)
+        return importlib.import_module(f"lass_sparse.backends.{self._backend}").native(op)
 
 
-cpu_kernels = _CPUKernels()
+cpu_kernels = _Kernels("cpu")
+cuda_kernels = _Kernels("cuda")

@@ -67,7 +67,7 @@ def test_binding_compiles_and_exports_the_module_init(tmp_path):
     tinc = os.path.join(os.path.dirname(torch.__file__), "include")
     obj = tmp_path / "binding.o"
     r = subprocess.run(["g++", "-std=c++17", "-O0", "-fPIC", "-c", f"-I{tmp_path}", f"-I{tinc}",
-                        f"-I{tinc}/torch/csrc/api/include", f"-I{inc}",
+                        f"-I{tinc}/torch/csrc/api/include", f"-I{inc}", f"-I{REPO}/csrc",
                         f"-I{sysconfig.get_paths()['include']}", "-DPy_LIMITED_API=0x030A0000",
                         os.path.join(REPO, "csrc", "cuda", "binding.cpp"), "-o", str(obj)],
                        capture_output=True, text=True)

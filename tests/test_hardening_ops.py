@@ -17,11 +17,11 @@ import lass_sparse
 from lass_sparse import _registry
 from lass_sparse.bitmask import pack_mask_reference, unpack_mask_reference
 from lass_sparse.optim import MaskedAdamW
-from lass_sparse.testing import cpu_kernels
+from lass_sparse.testing import cpu_kernels, cuda_kernels
 
 BACKENDS = [n for n in ("reference", "cpu") if lass_sparse.backends()[n]["active"]]
 ALL_BACKENDS = BACKENDS + [n for n in ("triton",) if lass_sparse.backends()[n]["active"]]
-NAMESPACES = ("lass_sparse", "lass_sparse_cpu", "lass_sparse_cuda")
+NAMESPACES = ("lass_sparse", "lass_sparse_cpu")
 
 
 def _bits(n, k, p=0.5, lead=()):
@@ -257,8 +257,10 @@ def _cases() -> dict[str, dict[str, list]]:
                                        *_HP[2:]))],
         },
         "lass_sparse_cpu": {"masked_linear_autograd": _linear_cases(public=False)},
-        # Built only on CUDA machines (csrc/cuda/binding.cpp); the builders run only there.
-        "lass_sparse_cuda": _cuda_cases() if torch.cuda.is_available() else {},
+        # The CUDA kernels (csrc/cuda/binding.cpp, TORCH_LIBRARY_IMPL(lass_sparse, CUDA)), run
+        # with their own checks only (testing.cuda_kernels); the builders run only on CUDA
+        # machines.
+        "cuda_kernels": _cuda_cases() if torch.cuda.is_available() else {},
     }
 
 
@@ -267,14 +269,21 @@ def _cuda_cases():
     return {
         "pack_mask": _pack_cases(cuda),
         "unpack_mask": _unpack_cases(cuda),
-        "magnitude_pack": [(label, (lambda f=f: (f()[0], 0.5)))
-                           for label, f in _magnitude_cases(cuda)],
-        "decode_gemv": [c for c in _linear_cases(cuda, public=False)
-                        if "3-D" not in c[0]] + [
+        "magnitude_mask": _magnitude_cases(cuda) + [
+            ("alpha 1.5", lambda: (torch.randn(4, 40, device=cuda), 1.5)),
+            ("float64 weight", lambda: (torch.randn(4, 40, device=cuda, dtype=torch.float64),
+                                        0.5))],
+        # the entry takes what the op takes ([..., K] x, any strides): the op's cases
+        "masked_linear": _linear_cases(cuda) + [
             ("17 rows", lambda: (torch.randn(17, 64, device=cuda),
                                  torch.randn(8, 64, device=cuda),
-                                 _i32(8, 2).to(cuda), None))],
-        "masked_adamw_": _adamw_cases(cuda, public=False),
+                                 _i32(8, 2).to(cuda), None)),
+            ("weight on the CPU", lambda: (torch.randn(4, 64, device=cuda), torch.randn(8, 64),
+                                           _i32(8, 2).to(cuda), None))],
+        "masked_adamw_": _adamw_cases(cuda, public=False) + [
+            ("exp_avg is exp_avg_sq", lambda: (lambda p, m: (
+                [p], [torch.randn_like(p)], [m], [m], [None], *_HP))(
+                    torch.randn(64, 64, device=cuda), torch.zeros(64, 64, device=cuda)))],
     }
 
 
@@ -293,7 +302,10 @@ def _run_cases() -> None:
     cases = _cases()
     groups = [(ns, name, getattr(getattr(torch.ops, ns), name))
               for ns, names in registered_ops().items() for name in names]
-    groups += [("cpu_kernels", name, getattr(cpu_kernels, name)) for name in cpu_kernel_ops()]
+    groups += [("cpu_kernels", name, getattr(cpu_kernels, name))
+               for name in native_kernel_ops("cpu")]
+    groups += [("cuda_kernels", name, getattr(cuda_kernels, name))
+               for name in native_kernel_ops("cuda")]
     for ns, name, op in groups:
         todo = cases.get(ns, {}).get(name)
         if not todo:
@@ -311,12 +323,15 @@ def _run_cases() -> None:
     print("END", flush=True)
 
 
-def cpu_kernel_ops() -> list[str]:
-    """The public ops with a C++ kernel registered for CPU (from the dispatcher)."""
-    if not lass_sparse.backends()["cpu"]["active"]:
+def native_kernel_ops(backend: str) -> list[str]:
+    """The public ops with a C++ kernel of ``backend`` (cpu: the CPU key, cuda: the CUDA key)
+    registered, from the dispatcher; none where that backend is inactive."""
+    if not lass_sparse.backends()[backend]["active"]:
         return []
     return [n for n in registered_ops(("lass_sparse",)).get("lass_sparse", [])
-            if torch._C._dispatch_has_kernel_for_dispatch_key(f"lass_sparse::{n}", "CPU")]
+            if torch._C._dispatch_has_kernel_for_dispatch_key(f"lass_sparse::{n}",
+                                                              backend.upper())]
+
 
 
 def test_every_registered_op_rejects_wrong_sizes_with_an_exception_not_a_signal():
@@ -336,6 +351,8 @@ def test_every_registered_op_rejects_wrong_sizes_with_an_exception_not_a_signal(
     assert {"lass_sparse"} <= ns_seen
     if lass_sparse.backends()["cpu"]["active"]:
         assert {"lass_sparse_cpu", "cpu_kernels"} <= ns_seen
+    if lass_sparse.backends()["cuda"]["active"]:
+        assert "cuda_kernels" in ns_seen
 
 
 def test_registered_ops_are_all_known():

@@ -11,7 +11,7 @@
 #include <string>
 
 #include "common.h"
-#include "entry.h"
+#include "common/adamw_checks.h"
 #include "simd.h"
 
 namespace lass_sparse_cpu {
@@ -132,40 +132,6 @@ static void adam_param(T* p, const T* g, float* m, float* v, const int32_t* bits
                    });
 }
 
-// A written tensor (param, exp_avg, exp_avg_sq) must not share memory with any other listed
-// tensor: a duplicate param, or state aliasing another tensor, would be updated twice. Grads are
-// read only and may alias each other. All tensors are contiguous here (checked before).
-static void check_no_overlap(at::TensorList params, at::TensorList grads,
-                             at::TensorList exp_avgs, at::TensorList exp_avg_sqs) {
-  struct Span {
-    uintptr_t lo, hi;
-    bool written;
-  };
-  std::vector<Span> spans;
-  spans.reserve(4 * params.size());
-  auto add = [&spans](const at::Tensor& t, bool written) {
-    if (t.numel() == 0) return;
-    const auto lo = reinterpret_cast<uintptr_t>(t.data_ptr());
-    spans.push_back({lo, lo + static_cast<uintptr_t>(t.numel() * t.element_size()), written});
-  };
-  for (size_t i = 0; i < params.size(); ++i) {
-    add(params[i], true);
-    add(exp_avgs[i], true);
-    add(exp_avg_sqs[i], true);
-    add(grads[i], false);
-  }
-  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
-  uintptr_t any_end = 0, written_end = 0;
-  for (const Span& s : spans) {
-    TORCH_CHECK(!((s.written && s.lo < any_end) || s.lo < written_end),
-                "masked_adamw_: two listed tensors share memory (a duplicate parameter, or "
-                "optimizer state aliasing another tensor); every param, exp_avg and exp_avg_sq "
-                "must be its own tensor");
-    any_end = std::max(any_end, s.hi);
-    if (s.written) written_end = std::max(written_end, s.hi);
-  }
-}
-
 void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& bits,
                    double lr, double beta1, double beta2, double eps, double weight_decay,
@@ -173,18 +139,8 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
   // Nested ATen calls run below autograd: this kernel is the op's implementation.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
-                  bits.size() == n,
-              "masked_adamw_: all lists must have one length");
-  TORCH_CHECK(step >= 1, "masked_adamw_: step must be >= 1, got ", step);
-  TORCH_CHECK(std::isfinite(lr) && lr >= 0.0, "masked_adamw_: lr must be finite and >= 0, got ",
-              lr);
-  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0,
-              "masked_adamw_: betas must be in [0, 1), got ", beta1, ", ", beta2);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0 && std::isfinite(weight_decay) &&
-                  weight_decay >= 0.0,
-              "masked_adamw_: eps and weight_decay must be finite and >= 0, got ", eps, ", ",
-              weight_decay);
+  check_adamw_lists_and_hparams(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps,
+                                weight_decay, step);
   const char* op = "masked_adamw_";
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
@@ -205,7 +161,7 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
       check_bits(*b, p.sizes().slice(0, p.dim() - 1), p.size(-1), op, ("bits" + idx).c_str());
     }
   }
-  check_no_overlap(params, grads, exp_avgs, exp_avg_sqs);
+  check_adamw_no_overlap(params, grads, exp_avgs, exp_avg_sqs);
   // Every list entry is checked before the first one is updated: no half-applied step.
   const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));

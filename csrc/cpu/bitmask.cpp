@@ -6,7 +6,6 @@
 #include <cstring>
 
 #include "common.h"
-#include "entry.h"
 
 namespace lass_sparse_cpu {
 

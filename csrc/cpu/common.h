@@ -1,10 +1,14 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include "common/entry.h"  // run_or_defer, registry_overload, contiguous
+
 #include <cstdint>
 #include <vector>
 
 namespace lass_sparse_cpu {
+using namespace lass_sparse_entry;  // NOLINT: the entries' helpers
+
 inline int64_t num_words(int64_t k) { return (k + 31) / 32; }
 
 // Argument checks every entry point runs before it touches memory. The dispatcher routes a call

@@ -5,7 +5,6 @@
 #include <torch/library.h>
 
 #include "common.h"
-#include "entry.h"
 
 namespace lass_sparse_cpu {
 

@@ -14,7 +14,6 @@
 #include <cstdlib>
 
 #include "common.h"
-#include "entry.h"
 #include "simd.h"
 
 namespace lass_sparse_cpu {

@@ -1,6 +1,10 @@
-// Torch binding for the CUDA kernels in lass_kernels.cu: ops lass_sparse_cuda::* on CUDA tensors.
-// The kernels themselves have no torch headers (see lass_kernels.cuh).
-#include <Python.h>
+// Torch binding for the CUDA kernels in lass_kernels.cu. They register under the public op
+// names (TORCH_LIBRARY_IMPL(lass_sparse, CUDA); schemas in lass_sparse/ops.py): pack_mask,
+// unpack_mask, magnitude_mask, masked_linear (decode GEMV, at most kGemvMaxM rows) and
+// masked_adamw_. Each entry runs its kernel or defers to the op's Python body (another backend
+// forced, a call it does not take, inputs its checks refuse: common/entry.h). The kernels
+// themselves have no torch headers (lass_kernels.cuh).
+#include <Python.h>  // first, as Python asks
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -9,17 +13,17 @@
 
 #include "lass_abi.h"  // structs, dtype codes, limits and launchers shared with the kernels
 
+#define LASS_ENTRY_BACKEND "cuda"
+#include "common/adamw_checks.h"
+#include "common/entry_module.h"
+
 #include <cmath>
+#include <map>
 #include <string>
 #include <vector>
 
-// A bare module so `import lass_sparse._cuda` loads the library (and its TORCH_LIBRARY blocks)
-// under the limited API; the name must match the extension's (lass_sparse._cuda in setup.py).
-// PyMODINIT_FUNC gives it C linkage and default visibility.
-PyMODINIT_FUNC PyInit__cuda(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_cuda", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
+// The module lass_sparse._cuda (set_forced / kernels_only); loading it loads the kernels.
+LASS_ENTRY_MODULE(_cuda)
 
 // A launcher's cudaError_t as a RuntimeError naming the op.
 #define LASS_CUDA_CHECK(op, expr)                                                           \
@@ -31,6 +35,12 @@ PyMODINIT_FUNC PyInit__cuda(void) {
 #define LASS_CHECK_ARG(cond, op, name, ...) TORCH_CHECK(cond, op, ": ", name, " ", __VA_ARGS__)
 
 namespace {
+using namespace lass_sparse_entry;
+
+bool is_kernel_dtype(const at::Tensor& t) {
+  const auto st = t.scalar_type();
+  return st == at::kFloat || st == at::kHalf || st == at::kBFloat16;
+}
 
 int dtype_code(const at::Tensor& t, const char* op) {
   switch (t.scalar_type()) {
@@ -99,140 +109,220 @@ at::Tensor unpack_mask(const at::Tensor& bits, int64_t k) {
   return out;
 }
 
-at::Tensor magnitude_pack(const at::Tensor& weight, double threshold) {
-  check_on(weight, weight.device(), "magnitude_mask", "weight");
-  TORCH_CHECK(weight.dim() >= 1, "magnitude_mask: weight must have >= 1 dim, got ",
-              weight.sizes());
-  dtype_code(weight, "magnitude_mask");
+// LaSS magnitude rule: keep |w| > kthvalue(|w|.flatten(), int(alpha * numel)); every entry
+// when that index is 0. The threshold by a radix sort (CUDA kthvalue is far slower), as the
+// reference computes it on CUDA.
+at::Tensor magnitude_mask(const at::Tensor& weight, double alpha) {
+  const char* op = "magnitude_mask";
+  check_on(weight, weight.device(), op, "weight");
+  TORCH_CHECK(weight.dim() >= 1, op, ": weight must have >= 1 dim, got ", weight.sizes());
+  TORCH_CHECK(alpha >= 0.0 && alpha < 1.0, op, ": alpha must be in [0, 1), got ", alpha);
+  const int code = dtype_code(weight, op);
   const c10::cuda::CUDAGuard guard(weight.device());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto w = weight.contiguous();
+  const auto kth = static_cast<int64_t>(alpha * static_cast<double>(w.numel()));
+  double threshold = -1.0;  // |w| >= 0 > -1: keep all
+  if (kth > 0) {
+    auto a = w.abs().flatten();
+    if (a.scalar_type() != at::kFloat) a = a.to(at::kFloat);  // exact: keeps order and ties
+    threshold = std::get<0>(at::sort(a)).select(0, kth - 1).item<double>();
+  }
   const int64_t k = w.size(-1), rows = w.numel() / std::max<int64_t>(k, 1);
   auto sizes = w.sizes().vec();
   sizes.back() = (k + 31) / 32;
   auto bits = at::empty(sizes, w.options().dtype(at::kInt));
-  LASS_CUDA_CHECK("magnitude_mask",
-                  lass_launch_magnitude_pack(dtype_code(w, "magnitude_mask"), w.data_ptr(),
-                                             static_cast<float>(threshold),
-                                             bits.data_ptr<int32_t>(), rows, k,
-                                             c10::cuda::getCurrentCUDAStream()));
+  LASS_CUDA_CHECK(op, lass_launch_magnitude_pack(code, w.data_ptr(),
+                                                 static_cast<float>(threshold),
+                                                 bits.data_ptr<int32_t>(), rows, k,
+                                                 c10::cuda::getCurrentCUDAStream()));
   return bits;
 }
 
-at::Tensor decode_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
-                       const c10::optional<at::Tensor>& bias) {
+// Rows of x [..., K]: the product of the leading sizes (K may be 0).
+int64_t leading_rows(const at::Tensor& x) {
+  int64_t m = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
+  return m;
+}
+
+// Decode GEMV: y = x (W ⊙ M)^T + b for x [..., K] with at most kGemvMaxM rows.
+at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bits,
+                         const std::optional<at::Tensor>& bias) {
   const char* op = "masked_linear";
   check_on(x, x.device(), op, "x");
   const at::Device dev = x.device();
-  TORCH_CHECK(x.dim() == 2 && x.size(0) <= lass::kGemvMaxM, "decode_gemv: x must be [M<=",
-              lass::kGemvMaxM, ", K], got ", x.sizes());
+  TORCH_CHECK(x.dim() >= 1, op, ": x must be [..., K], got ", x.sizes());
   dtype_code(x, op);
-  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
-  TORCH_CHECK(w.defined() && w.dim() == 2, op, ": weight must be 2-D [N, K]");
-  check_exact(w, dev, op, "weight", x.scalar_type(), {w.size(0), x.size(1)});
-  check_bits(bits, dev, {w.size(0)}, w.size(1), op, "bits");
-  if (bias.has_value()) check_exact(*bias, dev, op, "bias", x.scalar_type(), {w.size(0)});
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto y = at::empty({x.size(0), w.size(0)}, x.options());
+  TORCH_CHECK(weight.defined() && weight.dim() == 2, op, ": weight must be 2-D [N, K]");
+  const int64_t n = weight.size(0), k = weight.size(1), m = leading_rows(x);
+  TORCH_CHECK(x.size(-1) == k, op, ": x must be [..., K=", k, "] to match weight [N, K], got ",
+              x.sizes());
+  TORCH_CHECK(m <= lass::kGemvMaxM, op, ": the CUDA decode GEMV takes at most ",
+              lass::kGemvMaxM, " rows of x, got ", m);
+  check_on(weight, dev, op, "weight");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must be ",
+              x.scalar_type(), " like x, got ", weight.scalar_type());
+  check_bits(bits.contiguous(), dev, {n}, k, op, "bits");
+  if (bias.has_value()) {
+    check_on(*bias, dev, op, "bias");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->sizes() == at::IntArrayRef{n},
+                op, ": bias must be ", x.scalar_type(), "[", n, "], got ", bias->scalar_type(),
+                bias->sizes());
+  }
+  const c10::cuda::CUDAGuard guard(dev);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto x2 = x.reshape({m, k}).contiguous();
+  const auto w = weight.contiguous(), b = bits.contiguous();
+  const auto bias_c = contiguous(bias);
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = n;
+  auto y = at::empty(out_sizes, x.options());
   if (y.numel() == 0) return y;  // no zero-size grid launches
-  LASS_CUDA_CHECK(op, lass_launch_decode_gemv(dtype_code(x, op), x.data_ptr(), w.data_ptr(),
-                                              bits.data_ptr<int32_t>(),
-                                              bias.has_value() ? bias->data_ptr() : nullptr,
-                                              y.data_ptr(), static_cast<int>(x.size(0)),
-                                              w.size(0), w.size(1),
+  LASS_CUDA_CHECK(op, lass_launch_decode_gemv(dtype_code(x, op), x2.data_ptr(), w.data_ptr(),
+                                              b.data_ptr<int32_t>(),
+                                              bias_c.has_value() ? bias_c->data_ptr() : nullptr,
+                                              y.data_ptr(), static_cast<int>(m), n, k,
                                               c10::cuda::getCurrentCUDAStream()));
   return y;
 }
 
-void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                   at::TensorList exp_avg_sqs, const c10::List<c10::optional<at::Tensor>>& bits,
-                   double lr, double beta1, double beta2, double eps, double weight_decay,
-                   int64_t step, bool maximize) {
+// One launch over the entries `idx` (one param dtype): the AdamWTensor table and chunk table
+// copied to the device, then the multi-tensor kernel.
+void adamw_launch(const std::vector<size_t>& idx, at::TensorList params, at::TensorList grads,
+                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                  const c10::List<std::optional<at::Tensor>>& bits, const lass::AdamWArgs& args) {
   const char* op = "masked_adamw_";
-  const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
-                  bits.size() == n,
-              op, ": all lists must have one length");
-  TORCH_CHECK(step >= 1, op, ": step must be >= 1, got ", step);
-  TORCH_CHECK(std::isfinite(lr) && lr >= 0.0, op, ": lr must be finite and >= 0, got ", lr);
-  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0, op,
-              ": betas must be in [0, 1), got ", beta1, ", ", beta2);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0 && std::isfinite(weight_decay) &&
-                  weight_decay >= 0.0,
-              op, ": eps and weight_decay must be finite and >= 0, got ", eps, ", ", weight_decay);
-  if (params.empty()) return;
-  check_on(params[0], params[0].device(), op, "params[0]");
-  const at::Device dev = params[0].device();
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    const std::string idx = "[" + std::to_string(i) + "]";
-    check_on(p, dev, op, "params" + idx);
-    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), op,
-                ": all params must share one dtype");
-    TORCH_CHECK(p.is_contiguous(), op, ": params", idx, " must be contiguous");
-    check_exact(grads[i], dev, op, "grads" + idx, p.scalar_type(), p.sizes());
-    check_exact(exp_avgs[i], dev, op, "exp_avgs" + idx, at::kFloat, p.sizes());
-    check_exact(exp_avg_sqs[i], dev, op, "exp_avg_sqs" + idx, at::kFloat, p.sizes());
-    const c10::optional<at::Tensor> b = bits.get(i);
-    if (b.has_value()) {
-      TORCH_CHECK(p.dim() >= 1, op, ": a masked param must have >= 1 dim, params", idx,
-                  " is 0-d");
-      check_bits(*b, dev, p.sizes().slice(0, p.dim() - 1), p.size(-1), op, "bits" + idx);
-    }
-  }
-  const c10::cuda::CUDAGuard guard(dev);
-  const int code = dtype_code(params[0], op);
+  const at::Tensor& p0 = params[idx[0]];
   std::vector<lass::AdamWTensor> table;  // the ABI struct itself: no second layout to keep
   std::vector<int32_t> chunk_tensor;
   std::vector<int64_t> chunk_start;
-  for (size_t i = 0; i < params.size(); ++i) {
+  for (size_t j = 0; j < idx.size(); ++j) {
+    const size_t i = idx[j];
     const at::Tensor& p = params[i];
     const int64_t k = p.dim() ? std::max<int64_t>(p.size(-1), 1) : 1;
-    c10::optional<at::Tensor> b = bits.get(i);
+    std::optional<at::Tensor> b = bits.get(i);
     table.push_back({p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr<float>(),
                      exp_avg_sqs[i].data_ptr<float>(),
                      b.has_value() ? b->data_ptr<int32_t>() : nullptr, p.numel(), k,
                      (k + 31) / 32});
     for (int64_t s = 0; s < p.numel(); s += lass::kAdamWChunk) {
-      chunk_tensor.push_back(static_cast<int32_t>(i));
+      chunk_tensor.push_back(static_cast<int32_t>(j));
       chunk_start.push_back(s);
     }
   }
-  auto opts = params[0].options();
+  if (chunk_start.empty()) return;  // only empty params: nothing to launch
+  auto opts = p0.options();
   const int64_t table_bytes = static_cast<int64_t>(table.size() * sizeof(lass::AdamWTensor));
   auto d_table = at::from_blob(table.data(), {table_bytes}, at::TensorOptions(at::kByte))
                      .to(opts.device());
   auto d_ct = at::tensor(chunk_tensor, opts.dtype(at::kInt));
   auto d_cs = at::tensor(chunk_start, opts.dtype(at::kLong));
-  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-  lass::AdamWArgs args{static_cast<float>(lr), static_cast<float>(beta1),
-                       static_cast<float>(beta2), static_cast<float>(eps),
-                       static_cast<float>(weight_decay), static_cast<float>(bc1),
-                       static_cast<float>(bc2), maximize ? 1 : 0};
   LASS_CUDA_CHECK(op, lass_launch_masked_adamw(
-                          code, reinterpret_cast<const lass::AdamWTensor*>(d_table.data_ptr()),
+                          dtype_code(p0, op),
+                          reinterpret_cast<const lass::AdamWTensor*>(d_table.data_ptr()),
                           d_ct.data_ptr<int32_t>(), d_cs.data_ptr<int64_t>(),
                           static_cast<int64_t>(chunk_start.size()), lass::kAdamWChunk, args,
                           c10::cuda::getCurrentCUDAStream()));
 }
 
-}  // namespace
-
-TORCH_LIBRARY(lass_sparse_cuda, m) {
-  m.def("pack_mask(Tensor mask) -> Tensor");
-  m.def("unpack_mask(Tensor bits, int k) -> Tensor");
-  m.def("magnitude_pack(Tensor weight, float threshold) -> Tensor");
-  m.def("decode_gemv(Tensor x, Tensor weight, Tensor bits, Tensor? bias) -> Tensor");
-  m.def(
-      "masked_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor?[] bits, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, int step, bool maximize) -> ()");
+void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& bits,
+                   double lr, double beta1, double beta2, double eps, double weight_decay,
+                   int64_t step, bool maximize) {
+  const char* op = "masked_adamw_";
+  check_adamw_lists_and_hparams(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2,
+                                eps, weight_decay, step);
+  if (params.empty()) return;
+  check_on(params[0], params[0].device(), op, "params[0]");
+  const at::Device dev = params[0].device();
+  // entries by param dtype, in list order (one launch per dtype)
+  std::map<int, std::vector<size_t>> groups;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const std::string idx = "[" + std::to_string(i) + "]";
+    check_on(p, dev, op, "params" + idx);
+    TORCH_CHECK(is_kernel_dtype(p), op, ": params", idx,
+                " must be float32, float16 or bfloat16 (CUDA kernel), got ", p.scalar_type());
+    TORCH_CHECK(p.is_contiguous(), op, ": params", idx, " must be contiguous");
+    check_exact(grads[i], dev, op, "grads" + idx, p.scalar_type(), p.sizes());
+    check_exact(exp_avgs[i], dev, op, "exp_avgs" + idx, at::kFloat, p.sizes());
+    check_exact(exp_avg_sqs[i], dev, op, "exp_avg_sqs" + idx, at::kFloat, p.sizes());
+    const std::optional<at::Tensor> b = bits.get(i);
+    if (b.has_value()) {
+      TORCH_CHECK(p.dim() >= 1, op, ": a masked param must have >= 1 dim, params", idx,
+                  " is 0-d");
+      check_bits(*b, dev, p.sizes().slice(0, p.dim() - 1), p.size(-1), op, "bits" + idx);
+    }
+    groups[dtype_code(p, op)].push_back(i);
+  }
+  check_adamw_no_overlap(params, grads, exp_avgs, exp_avg_sqs);
+  // Every list entry is checked before the first one is updated: no half-applied step.
+  const c10::cuda::CUDAGuard guard(dev);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  const lass::AdamWArgs args{static_cast<float>(lr), static_cast<float>(beta1),
+                             static_cast<float>(beta2), static_cast<float>(eps),
+                             static_cast<float>(weight_decay), static_cast<float>(bc1),
+                             static_cast<float>(bc2), maximize ? 1 : 0};
+  for (const auto& group : groups)
+    adamw_launch(group.second, params, grads, exp_avgs, exp_avg_sqs, bits, args);
 }
 
-TORCH_LIBRARY_IMPL(lass_sparse_cuda, CUDA, m) {
-  m.impl("pack_mask", &pack_mask);
-  m.impl("unpack_mask", &unpack_mask);
-  m.impl("magnitude_pack", &magnitude_pack);
-  m.impl("decode_gemv", &decode_gemv);
-  m.impl("masked_adamw_", &masked_adamw_);
+// ---- entries under the public names (common/entry.h)
+
+at::Tensor pack_mask_op(const at::Tensor& mask) {
+  static const auto registry = registry_overload<decltype(pack_mask_op)>("lass_sparse::pack_mask");
+  return run_or_defer(registry, [&] { return pack_mask(mask); }, mask);
+}
+
+at::Tensor unpack_mask_op(const at::Tensor& bits, int64_t k) {
+  static const auto registry =
+      registry_overload<decltype(unpack_mask_op)>("lass_sparse::unpack_mask");
+  return run_or_defer(registry, [&] { return unpack_mask(bits, k); }, bits, k);
+}
+
+at::Tensor magnitude_mask_op(const at::Tensor& weight, double alpha) {
+  static const auto registry =
+      registry_overload<decltype(magnitude_mask_op)>("lass_sparse::magnitude_mask");
+  return run_if_or_defer(is_kernel_dtype(weight), registry,
+                         [&] { return magnitude_mask(weight, alpha); }, weight, alpha);
+}
+
+at::Tensor masked_linear_op(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bits,
+                            const std::optional<at::Tensor>& bias) {
+  static const auto registry =
+      registry_overload<decltype(masked_linear_op)>("lass_sparse::masked_linear");
+  // more rows than the decode GEMV takes (prefill, training) or other dtypes: the op body, where
+  // the registry picks Triton (or the cuBLAS route) without an exception on the way
+  const bool takes = x.dim() >= 1 && leading_rows(x) <= lass::kGemvMaxM && is_kernel_dtype(x);
+  return run_if_or_defer(takes, registry, [&] { return masked_linear(x, weight, bits, bias); },
+                         x, weight, bits, bias);
+}
+
+void masked_adamw_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& bits,
+                     double lr, double beta1, double beta2, double eps, double weight_decay,
+                     int64_t step, bool maximize) {
+  static const auto registry =
+      registry_overload<decltype(masked_adamw_op)>("lass_sparse::masked_adamw_");
+  run_or_defer(
+      registry,
+      [&] {
+        masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps,
+                      weight_decay, step, maximize);
+      },
+      params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps, weight_decay, step,
+      maximize);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lass_sparse, CUDA, m) {
+  m.impl("pack_mask", &pack_mask_op);
+  m.impl("unpack_mask", &unpack_mask_op);
+  m.impl("magnitude_mask", &magnitude_mask_op);
+  m.impl("masked_linear", &masked_linear_op);
+  m.impl("masked_adamw_", &masked_adamw_op);
 }

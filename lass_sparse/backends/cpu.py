@@ -1,18 +1,22 @@
 """C++ CPU backend (csrc/cpu, OpenMP). Its kernels register under the public op names
 (``TORCH_LIBRARY_IMPL(lass_sparse, CPU)``), so a CPU call through ``torch.ops`` reaches them in
 one dispatcher trip; they defer to the op's Python body when another backend is forced or they
-refuse the inputs (csrc/cpu/entry.h). Here they are also registered with the backend registry, for
-the eager calls, forced ``cpu`` and ``backends()``: the linear kernels take float32, float64 and
+refuse the inputs (csrc/common/entry.h). Here they are also registered with the backend
+registry, for the eager calls, forced ``cpu`` and ``backends()``: the linear kernels take
+float32, float64 and
 bfloat16 (fp32 accumulation), AdamW float32 and bfloat16 params, the magnitude mask float16 too;
 other calls are declined (``dtypes=``) and fall through to the reference, or raise naming the
 dtype when the backend is forced."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _registry
 from ..reference import split_qkv
+from . import _native
 
 try:
     from .. import _C  # loads the kernels (TORCH_LIBRARY_IMPL(lass_sparse, CPU))
@@ -27,22 +31,7 @@ else:
     # the kernels read the forced backend of their thread from here (they cannot see contextvars)
     _registry.on_force(lambda name: _C.set_forced(name or ""))
     _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-    _CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
-
-    def native(op: str):
-        """The C++ kernel registered for ``op`` on CPU, below autograd, as the registry's choice:
-        it runs (no deferral to the op body) and a refusal raises the kernel's error, which the
-        op words (``validates``) or its checks preceded."""
-        handle = getattr(torch.ops.lass_sparse, op).default
-
-        def run(*args):
-            prev = _C.kernels_only(True)
-            try:
-                return handle.redispatch(_CPU, *args)
-            finally:
-                _C.kernels_only(prev)
-
-        return run
+    native = functools.partial(_native.native, _C, "CPU")  # native(op): the op's C++ kernel
 
     def _reg(op: str, dtypes=_DTYPES, validates: bool = False, fn=None):
         return _registry.register(op, "cpu", ("cpu",), dtypes=dtypes, validates=validates)(

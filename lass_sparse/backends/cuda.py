@@ -1,18 +1,25 @@
 """CUDA C++ backend (csrc/cuda) through the compiled extension ``lass_sparse._cuda``: pack /
-unpack, magnitude mask, decode GEMV (M <= 16) and the multi-tensor masked AdamW.
+unpack, magnitude mask, decode GEMV (M <= 16) and the multi-tensor masked AdamW. Its kernels
+register under the public op names (``TORCH_LIBRARY_IMPL(lass_sparse, CUDA)``): a CUDA call
+through ``torch.ops`` reaches them in one dispatcher trip, and they defer to the op's Python body
+(Triton, cupy, the reference) when another backend is forced or a call is not theirs
+(csrc/common/entry.h). Here they are also registered with the backend registry, for forced
+``cuda``, the eager calls and ``backends()``.
 
 A ``_cuda`` module that was built but does not import is reported as *broken* (tests fail on it
 instead of skipping); one that was never built is just inactive, with the reason."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 
 import torch
 
 from .. import _registry
-from ._cuda_common import GEMV_MAX_M, SUFFIX, by_dtype
+from . import _native
+from ._cuda_common import GEMV_MAX_M, SUFFIX
 
 MODULE = "lass_sparse._cuda"
 _FLOATS = "float32, float16 or bfloat16"
@@ -37,34 +44,26 @@ def load(import_module=importlib.import_module, find_spec=importlib.util.find_sp
             "runtime-compiled path"), False
 
 
-def _register() -> None:
-    _ops = torch.ops.lass_sparse_cuda
+native = None  # native(op): the op's CUDA kernel, where the extension loads
+
+
+def _register(mod) -> None:
+    global native
+    native = functools.partial(_native.native, mod, "CUDA")
+    # the kernels read the forced backend of their thread from here (they cannot see contextvars)
+    _registry.on_force(lambda name: mod.set_forced(name or ""))
 
     def _reg(op, supports=None, requires="", dtypes=tuple(SUFFIX)):
         return _registry.register(op, "cuda", ("cuda",), supports=supports, requires=requires,
-                                  dtypes=dtypes)
+                                  dtypes=dtypes)(native(op))
 
-    _reg("pack_mask", dtypes=None)(lambda mask: _ops.pack_mask(mask))
-    _reg("unpack_mask", dtypes=None)(lambda bits, k: _ops.unpack_mask(bits, k))
-
-    @_reg("magnitude_mask", lambda w, *a: w.dtype in SUFFIX, f"{_FLOATS} weights")
-    def magnitude_mask(weight, alpha):
-        from ..reference import magnitude_threshold
-
-        thr = magnitude_threshold(weight, alpha)
-        return _ops.magnitude_pack(weight, -1.0 if thr is None else float(thr))
-
-    @_reg("masked_linear", lambda x, *a: x.dtype in SUFFIX and x.shape[0] <= GEMV_MAX_M,
-          f"at most {GEMV_MAX_M} rows (decode GEMV) of {_FLOATS}")
-    def masked_linear(x, weight, bits, bias):
-        return _ops.decode_gemv(x, weight, bits, bias)
-
-    @_reg("masked_adamw_", lambda ps, *a: all(p.dtype in SUFFIX for p in ps),
-          f"{_FLOATS} params")
-    def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps,
-                      weight_decay, step, maximize):
-        for group in by_dtype(params, grads, exp_avgs, exp_avg_sqs, bits).values():
-            _ops.masked_adamw_(*group, lr, beta1, beta2, eps, weight_decay, step, maximize)
+    _reg("pack_mask", dtypes=None)
+    _reg("unpack_mask", dtypes=None)
+    _reg("magnitude_mask", lambda w, *a: w.dtype in SUFFIX, f"{_FLOATS} weights")
+    _reg("masked_linear", lambda x, *a: x.dtype in SUFFIX and x.shape[0] <= GEMV_MAX_M,
+         f"at most {GEMV_MAX_M} rows (decode GEMV) of {_FLOATS}")
+    # one launch per param dtype (the kernel groups a mixed list)
+    _reg("masked_adamw_", lambda ps, *a: all(p.dtype in SUFFIX for p in ps), f"{_FLOATS} params")
 
 
 if not torch.cuda.is_available():
@@ -76,5 +75,5 @@ if not torch.cuda.is_available():
 else:
     _mod, _reason, _broken = load()
     if _mod is not None:
-        _register()
+        _register(_mod)
     _registry.set_status("cuda", _mod is not None, _reason, broken=_broken)

@@ -1,0 +1,153 @@
+"""The CUDA kernels under the public op names (csrc/cuda/binding.cpp, TORCH_LIBRARY_IMPL(
+lass_sparse, CUDA)): one dispatcher trip to the kernel, deferral to the op body for calls that
+are not theirs (more rows than the decode GEMV, float64, another backend forced), results
+against the reference, and the kernels' own checks. Needs a GPU and the built extension."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lass_sparse
+from lass_sparse import _registry, reference
+from lass_sparse.bitmask import pack_mask_reference, unpack_mask_reference
+from lass_sparse.testing import cuda_kernels, require_backend
+
+pytestmark = pytest.mark.gpu
+CUDA_OPS = ("pack_mask", "unpack_mask", "magnitude_mask", "masked_linear", "masked_adamw_")
+
+
+@pytest.fixture(autouse=True)
+def _cuda_backend():
+    require_backend("cuda")  # skips where the extension is not built; fails where it is broken
+
+
+def _record_registry(monkeypatch):
+    seen = []
+    run = _registry._run
+
+    def spy(impl, *a):
+        seen.append(impl.backend)
+        return run(impl, *a)
+
+    monkeypatch.setattr(_registry, "_run", spy)
+    return seen
+
+
+def _linear_args(m, k=200, n=96, dtype=torch.float32, lead=()):
+    g = torch.Generator(device="cuda").manual_seed(m * 1000 + k)
+    x = torch.randn(*lead, m, k, device="cuda", dtype=dtype, generator=g)
+    w = torch.randn(n, k, device="cuda", dtype=dtype, generator=g)
+    bits = pack_mask_reference(torch.rand(n, k, device="cuda", generator=g) > 0.4)
+    b = torch.randn(n, device="cuda", dtype=dtype, generator=g)
+    return x, w, bits, b
+
+
+def test_the_public_ops_have_cuda_kernels_and_no_second_namespace():
+    for op in CUDA_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lass_sparse::{op}", "CUDA"), op
+    assert "lass_sparse_cuda" not in {n.split("::")[0]
+                                      for n in torch._C._dispatch_get_all_op_names()}
+
+
+@pytest.mark.parametrize("path", ["torch.ops", "public"])
+def test_a_decode_call_reaches_the_kernel_without_the_python_body(monkeypatch, path):
+    seen = _record_registry(monkeypatch)
+    x, w, bits, b = _linear_args(4, lead=(2,))  # [2, 4, K]: 8 rows
+    f = torch.ops.lass_sparse.masked_linear if path == "torch.ops" else lass_sparse.masked_linear
+    with torch.no_grad():
+        y = f(x, w, bits, b)
+        y_t = f(x.transpose(0, 1), w, bits, b)  # any strides: the entry makes them contiguous
+    assert seen == []
+    torch.testing.assert_close(y, reference.masked_linear(x, w, bits, b))
+    torch.testing.assert_close(y_t, reference.masked_linear(x.transpose(0, 1), w, bits, b))
+
+
+def test_calls_that_are_not_the_kernels_go_to_the_op_body(monkeypatch):
+    seen = _record_registry(monkeypatch)
+    x, w, bits, b = _linear_args(64)  # more rows than the decode GEMV: Triton (cuBLAS route)
+    y = torch.ops.lass_sparse.masked_linear(x, w, bits, b)
+    assert seen and seen[-1] != "cuda"
+    torch.testing.assert_close(y, reference.masked_linear(x, w, bits, b))
+    seen.clear()
+    x64, w64, _, b64 = (t.double() for t in _linear_args(3))
+    y = torch.ops.lass_sparse.masked_linear(x64, w64, bits, b64)  # float64: not the kernel's
+    assert seen and seen[-1] != "cuda"
+    torch.testing.assert_close(y, reference.masked_linear(x64, w64, bits, b64))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cupy", "reference"])
+def test_a_forced_backend_serves_the_call_not_the_kernel(monkeypatch, backend):
+    if not lass_sparse.backends()[backend]["active"]:
+        pytest.skip(f"{backend} inactive here")
+    seen = _record_registry(monkeypatch)
+    x, w, bits, b = _linear_args(5)
+    with lass_sparse.use_backend(backend):
+        y = torch.ops.lass_sparse.masked_linear(x, w, bits, b)
+        packed = torch.ops.lass_sparse.pack_mask(torch.ones(3, 40, device="cuda") > 0)
+    assert seen == [backend, backend]
+    torch.testing.assert_close(y, reference.masked_linear(x, w, bits, b), atol=1e-4, rtol=1e-4)
+    assert torch.equal(packed, pack_mask_reference(torch.ones(3, 40, device="cuda") > 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 0.9])
+def test_magnitude_mask_kernel_is_bit_exact(dtype, alpha):
+    w = torch.randn(37, 70, device="cuda").to(dtype)
+    w[0, :5] = 0.25  # ties at a threshold are pruned together
+    assert torch.equal(cuda_kernels.magnitude_mask(w, alpha), reference.magnitude_mask(w, alpha))
+    assert torch.equal(lass_sparse.magnitude_mask(w, alpha), reference.magnitude_mask(w, alpha))
+
+
+def test_pack_and_unpack_kernels_are_bit_exact():
+    mask = torch.rand(3, 5, 77, device="cuda") > 0.5
+    bits = cuda_kernels.pack_mask(mask)
+    assert torch.equal(bits, pack_mask_reference(mask))
+    assert torch.equal(cuda_kernels.unpack_mask(bits, 77), mask)
+
+
+def test_decode_kernel_refuses_what_it_does_not_take():
+    x, w, bits, b = _linear_args(17)
+    with pytest.raises(RuntimeError, match="at most 16 rows"):
+        cuda_kernels.masked_linear(x, w, bits, b)
+    with pytest.raises(RuntimeError, match="bits must be"):
+        cuda_kernels.masked_linear(x[:4], w, bits[:, :1].contiguous(), b)
+    # through the op: the body words the error
+    with pytest.raises(ValueError, match="bits must be int32"):
+        torch.ops.lass_sparse.masked_linear(x[:4], w, bits[:, :1].contiguous(), b)
+
+
+def test_adamw_kernel_mixed_dtypes_and_masks_match_the_reference():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [((70, 33), torch.float32, True), ((5,), torch.float32, False),
+              ((40, 64), torch.bfloat16, True), ((300, 9), torch.float16, True)]
+    ours, ref = [], []
+    for shape, dtype, masked in shapes:
+        p = torch.randn(*shape, device="cuda", generator=g).to(dtype)
+        grad = torch.randn(*shape, device="cuda", generator=g).to(dtype)
+        m = torch.rand(*shape, device="cuda", generator=g)
+        v = torch.rand(*shape, device="cuda", generator=g)
+        bits = (pack_mask_reference(torch.rand(*shape, device="cuda", generator=g) > 0.5)
+                if masked else None)
+        for lst in (ours, ref):
+            lst.append([p.clone(), grad, m.clone(), v.clone(), bits])
+    hp = (1e-2, 0.9, 0.999, 1e-8, 0.01, 3, False)
+    cuda_kernels.masked_adamw_(*[list(c) for c in zip(*ours)], *hp)
+    with lass_sparse.use_backend("reference"):
+        torch.ops.lass_sparse.masked_adamw_(*[list(c) for c in zip(*ref)], *hp)
+    for a, b in zip(ours, ref):
+        tol = dict(atol=2e-2, rtol=2e-2) if a[0].dtype != torch.float32 else {}
+        for t, r in zip(a[:1] + a[2:4], b[:1] + b[2:4]):  # p, exp_avg, exp_avg_sq
+            torch.testing.assert_close(t, r, **tol)
+        if a[4] is not None:  # off the mask: untouched, bit for bit
+            off = ~unpack_mask_reference(a[4], a[0].shape[-1])
+            assert torch.equal(a[0][off], b[0][off])
+
+
+def test_adamw_kernel_refuses_aliased_state_and_leaves_params_alone():
+    p = torch.randn(64, 64, device="cuda")
+    p0, m = p.clone(), torch.zeros(64, 64, device="cuda")
+    with pytest.raises(RuntimeError, match="share memory"):
+        cuda_kernels.masked_adamw_([p], [torch.randn_like(p)], [m], [m], [None],
+                                   1e-3, 0.9, 0.999, 1e-8, 0.0, 1, False)
+    assert torch.equal(p, p0)
