@@ -180,3 +180,18 @@ def test_gpu_backends_match_reference(backend):
     for a, r in zip((p, m, v), ref):
         assert torch.equal(a[off], r[off])
         torch.testing.assert_close(a, r, atol=1e-6, rtol=1e-5)
+
+
+def test_native_checks_word_their_messages_without_iostreams():
+    """csrc words errors with LASS_CHECK (common/message.h), never TORCH_CHECK's ostream: an
+    extension built on the lent GPU machine segfaulted formatting a number through an ostream."""
+    bad = []
+    for path in glob.glob(os.path.join(REPO, "csrc", "**", "*.*"), recursive=True):
+        if path.endswith("message.h"):
+            continue
+        with open(path) as f:
+            for i, line in enumerate(f, 1):
+                code = line.split("//", 1)[0]
+                if "TORCH_CHECK" in code or "c10::str(" in code or "stringstream" in code:
+                    bad.append(f"{os.path.relpath(path, REPO)}:{i}: {line.strip()}")
+    assert not bad, "\n".join(bad)

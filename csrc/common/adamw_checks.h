@@ -2,6 +2,7 @@
 // Checks of masked_adamw_ that do not depend on the device: the hyperparameters and the
 // no-aliasing rule. Shared by the CPU kernel (csrc/cpu/adamw.cpp) and the CUDA binding.
 #include <ATen/ATen.h>
+#include "common/message.h"  // LASS_CHECK
 
 #include <algorithm>
 #include <cmath>
@@ -16,15 +17,15 @@ inline void check_adamw_lists_and_hparams(at::TensorList params, at::TensorList 
                                           double lr, double beta1, double beta2, double eps,
                                           double weight_decay, int64_t step) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+  LASS_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
                   bits.size() == n,
               "masked_adamw_: all lists must have one length");
-  TORCH_CHECK(step >= 1, "masked_adamw_: step must be >= 1, got ", step);
-  TORCH_CHECK(std::isfinite(lr) && lr >= 0.0, "masked_adamw_: lr must be finite and >= 0, got ",
+  LASS_CHECK(step >= 1, "masked_adamw_: step must be >= 1, got ", step);
+  LASS_CHECK(std::isfinite(lr) && lr >= 0.0, "masked_adamw_: lr must be finite and >= 0, got ",
               lr);
-  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0,
+  LASS_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0,
               "masked_adamw_: betas must be in [0, 1), got ", beta1, ", ", beta2);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0 && std::isfinite(weight_decay) &&
+  LASS_CHECK(std::isfinite(eps) && eps >= 0.0 && std::isfinite(weight_decay) &&
                   weight_decay >= 0.0,
               "masked_adamw_: eps and weight_decay must be finite and >= 0, got ", eps, ", ",
               weight_decay);
@@ -55,7 +56,7 @@ inline void check_adamw_no_overlap(at::TensorList params, at::TensorList grads,
   std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
   uintptr_t any_end = 0, written_end = 0;
   for (const Span& s : spans) {
-    TORCH_CHECK(!((s.written && s.lo < any_end) || s.lo < written_end),
+    LASS_CHECK(!((s.written && s.lo < any_end) || s.lo < written_end),
                 "masked_adamw_: two listed tensors share memory (a duplicate parameter, or "
                 "optimizer state aliasing another tensor); every param, exp_avg and exp_avg_sq "
                 "must be its own tensor");

@@ -147,16 +147,16 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
     const at::Tensor& g = grads[i];
     const std::string idx = "[" + std::to_string(i) + "]";
     check_cpu(p, op, ("params" + idx).c_str());
-    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16,
+    LASS_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16,
                 "masked_adamw_ (cpu): params", idx, " must be float32 or bfloat16, got ",
                 p.scalar_type());
-    TORCH_CHECK(p.is_contiguous(), op, ": params", idx, " must be contiguous");
+    LASS_CHECK(p.is_contiguous(), op, ": params", idx, " must be contiguous");
     check_exact(g, op, ("grads" + idx).c_str(), p.scalar_type(), p.sizes());
     check_exact(exp_avgs[i], op, ("exp_avgs" + idx).c_str(), at::kFloat, p.sizes());
     check_exact(exp_avg_sqs[i], op, ("exp_avg_sqs" + idx).c_str(), at::kFloat, p.sizes());
     const std::optional<at::Tensor> b = bits.get(i);
     if (b.has_value()) {
-      TORCH_CHECK(p.dim() >= 1, op, ": a masked param must have >= 1 dim, params", idx,
+      LASS_CHECK(p.dim() >= 1, op, ": a masked param must have >= 1 dim, params", idx,
                   " is 0-d");
       check_bits(*b, p.sizes().slice(0, p.dim() - 1), p.size(-1), op, ("bits" + idx).c_str());
     }

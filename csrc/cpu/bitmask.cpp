@@ -28,7 +28,7 @@ at::Tensor pack_mask(const at::Tensor& mask) {
   // Nested ATen calls run below autograd: this kernel is the op's implementation.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_cpu(mask, "pack_mask", "mask");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() >= 1,
+  LASS_CHECK(mask.scalar_type() == at::kBool && mask.dim() >= 1,
               "pack_mask: mask must be bool[..., K], got ", mask.scalar_type(), mask.sizes());
   auto m = mask.contiguous();
   const int64_t k = m.size(-1), rows = k ? m.numel() / k : 0, w = num_words(k);
@@ -60,8 +60,8 @@ at::Tensor unpack_mask(const at::Tensor& bits, int64_t k) {
   // Nested ATen calls run below autograd: this kernel is the op's implementation.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_cpu(bits, "unpack_mask", "bits");
-  TORCH_CHECK(k >= 0, "unpack_mask: k must be >= 0, got ", k);
-  TORCH_CHECK(bits.scalar_type() == at::kInt && bits.dim() >= 1 && bits.size(-1) == num_words(k),
+  LASS_CHECK(k >= 0, "unpack_mask: k must be >= 0, got ", k);
+  LASS_CHECK(bits.scalar_type() == at::kInt && bits.dim() >= 1 && bits.size(-1) == num_words(k),
               "unpack_mask: bits must be int32[..., ceil(k/32)] for k=", k, ", got ",
               bits.scalar_type(), bits.sizes());
   auto b = bits.contiguous();

@@ -1,7 +1,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
-#include "common/entry.h"  // run_or_defer, registry_overload, contiguous
+#include "common/entry.h"
+#include "common/message.h"  // LASS_CHECK
+  // run_or_defer, registry_overload, contiguous
 
 #include <cstdint>
 #include <vector>
@@ -15,8 +17,8 @@ inline int64_t num_words(int64_t k) { return (k + 31) / 32; }
 // by device only; dtype, shape, numel and layout are the kernel's to check (TORCH_CHECK raises a
 // RuntimeError in Python; a wrong size must never become an out-of-bounds read or write).
 inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ",
+  LASS_CHECK(t.defined(), op, ": ", name, " is undefined");
+  LASS_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ",
               t.device());
 }
 
@@ -24,9 +26,9 @@ inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
 inline void check_exact(const at::Tensor& t, const char* op, const char* name,
                         at::ScalarType dtype, at::IntArrayRef sizes) {
   check_cpu(t, op, name);
-  TORCH_CHECK(t.scalar_type() == dtype && t.sizes() == sizes, op, ": ", name, " must be ", dtype,
+  LASS_CHECK(t.scalar_type() == dtype && t.sizes() == sizes, op, ": ", name, " must be ", dtype,
               sizes, ", got ", t.scalar_type(), t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  LASS_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
 // Packed mask of a [rows..., k] tensor: int32[rows..., ceil(k/32)], contiguous, on the CPU.
@@ -39,10 +41,10 @@ inline void check_bits(const at::Tensor& bits, at::IntArrayRef rows, int64_t k, 
 
 inline void check_float_2d(const at::Tensor& t, const char* op, const char* name) {
   check_cpu(t, op, name);
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got ", t.sizes());
+  LASS_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got ", t.sizes());
   const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, op, ": ", name,
+  LASS_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, op, ": ", name,
               " must be float32, float64 or bfloat16 (cpu kernels), got ", st);
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  LASS_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 }  // namespace lass_sparse_cpu

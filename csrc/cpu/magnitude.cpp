@@ -12,9 +12,9 @@ at::Tensor magnitude_mask(const at::Tensor& weight, double alpha) {
   // Nested ATen calls run below autograd: this kernel is the op's implementation.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_cpu(weight, "magnitude_mask", "weight");
-  TORCH_CHECK(weight.dim() >= 1 && at::isFloatingType(weight.scalar_type()),
+  LASS_CHECK(weight.dim() >= 1 && at::isFloatingType(weight.scalar_type()),
               "magnitude_mask: weight must be a floating tensor with >= 1 dim");
-  TORCH_CHECK(alpha >= 0.0 && alpha < 1.0, "magnitude_mask: alpha must be in [0, 1), got ", alpha);
+  LASS_CHECK(alpha >= 0.0 && alpha < 1.0, "magnitude_mask: alpha must be in [0, 1), got ", alpha);
   auto w = weight.contiguous();
   const int64_t k = w.size(-1), rows = k ? w.numel() / k : 0, nw = num_words(k);
   auto sizes = w.sizes().vec();

@@ -77,9 +77,9 @@ static void check_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
                          const char* op) {
   check_float_2d(x, op, "x");
   check_float_2d(w, op, "weight");
-  TORCH_CHECK(x.size(1) == w.size(1), op, ": x must be [M, K] and weight [N, K], got ",
+  LASS_CHECK(x.size(1) == w.size(1), op, ": x must be [M, K] and weight [N, K], got ",
               x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), op, ": x and weight dtypes differ (",
+  LASS_CHECK(x.scalar_type() == w.scalar_type(), op, ": x and weight dtypes differ (",
               x.scalar_type(), ", ", w.scalar_type(), ")");
   check_bits(bits, {w.size(0)}, w.size(1), op);
 }
@@ -441,12 +441,12 @@ at::Tensor segmented_masked_linear(const at::Tensor& x, const at::Tensor& w,
   const char* op = "segmented_masked_linear";
   check_float_2d(x, op, "x");
   check_float_2d(w, op, "weight");
-  TORCH_CHECK(x.size(1) == w.size(1) && x.scalar_type() == w.scalar_type(), op,
+  LASS_CHECK(x.size(1) == w.size(1) && x.scalar_type() == w.scalar_type(), op,
               ": x must be ", w.scalar_type(), "[T, K=", w.size(1), "], got ", x.scalar_type(),
               x.sizes());
   const int64_t t_rows = x.size(0), n = w.size(0), k = w.size(1);
   check_cpu(bits_bank, op, "bits_bank");
-  TORCH_CHECK(bits_bank.dim() == 3, op, ": bits_bank must be int32[P, N, ceil(K/32)], got ",
+  LASS_CHECK(bits_bank.dim() == 3, op, ": bits_bank must be int32[P, N, ceil(K/32)], got ",
               bits_bank.sizes());
   const int64_t pairs = bits_bank.size(0);
   check_exact(bits_bank, op, "bits_bank", at::kInt, {pairs, n, num_words(k)});
@@ -458,11 +458,11 @@ at::Tensor segmented_masked_linear(const at::Tensor& x, const at::Tensor& w,
   if (bias.has_value()) check_exact(*bias, op, "bias", w.scalar_type(), {n});
   const int64_t* offs = seg_offsets.data_ptr<int64_t>();
   const int64_t* pid = seg_pair.data_ptr<int64_t>();
-  TORCH_CHECK(offs[0] == 0 && offs[segs] == t_rows, op, ": seg_offsets must run from 0 to T=",
+  LASS_CHECK(offs[0] == 0 && offs[segs] == t_rows, op, ": seg_offsets must run from 0 to T=",
               t_rows);
   for (int64_t s = 0; s < segs; ++s) {
-    TORCH_CHECK(offs[s] <= offs[s + 1], op, ": seg_offsets must be non-decreasing");
-    TORCH_CHECK(pid[s] >= 0 && pid[s] < pairs, op, ": seg_pair ids must be in [0, P=", pairs,
+    LASS_CHECK(offs[s] <= offs[s + 1], op, ": seg_offsets must be non-decreasing");
+    LASS_CHECK(pid[s] >= 0 && pid[s] < pairs, op, ": seg_pair ids must be in [0, P=", pairs,
                 "), got ", pid[s]);
   }
   auto y = at::empty({t_rows, n}, x.options());
@@ -607,7 +607,7 @@ at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& w, const at:
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_float_2d(w, "masked_linear_dx", "weight");
   check_float_2d(dy, "masked_linear_dx", "grad_out");
-  TORCH_CHECK(dy.size(1) == w.size(0) && dy.scalar_type() == w.scalar_type(),
+  LASS_CHECK(dy.size(1) == w.size(0) && dy.scalar_type() == w.scalar_type(),
               "masked_linear_dx: grad_out must be ", w.scalar_type(), "[M, N=", w.size(0),
               "], got ", dy.scalar_type(), dy.sizes());
   check_bits(bits, {w.size(0)}, w.size(1), "masked_linear_dx");
@@ -692,7 +692,7 @@ static void check_dw_args(const at::Tensor& dy, const at::Tensor& x, const at::T
                           const char* op) {
   check_float_2d(dy, op, "grad_out");
   check_float_2d(x, op, "x");
-  TORCH_CHECK(dy.size(0) == x.size(0), op, ": grad_out [M, N] and x [M, K] must have the same M, "
+  LASS_CHECK(dy.size(0) == x.size(0), op, ": grad_out [M, N] and x [M, K] must have the same M, "
               "got ", dy.sizes(), " and ", x.sizes());
   check_bits(bits, {dy.size(1)}, x.size(1), op);
 }
@@ -701,7 +701,7 @@ at::Tensor masked_linear_dw(const at::Tensor& dy, const at::Tensor& x, const at:
   // Nested ATen calls run below autograd: this kernel is the op's implementation.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_dw_args(dy, x, bits, "masked_linear_dw");
-  TORCH_CHECK(dy.scalar_type() == x.scalar_type(),
+  LASS_CHECK(dy.scalar_type() == x.scalar_type(),
               "masked_linear_dw: grad_out and x dtypes differ (", dy.scalar_type(), ", ",
               x.scalar_type(), ")");
   auto dw = at::empty({dy.size(1), x.size(1)}, x.options());
@@ -717,7 +717,7 @@ void masked_linear_dw_accumulate_(at::Tensor grad, const at::Tensor& dy, const a
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_dw_args(dy, x, bits, "masked_linear_dw_accumulate_");
   check_float_2d(grad, "masked_linear_dw_accumulate_", "grad");
-  TORCH_CHECK(grad.size(0) == dy.size(1) && grad.size(1) == x.size(1),
+  LASS_CHECK(grad.size(0) == dy.size(1) && grad.size(1) == x.size(1),
               "masked_linear_dw_accumulate_: grad must be [N=", dy.size(1), ", K=", x.size(1),
               "], got ", grad.sizes());
   if (grad.numel() == 0 || x.size(0) == 0) return;
@@ -743,7 +743,7 @@ struct MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
                                                  torch::autograd::variable_list grads) {
     // dx and dW come from kernels, not from differentiable ops: refuse a graph of the gradient
     // rather than return one that silently ends here.
-    TORCH_CHECK(!at::GradMode::is_enabled(),
+    LASS_CHECK(!at::GradMode::is_enabled(),
                 "masked_linear: double backward (create_graph=True) is not supported");
     const auto saved = ctx->get_saved_variables();
     const auto& x = saved[0];
@@ -779,7 +779,7 @@ static at::Tensor masked_linear_op(const at::Tensor& x, const at::Tensor& w,
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         const auto b = contiguous(bias);
         if (x.dim() == 2) return masked_linear(x.contiguous(), w.contiguous(), bits.contiguous(), b);
-        TORCH_CHECK(x.dim() >= 1 && w.dim() == 2 && x.size(-1) == w.size(1),
+        LASS_CHECK(x.dim() >= 1 && w.dim() == 2 && x.size(-1) == w.size(1),
                     "masked_linear: x must be [..., K] to match weight [N, K]");
         int64_t m_rows = 1;  // the product of the leading sizes (K may be 0)
         for (int64_t d = 0; d + 1 < x.dim(); ++d) m_rows *= x.size(d);
@@ -837,9 +837,9 @@ static void masked_linear_dw_accumulate_op(const at::Tensor& grad, const at::Ten
       registry,
       [&] {
         // the op takes grad float32 or x's dtype; the kernel accumulates in grad's dtype
-        TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == x.scalar_type(),
+        LASS_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == x.scalar_type(),
                     "masked_linear_dw_accumulate_: grad must be float32 or x's dtype");
-        TORCH_CHECK(dy.scalar_type() == x.scalar_type(),
+        LASS_CHECK(dy.scalar_type() == x.scalar_type(),
                     "masked_linear_dw_accumulate_: grad_out and x must share a dtype");
         masked_linear_dw_accumulate_(grad, dy.contiguous(), x.contiguous(), bits.contiguous());
       },

@@ -15,6 +15,8 @@
 
 #define LASS_ENTRY_BACKEND "cuda"
 #include "common/adamw_checks.h"
+#include "common/message.h"  // LASS_CHECK
+
 #include "common/entry_module.h"
 
 #include <cmath>
@@ -29,10 +31,10 @@ LASS_ENTRY_MODULE(_cuda)
 #define LASS_CUDA_CHECK(op, expr)                                                           \
   do {                                                                                      \
     const cudaError_t lass_err_ = (expr);                                                   \
-    TORCH_CHECK(lass_err_ == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(lass_err_)); \
+    LASS_CHECK(lass_err_ == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(lass_err_)); \
   } while (0)
 // `cond` must hold for argument `name` of `op`, else a RuntimeError saying what was expected.
-#define LASS_CHECK_ARG(cond, op, name, ...) TORCH_CHECK(cond, op, ": ", name, " ", __VA_ARGS__)
+#define LASS_CHECK_ARG(cond, op, name, ...) LASS_CHECK(cond, op, ": ", name, " ", __VA_ARGS__)
 
 namespace {
 using namespace lass_sparse_entry;
@@ -47,7 +49,7 @@ int dtype_code(const at::Tensor& t, const char* op) {
     case at::kFloat: return lass::kFloat32;
     case at::kHalf: return lass::kFloat16;
     case at::kBFloat16: return lass::kBFloat16;
-    default: TORCH_CHECK(false, op, ": float32, float16 or bfloat16 expected, got ", t.scalar_type());
+    default: LASS_CHECK(false, op, ": float32, float16 or bfloat16 expected, got ", t.scalar_type());
   }
   return -1;
 }
@@ -79,7 +81,7 @@ void check_bits(const at::Tensor& bits, const at::Device& dev, at::IntArrayRef r
 
 at::Tensor pack_mask(const at::Tensor& mask) {
   check_on(mask, mask.device(), "pack_mask", "mask");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() >= 1,
+  LASS_CHECK(mask.scalar_type() == at::kBool && mask.dim() >= 1,
               "pack_mask: mask must be bool[..., K], got ", mask.scalar_type(), mask.sizes());
   const c10::cuda::CUDAGuard guard(mask.device());
   auto m = mask.contiguous();
@@ -94,8 +96,8 @@ at::Tensor pack_mask(const at::Tensor& mask) {
 
 at::Tensor unpack_mask(const at::Tensor& bits, int64_t k) {
   check_on(bits, bits.device(), "unpack_mask", "bits");
-  TORCH_CHECK(k >= 0, "unpack_mask: k must be >= 0, got ", k);
-  TORCH_CHECK(bits.scalar_type() == at::kInt && bits.dim() >= 1 && bits.size(-1) == (k + 31) / 32,
+  LASS_CHECK(k >= 0, "unpack_mask: k must be >= 0, got ", k);
+  LASS_CHECK(bits.scalar_type() == at::kInt && bits.dim() >= 1 && bits.size(-1) == (k + 31) / 32,
               "unpack_mask: bits must be int32[..., ceil(k/32)] for k=", k, ", got ",
               bits.scalar_type(), bits.sizes());
   const c10::cuda::CUDAGuard guard(bits.device());
@@ -115,8 +117,8 @@ at::Tensor unpack_mask(const at::Tensor& bits, int64_t k) {
 at::Tensor magnitude_mask(const at::Tensor& weight, double alpha) {
   const char* op = "magnitude_mask";
   check_on(weight, weight.device(), op, "weight");
-  TORCH_CHECK(weight.dim() >= 1, op, ": weight must have >= 1 dim, got ", weight.sizes());
-  TORCH_CHECK(alpha >= 0.0 && alpha < 1.0, op, ": alpha must be in [0, 1), got ", alpha);
+  LASS_CHECK(weight.dim() >= 1, op, ": weight must have >= 1 dim, got ", weight.sizes());
+  LASS_CHECK(alpha >= 0.0 && alpha < 1.0, op, ": alpha must be in [0, 1), got ", alpha);
   const int code = dtype_code(weight, op);
   const c10::cuda::CUDAGuard guard(weight.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -152,21 +154,21 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   const char* op = "masked_linear";
   check_on(x, x.device(), op, "x");
   const at::Device dev = x.device();
-  TORCH_CHECK(x.dim() >= 1, op, ": x must be [..., K], got ", x.sizes());
+  LASS_CHECK(x.dim() >= 1, op, ": x must be [..., K], got ", x.sizes());
   dtype_code(x, op);
-  TORCH_CHECK(weight.defined() && weight.dim() == 2, op, ": weight must be 2-D [N, K]");
+  LASS_CHECK(weight.defined() && weight.dim() == 2, op, ": weight must be 2-D [N, K]");
   const int64_t n = weight.size(0), k = weight.size(1), m = leading_rows(x);
-  TORCH_CHECK(x.size(-1) == k, op, ": x must be [..., K=", k, "] to match weight [N, K], got ",
+  LASS_CHECK(x.size(-1) == k, op, ": x must be [..., K=", k, "] to match weight [N, K], got ",
               x.sizes());
-  TORCH_CHECK(m <= lass::kGemvMaxM, op, ": the CUDA decode GEMV takes at most ",
+  LASS_CHECK(m <= lass::kGemvMaxM, op, ": the CUDA decode GEMV takes at most ",
               lass::kGemvMaxM, " rows of x, got ", m);
   check_on(weight, dev, op, "weight");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must be ",
+  LASS_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must be ",
               x.scalar_type(), " like x, got ", weight.scalar_type());
   check_bits(bits.contiguous(), dev, {n}, k, op, "bits");
   if (bias.has_value()) {
     check_on(*bias, dev, op, "bias");
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->sizes() == at::IntArrayRef{n},
+    LASS_CHECK(bias->scalar_type() == x.scalar_type() && bias->sizes() == at::IntArrayRef{n},
                 op, ": bias must be ", x.scalar_type(), "[", n, "], got ", bias->scalar_type(),
                 bias->sizes());
   }
@@ -242,15 +244,15 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
     const at::Tensor& p = params[i];
     const std::string idx = "[" + std::to_string(i) + "]";
     check_on(p, dev, op, "params" + idx);
-    TORCH_CHECK(is_kernel_dtype(p), op, ": params", idx,
+    LASS_CHECK(is_kernel_dtype(p), op, ": params", idx,
                 " must be float32, float16 or bfloat16 (CUDA kernel), got ", p.scalar_type());
-    TORCH_CHECK(p.is_contiguous(), op, ": params", idx, " must be contiguous");
+    LASS_CHECK(p.is_contiguous(), op, ": params", idx, " must be contiguous");
     check_exact(grads[i], dev, op, "grads" + idx, p.scalar_type(), p.sizes());
     check_exact(exp_avgs[i], dev, op, "exp_avgs" + idx, at::kFloat, p.sizes());
     check_exact(exp_avg_sqs[i], dev, op, "exp_avg_sqs" + idx, at::kFloat, p.sizes());
     const std::optional<at::Tensor> b = bits.get(i);
     if (b.has_value()) {
-      TORCH_CHECK(p.dim() >= 1, op, ": a masked param must have >= 1 dim, params", idx,
+      LASS_CHECK(p.dim() >= 1, op, ": a masked param must have >= 1 dim, params", idx,
                   " is 0-d");
       check_bits(*b, dev, p.sizes().slice(0, p.dim() - 1), p.size(-1), op, "bits" + idx);
     }
