@@ -13,9 +13,11 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "common.h"
+#include "panel.h"
 #include "simd.h"
 
 namespace lass_sparse_cpu {
@@ -434,6 +436,14 @@ static bool panel_gemm_enabled() {
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
+// Most rows of dy for the bf16 dot-product backward kernels (panel_bf16.cpp); probe override:
+// $LASS_SPARSE_CPU_PANEL_DX_MAX_M / _DW_MAX_M.
+static int64_t panel_max_rows(const char* which, int64_t fallback) {
+  const std::string var = std::string("LASS_SPARSE_CPU_PANEL_") + which + "_MAX_M";
+  const char* v = std::getenv(var.c_str());
+  return v ? std::atoll(v) : fallback;
+}
+
 struct Panel {
   int64_t seg, row0, rows;  // segment, first row of x, valid rows (<= 32)
 };
@@ -767,6 +777,14 @@ at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& w, const at:
     dx_bf16dp(dy, w, bits, dx);
     return dx;
   }
+  // 1 thread, best of 30 against dy @ W (decode -> BLAS in brackets): M=16 1.00-1.15x
+  // (1.32-1.46x), M=64 1.05-1.11x (1.13-1.34x) at K <= 2048; at K = 4096 each 32-column block
+  // touches a page per row of W and it lost (1.34-1.63x against 1.16-1.22x).
+  if (dy.scalar_type() == at::kBFloat16 && m_rows <= panel_max_rows("DX", 128) && k <= 2048 &&
+      has_avx512_bf16() && panel_gemm_enabled()) {
+    dx_panel_bf16(dy, w, bits, dx);
+    return dx;
+  }
   // Column tiles of W ⊙ M: [N, kc] with kc a multiple of 32, so mask words stay aligned.
   int64_t kc = tile_extent(n, w.element_size(), k, 32, m_rows <= kWideTileMaxM ? 4 : 1);
   // Each tile's GEMM repacks all of dy: at least kMinTile columns (or a thread's share)
@@ -851,6 +869,15 @@ at::Tensor masked_linear_dw(const at::Tensor& dy, const at::Tensor& x, const at:
   auto dw = at::empty({dy.size(1), x.size(1)}, x.options());
   if (dw.numel() == 0) return dw;
   if (x.size(0) == 0) return dw.zero_();
+  // 1 thread, best of 30 against dyᵀ x (BLAS + mask pass in brackets): M=64 0.98-1.06x
+  // (1.03-1.22x) at K <= 2048; at M=16 no better (1.23-1.50x against 1.29-1.45x), at K = 4096
+  // worse (1.29-1.43x against 1.05-1.09x).
+  if (x.scalar_type() == at::kBFloat16 && x.size(0) > kWideTileMaxM &&
+      x.size(0) <= panel_max_rows("DW", 128) && x.size(1) <= 2048 && has_avx512_bf16() &&
+      panel_gemm_enabled()) {
+    dw_panel_bf16(dy, x, bits, dw);
+    return dw;
+  }
   dw_tiles(dy, x, bits, dw, false);
   return dw;
 }

@@ -1,0 +1,228 @@
+// bf16 backward kernels with AVX512-BF16 dot products (vdpbf16ps: fp32 accumulators, each
+// instruction adds a[2l] b[2l] + a[2l+1] b[2l+1] to lane l), for the few-row training shapes
+// where a BLAS call per tile plus a mask pass cost 1.3-2.3x dense (benchmarks/test_masked_linear.py,
+// fwd+bwd at M=16). Both write their result once, masked, with no decoded copy of W in memory
+// beyond an L2-sized column block:
+//   dW = (dyᵀ x) ⊙ M: register tiles of 6 rows of dW x 32 columns, the reduction over dy's rows
+//        in pairs (x packed as row pairs, dyᵀ as pairs); the mask word of each 32 columns
+//        zeroes the off-mask entries at the store.
+//   dx = dy (W ⊙ M): per 32 columns of W, its rows decoded under the mask and interleaved in
+//        pairs (n, n+1) once, then every 8 rows of dy reduce over them.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+#include "panel.h"
+#include "simd.h"
+
+namespace lass_sparse_cpu {
+namespace {
+using bf16 = c10::BFloat16;
+
+inline uint16_t raw(const bf16& v) {
+  uint16_t r;
+  std::memcpy(&r, &v, sizeof(r));
+  return r;
+}
+
+// Lane l of the results: (a[l], b[l]) for l < 16 (lo) and (a[16 + l], b[16 + l]) (hi).
+alignas(64) const uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                      8,  40, 9,  41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+alignas(64) const uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                      24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+
+// Pairs of rows r, r + 1 of a [rows, cols] bf16 matrix as 32-bit words (r's value in the low
+// half), column-major: out[c * pairs + p] = (a[2p][c], a[2p + 1][c]) (0 past the last row).
+void pack_row_pairs_t(const bf16* a, int64_t rows, int64_t cols, std::vector<uint32_t>& out) {
+  const int64_t pairs = (rows + 1) / 2;
+  out.assign(static_cast<size_t>(pairs * cols), 0u);
+  for (int64_t p = 0; p < pairs; ++p)
+    for (int64_t c = 0; c < cols; ++c) {
+      const uint32_t lo = raw(a[2 * p * cols + c]);
+      const uint32_t hi = 2 * p + 1 < rows ? raw(a[(2 * p + 1) * cols + c]) : 0u;
+      out[c * pairs + p] = lo | (hi << 16);
+    }
+}
+
+// MR x (32 WN) tile of dW: rows n0 + i, mask words wi ... wi + WN - 1:
+// Σ_p dyt[(n0 + i) * pairs + p] · xp[p][c], stored under the mask words.
+template <int MR, int WN>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void dw_tile(
+    const uint32_t* dyt, int64_t pairs, const __m512i* xp, int64_t words_k, int64_t wi,
+    int64_t n0, int64_t k, const int32_t* bits, int64_t nw, bf16* dw) {
+  __m512 acc[MR][2 * WN];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 2 * WN; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512i a[2 * WN];
+    for (int j = 0; j < WN; ++j) {  // word-major: a tile reads one contiguous run per word
+      a[2 * j] = xp[((wi + j) * pairs + p) * 2];
+      a[2 * j + 1] = xp[((wi + j) * pairs + p) * 2 + 1];
+    }
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m512i b = _mm512_set1_epi32(static_cast<int32_t>(dyt[(n0 + i) * pairs + p]));
+      for (int j = 0; j < 2 * WN; ++j)
+        acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)a[j], (__m512bh)b);
+    }
+  }
+  for (int j = 0; j < WN; ++j) {
+    const uint32_t valid = valid_lanes(wi + j, k);
+    for (int i = 0; i < MR; ++i) {
+      const uint32_t keep = static_cast<uint32_t>(bits[(n0 + i) * nw + wi + j]) & valid;
+      const __m512i v = _mm512_maskz_mov_epi16(
+          keep, (__m512i)_mm512_cvtne2ps_pbh(acc[i][2 * j + 1], acc[i][2 * j]));
+      bf16* dst = dw + (n0 + i) * k + (wi + j) * 32;
+      // whole aligned lines bypass the cache (dW is written once, larger than L2): no read
+      // for ownership
+      if (valid == 0xFFFFFFFFu && (reinterpret_cast<uintptr_t>(dst) & 63) == 0)
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), v);
+      else
+        _mm512_mask_storeu_epi16(dst, valid, v);
+    }
+  }
+}
+
+// x [M, K] as row pairs interleaved per column, 32 columns (one mask word) per 2 vectors:
+// xp[(w * pairs + p) * 2 + h] holds (x[2p][c], x[2p + 1][c]) for the 16 columns c of half h.
+__attribute__((target("avx512f,avx512bw"))) void pack_x_pairs(const bf16* x, int64_t m_rows,
+                                                              int64_t k, __m512i* xp) {
+  const int64_t words = num_words(k), pairs = (m_rows + 1) / 2;
+  const __m512i lo_idx = _mm512_load_si512(kLo), hi_idx = _mm512_load_si512(kHi);
+  for (int64_t p = 0; p < pairs; ++p)
+    for (int64_t w = 0; w < words; ++w) {
+      const __mmask32 valid = valid_lanes(w, k);
+      const __m512i a = _mm512_maskz_loadu_epi16(valid, x + 2 * p * k + w * 32);
+      const __m512i b = 2 * p + 1 < m_rows
+                            ? _mm512_maskz_loadu_epi16(valid, x + (2 * p + 1) * k + w * 32)
+                            : _mm512_setzero_si512();
+      xp[(w * pairs + p) * 2] = _mm512_permutex2var_epi16(a, lo_idx, b);
+      xp[(w * pairs + p) * 2 + 1] = _mm512_permutex2var_epi16(a, hi_idx, b);
+    }
+}
+
+// dx[m0 + i, 32 wi ...] = Σ_p dyp[(m0 + i) * pairs + p] · wi_buf[p] for MR rows of dy.
+template <int MR>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void dx_tile(
+    const uint32_t* dyp, int64_t pairs, const __m512i* wbuf, int64_t m0, int64_t wi, int64_t k,
+    bf16* dx) {
+  __m512 lo[MR], hi[MR];
+  for (int i = 0; i < MR; ++i) lo[i] = hi[i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512i w_lo = wbuf[2 * p], w_hi = wbuf[2 * p + 1];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512i b = _mm512_set1_epi32(static_cast<int32_t>(dyp[(m0 + i) * pairs + p]));
+      lo[i] = _mm512_dpbf16_ps(lo[i], (__m512bh)w_lo, (__m512bh)b);
+      hi[i] = _mm512_dpbf16_ps(hi[i], (__m512bh)w_hi, (__m512bh)b);
+    }
+  }
+  const uint32_t valid = valid_lanes(wi, k);
+  for (int i = 0; i < MR; ++i)
+    _mm512_mask_storeu_epi16(dx + (m0 + i) * k + wi * 32, valid,
+                             (__m512i)_mm512_cvtne2ps_pbh(hi[i], lo[i]));
+}
+
+// Rows 2p, 2p + 1 of W's 32 columns at mask word wi, under their masks, interleaved in pairs.
+__attribute__((target("avx512f,avx512bw"))) void decode_pairs(const bf16* w, int64_t n,
+                                                              int64_t k, const int32_t* bits,
+                                                              int64_t wi, __m512i* wbuf) {
+  const int64_t nw = num_words(k), pairs = (n + 1) / 2;
+  const uint32_t valid = valid_lanes(wi, k);
+  const __m512i lo_idx = _mm512_load_si512(kLo), hi_idx = _mm512_load_si512(kHi);
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t r = 2 * p;
+    const __m512i a = _mm512_maskz_loadu_epi16(static_cast<uint32_t>(bits[r * nw + wi]) & valid,
+                                               w + r * k + wi * 32);
+    const __m512i b =
+        r + 1 < n ? _mm512_maskz_loadu_epi16(static_cast<uint32_t>(bits[(r + 1) * nw + wi]) & valid,
+                                             w + (r + 1) * k + wi * 32)
+                  : _mm512_setzero_si512();
+    wbuf[2 * p] = _mm512_permutex2var_epi16(a, lo_idx, b);
+    wbuf[2 * p + 1] = _mm512_permutex2var_epi16(a, hi_idx, b);
+  }
+}
+
+// Room for `count` 64-byte vectors (CPU allocations are 64-byte aligned).
+at::Tensor vectors(int64_t count) { return at::empty({count * 64}, at::kByte); }
+
+}  // namespace
+
+void dw_panel_bf16(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits,
+                   at::Tensor& dw) {
+  const int64_t m_rows = dy.size(0), n = dy.size(1), k = x.size(1);
+  const int64_t pairs = (m_rows + 1) / 2, words = num_words(k), nw = words;
+  std::vector<uint32_t> dyt;  // dyᵀ as row pairs of dy: dyt[c * pairs + p], c a column of dy
+  pack_row_pairs_t(dy.data_ptr<bf16>(), m_rows, n, dyt);
+  at::Tensor xbuf = vectors(pairs * words * 2);
+  auto* xp = reinterpret_cast<__m512i*>(xbuf.data_ptr());
+  pack_x_pairs(x.data_ptr<bf16>(), m_rows, k, xp);
+  const int32_t* bp = bits.data_ptr<int32_t>();
+  bf16* out = dw.data_ptr<bf16>();
+  constexpr int64_t kMR = 6;
+  const int64_t blocks = (n + kMR - 1) / kMR;
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kMR, rows = std::min(kMR, n - n0);
+      int64_t wi = 0;
+      if (rows == kMR)
+        for (; wi + 2 <= words; wi += 2)
+          dw_tile<kMR, 2>(dyt.data(), pairs, xp, words, wi, n0, k, bp, nw, out);
+      for (; wi < words; ++wi) {
+        switch (rows) {
+          case 6: dw_tile<6, 1>(dyt.data(), pairs, xp, words, wi, n0, k, bp, nw, out); break;
+          case 5: dw_tile<5, 1>(dyt.data(), pairs, xp, words, wi, n0, k, bp, nw, out); break;
+          case 4: dw_tile<4, 1>(dyt.data(), pairs, xp, words, wi, n0, k, bp, nw, out); break;
+          case 3: dw_tile<3, 1>(dyt.data(), pairs, xp, words, wi, n0, k, bp, nw, out); break;
+          case 2: dw_tile<2, 1>(dyt.data(), pairs, xp, words, wi, n0, k, bp, nw, out); break;
+          default: dw_tile<1, 1>(dyt.data(), pairs, xp, words, wi, n0, k, bp, nw, out); break;
+        }
+      }
+    }
+    _mm_sfence();  // the streaming stores are visible before the result is used
+  });
+}
+
+void dx_panel_bf16(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& bits,
+                   at::Tensor& dx) {
+  const int64_t m_rows = dy.size(0), n = w.size(0), k = w.size(1);
+  const int64_t pairs = (n + 1) / 2;
+  // dy's rows as pairs along N: dyp[m * pairs + p] = (dy[m][2p], dy[m][2p + 1])
+  std::vector<uint32_t> dyp(static_cast<size_t>(m_rows * pairs), 0u);
+  const bf16* d = dy.data_ptr<bf16>();
+  for (int64_t m = 0; m < m_rows; ++m)
+    for (int64_t p = 0; p < pairs; ++p)
+      dyp[m * pairs + p] = static_cast<uint32_t>(raw(d[m * n + 2 * p])) |
+                           (2 * p + 1 < n ? static_cast<uint32_t>(raw(d[m * n + 2 * p + 1])) << 16
+                                          : 0u);
+  const bf16* wp = w.data_ptr<bf16>();
+  const int32_t* bp = bits.data_ptr<int32_t>();
+  bf16* out = dx.data_ptr<bf16>();
+  at::parallel_for(0, num_words(k), 1, [&](int64_t w0, int64_t w1) {
+    at::Tensor buf = vectors(2 * pairs);
+    auto* wbuf = reinterpret_cast<__m512i*>(buf.data_ptr());
+    for (int64_t wi = w0; wi < w1; ++wi) {
+      decode_pairs(wp, n, k, bp, wi, wbuf);
+      int64_t m = 0;
+      for (; m + 8 <= m_rows; m += 8) dx_tile<8>(dyp.data(), pairs, wbuf, m, wi, k, out);
+      switch (m_rows - m) {
+        case 7: dx_tile<7>(dyp.data(), pairs, wbuf, m, wi, k, out); break;
+        case 6: dx_tile<6>(dyp.data(), pairs, wbuf, m, wi, k, out); break;
+        case 5: dx_tile<5>(dyp.data(), pairs, wbuf, m, wi, k, out); break;
+        case 4: dx_tile<4>(dyp.data(), pairs, wbuf, m, wi, k, out); break;
+        case 3: dx_tile<3>(dyp.data(), pairs, wbuf, m, wi, k, out); break;
+        case 2: dx_tile<2>(dyp.data(), pairs, wbuf, m, wi, k, out); break;
+        case 1: dx_tile<1>(dyp.data(), pairs, wbuf, m, wi, k, out); break;
+        default: break;
+      }
+    }
+  });
+}
+
+}  // namespace lass_sparse_cpu
