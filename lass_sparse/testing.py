@@ -55,6 +55,20 @@ def within_torch_error(ours: torch.Tensor, torch_same: torch.Tensor, exact: torc
     return ok, f"err {ours_err:.3g} vs torch {torch_err:.3g} (bound {bound:.3g})"
 
 
+def record_backends(monkeypatch) -> list[str]:
+    """The backends the registry runs from now on, in order (it runs only where an op's body
+    runs: a C++ entry that defers, or a backend without a native kernel)."""
+    seen: list[str] = []
+    run = _registry._run
+
+    def spy(impl, *a):
+        seen.append(impl.backend)
+        return run(impl, *a)
+
+    monkeypatch.setattr(_registry, "_run", spy)
+    return seen
+
+
 class _Kernels:
     """``<backend>_kernels.<op>(*args)``: the compiled kernel of ``<op>`` (``cpu``: csrc/cpu,
     ``cuda``: csrc/cuda) with its own checks and errors (``native``: no deferral to the op's

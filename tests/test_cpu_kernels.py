@@ -9,7 +9,7 @@ import torch
 import lass_sparse
 from lass_sparse import _registry, reference
 from lass_sparse.bitmask import pack_mask_reference
-from lass_sparse.testing import cpu_kernels
+from lass_sparse.testing import cpu_kernels, record_backends
 
 pytestmark = pytest.mark.skipif(
     not lass_sparse.backends()["cpu"]["active"], reason="C++ extension lass_sparse._C not built"
@@ -221,7 +221,7 @@ def _adamw_steps(simd: bool) -> dict:
     code = r"""
 import io, sys, torch, lass_sparse as ls
 from lass_sparse.bitmask import pack_mask_reference
-from lass_sparse.testing import cpu_kernels
+from lass_sparse.testing import cpu_kernels, record_backends
 g = torch.Generator().manual_seed(0)
 out = {}
 for dt in (torch.float32, torch.bfloat16):
@@ -257,19 +257,6 @@ def test_masked_adamw_simd_and_portable_paths_agree_bit_for_bit():
 # ------------------------------------------------- the kernels under the public names (dispatcher)
 
 
-def _record_registry(monkeypatch) -> list[str]:
-    """The backends the registry runs (it runs only when a C++ entry defers to the op body)."""
-    seen: list[str] = []
-    run = _registry._run
-
-    def spy(impl, *a):
-        seen.append(impl.backend)
-        return run(impl, *a)
-
-    monkeypatch.setattr(_registry, "_run", spy)
-    return seen
-
-
 def test_cpu_kernels_are_the_public_ops_cpu_kernels():
     for op in ("pack_mask", "unpack_mask", "magnitude_mask", "masked_linear", "masked_linear_dx",
                "masked_linear_dw", "masked_linear_dw_accumulate_", "segmented_masked_linear",
@@ -280,7 +267,7 @@ def test_cpu_kernels_are_the_public_ops_cpu_kernels():
 
 @pytest.mark.parametrize("path", ["torch.ops", "public"])
 def test_a_cpu_call_reaches_the_kernel_without_the_python_body(monkeypatch, path):
-    seen = _record_registry(monkeypatch)
+    seen = record_backends(monkeypatch)
     x, w = torch.randn(2, 3, 40), torch.randn(8, 40)
     bits = pack_mask_reference(torch.rand(8, 40) > 0.5)
     f = torch.ops.lass_sparse.masked_linear if path == "torch.ops" else lass_sparse.masked_linear
@@ -292,7 +279,7 @@ def test_a_cpu_call_reaches_the_kernel_without_the_python_body(monkeypatch, path
 
 
 def test_the_kernels_defer_to_the_op_body_for_inputs_they_do_not_take(monkeypatch):
-    seen = _record_registry(monkeypatch)
+    seen = record_backends(monkeypatch)
     x, w = torch.randn(5, 40, dtype=torch.float16), torch.randn(8, 40, dtype=torch.float16)
     bits = pack_mask_reference(torch.rand(8, 40) > 0.5)
     y = torch.ops.lass_sparse.masked_linear(x, w, bits, None)
@@ -305,7 +292,7 @@ def test_the_kernels_defer_to_the_op_body_for_inputs_they_do_not_take(monkeypatc
 def test_forced_backends_reach_the_kernels_per_thread_and_from_the_env(monkeypatch):
     import threading
 
-    seen = _record_registry(monkeypatch)
+    seen = record_backends(monkeypatch)
     x, w = torch.randn(5, 40), torch.randn(8, 40)
     bits = pack_mask_reference(torch.rand(8, 40) > 0.5)
     ops = torch.ops.lass_sparse

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import lass_sparse
-from lass_sparse import _registry, reference
+from lass_sparse import reference
 from lass_sparse.bitmask import pack_mask_reference, unpack_mask_reference
-from lass_sparse.testing import cuda_kernels, require_backend
+from lass_sparse.testing import cuda_kernels, record_backends, require_backend
 
 pytestmark = pytest.mark.gpu
 CUDA_OPS = ("pack_mask", "unpack_mask", "magnitude_mask", "masked_linear", "masked_adamw_")
@@ -20,18 +20,6 @@ CUDA_OPS = ("pack_mask", "unpack_mask", "magnitude_mask", "masked_linear", "mask
 @pytest.fixture(autouse=True)
 def _cuda_backend():
     require_backend("cuda")  # skips where the extension is not built; fails where it is broken
-
-
-def _record_registry(monkeypatch):
-    seen = []
-    run = _registry._run
-
-    def spy(impl, *a):
-        seen.append(impl.backend)
-        return run(impl, *a)
-
-    monkeypatch.setattr(_registry, "_run", spy)
-    return seen
 
 
 def _linear_args(m, k=200, n=96, dtype=torch.float32, lead=()):
@@ -52,7 +40,7 @@ def test_the_public_ops_have_cuda_kernels_and_no_second_namespace():
 
 @pytest.mark.parametrize("path", ["torch.ops", "public"])
 def test_a_decode_call_reaches_the_kernel_without_the_python_body(monkeypatch, path):
-    seen = _record_registry(monkeypatch)
+    seen = record_backends(monkeypatch)
     x, w, bits, b = _linear_args(4, lead=(2,))  # [2, 4, K]: 8 rows
     f = torch.ops.lass_sparse.masked_linear if path == "torch.ops" else lass_sparse.masked_linear
     with torch.no_grad():
@@ -64,7 +52,7 @@ def test_a_decode_call_reaches_the_kernel_without_the_python_body(monkeypatch, p
 
 
 def test_calls_that_are_not_the_kernels_go_to_the_op_body(monkeypatch):
-    seen = _record_registry(monkeypatch)
+    seen = record_backends(monkeypatch)
     x, w, bits, b = _linear_args(64)  # more rows than the decode GEMV: Triton (cuBLAS route)
     y = torch.ops.lass_sparse.masked_linear(x, w, bits, b)
     assert seen and seen[-1] != "cuda"
@@ -80,7 +68,7 @@ def test_calls_that_are_not_the_kernels_go_to_the_op_body(monkeypatch):
 def test_a_forced_backend_serves_the_call_not_the_kernel(monkeypatch, backend):
     if not lass_sparse.backends()[backend]["active"]:
         pytest.skip(f"{backend} inactive here")
-    seen = _record_registry(monkeypatch)
+    seen = record_backends(monkeypatch)
     x, w, bits, b = _linear_args(5)
     mask = torch.rand(3, 40, device="cuda") > 0.5
     with lass_sparse.use_backend(backend):

@@ -1,7 +1,10 @@
 #pragma once
-// Checks of masked_adamw_ that do not depend on the device: the hyperparameters and the
-// no-aliasing rule. Shared by the CPU kernel (csrc/cpu/adamw.cpp) and the CUDA binding.
+// masked_adamw_ for both native backends: the checks that do not depend on the device (the
+// hyperparameters, the no-aliasing rule) and the entry under the public name. Shared by the CPU
+// kernel (csrc/cpu/adamw.cpp) and the CUDA binding.
 #include <ATen/ATen.h>
+
+#include "common/entry.h"    // run_or_defer
 #include "common/message.h"  // LASS_CHECK
 
 #include <algorithm>
@@ -63,5 +66,28 @@ inline void check_adamw_no_overlap(at::TensorList params, at::TensorList grads,
     any_end = std::max(any_end, s.hi);
     if (s.written) written_end = std::max(written_end, s.hi);
   }
+}
+
+using AdamWKernel = void (*)(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                             const c10::List<std::optional<at::Tensor>>&, double, double, double,
+                             double, double, int64_t, bool);
+
+// The entry of a masked_adamw_ kernel under the public name (entry.h: the kernel, or the op's
+// Python body).
+template <AdamWKernel Kernel>
+void adamw_entry(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                 at::TensorList exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& bits,
+                 double lr, double beta1, double beta2, double eps, double weight_decay,
+                 int64_t step, bool maximize) {
+  static const auto registry =
+      registry_overload<decltype(adamw_entry<Kernel>)>("lass_sparse::masked_adamw_");
+  run_or_defer(
+      registry,
+      [&] {
+        Kernel(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps, weight_decay,
+               step, maximize);
+      },
+      params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps, weight_decay, step,
+      maximize);
 }
 }  // namespace lass_sparse_entry

@@ -187,25 +187,6 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
 
 }  // namespace lass_sparse_cpu
 
-namespace lass_sparse_cpu {
-static void masked_adamw_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                            at::TensorList exp_avg_sqs,
-                            const c10::List<std::optional<at::Tensor>>& bits, double lr,
-                            double beta1, double beta2, double eps, double weight_decay,
-                            int64_t step, bool maximize) {
-  static const auto registry =
-      registry_overload<decltype(masked_adamw_op)>("lass_sparse::masked_adamw_");
-  run_or_defer(
-      registry,
-      [&] {
-        masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps,
-                      weight_decay, step, maximize);
-      },
-      params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps, weight_decay, step,
-      maximize);
-}
-}  // namespace lass_sparse_cpu
-
 TORCH_LIBRARY_IMPL(lass_sparse, CPU, m) {
-  m.impl("masked_adamw_", &lass_sparse_cpu::masked_adamw_op);
+  m.impl("masked_adamw_", &lass_sparse_entry::adamw_entry<&lass_sparse_cpu::masked_adamw_>);
 }

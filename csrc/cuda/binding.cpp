@@ -303,22 +303,6 @@ at::Tensor masked_linear_op(const at::Tensor& x, const at::Tensor& weight, const
                          x, weight, bits, bias);
 }
 
-void masked_adamw_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& bits,
-                     double lr, double beta1, double beta2, double eps, double weight_decay,
-                     int64_t step, bool maximize) {
-  static const auto registry =
-      registry_overload<decltype(masked_adamw_op)>("lass_sparse::masked_adamw_");
-  run_or_defer(
-      registry,
-      [&] {
-        masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps,
-                      weight_decay, step, maximize);
-      },
-      params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps, weight_decay, step,
-      maximize);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lass_sparse, CUDA, m) {
@@ -326,5 +310,5 @@ TORCH_LIBRARY_IMPL(lass_sparse, CUDA, m) {
   m.impl("unpack_mask", &unpack_mask_op);
   m.impl("magnitude_mask", &magnitude_mask_op);
   m.impl("masked_linear", &masked_linear_op);
-  m.impl("masked_adamw_", &masked_adamw_op);
+  m.impl("masked_adamw_", &adamw_entry<&masked_adamw_>);
 }
