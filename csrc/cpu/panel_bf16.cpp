@@ -38,24 +38,28 @@ alignas(64) const uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21
                                       24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
 
 // Pairs of rows r, r + 1 of a [rows, cols] bf16 matrix as 32-bit words (r's value in the low
-// half), column-major: out[c * pairs + p] = (a[2p][c], a[2p + 1][c]) (0 past the last row).
-void pack_row_pairs_t(const bf16* a, int64_t rows, int64_t cols, std::vector<uint32_t>& out) {
+// half), row-pair-major: out[p * cols + c] = (a[2p][c], a[2p + 1][c]) (0 past the last row).
+void pack_row_pairs(const bf16* a, int64_t rows, int64_t cols, std::vector<uint32_t>& out) {
   const int64_t pairs = (rows + 1) / 2;
-  out.assign(static_cast<size_t>(pairs * cols), 0u);
-  for (int64_t p = 0; p < pairs; ++p)
-    for (int64_t c = 0; c < cols; ++c) {
-      const uint32_t lo = raw(a[2 * p * cols + c]);
-      const uint32_t hi = 2 * p + 1 < rows ? raw(a[(2 * p + 1) * cols + c]) : 0u;
-      out[c * pairs + p] = lo | (hi << 16);
-    }
+  out.resize(static_cast<size_t>(pairs * cols));
+  const auto* u = reinterpret_cast<const uint16_t*>(a);
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint16_t* lo = u + 2 * p * cols;
+    const uint16_t* hi = 2 * p + 1 < rows ? u + (2 * p + 1) * cols : nullptr;
+    uint32_t* o = out.data() + p * cols;
+    if (hi)
+      for (int64_t c = 0; c < cols; ++c) o[c] = lo[c] | (static_cast<uint32_t>(hi[c]) << 16);
+    else
+      for (int64_t c = 0; c < cols; ++c) o[c] = lo[c];
+  }
 }
 
 // MR x (32 WN) tile of dW: rows n0 + i, mask words wi ... wi + WN - 1:
-// Σ_p dyt[(n0 + i) * pairs + p] · xp[p][c], stored under the mask words.
+// Σ_p dyt[p * n + n0 + i] · xp[p][c], stored under the mask words.
 template <int MR, int WN>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void dw_tile(
-    const uint32_t* dyt, int64_t pairs, const __m512i* xp, int64_t words_k, int64_t wi,
-    int64_t n0, int64_t k, const int32_t* bits, int64_t nw, bf16* dw) {
+    const uint32_t* dyt, int64_t pairs, int64_t n, const __m512i* xp, int64_t wi, int64_t n0,
+    int64_t k, const int32_t* bits, int64_t nw, bf16* dw) {
   __m512 acc[MR][2 * WN];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 2 * WN; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -67,7 +71,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void dw_tile(
     }
 #pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) {
-      const __m512i b = _mm512_set1_epi32(static_cast<int32_t>(dyt[(n0 + i) * pairs + p]));
+      const __m512i b = _mm512_set1_epi32(static_cast<int32_t>(dyt[p * n + n0 + i]));
       for (int j = 0; j < 2 * WN; ++j)
         acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)a[j], (__m512bh)b);
     }
@@ -154,12 +158,38 @@ at::Tensor vectors(int64_t count) { return at::empty({count * 64}, at::kByte); }
 
 }  // namespace
 
+// The tile loops live in target-attributed functions so the tiles inline into them.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void dw_blocks(
+    const uint32_t* dyt, int64_t pairs, const __m512i* xp, int64_t words, int64_t n, int64_t k,
+    const int32_t* bp, bf16* out, int64_t b0, int64_t b1) {
+  constexpr int64_t kMR = 6;
+  const int64_t nw = words;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = b * kMR, rows = std::min(kMR, n - n0);
+    int64_t wi = 0;
+    if (rows == kMR)
+      for (; wi + 2 <= words; wi += 2)
+        dw_tile<kMR, 2>(dyt, pairs, n, xp, wi, n0, k, bp, nw, out);
+    for (; wi < words; ++wi) {
+      switch (rows) {
+        case 6: dw_tile<6, 1>(dyt, pairs, n, xp, wi, n0, k, bp, nw, out); break;
+        case 5: dw_tile<5, 1>(dyt, pairs, n, xp, wi, n0, k, bp, nw, out); break;
+        case 4: dw_tile<4, 1>(dyt, pairs, n, xp, wi, n0, k, bp, nw, out); break;
+        case 3: dw_tile<3, 1>(dyt, pairs, n, xp, wi, n0, k, bp, nw, out); break;
+        case 2: dw_tile<2, 1>(dyt, pairs, n, xp, wi, n0, k, bp, nw, out); break;
+        default: dw_tile<1, 1>(dyt, pairs, n, xp, wi, n0, k, bp, nw, out); break;
+      }
+    }
+  }
+  _mm_sfence();  // the streaming stores are visible before the result is used
+}
+
 void dw_panel_bf16(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits,
                    at::Tensor& dw) {
   const int64_t m_rows = dy.size(0), n = dy.size(1), k = x.size(1);
-  const int64_t pairs = (m_rows + 1) / 2, words = num_words(k), nw = words;
-  std::vector<uint32_t> dyt;  // dyᵀ as row pairs of dy: dyt[c * pairs + p], c a column of dy
-  pack_row_pairs_t(dy.data_ptr<bf16>(), m_rows, n, dyt);
+  const int64_t pairs = (m_rows + 1) / 2, words = num_words(k);
+  std::vector<uint32_t> dyt;  // dy's rows in pairs: dyt[p * n + c], c a column of dy
+  pack_row_pairs(dy.data_ptr<bf16>(), m_rows, n, dyt);
   at::Tensor xbuf = vectors(pairs * words * 2);
   auto* xp = reinterpret_cast<__m512i*>(xbuf.data_ptr());
   pack_x_pairs(x.data_ptr<bf16>(), m_rows, k, xp);
@@ -168,24 +198,7 @@ void dw_panel_bf16(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   constexpr int64_t kMR = 6;
   const int64_t blocks = (n + kMR - 1) / kMR;
   at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * kMR, rows = std::min(kMR, n - n0);
-      int64_t wi = 0;
-      if (rows == kMR)
-        for (; wi + 2 <= words; wi += 2)
-          dw_tile<kMR, 2>(dyt.data(), pairs, xp, words, wi, n0, k, bp, nw, out);
-      for (; wi < words; ++wi) {
-        switch (rows) {
-          case 6: dw_tile<6, 1>(dyt.data(), pairs, xp, words, wi, n0, k, bp, nw, out); break;
-          case 5: dw_tile<5, 1>(dyt.data(), pairs, xp, words, wi, n0, k, bp, nw, out); break;
-          case 4: dw_tile<4, 1>(dyt.data(), pairs, xp, words, wi, n0, k, bp, nw, out); break;
-          case 3: dw_tile<3, 1>(dyt.data(), pairs, xp, words, wi, n0, k, bp, nw, out); break;
-          case 2: dw_tile<2, 1>(dyt.data(), pairs, xp, words, wi, n0, k, bp, nw, out); break;
-          default: dw_tile<1, 1>(dyt.data(), pairs, xp, words, wi, n0, k, bp, nw, out); break;
-        }
-      }
-    }
-    _mm_sfence();  // the streaming stores are visible before the result is used
+    dw_blocks(dyt.data(), pairs, xp, words, n, k, bp, out, b0, b1);
   });
 }
 
