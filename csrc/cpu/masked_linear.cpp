@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -395,27 +396,26 @@ static void decode_block(const T* w, const int32_t* bits, int64_t k, int64_t r0,
 constexpr int kPanelRows = 32;
 constexpr int kPanelMR = 6;
 
-// out[i][j] = Σ_k w[i * ldw + k] panel[k][j] for i < MR, j < 32.
-template <int MR>
+// out[i][j] = Σ_k w[i * ldw + k] panel[k][j] for i < MR, j < 16 NV (NV = 1: a panel's last
+// rows, at most 16, without the zero half).
+template <int MR, int NV>
 __attribute__((target("avx512f"))) static inline void panel_kernel(const float* w, int64_t ldw,
                                                                    const float* panel,
                                                                    int64_t k, float* out) {
-  __m512 acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  __m512 acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
   for (int64_t kk = 0; kk < k; ++kk) {
-    const __m512 a0 = _mm512_loadu_ps(panel + kk * kPanelRows);
-    const __m512 a1 = _mm512_loadu_ps(panel + kk * kPanelRows + 16);
+    __m512 a[NV];
+    for (int v = 0; v < NV; ++v) a[v] = _mm512_loadu_ps(panel + kk * kPanelRows + 16 * v);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512 b = _mm512_set1_ps(w[i * ldw + kk]);
-      acc[i][0] = _mm512_fmadd_ps(b, a0, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(b, a1, acc[i][1]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(b, a[v], acc[i][v]);
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    _mm512_storeu_ps(out + i * kPanelRows, acc[i][0]);
-    _mm512_storeu_ps(out + i * kPanelRows + 16, acc[i][1]);
-  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + i * kPanelRows + 16 * v, acc[i][v]);
 }
 
 // y[rows, c0 + i] = out[i][j] (+ bias) for the `rows` valid panel rows starting at y row m0.
@@ -423,7 +423,10 @@ template <int MR>
 static void panel_block(const float* wd, int64_t k, const float* panel, int64_t rows,
                         const float* bias, float* y, int64_t n, int64_t m0, int64_t c0) {
   alignas(64) float out[kPanelMR * kPanelRows];
-  panel_kernel<MR>(wd, k, panel, k, out);
+  if (rows <= 16)
+    panel_kernel<MR, 1>(wd, k, panel, k, out);
+  else
+    panel_kernel<MR, 2>(wd, k, panel, k, out);
   for (int64_t j = 0; j < rows; ++j) {
     float* yr = y + (m0 + j) * n + c0;
     for (int i = 0; i < MR; ++i) yr[i] = out[i * kPanelRows + j] + (bias ? bias[c0 + i] : 0.f);
@@ -493,27 +496,27 @@ static void panel_segments(const at::Tensor& x, const at::Tensor& w, const int32
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> buf(static_cast<size_t>(tn * k));
+    std::unique_ptr<float[]> buf(new float[static_cast<size_t>(tn * k)]);  // not zeroed
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * tn, r1 = std::min(n, r0 + tn);
       int64_t decoded = -1;
       for (size_t p = 0; p < panels.size(); ++p) {
         const Panel& pn = panels[p];
         if (pid[pn.seg] != decoded) {
-          decode_block(wp, bits + pid[pn.seg] * bank_stride, k, r0, r1, 0, k, buf.data());
+          decode_block(wp, bits + pid[pn.seg] * bank_stride, k, r0, r1, 0, k, buf.get());
           decoded = pid[pn.seg];
         }
         const float* panel = pp + static_cast<int64_t>(p) * k * kPanelRows;
         int64_t r = r0;
         for (; r + kPanelMR <= r1; r += kPanelMR)
-          panel_block<kPanelMR>(buf.data() + (r - r0) * k, k, panel, pn.rows, bp, yp, n, pn.row0,
+          panel_block<kPanelMR>(buf.get() + (r - r0) * k, k, panel, pn.rows, bp, yp, n, pn.row0,
                                 r);
         switch (r1 - r) {  // the tile's last rows
-          case 5: panel_block<5>(buf.data() + (r - r0) * k, k, panel, pn.rows, bp, yp, n, pn.row0, r); break;
-          case 4: panel_block<4>(buf.data() + (r - r0) * k, k, panel, pn.rows, bp, yp, n, pn.row0, r); break;
-          case 3: panel_block<3>(buf.data() + (r - r0) * k, k, panel, pn.rows, bp, yp, n, pn.row0, r); break;
-          case 2: panel_block<2>(buf.data() + (r - r0) * k, k, panel, pn.rows, bp, yp, n, pn.row0, r); break;
-          case 1: panel_block<1>(buf.data() + (r - r0) * k, k, panel, pn.rows, bp, yp, n, pn.row0, r); break;
+          case 5: panel_block<5>(buf.get() + (r - r0) * k, k, panel, pn.rows, bp, yp, n, pn.row0, r); break;
+          case 4: panel_block<4>(buf.get() + (r - r0) * k, k, panel, pn.rows, bp, yp, n, pn.row0, r); break;
+          case 3: panel_block<3>(buf.get() + (r - r0) * k, k, panel, pn.rows, bp, yp, n, pn.row0, r); break;
+          case 2: panel_block<2>(buf.get() + (r - r0) * k, k, panel, pn.rows, bp, yp, n, pn.row0, r); break;
+          case 1: panel_block<1>(buf.get() + (r - r0) * k, k, panel, pn.rows, bp, yp, n, pn.row0, r); break;
           default: break;
         }
       }
