@@ -36,8 +36,8 @@ bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/report.py benchmarks/results/gpu.json -o benchmarks/results/gpu.md
 
 # On a lent GPU machine (torch/triton/cupy preinstalled, no network): builds with that torch,
-# runs every op/module/optimizer per GPU backend vs the reference, `pytest -m "gpu or triton"`
-# the GPU benchmarks, the CLI pipeline and a joint-step profile; pass/fail table + logs in
+# runs every op/module/optimizer per GPU backend vs the reference, `pytest -m "gpu or triton"`,
+# the native kernels' hardening tests, the GPU benchmarks, the CLI pipeline and a joint-step profile; pass/fail table + logs in
 # $(or $(OUT),gpu_check_results)/.
 GPU_PY ?= python3
 gpu-check:

@@ -43,6 +43,9 @@ from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_BACKENDS = ("cuda", "triton", "cupy")
+# Tests of the native kernels (not marked gpu) that run on the GPU machine too: its compiler
+# builds the extensions there.
+NATIVE_TESTS = ("tests/test_hardening_ops.py", "tests/test_cpu_kernels.py")
 
 
 @dataclass
@@ -542,6 +545,13 @@ def main(argv=None) -> int:
                       "-p", "no:cacheprovider", "-rfE", *extra],
                      os.path.join(a.out, "pytest.log"), env=env, timeout=left(a.step_timeout))
         steps.append(("pytest -m 'gpu or triton' tests", ok, d))
+        # The native kernels' error paths with this machine's build: every op with wrong sizes
+        # must raise, not crash (an extension built here once segfaulted wording an error).
+        ok, d = _run([sys.executable, "-m", "pytest", "-q", *NATIVE_TESTS, "-p",
+                      "no:cacheprovider", "-rfE", *extra],
+                     os.path.join(a.out, "pytest.log"), env=env,
+                     timeout=left(a.step_timeout), append=True)
+        steps.append(("native kernels: hardening and CPU kernel tests", ok, d))
         write()
 
     def run_bench():
