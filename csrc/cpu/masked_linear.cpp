@@ -780,10 +780,9 @@ at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& w, const at:
     dx_bf16dp(dy, w, bits, dx);
     return dx;
   }
-  // 1 thread, best of 30 against dy @ W (decode -> BLAS in brackets): M=16 1.00-1.15x
-  // (1.32-1.46x), M=64 1.05-1.11x (1.13-1.34x) at K <= 2048; at K = 4096 each 32-column block
-  // touches a page per row of W and it lost (1.34-1.63x against 1.16-1.22x).
-  if (dy.scalar_type() == at::kBFloat16 && m_rows <= panel_max_rows("DX", 128) && k <= 2048 &&
+  // 1 thread, best of 30 against dy @ W (decode -> BLAS in brackets), 2048x512 to 4096x4096:
+  // M=16 0.86-1.27x (1.23-1.49x), M=64 1.04-1.20x (1.13-1.43x).
+  if (dy.scalar_type() == at::kBFloat16 && m_rows <= panel_max_rows("DX", 128) &&
       has_avx512_bf16() && panel_gemm_enabled()) {
     dx_panel_bf16(dy, w, bits, dx);
     return dx;
