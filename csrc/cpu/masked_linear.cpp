@@ -439,11 +439,9 @@ static bool panel_gemm_enabled() {
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
-// Most rows of dy for the bf16 dot-product backward kernels (panel_bf16.cpp); probe override:
-// $LASS_SPARSE_CPU_PANEL_DX_MAX_M / _DW_MAX_M.
-static int64_t panel_max_rows(const char* which, int64_t fallback) {
-  const std::string var = std::string("LASS_SPARSE_CPU_PANEL_") + which + "_MAX_M";
-  const char* v = std::getenv(var.c_str());
+// An integer knob from the environment, or `fallback` (callers keep it in a static: read once).
+static int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
   return v ? std::atoll(v) : fallback;
 }
 
@@ -666,14 +664,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static inline void dx_bf1
     int64_t r0, int64_t r1, int64_t wi, float* acc_out) {
   const int64_t nw = num_words(k), k0 = wi * 32;
   const uint32_t valid = valid_lanes(wi, k);
-  // (a, b) = rows r, r + 1: lo lane 2j <- a[j], 2j + 1 <- b[j] (columns 0-15); hi: 16-31
-  alignas(64) static const uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
-                                               37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
-                                               11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static const uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
-                                               53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
-                                               27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i lo_idx = _mm512_load_si512(kLo), hi_idx = _mm512_load_si512(kHi);
+  const __m512i lo_idx = _mm512_load_si512(kPairLo), hi_idx = _mm512_load_si512(kPairHi);
   const auto lanes_lo = static_cast<__mmask16>(valid);
   const auto lanes_hi = static_cast<__mmask16>(valid >> 16);
   __m512 lo[MR], hi[MR];
@@ -772,17 +763,17 @@ at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& w, const at:
   auto dx = at::empty({m_rows, k}, dy.options());
   if (m_rows == 0 || k == 0) return dx;
   if (n == 0) return dx.zero_();
-  static const int64_t dp_max_m = [] {  // LASS_SPARSE_CPU_DX_DP_MAX_M overrides
-    const char* env = std::getenv("LASS_SPARSE_CPU_DX_DP_MAX_M");
-    return env ? std::min<int64_t>(std::atoll(env), kGemvMaxRows) : kDxDotMaxRows;
-  }();
+  static const int64_t dp_max_m =
+      std::min<int64_t>(env_int("LASS_SPARSE_CPU_DX_DP_MAX_M", kDxDotMaxRows), kGemvMaxRows);
+  // most rows for the bf16 dot-product backward kernels (panel_bf16.cpp)
+  static const int64_t panel_max_m = env_int("LASS_SPARSE_CPU_PANEL_DX_MAX_M", 128);
   if (dy.scalar_type() == at::kBFloat16 && m_rows <= dp_max_m && has_avx512_bf16()) {
     dx_bf16dp(dy, w, bits, dx);
     return dx;
   }
   // 1 thread, best of 30 against dy @ W (decode -> BLAS in brackets), 2048x512 to 4096x4096:
   // M=16 0.86-1.27x (1.23-1.49x), M=64 1.04-1.20x (1.13-1.43x).
-  if (dy.scalar_type() == at::kBFloat16 && m_rows <= panel_max_rows("DX", 128) &&
+  if (dy.scalar_type() == at::kBFloat16 && m_rows <= panel_max_m &&
       has_avx512_bf16() && panel_gemm_enabled()) {
     dx_panel_bf16(dy, w, bits, dx);
     return dx;
@@ -874,8 +865,9 @@ at::Tensor masked_linear_dw(const at::Tensor& dy, const at::Tensor& x, const at:
   // 1 thread, best of 30 against dyᵀ x (BLAS + mask pass in brackets): M=64 0.98-1.06x
   // (1.03-1.22x) at K <= 2048; at M=16 no better (1.23-1.50x against 1.29-1.45x), at K = 4096
   // worse (1.29-1.43x against 1.05-1.09x).
+  static const int64_t panel_max_m = env_int("LASS_SPARSE_CPU_PANEL_DW_MAX_M", 128);
   if (x.scalar_type() == at::kBFloat16 && x.size(0) > kWideTileMaxM &&
-      x.size(0) <= panel_max_rows("DW", 128) && x.size(1) <= 2048 && has_avx512_bf16() &&
+      x.size(0) <= panel_max_m && x.size(1) <= 2048 && has_avx512_bf16() &&
       panel_gemm_enabled()) {
     dw_panel_bf16(dy, x, bits, dw);
     return dw;

@@ -32,12 +32,6 @@ inline uint16_t raw(const bf16& v) {
   return r;
 }
 
-// Lane l of the results: (a[l], b[l]) for l < 16 (lo) and (a[16 + l], b[16 + l]) (hi).
-alignas(64) const uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
-                                      8,  40, 9,  41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-alignas(64) const uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                                      24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-
 // Pairs of rows r, r + 1 of a [rows, cols] bf16 matrix as 32-bit words (r's value in the low
 // half), row-pair-major: out[p * cols + c] = (a[2p][c], a[2p + 1][c]) (0 past the last row).
 void pack_row_pairs(const bf16* a, int64_t rows, int64_t cols, std::vector<uint32_t>& out) {
@@ -99,7 +93,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void dw_tile(
 __attribute__((target("avx512f,avx512bw"))) void pack_x_pairs(const bf16* x, int64_t m_rows,
                                                               int64_t k, __m512i* xp) {
   const int64_t words = num_words(k), pairs = (m_rows + 1) / 2;
-  const __m512i lo_idx = _mm512_load_si512(kLo), hi_idx = _mm512_load_si512(kHi);
+  const __m512i lo_idx = _mm512_load_si512(kPairLo), hi_idx = _mm512_load_si512(kPairHi);
   for (int64_t p = 0; p < pairs; ++p)
     for (int64_t w = 0; w < words; ++w) {
       const __mmask32 valid = valid_lanes(w, k);
@@ -147,7 +141,7 @@ __attribute__((target("avx512f,avx512bw"))) void decode_pairs(const bf16* w, int
                                                               int64_t p0, int64_t p1,
                                                               int64_t chunk, __m512i* wbuf) {
   const int64_t nw = num_words(k);
-  const __m512i lo_idx = _mm512_load_si512(kLo), hi_idx = _mm512_load_si512(kHi);
+  const __m512i lo_idx = _mm512_load_si512(kPairLo), hi_idx = _mm512_load_si512(kPairHi);
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t r = 2 * p;
     for (int64_t wi = wa; wi < wb; ++wi) {

@@ -32,6 +32,16 @@ inline uint32_t run_word(const int32_t* words, int64_t w, int64_t count) {
   return word;
 }
 
+// permutex2var_epi16 indices that interleave two rows a, b of 32 bf16 into (a[j], b[j]) pairs:
+// kPairLo for columns 0-15 (lane 2j <- a[j], 2j + 1 <- b[j]), kPairHi for columns 16-31 (the
+// layout vdpbf16ps reduces over).
+alignas(64) inline constexpr uint16_t kPairLo[32] = {
+    0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+alignas(64) inline constexpr uint16_t kPairHi[32] = {
+    16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+    24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+
 inline uint32_t valid_lanes(int64_t w, int64_t count) {
   const int64_t rem = count - w * 32;
   return rem >= 32 ? 0xFFFFFFFFu : ((1u << rem) - 1u);

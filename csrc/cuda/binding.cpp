@@ -165,7 +165,8 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   check_on(weight, dev, op, "weight");
   LASS_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must be ",
               x.scalar_type(), " like x, got ", weight.scalar_type());
-  check_bits(bits.contiguous(), dev, {n}, k, op, "bits");
+  const auto b = bits.contiguous();  // the op takes any strides
+  check_bits(b, dev, {n}, k, op, "bits");
   if (bias.has_value()) {
     check_on(*bias, dev, op, "bias");
     LASS_CHECK(bias->scalar_type() == x.scalar_type() && bias->sizes() == at::IntArrayRef{n},
@@ -175,7 +176,7 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   const c10::cuda::CUDAGuard guard(dev);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto x2 = x.reshape({m, k}).contiguous();
-  const auto w = weight.contiguous(), b = bits.contiguous();
+  const auto w = weight.contiguous();
   const auto bias_c = contiguous(bias);
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = n;
