@@ -360,11 +360,12 @@ def test_segmented_panel_kernel_matches_reference(monkeypatch, k, n, bias):
     torch.testing.assert_close(y, y_blas, atol=1e-4 * k**0.5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("m", [9, 16, 17, 33, 100])
+@pytest.mark.parametrize("m", [1, 2, 5, 9, 16, 17, 33, 100])
 @pytest.mark.parametrize("n,k", [(1, 40), (7, 33), (50, 64), (33, 200), (1101, 600)])
 def test_bf16_panel_backward_kernels_match_reference(monkeypatch, m, n, k):
     """dx and dW in bf16 through the AVX512-BF16 dot-product kernels (panel_bf16.cpp, where the
-    CPU has them): odd N (a row pair padded with zero), K not a multiple of 32, M odd, several
+    CPU has them; dW from one row, dx above 8): odd N (a row pair padded with zero), K not a
+    multiple of 32, M odd (dy's last row pair padded), several
     256-column groups and 512-row chunks (1101 x 600); against
     float64, against the BLAS path ($LASS_SPARSE_CPU_PANEL_GEMM=0), off-mask dW exactly 0 and a
     NaN stored off the mask never reaching dx."""

@@ -23,6 +23,9 @@
 
 namespace lass_sparse_cpu {
 
+// Every loop over a register tile's rows or vectors carries `#pragma GCC unroll`: one left
+// rolled makes GCC keep the tile's accumulators in a stack array, a store and a load each per
+// tile (the bf16 dW tile ran at 1.3-1.5x dense dW at M = 16 that way, 0.9-1.0x unrolled).
 constexpr int64_t kGemvMaxRows = 16;
 
 // Largest M served by the decode GEMV (the rest: tiled decode -> BLAS). Env overrides per dtype:
@@ -149,14 +152,18 @@ template <typename T, int R, int MB>
 __attribute__((target("avx512f,avx512bw"))) static void gemv_block_avx512(
     const float* x, int64_t k, const T* wr, const int32_t* wbits, float* out) {
   __m512 acc[R][MB][2];
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
     for (int m = 0; m < MB; ++m) acc[r][m][0] = acc[r][m][1] = _mm512_setzero_ps();
   const int64_t full_words = k / 32, nw = num_words(k);
   for (int64_t wi = 0; wi < full_words; ++wi) {
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       __m512 wa, wb;
       load_word<T, true>(wr + r * k + wi * 32, static_cast<uint32_t>(wbits[r * nw + wi]), 0u,
                          wa, wb);
+#pragma GCC unroll 16
       for (int m = 0; m < MB; ++m) {
         const float* xr = x + m * k + wi * 32;
         acc[r][m][0] = _mm512_fmadd_ps(wa, _mm512_loadu_ps(xr), acc[r][m][0]);
@@ -167,10 +174,12 @@ __attribute__((target("avx512f,avx512bw"))) static void gemv_block_avx512(
   if (full_words < nw) {  // tail word: K % 32 valid lanes
     const int64_t wi = full_words;
     const uint32_t valid = valid_lanes(wi, k);
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       __m512 wa, wb;
       load_word<T, false>(wr + r * k + wi * 32, static_cast<uint32_t>(wbits[r * nw + wi]),
                           valid, wa, wb);
+#pragma GCC unroll 16
       for (int m = 0; m < MB; ++m) {
         const float* xr = x + m * k + wi * 32;
         __m512 xa = _mm512_maskz_loadu_ps(static_cast<__mmask16>(valid), xr);
@@ -180,7 +189,9 @@ __attribute__((target("avx512f,avx512bw"))) static void gemv_block_avx512(
       }
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
     for (int m = 0; m < MB; ++m)
       out[r * MB + m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m][0], acc[r][m][1]));
 }
@@ -190,8 +201,10 @@ static inline void gemv_tile(const float* x, int64_t k, const T* w, const int32_
                              int64_t nw, const T* bias, T* y, int64_t n, int64_t r0, int64_t m0) {
   float out[R * MB];
   gemv_block_avx512<T, R, MB>(x + m0 * k, k, w + r0 * k, bits + r0 * nw, out);
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     const float b = bias ? static_cast<float>(bias[r0 + r]) : 0.f;
+#pragma GCC unroll 16
     for (int m = 0; m < MB; ++m) y[(m0 + m) * n + r0 + r] = static_cast<T>(out[r * MB + m] + b);
   }
 }
@@ -226,22 +239,29 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void gemv_block_bf
     const c10::BFloat16* x, int64_t k, const c10::BFloat16* wr, const int32_t* wbits,
     float* out) {
   __m512 acc[R][MB];
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
   const int64_t nw = num_words(k);
   for (int64_t wi = 0; wi < nw; ++wi) {
     const uint32_t valid = valid_lanes(wi, k);
     __m512i xv[MB];
+#pragma GCC unroll 16
     for (int m = 0; m < MB; ++m)
       xv[m] = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(valid), x + m * k + wi * 32);
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const uint32_t word = static_cast<uint32_t>(wbits[r * nw + wi]) & valid;
       __m512i wv = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(word), wr + r * k + wi * 32);
+#pragma GCC unroll 16
       for (int m = 0; m < MB; ++m)
         acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv, (__m512bh)xv[m]);
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
     for (int m = 0; m < MB; ++m) out[r * MB + m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
@@ -251,14 +271,17 @@ static inline void gemv_tile_bf16dp(const c10::BFloat16* x, int64_t k, const c10
                                     c10::BFloat16* y, int64_t n, int64_t r0, int64_t m0) {
   float out[R * MB];
   gemv_block_bf16dp<R, MB>(x + m0 * k, k, w + r0 * k, bits + r0 * nw, out);
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     const float b = bias ? static_cast<float>(bias[r0 + r]) : 0.f;
+#pragma GCC unroll 16
     for (int m = 0; m < MB; ++m)
       y[(m0 + m) * n + r0 + r] = static_cast<c10::BFloat16>(out[r * MB + m] + b);
   }
 }
 
-// Words [w0, w1) of R weight rows against MB x rows, accumulating into acc[r * stride + m].
+// Words [w0, w1) of R weight rows against MB x rows, accumulating into acc[r * stride + m]
+// (the first chunk, w0 = 0, starts from zero instead).
 // K is walked in chunks so the W rows and all x rows of a chunk stay in L1 while every x block
 // reuses them; accumulators live in registers within a chunk.
 template <int R, int MB>
@@ -266,24 +289,53 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static inline void bf16dp
     const c10::BFloat16* x, int64_t k, const c10::BFloat16* wr, const int32_t* wbits,
     int64_t nw, int64_t w0, int64_t w1, __m512* acc, int64_t stride) {
   __m512 a[R][MB];
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) a[r][m] = acc[r * stride + m];
+#pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) a[r][m] = w0 == 0 ? _mm512_setzero_ps() : acc[r * stride + m];
   for (int64_t wi = w0; wi < w1; ++wi) {
     const uint32_t valid = valid_lanes(wi, k);
     __m512i wv[R];
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
       wv[r] = _mm512_maskz_loadu_epi16(
           static_cast<__mmask32>(static_cast<uint32_t>(wbits[r * nw + wi]) & valid),
           wr + r * k + wi * 32);
+#pragma GCC unroll 16
     for (int m = 0; m < MB; ++m) {
       const __m512i xv =
           _mm512_maskz_loadu_epi16(static_cast<__mmask32>(valid), x + m * k + wi * 32);
+#pragma GCC unroll 16
       for (int r = 0; r < R; ++r)
         a[r][m] = _mm512_dpbf16_ps(a[r][m], (__m512bh)wv[r], (__m512bh)xv);
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
     for (int m = 0; m < MB; ++m) acc[r * stride + m] = a[r][m];
+}
+
+// Lane j = the sum of v[j]'s 16 lanes, for 16 vectors: a tree of 15 adds (one horizontal sum
+// per vector cost about 8 instructions each, 25-50% of the dot products at K = 512-1024).
+__attribute__((target("avx512f"))) static inline __m512 sum16(const __m512* v) {
+  // the tree leaves lane 4L + q with the sum of its input L + 4q: feed it v in that order
+  static constexpr int kOrder[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+  __m512 t[8], u[4], w[2];
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {  // 256-bit halves: lanes 0-7 of input 2j, 8-15 of 2j + 1
+    const __m512 a = v[kOrder[2 * j]], b = v[kOrder[2 * j + 1]];
+    t[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j)  // 128-bit quarters: quarter q of u[j] is input 4j + q
+    u[j] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * j], t[2 * j + 1], 0x88),
+                         _mm512_shuffle_f32x4(t[2 * j], t[2 * j + 1], 0xDD));
+#pragma GCC unroll 2
+  for (int j = 0; j < 2; ++j)  // pairs within each quarter
+    w[j] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * j], u[2 * j + 1], 0x88),
+                         _mm512_shuffle_ps(u[2 * j], u[2 * j + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
 }
 
 // R output rows [r0, r0 + R) for all m_rows (<= kGemvMaxRows) rows of x.
@@ -293,9 +345,10 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void bf16dp_rows(
     const int32_t* bits, int64_t nw, const c10::BFloat16* bias, c10::BFloat16* y, int64_t n,
     int64_t r0) {
   constexpr int64_t kChunkWords = 16;  // 512 weights: R x 1 KiB of W + m_rows x 1 KiB of x
-  constexpr int MB = R == 4 ? 6 : 8;   // R * MB + R + 1 <= 32 zmm registers
-  __m512 acc[R * kGemvMaxRows];
-  for (auto& v : acc) v = _mm512_setzero_ps();
+  constexpr int MB = R == 4 ? 6 : 8;   // R * MB + R + 1 <= 32 zmm registers (R = 3: 28)
+  __m512 acc[R * kGemvMaxRows];  // the first chunk starts from zero; rows past m_rows stay 0
+  for (int r = 0; r < R; ++r)
+    for (int64_t m = m_rows; m < kGemvMaxRows; ++m) acc[r * kGemvMaxRows + m] = _mm512_setzero_ps();
   const c10::BFloat16* wr = w + r0 * k;
   const int32_t* wb = bits + r0 * nw;
   for (int64_t w0 = 0; w0 < nw; w0 += kChunkWords) {
@@ -308,11 +361,14 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void bf16dp_rows(
     for (; m < m_rows; ++m)
       bf16dp_chunk<R, 1>(x + m * k, k, wr, wb, nw, w0, w1, acc + m, kGemvMaxRows);
   }
+#pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     const float b = bias ? static_cast<float>(bias[r0 + r]) : 0.f;
-    for (int64_t m = 0; m < m_rows; ++m)
-      y[m * n + r0 + r] =
-          static_cast<c10::BFloat16>(_mm512_reduce_add_ps(acc[r * kGemvMaxRows + m]) + b);
+    alignas(64) uint16_t out[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out),
+                       (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(
+                           sum16(acc + r * kGemvMaxRows), _mm512_set1_ps(b))));
+    for (int64_t m = 0; m < m_rows; ++m) std::memcpy(y + m * n + r0 + r, out + m, 2);
   }
 }
 
@@ -322,6 +378,10 @@ static void gemv_bf16dp(const c10::BFloat16* x, int64_t m_rows, int64_t k,
   const int64_t nw = num_words(k);
   int64_t r = n0;
   if (m_rows >= 8) {  // compute-bound: K-chunked, x blocks reuse L1-resident W chunks
+    // 16 rows as 8 + 8 with 3 W rows (6 + 6 + 2 + 2 with 4 rows reloaded W for 2 x rows twice):
+    // 1.08x against 1.16x dense at 2048x512 and 4096x1024 (interleaved, 2 threads)
+    if (m_rows == 16)
+      for (; r + 3 <= n1; r += 3) bf16dp_rows<3>(x, m_rows, k, w, bits, nw, bias, y, n, r);
     for (; r + 4 <= n1; r += 4) bf16dp_rows<4>(x, m_rows, k, w, bits, nw, bias, y, n, r);
     for (; r < n1; ++r) bf16dp_rows<1>(x, m_rows, k, w, bits, nw, bias, y, n, r);
     return;
@@ -403,18 +463,24 @@ __attribute__((target("avx512f"))) static inline void panel_kernel(const float* 
                                                                    const float* panel,
                                                                    int64_t k, float* out) {
   __m512 acc[MR][NV];
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
   for (int64_t kk = 0; kk < k; ++kk) {
     __m512 a[NV];
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) a[v] = _mm512_loadu_ps(panel + kk * kPanelRows + 16 * v);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const __m512 b = _mm512_set1_ps(w[i * ldw + kk]);
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(b, a[v], acc[i][v]);
     }
   }
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + i * kPanelRows + 16 * v, acc[i][v]);
 }
 
@@ -429,6 +495,7 @@ static void panel_block(const float* wd, int64_t k, const float* panel, int64_t 
     panel_kernel<MR, 2>(wd, k, panel, k, out);
   for (int64_t j = 0; j < rows; ++j) {
     float* yr = y + (m0 + j) * n + c0;
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) yr[i] = out[i * kPanelRows + j] + (bias ? bias[c0 + i] : 0.f);
   }
 }
@@ -668,6 +735,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static inline void dx_bf1
   const auto lanes_lo = static_cast<__mmask16>(valid);
   const auto lanes_hi = static_cast<__mmask16>(valid >> 16);
   __m512 lo[MR], hi[MR];
+#pragma GCC unroll 16
   for (int m = 0; m < MR; ++m) {
     lo[m] = _mm512_maskz_loadu_ps(lanes_lo, acc_out + m * k + k0);
     hi[m] = _mm512_maskz_loadu_ps(lanes_hi, acc_out + m * k + k0 + 16);
@@ -686,6 +754,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static inline void dx_bf1
         w + (r + 1) * k + k0);
     const __m512i plo = _mm512_permutex2var_epi16(a, lo_idx, b);
     const __m512i phi = _mm512_permutex2var_epi16(a, hi_idx, b);
+#pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
       int32_t d;  // dy[m, r] in the low half, dy[m, r + 1] in the high half
       std::memcpy(&d, dy + m * n + r, sizeof(d));
@@ -700,6 +769,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static inline void dx_bf1
     const __m512i z = _mm512_setzero_si512();
     const __m512i plo = _mm512_permutex2var_epi16(a, lo_idx, z);
     const __m512i phi = _mm512_permutex2var_epi16(a, hi_idx, z);
+#pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
       uint16_t d;
       std::memcpy(&d, dy + m * n + r, sizeof(d));
@@ -708,6 +778,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static inline void dx_bf1
       hi[m] = _mm512_dpbf16_ps(hi[m], (__m512bh)phi, (__m512bh)bc);
     }
   }
+#pragma GCC unroll 16
   for (int m = 0; m < MR; ++m) {
     _mm512_mask_storeu_ps(acc_out + m * k + k0, lanes_lo, lo[m]);
     _mm512_mask_storeu_ps(acc_out + m * k + k0 + 16, lanes_hi, hi[m]);
@@ -729,6 +800,7 @@ static void dx_bf16dp_rows(const c10::BFloat16* dy, int64_t n, int64_t k,
         dx_bf16dp_block<MR>(dy, n, k, w, bits, r0, r1, b, acc.data());
     }
     const int64_t c0 = b0 * 32, c1 = std::min(k, b1 * 32);
+#pragma GCC unroll 16
     for (int m = 0; m < MR; ++m)
       for (int64_t c = c0; c < c1; ++c)
         dx[m * k + c] = static_cast<c10::BFloat16>(acc[m * k + c]);
@@ -862,12 +934,12 @@ at::Tensor masked_linear_dw(const at::Tensor& dy, const at::Tensor& x, const at:
   auto dw = at::empty({dy.size(1), x.size(1)}, x.options());
   if (dw.numel() == 0) return dw;
   if (x.size(0) == 0) return dw.zero_();
-  // 1 thread, best of 30 against dyᵀ x (BLAS + mask pass in brackets): M=64 0.98-1.06x
-  // (1.03-1.22x) at K <= 2048; at M=16 no better (1.23-1.50x against 1.29-1.45x), at K = 4096
-  // worse (1.29-1.43x against 1.05-1.09x).
+  // Against dyᵀ x, 2 threads, K <= 2048 (BLAS + mask pass in brackets): M=4 0.51-0.85x
+  // (1.38-1.56x), M=8 0.95-1.15x (1.39-1.66x), M=16 0.86-1.00x (1.26-1.33x), M=64 0.85-0.98x;
+  // at K = 4096 worse (M=16 1.25x against 1.05x: a 32 MB result, page faults on both sides).
   static const int64_t panel_max_m = env_int("LASS_SPARSE_CPU_PANEL_DW_MAX_M", 128);
-  if (x.scalar_type() == at::kBFloat16 && x.size(0) > kWideTileMaxM &&
-      x.size(0) <= panel_max_m && x.size(1) <= 2048 && has_avx512_bf16() &&
+  if (x.scalar_type() == at::kBFloat16 && x.size(0) <= panel_max_m && x.size(1) <= 2048 &&
+      has_avx512_bf16() &&
       panel_gemm_enabled()) {
     dw_panel_bf16(dy, x, bits, dw);
     return dw;

@@ -55,24 +55,31 @@ template <int MR, int WN>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void dw_tile(
     const uint32_t* dyt, int64_t pairs, int64_t n, const __m512i* xp, int64_t wi, int64_t n0,
     int64_t k, const int32_t* bits, int64_t nw, bf16* dw) {
+  // every loop over i and j unrolled, so acc stays in registers (see masked_linear.cpp)
   __m512 acc[MR][2 * WN];
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
     for (int j = 0; j < 2 * WN; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
     __m512i a[2 * WN];
+#pragma GCC unroll 16
     for (int j = 0; j < WN; ++j) {  // word-major: a tile reads one contiguous run per word
       a[2 * j] = xp[((wi + j) * pairs + p) * 2];
       a[2 * j + 1] = xp[((wi + j) * pairs + p) * 2 + 1];
     }
-#pragma GCC unroll 6
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const __m512i b = _mm512_set1_epi32(static_cast<int32_t>(dyt[p * n + n0 + i]));
+#pragma GCC unroll 16
       for (int j = 0; j < 2 * WN; ++j)
         acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)a[j], (__m512bh)b);
     }
   }
+#pragma GCC unroll 16
   for (int j = 0; j < WN; ++j) {
     const uint32_t valid = valid_lanes(wi + j, k);
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const uint32_t keep = static_cast<uint32_t>(bits[(n0 + i) * nw + wi + j]) & valid;
       const __m512i v = _mm512_maskz_mov_epi16(
@@ -113,19 +120,21 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void dx_tile(
     const uint32_t* dyp, int64_t pairs, const __m512i* wblk, int64_t p0, int64_t p1, int64_t m0,
     float* acc, int64_t lda) {
   __m512 lo[MR], hi[MR];
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
     lo[i] = _mm512_loadu_ps(acc + (m0 + i) * lda);
     hi[i] = _mm512_loadu_ps(acc + (m0 + i) * lda + 16);
   }
   for (int64_t p = p0; p < p1; ++p) {
     const __m512i w_lo = wblk[2 * (p - p0)], w_hi = wblk[2 * (p - p0) + 1];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const __m512i b = _mm512_set1_epi32(static_cast<int32_t>(dyp[(m0 + i) * pairs + p]));
       lo[i] = _mm512_dpbf16_ps(lo[i], (__m512bh)w_lo, (__m512bh)b);
       hi[i] = _mm512_dpbf16_ps(hi[i], (__m512bh)w_hi, (__m512bh)b);
     }
   }
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
     _mm512_storeu_ps(acc + (m0 + i) * lda, lo[i]);
     _mm512_storeu_ps(acc + (m0 + i) * lda + 16, hi[i]);
