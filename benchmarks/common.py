@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import time
+
 import pytest
 import torch
 
@@ -44,6 +47,41 @@ def timed(benchmark, device: str, fn, *args):
     synced(*args)
     synced(*args)
     return benchmark(synced, *args)
+
+
+PAIRED = "paired ours/dense"
+
+
+def paired(benchmark, device: str, ours, dense, *, smoke: bool = False, seconds: float = 1.5,
+           min_pairs: int = 9) -> float:
+    """ours/dense from calls alternated in this test (the first of each pair alternating too):
+    the median of the per-pair time ratios, recorded in ``extra_info[PAIRED]`` as
+    ``"1.04× (0.98–1.10)"``: median (quartiles). pytest-benchmark times ours and dense in
+    separate tests, seconds apart, and on a shared machine the load of its neighbours moves the
+    two medians apart (by up to ±0.15 here between runs); within a pair it barely moves. Both
+    calls must be warm; on CUDA each call is synchronized. ``smoke``: one pair (CI)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def clock(f) -> float:
+        t0 = time.perf_counter()
+        f()
+        sync()
+        return time.perf_counter() - t0
+
+    ratios: list[float] = []
+    t_end = time.perf_counter() + (0 if smoke else seconds)
+    while len(ratios) < (1 if smoke else min_pairs) or time.perf_counter() < t_end:
+        if len(ratios) % 2:
+            d, o = clock(dense), clock(ours)
+        else:
+            o, d = clock(ours), clock(dense)
+        ratios.append(o / d)
+    ratios.sort()
+    q = len(ratios) - 1
+    med, lo, hi = ratios[q // 2], ratios[q // 4], ratios[(3 * q) // 4]
+    assert math.isfinite(med) and med > 0, f"paired ratio {med}"
+    benchmark.extra_info[PAIRED] = f"{med:.2f}× ({lo:.2f}–{hi:.2f})"
+    return med
 
 
 def inputs(m: int, n: int, k: int, dtype: torch.dtype, device="cpu", keep: float = KEEP):

@@ -6,7 +6,7 @@ import contextlib
 
 import pytest
 import torch
-from common import assert_close_to_ref, inputs, linear_impls, tag, timed
+from common import assert_close_to_ref, inputs, linear_impls, paired, tag, timed
 
 import lass_sparse as ls
 from lass_sparse import reference
@@ -18,8 +18,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_forward(benchmark, impl, dtype, shape, m, device):
-    _forward(benchmark, impl, dtype, shape, m, device)
+def test_forward(benchmark, impl, dtype, shape, m, device, is_smoke):
+    _forward(benchmark, impl, dtype, shape, m, device, is_smoke)
 
 
 @pytest.mark.gpu
@@ -74,15 +74,18 @@ def _forced(backend: str, monkeypatch):
         pytest.skip(str(e).split(";")[0])
 
 
-def _forward(benchmark, impl, dtype, shape, m, device):
+def _forward(benchmark, impl, dtype, shape, m, device, is_smoke=False):
     n, k = shape
     x, w, mask, bits = inputs(m, n, k, DTYPES[dtype], device)
-    f = linear_impls(w, mask, bits)[impl.split("[")[0]]
+    impls = linear_impls(w, mask, bits)
+    f = impls[impl.split("[")[0]]
     tag(benchmark, "masked_linear", impl, device=device, dtype=dtype, M=m, N=n, K=k)
     benchmark.extra_info["flop"] = 2 * m * n * k
     benchmark.extra_info["bytes"] = w.numel() * w.element_size() + bits.numel() * 4
     with torch.inference_mode():
         out = timed(benchmark, device, f, x)
+        if impl == "ours":
+            paired(benchmark, device, lambda: f(x), lambda: impls["dense"](x), smoke=is_smoke)
     if impl != "dense":
         assert_close_to_ref(out, reference.masked_linear(x, w, bits, None))
 
@@ -111,6 +114,10 @@ def test_forward_backward(benchmark, impl, dtype, shape, m, device, is_smoke):
     tag(benchmark, "masked_linear_fwd_bwd", impl, device=device, dtype=dtype, M=m, N=n, K=k)
     benchmark.extra_info["flop"] = 6 * m * n * k
     dw = timed(benchmark, device, _fwd_bwd(impl, x, w, mask, bits))
+    if impl == "ours":
+        dense = _fwd_bwd("dense", x, w, mask, bits)
+        dense()
+        paired(benchmark, device, _fwd_bwd(impl, x, w, mask, bits), dense, smoke=is_smoke)
     if impl != "dense":
         assert not dw[~mask].any(), "off-mask dW must be exactly zero"
 

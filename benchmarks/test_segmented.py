@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import KEEP, tag, timed
+from common import KEEP, paired, tag, timed
 
 import lass_sparse as ls
 from lass_sparse import reference
@@ -35,6 +35,8 @@ def test_segmented(benchmark, impl, pairs, shape, device, is_smoke):
     }
     with torch.inference_mode():
         out = timed(benchmark, device, fns[impl])
+        if impl == "ours":
+            paired(benchmark, device, fns["ours"], fns["dense"], smoke=is_smoke)
     if impl != "dense":
         with ls.use_backend("reference"):
             want = torch.cat([reference.masked_linear(x[a:b], w, bank[p], None)
