@@ -53,9 +53,9 @@ PAIRED = "paired ours/dense"
 
 
 def paired(benchmark, device: str, ours, dense, *, smoke: bool = False, seconds: float = 1.5,
-           min_pairs: int = 9) -> float:
+           min_pairs: int = 9, label: str = PAIRED) -> float:
     """ours/dense from calls alternated in this test (the first of each pair alternating too):
-    the median of the per-pair time ratios, recorded in ``extra_info[PAIRED]`` as
+    the median of the per-pair time ratios, recorded in ``extra_info[label]`` as
     ``"1.04× (0.98–1.10)"``: median (quartiles). pytest-benchmark times ours and dense in
     separate tests, seconds apart, and on a shared machine the load of its neighbours moves the
     two medians apart (by up to ±0.15 here between runs); within a pair it barely moves. Both
@@ -80,7 +80,7 @@ def paired(benchmark, device: str, ours, dense, *, smoke: bool = False, seconds:
     q = len(ratios) - 1
     med, lo, hi = ratios[q // 2], ratios[q // 4], ratios[(3 * q) // 4]
     assert math.isfinite(med) and med > 0, f"paired ratio {med}"
-    benchmark.extra_info[PAIRED] = f"{med:.2f}× ({lo:.2f}–{hi:.2f})"
+    benchmark.extra_info[label] = f"{med:.2f}× ({lo:.2f}–{hi:.2f})"
     return med
 
 

@@ -41,10 +41,10 @@ def render(data: dict) -> str:
         impls = sorted({i for c in cases.values() for i in c}, key=lambda i: (i != "ours", i))
         base = [i for i in impls if i in BASELINES]
         lines += [f"## {op}", ""]
-        first = next(iter(cases.values()))
         case_keys = {kv.split("=")[0] for kv in next(iter(cases))[len(op) + 1:-1].split()}
-        extra = sorted({k for r in cases.values() for k in r.get("ours", first.get(
-            "ours", {})).get("extra_info", {})} - case_keys - {"op", "impl", "flop", "bytes"})
+        extra = sorted({k for r in cases.values() for b in r.values()
+                        for k in b.get("extra_info", {})}
+                       - case_keys - {"op", "impl", "flop", "bytes"})
         head = ["case"] + [f"{i}" for i in impls] + [f"ours/{b}" for b in base] + extra
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for group, row in cases.items():

@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 import torch
-from common import TensorMemory, tag, timed
+from common import TensorMemory, paired, tag, timed
 
 import lass_sparse as ls
 from lass_sparse.lass.model import Seq2Seq, label_smoothed_loss, make_config
@@ -34,14 +34,11 @@ def _batch_size(device: str, smoke: bool) -> int:
     return 8 if smoke else 256 if device == "cuda" else 32
 
 
-@pytest.mark.parametrize("impl", ["ours", "dense", "naive"])
-@pytest.mark.parametrize("config", ["tiny", "base"])
-def test_joint_step(benchmark, impl, config, device, is_smoke):
-    """ours: packed masks fused (masked dW, masked AdamW); dense: no masks, ``torch.optim.AdamW``;
-    naive: the original LaSS way — a bool mask per weight, ``W * mask`` built every step,
-    ``torch.optim.AdamW``, then off-mask weights and moments restored from the bool masks."""
-    model = _model(config, is_smoke, device)
-    src, tgt_in, tgt_out = _batch(model.config.vocab_size, _batch_size(device, is_smoke), 24,
+def _joint_stepper(impl: str, config: str, device: str, smoke: bool):
+    """(step, info, check) for one LaSS joint-training step of ``impl``: ``info`` the batch's
+    token count and the mask bytes per pair, ``check()`` asserts what the steps did."""
+    model = _model(config, smoke, device)
+    src, tgt_in, tgt_out = _batch(model.config.vocab_size, _batch_size(device, smoke), 24,
                                   device)
     bank = ls.MaskBank.from_model(model, 0.5, pair="en-de")
     registered = dict(model.named_parameters())
@@ -54,8 +51,6 @@ def test_joint_step(benchmark, impl, config, device, is_smoke):
         opt.bind(model, bank)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    tag(benchmark, "joint_step", impl, device=device, config=config,
-        tokens=int(src.numel() + tgt_in.numel()))
     losses = []
 
     def forward():
@@ -94,6 +89,31 @@ def test_joint_step(benchmark, impl, config, device, is_smoke):
         opt.zero_grad()
         losses.append(loss.detach())
 
+    def check():
+        assert all(torch.isfinite(x).item() for x in losses), "non-finite loss"
+        changed = 0
+        for n, keep in masks.items():
+            p = registered[n].detach()
+            if impl != "dense":
+                assert torch.equal(p[~keep], before[n][~keep]), f"{n}: off-mask weights changed"
+            changed += int((p != before[n]).sum())
+        assert changed > 0, "no weight changed"
+
+    mask_bytes = {"ours": sum(b.nbytes for b in bank["en-de"].values()),
+                  "naive": sum(m.nbytes for m in masks.values()), "dense": 0}[impl]
+    info = {"tokens": int(src.numel() + tgt_in.numel()), "mask_bytes": mask_bytes}
+    return step, info, check
+
+
+@pytest.mark.parametrize("impl", ["ours", "dense", "naive"])
+@pytest.mark.parametrize("config", ["tiny", "base"])
+def test_joint_step(benchmark, impl, config, device, is_smoke):
+    """ours: packed masks fused (masked dW, masked AdamW); dense: no masks, ``torch.optim.AdamW``;
+    naive: the original LaSS way — a bool mask per weight, ``W * mask`` built every step,
+    ``torch.optim.AdamW``, then off-mask weights and moments restored from the bool masks.
+    The ours test also alternates its step with a dense model's (paired column)."""
+    step, info, check = _joint_stepper(impl, config, device, is_smoke)
+    tag(benchmark, "joint_step", impl, device=device, config=config, tokens=info["tokens"])
     step()  # optimizer state exists before measuring memory
     if device == "cuda":
         torch.cuda.synchronize()
@@ -106,18 +126,14 @@ def test_joint_step(benchmark, impl, config, device, is_smoke):
         with TensorMemory() as mem:
             step()
         benchmark.extra_info["peak_tracked_MB"] = f"{mem.peak / 2**20:.1f}"
-    mask_bytes = {"ours": sum(b.nbytes for b in bank["en-de"].values()),
-                  "naive": sum(m.nbytes for m in masks.values()), "dense": 0}[impl]
-    benchmark.extra_info["mask_MB_per_pair"] = f"{mask_bytes / 2**20:.2f}"
+    benchmark.extra_info["mask_MB_per_pair"] = f"{info['mask_bytes'] / 2**20:.2f}"
     timed(benchmark, device, step)
-    assert all(torch.isfinite(x).item() for x in losses), "non-finite loss"
-    changed = 0
-    for n, keep in masks.items():
-        p = registered[n].detach()
-        if impl != "dense":
-            assert torch.equal(p[~keep], before[n][~keep]), f"{n}: off-mask weights changed"
-        changed += int((p != before[n]).sum())
-    assert changed > 0, "no weight changed"
+    if impl == "ours":
+        dense, _, dense_check = _joint_stepper("dense", config, device, is_smoke)
+        dense()
+        paired(benchmark, device, step, dense, smoke=is_smoke)
+        dense_check()
+    check()
     assert "mask_MB_per_pair" in benchmark.extra_info
     assert any(k.startswith("peak_") for k in benchmark.extra_info)
 
@@ -160,14 +176,11 @@ class _PlainTransformer(torch.nn.Module):
         return torch.nn.functional.linear(h, self.embed.weight)
 
 
-@pytest.mark.parametrize("impl", ["plain", "dense", "ours"])
-def test_pipeline_step_vs_plain_pytorch(benchmark, impl, device, is_smoke):
-    """One training step as ``run_stage`` takes it (bf16 autocast on CPU and GPU, clip, AdamW),
-    tiny config: ours (the masked joint step) and our dense model against a plain
-    ``nn.Transformer`` loop of the same size, batch and optimizer (issue targets: dense >= 0.9x
-    the plain tokens/s, masked <= 1.10x dense)."""
-    smoke = dict(d_model=32, heads=2, ffn=64, enc_layers=1, dec_layers=1) if is_smoke else {}
-    cfg = make_config("tiny", 1000 if is_smoke else 8000, dropout=0.0, **smoke)
+def _pipeline_stepper(impl: str, device: str, smoke: bool):
+    """(step, tokens, check) for one training step as ``run_stage`` takes it (bf16 autocast,
+    clip, AdamW), tiny config, of ``impl``: plain (``nn.Transformer``), dense or ours."""
+    over = dict(d_model=32, heads=2, ffn=64, enc_layers=1, dec_layers=1) if smoke else {}
+    cfg = make_config("tiny", 1000 if smoke else 8000, dropout=0.0, **over)
     torch.manual_seed(0)
     if impl == "plain":
         model = _PlainTransformer(cfg.vocab_size, cfg.d_model, cfg.heads, cfg.ffn,
@@ -183,9 +196,7 @@ def test_pipeline_step_vs_plain_pytorch(benchmark, impl, device, is_smoke):
         ls.attach(model, bank)
         opt.bind(model, bank)
         pair = "en-de"
-    src, tgt_in, tgt_out = _batch(cfg.vocab_size, 8 if is_smoke else 64, 24, device)
-    tag(benchmark, "train_step_vs_plain", impl, device=device, config="tiny",
-        tokens=int(src.numel() + tgt_in.numel()))
+    src, tgt_in, tgt_out = _batch(cfg.vocab_size, 8 if smoke else 64, 24, device)
     params = [p for g in opt.param_groups for p in g["params"]]
     losses = []
 
@@ -200,7 +211,28 @@ def test_pipeline_step_vs_plain_pytorch(benchmark, impl, device, is_smoke):
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
 
+    def check():
+        assert all(torch.isfinite(x).item() for x in losses)
+        assert float(losses[-1]) < float(losses[0]) + 1.0  # trains, does not blow up
+
+    return step, int(src.numel() + tgt_in.numel()), check
+
+
+@pytest.mark.parametrize("impl", ["plain", "dense", "ours"])
+def test_pipeline_step_vs_plain_pytorch(benchmark, impl, device, is_smoke):
+    """One training step as ``run_stage`` takes it (bf16 autocast on CPU and GPU, clip, AdamW),
+    tiny config: ours (the masked joint step) and our dense model against a plain
+    ``nn.Transformer`` loop of the same size, batch and optimizer (issue targets: dense >= 0.9x
+    the plain tokens/s, masked <= 1.10x dense). Paired columns: ours alternated with dense in the
+    ours test, dense with plain in the dense test."""
+    step, tokens, check = _pipeline_stepper(impl, device, is_smoke)
+    tag(benchmark, "train_step_vs_plain", impl, device=device, config="tiny", tokens=tokens)
     step()
     timed(benchmark, device, step)
-    assert all(torch.isfinite(x).item() for x in losses)
-    assert float(losses[-1]) < float(losses[0]) + 1.0  # trains, does not blow up
+    other = {"ours": "dense", "dense": "plain"}.get(impl)
+    if other:
+        base, _, base_check = _pipeline_stepper(other, device, is_smoke)
+        base()
+        paired(benchmark, device, step, base, smoke=is_smoke, label=f"paired {impl}/{other}")
+        base_check()
+    check()
