@@ -389,3 +389,33 @@ def test_bf16_panel_backward_kernels_match_reference(monkeypatch, m, n, k):
     dw_blas = torch.ops.lass_sparse.masked_linear_dw(dy, x, bits)
     assert (dx.double() - dx_blas.double()).abs().max() <= 1e-2 * scale_dx
     assert (dw.double() - dw_blas.double()).abs().max() <= 1e-2 * scale_dw
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offsets,pairs", [([0, 0, 37, 37], [2, 1, 0]),  # one non-empty segment
+                                           ([0, 10, 11, 37], [1, 0, 1])])
+def test_segmented_backward_matches_reference(dtype, offsets, pairs):
+    """The CPU segmented dx / dW: one non-empty segment through the masked_linear kernels (dW in
+    the input dtype), several through an fp32 accumulator; against float64."""
+    g = torch.Generator().manual_seed(len(offsets) + len(pairs))
+    t, n, k = offsets[-1], 50, 70
+    dy, x = torch.randn(t, n, generator=g).to(dtype), torch.randn(t, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    masks = torch.rand(3, n, k, generator=g) > 0.4
+    bank = torch.stack([pack_mask_reference(m) for m in masks])
+    offs, pid = torch.tensor(offsets), torch.tensor(pairs)
+    dx = torch.ops.lass_sparse.segmented_masked_linear_dx(dy, w, bank, offs, pid)
+    dw = torch.ops.lass_sparse.segmented_masked_linear_dw(dy, x, bank, offs, pid)
+    assert dx.dtype == dw.dtype == dtype
+    want_dx = torch.zeros(t, k, dtype=torch.float64)
+    want_dw = torch.zeros(n, k, dtype=torch.float64)
+    for s, p in enumerate(pairs):
+        a, e = offsets[s], offsets[s + 1]
+        m = masks[p].double()
+        want_dx[a:e] = dy[a:e].double() @ (w.double() * m)
+        want_dw += (dy[a:e].double().t() @ x[a:e].double()) * m
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(dx.double(), want_dx, atol=tol * 10, rtol=tol)
+    torch.testing.assert_close(dw.double(), want_dw, atol=tol * 10, rtol=tol)
+    off = ~masks[list(set(pairs))].any(0)  # entries no pair keeps: exactly zero
+    assert not dw[off].any()

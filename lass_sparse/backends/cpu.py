@@ -55,18 +55,28 @@ else:
         return [(offs[i], offs[i + 1], p) for i, p in enumerate(seg_pair.tolist())
                 if offs[i + 1] > offs[i]]
 
+    _dw = native("masked_linear_dw")
+
     @_registry.register("segmented_masked_linear_dx", "cpu", ("cpu",), dtypes=_DTYPES)
     def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair):
+        segs = _segments(seg_offsets, seg_pair)
+        if len(segs) == 1 and segs[0][1] - segs[0][0] == grad_out.shape[0]:
+            return _dx(grad_out, weight, bits_bank[segs[0][2]])
         dx = torch.empty(grad_out.shape[0], weight.shape[1], dtype=grad_out.dtype)
-        for lo, hi, p in _segments(seg_offsets, seg_pair):
+        for lo, hi, p in segs:
             dx[lo:hi] = _dx(grad_out[lo:hi], weight, bits_bank[p])
         return dx
 
     @_registry.register("segmented_masked_linear_dw", "cpu", ("cpu",), dtypes=_DTYPES)
     def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
+        segs = _segments(seg_offsets, seg_pair)
+        if len(segs) == 1:  # one pair: the masked_linear kernel (bf16 stays bf16, fp32 inside)
+            lo, hi, p = segs[0]
+            return _dw(grad_out[lo:hi].contiguous(), x[lo:hi].contiguous(), bits_bank[p])
+        # several: each segment's masked dyᵀx added into one fp32 (fp64) accumulator
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         dw = torch.zeros(bits_bank.shape[1], x.shape[1], dtype=acc)
-        for lo, hi, p in _segments(seg_offsets, seg_pair):
+        for lo, hi, p in segs:
             _accumulate(dw, grad_out[lo:hi], x[lo:hi], bits_bank[p])
         return dw.to(x.dtype)
 
