@@ -92,7 +92,7 @@ inline void masked_copy(const T* src, const int32_t* words, int64_t count, T* ds
 
 // dst[i] += mask[i] ? src[i] : 0 for i < count.
 template <typename S, typename D>
-inline void masked_add(const S* src, const int32_t* words, int64_t count, D* dst) {
+inline void masked_add_generic(const S* src, const int32_t* words, int64_t count, D* dst) {
   const int64_t nw = num_words(count);
   for (int64_t w = 0; w < nw; ++w) {
     const uint32_t word = run_word(words, w, count);
@@ -104,14 +104,40 @@ inline void masked_add(const S* src, const int32_t* words, int64_t count, D* dst
 }
 
 template <>
-inline void masked_add<double, double>(const double* src, const int32_t* words, int64_t count,
-                                       double* dst) {
+inline void masked_add_generic<double, double>(const double* src, const int32_t* words,
+                                               int64_t count, double* dst) {
   const int64_t nw = num_words(count);
   for (int64_t w = 0; w < nw; ++w) {
     const uint32_t word = run_word(words, w, count);
     const int64_t lo = w * 32, n = std::min<int64_t>(32, count - lo);
     for (int64_t j = 0; j < n; ++j) dst[lo + j] += ((word >> j) & 1u) ? src[lo + j] : 0.0;
   }
+}
+
+__attribute__((target("avx512f,avx512bw"))) inline void masked_add_avx512(
+    const float* src, const int32_t* words, int64_t count, float* dst) {
+  const int64_t nw = num_words(count);
+  for (int64_t w = 0; w < nw; ++w) {
+    const uint32_t word = run_word(words, w, count);
+    const float* s = src + w * 32;
+    float* d = dst + w * 32;
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {  // lanes past count are off in `word`: never read or written
+      const auto lanes = static_cast<__mmask16>(word >> (16 * h));
+      const __m512 a = _mm512_maskz_loadu_ps(lanes, s + 16 * h);
+      _mm512_mask_storeu_ps(d + 16 * h, lanes,
+                            _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, d + 16 * h), a));
+    }
+  }
+}
+
+// dst[i] += mask[i] ? src[i] : 0 for i < count.
+template <typename S, typename D>
+inline void masked_add(const S* src, const int32_t* words, int64_t count, D* dst) {
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<D, float>) {
+    if (has_avx512()) return masked_add_avx512(src, words, count, dst);
+  }
+  masked_add_generic(src, words, count, dst);
 }
 
 }  // namespace lass_sparse_cpu
