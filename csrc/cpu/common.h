@@ -1,9 +1,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
-#include "common/entry.h"
+#include "common/entry.h"    // run_or_defer, registry_overload, contiguous
 #include "common/message.h"  // LASS_CHECK
-  // run_or_defer, registry_overload, contiguous
 
 #include <cstdint>
 #include <vector>

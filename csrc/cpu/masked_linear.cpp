@@ -939,8 +939,7 @@ at::Tensor masked_linear_dw(const at::Tensor& dy, const at::Tensor& x, const at:
   // at K = 4096 worse (M=16 1.25x against 1.05x: a 32 MB result, page faults on both sides).
   static const int64_t panel_max_m = env_int("LASS_SPARSE_CPU_PANEL_DW_MAX_M", 128);
   if (x.scalar_type() == at::kBFloat16 && x.size(0) <= panel_max_m && x.size(1) <= 2048 &&
-      has_avx512_bf16() &&
-      panel_gemm_enabled()) {
+      has_avx512_bf16() && panel_gemm_enabled()) {
     dw_panel_bf16(dy, x, bits, dw);
     return dw;
   }

@@ -47,15 +47,14 @@ else:
     _reg("masked_adamw_", (torch.float32, torch.bfloat16), validates=True)
     _reg("masked_linear_dw_accumulate_")  # dtypes of grad; x and grad_out are cast to it
     _reg("segmented_masked_linear")  # one pass over W's row tiles, every segment per tile
-    _linear, _dx = native("masked_linear"), native("masked_linear_dx")
+    _linear, _dx, _dw = (native(op) for op in ("masked_linear", "masked_linear_dx",
+                                                "masked_linear_dw"))
     _accumulate = native("masked_linear_dw_accumulate_")
 
     def _segments(seg_offsets, seg_pair):
         offs = seg_offsets.tolist()
         return [(offs[i], offs[i + 1], p) for i, p in enumerate(seg_pair.tolist())
                 if offs[i + 1] > offs[i]]
-
-    _dw = native("masked_linear_dw")
 
     @_registry.register("segmented_masked_linear_dx", "cpu", ("cpu",), dtypes=_DTYPES)
     def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair):
