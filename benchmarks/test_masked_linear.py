@@ -10,7 +10,7 @@ from common import assert_close_to_ref, inputs, linear_impls, paired, tag, timed
 
 import lass_sparse as ls
 from lass_sparse import reference
-from lass_sparse._registry import BackendCannotServe
+from lass_sparse.ops.registry import BackendCannotServe
 
 IMPLS = ["ours", "dense", "naive", "unpack"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from . import _registry
-from ._registry import use_backend
 from .bitmask import validate_bits
 from .ops import (
     magnitude_mask,
@@ -15,6 +13,8 @@ from .ops import (
     segmented_masked_linear,
     unpack_mask,
 )
+from .ops import registry as _registry
+from .ops.registry import use_backend
 
 __version__ = "0.1.0"
 

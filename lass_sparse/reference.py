@@ -16,8 +16,8 @@ import math
 
 import torch
 
-from . import _registry
 from .bitmask import pack_mask_reference, unpack_mask_reference
+from .ops import registry as _registry
 
 ALL = ("cpu", "cuda", "meta", "mps", "xpu")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _registry
+from .ops import registry
 
 # Floors of the flash-attention tolerance rule, relative to max |exact| (see within_torch_error).
 FLOOR = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -28,7 +28,7 @@ def require_backend(name: str) -> None:
     the backend is *broken* (e.g. its native module was built but does not import)."""
     import pytest
 
-    st = _registry.status()[name]
+    st = registry.status()[name]
     if st.broken:
         pytest.fail(f"backend {name!r} is broken: {st.reason}")
     if not st.active:
@@ -59,13 +59,13 @@ def record_backends(monkeypatch) -> list[str]:
     """The backends the registry runs from now on, in order (it runs only where an op's body
     runs: a C++ entry that defers, or a backend without a native kernel)."""
     seen: list[str] = []
-    run = _registry._run
+    run = registry._run
 
     def spy(impl, *a):
         seen.append(impl.backend)
         return run(impl, *a)
 
-    monkeypatch.setattr(_registry, "_run", spy)
+    monkeypatch.setattr(registry, "_run", spy)
     return seen
 
 

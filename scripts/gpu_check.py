@@ -80,7 +80,7 @@ def _close(name, ours, ref, exact, dtype_name):
 def _force(ls, backend):
     """``use_backend`` plus ``$LASS_SPARSE_BACKEND``: the autograd engine runs CUDA backward
     passes on its own threads, which do not see the context variable ``use_backend`` sets."""
-    from lass_sparse._registry import ENV_VAR
+    from lass_sparse.ops.registry import ENV_VAR
 
     old = os.environ.get(ENV_VAR)
     os.environ[ENV_VAR] = backend
@@ -349,7 +349,7 @@ def run_cases(device: str, backends, dtype_names, small: bool, only: str | None 
     torch = _torch()
     t_start = time.time()
     import lass_sparse as ls
-    from lass_sparse._registry import BackendCannotServe
+    from lass_sparse.ops.registry import BackendCannotServe
 
     dtypes = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
               "fp16": torch.float16}
@@ -495,7 +495,7 @@ def main(argv=None) -> int:
     print("lass_sparse.backends():")
     for n, r in info.items():
         print(f"  {n:9s} {'active' if r['active'] else 'inactive':8s} {r['reason']}")
-    from lass_sparse._registry import broken
+    from lass_sparse.ops.registry import broken
 
     for n, why in broken().items():
         steps.append((f"backend {n} loads", False, why))

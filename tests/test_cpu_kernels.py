@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import lass_sparse
-from lass_sparse import _registry, reference
+from lass_sparse import reference
 from lass_sparse.bitmask import pack_mask_reference
+from lass_sparse.ops import registry as _registry
 from lass_sparse.testing import cpu_kernels, record_backends
 
 pytestmark = pytest.mark.skipif(

@@ -13,7 +13,7 @@ import torch
 from gpu_check_loader import load_gpu_check
 
 import lass_sparse as ls
-from lass_sparse import _registry
+from lass_sparse.ops import registry as _registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "gpu_check.py")

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import lass_sparse as ls
-from lass_sparse import _registry
 from lass_sparse.backends import _cuda_common
+from lass_sparse.ops import registry as _registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import lass_sparse
-from lass_sparse import _registry
 from lass_sparse.bitmask import pack_mask_reference, unpack_mask_reference
+from lass_sparse.ops import registry as _registry
 from lass_sparse.optim import MaskedAdamW
 from lass_sparse.testing import cpu_kernels, cuda_kernels, triton_device
 

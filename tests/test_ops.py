@@ -234,12 +234,11 @@ def test_eager_direct_path_is_taken_only_in_plain_eager(monkeypatch):
     calls = []
     # the direct path: the op body, or on CPU / CUDA the op's native kernel (the C++ entry)
     # below autograd
-    fn = lass_sparse.ops._masked_linear_body
-    monkeypatch.setattr(lass_sparse.ops, "_masked_linear_body",
-                        lambda *a: calls.append(1) or fn(*a))
-    monkeypatch.setattr(lass_sparse.ops, "_ML_NATIVE", {
-        dev: (lambda *a, fn=fn: calls.append(1) or fn(*a))
-        for dev, fn in lass_sparse.ops._ML_NATIVE.items()})
+    eager = lass_sparse.ops.eager
+    fn = eager.masked_linear_body
+    monkeypatch.setattr(eager, "masked_linear_body", lambda *a: calls.append(1) or fn(*a))
+    monkeypatch.setattr(eager, "ML_NATIVE", {
+        dev: (lambda *a, fn=fn: calls.append(1) or fn(*a)) for dev, fn in eager.ML_NATIVE.items()})
     x, w, _, bits, b = _case((3,), 16, 40)
     lass_sparse.masked_linear(x, w, bits, b)
     assert calls == [1], "plain eager call did not take the direct path"

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import lass_sparse
-from lass_sparse import _registry
+from lass_sparse.ops import registry as _registry
 
 
 def test_backends_table_has_every_backend_with_reason():
@@ -99,7 +99,7 @@ def test_device_guard_runs_cuda_kernels_on_the_tensors_device(scratch_registry, 
     entered.clear()
     assert _registry.dispatch("fake_op2", torch.device("cuda", 1)) == 2
     assert entered == []  # no guard for kernels that set the device themselves
-    from lass_sparse.ops import _dispatch
+    from lass_sparse.ops.bodies import _dispatch
 
     seen.clear()
     _dispatch("fake_op", torch.device("cuda", 3))  # ops pass the tensor's device through

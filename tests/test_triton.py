@@ -121,7 +121,7 @@ def test_ops_dispatch_to_triton_with_autograd():
     x, w, masks, bits = _case(9, 24, 40)
     x.requires_grad_(True)
     w.requires_grad_(True)
-    from lass_sparse import _registry
+    from lass_sparse.ops import registry as _registry
 
     if DEV == "cpu":  # explicit only under the interpreter
         assert _registry.select("masked_linear", DEV, x, w, bits, None).backend == "cpu"

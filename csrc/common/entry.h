@@ -33,7 +33,7 @@ LASS_HIDDEN bool forced_elsewhere();
 // This thread runs an op's Python body on behalf of an entry (or kernels_only is set).
 LASS_HIDDEN bool& deferring();
 
-// The op's `.registry` overload (defined by lass_sparse/ops.py from the op's own schema).
+// The op's `.registry` overload (defined by lass_sparse/ops/schema.py from the op's own schema).
 template <class Sig>
 c10::TypedOperatorHandle<Sig> registry_overload(const char* op) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(op, "registry").typed<Sig>();

@@ -1,7 +1,7 @@
 // The Python module lass_sparse._C (set_forced / kernels_only) and the per-thread state its
 // entries read (common/entry.h). The C++ kernels register under the public op names
-// (lass_sparse::*, schemas in lass_sparse/ops.py) in their own files; lass_sparse_cpu holds only
-// the eager training node.
+// (lass_sparse::*, schemas in lass_sparse/ops/schema.py) in their own files; lass_sparse_cpu
+// holds only the eager training node.
 #include <Python.h>  // first, as Python asks
 #include <torch/library.h>
 

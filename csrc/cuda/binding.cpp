@@ -1,5 +1,5 @@
 // Torch binding for the CUDA kernels in lass_kernels.cu. They register under the public op
-// names (TORCH_LIBRARY_IMPL(lass_sparse, CUDA); schemas in lass_sparse/ops.py): pack_mask,
+// names (TORCH_LIBRARY_IMPL(lass_sparse, CUDA); schemas in lass_sparse/ops/schema.py): pack_mask,
 // unpack_mask, magnitude_mask, masked_linear (decode GEMV, at most kGemvMaxM rows) and
 // masked_adamw_. Each entry runs its kernel or defers to the op's Python body (another backend
 // forced, a call it does not take, inputs its checks refuse: common/entry.h). The kernels

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-from .. import _registry
+from ..ops import registry
 
 _MODULES = {"cpu": ".cpu", "triton": ".triton", "cuda": ".cuda", "cupy": ".cupy"}
 
@@ -16,4 +16,4 @@ def load_all() -> None:
         try:
             importlib.import_module(mod, __name__)
         except Exception as e:  # noqa: BLE001 - a broken backend must not break the import
-            _registry.set_status(name, False, f"failed to load ({type(e).__name__}: {e})")
+            registry.set_status(name, False, f"failed to load ({type(e).__name__}: {e})")

@@ -14,27 +14,27 @@ import functools
 
 import torch
 
-from .. import _registry
+from ..ops import registry
 from ..reference import split_qkv
 from . import _native
 
 try:
     from .. import _C  # loads the kernels (TORCH_LIBRARY_IMPL(lass_sparse, CPU))
 except ImportError as e:
-    _registry.set_status(
+    registry.set_status(
         "cpu", False,
         f"the C++ extension lass_sparse._C is not built ({e}); reinstall with "
         "`pip install --no-build-isolation .` (needs a C++ compiler)",
     )
 else:
-    _registry.set_status("cpu", True, "C++ extension lass_sparse._C (OpenMP)")
+    registry.set_status("cpu", True, "C++ extension lass_sparse._C (OpenMP)")
     # the kernels read the forced backend of their thread from here (they cannot see contextvars)
-    _registry.on_force(lambda name: _C.set_forced(name or ""))
+    registry.on_force(lambda name: _C.set_forced(name or ""))
     _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
     native = functools.partial(_native.native, _C, "CPU")  # native(op): the op's C++ kernel
 
     def _reg(op: str, dtypes=_DTYPES, validates: bool = False, fn=None):
-        return _registry.register(op, "cpu", ("cpu",), dtypes=dtypes, validates=validates)(
+        return registry.register(op, "cpu", ("cpu",), dtypes=dtypes, validates=validates)(
             fn or native(op))
 
     _reg("pack_mask", None)
@@ -56,7 +56,7 @@ else:
         return [(offs[i], offs[i + 1], p) for i, p in enumerate(seg_pair.tolist())
                 if offs[i + 1] > offs[i]]
 
-    @_registry.register("segmented_masked_linear_dx", "cpu", ("cpu",), dtypes=_DTYPES)
+    @registry.register("segmented_masked_linear_dx", "cpu", ("cpu",), dtypes=_DTYPES)
     def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair):
         segs = _segments(seg_offsets, seg_pair)
         if len(segs) == 1 and segs[0][1] - segs[0][0] == grad_out.shape[0]:
@@ -66,7 +66,7 @@ else:
             dx[lo:hi] = _dx(grad_out[lo:hi], weight, bits_bank[p])
         return dx
 
-    @_registry.register("segmented_masked_linear_dw", "cpu", ("cpu",), dtypes=_DTYPES)
+    @registry.register("segmented_masked_linear_dw", "cpu", ("cpu",), dtypes=_DTYPES)
     def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
         segs = _segments(seg_offsets, seg_pair)
         if len(segs) == 1:  # one pair: the masked_linear kernel (bf16 stays bf16, fp32 inside)
@@ -79,7 +79,7 @@ else:
             _accumulate(dw, grad_out[lo:hi], x[lo:hi], bits_bank[p])
         return dw.to(x.dtype)
 
-    @_registry.register("masked_qkv_proj", "cpu", ("cpu",), dtypes=_DTYPES)
+    @registry.register("masked_qkv_proj", "cpu", ("cpu",), dtypes=_DTYPES)
     def masked_qkv_proj(x, weight, bits, bias, num_heads):
         b, t, d = x.shape
         return split_qkv(_linear(x.reshape(b * t, d), weight, bits, bias), b, t, num_heads)

@@ -17,7 +17,7 @@ import importlib.util
 
 import torch
 
-from .. import _registry
+from ..ops import registry
 from . import _native
 from ._cuda_common import GEMV_MAX_M, SUFFIX
 
@@ -51,10 +51,10 @@ def _register(mod) -> None:
     global native
     native = functools.partial(_native.native, mod, "CUDA")
     # the kernels read the forced backend of their thread from here (they cannot see contextvars)
-    _registry.on_force(lambda name: mod.set_forced(name or ""))
+    registry.on_force(lambda name: mod.set_forced(name or ""))
 
     def _reg(op, supports=None, requires="", dtypes=tuple(SUFFIX)):
-        return _registry.register(op, "cuda", ("cuda",), supports=supports, requires=requires,
+        return registry.register(op, "cuda", ("cuda",), supports=supports, requires=requires,
                                   dtypes=dtypes)(native(op))
 
     _reg("pack_mask", dtypes=None)
@@ -67,7 +67,7 @@ def _register(mod) -> None:
 
 
 if not torch.cuda.is_available():
-    _registry.set_status(
+    registry.set_status(
         "cuda", False,
         "no CUDA GPU visible to torch (torch.cuda.is_available() is False); install a CUDA build "
         "of torch on a GPU machine",
@@ -76,4 +76,4 @@ else:
     _mod, _reason, _broken = load()
     if _mod is not None:
         _register(_mod)
-    _registry.set_status("cuda", _mod is not None, _reason, broken=_broken)
+    registry.set_status("cuda", _mod is not None, _reason, broken=_broken)

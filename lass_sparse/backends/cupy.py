@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import _registry
+from ..ops import registry
 from ._cuda_common import (
     ADAMW_BLOCK,
     ADAMW_CHUNK,
@@ -48,7 +48,7 @@ def grid_for(n_threads: int, block: int) -> tuple[int]:
 
 def _setup() -> None:
     if not torch.cuda.is_available():
-        _registry.set_status(
+        registry.set_status(
             "cupy", False,
             "no CUDA GPU visible to torch; cupy runs the CUDA kernels only on a GPU",
         )
@@ -56,13 +56,13 @@ def _setup() -> None:
     try:
         import cupy
     except ImportError:
-        _registry.set_status(
+        registry.set_status(
             "cupy", False, "cupy is not installed; `pip install lass_sparse[cupy]` (cupy-cuda13x)"
         )
         return
     include = cuda_include_dirs()
     if not include:
-        _registry.set_status("cupy", False, MISSING_HEADERS, broken=True)
+        registry.set_status("cupy", False, MISSING_HEADERS, broken=True)
         return
     modules: dict[int, object] = {}
 
@@ -82,7 +82,7 @@ def _setup() -> None:
             _fn(name)(grid, (block,), args)
 
     def _reg(op, supports=None, requires="", dtypes=tuple(SUFFIX)):
-        return _registry.register(op, "cupy", ("cuda",), supports=supports, requires=requires,
+        return registry.register(op, "cupy", ("cuda",), supports=supports, requires=requires,
                                   device_guard=True, dtypes=dtypes)
 
     @_reg("pack_mask", dtypes=None)
@@ -158,7 +158,7 @@ def _setup() -> None:
                     np.float32(beta2), np.float32(eps), np.float32(weight_decay),
                     np.float32(bc1), np.float32(bc2), np.int32(bool(maximize)))
 
-    _registry.set_status("cupy", True, f"cupy (NVRTC) kernels from csrc/cuda/lass_kernels.cuh "
+    registry.set_status("cupy", True, f"cupy (NVRTC) kernels from csrc/cuda/lass_kernels.cuh "
                                        f"(CUDA headers: {include[0]})")
 
 

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ... import _registry
+from ...ops import registry
 
 _interp = os.environ.get("TRITON_INTERPRET") == "1"
 _OPS = ("masked_linear", "masked_linear_dx", "masked_linear_dw", "masked_linear_dw_accumulate_",
@@ -44,7 +44,7 @@ def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
 
 
 if importlib.util.find_spec("triton") is None:  # presence only: importing triton costs ~0.2 s
-    _registry.set_status("triton", False, "triton is not installed; `pip install triton`")
+    registry.set_status("triton", False, "triton is not installed; `pip install triton`")
 else:
     if torch.cuda.is_available():
         devices, explicit, reason = ("cuda",), False, "Triton kernels for CUDA tensors"
@@ -56,7 +56,7 @@ else:
                   "use_backend('triton')")
     else:
         devices = None
-        _registry.set_status(
+        registry.set_status(
             "triton", False,
             "no CUDA GPU visible to torch (set TRITON_INTERPRET=1 before importing to run the "
             "kernels in Triton's CPU interpreter, for testing)",
@@ -70,7 +70,7 @@ else:
             problem = f"Triton's interpreter needs numpy ({e})"
         if problem is not None:
             devices = None
-            _registry.set_status("triton", False, problem)
+            registry.set_status("triton", False, problem)
     if devices is not None:
         from . import kernels
 
@@ -82,7 +82,7 @@ else:
 
         for op in _OPS:
             pred = _supports_grad if op == "masked_linear_dw_accumulate_" else _supports
-            _registry.register(op, "triton", devices, supports=pred, explicit_only=explicit,
+            registry.register(op, "triton", devices, supports=pred, explicit_only=explicit,
                                requires=_REQUIRES, device_guard=True,
                                dtypes=_FLOATS)(getattr(kernels, op))
-        _registry.set_status("triton", True, reason)
+        registry.set_status("triton", True, reason)

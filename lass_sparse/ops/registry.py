@@ -1,9 +1,9 @@
 """Backend registry: which kernels exist, which are active, and which one an op call uses.
 
-Every op in :mod:`lass_sparse.ops` has one schema and one entry point. The entry point asks
-:func:`dispatch` for an implementation for the tensors' device; backends register
-implementations here with :func:`register` and report their availability with
-:func:`set_status`. The choice is, in order:
+Every op in :mod:`lass_sparse.ops` has one schema and one Python body
+(:mod:`lass_sparse.ops.bodies`). The body asks :func:`dispatch` for an implementation for the
+tensors' device; backends register implementations here with :func:`register` and report their
+availability with :func:`set_status`. The choice is, in order:
 
 1. the backend forced with :func:`use_backend` (or the ``LASS_SPARSE_BACKEND`` env var) if it
    implements the op for that device (a forced backend that does not implement the op at all
@@ -28,6 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
+# The torch.library namespace of every op (``torch.ops.lass_sparse.*``) and of the native
+# kernels registered under the public names (csrc/common/entry.h).
+NS = "lass_sparse"
 BACKENDS: tuple[str, ...] = ("reference", "cpu", "triton", "cuda", "cupy")
 # Lower number = tried first.
 PRIORITY: dict[str, int] = {"cuda": 0, "triton": 1, "cupy": 2, "cpu": 3, "reference": 9}

@@ -1,0 +1,208 @@
+"""The public functions (``lass_sparse.masked_linear``, ...): docstrings with shapes and dtypes,
+and the direct eager path (:mod:`.direct`) where it applies; every other call goes through
+``torch.ops.lass_sparse.<op>`` (:mod:`.schema`).
+
+Shapes: ``x: [..., K]``, ``weight: [N, K]`` (``nn.Linear`` layout), ``bits: int32[N, ceil(K/32)]``;
+any of M, N, K may be 0 (results as ``F.linear``).
+
+Non-finite values: a masked-out weight is *not used* (a select, never ``W * M``), so NaN/Inf
+stored off the mask never reaches y, dx or dW, and off-mask dW is exactly 0 whatever x and
+grad_out hold. Non-finite x, grad_out, bias or on-mask weights propagate as in
+``F.linear(x, where(M, W, 0), b)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import registry, schema
+from .bodies import masked_adamw_body, masked_linear_body, masked_qkv_proj_body
+from .checks import check_linear
+from .direct import is_plain_eager, native_kernel, needs_grad, profiled
+
+# ------------------------------------------------------------------------- masks and pruning
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """Pack ``mask: bool[..., K]`` into ``int32[..., ceil(K/32)]`` (LSB first, zero padding)."""
+    return torch.ops.lass_sparse.pack_mask(mask)
+
+
+def unpack_mask(bits: Tensor, k: int) -> Tensor:
+    """Unpack ``bits: int32[..., ceil(k/32)]`` into ``bool[..., k]``."""
+    return torch.ops.lass_sparse.unpack_mask(bits, k)
+
+
+def magnitude_mask(weight: Tensor, alpha: float) -> Tensor:
+    """LaSS pruning rule: keep ``|w| > kthvalue(|w|.flatten(), int(alpha * numel))``.
+
+    Returns packed bits ``int32[..., ceil(K/32)]`` for ``weight: [..., K]``. ``alpha`` is the
+    fraction pruned, in ``[0, 1)``; when ``int(alpha * numel) == 0`` every entry is kept (zeros
+    too). Ties: every entry equal to the threshold is pruned, so with repeated magnitudes more
+    than ``int(alpha * numel)`` entries may be dropped — exactly as the original LaSS code.
+    """
+    return torch.ops.lass_sparse.magnitude_mask(weight, alpha)
+
+
+# --------------------------------------------------------------------------------- masked linear
+
+
+class _MaskedLinearFn(torch.autograd.Function):
+    """The eager twin of the op's registered autograd: same body, same backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bits, bias):  # ctx-style: no per-call signature binding
+        y = masked_linear_body(x, weight, bits, bias)
+        schema.ml_setup(ctx, (x, weight, bits, bias), y)
+        return y
+
+    backward = staticmethod(schema.ml_backward)
+
+
+@functools.cache
+def _cpu_train_op():
+    """``lass_sparse_cpu::masked_linear_autograd`` where the C++ backend is active, else None."""
+    if not registry.status()["cpu"].active:
+        return None
+    return getattr(torch.ops.lass_sparse_cpu, "masked_linear_autograd", None)
+
+
+def _cpu_autograd(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None):
+    """masked_linear with its gradient in C++ (``lass_sparse_cpu::masked_linear_autograd``: one
+    C++ autograd node, the same kernels) for an eager CPU call that the C++ backend serves
+    unforced; None when another path must take it. Errors are worded by the op's checks."""
+    op = _cpu_train_op()
+    if (op is None or x.device.type != "cpu" or weight.dim() != 2 or x.dim() < 1
+            or x.shape[-1] != weight.shape[1] or registry.forced_backend() is not None):
+        return None
+    try:
+        sel = registry.select("masked_linear", "cpu", x, weight, bits, bias, forced=None)
+        if sel.backend != "cpu":
+            return None
+    except RuntimeError:
+        return None
+    n, k = weight.shape
+    x2 = (x if x.dim() == 2 else x.reshape(-1, k)).contiguous()
+    try:
+        y = op(x2, weight.contiguous(), bits.contiguous(),
+               None if bias is None else bias.contiguous())
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        check_linear("masked_linear", x, weight, bits, bias)
+        raise
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+
+
+# The direct path's no-grad kernels by device type (C++ entries on CPU and CUDA; others: the body).
+ML_NATIVE = {"cpu": native_kernel("masked_linear"), "cuda": native_kernel("masked_linear", "CUDA")}
+
+
+def masked_linear(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``y[..., N] = x[..., K] @ (weight ⊙ M)ᵀ + bias`` without materialising ``weight ⊙ M``.
+
+    ``bits: int32[N, ceil(K/32)]`` is the packed mask. Differentiable in ``x``, ``weight`` and
+    ``bias``: ``dx = dy @ (W ⊙ M)``, ``dW = (dyᵀ x) ⊙ M`` (off-mask entries exactly 0).
+    """
+    if is_plain_eager(x, weight, bits, bias):
+        if needs_grad(x, weight, bias):
+            y = profiled("masked_linear", _cpu_autograd, x, weight, bits, bias)
+            if y is not None:
+                return y
+            return profiled("masked_linear", _MaskedLinearFn.apply, x, weight, bits, bias)
+        body = ML_NATIVE.get(x.device.type, masked_linear_body)
+        return profiled("masked_linear", body, x, weight, bits, bias)
+    return torch.ops.lass_sparse.masked_linear(x, weight, bits, bias)
+
+
+# ------------------------------------------------------------------------ segmented (mixed pairs)
+
+
+def segmented_masked_linear(
+    x: Tensor,
+    weight: Tensor,
+    bits_bank: Tensor,
+    seg_offsets: Tensor,
+    seg_pair: Tensor,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Mixed-pair masked linear: rows ``seg_offsets[s]:seg_offsets[s+1]`` of ``x[T, K]`` use
+    mask ``bits_bank[seg_pair[s]]`` (``bits_bank: int32[P, N, ceil(K/32)]``). Returns ``[T, N]``.
+
+    ``seg_offsets: int64[S+1]`` is non-decreasing from 0 to T (empty segments allowed);
+    ``seg_pair: int64[S]`` holds pair ids in ``[0, P)`` in any order.
+    """
+    return torch.ops.lass_sparse.segmented_masked_linear(
+        x, weight, bits_bank, seg_offsets, seg_pair, bias
+    )
+
+
+# ---------------------------------------------------------------------------- fused QKV projection
+
+
+class _MaskedQKVFn(torch.autograd.Function):
+    """The eager twin of the op's registered autograd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bits, bias, num_heads):
+        q, k, v = masked_qkv_proj_body(x, weight, bits, bias, num_heads)
+        schema.qkv_setup(ctx, (x, weight, bits, bias, num_heads), (q, k, v))
+        return q, k, v
+
+    backward = staticmethod(schema.qkv_backward)
+
+
+def masked_qkv_proj(
+    x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None, num_heads: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Masked packed in-projection: ``x[B, T, D]``, ``weight[3D, D]`` (q, k, v rows stacked, as
+    ``nn.MultiheadAttention.in_proj_weight``), ``bits: int32[3D, ceil(D/32)]``. Returns q, k, v
+    each ``[B, H, T, D/H]``, the layout ``scaled_dot_product_attention`` takes."""
+    if is_plain_eager(x, weight, bits, bias):
+        if needs_grad(x, weight, bias):
+            return profiled("masked_qkv_proj", _MaskedQKVFn.apply, x, weight, bits, bias,
+                            num_heads)
+        return profiled("masked_qkv_proj", masked_qkv_proj_body, x, weight, bits, bias,
+                        num_heads)
+    return torch.ops.lass_sparse.masked_qkv_proj(x, weight, bits, bias, num_heads)
+
+
+# ----------------------------------------------------------------------------------- masked AdamW
+
+ADAMW_NATIVE = {"cpu": native_kernel("masked_adamw_"),
+                "cuda": native_kernel("masked_adamw_", "CUDA")}
+
+
+def masked_adamw_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    bits: Sequence[Tensor | None],
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    step: int,
+    maximize: bool = False,
+) -> None:
+    """One AdamW step, in place, over a list of params (one launch where the backend can).
+
+    Entries whose mask bit is 1 (every entry when ``bits[i] is None``) get the AdamW update
+    (decoupled weight decay, bias correction for ``step`` >= 1); entries whose bit is 0 keep
+    ``p``, ``exp_avg`` and ``exp_avg_sq`` bit-for-bit. State is float32 for any param dtype.
+    """
+    args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(bits), lr, beta1,
+            beta2, eps, weight_decay, step, maximize)
+    # direct in plain eager under no_grad (as optimizers step); mutation under grad mode, and
+    # every traced call, through the op
+    if not torch.is_grad_enabled() and is_plain_eager(*args[0], *args[1], *args[2], *args[3],
+                                                      *args[4]):
+        dev = args[0][0].device.type if args[0] and isinstance(args[0][0], Tensor) else None
+        profiled("masked_adamw_", ADAMW_NATIVE.get(dev, masked_adamw_body), *args)
+        return
+    torch.ops.lass_sparse.masked_adamw_(*args)
