@@ -1,6 +1,7 @@
 """LaSS on a Hugging Face seq2seq model, end to end: base → per-pair fine-tune → prune → masked
-joint training → evaluate (sacreBLEU, LaSS vs the base model), on a local model folder and a
-TSV corpus (``lass_sparse.lass.data`` layout; ``demo`` is the bundled subset).
+joint training → evaluate (BLEU, chrF, translation accuracy and the paired bootstrap of LaSS
+against the base model, as the pipeline reports them), on a local model folder and a TSV corpus
+(``lass_sparse.mt.corpus`` layout; ``demo`` is the bundled subset).
 
     python examples/hf_lass.py --model path/to/opus-mt-en-mul --corpus demo \\
         --pairs en-de en-fr --out runs/hf --ft-steps 500 --joint-steps 2000 --alpha 0.5
@@ -14,7 +15,6 @@ The same stages from the shell: ``lass-sparse hf finetune|prune|joint|evaluate|t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -37,13 +37,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-train", type=int, default=None)
     ap.add_argument("--eval-limit", type=int, default=100)
     ap.add_argument("--beam", type=int, default=4)
+    ap.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples")
     ap.add_argument("--mask-tied-output", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
 
     from lass_sparse.hf import LaSSConfig
     from lass_sparse.hf import pipeline as P
-    from lass_sparse.lass.data import load_corpus
+    from lass_sparse.mt import Direction, load_corpus, render_significance, render_table
 
     P.set_threads(args.threads)
     if (args.model is None) == (args.toy is None):
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.toy:
         from lass_sparse.hf.toy import make_toy_model
 
-        langs = sorted({p for d in args.pairs for p in d.split("-")} - {"en"})
+        langs = sorted({x for d in args.pairs for x in Direction.parse(d)} - {"en"})
         base = make_toy_model(os.path.join(args.out, "base"), args.toy, args.corpus,
                               [f"en-{x}" for x in langs], max_train=args.max_train or 400)
     corpus = load_corpus(args.corpus, args.pairs, max_train=args.max_train)
@@ -70,12 +71,13 @@ def main(argv: list[str] | None = None) -> dict:
     joint_dir = os.path.join(args.out, "joint")
     P.joint(lass_dir, corpus, args.pairs, joint_dir, args.joint_steps,
             temperature=args.temperature, **train)
-    # 5. evaluate: the base model vs the LaSS model (each direction under its mask)
-    kw = dict(limit=args.eval_limit, num_beams=args.beam)
-    res = {"base": P.evaluate(base, corpus, args.pairs, **kw),
-           "lass": P.evaluate(joint_dir, corpus, args.pairs, **kw)}
+    # 5. evaluate: the base model vs the LaSS model (each direction under its mask), same rows
+    res = P.compare({"base": base, "lass": joint_dir}, corpus, args.pairs, baseline="base",
+                    n_samples=args.bootstrap, limit=args.eval_limit, num_beams=args.beam)
     P.write_json(os.path.join(args.out, "results.json"), res)
-    print(json.dumps(res, indent=1))
+    print(render_table(res["scores"], args.pairs, baseline="base"))
+    print()
+    print(render_significance(res["significance"], "base"))
     return res
 
 

@@ -41,7 +41,7 @@ COMMAND_MODULES = (
     "lass_sparse.lass.reproduce",
     "lass_sparse.lass.recipe",
     "lass_sparse.hf.commands",
-    "lass_sparse.lass.corpus",
+    "lass_sparse.mt.corpus_build",
     "lass_sparse.showcase",
 )
 

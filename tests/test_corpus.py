@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 
-from lass_sparse.lass import corpus as C
-from lass_sparse.lass.data import load_corpus
+from lass_sparse.mt import corpus_build as C
+from lass_sparse.mt.corpus import load_corpus
 
 
 def write_mo(entries: list[tuple[bytes, bytes]], charset: str = "UTF-8") -> bytes:

@@ -13,8 +13,8 @@ pytest.importorskip("sacrebleu")
 from sacrebleu.metrics import BLEU, CHRF  # noqa: E402
 from sacrebleu.significance import PairedTest  # noqa: E402
 
-from lass_sparse.lass.data import eval_pairs, load_corpus, read_test_file  # noqa: E402
-from lass_sparse.lass.evaluate import paired_bootstrap, pooled_bootstrap  # noqa: E402
+from lass_sparse.mt.corpus import eval_pairs, load_corpus, read_test_file  # noqa: E402
+from lass_sparse.mt.metrics import paired_bootstrap, pooled_bootstrap  # noqa: E402
 
 N = 300  # resamples: enough for the statistics, light on the CPU
 

@@ -27,7 +27,7 @@ from lass_sparse.hf import (  # noqa: E402
 )
 from lass_sparse.hf import pipeline as P  # noqa: E402
 from lass_sparse.hf.toy import make_toy_model  # noqa: E402
-from lass_sparse.lass.data import load_corpus  # noqa: E402
+from lass_sparse.mt.corpus import load_corpus  # noqa: E402
 from lass_sparse.optim import MaskedAdamW  # noqa: E402
 
 ARCHS = ["marian", "m2m100", "mbart"]
@@ -224,6 +224,71 @@ def test_zero_shot_uses_merged_encoder_and_decoder_masks(marian):
         model.set_pair("de-ru")
 
 
+def test_evaluate_reports_the_pipeline_metrics_and_the_paired_bootstrap(marian, corpus,
+                                                                        tmp_path):
+    from lass_sparse.mt.metrics import (
+        bleu_chrf,
+        paired_bootstrap,
+        pooled_bootstrap,
+        translation_accuracy,
+    )
+
+    d, base, tok, fmt = marian
+    lass = _lass(base)
+    dirs, kw = ["en-de", "fr-en"], dict(limit=4, num_beams=1, max_new_tokens=6)
+    hyps: dict = {}
+    res = P.evaluate((lass, tok), corpus, dirs, hyps_out=hyps, **kw)
+    assert set(res) == {*dirs, "mean"} and set(hyps) == set(dirs)
+    for dr in dirs:  # the mt/ metrics of the same outputs, as the pipeline reports them
+        h, refs = hyps[dr]
+        assert refs == corpus.eval_set("test", dr, 4)[1]
+        tgt = dr.split("-")[1]
+        assert res[dr] == {**bleu_chrf(h, refs, tgt), "acc": translation_accuracy(h, tgt),
+                           "n": 4}
+        assert "nc:6" in res[dr]["chrf_signature"] and "nrefs:1" in res[dr]["bleu_signature"]
+    for m in ("bleu", "chrf", "acc"):
+        assert res["mean"][m] == pytest.approx(sum(res[dr][m] for dr in dirs) / 2)
+    cmp = P.compare({"base": (base, tok), "lass": (lass, tok), "again": (base, tok)}, corpus,
+                    dirs, baseline="base", n_samples=30, seed=3, **kw)
+    assert set(cmp["scores"]) == {"base", "lass", "again"}
+    assert cmp["scores"]["lass"] == res
+    sig = cmp["significance"]
+    assert set(sig) == {"lass", "again"}
+    base_hyps: dict = {}
+    P.evaluate((base, tok), corpus, dirs, hyps_out=base_hyps, **kw)
+    base_h = {dr: h for dr, (h, _) in base_hyps.items()}
+    for dr in dirs:
+        tgt = dr.split("-")[1]
+        want = paired_bootstrap(base_h[dr], hyps[dr][0], hyps[dr][1], tgt, n_samples=30, seed=3)
+        assert sig["lass"]["directions"][dr] == want
+        assert sig["again"]["directions"][dr]["bleu"]["p_value"] == 1.0  # identical outputs
+    assert sig["lass"]["pooled"] == pooled_bootstrap(
+        {dr: (base_h[dr], hyps[dr][0], hyps[dr][1], dr.split("-")[1]) for dr in dirs},
+        n_samples=30, seed=3)
+    with pytest.raises(KeyError, match="baseline 'dense'"):
+        P.compare({"base": (base, tok)}, corpus, dirs, baseline="dense")
+    # the CLI: scores and the bootstrap against --baseline
+    import argparse
+
+    from lass_sparse.hf.commands import add_commands
+
+    lass_dir = str(tmp_path / "lass")
+    lass.save_pretrained(lass_dir)
+    tok.save_pretrained(lass_dir)
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    out = str(tmp_path / "eval.json")
+    args = parser.parse_args(["hf", "evaluate", "--hf-model", lass_dir, "--baseline", d,
+                              "--pairs", "en-de", "--limit", "3", "--beam", "1",
+                              "--bootstrap", "20", "--json", out])
+    assert args.func(args) == 0
+    with open(out) as f:
+        got = json.load(f)
+    assert set(got["scores"]) == {"baseline", "model"}
+    assert {"bleu", "chrf", "acc"} <= set(got["scores"]["model"]["en-de"])
+    assert set(got["significance"]["model"]) == {"directions", "pooled"}
+
+
 def test_mask_tied_output_head(marian):
     _, base, tok, fmt = marian
     model = _lass(base, mask_tied_output=True)
@@ -306,8 +371,16 @@ def test_recipe_end_to_end_and_cli(tmp_path):
     out = str(tmp_path / "run")
     res = recipe.main(["--toy", "m2m100", "--pairs", "en-de", "de-en", "--out", out,
                        "--ft-steps", "2", "--joint-steps", "3", "--batch-size", "4",
-                       "--max-train", "60", "--eval-limit", "3", "--beam", "1"])
-    assert set(res) == {"base", "lass"} and set(res["lass"]) == {"en-de", "de-en", "mean"}
+                       "--max-train", "60", "--eval-limit", "3", "--beam", "1",
+                       "--bootstrap", "20"])
+    assert set(res) == {"scores", "significance"}
+    assert set(res["scores"]) == {"base", "lass"}
+    assert set(res["scores"]["lass"]) == {"en-de", "de-en", "mean"}
+    assert {"bleu", "chrf", "acc", "n"} <= set(res["scores"]["lass"]["en-de"])
+    assert set(res["significance"]["lass"]["directions"]) == {"en-de", "de-en"}
+    assert 0 < res["significance"]["lass"]["pooled"]["bleu"]["p_value"] <= 1
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f)["scores"]["base"]["mean"] == res["scores"]["base"]["mean"]
     base, _ = P.load(os.path.join(out, "base"))
     joint, tok = P.load(os.path.join(out, "joint"))
     assert joint.pairs == ["en-de", "de-en"]

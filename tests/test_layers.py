@@ -22,13 +22,17 @@ ROOT = pathlib.Path(lass_sparse.__file__).parent
 PKG = "lass_sparse"
 
 # Layers: the kernels and the torch-level rules below, then MaskBank, then nn / optim, then the
-# LaSS pipeline and the HF integration on top.
+# shared MT code (corpus, directions, metrics: torch-free, beside them), then the LaSS pipeline
+# and the HF integration on top, side by side (hf does not import lass).
 LOW = ("lass_sparse.ops", "lass_sparse.backends", "lass_sparse.bitmask", "lass_sparse.reference",
        "lass_sparse._registry", "lass_sparse.pruning", "lass_sparse.fileio",
        "lass_sparse.maskio")
-UPPER = ("lass_sparse.nn", "lass_sparse.masks", "lass_sparse.optim", "lass_sparse.lass")
-MAY_IMPORT_LASS = ("lass_sparse.lass", "lass_sparse.hf", "lass_sparse.cli",
-                   "lass_sparse.showcase", "lass_sparse.testing")
+UPPER = ("lass_sparse.nn", "lass_sparse.masks", "lass_sparse.optim", "lass_sparse.mt",
+         "lass_sparse.lass", "lass_sparse.hf")
+MAY_IMPORT_LASS = ("lass_sparse.lass", "lass_sparse.cli", "lass_sparse.showcase",
+                   "lass_sparse.testing")
+MT = "lass_sparse.mt"
+MT_MAY_IMPORT = (MT, "lass_sparse.fileio")  # standard library only (test below)
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -155,6 +159,8 @@ def test_the_import_graph_is_read_correctly():
     assert "lass_sparse._C" in g["lass_sparse.backends.cpu"]  # compiled, not a .py file
     assert "lass_sparse" in g["lass_sparse.lass.recipe"]  # from .. import unpack_mask
     assert "lass_sparse.fileio" in g["lass_sparse.lass.commands"]  # inside a function
+    assert "lass_sparse.mt.direction" in g["lass_sparse.hf.data"]  # from ..mt.direction import
+    assert "lass_sparse.mt.metrics" in g["lass_sparse.lass.pipeline"]  # inside a function
 
 
 def test_the_import_graph_has_no_cycle():
@@ -191,3 +197,19 @@ def test_only_the_application_layers_import_lass():
     bad = [f"{m} -> {d}" for m, deps in _import_graph().items()
            if not _under(m, MAY_IMPORT_LASS) for d in deps if _under(d, ("lass_sparse.lass",))]
     assert not bad, "\n".join(bad)
+
+
+def test_mt_imports_neither_lass_nor_hf_nor_the_kernels():
+    g = _import_graph()
+    mods = [m for m in g if _under(m, (MT,))]
+    assert {f"{MT}.corpus", f"{MT}.direction", f"{MT}.metrics"} <= set(mods)
+    bad = [" -> ".join(chain) for m in mods for d, chain in _reachable(g, m).items()
+           if not _under(d, MT_MAY_IMPORT)]
+    assert not bad, "lass_sparse.mt imports outside itself (and fileio):\n" + "\n".join(bad)
+
+
+def test_hf_does_not_import_lass():
+    g = _import_graph()
+    bad = [" -> ".join(chain) for m in g if _under(m, ("lass_sparse.hf",))
+           for d, chain in _reachable(g, m).items() if _under(d, ("lass_sparse.lass",))]
+    assert not bad, "lass_sparse.hf imports lass_sparse.lass:\n" + "\n".join(bad)

@@ -19,9 +19,9 @@ pytest.importorskip("sacrebleu")
 
 import lass_sparse as ls  # noqa: E402
 from lass_sparse.lass import pipeline as P  # noqa: E402
-from lass_sparse.lass.data import load_corpus  # noqa: E402
 from lass_sparse.lass.train import encode_source, encoder_lang, pad_batch  # noqa: E402
 from lass_sparse.lass.translate import beam_search, ensure_pair  # noqa: E402
+from lass_sparse.mt.corpus import load_corpus  # noqa: E402
 
 SMALL = dict(d_model=32, heads=2, ffn=64, enc_layers=1, dec_layers=2, dropout=0.1)
 KW = dict(batch_size=16, progress=False, ckpt_every=2)
@@ -228,7 +228,7 @@ def test_bad_input_messages(run, tmp_path, capsys):
 
 
 def test_translation_accuracy_and_win_ratio():
-    from lass_sparse.lass.evaluate import translation_accuracy, win_ratio
+    from lass_sparse.mt.metrics import translation_accuracy, win_ratio
 
     assert translation_accuracy(["Das ist eine Datei auf dem Computer", ""], "de") == 0.5
     assert translation_accuracy(["This is a file on the computer"], "de") == 0.0

@@ -5,7 +5,7 @@
     lass-sparse hf finetune --hf-model BASE --corpus DIR --pairs en-de de-en --out ft --steps 200
     lass-sparse hf prune    --hf-model BASE --finetuned ft --pairs en-de de-en --out lass
     lass-sparse hf joint    --hf-model lass --corpus DIR --out joint --steps 500
-    lass-sparse hf evaluate --hf-model joint --corpus DIR --pairs en-de de-en
+    lass-sparse hf evaluate --hf-model joint --corpus DIR --pairs en-de de-en --baseline BASE
     echo "Open the file" | lass-sparse hf translate --hf-model joint --pair en-de
 """
 
@@ -61,8 +61,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import pipeline as P
 
     P.set_threads(args.threads)
-    res = P.evaluate(args.hf_model, args.corpus, args.pairs, split=args.split,
-                     limit=args.limit, num_beams=args.beam)
+    kw = dict(split=args.split, limit=args.limit, num_beams=args.beam)
+    if args.baseline is None:
+        res = P.evaluate(args.hf_model, args.corpus, args.pairs, **kw)
+    else:
+        res = P.compare({"baseline": args.baseline, "model": args.hf_model}, args.corpus,
+                        args.pairs, baseline="baseline", n_samples=args.bootstrap, **kw)
     print(json.dumps(res, indent=1))
     if args.json:
         P.write_json(args.json, res)
@@ -123,8 +127,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pairs", nargs="+", default=None, help="default: every pair with a mask")
     p.add_argument("--temperature", type=float, default=5.0)
     p.add_argument("--out", required=True)
-    p = stage("evaluate", "sacreBLEU per direction on the corpus' test set", cmd_evaluate)
+    p = stage("evaluate", "BLEU, chrF and translation accuracy per direction on the corpus' "
+              "test set; with --baseline, the paired bootstrap against it", cmd_evaluate)
     p.add_argument("--pairs", nargs="+", required=True)
+    p.add_argument("--baseline", default=None, metavar="PATH",
+                   help="model folder to compare against on the same rows (paired bootstrap, "
+                   "per direction and pooled)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples (default 1000)")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--beam", type=int, default=4)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..lass.data import parse_direction
+from ..mt.direction import Direction
 
 NLLB_CODES = {"en": "eng_Latn", "de": "deu_Latn", "fr": "fra_Latn", "es": "spa_Latn",
               "it": "ita_Latn", "pt": "por_Latn", "ru": "rus_Cyrl", "zh": "zho_Hans",
@@ -81,7 +81,7 @@ class LangFormat:
     def source_ids(self, tokenizer: Any, texts: Sequence[str], direction: str,
                    max_len: int = 128) -> list[list[int]]:
         """Encoder inputs of ``texts`` for ``direction``, at most ``max_len`` tokens each."""
-        src, tgt = parse_direction(direction)
+        src, tgt = Direction.parse(direction)
         lang = self.token_id(tokenizer, tgt if self.style == "marian" else src)
         body = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         return [[lang, *x[: max_len - 2], tokenizer.eos_token_id] for x in body]
@@ -89,7 +89,7 @@ class LangFormat:
     def target_ids(self, tokenizer: Any, texts: Sequence[str], direction: str,
                    max_len: int = 128) -> list[list[int]]:
         """Labels of ``texts`` (the target side of ``direction``)."""
-        _, tgt = parse_direction(direction)
+        tgt = Direction.parse(direction).tgt
         body = tokenizer(text_target=list(texts), add_special_tokens=False)["input_ids"]
         eos = tokenizer.eos_token_id
         if self.style == "marian":
@@ -101,7 +101,7 @@ class LangFormat:
         """``generate()`` arguments that make the model write ``direction``'s target language."""
         if self.style == "marian":
             return {}
-        return {"forced_bos_token_id": self.token_id(tokenizer, parse_direction(direction)[1])}
+        return {"forced_bos_token_id": self.token_id(tokenizer, Direction.parse(direction).tgt)}
 
 
 def _has_token(tokenizer: Any, tok: str) -> bool:
@@ -130,7 +130,7 @@ class PairDataset(torch.utils.data.Dataset):
     @classmethod
     def from_corpus(cls, corpus: Any, directions: Sequence[str], tokenizer: Any,
                     fmt: LangFormat, max_len: int = 128, limit: int | None = None) -> PairDataset:
-        """Training examples of ``directions`` from a :class:`~lass_sparse.lass.data.Corpus`."""
+        """Training examples of ``directions`` from a :class:`~lass_sparse.mt.corpus.Corpus`."""
         return cls({d: corpus.examples(d)[:limit] for d in directions}, tokenizer, fmt, max_len)
 
     @property
@@ -195,7 +195,7 @@ def translate(model: nn.Module, tokenizer: Any, texts: Sequence[str],
         if fmt.style == "prefix":  # per-row target-language prompt (= forced BOS, row-wise)
             start = model.generation_config.decoder_start_token_id
             kw["decoder_input_ids"] = torch.tensor(
-                [[start, fmt.token_id(tokenizer, parse_direction(d)[1])] for d in cdirs],
+                [[start, fmt.token_id(tokenizer, Direction.parse(d).tgt)] for d in cdirs],
                 device=device)
         if is_lass_model(model):
             kw["pair"] = cdirs[0] if single else cdirs

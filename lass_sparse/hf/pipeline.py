@@ -1,5 +1,7 @@
 """The LaSS stages on a local Hugging Face seq2seq checkpoint (used by ``lass-sparse hf`` and
-``examples/hf_lass.py``): per-pair fine-tune → prune → masked joint training → evaluate.
+``examples/hf_lass.py``): per-pair fine-tune → prune → masked joint training → evaluate (BLEU,
+chrF, translation accuracy and the paired bootstrap against a baseline, as the pipeline reports
+them: :mod:`lass_sparse.mt.metrics`).
 
 Every stage reads and writes ordinary model folders (``save_pretrained`` + tokenizer); a LaSS
 folder also holds ``lass_masks.safetensors`` and ``lass_config.json``.
@@ -15,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..lass.data import Corpus, load_corpus
+from ..mt.corpus import Corpus, load_corpus
+from ..mt.direction import Direction
+from ..mt.metrics import score_translations, significance
 from .data import LangFormat, PairDataset, translate
 from .model import CONFIG_FILE, LaSSConfig, from_pretrained, get_lass_model
 
@@ -107,12 +111,14 @@ def joint(model_path: str, corpus: str | Corpus, directions: Sequence[str] | Non
 
 def evaluate(model_path: str | tuple[nn.Module, Any], corpus: str | Corpus,
              directions: Sequence[str], *, split: str = "test", limit: int | None = 100,
-             num_beams: int = 4, max_new_tokens: int = 64,
-             fmt: LangFormat | None = None) -> dict[str, Any]:
-    """sacreBLEU per direction on the corpus' multi-way ``split`` (under each pair's mask on a
-    LaSS model) and the mean."""
-    import sacrebleu
-
+             num_beams: int = 4, max_new_tokens: int = 64, fmt: LangFormat | None = None,
+             hyps_out: dict | None = None) -> dict[str, Any]:
+    """BLEU, chrF (with sacrebleu signatures) and translation accuracy of one model on each of
+    ``directions`` (under each pair's mask on a LaSS model), on the first ``limit`` rows of the
+    corpus' multi-way ``split`` — :func:`~lass_sparse.mt.metrics.score_translations`, as the
+    pipeline reports them. Returns ``{direction: {bleu, chrf, acc, n, bleu_signature,
+    chrf_signature}, "mean": {bleu, chrf, acc}}``. ``hyps_out``: filled with ``{direction:
+    (hypotheses, references)}`` (for :func:`~lass_sparse.mt.metrics.significance`)."""
     model, tokenizer = load(model_path) if isinstance(model_path, str) else model_path
     cp = _corpus(corpus, [], None) if isinstance(corpus, str) else corpus
     fmt = fmt or LangFormat.for_model(model, tokenizer)
@@ -121,10 +127,32 @@ def evaluate(model_path: str | tuple[nn.Module, Any], corpus: str | Corpus,
         src, ref = cp.eval_set(split, d, limit)
         hyp = translate(model, tokenizer, src, d, fmt, num_beams=num_beams,
                         max_new_tokens=max_new_tokens)
-        tok = "zh" if d.endswith("-zh") else "13a"
-        res[d] = round(sacrebleu.corpus_bleu(hyp, [ref], tokenize=tok).score, 2)
-    res["mean"] = round(sum(res[d] for d in directions) / max(len(directions), 1), 2)
+        res[d] = score_translations(hyp, ref, Direction.parse(d).tgt)
+        if hyps_out is not None:
+            hyps_out[d] = (hyp, ref)
+    res["mean"] = {m: sum(res[d][m] for d in directions) / max(len(directions), 1)
+                   for m in ("bleu", "chrf", "acc")}
     return res
+
+
+def compare(systems: Mapping[str, str | tuple[nn.Module, Any]], corpus: str | Corpus,
+            directions: Sequence[str], *, baseline: str, n_samples: int = 1000,
+            seed: int | None = 12345, **eval_kw: Any) -> dict[str, Any]:
+    """:func:`evaluate` every system (name -> model folder or (model, tokenizer)) on the same
+    rows, then the paired bootstrap of each against ``baseline`` per direction and pooled over
+    ``directions`` (:func:`~lass_sparse.mt.metrics.significance`, sacrebleu's ``--paired-bs``).
+    Returns ``{"scores": {system: evaluate(...)}, "significance": {system: {"directions": {d:
+    test}, "pooled": test}}}``; ``eval_kw`` goes to :func:`evaluate`."""
+    if baseline not in systems:
+        raise KeyError(f"compare: baseline {baseline!r} is not one of the systems "
+                       f"{sorted(systems)}")
+    loaded = corpus if isinstance(corpus, Corpus) else _corpus(corpus, [], None)
+    hyps: dict[str, dict] = {}
+    scores = {name: evaluate(m, loaded, directions, hyps_out=hyps.setdefault(name, {}),
+                             **eval_kw)
+              for name, m in systems.items()}
+    return {"scores": scores, "significance": significance(hyps, baseline, directions,
+                                                           n_samples=n_samples, seed=seed)}
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from ..lass.data import load_corpus, parse_direction
+from ..mt.corpus import load_corpus
+from ..mt.direction import Direction
 from .data import MBART50_CODES
 
 ARCHS = ("marian", "m2m100", "mbart")
@@ -54,7 +55,7 @@ def make_toy_model(out: str, arch: str = "marian", corpus: str = "demo",
     import transformers as tf
 
     cp = load_corpus(corpus, list(pairs), max_train=max_train)
-    langs = sorted({x for p in cp.pairs for x in parse_direction(p)})
+    langs = sorted({x for p in cp.pairs for x in Direction.parse(p)})
     texts = [s for ex in cp.train.values() for a, b in ex for s in (a, b)]
     tokenizer = train_tokenizer(texts, lang_tokens(arch, langs), vocab_size)
     kw = dict(vocab_size=len(tokenizer), d_model=d_model, encoder_layers=layers,

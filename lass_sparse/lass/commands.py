@@ -396,7 +396,7 @@ def cmd_evaluate(args) -> int:
         systems = {"baseline": (args.baseline, args.baseline_masks), **systems}
     rows = None
     if args.test:
-        from .data import read_test_file
+        from ..mt.corpus import read_test_file
 
         rows = read_test_file(args.test)  # FileNotFoundError / ValueError naming file:line
     run = _open_run(args.run, args)

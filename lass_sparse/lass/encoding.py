@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .data import parse_direction
+from ..mt.direction import Direction
 from .tokenizer import EOS, PAD, Tokenizer
 
 
@@ -25,7 +25,7 @@ def encoder_lang(direction: str, langtok: str) -> str:
     LaSS configs' ``encoder_langtok: src``) or the target's (``tgt``, Johnson et al.)."""
     if langtok not in LANGTOKS:
         raise ValueError(f"langtok must be 'src' or 'tgt', got {langtok!r}")
-    s, t = parse_direction(direction)
+    s, t = Direction.parse(direction)
     return s if langtok == "src" else t
 
 

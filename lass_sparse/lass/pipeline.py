@@ -23,9 +23,10 @@ import torch
 
 from ..fileio import atomic_write
 from ..masks import MaskBank
+from ..mt.corpus import Corpus, load_corpus
+from ..mt.direction import Direction
 from ..nn import active_pair, attach, masked_parameters
 from .checkpoint import has_checkpoint, load_checkpoint
-from .data import Corpus, load_corpus, parse_direction
 from .device import resolve_device
 from .model import ModelConfig, Seq2Seq, make_config
 from .tokenizer import Tokenizer
@@ -177,7 +178,7 @@ def finetune(run: Run, direction: str, steps: int, *, init: str = "base",
     """Fine-tune the multilingual model (its best checkpoint) on one direction, optimizer and
     schedule reset, to find its mask. ``distributed=False``: this process alone, also under
     ``torchrun`` (ranks fine-tuning different directions)."""
-    parse_direction(direction)
+    Direction.parse(direction)
     out = out or f"ft/{direction}"
     kw.setdefault("warmup", 1)
     return _stage(run, out, _init_model(run, out, init), [direction], dict(kw, steps=steps),
@@ -251,7 +252,7 @@ def extend(run: Run, directions: str | list[str], *, masks: str, init: str = "jo
         raise ValueError("extend: directions must name at least one direction")
     bank = load_bank(run, masks)
     for d in dirs:
-        parse_direction(d)
+        Direction.parse(d)
         if d in bank:
             raise ValueError(f"{d} already has a mask in {masks}")
     out = out or f"extend/{'+'.join(dirs)}"
@@ -309,14 +310,14 @@ def evaluate(run: Run, systems: dict[str, tuple[str, str | None]], directions: l
 
     ``systems``: name -> (stage, masks file or None for dense); a stage's best checkpoint is used
     when it has one. Zero-shot directions (not in a bank) use merged masks. ``rows``: a
-    multi-way test set of one's own (see :func:`~lass_sparse.lass.data.read_test_file`) instead
+    multi-way test set of one's own (see :func:`~lass_sparse.mt.corpus.read_test_file`) instead
     of the corpus's ``split``. ``hyps_out``: filled with ``{system: {direction: hypotheses}}``
     (for :func:`significance`). Returns ``{system: {direction: {bleu, chrf, acc, ...}}}``.
     """
     from tqdm.auto import tqdm
 
-    from .data import eval_pairs
-    from .evaluate import bleu_chrf, translation_accuracy
+    from ..mt.corpus import eval_pairs
+    from ..mt.metrics import bleu_chrf, translation_accuracy
     from .translate import ensure_pair, translate
 
     results: dict[str, dict] = {}
@@ -340,7 +341,7 @@ def evaluate(run: Run, systems: dict[str, tuple[str, str | None]], directions: l
                     hyps = translate(model, run.tok, src, d, **kw)
             else:
                 hyps = translate(model, run.tok, src, d, **kw)
-            tgt = parse_direction(d)[1]
+            tgt = Direction.parse(d).tgt
             results[name][d] = {**bleu_chrf(hyps, refs, tgt),
                                 "acc": translation_accuracy(hyps, tgt), "n": len(hyps)}
             if hyps_out is not None:
@@ -357,7 +358,7 @@ def significance(hyps: dict, baseline: str, directions: list[str], *,
     direction and pooled over ``directions`` (average BLEU). ``hyps``: what
     :func:`evaluate` put in ``hyps_out``. Returns ``{system: {"directions": {d: test},
     "pooled": test}}``."""
-    from .evaluate import paired_bootstrap, pooled_bootstrap
+    from ..mt.metrics import paired_bootstrap, pooled_bootstrap
 
     if baseline not in hyps:
         raise KeyError(f"significance: no hypotheses of baseline {baseline!r} "
@@ -370,7 +371,7 @@ def significance(hyps: dict, baseline: str, directions: list[str], *,
         for d in directions:
             base_h, refs = hyps[baseline][d]
             sys_h, _ = by_dir[d]
-            tgt = parse_direction(d)[1]
+            tgt = Direction.parse(d).tgt
             per[d] = paired_bootstrap(base_h, sys_h, refs, tgt, n_samples=n_samples, seed=seed)
             pooled_in[d] = (base_h, sys_h, refs, tgt)
         out[name] = {"directions": per,
@@ -394,7 +395,7 @@ def render_significance(sig: dict, baseline: str) -> str:
 
 def render_table(results: dict, directions: list[str], baseline: str | None = None) -> str:
     """Markdown: one row per direction, BLEU / chrF / ACC per system, averages, win ratios."""
-    from .evaluate import win_ratio
+    from ..mt.metrics import win_ratio
 
     systems = list(results)
     head = ["direction"] + [f"{s} {m}" for s in systems for m in ("BLEU", "chrF", "ACC")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 
-from .data import LANGS
+from ..mt.corpus import LANGS
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 

@@ -25,10 +25,11 @@ from torch import Tensor, nn
 
 from ..distributed import PairGroupedSampler, gather_pairs, world_and_rank
 from ..masks import MaskBank
+from ..mt.corpus import Corpus
+from ..mt.direction import Direction
 from ..nn import active_pair, attach
 from ..optim import MaskedAdamW
 from .checkpoint import has_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
-from .data import Corpus, parse_direction
 from .device import model_device, resolve_amp
 from .encoding import LANGTOKS, encode_source, encoder_lang, pad_batch  # noqa: F401 (re-exported)
 from .model import label_smoothed_loss, set_dropout
@@ -93,7 +94,7 @@ class Encoded:
         self.tgt: list[list[int]] = []
         self.index: dict[str, range] = {}
         for d in directions:
-            _, t = parse_direction(d)
+            t = Direction.parse(d).tgt
             ex = pairs[d] if pairs is not None else corpus.examples(d)
             start = len(self.src)
             src_ids = tok.encode([a for a, _ in ex])

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..masks import MaskBank
-from .data import parse_direction
+from ..mt.direction import Direction
 from .device import model_device
 from .encoding import encode_source, encoder_lang, pad_batch
 from .model import Seq2Seq
@@ -18,7 +18,7 @@ def ensure_pair(bank: MaskBank, direction: str, pivot: str = "en") -> str:
     mask of X→pivot and the decoder mask of pivot→Y, added to the bank in memory."""
     if direction in bank:
         return direction
-    src, tgt = parse_direction(direction)
+    src, tgt = Direction.parse(direction)
     a, b = f"{src}-{pivot}", f"{pivot}-{tgt}"
     if a in bank and b in bank:
         bank.add_pair(direction, bank.merge(a, b, encoder_prefix="encoder.",
@@ -110,7 +110,7 @@ def translate(model: Seq2Seq, tok: Tokenizer, texts: list[str], direction: str, 
         return []
     if beam < 1 or batch_size < 1:
         raise ValueError(f"beam and batch_size must be >= 1, got {beam}, {batch_size}")
-    _, tgt = parse_direction(direction)
+    tgt = Direction.parse(direction).tgt
     lang = encoder_lang(direction, langtok)
     ids = tok.encode(texts)
     src = [encode_source(tok, s, lang, model.config.max_len) for s in ids]

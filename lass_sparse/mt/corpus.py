@@ -2,7 +2,8 @@
 
 Layout of a corpus folder: ``train.en-XX.tsv.gz`` (``English<TAB>XX`` per line, used in both
 directions) and ``valid.tsv.gz`` / ``test.tsv.gz`` (multi-way, header line naming the languages).
-``"demo"`` names the subset bundled with the package.
+``"demo"`` names the subset bundled with the package. A user's own multi-way test file:
+:func:`read_test_file`; the builder of the full corpus: :mod:`lass_sparse.mt.corpus_build`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 
+from .direction import LANG_CODE, Direction
+
 LANGS = ("en", "de", "fr", "es", "it", "pt", "ru", "zh", "ar")
-_PAIR = re.compile(r"^([a-z]{2,3})-([a-z]{2,3})$")
 
 
 def demo_corpus_path() -> str:
@@ -28,13 +30,6 @@ def resolve_corpus(path: str) -> str:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"corpus folder {path!r} does not exist (or pass 'demo')")
     return path
-
-
-def parse_direction(d: str) -> tuple[str, str]:
-    m = _PAIR.match(d)
-    if not m or m.group(1) == m.group(2):
-        raise ValueError(f"not a translation direction: {d!r} (expected like 'en-de')")
-    return m.group(1), m.group(2)
 
 
 @dataclass
@@ -57,19 +52,19 @@ class Corpus:
     def directions(self) -> list[str]:
         out = []
         for p in self.pairs:
-            a, b = parse_direction(p)
-            out += [f"{a}-{b}", f"{b}-{a}"]
+            d = Direction.parse(p)
+            out += [str(d), str(d.reverse())]
         return out
 
     def examples(self, direction: str) -> list[tuple[str, str]]:
         """(source, target) training examples of one direction."""
-        src, tgt = parse_direction(direction)
-        if f"{src}-{tgt}" in self.train:
-            return list(self.train[f"{src}-{tgt}"])
-        if f"{tgt}-{src}" in self.train:
-            return [(b, a) for a, b in self.train[f"{tgt}-{src}"]]
-        if "en" not in (src, tgt):
-            return self.pivot(src, tgt)
+        d = Direction.parse(direction)
+        if str(d) in self.train:
+            return list(self.train[str(d)])
+        if str(d.reverse()) in self.train:
+            return [(b, a) for a, b in self.train[str(d.reverse())]]
+        if d.is_zero_shot():
+            return self.pivot(d.src, d.tgt)
         raise KeyError(f"no training data for direction {direction!r}; pairs in "
                        f"{self.root}: {self.pairs}")
 
@@ -106,7 +101,7 @@ def eval_pairs(rows: list[dict[str, str]], direction: str, limit: int | None = N
                name: str = "test") -> tuple[list[str], list[str]]:
     """(sources, references) of ``direction`` from multi-way ``rows`` (first ``limit`` rows if
     given). A missing column raises ``KeyError`` naming the set (``name``) and its columns."""
-    src, tgt = parse_direction(direction)
+    src, tgt = Direction.parse(direction)
     if rows and (src not in rows[0] or tgt not in rows[0]):
         raise KeyError(f"{name} set has no {src}/{tgt} column (has {sorted(rows[0])})")
     rows = rows[:limit] if limit else rows
@@ -152,9 +147,6 @@ def read_multiway(path: str, skipped: list[str]) -> list[dict[str, str]]:
     return rows
 
 
-_LANG_CODE = re.compile(r"^[a-z]{2,3}$")
-
-
 def _strict_lines(path: str):
     """(line number, text) of a plain or gzipped (``.gz``) UTF-8 file; errors are ValueErrors."""
     if not os.path.isfile(path):
@@ -194,7 +186,7 @@ def read_test_file(path: str) -> list[dict[str, str]]:
             if header:
                 header[0] = header[0].lstrip("\ufeff")  # a UTF-8 byte-order mark
             for j, code in enumerate(header, 1):
-                if not _LANG_CODE.match(code):
+                if not LANG_CODE.fullmatch(code):
                     raise ValueError(f"{path}:{i}: header field {j} is {code!r}, expected a "
                                      f"language code of 2-3 lowercase letters (e.g. 'en')")
             dup = sorted({c for c in header if header.count(c) > 1})
@@ -234,7 +226,7 @@ def load_corpus(path: str, pairs: list[str] | None = None, max_train: int | None
     if pairs:
         want = []
         for p in pairs:
-            a, b = parse_direction(p)
+            a, b = Direction.parse(p)
             key = f"{a}-{b}" if f"{a}-{b}" in available else f"{b}-{a}"
             if key not in available:
                 raise KeyError(f"unknown language pair {p!r}; {root} has {sorted(available)}")

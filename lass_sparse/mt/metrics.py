@@ -1,10 +1,17 @@
-"""BLEU / chrF (sacrebleu, with signatures), translation accuracy (langid), win ratio."""
+"""BLEU / chrF (sacrebleu, with signatures), translation accuracy (langid), win ratio, paired
+and pooled bootstrap significance against a baseline system (sacrebleu's ``--paired-bs``).
+
+The one place where translations are scored: the pipeline (:mod:`lass_sparse.lass.pipeline`)
+and the Hugging Face stages (:mod:`lass_sparse.hf.pipeline`) both report through it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
-from .data import LANGS
+from .corpus import LANGS
+from .direction import Direction
 
 
 def bleu_chrf(hyps: list[str], refs: list[str], tgt_lang: str) -> dict:
@@ -37,6 +44,13 @@ def translation_accuracy(hyps: list[str], tgt_lang: str) -> float:
     ident = _identifier()
     # an empty output is in no language (langid would still name one)
     return sum(bool(h.strip()) and ident.classify(h)[0] == tgt_lang for h in hyps) / len(hyps)
+
+
+def score_translations(hyps: list[str], refs: list[str], tgt_lang: str) -> dict:
+    """Every metric of one system on one direction: :func:`bleu_chrf` (``bleu``, ``chrf`` and
+    their signatures), ``acc`` (:func:`translation_accuracy`) and ``n`` (rows)."""
+    return {**bleu_chrf(hyps, refs, tgt_lang), "acc": translation_accuracy(hyps, tgt_lang),
+            "n": len(hyps)}
 
 
 def win_ratio(system: dict[str, float], baseline: dict[str, float]) -> float:
@@ -190,4 +204,30 @@ def pooled_bootstrap(per_direction: dict[str, tuple[list[str], list[str], list[s
         out[k] = _summary(full_bl, full_sys, bl, sy)
     out.update(directions=dict(sorted(rows.items())), n=sum(rows.values()), n_samples=n_samples,
                seed=seed)
+    return out
+
+
+def significance(hyps: Mapping[str, Mapping[str, tuple[list[str], list[str]]]], baseline: str,
+                 directions: Sequence[str], *, n_samples: int = 1000,
+                 seed: int | None = 12345) -> dict:
+    """Paired bootstrap of every system against ``baseline`` on the same rows, per direction
+    (:func:`paired_bootstrap`) and pooled over ``directions`` (:func:`pooled_bootstrap`, average
+    BLEU/chrF). ``hyps``: ``{system: {direction: (hypotheses, references)}}``. Returns
+    ``{system: {"directions": {direction: test}, "pooled": test}}`` for each other system."""
+    if baseline not in hyps:
+        raise KeyError(f"significance: no hypotheses of baseline {baseline!r} "
+                       f"(systems: {sorted(hyps)})")
+    out = {}
+    for name, by_dir in hyps.items():
+        if name == baseline:
+            continue
+        per, pooled_in = {}, {}
+        for d in directions:
+            base_h, refs = hyps[baseline][d]
+            sys_h, _ = by_dir[d]
+            tgt = Direction.parse(d).tgt
+            per[d] = paired_bootstrap(base_h, sys_h, refs, tgt, n_samples=n_samples, seed=seed)
+            pooled_in[d] = (base_h, sys_h, refs, tgt)
+        out[name] = {"directions": per,
+                     "pooled": pooled_bootstrap(pooled_in, n_samples=n_samples, seed=seed)}
     return out
