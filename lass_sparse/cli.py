@@ -20,7 +20,7 @@ import sys
 import traceback
 
 # Commands that run under torchrun (one process per rank); every other command refuses there.
-DISTRIBUTED_COMMANDS = ("train", "finetune", "joint", "extend")
+DISTRIBUTED_COMMANDS = ("train", "finetune", "joint", "extend", "experiment")
 
 
 def env_world_size() -> int:
@@ -38,11 +38,11 @@ def check_torchrun(command: str | None) -> None:
 # Modules that contribute subcommands, in --help order.
 COMMAND_MODULES = (
     "lass_sparse.lass.commands",
-    "lass_sparse.lass.reproduce",
-    "lass_sparse.lass.recipe",
+    "lass_sparse.lass.experiment.commands",
     "lass_sparse.hf.commands",
     "lass_sparse.mt.corpus_build",
     "lass_sparse.showcase",
+    "lass_sparse.serve.commands",
 )
 
 
@@ -160,6 +160,38 @@ def describe_error(e: BaseException) -> str:
     return msg
 
 
+NPROC_OPTION = "--nproc-per-node"
+
+
+def add_nproc_option(p: argparse.ArgumentParser) -> None:
+    """``--nproc-per-node N``: run the command as N ranks of one job (DDP / spread work)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+        return v
+
+    p.add_argument(NPROC_OPTION, type=parse, default=1, metavar="N",
+                   help="start N processes of this command as one job (torch.distributed.run, "
+                   "one node; gloo on CPUs, NCCL on GPUs); the same as `torchrun "
+                   "--nproc-per-node N -m lass_sparse.cli -- ...`")
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == NPROC_OPTION:
+            skip = True
+        elif not a.startswith(NPROC_OPTION + "="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LASS_SPARSE_DEBUG", "") not in ("", "0")
@@ -172,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         check_torchrun(getattr(args, "command", None))
+        nproc = getattr(args, "nproc_per_node", 1)
+        if nproc > 1 and env_world_size() == 1:
+            from .lass.runtime import launch
+
+            return launch(nproc, _without_nproc(argv) + (["--debug"] if debug else []))
         return int(args.func(args) or 0)
     except SystemExit:
         raise

@@ -13,9 +13,8 @@ import math
 import os
 import sys
 
-from ..cli import CommandError, env_world_size, missing_package
+from ..cli import CommandError, add_nproc_option, missing_package
 
-RUN_JSON = "run.json"  # = pipeline.RUN_JSON (not imported: pipeline needs the [lass] extra)
 
 # ------------------------------------------------------------------------- argument types
 
@@ -107,130 +106,38 @@ def require_packages(args) -> None:
             raise missing_package(name, f"`lass-sparse {command}`") from None
 
 
-def _check_gzip_files(folder: str) -> None:
-    """Every ``*.gz`` of a corpus folder starts like a gzip file (else: which file is not)."""
-    try:
-        names = sorted(os.listdir(folder))
-    except OSError:
-        return  # missing folder: the corpus reader says so
-    for name in names:
-        if not name.endswith(".gz"):
-            continue
-        path = os.path.join(folder, name)
-        try:
-            with open(path, "rb") as f:
-                head = f.read(2)
-        except OSError as e:
-            raise CommandError(f"corpus file {path} cannot be read ({e.strerror})") from None
-        if head != b"\x1f\x8b":
-            raise CommandError(f"corpus file {path} is not gzip-compressed; compress it "
-                               f"(gzip {path[:-3]}) or rebuild the corpus")
-
-
-def _read_run_json(run_dir: str) -> dict:
-    path = os.path.join(run_dir, RUN_JSON)
-    if not os.path.exists(path):
-        raise CommandError(f"{run_dir} is not a run folder (no {RUN_JSON}); start one with "
-                           f"`lass-sparse train --run {run_dir}`")
-    fix = f"restore it, or start a new --run (delete {run_dir} to start this one over)"
-    try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-    except (ValueError, RecursionError) as e:
-        raise CommandError(f"run file {path} is corrupt (not JSON: {' '.join(str(e).split())}); "
-                           f"{fix}") from None
-    need = {"corpus": str, "pairs": list, "model": dict, "tokenizer": str}
-    if not isinstance(info, dict):
-        raise CommandError(f"run file {path} is not a run description; {fix}")
-    for key, typ in need.items():
-        if not isinstance(info.get(key), typ):
-            raise CommandError(f"run file {path}: field {key!r} is missing or not a "
-                               f"{typ.__name__}; {fix}")
-    return info
-
-
 def _device(args):
-    """``--device``; under torchrun a bare ``cuda`` means this rank's GPU, cuda:$LOCAL_RANK."""
-    from .device import resolve_device
+    """``--device`` of this process (under a launch, a bare ``cuda`` is this rank's GPU)."""
+    from .runtime import device_for
 
-    try:
-        dev = resolve_device(getattr(args, "device", None) or "auto")
-    except ValueError as e:
-        raise CommandError(str(e)) from None
-    local = os.environ.get("LOCAL_RANK")
-    if dev.type == "cuda" and dev.index is None and local is not None and env_world_size() > 1:
-        dev = resolve_device(f"cuda:{int(local)}")
-    return dev
+    return device_for(getattr(args, "device", None) or "auto")
 
 
 def _dist_setup(args) -> tuple[int, int]:
-    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (NCCL on GPUs, else gloo). The
-    CLI has already refused the commands that run in one process (``cli.check_torchrun``)."""
-    import torch
-    import torch.distributed as dist
+    """Join the launch's process group (the CLI has refused one-process commands there)."""
+    from .runtime import init_process_group
 
-    if env_world_size() <= 1:
-        return 1, 0
-    if not dist.is_initialized():
-        dev = _device(args)
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return dist.get_world_size(), dist.get_rank()
+    return init_process_group(getattr(args, "device", None) or "auto")
 
 
 def _open_run(run_dir: str, args=None):
-    """``pipeline.open_run`` with run.json and the corpus files checked first (one-line errors
-    naming the file), on ``args.device``."""
-    from . import pipeline as P
+    """The run, checked first (:func:`~lass_sparse.lass.runtime.open_checked`)."""
+    from .runtime import open_checked
 
-    if args is not None:
-        _dist_setup(args)
-    device = _device(args)
-    info = _read_run_json(run_dir)
-    if info["corpus"] != "demo":
-        _check_gzip_files(info["corpus"])
-    try:
-        return P.open_run(run_dir, device)
-    except TypeError as e:  # ModelConfig(**info["model"]) with unknown or missing fields
-        raise CommandError(f"run file {os.path.join(run_dir, RUN_JSON)} has an invalid model "
-                           f"config ({e}); restore it, or start a new --run") from None
+    return open_checked(run_dir, getattr(args, "device", None) or "auto")
 
 
 def _run(args):
-    from . import pipeline as P
+    """Create the run (first call, or ``--corpus`` given) or reopen it; options fixed at
+    creation are checked against the run."""
+    from .runtime import create_or_open
 
-    world, rank = _dist_setup(args)
-    if world > 1:  # rank 0 creates the run (tokenizer, run.json); the others then open it
-        import torch.distributed as dist
-
-        if rank == 0:
-            run = _create_or_open(args, P)
-        dist.barrier()
-        if rank != 0:
-            run = _open_run(args.run, args)
-        _check_fixed_options(args, run)
-        return run
-    run = _create_or_open(args, P)
+    run = create_or_open(
+        args.run, corpus=args.corpus, device=args.device or "auto", config=args.config,
+        vocab_size=args.vocab_size, pairs=args.pairs, max_train=args.max_train, seed=args.seed,
+        langtok=args.langtok or "src",
+        mask_output_proj=True if args.mask_output_proj is None else args.mask_output_proj)
     _check_fixed_options(args, run)
-    return run
-
-
-def _create_or_open(args, P):
-    if getattr(args, "corpus", None) is not None or not os.path.exists(
-        os.path.join(args.run, P.RUN_JSON)
-    ):
-        if args.corpus not in (None, "demo"):
-            _check_gzip_files(args.corpus)
-        if os.path.exists(os.path.join(args.run, P.RUN_JSON)):
-            _read_run_json(args.run)
-        langtok = args.langtok or "src"
-        mop = True if args.mask_output_proj is None else args.mask_output_proj
-        run = P.prepare(args.run, args.corpus or "demo", args.config, args.vocab_size,
-                        pairs=args.pairs, max_train=args.max_train, seed=args.seed,
-                        langtok=langtok, mask_output_proj=mop, device=_device(args))
-    else:
-        run = _open_run(args.run, args)
     return run
 
 
@@ -442,12 +349,6 @@ def cmd_masks(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from .demo import run_demo
-
-    return run_demo(args)
-
-
 def _guarded(fn):
     """``fn(args)`` after the optional-package check (before any work)."""
 
@@ -510,6 +411,7 @@ def _training(p, steps: int, lr: float = 2e-3) -> None:
                    "faster on AVX512-BF16 CPUs")
     p.add_argument("--plot", action="store_true", help="draw the loss curve (loss.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_nproc_option(p)
 
 
 def add_commands(sub) -> None:
@@ -619,13 +521,3 @@ def add_commands(sub) -> None:
     q = msub.add_parser("stats", help="sizes and kept fractions")
     q.add_argument("masks")
     q.set_defaults(func=_guarded(cmd_masks))
-
-    p = sub.add_parser("demo", help="the whole LaSS pipeline on the bundled subset (tiny model)")
-    p.add_argument("--run", default="runs/demo")
-    p.add_argument("--scale", type=positive_float, default=1.0,
-                   help="multiply every step count")
-    p.add_argument("--limit", type=positive_int, default=100,
-                   help="test sentences per direction")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:N")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_guarded(cmd_demo))

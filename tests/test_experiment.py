@@ -1,0 +1,241 @@
+"""The experiment driver: config checks, the bundled configs, a shortened reproduction end to end
+(every report section, resume), two workers in one process group, and ``--nproc-per-node``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("sentencepiece")
+pytest.importorskip("sacrebleu")
+
+from lass_sparse.cli import main  # noqa: E402
+from lass_sparse.lass.experiment import config as C  # noqa: E402
+from lass_sparse.lass.experiment.runner import plan, waves  # noqa: E402
+
+TINY = ["run.model_overrides.d_model=32", "run.model_overrides.heads=2",
+        "run.model_overrides.ffn=64", "run.model_overrides.enc_layers=1",
+        "run.model_overrides.dec_layers=1", "run.vocab_size=600", "run.max_train=80",
+        "run.device='cpu'", "run.threads=1"]
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for s in items for a in ("--set", s)]
+
+
+def _write(tmp_path, text: str, name: str = "x.toml") -> str:
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize("name", ["demo", "reproduction", "reproduction-seed1", "gpu"],
+                         ids=lambda n: f"config-{n}")  # a bare "gpu" id would mark it gpu
+def test_bundled_configs_load_and_plan(name):
+    cfg = C.load(name)
+    assert cfg.stages and cfg.report
+    dirs = ["en-de", "de-en", "en-fr", "fr-en", "en-zh", "zh-en"]
+    jobs = [j for wave in plan(cfg, dirs, {"alpha": 0.5}) for j in wave]
+    assert all(not isinstance(j, str) for j in jobs), jobs  # every variable resolves
+    ids = [j.id for j in jobs]
+    assert len(ids) == len(set(ids))
+    assert "finetune[en-de]" in ids
+
+
+def test_reproduction_plan_runs_side_by_side_what_the_old_driver_did():
+    cfg = C.load("reproduction")
+    by_wave = [[st["name"] for st in w] for w in waves(cfg)]
+    assert ["dense", "joint-shared", "joint-random"] in by_wave
+    assert cfg.stage("base")["ddp"] and cfg.run["workers"] == 2
+    # templates and [train] defaults reach the stage; the stage's own values win
+    j = cfg.stage("joint")
+    assert (j["lr"], j["max_tokens"], j["patience"], j["amp"]) == (5e-4, 4096, 4, "bf16")
+    seed1 = C.load("reproduction-seed1")
+    assert seed1.stage("joint-s1")["seed"] == 1 and seed1.run["dir"] == cfg.run["dir"]
+    assert [s["name"] for s in seed1.stages][:len(cfg.stages)] == [s["name"] for s in cfg.stages]
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("[run]\ncorpuss = 'demo'\n", "unknown key(s) corpuss"),
+    ("[[stage]]\nname = 'a'\nkind = 'bake'\n", "kind must be one of"),
+    ("[[stage]]\nname = 'a'\nkind = 'train'\n", "needs steps"),
+    ("[[stage]]\nname = 'a'\nkind = 'train'\nsteps = 1\nafter = 'b'\n", "not an earlier stage"),
+    ("[[stage]]\nname = 'a'\nkind = 'joint'\nsteps = 1\nuse = 't'\n", "no [templates.t]"),
+    ("[[stage]]\nname = 'a'\nkind = 'prune'\nalpha = 0.5\nlr = 1\n", "unknown key(s) lr"),
+    ("[run]\npairs = ['en_de']\n", "pairs are language pairs"),
+    ("[run]\nworkers = 0\n", "workers must be an integer >= 1"),
+    ("name = [\n", "not valid TOML"),
+])
+def test_bad_configs_name_the_file_and_key(tmp_path, text, msg):
+    path = _write(tmp_path, text)
+    with pytest.raises(C.ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")) as e:
+        C.load(path)
+    assert path in str(e.value) or "TOML" in str(e.value)
+
+
+def test_set_scale_extends_and_unset_variables(tmp_path):
+    base = _write(tmp_path, "[run]\ncorpus = 'demo'\n[[stage]]\nname = 'a'\nkind = 'train'\n"
+                  "steps = 100\n[[stage]]\nname = 'b'\nkind = 'prune'\nalpha = '{alpha}'\n",
+                  "base.toml")
+    child = _write(tmp_path, "extends = 'base.toml'\n[[stage]]\nname = 'c'\nkind = 'train'\n"
+                   "steps = 10\n", "child.toml")
+    cfg = C.load(child, ["stage.a.steps=40", "run.max_train=7", "train.amp='none'"], scale=0.5)
+    assert [s["name"] for s in cfg.stages] == ["a", "b", "c"]
+    assert cfg.stage("a")["steps"] == 20 and cfg.stage("c")["steps"] == 5
+    assert cfg.run["max_train"] == 7 and cfg.stage("a")["amp"] == "none"
+    items = plan(cfg, ["en-de"], {})
+    assert "b (after a select stage)" in items[1]
+    with pytest.raises(C.ConfigError, match=r"\{alpha\} is not set"):
+        C.fill("masks-a{alpha}", {}, "stage 'b'")
+    assert C.fill("{alpha}", {"alpha": 0.5}, "") == 0.5  # keeps its type
+    assert C.fill({"L-{a}": "x{a}"}, {"a": 1}, "") == {"L-1": "x1"}
+    with pytest.raises(C.ConfigError, match="no stage named 'zz'"):
+        C.load(child, ["stage.zz.steps=1"])
+    with pytest.raises(C.ConfigError, match="not found"):
+        C.load(str(tmp_path / "missing.toml"))
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    bad = _write(tmp_path, "[run]\nbogus = 1\n")
+    assert main(["experiment", "run", bad]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown key(s) bogus" in err[0]
+    assert main(["experiment", "run", "reproduction", "--set", "run.corpus='/nonexistent'",
+                 "--set", "run.workers=1"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def shortened(tmp_path_factory):
+    """The reproduction with its second seed on the demo corpus at toy size, one worker."""
+    d = tmp_path_factory.mktemp("experiment")
+    run_dir, out = str(d / "run"), str(d / "results")
+    sets = TINY + [
+        "run.corpus='demo'", "run.workers=1", "stage.base.steps=6", "stage.base.validate_every=3",
+        "templates.finetune.steps=3", "templates.finetune.validate_every=2",
+        "templates.joint.steps=4", "templates.joint.validate_every=2",
+        "templates.joint.max_tokens=512", "templates.finetune.max_tokens=512",
+        "stage.base.max_tokens=512", "train.valid_limit=8", f"report.out='{out}'",
+        "report.discussion='none'", f"report.models.out='{d}/models'",
+    ] + [f"stage.{s}.limit=3" for s in ("eval-supervised", "eval-zero", "eval-s1-supervised",
+                                        "eval-s1-zero")]
+    argv = ["experiment", "run", "reproduction-seed1", "--run", run_dir, *_sets(sets)]
+    assert main(argv) == 0
+    return run_dir, out, argv, str(d)
+
+
+def test_shortened_reproduction_writes_every_section(shortened):
+    run_dir, out, _, _ = shortened
+    md = open(os.path.join(out, "reproduction.md"), encoding="utf-8").read()
+    for head in ("## Protocol", "## Convergence", "## Supervised directions", "## Zero-shot",
+                 "## Seeds", "## Mask similarity", "alpha chosen on validation loss",
+                 "LaSS vs dense", "LaSS vs shared", "random vs dense", "every seed pooled",
+                 "Paired bootstrap, LaSS vs dense"):
+        assert head in md, head
+    for png in ("curves.png", "similarity.png", "layer_similarity.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 1000
+    rep = json.load(open(os.path.join(out, "reproduction.json")))
+    assert set(rep["supervised"]) == {"theta0", "dense", "LaSS", "shared", "random"}
+    assert all(len(r) == 6 for r in rep["supervised"].values())
+    assert set(rep["zero_shot"]) == {"theta0", "dense", "LaSS"}
+    assert rep["selected"]["alpha"] in (0.5, 0.7)
+    sel = json.load(open(os.path.join(run_dir, "experiment", "selected.json")))["alpha"]
+    assert sel["value"] == min((0.5, 0.7), key=lambda a: sel["valid_loss"][str(a)])
+    assert {"ft-s1/en-de", "joint-s1", "dense-s1", "joint-a0.5", "joint-a0.7"} <= set(
+        rep["stages"])
+    assert json.load(open(os.path.join(run_dir, "ft-s1/en-de/ckpt/state.json")))[
+        "config"]["seed"] == 1
+
+
+def test_rerun_resumes_and_publish(shortened, capsys):
+    run_dir, out, argv, d = shortened
+    before = os.path.getmtime(os.path.join(run_dir, "base", "ckpt", "state.json"))
+    capsys.readouterr()
+    assert main(argv) == 0
+    log = capsys.readouterr().out
+    assert log.count("done before") == 12 and "job(s)" not in log
+    assert os.path.getmtime(os.path.join(run_dir, "base", "ckpt", "state.json")) == before
+    assert main(["experiment", "publish", "reproduction", "--run", run_dir, "--out",
+                 f"{d}/models"]) == 0
+    assert os.path.exists(os.path.join(d, "models", "lass", "ckpt", "model.safetensors"))
+    assert main(["evaluate", "--run", f"{d}/models", "--stage", "lass", "--masks",
+                 "masks.safetensors", "--directions", "en-de", "--limit", "2", "--quiet",
+                 "--device", "cpu"]) == 0
+
+
+def _cli(*args, env=None, timeout=600):
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "lass_sparse.cli", *args], env=e,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_workers_one_process_group_spread_the_jobs(tmp_path):
+    """DDP base on both workers; fine-tunes and evaluation shares spread over them."""
+    cfg = _write(tmp_path, """
+name = "two"
+[run]
+corpus = "demo"
+pairs = ["en-de"]
+workers = 2
+threads = 1
+device = "cpu"
+[train]
+quiet = true
+[[stage]]
+name = "base"
+kind = "train"
+ddp = true
+steps = 4
+batch_size = 8
+[[stage]]
+name = "finetune"
+kind = "finetune"
+init = "base"
+steps = 2
+batch_size = 8
+[[stage]]
+name = "prune"
+kind = "prune"
+alpha = 0.5
+[[stage]]
+name = "eval"
+kind = "evaluate"
+limit = 2
+beam = 1
+systems = { theta0 = "base", lass = "base@masks.safetensors" }
+[report]
+supervised = "eval"
+baseline = "theta0"
+""")
+    run_dir = str(tmp_path / "run")
+    r = _cli("experiment", "run", cfg, "--run", run_dir, *_sets(TINY))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    done = {}
+    for f in os.listdir(os.path.join(run_dir, "experiment", "done")):
+        done[f] = json.load(open(os.path.join(run_dir, "experiment", "done", f)))
+    assert len(done) == 6  # base, 2 fine-tunes, prune, 2 evaluation shares
+    workers = {line.rsplit("(worker ", 1)[1][0] for line in r.stdout.splitlines()
+               if "(worker " in line}
+    assert workers == {"0", "1"}, r.stdout
+    assert "(all 2 workers)" in r.stdout
+    st = json.load(open(os.path.join(run_dir, "base", "ckpt", "state.json")))
+    assert st["step"] == 4
+    assert os.path.exists(os.path.join(run_dir, "results", "two.md"))
+
+
+def test_nproc_per_node_starts_the_ranks(tmp_path):
+    """``lass-sparse train --nproc-per-node 2`` (no torchrun parser: ``--run`` is ours)."""
+    run_dir = str(tmp_path / "run")
+    r = _cli("train", "--run", run_dir, "--corpus", "demo", "--pairs", "en-de", "--max-train",
+             "40", "--vocab-size", "300", "--steps", "2", "--batch-size", "4", "--quiet",
+             "--device", "cpu", "--nproc-per-node", "2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = [json.loads(x) for x in open(os.path.join(run_dir, "base", "log.jsonl"))]
+    assert any(rec.get("world_size") == 2 for rec in log)
+    r = _cli("prune", "--run", run_dir, "--nproc-per-node", "2")
+    assert r.returncode == 2 and "unrecognized arguments" in r.stderr
