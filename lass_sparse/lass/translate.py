@@ -1,12 +1,17 @@
-"""Batched beam search with a KV cache (greedy = beam 1), and zero-shot mask resolution."""
+"""Batched beam search with a KV cache (greedy = beam 1), mixed-pair batches, and zero-shot mask
+resolution."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from ..masks import MaskBank
 from ..mt.direction import Direction
+from ..nn import active_pair
 from .device import model_device
 from .encoding import encode_source, encoder_lang, pad_batch
 from .model import Seq2Seq
@@ -36,62 +41,132 @@ def _reorder(cache: list[dict], order: Tensor) -> None:
                     part[k] = part[k].index_select(0, order)
 
 
+def default_limit(model_max_len: int, src_len: int) -> int:
+    """Decoding steps :func:`beam_search` allows a batch whose padded source is ``src_len`` tokens
+    long (EOS is forced at the last one): ``min(model_max_len - 1, 2 * src_len + 10)``."""
+    return min(model_max_len - 1, 2 * src_len + 10)
+
+
+def translate_limits(src_lens: Sequence[int], model_max_len: int,
+                     batch_size: int = 64) -> list[int]:
+    """The step limit :func:`translate` gives each of its sentences (``src_lens``: encoder input
+    lengths): sentences are sorted by length and batched ``batch_size`` at a time, and a batch's
+    limit follows its longest source. A server that batches the same sentences differently
+    passes these as ``beam_search(max_len=[...])`` to decode exactly as ``translate`` does."""
+    order = sorted(range(len(src_lens)), key=lambda i: src_lens[i])
+    out = [0] * len(src_lens)
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        lim = default_limit(model_max_len, max(src_lens[i] for i in chunk))
+        for i in chunk:
+            out[i] = lim
+    return out
+
+
+def _per_row(name: str, value: int | Sequence[int] | Tensor, rows: int) -> Tensor:
+    t = torch.as_tensor(value, dtype=torch.long).flatten()
+    if t.numel() == 1:
+        return t.expand(rows).clone()
+    if t.numel() != rows:
+        raise ValueError(f"beam_search: {name} must be an int or one value per source row "
+                         f"({rows}), got {t.numel()} values")
+    return t
+
+
 @torch.no_grad()
-def beam_search(model: Seq2Seq, src: Tensor, bos: int, beam: int = 4, max_len: int | None = None,
-                lenpen: float = 1.0, use_cache: bool = True) -> list[list[int]]:
+def beam_search(model: Seq2Seq, src: Tensor, bos: int | Sequence[int] | Tensor, beam: int = 4,
+                max_len: int | Sequence[int] | None = None, lenpen: float = 1.0,
+                use_cache: bool = True, *, pairs: Sequence[str] | None = None,
+                pair_ids: Tensor | None = None) -> list[list[int]]:
     """Best hypothesis (token ids, without BOS/EOS) for each row of ``src [B, S]``.
 
     Scores are summed log-probs; finished hypotheses are ranked by ``score / len ** lenpen``.
     ``use_cache=False`` re-runs the decoder on the whole prefix each step (same result).
+
+    Per row (an int applies to every row): ``bos`` (the target-language token that starts the
+    decoder) and ``max_len`` (decoding steps; EOS is forced at the last; default
+    :func:`default_limit` of the padded source length). A row's result depends only on its own
+    source, ``bos`` and limit, not on the other rows of the batch.
+
+    Mixed-pair batches: ``pairs`` (mask names) and ``pair_ids [B]`` indexing them run every row
+    under its own pair's mask, the encoder and each decoder step as one forward through the
+    segmented kernels (the beams of a row share its pair); without them, whatever pair the
+    caller made active is used.
     """
     model.eval()
     bsz, k = src.shape[0], beam
-    memory, pad = model.encode(src)
+    dev = src.device
+    if (pairs is None) != (pair_ids is None):
+        raise ValueError("beam_search: pairs and pair_ids go together (pair_ids index pairs)")
+    if pair_ids is not None and pair_ids.numel() != bsz:
+        raise ValueError(f"beam_search: pair_ids must have one id per source row ({bsz}), got "
+                         f"{pair_ids.numel()}")
+    bos_rows = _per_row("bos", bos, bsz).to(dev).repeat_interleave(k)
+    if max_len is None or (isinstance(max_len, int) and max_len == 0):
+        max_len = default_limit(model.config.max_len, src.shape[1])
+    limits = _per_row("max_len", max_len, bsz)
+    if bool((limits < 1).any()) or int(limits.max()) > model.config.max_len:
+        raise ValueError(f"beam_search: max_len must be in [1, {model.config.max_len}] (the "
+                         f"model's max_len), got {limits.tolist()}")
+    steps = int(limits.max())
+
+    def pairs_for(ids: Tensor | None):
+        if pairs is None:
+            return contextlib.nullcontext()
+        return active_pair(model, list(pairs), pair_ids=ids)
+
+    with pairs_for(pair_ids):
+        memory, pad = model.encode(src)
     memory, pad = memory.repeat_interleave(k, 0), pad.repeat_interleave(k, 0)
-    limit = max_len or min(model.config.max_len - 1, 2 * src.shape[1] + 10)
-    tokens = torch.full((bsz * k, 1), bos, dtype=torch.long, device=src.device)
-    scores = torch.zeros(bsz, k, device=src.device)
+    beam_ids = None if pair_ids is None else pair_ids.to(dev).repeat_interleave(k)
+    tokens = bos_rows.view(-1, 1).clone()
+    scores = torch.zeros(bsz, k, device=dev)
     scores[:, 1:] = float("-inf")  # all beams start identical: keep one
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(bsz)]
     done = torch.zeros(bsz, dtype=torch.bool)
     cache = model.new_cache() if use_cache else None
-    for t in range(limit):
-        if use_cache:
-            logits = model.decode(tokens[:, -1:], memory, pad, cache, start=t)[:, -1]
-        else:
-            logits = model.decode(tokens, memory, pad)[:, -1]
-        lp = logits.float().log_softmax(-1)
-        lp[:, PAD] = float("-inf")
-        lp[:, bos] = float("-inf")
-        if t == limit - 1:  # out of room: only EOS
-            eos_col = lp[:, EOS].clone()
-            lp.fill_(float("-inf"))
-            lp[:, EOS] = eos_col
-        vocab = lp.shape[-1]
-        cand = (scores.view(-1, 1) + lp).view(bsz, k * vocab)
-        top_s, top_i = cand.topk(2 * k, dim=1)
-        origin, tok = top_i // vocab, top_i % vocab
-        is_eos = tok.eq(EOS)
-        # finished hypotheses: EOS among the first k candidates
-        for b, j in (is_eos[:, :k] & top_s[:, :k].isfinite()).nonzero().tolist():
-            if done[b]:
-                continue
-            hyp = tokens[b * k + origin[b, j], 1:].tolist()
-            finished[b].append((float(top_s[b, j]) / (len(hyp) + 1) ** lenpen, hyp))
-            if len(finished[b]) >= k:
-                done[b] = True
-        if bool(done.all()):
-            break
-        # continuing beams: the best k non-EOS candidates
-        rank = torch.arange(2 * k, device=src.device).expand(bsz, -1) + is_eos.long() * 2 * k
-        pick = rank.argsort(dim=1)[:, :k]
-        scores = top_s.gather(1, pick)
-        scores[done.to(scores.device)] = float("-inf")
-        order = (origin.gather(1, pick) + torch.arange(bsz, device=src.device)[:, None] * k)
-        order = order.view(-1)
-        tokens = torch.cat([tokens.index_select(0, order), tok.gather(1, pick).view(-1, 1)], 1)
-        if cache is not None:
-            _reorder(cache, order)
+    all_rows = torch.arange(bsz * k, device=dev)
+    with pairs_for(beam_ids):  # one setting for every step: its row grouping is reused
+        for t in range(steps):
+            if use_cache:
+                logits = model.decode(tokens[:, -1:], memory, pad, cache, start=t)[:, -1]
+            else:
+                logits = model.decode(tokens, memory, pad)[:, -1]
+            lp = logits.float().log_softmax(-1)
+            lp[:, PAD] = float("-inf")
+            lp[all_rows, bos_rows] = float("-inf")
+            last = limits.eq(t + 1)  # out of room: only EOS
+            if bool(last.any()):
+                rows = last.to(dev).repeat_interleave(k)
+                eos_col = lp[rows, EOS].clone()
+                lp[rows] = float("-inf")
+                lp[rows, EOS] = eos_col
+            vocab = lp.shape[-1]
+            cand = (scores.view(-1, 1) + lp).view(bsz, k * vocab)
+            top_s, top_i = cand.topk(2 * k, dim=1)
+            origin, tok = top_i // vocab, top_i % vocab
+            is_eos = tok.eq(EOS)
+            # finished hypotheses: EOS among the first k candidates
+            for b, j in (is_eos[:, :k] & top_s[:, :k].isfinite()).nonzero().tolist():
+                if done[b]:
+                    continue
+                hyp = tokens[b * k + origin[b, j], 1:].tolist()
+                finished[b].append((float(top_s[b, j]) / (len(hyp) + 1) ** lenpen, hyp))
+                if len(finished[b]) >= k:
+                    done[b] = True
+            done |= last  # a row's limit ends it
+            if bool(done.all()):
+                break
+            # continuing beams: the best k non-EOS candidates
+            rank = torch.arange(2 * k, device=dev).expand(bsz, -1) + is_eos.long() * 2 * k
+            pick = rank.argsort(dim=1)[:, :k]
+            scores = top_s.gather(1, pick)
+            scores[done.to(scores.device)] = float("-inf")
+            order = (origin.gather(1, pick) + torch.arange(bsz, device=dev)[:, None] * k)
+            order = order.view(-1)
+            tokens = torch.cat([tokens.index_select(0, order), tok.gather(1, pick).view(-1, 1)], 1)
+            if cache is not None:
+                _reorder(cache, order)
     out = []
     for b in range(bsz):
         if not finished[b]:  # nothing ended: take the best alive beam
