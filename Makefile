@@ -19,7 +19,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.h)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lass-sparse demo
+	$(BIN)/lass-sparse experiment run experiments/demo.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests benchmarks --benchmark-disable --durations=8

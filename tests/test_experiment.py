@@ -66,7 +66,8 @@ def test_reproduction_plan_runs_side_by_side_what_the_old_driver_did():
     ("[[stage]]\nname = 'a'\nkind = 'train'\nsteps = 1\nafter = 'b'\n", "not an earlier stage"),
     ("[[stage]]\nname = 'a'\nkind = 'joint'\nsteps = 1\nuse = 't'\n", "no [templates.t]"),
     ("[[stage]]\nname = 'a'\nkind = 'prune'\nalpha = 0.5\nlr = 1\n", "unknown key(s) lr"),
-    ("[run]\npairs = ['en_de']\n", "pairs are language pairs"),
+    ("[run]\npairs = ['en_de']\n", "pairs are English-centric"),
+    ("[run]\npairs = ['de-fr']\n", "pairs are English-centric"),
     ("[run]\nworkers = 0\n", "workers must be an integer >= 1"),
     ("name = [\n", "not valid TOML"),
 ])
@@ -79,7 +80,7 @@ def test_bad_configs_name_the_file_and_key(tmp_path, text, msg):
 
 
 def test_set_scale_extends_and_unset_variables(tmp_path):
-    base = _write(tmp_path, "[run]\ncorpus = 'demo'\n[[stage]]\nname = 'a'\nkind = 'train'\n"
+    _write(tmp_path, "[run]\ncorpus = 'demo'\n[[stage]]\nname = 'a'\nkind = 'train'\n"
                   "steps = 100\n[[stage]]\nname = 'b'\nkind = 'prune'\nalpha = '{alpha}'\n",
                   "base.toml")
     child = _write(tmp_path, "extends = 'base.toml'\n[[stage]]\nname = 'c'\nkind = 'train'\n"

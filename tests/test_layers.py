@@ -30,7 +30,7 @@ LOW = ("lass_sparse.ops", "lass_sparse.backends", "lass_sparse.bitmask", "lass_s
 UPPER = ("lass_sparse.nn", "lass_sparse.masks", "lass_sparse.optim", "lass_sparse.mt",
          "lass_sparse.lass", "lass_sparse.hf")
 MAY_IMPORT_LASS = ("lass_sparse.lass", "lass_sparse.cli", "lass_sparse.showcase",
-                   "lass_sparse.testing")
+                   "lass_sparse.serve", "lass_sparse.testing")
 MT = "lass_sparse.mt"
 MT_MAY_IMPORT = (MT, "lass_sparse.fileio")  # standard library only (test below)
 
@@ -157,7 +157,8 @@ def test_the_import_graph_is_read_correctly():
     assert "lass_sparse.maskio" in g["lass_sparse.masks"]  # from . import maskio
     assert "lass_sparse.reference" in g["lass_sparse.showcase"]  # from lass_sparse import ..
     assert "lass_sparse._C" in g["lass_sparse.backends.cpu"]  # compiled, not a .py file
-    assert "lass_sparse" in g["lass_sparse.lass.recipe"]  # from .. import unpack_mask
+    assert "lass_sparse.lass.runtime" in g["lass_sparse.lass.experiment.runner"]  # from .. import
+    assert "lass_sparse.ops" in g["lass_sparse.lass.experiment.jobs"]  # from ...ops import
     assert "lass_sparse.fileio" in g["lass_sparse.lass.commands"]  # inside a function
     assert "lass_sparse.mt.direction" in g["lass_sparse.hf.data"]  # from ..mt.direction import
     assert "lass_sparse.mt.metrics" in g["lass_sparse.lass.pipeline"]  # inside a function

@@ -15,7 +15,6 @@ import sys
 
 from ..cli import CommandError, add_nproc_option, missing_package
 
-
 # ------------------------------------------------------------------------- argument types
 
 
@@ -292,6 +291,8 @@ def cmd_translate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from ..mt.metrics import significance
+    from ..mt.report import render_significance, render_table
     from . import pipeline as P
 
     if args.bootstrap and not args.baseline:
@@ -312,13 +313,13 @@ def cmd_evaluate(args) -> int:
     res = P.evaluate(run, systems, dirs, split=args.split, limit=args.limit, beam=args.beam,
                      progress=not args.quiet, rows=rows, hyps_out=hyps)
     base = "baseline" if args.baseline else None
-    table = P.render_table(res, dirs, baseline=base)
+    table = render_table(res, dirs, baseline=base)
     out = {"results": res, "test": args.test or args.split, "limit": args.limit}
     if args.bootstrap:
         if base is None:
             raise ValueError("--bootstrap needs --baseline (the system to test against)")
-        sig = P.significance(hyps, base, dirs, n_samples=args.bootstrap)
-        table += "\n\n" + P.render_significance(sig, base)
+        sig = significance(hyps, base, dirs, n_samples=args.bootstrap)
+        table += "\n\n" + render_significance(sig, base)
         out["significance"] = sig
     print(table)
     if args.out:

@@ -167,10 +167,12 @@ def _stage(run: Run, out: str, model: Seq2Seq, dirs: list[str], kw: dict,
 
 
 def train(run: Run, steps: int, *, out: str = "base", init: str | None = None,
-          directions: list[str] | None = None, **kw) -> dict:
-    """Dense multilingual training over ``directions`` (default: all), temperature sampling."""
+          directions: list[str] | None = None, distributed: bool = True, **kw) -> dict:
+    """Dense multilingual training over ``directions`` (default: all), temperature sampling.
+    ``distributed=False``: this process alone, also inside a multi-process launch."""
     dirs = directions or run.directions
-    return _stage(run, out, _init_model(run, out, init), dirs, dict(kw, steps=steps))
+    return _stage(run, out, _init_model(run, out, init), dirs, dict(kw, steps=steps),
+                  distributed=distributed)
 
 
 def finetune(run: Run, direction: str, steps: int, *, init: str = "base",
@@ -230,18 +232,19 @@ def load_bank(run: Run, masks: str) -> MaskBank:
 
 
 def joint(run: Run, masks: str, steps: int, *, init: str = "base", out: str = "joint",
-          directions: list[str] | None = None, **kw) -> dict:
+          directions: list[str] | None = None, distributed: bool = True, **kw) -> dict:
     """Structure-aware joint training: language-grouped batches, each with its pair's mask,
     masked AdamW (only that sub-network and the shared unmasked parameters change)."""
     bank = load_bank(run, masks)
     dirs = directions or [d for d in run.directions if d in bank]
     return _stage(run, out, _init_model(run, out, init), dirs, dict(kw, steps=steps),
-                  policy=UpdatePolicy(bank=bank))
+                  policy=UpdatePolicy(bank=bank), distributed=distributed)
 
 
 def extend(run: Run, directions: str | list[str], *, masks: str, init: str = "joint",
            ft_steps: int, steps: int, alpha: float | None = None, strict: bool = False,
-           ft_init: str = "base", out: str | None = None, **kw) -> dict:
+           ft_init: str = "base", out: str | None = None, distributed: bool = True,
+           **kw) -> dict:
     """Add one or more directions (e.g. both of a new pair): fine-tune each from ``ft_init``
     (θ0, as released; or e.g. the joint model) → prune → train only their sub-networks of
     ``init`` together, with language-grouped batches. ``strict``: update only weights outside
@@ -260,7 +263,8 @@ def extend(run: Run, directions: str | list[str], *, masks: str, init: str = "jo
     fts = {}
     for d in dirs:
         ft_out = f"{out}/ft" if len(dirs) == 1 else f"{out}/ft/{d}"
-        fts[d] = finetune(run, d, ft_steps, init=ft_init, out=ft_out, **kw)
+        fts[d] = finetune(run, d, ft_steps, init=ft_init, out=ft_out, distributed=distributed,
+                          **kw)
         bank.add_pair(d, _direction_masks(run, bank, ft_out, alpha))
     model = _init_model(run, out, init)
     attach(model, bank)
@@ -278,7 +282,7 @@ def extend(run: Run, directions: str | list[str], *, masks: str, init: str = "jo
         policy = UpdatePolicy(bank, update_bank,
                               tuple(registered[n] for n in bank.names if n in registered))
     res = _stage(run, out, model, dirs, dict(kw, steps=steps), name=f"extend {'+'.join(dirs)}",
-                 policy=policy)
+                 policy=policy, distributed=distributed)
     bank.save(run.path(out, "masks.safetensors"))
     return {"finetune": fts[dirs[0]] if len(dirs) == 1 else fts, "train": res,
             "masks": run.path(out, "masks.safetensors")}
@@ -317,7 +321,7 @@ def evaluate(run: Run, systems: dict[str, tuple[str, str | None]], directions: l
     from tqdm.auto import tqdm
 
     from ..mt.corpus import eval_pairs
-    from ..mt.metrics import bleu_chrf, translation_accuracy
+    from ..mt.metrics import score_translations
     from .translate import ensure_pair, translate
 
     results: dict[str, dict] = {}
@@ -342,81 +346,10 @@ def evaluate(run: Run, systems: dict[str, tuple[str, str | None]], directions: l
             else:
                 hyps = translate(model, run.tok, src, d, **kw)
             tgt = Direction.parse(d).tgt
-            results[name][d] = {**bleu_chrf(hyps, refs, tgt),
-                                "acc": translation_accuracy(hyps, tgt), "n": len(hyps)}
+            results[name][d] = score_translations(hyps, refs, tgt)
             if hyps_out is not None:
                 hyps_out.setdefault(name, {})[d] = (hyps, refs)
             bar.update(1)
             bar.set_postfix(system=name, direction=d, bleu=f"{results[name][d]['bleu']:.1f}")
     bar.close()
     return results
-
-
-def significance(hyps: dict, baseline: str, directions: list[str], *,
-                 n_samples: int = 1000, seed: int = 12345) -> dict:
-    """Paired bootstrap (sacrebleu's) of every system against ``baseline`` on the same rows, per
-    direction and pooled over ``directions`` (average BLEU). ``hyps``: what
-    :func:`evaluate` put in ``hyps_out``. Returns ``{system: {"directions": {d: test},
-    "pooled": test}}``."""
-    from ..mt.metrics import paired_bootstrap, pooled_bootstrap
-
-    if baseline not in hyps:
-        raise KeyError(f"significance: no hypotheses of baseline {baseline!r} "
-                       f"(systems: {sorted(hyps)})")
-    out = {}
-    for name, by_dir in hyps.items():
-        if name == baseline:
-            continue
-        per, pooled_in = {}, {}
-        for d in directions:
-            base_h, refs = hyps[baseline][d]
-            sys_h, _ = by_dir[d]
-            tgt = Direction.parse(d).tgt
-            per[d] = paired_bootstrap(base_h, sys_h, refs, tgt, n_samples=n_samples, seed=seed)
-            pooled_in[d] = (base_h, sys_h, refs, tgt)
-        out[name] = {"directions": per,
-                     "pooled": pooled_bootstrap(pooled_in, n_samples=n_samples, seed=seed)}
-    return out
-
-
-def render_significance(sig: dict, baseline: str) -> str:
-    """Markdown: per system, BLEU delta and p-value against the baseline, per direction and
-    pooled."""
-    lines = []
-    for name, s in sig.items():
-        lines += [f"Paired bootstrap, {name} vs {baseline} (BLEU; p: sacrebleu's paired "
-                  "bootstrap p-value):", "", "| direction | Δ BLEU | p |", "|---|---|---|"]
-        for d, t in s["directions"].items():
-            lines.append(f"| {d} | {t['bleu']['delta']:+.2f} | {t['bleu']['p_value']:.4f} |")
-        p = s["pooled"]["bleu"]
-        lines += [f"| **pooled (average)** | {p['delta']:+.2f} | {p['p_value']:.4f} |", ""]
-    return "\n".join(lines)
-
-
-def render_table(results: dict, directions: list[str], baseline: str | None = None) -> str:
-    """Markdown: one row per direction, BLEU / chrF / ACC per system, averages, win ratios."""
-    from ..mt.metrics import win_ratio
-
-    systems = list(results)
-    head = ["direction"] + [f"{s} {m}" for s in systems for m in ("BLEU", "chrF", "ACC")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for d in directions:
-        cells = [d]
-        for s in systems:
-            r = results[s][d]
-            cells += [f"{r['bleu']:.1f}", f"{r['chrf']:.1f}", f"{r['acc']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    avg = ["**average**"]
-    for s in systems:
-        for m in ("bleu", "chrf", "acc"):
-            v = sum(results[s][d][m] for d in directions) / len(directions)
-            avg.append(f"{v:.2f}" if m == "acc" else f"{v:.1f}")
-    lines.append("| " + " | ".join(avg) + " |")
-    if baseline and baseline in results:
-        lines.append("")
-        base = {d: results[baseline][d]["bleu"] for d in directions}
-        for s in systems:
-            if s != baseline:
-                w = win_ratio({d: results[s][d]["bleu"] for d in directions}, base)
-                lines.append(f"- win ratio of {s} over {baseline} (BLEU): {w:.0%}")
-    return "\n".join(lines)

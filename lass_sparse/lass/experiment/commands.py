@@ -72,6 +72,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    from ...mt.direction import Direction
     from .runner import plan, selections
 
     cfg, run_dir = _config(args)
@@ -85,7 +86,7 @@ def cmd_plan(args) -> int:
         from ...mt.corpus import load_corpus
 
         pairs = load_corpus(cfg.run.get("corpus") or "demo", None, 1).pairs
-    dirs = [d for p in pairs for d in (p, "-".join(reversed(p.split("-"))))]
+    dirs = [d for p in pairs for d in (p, str(Direction.parse(p).reverse()))]
     waves = plan(cfg, dirs, selections(run_dir) if os.path.isdir(run_dir) else {})
     print(f"{cfg.name}: {len(waves)} waves, run folder {run_dir}, {cfg.run['workers']} worker(s)")
     for i, wave in enumerate(waves):

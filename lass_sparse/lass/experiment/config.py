@@ -30,6 +30,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...mt.direction import Direction
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -211,8 +213,13 @@ def check(raw: dict, path: str, scale: float | None = None) -> Config:
     run = dict(raw.get("run", {}))
     _unknown(f"{path} [run]", run, RUN_KEYS)
     for p in run.get("pairs") or []:
-        if not isinstance(p, str) or not _PAIR.fullmatch(p):
-            raise ConfigError(f"{path} [run]: pairs are language pairs like 'en-de', got {p!r}")
+        try:
+            ok = Direction.parse(p).is_english_centric()
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{path} [run]: pairs are English-centric language pairs like "
+                              f"'en-de', got {p!r}")
     run.setdefault("model", "tiny")
     run.setdefault("vocab_size", 4000)
     run.setdefault("langtok", "src")
@@ -280,7 +287,6 @@ def check(raw: dict, path: str, scale: float | None = None) -> Config:
                   raw)
 
 
-_PAIR = re.compile(r"[a-z]{2,3}-[a-z]{2,3}")
 _FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 

@@ -10,6 +10,13 @@ import shutil
 from ...fileio import atomic_write
 from .config import ConfigError
 
+STATE_DIR = "experiment"  # RUN/experiment/: done markers, selections, evaluations, timings
+
+
+def state_path(run_dir: str, *parts: str) -> str:
+    """A path under the run's experiment state folder."""
+    return os.path.join(run_dir, STATE_DIR, *parts)
+
 
 def stage_summary(run_dir: str, stage: str) -> dict:
     """Steps, cap, best step and validation loss of a trained stage (from its last
@@ -115,8 +122,6 @@ def evaluate(run, p: dict, folder: str) -> dict:
 def load_eval(run_dir: str, stage: str) -> tuple[dict, dict]:
     """``(results, hyps)`` of every system an evaluate stage scored: ``{system: {direction:
     ...}}``."""
-    from .runner import state_path
-
     folder = state_path(run_dir, "eval", stage)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"no results of evaluate stage {stage!r} ({folder}); run it "

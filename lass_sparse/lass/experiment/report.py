@@ -29,8 +29,8 @@ from ...mt.direction import Direction
 from ...mt.metrics import pooled_bootstrap, significance
 from ...mt.report import render_significance, render_table
 from .config import TRAINING_KINDS, Config, fill
-from .jobs import curve, load_eval, stage_summary
-from .runner import expand, selections, state_path
+from .jobs import curve, load_eval, stage_summary, state_path
+from .runner import expand, selections
 
 
 def _avg(res: dict, system: str, dirs: list[str], metric: str) -> float:
@@ -134,7 +134,7 @@ class Report:
 
     def convergence(self) -> list[str]:
         stages = {}
-        for name, jobs in self.jobs.items():
+        for jobs in self.jobs.values():
             for j in jobs:
                 if j.kind in TRAINING_KINDS:
                     out = j.params.get("out", j.stage)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from ...fileio import atomic_write
 from ...mt.direction import zero_shot_directions
 from .. import runtime
+from . import jobs as job_kinds
 from .config import TRAINING_KINDS, Config, ConfigError, fill
-
-STATE_DIR = "experiment"
+from .jobs import state_path
 
 
 @dataclass
@@ -54,10 +54,6 @@ def waves(cfg: Config) -> list[list[dict]]:
     for st in cfg.stages:
         out[level[st["name"]]].append(st)
     return out
-
-
-def state_path(run_dir: str, *parts: str) -> str:
-    return os.path.join(run_dir, STATE_DIR, *parts)
 
 
 def selections(run_dir: str) -> dict:
@@ -187,7 +183,6 @@ def train_kwargs(params: dict) -> dict:
 def execute(run, cfg: Config, job: Job, distributed: bool):
     """Run one job in this process; returns a JSON-able summary."""
     from .. import pipeline as P
-    from . import jobs
 
     p = dict(job.params)
     if job.kind in TRAINING_KINDS:
@@ -202,7 +197,7 @@ def execute(run, cfg: Config, job: Job, distributed: bool):
             return P.joint(run, p["masks"], p["steps"], init=p.get("init", "base"),
                            out=p.get("out", job.stage), directions=p.get("directions"),
                            distributed=distributed, **kw)
-        return jobs.extend(run, p, kw, distributed)
+        return job_kinds.extend(run, p, kw, distributed)
     if job.kind == "prune":
         bank = P.prune(run, float(p["alpha"]), directions=p.get("directions"),
                        out=p.get("out", "masks.safetensors"), random=p.get("random", False),
@@ -216,11 +211,11 @@ def execute(run, cfg: Config, job: Job, distributed: bool):
                 res["compact_bytes"] * 8 / (st["weights_per_pair"] * st["pairs"]))
         return res
     if job.kind == "select":
-        return jobs.select(run, p, state_path(run.dir, "selected.json"))
+        return job_kinds.select(run, p, state_path(run.dir, "selected.json"))
     if job.kind == "evaluate":
-        return jobs.evaluate(run, p, state_path(run.dir, "eval", job.stage))
+        return job_kinds.evaluate(run, p, state_path(run.dir, "eval", job.stage))
     if job.kind == "weight_change":
-        return jobs.weight_change(run, p, state_path(run.dir, f"{job.stage}.json"))
+        return job_kinds.weight_change(run, p, state_path(run.dir, f"{job.stage}.json"))
     raise ConfigError(f"unknown stage kind {job.kind!r}")
 
 
