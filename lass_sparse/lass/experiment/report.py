@@ -82,6 +82,13 @@ class Report:
         except ValueError:
             return []
 
+    def _eval(self, stage: str) -> tuple[dict, dict]:
+        """An evaluate stage's results and hypotheses, systems in the config's order."""
+        res, hyps = load_eval(self.run_dir, stage)
+        order = [next(iter(j.params["systems"])) for j in self.jobs.get(stage, [])]
+        order += [s for s in res if s not in order]
+        return ({s: res[s] for s in order if s in res}, {s: hyps[s] for s in order if s in hyps})
+
     def _r(self, key: str, default=None):
         v = self.cfg.report.get(key, default)
         return fill(v, self.vars, f"{self.cfg.path} [report] {key}") if v is not None else None
@@ -222,7 +229,7 @@ class Report:
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step of the stage")
             ax.set_ylabel("validation loss (label-smoothed CE)")
-            if stages:
+            if any(curves.get(st) for st in stages):
                 ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
         self.figures.append(_save(plt, fig, out_png))
@@ -238,7 +245,7 @@ class Report:
 
     def supervised(self) -> list[str]:
         stage = self._r("supervised")
-        res, hyps = load_eval(self.run_dir, stage)
+        res, hyps = self._eval(stage)
         dirs = list(next(iter(res.values())))
         baseline = self._r("baseline")
         base = baseline if baseline in res else None
@@ -259,7 +266,7 @@ class Report:
 
     def zero_shot(self) -> list[str]:
         stage = self._r("zero_shot")
-        res, hyps = load_eval(self.run_dir, stage)
+        res, hyps = self._eval(stage)
         dirs = list(next(iter(res.values())))
         baseline = self._r("baseline")
         self.data["zero_shot"] = res
@@ -281,10 +288,10 @@ class Report:
 
     def extension(self) -> list[str]:
         ext = self._r("extension")
-        new_res, new_hyps = load_eval(self.run_dir, ext["new"])
-        old_res, old_hyps = load_eval(self.run_dir, ext["old"])
+        new_res, new_hyps = self._eval(ext["new"])
+        old_res, old_hyps = self._eval(ext["old"])
         ref = ext["reference"]
-        ref_res, ref_hyps = load_eval(self.run_dir, ext["reference_eval"])
+        ref_res, ref_hyps = self._eval(ext["reference_eval"])
         new_dirs = list(next(iter(new_res.values())))
         old_dirs = list(next(iter(old_res.values())))
         systems = list(new_res)
@@ -327,7 +334,7 @@ class Report:
         pairs, evals = cfg["pairs"], cfg["eval"]
         res, hyps = {}, {}
         for e in evals:
-            r, h = load_eval(self.run_dir, e)
+            r, h = self._eval(e)
             res.update(r)
             hyps.update(h)
         dirs = list(next(iter(res.values())))
