@@ -33,7 +33,7 @@ def _write(tmp_path, text: str, name: str = "x.toml") -> str:
     return str(p)
 
 
-@pytest.mark.parametrize("name", ["demo", "reproduction", "reproduction-seed1", "gpu"],
+@pytest.mark.parametrize("name", ["demo", "reproduction", "reproduction-seed1", "gpu", "breadth"],
                          ids=lambda n: f"config-{n}")  # a bare "gpu" id would mark it gpu
 def test_bundled_configs_load_and_plan(name):
     cfg = C.load(name)
@@ -44,6 +44,23 @@ def test_bundled_configs_load_and_plan(name):
     ids = [j.id for j in jobs]
     assert len(ids) == len(set(ids))
     assert "finetune[en-de]" in ids
+
+
+def test_breadth_config_covers_the_issue():
+    cfg = C.load("breadth")
+    dirs = [d for p in ("de", "es", "fr", "it", "pt", "ru", "zh", "ar")
+            for d in (f"en-{p}", f"{p}-en")]
+    jobs = [j for wave in plan(cfg, dirs, {"alpha": 0.5}) for j in wave]
+    fts = [j for j in jobs if j.stage == "finetune"]
+    assert len(fts) == 16
+    assert sorted(j.params["masks"] for j in jobs if j.stage == "joint") == [
+        f"masks-a{a}.safetensors" for a in (0.3, 0.5, 0.7)]
+    zero = next(j for j in jobs if j.stage == "eval-zero").params["directions"]
+    assert len(zero) == 12 and not any("en" in d.split("-") for d in zero)
+    base7 = next(j for j in jobs if j.stage == "base7").params["directions"]
+    assert len(base7) == 14 and "en-ar" not in base7
+    assert {j.params.get("strict", False) for j in jobs if j.kind == "extend"} == {True, False}
+    assert any(j.stage == "finetune-s1" and j.params["seed"] == 1 for j in jobs)
 
 
 def test_reproduction_plan_runs_side_by_side_what_the_old_driver_did():
@@ -240,3 +257,98 @@ def test_nproc_per_node_starts_the_ranks(tmp_path):
     assert any(rec.get("world_size") == 2 for rec in log)
     r = _cli("prune", "--run", run_dir, "--nproc-per-node", "2")
     assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+
+
+def test_extension_stages_and_report_section(tmp_path):
+    """extend (paper, strict reusing its fine-tunes), the strict-mode weight check and the
+    report's extension section, on a 2-pair toy run."""
+    cfg = _write(tmp_path, """
+name = "ext"
+[run]
+corpus = "demo"
+pairs = ["en-de", "en-fr"]
+workers = 1
+[train]
+quiet = true
+batch_size = 8
+[[stage]]
+name = "base"
+kind = "train"
+steps = 4
+directions = ["en-de", "de-en"]
+[[stage]]
+name = "finetune"
+kind = "finetune"
+init = "base"
+steps = 2
+directions = ["en-de", "de-en"]
+[[stage]]
+name = "prune"
+kind = "prune"
+alpha = 0.5
+directions = ["en-de", "de-en"]
+[[stage]]
+name = "joint"
+kind = "joint"
+masks = "masks.safetensors"
+steps = 2
+directions = ["en-de", "de-en"]
+[[stage]]
+name = "extend-paper"
+kind = "extend"
+directions = ["en-fr", "fr-en"]
+masks = "masks.safetensors"
+init = "joint"
+ft_steps = 2
+steps = 3
+out = "extend-paper"
+[[stage]]
+name = "extend-strict"
+kind = "extend"
+directions = ["en-fr", "fr-en"]
+masks = "masks.safetensors"
+init = "joint"
+ft_steps = 2
+steps = 3
+strict = true
+copy_finetunes_from = "extend-paper"
+out = "extend-strict"
+[[stage]]
+name = "check"
+kind = "weight_change"
+before = "joint"
+after_stages = ["extend-paper", "extend-strict"]
+masks = "masks.safetensors"
+[[stage]]
+name = "eval-new"
+kind = "evaluate"
+directions = ["en-fr", "fr-en"]
+limit = 2
+beam = 1
+systems = { theta0 = "base", paper = "extend-paper@extend-paper/masks.safetensors", strict = "extend-strict@extend-strict/masks.safetensors" }
+[[stage]]
+name = "eval-old"
+kind = "evaluate"
+after = "check"
+directions = ["en-de", "de-en"]
+limit = 2
+beam = 1
+systems = { LaSS = "joint@masks.safetensors", paper = "extend-paper@extend-paper/masks.safetensors", strict = "extend-strict@extend-strict/masks.safetensors" }
+[report]
+extension = { new = "eval-new", old = "eval-old", reference = "LaSS", reference_eval = "eval-old", check = "check", new_baseline = "theta0" }
+""")
+    run_dir, out = str(tmp_path / "run"), str(tmp_path / "out")
+    assert main(["experiment", "run", cfg, "--run", run_dir, *_sets(TINY)]) == 0
+    assert main(["experiment", "report", cfg, "--run", run_dir, "--out", out]) == 0
+    change = json.load(open(os.path.join(run_dir, "experiment", "check.json")))
+    assert change["extend-strict"] == 0.0 and change["extend-paper"] > 0.0
+    # strict mode reused paper mode's fine-tunes (copied, not retrained)
+    for d in ("en-fr", "fr-en"):
+        a = os.path.join(run_dir, "extend-paper", "ft", d, "ckpt", "model-00000002.safetensors")
+        b = os.path.join(run_dir, "extend-strict", "ft", d, "ckpt", "model-00000002.safetensors")
+        assert open(a, "rb").read() == open(b, "rb").read()
+        log = open(os.path.join(run_dir, "extend-strict", "ft", d, "log.jsonl")).read()
+        assert log == open(os.path.join(run_dir, "extend-paper", "ft", d, "log.jsonl")).read()
+    md = open(os.path.join(out, "ext.md"), encoding="utf-8").read()
+    assert "## Extension: a new pair" in md and "extend-strict 0" in md
+    assert "| en-fr |" in md and "| old direction | LaSS |" in md

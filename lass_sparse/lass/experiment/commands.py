@@ -127,7 +127,7 @@ def cmd_demo(args) -> int:
 
 def _common(p, *, run: bool = False) -> None:
     p.add_argument("config", help="an experiment config (.toml), or the name of a bundled one "
-                   "(demo, reproduction, reproduction-seed2, gpu)")
+                   "(demo, reproduction, reproduction-seed1, gpu)")
     p.add_argument("--run", help="run folder (default: the config's run.dir, runs/<name>)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value (repeatable): run.max_train=100, "
