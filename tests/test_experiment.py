@@ -325,7 +325,10 @@ kind = "evaluate"
 directions = ["en-fr", "fr-en"]
 limit = 2
 beam = 1
-systems = { theta0 = "base", paper = "extend-paper@extend-paper/masks.safetensors", strict = "extend-strict@extend-strict/masks.safetensors" }
+[stage.systems]
+theta0 = "base"
+paper = "extend-paper@extend-paper/masks.safetensors"
+strict = "extend-strict@extend-strict/masks.safetensors"
 [[stage]]
 name = "eval-old"
 kind = "evaluate"
@@ -333,9 +336,17 @@ after = "check"
 directions = ["en-de", "de-en"]
 limit = 2
 beam = 1
-systems = { LaSS = "joint@masks.safetensors", paper = "extend-paper@extend-paper/masks.safetensors", strict = "extend-strict@extend-strict/masks.safetensors" }
-[report]
-extension = { new = "eval-new", old = "eval-old", reference = "LaSS", reference_eval = "eval-old", check = "check", new_baseline = "theta0" }
+[stage.systems]
+LaSS = "joint@masks.safetensors"
+paper = "extend-paper@extend-paper/masks.safetensors"
+strict = "extend-strict@extend-strict/masks.safetensors"
+[report.extension]
+new = "eval-new"
+old = "eval-old"
+reference = "LaSS"
+reference_eval = "eval-old"
+check = "check"
+new_baseline = "theta0"
 """)
     run_dir, out = str(tmp_path / "run"), str(tmp_path / "out")
     assert main(["experiment", "run", cfg, "--run", run_dir, *_sets(TINY)]) == 0
