@@ -3,7 +3,6 @@ resolution."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -11,7 +10,7 @@ from torch import Tensor
 
 from ..masks import MaskBank
 from ..mt.direction import Direction
-from ..nn import active_pair
+from ..nn import get_context
 from .device import model_device
 from .encoding import encode_source, encoder_lang, pad_batch
 from .model import Seq2Seq
@@ -86,7 +85,9 @@ def beam_search(model: Seq2Seq, src: Tensor, bos: int | Sequence[int] | Tensor, 
     Per row (an int applies to every row): ``bos`` (the target-language token that starts the
     decoder) and ``max_len`` (decoding steps; EOS is forced at the last; default
     :func:`default_limit` of the padded source length). A row's result depends only on its own
-    source, ``bos`` and limit, not on the other rows of the batch.
+    source, ``bos`` and limit, not on the other rows of the batch; a finished row leaves the
+    batch (its beams, cache and encoder states), so the steps left cost what the rows still
+    decoding cost.
 
     Mixed-pair batches: ``pairs`` (mask names) and ``pair_ids [B]`` indexing them run every row
     under its own pair's mask, the encoder and each decoder step as one forward through the
@@ -108,70 +109,100 @@ def beam_search(model: Seq2Seq, src: Tensor, bos: int | Sequence[int] | Tensor, 
     if bool((limits < 1).any()) or int(limits.max()) > model.config.max_len:
         raise ValueError(f"beam_search: max_len must be in [1, {model.config.max_len}] (the "
                          f"model's max_len), got {limits.tolist()}")
-    steps = int(limits.max())
-
-    def pairs_for(ids: Tensor | None):
-        if pairs is None:
-            return contextlib.nullcontext()
-        return active_pair(model, list(pairs), pair_ids=ids)
-
-    with pairs_for(pair_ids):
+    ctx = None if pairs is None else get_context(model)
+    saved = None if ctx is None else ctx.state()
+    try:
+        if ctx is not None:
+            ctx.set(list(pairs), pair_ids)
         memory, pad = model.encode(src)
-    memory, pad = memory.repeat_interleave(k, 0), pad.repeat_interleave(k, 0)
-    beam_ids = None if pair_ids is None else pair_ids.to(dev).repeat_interleave(k)
+        memory, pad = memory.repeat_interleave(k, 0), pad.repeat_interleave(k, 0)
+        beam_ids = None if pair_ids is None else pair_ids.to(dev).repeat_interleave(k)
+        if ctx is not None:  # one setting for the steps: its row grouping is reused
+            ctx.set(list(pairs), beam_ids)
+        return _search(model, memory, pad, bos_rows, limits, k, lenpen, use_cache,
+                       lambda ids: ctx.set(list(pairs), ids) if ctx is not None else None,
+                       beam_ids)
+    finally:
+        if ctx is not None:
+            ctx.restore(saved)
+
+
+def _search(model: Seq2Seq, memory: Tensor, pad: Tensor, bos_rows: Tensor, limits: Tensor,
+            k: int, lenpen: float, use_cache: bool, set_pairs, beam_ids: Tensor | None,
+            ) -> list[list[int]]:
+    """The steps of :func:`beam_search`. ``act`` holds the source rows still decoding; every
+    per-row tensor (``[A * k, ...]`` or ``[A, ...]``) follows it."""
+    bsz = limits.numel()
+    dev = memory.device
+    act = torch.arange(bsz)
     tokens = bos_rows.view(-1, 1).clone()
     scores = torch.zeros(bsz, k, device=dev)
     scores[:, 1:] = float("-inf")  # all beams start identical: keep one
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(bsz)]
     done = torch.zeros(bsz, dtype=torch.bool)
     cache = model.new_cache() if use_cache else None
-    all_rows = torch.arange(bsz * k, device=dev)
-    with pairs_for(beam_ids):  # one setting for every step: its row grouping is reused
-        for t in range(steps):
-            if use_cache:
-                logits = model.decode(tokens[:, -1:], memory, pad, cache, start=t)[:, -1]
-            else:
-                logits = model.decode(tokens, memory, pad)[:, -1]
-            lp = logits.float().log_softmax(-1)
-            lp[:, PAD] = float("-inf")
-            lp[all_rows, bos_rows] = float("-inf")
-            last = limits.eq(t + 1)  # out of room: only EOS
-            if bool(last.any()):
-                rows = last.to(dev).repeat_interleave(k)
-                eos_col = lp[rows, EOS].clone()
-                lp[rows] = float("-inf")
-                lp[rows, EOS] = eos_col
-            vocab = lp.shape[-1]
-            cand = (scores.view(-1, 1) + lp).view(bsz, k * vocab)
-            top_s, top_i = cand.topk(2 * k, dim=1)
-            origin, tok = top_i // vocab, top_i % vocab
-            is_eos = tok.eq(EOS)
-            # finished hypotheses: EOS among the first k candidates
-            for b, j in (is_eos[:, :k] & top_s[:, :k].isfinite()).nonzero().tolist():
-                if done[b]:
-                    continue
-                hyp = tokens[b * k + origin[b, j], 1:].tolist()
-                finished[b].append((float(top_s[b, j]) / (len(hyp) + 1) ** lenpen, hyp))
-                if len(finished[b]) >= k:
-                    done[b] = True
-            done |= last  # a row's limit ends it
-            if bool(done.all()):
-                break
-            # continuing beams: the best k non-EOS candidates
-            rank = torch.arange(2 * k, device=dev).expand(bsz, -1) + is_eos.long() * 2 * k
-            pick = rank.argsort(dim=1)[:, :k]
-            scores = top_s.gather(1, pick)
-            scores[done.to(scores.device)] = float("-inf")
-            order = (origin.gather(1, pick) + torch.arange(bsz, device=dev)[:, None] * k)
-            order = order.view(-1)
-            tokens = torch.cat([tokens.index_select(0, order), tok.gather(1, pick).view(-1, 1)], 1)
-            if cache is not None:
-                _reorder(cache, order)
+    for t in range(int(limits.max())):
+        n = act.numel()
+        if use_cache:
+            logits = model.decode(tokens[:, -1:], memory, pad, cache, start=t)[:, -1]
+        else:
+            logits = model.decode(tokens, memory, pad)[:, -1]
+        lp = logits.float().log_softmax(-1)
+        lp[:, PAD] = float("-inf")
+        lp[torch.arange(n * k, device=dev), bos_rows] = float("-inf")
+        last = limits[act].eq(t + 1)  # out of room: only EOS
+        if bool(last.any()):
+            rows = last.to(dev).repeat_interleave(k)
+            eos_col = lp[rows, EOS].clone()
+            lp[rows] = float("-inf")
+            lp[rows, EOS] = eos_col
+        vocab = lp.shape[-1]
+        cand = (scores.view(-1, 1) + lp).view(n, k * vocab)
+        top_s, top_i = cand.topk(2 * k, dim=1)
+        origin, tok = top_i // vocab, top_i % vocab
+        is_eos = tok.eq(EOS)
+        # finished hypotheses: EOS among the first k candidates
+        for a, j in (is_eos[:, :k] & top_s[:, :k].isfinite()).nonzero().tolist():
+            b = int(act[a])
+            if done[b]:
+                continue
+            hyp = tokens[a * k + origin[a, j], 1:].tolist()
+            finished[b].append((float(top_s[a, j]) / (len(hyp) + 1) ** lenpen, hyp))
+            if len(finished[b]) >= k:
+                done[b] = True
+        done[act[last]] = True  # a row's limit ends it
+        keep = ~done[act]
+        if not bool(keep.any()):
+            break
+        # continuing beams: the best k non-EOS candidates
+        rank = torch.arange(2 * k, device=dev).expand(n, -1) + is_eos.long() * 2 * k
+        pick = rank.argsort(dim=1)[:, :k]
+        scores = top_s.gather(1, pick)
+        order = origin.gather(1, pick) + torch.arange(n, device=dev)[:, None] * k
+        new_tok = tok.gather(1, pick)
+        if not bool(keep.all()):  # finished rows leave the batch
+            kd = keep.to(dev)
+            for a in (~keep).nonzero().flatten().tolist():
+                b = int(act[a])
+                if not finished[b]:  # nothing ended (no finite EOS): its best alive beam
+                    finished[b].append((0.0, tokens[a * k + int(scores[a].argmax()), 1:]
+                                        .tolist()))
+            scores, order, new_tok = scores[kd], order[kd], new_tok[kd]
+            rows = kd.repeat_interleave(k)
+            memory, pad, bos_rows = memory[rows], pad[rows], bos_rows[rows]
+            act = act[keep]
+            if beam_ids is not None:
+                beam_ids = beam_ids[rows]
+                set_pairs(beam_ids)
+        order = order.view(-1)
+        tokens = torch.cat([tokens.index_select(0, order), new_tok.view(-1, 1)], 1)
+        if cache is not None:
+            _reorder(cache, order)
     out = []
     for b in range(bsz):
         if not finished[b]:  # nothing ended: take the best alive beam
-            j = int(scores[b].argmax())
-            finished[b].append((0.0, tokens[b * k + j, 1:].tolist()))
+            a = int((act == b).nonzero()[0])
+            finished[b].append((0.0, tokens[a * k + int(scores[a].argmax()), 1:].tolist()))
         out.append(max(finished[b], key=lambda x: x[0])[1])
     return out
 
