@@ -171,174 +171,224 @@ def run_stage(
     state row-sharded, masks sliced to match); checkpoints are gathered to full tensors, so they
     load anywhere.
     """
-    policy = policy or UpdatePolicy()
-    bank = policy.bank
-    missing = [d for d in cfg.directions if d not in data.index]
-    if missing:
-        raise KeyError(f"no training data for directions {missing}")
-    if bank is not None:
-        for d in cfg.directions:
-            bank._check_pair(d)
-    if cfg.validate_every < 0 or cfg.patience < 0:
-        raise ValueError("validate_every and patience must be >= 0")
-    if cfg.accum < 1:
-        raise ValueError(f"accum must be >= 1, got {cfg.accum}")
-    world, rank = world_and_rank() if distributed else (1, 0)
-    lead = rank == 0  # writes checkpoints, logs, the progress bar
-    if cfg.validate_every and (valid is None or any(d not in valid.index
-                                                   for d in cfg.directions)):
-        raise ValueError(f"{cfg.stage}: validate_every needs validation rows for every direction")
-    ckpt, best_dir = os.path.join(out_dir, "ckpt"), os.path.join(out_dir, "best")
-    os.makedirs(out_dir, exist_ok=True)
-    dev = model_device(model)  # batches follow the model (the caller places it)
-    amp = resolve_amp(cfg.amp, dev)
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    torch.manual_seed(cfg.seed)
-    if cfg.dropout is not None:
-        set_dropout(model, cfg.dropout)
-    if bank is not None:
-        attach(model, bank)
-    step = 0
-    es = {"best": None, "best_step": None, "bad": 0, "stopped": False}  # early stopping
-    sharded = world > 1 and cfg.fsdp
-    resuming = resume and has_checkpoint(ckpt)
-    if resuming:  # weights first: FSDP shards the loaded model
-        state = load_checkpoint(ckpt, model, None, restore_rng=True)
-        step = int(state["step"])
-        es.update(state.get("valid", {}))
-    if sharded:
-        _fsdp_shard(model)
-    opt = MaskedAdamW(policy.params if policy.params is not None else model.parameters(),
-                      lr=cfg.lr,
-                      betas=(0.9, 0.98), eps=1e-8, weight_decay=cfg.weight_decay)
-    if bank is not None:
-        opt.bind(model, policy.optimizer_bank())
-    if resuming and (osd := load_optimizer_state(ckpt)) is not None:
-        opt.load_state_dict(_local_optim_state(opt, osd))  # each rank's rows when sharded
-    slots = world * cfg.accum  # global batches per optimizer step
-    sampler = PairGroupedSampler({d: data.index[d] for d in cfg.directions}, cfg.batch_size,
-                                 temperature=cfg.temperature, seed=cfg.seed, num_replicas=slots,
-                                 rank=0, max_tokens=cfg.max_tokens,
-                                 lengths=data.lengths() if cfg.max_tokens else None)
-    per_epoch = len(sampler)
-    net = model
-    if world > 1 and not sharded:
-        from torch.nn.parallel import DistributedDataParallel
+    return _StageRun(out_dir, model, data, cfg, policy or UpdatePolicy(), valid, resume,
+                     progress, distributed).run()
 
-        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda"
-                                      else None)
-    trainable = [p for g in opt.param_groups for p in g["params"]]
-    log_path = os.path.join(out_dir, "log.jsonl")
-    model.train()
-    epoch, batches = -1, []
-    tokens_total, loss_sum, loss_n, t_start = 0, 0.0, 0, time.perf_counter()
-    bar = None if es["stopped"] else _progress(progress and lead, cfg, step)
 
-    def state() -> dict:
-        return {"step": step, "config": cfg.to_dict(), "valid": dict(es)}
+class _StageRun:
+    """The state of one training stage: set up (resume, shard, optimizer, sampler, DDP), then
+    :meth:`step` / :meth:`validate` / :meth:`save` until the cap or the stopping rule."""
 
-    def save(folder: str, optimizer, st: dict) -> None:
+    def __init__(self, out_dir: str, model: nn.Module, data: Encoded, cfg: TrainConfig,
+                 policy: UpdatePolicy, valid: Encoded | None, resume: bool, progress: bool,
+                 distributed: bool) -> None:
+        self.model, self.data, self.cfg, self.valid = model, data, cfg, valid
+        self.bank = bank = policy.bank
+        self._check(distributed)
+        self.world, self.rank = world_and_rank() if distributed else (1, 0)
+        self.lead = self.rank == 0  # writes checkpoints, logs, the progress bar
+        self.ckpt, self.best_dir = os.path.join(out_dir, "ckpt"), os.path.join(out_dir, "best")
+        self.log_path = os.path.join(out_dir, "log.jsonl")
+        os.makedirs(out_dir, exist_ok=True)
+        self.dev = dev = model_device(model)  # batches follow the model (the caller places it)
+        self.amp = resolve_amp(cfg.amp, dev)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
+        torch.manual_seed(cfg.seed)
+        if cfg.dropout is not None:
+            set_dropout(model, cfg.dropout)
+        if bank is not None:
+            attach(model, bank)
+        self.step_no = 0
+        self.es = {"best": None, "best_step": None, "bad": 0, "stopped": False}
+        self.sharded = self.world > 1 and cfg.fsdp
+        resuming = resume and has_checkpoint(self.ckpt)
+        if resuming:  # weights first: FSDP shards the loaded model
+            state = load_checkpoint(self.ckpt, model, None, restore_rng=True)
+            self.step_no = int(state["step"])
+            self.es.update(state.get("valid", {}))
+        if self.sharded:
+            _fsdp_shard(model)
+        self.opt = MaskedAdamW(policy.params if policy.params is not None else model.parameters(),
+                               lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8,
+                               weight_decay=cfg.weight_decay)
+        if bank is not None:
+            self.opt.bind(model, policy.optimizer_bank())
+        if resuming and (osd := load_optimizer_state(self.ckpt)) is not None:
+            self.opt.load_state_dict(_local_optim_state(self.opt, osd))  # rows when sharded
+        self.slots = self.world * cfg.accum  # global batches per optimizer step
+        self.sampler = PairGroupedSampler(
+            {d: data.index[d] for d in cfg.directions}, cfg.batch_size,
+            temperature=cfg.temperature, seed=cfg.seed, num_replicas=self.slots, rank=0,
+            max_tokens=cfg.max_tokens, lengths=data.lengths() if cfg.max_tokens else None)
+        self.per_epoch = len(self.sampler)
+        self.net = model
+        if self.world > 1 and not self.sharded:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(model, device_ids=[dev.index]
+                                               if dev.type == "cuda" else None)
+        self.trainable = [p for g in self.opt.param_groups for p in g["params"]]
+        self.epoch, self.batches = -1, []
+        self.tokens_total, self.loss_sum, self.loss_n = 0, 0.0, 0
+        self.t_start = time.perf_counter()
+        self.bar = None if self.es["stopped"] else _progress(progress and self.lead, cfg,
+                                                             self.step_no)
+
+    def _check(self, distributed: bool) -> None:
+        cfg, bank = self.cfg, self.bank
+        missing = [d for d in cfg.directions if d not in self.data.index]
+        if missing:
+            raise KeyError(f"no training data for directions {missing}")
+        if bank is not None:
+            for d in cfg.directions:
+                bank._check_pair(d)
+        if cfg.validate_every < 0 or cfg.patience < 0:
+            raise ValueError("validate_every and patience must be >= 0")
+        if cfg.accum < 1:
+            raise ValueError(f"accum must be >= 1, got {cfg.accum}")
+        if cfg.validate_every and (self.valid is None or any(
+                d not in self.valid.index for d in cfg.directions)):
+            raise ValueError(f"{cfg.stage}: validate_every needs validation rows for every "
+                             "direction")
+
+    @property
+    def done(self) -> bool:
+        return self.step_no >= self.cfg.steps or self.es["stopped"]
+
+    def state(self) -> dict:
+        return {"step": self.step_no, "config": self.cfg.to_dict(), "valid": dict(self.es)}
+
+    def save(self, folder: str, optimizer, st: dict) -> None:
         """Rank 0 writes; sharded, every rank first helps gather the full tensors."""
-        if sharded:
-            msd, osd = _full_state(model, optimizer)
-            if lead:
+        if self.sharded:
+            msd, osd = _full_state(self.model, optimizer)
+            if self.lead:
                 save_checkpoint(folder, None, None, st, model_state=msd, optim_state=osd)
-        elif lead:
-            save_checkpoint(folder, model, optimizer, st)
+        elif self.lead:
+            save_checkpoint(folder, self.model, optimizer, st)
 
-    with open(log_path, "a") if lead else contextlib.nullcontext(_NullLog()) as log:
-        if step < cfg.steps and not es["stopped"]:  # which device and kernels this run used
-            rec = _env_record(cfg.stage, step, dev, amp, world, cfg.accum)
-            rec["sharding"] = "fsdp2" if sharded else "ddp" if world > 1 else "none"
-            if sharded:
-                rec["sharded_params"] = sum(_is_dtensor(p) for p in model.parameters())
-            log.write(json.dumps(rec) + "\n")
+    def _micro(self) -> list:
+        """This rank's batches of the next optimizer step (a new epoch's sequence as needed)."""
+        e, i = divmod(self.step_no, self.per_epoch)
+        if e != self.epoch:
+            self.sampler.set_epoch(e)
+            self.epoch, self.batches = e, self.sampler.global_sequence()
+        lo = i * self.slots + self.rank * self.cfg.accum
+        return self.batches[lo:lo + self.cfg.accum]
+
+    def step(self) -> tuple[Tensor, int, float, str]:
+        """One optimizer step; returns (loss, tokens, seconds, last direction)."""
+        cfg, opt, bank = self.cfg, self.opt, self.bank
+        micro = self._micro()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(self.step_no + 1, cfg)
+        t0 = time.perf_counter()
+        tokens, losses = 0, []
+        for j, (direction, idx) in enumerate(micro):
+            # dropout's RNG per global batch: ranks draw different masks, and W ranks draw
+            # exactly what one process with --accum W draws
+            torch.manual_seed(_batch_seed(cfg.seed, self.step_no * self.slots
+                                          + self.rank * cfg.accum + j))
+            b = self.data.batch(direction, idx).to(self.dev)
+            tokens += b.tokens
+            ctx = (active_pair(self.model, direction) if bank is not None
+                   else contextlib.nullcontext())
+            last = j == len(micro) - 1
+            if self.sharded:
+                self.model.set_requires_gradient_sync(last)
+            sync = (self.net.no_sync() if self.world > 1 and not self.sharded and not last
+                    else contextlib.nullcontext())
+            with ctx, sync, _autocast(self.amp, self.dev):
+                loss = label_smoothed_loss(self.net(b.src, b.tgt_in), b.tgt_out,
+                                           cfg.label_smoothing)
+                scaled = loss / len(micro)
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            losses.append(loss.detach())
+        loss = torch.stack(losses).mean()
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)
+        if cfg.clip_norm:
+            nn.utils.clip_grad_norm_(self.trainable, cfg.clip_norm)
+        if bank is not None:
+            opt.note_pair(*gather_pairs(*(d for d, _ in micro)))
+        if self.scaler is not None:
+            self.scaler.step(opt)  # skipped when the scaled gradients overflowed
+            self.scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.step_no += 1
+        return loss, tokens, time.perf_counter() - t0, micro[-1][0]
+
+    def validate(self, log) -> None:
+        """Validation loss; keeps the best weights, counts validations without improvement."""
+        cfg, es = self.cfg, self.es
+        v = validation_loss(self.model, self.valid, cfg.directions, bank=self.bank, amp=self.amp,
+                            label_smoothing=cfg.label_smoothing)
+        if es["best"] is None or v["loss"] < es["best"]:
+            es.update(best=v["loss"], best_step=self.step_no, bad=0)
+            self.save(self.best_dir, None, {"step": self.step_no, "valid": v,
+                                            "config": cfg.to_dict()})
+        else:
+            es["bad"] += 1
+            es["stopped"] = bool(cfg.patience) and es["bad"] >= cfg.patience
+        log.write(json.dumps({"stage": cfg.stage, "step": self.step_no, "valid_loss": v["loss"],
+                              "valid_nll": v["nll"], "best": es["best"],
+                              "stopped": es["stopped"]}) + "\n")
+        log.flush()
+
+    def _report(self, log, loss: Tensor, tokens: int, dt: float, direction: str) -> None:
+        cfg, step = self.cfg, self.step_no
+        self.tokens_total += tokens
+        self.loss_sum, self.loss_n = self.loss_sum + float(loss.detach()), self.loss_n + 1
+        if self.bar is not None:
+            self.bar.update(1)
+            post = {"loss": f"{float(loss.detach()):.3f}", "tok_s": f"{tokens / dt:.0f}",
+                    "pair": direction}
+            if self.es["best"] is not None:
+                post["valid_best"] = f"{self.es['best']:.3f}"
+            self.bar.set_postfix(post)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log.write(json.dumps({"stage": cfg.stage, "step": step, "loss": float(loss.detach()),
+                                  "lr": lr_at(step, cfg), "tokens_per_s": tokens / dt,
+                                  "pair": direction}) + "\n")
             log.flush()
-        while step < cfg.steps and not es["stopped"]:
-            e, i = divmod(step, per_epoch)
-            if e != epoch:
-                sampler.set_epoch(e)
-                epoch, batches = e, sampler.global_sequence()
-            micro = batches[i * slots + rank * cfg.accum:i * slots + (rank + 1) * cfg.accum]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step + 1, cfg)
-            t0 = time.perf_counter()
-            tokens, losses = 0, []
-            for j, (direction, idx) in enumerate(micro):
-                # dropout's RNG per global batch: ranks draw different masks, and W ranks draw
-                # exactly what one process with --accum W draws
-                torch.manual_seed(_batch_seed(cfg.seed, step * slots + rank * cfg.accum + j))
-                b = data.batch(direction, idx).to(dev)
-                tokens += b.tokens
-                ctx = (active_pair(model, direction) if bank is not None
-                       else contextlib.nullcontext())
-                last = j == len(micro) - 1
-                if sharded:
-                    model.set_requires_gradient_sync(last)
-                sync = (net.no_sync() if world > 1 and not sharded and not last
-                        else contextlib.nullcontext())
-                with ctx, sync, _autocast(amp, dev):
-                    loss = label_smoothed_loss(net(b.src, b.tgt_in), b.tgt_out,
-                                               cfg.label_smoothing)
-                    scaled = loss / len(micro)
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                losses.append(loss.detach())
-            loss = torch.stack(losses).mean()
-            direction = micro[-1][0]
-            if scaler is not None:
-                scaler.unscale_(opt)
-            if cfg.clip_norm:
-                nn.utils.clip_grad_norm_(trainable, cfg.clip_norm)
-            if bank is not None:
-                opt.note_pair(*gather_pairs(*(d for d, _ in micro)))
-            if scaler is not None:
-                scaler.step(opt)  # skipped when the scaled gradients overflowed
-                scaler.update()
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.perf_counter() - t0
-            tokens_total += tokens
-            loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
-            if bar is not None:
-                bar.update(1)
-                post = {"loss": f"{float(loss.detach()):.3f}", "tok_s": f"{tokens / dt:.0f}",
-                        "pair": direction}
-                if es["best"] is not None:
-                    post["valid_best"] = f"{es['best']:.3f}"
-                bar.set_postfix(post)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                rec = {"stage": cfg.stage, "step": step, "loss": float(loss.detach()),
-                       "lr": lr_at(step, cfg), "tokens_per_s": tokens / dt, "pair": direction}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-            if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
-                v = validation_loss(model, valid, cfg.directions, bank=bank, amp=amp,
-                                    label_smoothing=cfg.label_smoothing)
-                improved = es["best"] is None or v["loss"] < es["best"]
-                if improved:
-                    es.update(best=v["loss"], best_step=step, bad=0)
-                    save(best_dir, None, {"step": step, "valid": v, "config": cfg.to_dict()})
-                else:
-                    es["bad"] += 1
-                    es["stopped"] = bool(cfg.patience) and es["bad"] >= cfg.patience
-                log.write(json.dumps({"stage": cfg.stage, "step": step, "valid_loss": v["loss"],
-                                      "valid_nll": v["nll"], "best": es["best"],
-                                      "stopped": es["stopped"]}) + "\n")
-                log.flush()
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or es["stopped"]:
-                save(ckpt, opt, state())
-    if bar is not None:
-        bar.close()
-    if world > 1:
-        torch.distributed.barrier()  # rank 0's last checkpoint is on disk for every rank
-    secs = time.perf_counter() - t_start
-    return {"stage": cfg.stage, "steps": step, "tokens": tokens_total, "seconds": secs,
-            "tokens_per_s": tokens_total / secs if secs > 0 else 0.0,
-            "mean_loss": loss_sum / loss_n if loss_n else None,
-            "best_valid_loss": es["best"], "best_step": es["best_step"],
-            "stopped_early": es["stopped"]}
+
+    def _env(self, log) -> None:
+        """Which device and kernels this run used (one log line per start)."""
+        rec = _env_record(self.cfg.stage, self.step_no, self.dev, self.amp, self.world,
+                          self.cfg.accum)
+        rec["sharding"] = "fsdp2" if self.sharded else "ddp" if self.world > 1 else "none"
+        if self.sharded:
+            rec["sharded_params"] = sum(_is_dtensor(p) for p in self.model.parameters())
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.model.train()
+        with open(self.log_path, "a") if self.lead else contextlib.nullcontext(_NullLog()) as log:
+            if not self.done:
+                self._env(log)
+            while not self.done:
+                self._report(log, *self.step())
+                step = self.step_no
+                if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
+                    self.validate(log)
+                if step % cfg.ckpt_every == 0 or step == cfg.steps or self.es["stopped"]:
+                    self.save(self.ckpt, self.opt, self.state())
+        if self.bar is not None:
+            self.bar.close()
+        if self.world > 1:
+            torch.distributed.barrier()  # rank 0's last checkpoint is on disk for every rank
+        secs = time.perf_counter() - self.t_start
+        es = self.es
+        return {"stage": cfg.stage, "steps": self.step_no, "tokens": self.tokens_total,
+                "seconds": secs,
+                "tokens_per_s": self.tokens_total / secs if secs > 0 else 0.0,
+                "mean_loss": self.loss_sum / self.loss_n if self.loss_n else None,
+                "best_valid_loss": es["best"], "best_step": es["best_step"],
+                "stopped_early": es["stopped"]}
 
 
 @torch.no_grad()
