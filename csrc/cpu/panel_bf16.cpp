@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "common.h"
-#include "panel.h"
+#include "linear.h"
 #include "simd.h"
 
 namespace lass_sparse_cpu {
@@ -55,7 +55,7 @@ template <int MR, int WN>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void dw_tile(
     const uint32_t* dyt, int64_t pairs, int64_t n, const __m512i* xp, int64_t wi, int64_t n0,
     int64_t k, const int32_t* bits, int64_t nw, bf16* dw) {
-  // every loop over i and j unrolled, so acc stays in registers (see masked_linear.cpp)
+  // every loop over i and j unrolled, so acc stays in registers (see linear.h)
   __m512 acc[MR][2 * WN];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
