@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import math
 import os
 import sys
 import traceback
@@ -160,21 +161,69 @@ def describe_error(e: BaseException) -> str:
     return msg
 
 
+# ------------------------------------------------------------- argument types (every command)
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") \
+                from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be {'positive' if lo == 1 else f'>= {lo}'}, "
+                                             f"got {text}")
+        return v
+
+    parse.__name__ = "positive int" if lo == 1 else f"int >= {lo}"
+    return parse
+
+
+positive_int = _int_at_least(1)
+nonneg_int = _int_at_least(0)
+
+
+def _float_in(lo: float, hi: float | None, *, lo_open: bool = False, hi_open: bool = True):
+    where = (f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}" if hi is not None
+             else f"{'>' if lo_open else '>='} {lo:g}")
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in {where}, got {text!r}") \
+                from None
+        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (
+            hi is None or (v < hi if hi_open else v <= hi))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be in {where}, got {text}")
+        return v
+
+    parse.__name__ = f"number in {where}"
+    return parse
+
+
+fraction = _float_in(0.0, 1.0)  # alpha, dropout: [0, 1)
+positive_float = _float_in(0.0, None, lo_open=True)
+
+
+def finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return v
+
+
 NPROC_OPTION = "--nproc-per-node"
 
 
 def add_nproc_option(p: argparse.ArgumentParser) -> None:
     """``--nproc-per-node N``: run the command as N ranks of one job (DDP / spread work)."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-        return v
-
-    p.add_argument(NPROC_OPTION, type=parse, default=1, metavar="N",
+    p.add_argument(NPROC_OPTION, type=positive_int, default=1, metavar="N",
                    help="start N processes of this command as one job (torch.distributed.run, "
                    "one node; gloo on CPUs, NCCL on GPUs); the same as `torchrun "
                    "--nproc-per-node N -m lass_sparse.cli -- ...`")

@@ -9,67 +9,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import os
 import sys
 
-from ..cli import CommandError, add_nproc_option, missing_package
-
-# ------------------------------------------------------------------------- argument types
-
-
-def _int_at_least(lo: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") \
-                from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be {'positive' if lo == 1 else f'>= {lo}'}, "
-                                             f"got {text}")
-        return v
-
-    parse.__name__ = "positive int" if lo == 1 else f"int >= {lo}"
-    return parse
-
-
-positive_int = _int_at_least(1)
-nonneg_int = _int_at_least(0)
-
-
-def _float_in(lo: float, hi: float | None, *, lo_open: bool = False, hi_open: bool = True):
-    where = (f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}" if hi is not None
-             else f"{'>' if lo_open else '>='} {lo:g}")
-
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number in {where}, got {text!r}") \
-                from None
-        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (
-            hi is None or (v < hi if hi_open else v <= hi))
-        if not ok:
-            raise argparse.ArgumentTypeError(f"must be in {where}, got {text}")
-        return v
-
-    parse.__name__ = f"number in {where}"
-    return parse
-
-
-fraction = _float_in(0.0, 1.0)  # alpha, dropout: [0, 1)
-positive_float = _float_in(0.0, None, lo_open=True)
-
-
-def finite_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return v
+from ..cli import (
+    CommandError,
+    add_nproc_option,
+    finite_float,
+    fraction,
+    missing_package,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
 
 
 def system_spec(spec: str) -> tuple[str, tuple[str, str | None]]:

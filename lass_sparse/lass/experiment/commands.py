@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from ...cli import CommandError
+from ...cli import CommandError, nonneg_int, positive_float, positive_int
 
 
 def _config(args):
@@ -133,10 +133,12 @@ def _common(p, *, run: bool = False) -> None:
                    help="override a config value (repeatable): run.max_train=100, "
                    "stage.base.steps=50, train.amp=none")
     p.add_argument("--corpus", help="corpus folder (or 'demo'): sets run.corpus")
-    p.add_argument("--scale", type=float, help="multiply every stage's step count")
+    p.add_argument("--scale", type=positive_float, help="multiply every stage's step count")
     if run:
-        p.add_argument("--workers", type=int, help="processes (one process group): run.workers")
-        p.add_argument("--threads", type=int, help="torch threads per worker: run.threads")
+        p.add_argument("--workers", type=positive_int,
+                       help="processes (one process group): run.workers")
+        p.add_argument("--threads", type=nonneg_int,
+                       help="torch threads per worker (0: torch's default): run.threads")
         p.add_argument("--device", help="auto, cpu, cuda or cuda:N: run.device")
 
 
@@ -165,7 +167,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("demo", help="the whole LaSS pipeline on the bundled subset, tiny model "
                        "(= lass-sparse experiment run demo)")
     p.add_argument("--run", default=None, help="run folder (default runs/demo)")
-    p.add_argument("--scale", type=float, default=None, help="multiply every step count")
+    p.add_argument("--scale", type=positive_float, default=None,
+                   help="multiply every step count")
     p.add_argument("--device", default=None, help="auto (CUDA when available), cpu, cuda:N")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
