@@ -13,6 +13,13 @@
 //   simd.h             masked row primitives (masked_copy, masked_add) for all of them
 // Callers check dtypes, shapes and layout (2-D, contiguous, bits int32[N, ceil(K/32)]) before
 // any kernel below runs.
+//
+// Determinism: every kernel computes each output element in one thread with a fixed reduction
+// order (work is split over output rows, columns or tiles; no atomics, no sums across threads),
+// so results are bit-identical run to run at a fixed thread count. The tiled.cpp routes size
+// their tiles by at::get_num_threads() and BLAS may round a tile of another shape differently:
+// they may change bits with the thread count; the other families do not
+// (tests/test_determinism.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 

@@ -12,6 +12,11 @@ Modules, by role (each imports only the ones above it):
 - :mod:`.eager` — the public functions (docstrings with shapes), re-exported here and from
   :mod:`lass_sparse`.
 
+Determinism: no kernel uses atomics or sums across threads, so every op is bit-identical run to
+run (at a fixed CPU thread count) and ``torch.use_deterministic_algorithms(True)`` has nothing of
+ours to refuse; which CPU routes also keep their bits across thread counts is in
+csrc/cpu/linear.h and tests/test_determinism.py.
+
 Adding an op ``foo``:
 
 1. ``checks.py``: ``check_foo`` (dtypes, shapes, devices; ``values=False`` for the fake);
