@@ -116,3 +116,28 @@ def test_broken_backend_fails_tests_instead_of_skipping(scratch_registry):
     _registry.set_status("cuda", False, "not built")
     with pytest.raises(pytest.skip.Exception, match="not built"):
         require_backend("cuda")
+
+
+def test_one_kernel_per_dispatch_key():
+    """DESIGN §3: one kernel per dispatch key, for every op and overload in our namespaces. A
+    second registration on a key leaves the first in the dispatcher's table as ``(inactive)``;
+    torch.library itself registers ADInplaceOrView twice for a mutating custom op (not ours)."""
+    ops = [n for n in torch._C._dispatch_get_all_op_names()
+           if n.split("::")[0] in ("lass_sparse", "lass_sparse_cpu")]
+    assert "lass_sparse::masked_linear" in ops and "lass_sparse::masked_linear.registry" in ops
+    for op in ops:
+        rows = [ln for ln in torch._C._dispatch_dump(op).splitlines()
+                if " registered at " in ln and not ln.startswith("debug")]
+        keys = [ln.split(": registered at ")[0] for ln in rows]
+        stale = [k for k in keys
+                 if k.endswith("(inactive)") and not k.startswith("ADInplaceOrView")]
+        assert not stale, f"{op}: overridden kernels {stale}"
+        active = [k for k in keys if not k.endswith("(inactive)")]
+        assert len(active) == len(set(active)), f"{op}: {keys}"
+        if op.endswith(".registry"):  # the deferral overloads: the op's Python body only
+            assert active == ["CompositeExplicitAutograd[alias]"], f"{op}: {keys}"
+    if lass_sparse.backends()["cpu"]["active"]:  # native CPU kernels come from csrc/cpu
+        for name in ("masked_linear", "segmented_masked_linear", "masked_adamw_", "pack_mask"):
+            cpu = [ln for ln in torch._C._dispatch_dump(f"lass_sparse::{name}").splitlines()
+                   if ln.startswith("CPU:")]
+            assert len(cpu) == 1 and "csrc/cpu/" in cpu[0], cpu
