@@ -142,6 +142,21 @@ def test_pairs_health_openapi_and_page(client):
     assert cfg["max_texts"] == LIMITS["max_texts"] and cfg["mode"] == "cross"
 
 
+def test_responses_do_not_wait_for_delayed_acks(client):
+    """The listening socket is TCP (proto 6), so asyncio sets TCP_NODELAY on connections:
+    without it every response waited ~40 ms for the client's delayed ACK."""
+    from lass_sparse.serve.commands import _bind
+
+    with _bind("127.0.0.1", 0) as s:
+        assert s.proto == socket.IPPROTO_TCP
+    times = []
+    for _ in range(15):
+        t0 = time.perf_counter()
+        assert client.get("/health").status_code == 200
+        times.append(time.perf_counter() - t0)
+    assert sorted(times)[len(times) // 2] < 0.035, times
+
+
 def test_single_string_and_list(client, offline):
     r = _post(client, {"pair": "en-de", "text": "Open the file", "beam": 2})
     assert r.status_code == 200, r.text

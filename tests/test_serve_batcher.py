@@ -26,14 +26,17 @@ class FakeEngine(Engine):
         self.gate = threading.Event()
         self.gate.set()
         self.fail = False
+        self.early = False
 
     def prepare(self, pair, texts, max_len):
         self.check_pair(pair)
         return [Source(pair, [1] * (len(t) + 2), 10, t) for t in texts]
 
-    def run(self, rows, beam, max_len):
-        self.gate.wait(10)
+    def run(self, rows, beam, max_len, on_row=None):
         self.batches.append([r.pair for r in rows])
+        if on_row is not None and self.early:  # row 0 final before the rest
+            on_row(0, f"{rows[0].pair}:{rows[0].text}")
+        self.gate.wait(10)
         if self.fail:
             raise RuntimeError("boom")
         return [f"{r.pair}:{r.text}" for r in rows]
@@ -151,6 +154,22 @@ def test_bounded_queue_raises_overloaded_with_retry_after(eng):
     b.start()
     b.stop()
     assert b.queued_sentences == 0 and m.queue_depth.value() == 0
+
+
+def test_a_request_is_answered_when_its_rows_are_final_not_when_the_batch_ends(eng):
+    eng.early = True
+    eng.gate.clear()
+    b = Batcher(eng, max_wait_ms=0)
+    first, second = job(eng, "en-de", ["a"]), job(eng, "de-en", ["b"])
+    b.submit(first)
+    b.submit(second)
+    b.start()
+    assert first.future.result(10).translations == ["en-de:a"]  # while the batch still runs
+    assert not second.future.done()
+    eng.gate.set()
+    assert second.future.result(10).translations == ["de-en:b"]
+    assert eng.batches == [["en-de", "de-en"]]
+    b.stop()
 
 
 def test_cancel_drops_a_queued_request_and_it_never_runs(eng):

@@ -94,6 +94,22 @@ def test_a_rows_result_does_not_depend_on_its_batch(published):
     assert len(capped[0]) <= 2 and capped[1] == []  # at the last step only EOS
 
 
+def test_on_done_reports_each_row_once_when_final(published):
+    run, model, _ = published
+    rows = _rows(run, model, PAIRS[:4])
+    ids = torch.tensor([PAIRS.index(r[0]) for r in rows])
+    calls: list[tuple[int, list[int]]] = []
+    hyps = beam_search(model, pad_batch([r[2] for r in rows]),
+                       [run.tok.lang_id(r[0].split("-")[1]) for r in rows], 3,
+                       max_len=[r[3] for r in rows], pairs=PAIRS, pair_ids=ids,
+                       on_done=lambda b, h: calls.append((b, h)))
+    assert sorted(b for b, _ in calls) == list(range(len(rows)))
+    assert all(hyps[b] == h for b, h in calls)
+    # rows leave as they finish: the call order follows the hypotheses' lengths, roughly
+    lens = [len(h) for _, h in calls]
+    assert lens[0] <= lens[-1] and len(set(lens)) > 1
+
+
 def test_translate_limits_follow_offline_batches():
     assert translate_limits([5, 50, 7], 128, batch_size=64) == [110, 110, 110]
     assert translate_limits([5, 50, 7], 128, batch_size=2) == [24, 110, 24]  # sorted: 5,7 | 50

@@ -3,7 +3,7 @@ resolution."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -76,7 +76,8 @@ def _per_row(name: str, value: int | Sequence[int] | Tensor, rows: int) -> Tenso
 def beam_search(model: Seq2Seq, src: Tensor, bos: int | Sequence[int] | Tensor, beam: int = 4,
                 max_len: int | Sequence[int] | None = None, lenpen: float = 1.0,
                 use_cache: bool = True, *, pairs: Sequence[str] | None = None,
-                pair_ids: Tensor | None = None) -> list[list[int]]:
+                pair_ids: Tensor | None = None,
+                on_done: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
     """Best hypothesis (token ids, without BOS/EOS) for each row of ``src [B, S]``.
 
     Scores are summed log-probs; finished hypotheses are ranked by ``score / len ** lenpen``.
@@ -93,6 +94,9 @@ def beam_search(model: Seq2Seq, src: Tensor, bos: int | Sequence[int] | Tensor, 
     under its own pair's mask, the encoder and each decoder step as one forward through the
     segmented kernels (the beams of a row share its pair); without them, whatever pair the
     caller made active is used.
+
+    ``on_done(row, hypothesis)`` is called as soon as a row's result is final (a server answers
+    that request without waiting for the rest of the batch).
     """
     model.eval()
     bsz, k = src.shape[0], beam
@@ -121,7 +125,7 @@ def beam_search(model: Seq2Seq, src: Tensor, bos: int | Sequence[int] | Tensor, 
             ctx.set(list(pairs), beam_ids)
         return _search(model, memory, pad, bos_rows, limits, k, lenpen, use_cache,
                        lambda ids: ctx.set(list(pairs), ids) if ctx is not None else None,
-                       beam_ids)
+                       beam_ids, on_done)
     finally:
         if ctx is not None:
             ctx.restore(saved)
@@ -129,7 +133,7 @@ def beam_search(model: Seq2Seq, src: Tensor, bos: int | Sequence[int] | Tensor, 
 
 def _search(model: Seq2Seq, memory: Tensor, pad: Tensor, bos_rows: Tensor, limits: Tensor,
             k: int, lenpen: float, use_cache: bool, set_pairs, beam_ids: Tensor | None,
-            ) -> list[list[int]]:
+            on_done: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
     """The steps of :func:`beam_search`. ``act`` holds the source rows still decoding; every
     per-row tensor (``[A * k, ...]`` or ``[A, ...]``) follows it."""
     bsz = limits.numel()
@@ -172,21 +176,24 @@ def _search(model: Seq2Seq, memory: Tensor, pad: Tensor, bos_rows: Tensor, limit
                 done[b] = True
         done[act[last]] = True  # a row's limit ends it
         keep = ~done[act]
-        if not bool(keep.any()):
-            break
         # continuing beams: the best k non-EOS candidates
         rank = torch.arange(2 * k, device=dev).expand(n, -1) + is_eos.long() * 2 * k
         pick = rank.argsort(dim=1)[:, :k]
         scores = top_s.gather(1, pick)
-        order = origin.gather(1, pick) + torch.arange(n, device=dev)[:, None] * k
-        new_tok = tok.gather(1, pick)
-        if not bool(keep.all()):  # finished rows leave the batch
-            kd = keep.to(dev)
+        if not bool(keep.all()):
             for a in (~keep).nonzero().flatten().tolist():
                 b = int(act[a])
                 if not finished[b]:  # nothing ended (no finite EOS): its best alive beam
                     finished[b].append((0.0, tokens[a * k + int(scores[a].argmax()), 1:]
                                         .tolist()))
+                if on_done is not None:
+                    on_done(b, max(finished[b], key=lambda x: x[0])[1])
+        if not bool(keep.any()):
+            break
+        order = origin.gather(1, pick) + torch.arange(n, device=dev)[:, None] * k
+        new_tok = tok.gather(1, pick)
+        if not bool(keep.all()):  # finished rows leave the batch
+            kd = keep.to(dev)
             scores, order, new_tok = scores[kd], order[kd], new_tok[kd]
             rows = kd.repeat_interleave(k)
             memory, pad, bos_rows = memory[rows], pad[rows], bos_rows[rows]
@@ -203,6 +210,8 @@ def _search(model: Seq2Seq, memory: Tensor, pad: Tensor, bos_rows: Tensor, limit
         if not finished[b]:  # nothing ended: take the best alive beam
             a = int((act == b).nonzero()[0])
             finished[b].append((0.0, tokens[a * k + int(scores[a].argmax()), 1:].tolist()))
+            if on_done is not None:
+                on_done(b, finished[b][-1][1])
         out.append(max(finished[b], key=lambda x: x[0])[1])
     return out
 

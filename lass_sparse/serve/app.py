@@ -83,7 +83,9 @@ class TranslateRequest(BaseModel):
 
 class Timings(BaseModel):
     queue_ms: float = Field(description="waiting for a batch")
-    compute_ms: float = Field(description="the batch's model time")
+    compute_ms: float = Field(description="model time from the batch's start until this "
+                              "request's sentences were final (it is answered then, not when "
+                              "the whole batch ends)")
     total_ms: float = Field(description="received to answered")
     batch_sentences: int = Field(description="sentences in the batch this request ran in")
     batch_requests: int = Field(description="requests in that batch")

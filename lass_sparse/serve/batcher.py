@@ -244,16 +244,47 @@ class Batcher:
         m = self.metrics
         rows = [r for j in batch for r in j.rows]
         pairs = {r.pair for r in rows}
+        owner = [j for j in batch for _ in range(j.sentences)]  # row -> its request
+        starts, n = {}, 0
+        for j in batch:
+            starts[id(j)] = n
+            n += j.sentences
+        outs: list[str | None] = [None] * len(rows)
+        left = {id(j): j.sentences for j in batch}
         t0 = time.monotonic()
+
+        def finish(j: Job) -> None:
+            compute = time.monotonic() - t0
+            start = starts[id(j)]
+            res = JobResult([str(x) for x in outs[start:start + j.sentences]],
+                            (j.started or t0) - j.enqueued, compute, len(rows), len(batch),
+                            len(pairs))
+            m.sentences.inc(j.sentences, pair=j.pair)
+            m.queue_seconds.observe(res.queue_s)
+            j.future.set_result(res)
+
+        def on_row(i: int, text: str) -> None:  # a row is final: answer its request if done
+            if outs[i] is None:
+                outs[i] = text
+                j = owner[i]
+                left[id(j)] -= 1
+                if left[id(j)] == 0:
+                    finish(j)
+
         try:
-            outs = self.engine.run(rows, batch[0].beam, batch[0].max_len)
-            if len(outs) != len(rows):
-                raise RuntimeError(f"engine returned {len(outs)} translations for {len(rows)} "
-                                   "sentences")
+            final = self.engine.run(rows, batch[0].beam, batch[0].max_len, on_row)
+            if len(final) != len(rows):
+                raise RuntimeError(f"engine returned {len(final)} translations for "
+                                   f"{len(rows)} sentences")
+            for i, text in enumerate(final):
+                if outs[i] is not None and outs[i] != text:
+                    raise RuntimeError(f"engine: row {i} changed after it was final")
+                on_row(i, text)
         except Exception as e:
             log.exception("batch of %d sentences failed", len(rows))
             for j in batch:
-                j.future.set_exception(e)
+                if not j.future.done():
+                    j.future.set_exception(e)
             return
         compute = time.monotonic() - t0
         rate = len(rows) / max(compute, 1e-6)
@@ -263,11 +294,3 @@ class Batcher:
         m.batch_pairs.observe(len(pairs))
         m.batch_tokens.observe(len(rows) * max(len(r.ids) for r in rows))
         m.batch_seconds.observe(compute)
-        i = 0
-        for j in batch:
-            out = outs[i:i + j.sentences]
-            i += j.sentences
-            m.sentences.inc(j.sentences, pair=j.pair)
-            m.queue_seconds.observe((j.started or t0) - j.enqueued)
-            j.future.set_result(JobResult(out, (j.started or t0) - j.enqueued, compute,
-                                          len(rows), len(batch), len(pairs)))

@@ -24,6 +24,16 @@ from ..cli import CommandError
 from .batcher import MODES
 
 DEFAULT_PORT = 8000
+_DESCRIPTION = """\
+HTTP translation server for every direction of one model (see docs/serving.md):
+POST /v1/translate, GET /v1/pairs, /health, /metrics, /docs (OpenAPI), a page at /.
+
+  lass-sparse serve --run results/models --stage lass --masks masks.safetensors
+  lass-sparse serve --hf-model LASS_FOLDER --port 8080 --threads 2
+
+Binds 127.0.0.1 unless --host says otherwise; prints "lass-sparse serve: listening on
+http://HOST:PORT (...)" when ready (--port 0: a free port). SIGINT/SIGTERM: no new requests
+(503), the queued ones run at once and are answered, then exit 0."""
 
 
 def _positive_int(text: str) -> int:
@@ -52,8 +62,10 @@ def _bind(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise CommandError(f"--host {host}: cannot resolve it ({e.strerror})", 2) from None
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, proto, _, addr = infos[0]
+    # proto must say TCP (getaddrinfo's, not 0): asyncio sets TCP_NODELAY on the accepted
+    # connections only then, and without it every response waits ~40 ms for a delayed ACK
+    sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)
@@ -157,7 +169,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``lass-sparse serve``."""
     p = sub.add_parser(
         "serve", help="HTTP translation server: every direction of one model, batches mixing "
-        "directions", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "directions", description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", metavar="RUN", help="a LaSS run folder (run.json, spm.model)")
     src.add_argument("--hf-model", metavar="DIR",
@@ -171,7 +184,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "one)")
     p.add_argument("--no-zero-shot", action="store_true",
                    help="do not serve X-Y through merged X-en / en-Y masks")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="PyTorch CPU threads (default: PyTorch's)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,8 +112,10 @@ class Engine:
         """Requests with equal keys may share a batch (the beam width is one per batch)."""
         return (beam,)
 
-    def run(self, rows: Sequence[Source], beam: int, max_len: int | None) -> list[str]:
-        """Translate ``rows`` (any mix of pairs) as one batch; one string per row."""
+    def run(self, rows: Sequence[Source], beam: int, max_len: int | None,
+            on_row: Callable[[int, str], None] | None = None) -> list[str]:
+        """Translate ``rows`` (any mix of pairs) as one batch; one string per row.
+        ``on_row(i, text)``, where the engine can, as soon as row ``i`` is final."""
         raise NotImplementedError
 
     def info(self) -> dict[str, Any]:
@@ -166,7 +168,7 @@ class NativeEngine(Engine):
 
     @classmethod
     def from_run(cls, run_dir: str, stage: str = "joint", masks: str | None = None, *,
-                 device: str = "cpu", **kw: Any) -> NativeEngine:
+                 device: str = "auto", **kw: Any) -> NativeEngine:
         """Load ``run_dir``'s ``stage`` (its best checkpoint, else its last) and ``masks``
         (a path, or a file name in the run folder). The training corpus is not needed."""
         from ..lass.device import resolve_device
@@ -218,28 +220,29 @@ class NativeEngine(Engine):
                   translate_limits([len(s) for s in src], self.max_src_tokens))
         return [Source(pair, s, lim) for s, lim in zip(src, limits)]
 
-    def run(self, rows: Sequence[Source], beam: int, max_len: int | None) -> list[str]:
+    def run(self, rows: Sequence[Source], beam: int, max_len: int | None,
+            on_row: Callable[[int, str], None] | None = None) -> list[str]:
         from ..lass.encoding import pad_batch
         from ..lass.translate import beam_search
         from ..nn import active_pair
 
         src = pad_batch([r.ids for r in rows]).to(self.device)
+        kw: dict[str, Any] = dict(max_len=[r.limit for r in rows], lenpen=self.lenpen)
+        if on_row is not None:
+            kw["on_done"] = lambda i, hyp: on_row(i, self.tok.decode([hyp])[0])
         bos = [self._bos[r.pair] for r in rows]
-        limits = [r.limit for r in rows]
         uniq = {r.pair for r in rows}
         with self._lock:
             if self.bank is None:
-                hyps = beam_search(self.model, src, bos, beam, max_len=limits,
-                                   lenpen=self.lenpen)
+                hyps = beam_search(self.model, src, bos, beam, **kw)
             elif len(uniq) == 1:  # one pair: the single-pair kernels, as offline translate
                 with active_pair(self.model, rows[0].pair):
-                    hyps = beam_search(self.model, src, bos, beam, max_len=limits,
-                                       lenpen=self.lenpen)
+                    hyps = beam_search(self.model, src, bos, beam, **kw)
             else:
                 ids = torch.tensor([self._index[r.pair] for r in rows], dtype=torch.long,
                                    device=self.device)
-                hyps = beam_search(self.model, src, bos, beam, max_len=limits,
-                                   lenpen=self.lenpen, pairs=self._all, pair_ids=ids)
+                hyps = beam_search(self.model, src, bos, beam, pairs=self._all, pair_ids=ids,
+                                   **kw)
         return self.tok.decode(hyps)
 
     def info(self) -> dict[str, Any]:
@@ -257,7 +260,7 @@ class HFEngine(Engine):
 
     kind = "hf"
 
-    def __init__(self, path: str, *, device: str = "cpu", zero_shot: bool = True,
+    def __init__(self, path: str, *, device: str = "auto", zero_shot: bool = True,
                  pairs: Sequence[str] | None = None, max_src_tokens: int = 128,
                  max_new_tokens: int = 64) -> None:
         from ..hf.data import LangFormat
@@ -301,7 +304,8 @@ class HFEngine(Engine):
     def batch_key(self, beam: int, max_len: int | None) -> Hashable:
         return (beam, max_len or self.default_new_tokens)  # one max_new_tokens per generate()
 
-    def run(self, rows: Sequence[Source], beam: int, max_len: int | None) -> list[str]:
+    def run(self, rows: Sequence[Source], beam: int, max_len: int | None,
+            on_row: Callable[[int, str], None] | None = None) -> list[str]:
         from ..hf.data import translate
 
         with self._lock:
