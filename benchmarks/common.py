@@ -207,3 +207,204 @@ def adamw_stepper(impl: str, ps: list, gs: list, masks: list, device):
                     st["exp_avg_sq"].copy_(torch.where(m, st["exp_avg_sq"], v0))
 
     return naive, params
+
+
+# ------------------------------------------------------------------------------ device time
+# Issue 29's GPU measurements: device time (CUDA events over back-to-back calls, and CUDA-graph
+# replay) beside the eager per-call time, achieved TFLOP/s and TB/s as a share of the device's
+# peaks measured in the same run (bf16 8192³ torch.mm; a device-to-device copy).
+
+DEVICE_SHAPES = [(4096, 4096), (4096, 1024), (1024, 4096), (8192, 8192)]  # (N, K)
+DEVICE_M = [1, 4, 16, 64, 256, 1024, 4096, 8192]
+BANDWIDTH_SHAPES = {(8192, 8192)}  # measured at decode rows only: a bandwidth case
+BANDWIDTH_MAX_M = 16
+SMOKE_DEVICE_CASES = [((1024, 4096), 16), ((4096, 1024), 256)]
+DEVICE_CALLS = 200  # back-to-back calls per device-time measurement (issue 29: >= 200)
+JOINT_PAIRS = [1, 8, 32]  # pairs resident in the peak-memory benchmark of joint training
+
+
+def device_cases(smoke: bool = False) -> list[tuple[tuple[int, int], int]]:
+    """The ((N, K), M) cases of the device sweep: every M of DEVICE_M on the GEMM shapes, the
+    bandwidth shapes (8192²) at M <= BANDWIDTH_MAX_M only; SMOKE_DEVICE_CASES in smoke runs."""
+    if smoke:
+        return list(SMOKE_DEVICE_CASES)
+    return [(s, m) for s in DEVICE_SHAPES for m in DEVICE_M
+            if s not in BANDWIDTH_SHAPES or m <= BANDWIDTH_MAX_M]
+
+
+def case_id(case: tuple[tuple[int, int], int]) -> str:
+    (n, k), m = case
+    return f"{n}x{k}-M{m}"
+
+
+def linear_cost(op: str, m: int, n: int, k: int, elt: int, masked: bool = True) -> tuple[int, int]:
+    """(flop, bytes) of ``op`` for x [M, K], W [N, K] with ``elt``-byte elements: the least
+    traffic a kernel can have, every operand read once and the result written once (the packed
+    mask, 1 bit per weight, when ``masked``). ``op``: ``fwd`` (y = x Wᵀ), ``dx`` (dy W),
+    ``dw`` ((dyᵀ x) ⊙ M), ``fwd_bwd`` (all three: W, x and dy read once each, y, dx, dW written;
+    the mask read once per pass)."""
+    mask = n * ((k + 31) // 32) * 4 if masked else 0
+    x, w, y = m * k * elt, n * k * elt, m * n * elt
+    table = {
+        "fwd": (2 * m * n * k, x + w + mask + y),
+        "dx": (2 * m * n * k, y + w + mask + x),
+        "dw": (2 * m * n * k, y + x + mask + w),
+        "fwd_bwd": (6 * m * n * k, 2 * x + 2 * w + 3 * mask + 2 * y),
+    }
+    if op not in table:
+        raise ValueError(f"linear_cost: op must be one of {sorted(table)}, got {op!r}")
+    return table[op]
+
+
+def achieved(flop: float, nbytes: float, seconds: float) -> tuple[float, float]:
+    """(TFLOP/s, TB/s) of ``flop`` and ``nbytes`` in ``seconds``."""
+    if not seconds > 0:
+        raise ValueError(f"achieved: seconds must be > 0, got {seconds}")
+    return flop / seconds / 1e12, nbytes / seconds / 1e12
+
+
+def share(value: float, peak: float | None) -> float | None:
+    """``value`` as a fraction of ``peak`` (None when no peak was measured)."""
+    return None if not peak else value / peak
+
+
+def mask_budget_bytes(weights: int, pairs: int) -> int:
+    """What ``pairs`` packed masks of ``weights`` masked weights may add: 1 bit per weight per
+    pair (issue 29: ours <= dense + P x (1 bit/weight) + one layer's workspace)."""
+    return pairs * ((weights + 7) // 8)
+
+
+def _require_cuda(what: str) -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{what} measures CUDA device time: it needs a CUDA GPU")
+
+
+def device_time(fn, *args, calls: int = DEVICE_CALLS, warmup: int = 3) -> float:
+    """Seconds per call on the device: CUDA events around ``calls`` back-to-back calls with no
+    synchronisation between them (the GPU's queue stays full unless the host cannot keep up:
+    then this is the host's launch rate, and graph_time tells the two apart)."""
+    _require_cuda("device_time")
+    for _ in range(warmup):
+        fn(*args)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn(*args)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / calls
+
+
+def graph_time(fn, *args, calls: int = DEVICE_CALLS, warmup: int = 3) -> float | None:
+    """Seconds per call replaying one call captured in a CUDA graph ``calls`` times (no host
+    work in the loop: pure device time); None when ``fn`` cannot be captured (a host sync,
+    ``.tolist()``, a CPU tensor)."""
+    _require_cuda("graph_time")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(s):
+            for _ in range(warmup):
+                fn(*args)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(*args)
+    except Exception:  # noqa: BLE001 - not capturable: reported as "—"
+        torch.cuda.synchronize()
+        return None
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / calls
+
+
+def eager_time(fn, *args, calls: int = 20, device: str = "cuda") -> float:
+    """Median seconds of one call as a user's eager loop sees it: host work, launches and the
+    kernels, synchronised after each call."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn(*args)
+    sync()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn(*args)
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+class Peaks:
+    """The device's measured peaks, once per run: ``tflops`` of a bf16 ``n³`` torch.mm and
+    ``tbps`` of a device-to-device copy (bytes read + written)."""
+
+    def __init__(self, tflops: float, tbps: float, name: str = ""):
+        self.tflops, self.tbps, self.name = tflops, tbps, name
+
+    @classmethod
+    def measure(cls, n: int = 8192, copy_bytes: int = 2**30, calls: int = 50) -> Peaks:
+        _require_cuda("Peaks.measure")
+
+        def mm_time() -> float:
+            a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            out = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+            return device_time(lambda a, b, o: torch.mm(a, b, out=o), a, b, out, calls=calls)
+
+        def copy_time() -> float:
+            src = torch.empty(copy_bytes // 4, device="cuda", dtype=torch.float32).normal_()
+            return device_time(torch.Tensor.copy_, torch.empty_like(src), src, calls=calls)
+
+        t_mm, t_copy = mm_time(), copy_time()
+        torch.cuda.empty_cache()
+        return cls(2 * n**3 / t_mm / 1e12, 2 * copy_bytes / t_copy / 1e12,
+                   torch.cuda.get_device_name())
+
+    def info(self) -> dict[str, str]:
+        return {"peak_TFLOP/s": f"{self.tflops:.0f}", "peak_TB/s": f"{self.tbps:.2f}"}
+
+
+def record_device(benchmark, fn, *args, flop: float, nbytes: float, peaks: Peaks | None,
+                  calls: int = DEVICE_CALLS, graph: bool = True) -> dict[str, str]:
+    """Measure ``fn(*args)`` on the GPU and put the device-time columns into ``extra_info``
+    (report.py renders them): device_us (events, back-to-back), graph_us (CUDA-graph replay),
+    eager_us (synchronised per call; also what pytest-benchmark's rounds time), achieved
+    TFLOP/s and TB/s from the device time and their shares of the run's peaks."""
+    t_dev = device_time(fn, *args, calls=calls)
+    t_graph = graph_time(fn, *args, calls=calls) if graph else None
+    t_eager = eager_time(fn, *args)
+    best = min(t for t in (t_dev, t_graph) if t is not None)
+    tflops, tbps = achieved(flop, nbytes, best)
+    row = device_columns(t_dev, t_graph, t_eager, tflops, tbps, peaks)
+    benchmark.extra_info.update(row)
+    benchmark.extra_info["device_s"] = best
+    if peaks is not None:
+        benchmark.extra_info.update(peaks.info())
+
+    def synced(*a):  # pytest-benchmark's rounds: one call each, synchronised (eager time)
+        out = fn(*a)
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.pedantic(synced, args=args, rounds=10, iterations=1, warmup_rounds=1)
+    return row
+
+
+def device_columns(t_dev: float, t_graph: float | None, t_eager: float, tflops: float,
+                   tbps: float, peaks: Peaks | None) -> dict[str, str]:
+    """The text cells of one device-time row (see record_device)."""
+    pct_f = share(tflops, peaks.tflops if peaks else None)
+    pct_b = share(tbps, peaks.tbps if peaks else None)
+    return {
+        "device_us": f"{t_dev * 1e6:.1f}",
+        "graph_us": "—" if t_graph is None else f"{t_graph * 1e6:.1f}",
+        "eager_us": f"{t_eager * 1e6:.1f}",
+        "TFLOP/s": f"{tflops:.1f}" + ("" if pct_f is None else f" ({pct_f:.0%})"),
+        "TB/s": f"{tbps:.2f}" + ("" if pct_b is None else f" ({pct_b:.0%})"),
+    }

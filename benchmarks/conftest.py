@@ -62,6 +62,17 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         pass
 
 
+@pytest.fixture(scope="session")
+def device_peaks():
+    """The GPU's peaks (bf16 8192³ torch.mm TFLOP/s, device copy TB/s), measured once per run
+    for the device-time suites (test_device_time.py)."""
+    from common import Peaks
+
+    if not torch.cuda.is_available():
+        pytest.skip("device peaks need a CUDA GPU")
+    return Peaks.measure()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

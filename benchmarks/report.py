@@ -11,6 +11,8 @@ import sys
 from collections import defaultdict
 
 BASELINES = ("dense", "dense32", "naive", "unpack", "reference", "bool", "numpy", "plain")
+# extra_info keys that are inputs of computed columns, not columns of their own
+HIDDEN = {"op", "impl", "flop", "bytes", "device_s", "peak_TFLOP/s", "peak_TB/s"}
 
 
 def _fmt_time(s: float) -> str:
@@ -29,8 +31,15 @@ def render(data: dict) -> str:
         f"- active backends: {', '.join(k for k, v in mi.get('backends', {}).items() if v)}",
         "- time = median of pytest-benchmark rounds, all in this one run; "
         "ratio < 1 means ours is faster",
-        "",
     ]
+    peaks = measured_peaks(data)
+    if peaks:
+        lines.append(f"- measured peaks in this run: {peaks} (bf16 8192³ torch.mm; "
+                     "device-to-device copy, bytes read + written); device-time tables: "
+                     "device_us = CUDA events over back-to-back calls, graph_us = CUDA-graph "
+                     "replay, eager_us = one synchronised call; TFLOP/s and TB/s (share of the "
+                     "peak) from the faster device time")
+    lines.append("")
     by_op: dict[str, dict[str, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
     for b in data.get("benchmarks", []):
         info = b.get("extra_info", {})
@@ -44,8 +53,16 @@ def render(data: dict) -> str:
         case_keys = {kv.split("=")[0] for kv in next(iter(cases))[len(op) + 1:-1].split()}
         extra = sorted({k for r in cases.values() for b in r.values()
                         for k in b.get("extra_info", {})}
-                       - case_keys - {"op", "impl", "flop", "bytes"})
+                       - case_keys - HIDDEN)
+        device = any("device_s" in b.get("extra_info", {}) for r in cases.values()
+                     for b in r.values())
+        memory = any("peak_MB" in b.get("extra_info", {}) for r in cases.values()
+                     for b in r.values())
         head = ["case"] + [f"{i}" for i in impls] + [f"ours/{b}" for b in base] + extra
+        if device:
+            head += [f"ours/{b} (device)" for b in base]
+        if memory:
+            head += [f"ours − {b} MB" for b in base]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for group, row in cases.items():
             case = group[group.index("[") + 1 : -1] if "[" in group else group
@@ -65,9 +82,37 @@ def render(data: dict) -> str:
                 vals = [(i, v) for i, v in vals if v is not None]
                 cells.append(str(vals[0][1]) if len(vals) == 1 else
                              "; ".join(f"{i} {v}" for i, v in vals) or "—")
+            if device:
+                cells += device_ratios(row, base)
+            if memory:
+                cells += memory_deltas(row, base)
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def measured_peaks(data: dict) -> str:
+    """``"790 TFLOP/s, 3.02 TB/s"`` from the first benchmark that recorded the run's peaks."""
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        if "peak_TFLOP/s" in info:
+            return f"{info['peak_TFLOP/s']} TFLOP/s, {info.get('peak_TB/s', '?')} TB/s"
+    return ""
+
+
+def device_ratios(row: dict, base: list[str]) -> list[str]:
+    """ours / baseline of the device times (``extra_info["device_s"]``) of one case's row."""
+    dev = {i: float(b["extra_info"]["device_s"]) for i, b in row.items()
+           if "device_s" in b.get("extra_info", {})}
+    return [f"{dev['ours'] / dev[b]:.2f}×" if "ours" in dev and dev.get(b) else "—"
+            for b in base]
+
+
+def memory_deltas(row: dict, base: list[str]) -> list[str]:
+    """ours − baseline of ``extra_info["peak_MB"]`` in one case's row."""
+    mb = {i: float(b["extra_info"]["peak_MB"]) for i, b in row.items()
+          if "peak_MB" in b.get("extra_info", {})}
+    return [f"{mb['ours'] - mb[b]:+.1f}" if "ours" in mb and b in mb else "—" for b in base]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,237 @@
+"""Issue 29's GPU sweep, ready for the next GPU session (``pytest benchmarks/test_device_time.py
+-m gpu --benchmark-only --benchmark-json=...``, then report.py): every case reports device time
+(CUDA events over DEVICE_CALLS back-to-back calls, and CUDA-graph replay) beside the eager
+per-call time, and achieved TFLOP/s and TB/s as a share of the peaks measured in the same run
+(bf16 8192³ torch.mm; a device-to-device copy). ``dense`` is ``F.linear`` (with autograd for the
+training cases), ``naive`` the bool-mask ``x @ (W * mask).T``. Shapes and M: DEVICE_SHAPES x
+DEVICE_M (8192² at decode rows only). Peak memory of joint training with 1, 8 and 32 pairs
+resident, Transformer-base: ours vs dense vs naive (bool masks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from common import (
+    JOINT_PAIRS,
+    KEEP,
+    case_id,
+    device_cases,
+    inputs,
+    linear_cost,
+    mask_budget_bytes,
+    record_device,
+    tag,
+)
+
+import lass_sparse as ls
+
+pytestmark = pytest.mark.gpu
+
+IMPLS = ["ours", "dense", "naive"]
+LINEAR_OPS = ["fwd", "fwd_bwd", "dx", "dw"]
+CASES = device_cases()
+
+
+def _skip_outside_smoke(case, is_smoke: bool) -> None:
+    if is_smoke and case not in device_cases(smoke=True):
+        pytest.skip("smoke run: SMOKE_DEVICE_CASES only")
+
+
+def linear_fn(op: str, impl: str, x, w, mask, bits):
+    """The callable one measurement times (no arguments; returns a tensor)."""
+    g = torch.Generator().manual_seed(1)  # the same dy for every impl of a case
+    dy = torch.randn(x.shape[0], w.shape[0], generator=g).to(x.device, x.dtype)
+    if op == "fwd":
+        f = {"ours": lambda: ls.masked_linear(x, w, bits), "dense": lambda: F.linear(x, w),
+             "naive": lambda: x @ (w * mask).T}[impl]
+        return lambda: _no_grad(f)
+    if op == "dx":
+        f = {"ours": lambda: torch.ops.lass_sparse.masked_linear_dx(dy, w, bits),
+             "dense": lambda: dy @ w, "naive": lambda: dy @ (w * mask)}[impl]
+        return lambda: _no_grad(f)
+    if op == "dw":
+        f = {"ours": lambda: torch.ops.lass_sparse.masked_linear_dw(dy, x, bits),
+             "dense": lambda: dy.t() @ x, "naive": lambda: (dy.t() @ x) * mask}[impl]
+        return lambda: _no_grad(f)
+    xg, wg = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+    fwd = {"ours": lambda: ls.masked_linear(xg, wg, bits), "dense": lambda: F.linear(xg, wg),
+           "naive": lambda: xg @ (wg * mask).T}[impl]
+
+    def step():
+        xg.grad = wg.grad = None
+        fwd().backward(dy)
+        return wg.grad
+
+    return step
+
+
+def _no_grad(f):
+    with torch.no_grad():
+        return f()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", LINEAR_OPS)
+def test_linear_device_time(benchmark, op, impl, case, device_peaks, is_smoke):
+    _skip_outside_smoke(case, is_smoke)
+    (n, k), m = case
+    if op != "fwd" and (n, k) == (8192, 8192):
+        pytest.skip("8192² is the decode bandwidth case: forward only")
+    x, w, mask, bits = inputs(m, n, k, torch.bfloat16, "cuda")
+    fn = linear_fn(op, impl, x, w, mask, bits)
+    flop, nbytes = linear_cost(op, m, n, k, 2, masked=impl == "ours")
+    if impl == "naive":  # the bool mask, read once, instead of the bits
+        nbytes += n * k
+    tag(benchmark, f"device_{op}", impl, dtype="bf16", M=m, N=n, K=k)
+    record_device(benchmark, fn, flop=flop, nbytes=nbytes, peaks=device_peaks)
+    if op == "fwd" and impl == "ours":
+        torch.testing.assert_close(fn().float(), (x @ (w * mask).T).float(), atol=3e-2,
+                                   rtol=3e-2)
+
+
+@pytest.mark.parametrize("impl", ["ours", "dense", "naive"])
+@pytest.mark.parametrize("nk", [(4096, 4096), (4096, 1024), (1024, 4096)],
+                         ids=["4096x4096", "4096x1024", "1024x4096"])
+def test_segmented_device_time(benchmark, impl, nk, device_peaks, is_smoke):
+    """16 pairs, T = 4096 (issue 29): ours (one segmented call) vs dense (one pair's F.linear) vs
+    naive (a bool-mask matmul per pair); extra: peak memory of the call above its inputs."""
+    if is_smoke and nk != (1024, 4096):
+        pytest.skip("smoke run: one shape")
+    n, k = nk
+    pairs, t = 16, 4096
+    x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    masks = torch.rand(pairs, n, k, device="cuda") < KEEP
+    bank = torch.stack([ls.pack_mask(mk) for mk in masks])
+    offs = torch.linspace(0, t, pairs + 1, device="cuda").long()
+    pid = torch.arange(pairs, device="cuda")
+    segs = list(zip(offs[:-1].tolist(), offs[1:].tolist()))
+    fns = {"ours": lambda: ls.segmented_masked_linear(x, w, bank, offs, pid),
+           "dense": lambda: F.linear(x, w),
+           "naive": lambda: torch.cat([x[a:b] @ (w * masks[p]).T for p, (a, b) in
+                                       enumerate(segs)])}
+    fn = fns[impl]
+    tag(benchmark, "device_segmented", impl, dtype="bf16", pairs=pairs, T=t, N=n, K=k)
+    with torch.no_grad():
+        fn()  # warm: compiles, autotunes, caches
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        benchmark.extra_info["peak_MB"] = f"{peak / 2**20:.1f}"
+        flop, nbytes = linear_cost("fwd", t, n, k, 2, masked=impl == "ours")
+        nbytes += (pairs - 1) * bank[0].nbytes if impl == "ours" else 0
+        record_device(benchmark, fn, flop=flop, nbytes=nbytes, peaks=device_peaks)
+
+
+BASE = dict(vocab=8000, d=512, heads=8, ffn=2048, layers=6)
+
+
+def base_transformer(vocab: int, d: int, heads: int, ffn: int, layers: int) -> torch.nn.Module:
+    """A pre-norm GeLU encoder-decoder with a tied vocabulary projection; BASE is
+    Transformer-base, the model of issue 29's memory row."""
+
+    class Base(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab, d)
+            self.core = torch.nn.Transformer(d, heads, layers, layers, ffn, dropout=0.0,
+                                             activation="gelu", batch_first=True,
+                                             norm_first=True)
+
+        def forward(self, src, tgt):
+            h = self.core(self.embed(src), self.embed(tgt))
+            return F.linear(h, self.embed.weight)
+
+    return Base()
+
+
+def joint_stepper(impl: str, pairs: int, batch: int = 64, seq: int = 64, device: str = "cuda",
+                  config: dict | None = None):
+    """(step, masked weight count) of one joint-training step of pair 0 with ``pairs`` masks
+    resident on the GPU: ours (packed bank, masked kernels, MaskedAdamW), dense (no masks,
+    AdamW), naive (a bool mask per pair and weight, W * mask each forward, AdamW, off-mask
+    weights restored)."""
+    from lass_sparse.optim import MaskedAdamW
+
+    torch.manual_seed(0)
+    cfg = config or BASE
+    model = base_transformer(**cfg).to(device)
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(0, cfg["vocab"], (batch, seq), generator=g).to(device)
+    tgt = torch.randint(0, cfg["vocab"], (batch, seq + 1), generator=g).to(device)
+    if impl == "ours":
+        names = ls.convert(model)
+    else:  # the weights ours masks: every linear layer's and attention's, not the embedding
+        names = [n for n, p in model.named_parameters()
+                 if n.endswith("weight") and p.dim() == 2 and not n.startswith("embed")]
+    params = dict(model.named_parameters())
+    weights = sum(params[n].numel() for n in names)
+
+    def loss_of(out):
+        return F.cross_entropy(out.flatten(0, 1).float(), tgt[:, 1:].flatten())
+
+    if impl == "ours":
+        bank = ls.MaskBank({n: tuple(params[n].shape) for n in names}, alpha=1 - KEEP)
+        for p in range(pairs):
+            bank.add_pair(f"p{p}", {n: torch.rand(params[n].shape, generator=g) < KEEP
+                                    for n in names})
+        bank = bank.to(device)
+        ls.attach(model, bank)
+        opt = MaskedAdamW(model.parameters(), lr=1e-4)
+        opt.bind(model, bank)
+
+        def step():
+            with ls.active_pair(model, "p0"):
+                loss_of(model(src, tgt[:, :-1])).backward()
+            opt.note_pair("p0")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step, weights
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    if impl == "dense":
+        def step():
+            loss_of(model(src, tgt[:, :-1])).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step, weights
+    masks = [{n: (torch.rand(params[n].shape, generator=g) < KEEP).to(device) for n in names}
+             for _ in range(pairs)]
+
+    def naive():
+        eff = {n: p * masks[0][n] if n in masks[0] else p for n, p in params.items()}
+        loss_of(torch.func.functional_call(model, eff, (src, tgt[:, :-1]))).backward()
+        old = {n: params[n].detach().clone() for n in names}
+        opt.step()
+        with torch.no_grad():
+            for n in names:
+                params[n].copy_(torch.where(masks[0][n], params[n], old[n]))
+        opt.zero_grad(set_to_none=True)
+
+    return naive, weights
+
+
+@pytest.mark.parametrize("pairs", JOINT_PAIRS)
+@pytest.mark.parametrize("impl", ["ours", "dense", "naive"])
+def test_joint_training_peak_memory(benchmark, impl, pairs, is_smoke):
+    """Peak GPU memory of one joint-training step, Transformer-base, ``pairs`` masks resident.
+    Target (issue 29, P = 32): ours <= dense + P x (1 bit/weight) + one layer's workspace;
+    mask_budget_MB is that P x (1 bit/weight)."""
+    if is_smoke and pairs != 1:
+        pytest.skip("smoke run: one pair")
+    step, weights = joint_stepper(impl, pairs, batch=8 if is_smoke else 64)
+    step()  # optimizer state exists
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    tag(benchmark, "joint_peak_memory", impl, config="base", pairs=pairs)
+    benchmark.extra_info["peak_MB"] = f"{torch.cuda.max_memory_allocated() / 2**20:.1f}"
+    benchmark.extra_info["mask_budget_MB"] = f"{mask_budget_bytes(weights, pairs) / 2**20:.1f}"
+    benchmark.pedantic(step, rounds=3, iterations=1)

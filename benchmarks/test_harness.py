@@ -1,0 +1,145 @@
+"""The device-time harness's logic on the CPU (test_device_time.py runs only on a GPU): case
+lists, cost and ratio math, report columns, the timed callables and the joint-training stepper
+on small shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from common import (
+    BANDWIDTH_MAX_M,
+    DEVICE_M,
+    DEVICE_SHAPES,
+    SMOKE_DEVICE_CASES,
+    Peaks,
+    achieved,
+    case_id,
+    device_cases,
+    device_columns,
+    eager_time,
+    inputs,
+    linear_cost,
+    mask_budget_bytes,
+    share,
+)
+from report import device_ratios, measured_peaks, memory_deltas, render
+from test_device_time import BASE, JOINT_PAIRS, LINEAR_OPS, joint_stepper, linear_fn
+
+
+def test_device_cases_are_the_issues_shapes_and_rows():
+    cases = device_cases()
+    assert set(DEVICE_M) == {1, 4, 16, 64, 256, 1024, 4096, 8192}
+    assert set(DEVICE_SHAPES) == {(4096, 4096), (4096, 1024), (1024, 4096), (8192, 8192)}
+    for shape in DEVICE_SHAPES[:3]:  # every M on the GEMM shapes
+        assert [m for s, m in cases if s == shape] == DEVICE_M
+    assert [m for s, m in cases if s == (8192, 8192)] == [m for m in DEVICE_M
+                                                          if m <= BANDWIDTH_MAX_M]
+    assert len(cases) == len(set(cases)) == 3 * 8 + 3
+    assert len({case_id(c) for c in cases}) == len(cases)
+    assert device_cases(smoke=True) == SMOKE_DEVICE_CASES
+    assert set(SMOKE_DEVICE_CASES) <= set(cases)
+    assert JOINT_PAIRS == [1, 8, 32]
+    assert BASE == dict(vocab=8000, d=512, heads=8, ffn=2048, layers=6)
+
+
+def test_linear_cost_counts_each_operand_once():
+    m, n, k = 16, 4096, 1024
+    flop, nbytes = linear_cost("fwd", m, n, k, 2)
+    assert flop == 2 * m * n * k
+    assert nbytes == 2 * (m * k + n * k + m * n) + n * (k // 32) * 4
+    assert linear_cost("fwd", m, n, k, 2, masked=False)[1] == nbytes - n * (k // 32) * 4
+    assert linear_cost("fwd", 1, 100, 33, 4)[1] == 4 * (33 + 3300 + 100) + 100 * 2 * 4
+    for op in ("dx", "dw"):
+        assert linear_cost(op, m, n, k, 2) == (flop, nbytes)
+    fb_flop, fb_bytes = linear_cost("fwd_bwd", m, n, k, 2, masked=False)
+    assert fb_flop == 3 * flop and fb_bytes == 2 * 2 * (m * k + n * k + m * n)
+    with pytest.raises(ValueError, match="op must be one of"):
+        linear_cost("bwd", m, n, k, 2)
+
+
+def test_ratio_math():
+    assert achieved(1e12, 2e12, 0.5) == (2.0, 4.0)
+    assert share(2.0, 4.0) == 0.5
+    assert share(2.0, None) is None and share(2.0, 0.0) is None
+    with pytest.raises(ValueError, match="seconds must be > 0"):
+        achieved(1.0, 1.0, 0.0)
+    weights = 44_040_192  # Transformer-base's masked weights
+    assert mask_budget_bytes(weights, 32) == 32 * weights // 8
+    assert mask_budget_bytes(9, 1) == 2  # a partial byte counts
+
+
+def test_device_columns_show_shares_of_the_peaks():
+    cols = device_columns(100e-6, 80e-6, 150e-6, 400.0, 1.5, Peaks(800.0, 3.0))
+    assert cols == {"device_us": "100.0", "graph_us": "80.0", "eager_us": "150.0",
+                    "TFLOP/s": "400.0 (50%)", "TB/s": "1.50 (50%)"}
+    cols = device_columns(100e-6, None, 150e-6, 400.0, 1.5, None)
+    assert cols["graph_us"] == "—" and cols["TFLOP/s"] == "400.0"
+    assert Peaks(790.4, 3.014).info() == {"peak_TFLOP/s": "790", "peak_TB/s": "3.01"}
+
+
+def _bench(op, impl, group, median, **extra):
+    return {"group": group, "stats": {"median": median},
+            "extra_info": {"op": op, "impl": impl, **extra}}
+
+
+def test_report_renders_device_ratios_peaks_and_memory():
+    g = "device_fwd[dtype=bf16 M=16 N=4096 K=4096]"
+    peaks = {"peak_TFLOP/s": "790", "peak_TB/s": "3.01"}
+    data = {"machine_info": {"gpu": "NVIDIA H100"}, "benchmarks": [
+        _bench("device_fwd", "ours", g, 2e-4, device_s=1e-4, device_us="100.0",
+               **{"TFLOP/s": "5.4 (1%)"}, **peaks),
+        _bench("device_fwd", "dense", g, 1e-4, device_s=5e-5, device_us="50.0", **peaks),
+        _bench("device_fwd", "naive", g, 4e-4, device_s=2e-4, device_us="200.0", **peaks),
+        _bench("joint_peak_memory", "ours", "joint_peak_memory[config=base pairs=32]", 1.0,
+               peak_MB="1200.0", mask_budget_MB="168.0"),
+        _bench("joint_peak_memory", "dense", "joint_peak_memory[config=base pairs=32]", 1.0,
+               peak_MB="1100.0", mask_budget_MB="168.0"),
+    ]}
+    md = render(data)
+    assert "measured peaks in this run: 790 TFLOP/s, 3.01 TB/s" in md
+    head = next(ln for ln in md.splitlines() if ln.startswith("| case") and "device" in ln)
+    assert "ours/dense (device)" in head and "ours/naive (device)" in head
+    assert "device_s" not in head and "peak_TFLOP/s" not in head
+    row = next(ln for ln in md.splitlines() if ln.startswith("| dtype=bf16 M=16"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[-2:] == ["2.00×", "0.50×"]  # from device_s, not from the eager medians
+    assert cells[4:6] == ["2.00×", "0.50×"]  # the eager ratios beside them
+    mem = next(ln for ln in md.splitlines() if ln.startswith("| config=base pairs=32"))
+    assert mem.rstrip(" |").endswith("+100.0")
+    assert measured_peaks({"benchmarks": []}) == ""
+    row = {"ours": {"extra_info": {"device_s": 2.0}}, "dense": {"extra_info": {}}}
+    assert device_ratios(row, ["dense"]) == ["—"]
+    assert memory_deltas({"ours": {"extra_info": {"peak_MB": "1"}}}, ["dense"]) == ["—"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_device_timers_need_a_gpu():
+    from common import device_time, graph_time
+
+    for fn in (lambda: device_time(lambda: None), lambda: graph_time(lambda: None),
+               Peaks.measure):
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            fn()
+
+
+def test_eager_time_is_the_median_of_single_calls():
+    assert eager_time(torch.mm, torch.eye(8), torch.eye(8), calls=5, device="cpu") > 0
+
+
+@pytest.mark.parametrize("op", LINEAR_OPS)
+def test_the_timed_callables_compute_what_their_names_say(op):
+    torch.manual_seed(0)
+    x, w, mask, bits = inputs(5, 24, 40, torch.float32)
+    out = {impl: linear_fn(op, impl, x, w, mask, bits)() for impl in ("ours", "dense", "naive")}
+    torch.testing.assert_close(out["ours"], out["naive"], atol=1e-5, rtol=1e-5)
+    if op in ("dw", "fwd_bwd"):  # off-mask dW exactly 0 in ours, not in dense
+        assert not out["ours"][~mask].any() and out["dense"][~mask].any()
+
+
+@pytest.mark.parametrize("impl", ["ours", "dense", "naive"])
+def test_joint_stepper_trains_one_pair_with_every_mask_resident(impl):
+    tiny = dict(vocab=50, d=32, heads=2, ffn=64, layers=1)
+    step, weights = joint_stepper(impl, 3, batch=2, seq=5, device="cpu", config=tiny)
+    assert weights == 2 * (3 * 32 * 32 + 32 * 32 + 2 * 32 * 64) + 3 * 32 * 32 + 32 * 32
+    step()
+    step()
