@@ -1,13 +1,21 @@
-"""Issue 29's GPU sweep, ready for the next GPU session (``pytest benchmarks/test_device_time.py
--m gpu --benchmark-only --benchmark-json=...``, then report.py): every case reports device time
-(CUDA events over DEVICE_CALLS back-to-back calls, and CUDA-graph replay) beside the eager
-per-call time, and achieved TFLOP/s and TB/s as a share of the peaks measured in the same run
-(bf16 8192³ torch.mm; a device-to-device copy). ``dense`` is ``F.linear`` (with autograd for the
+"""Issue 29's GPU sweep, ready for the next GPU session:
+
+    LASS_SPARSE_DEVICE_SWEEP=1 python -m pytest benchmarks/test_device_time.py -m gpu \
+        --benchmark-only --benchmark-json=$OUT/device.json -p no:cacheprovider
+    python benchmarks/report.py $OUT/device.json -o $OUT/device.md
+
+(opt-in: without the variable these cases skip, so ``make bench-gpu`` and scripts/gpu_check.py
+keep their time budget). Every case reports device time (CUDA events over DEVICE_CALLS
+back-to-back calls, and CUDA-graph replay) beside the eager per-call time, and achieved TFLOP/s
+and TB/s as a share of the peaks measured in the same run (bf16 8192³ torch.mm; a
+device-to-device copy). ``dense`` is ``F.linear`` (with autograd for the
 training cases), ``naive`` the bool-mask ``x @ (W * mask).T``. Shapes and M: DEVICE_SHAPES x
 DEVICE_M (8192² at decode rows only). Peak memory of joint training with 1, 8 and 32 pairs
 resident, Transformer-base: ours vs dense vs naive (bool masks)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -26,7 +34,9 @@ from common import (
 
 import lass_sparse as ls
 
-pytestmark = pytest.mark.gpu
+SWEEP_ENV = "LASS_SPARSE_DEVICE_SWEEP"
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    os.environ.get(SWEEP_ENV) != "1", reason=f"the issue-29 device sweep: set {SWEEP_ENV}=1")]
 
 IMPLS = ["ours", "dense", "naive"]
 LINEAR_OPS = ["fwd", "fwd_bwd", "dx", "dw"]
