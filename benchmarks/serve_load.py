@@ -10,8 +10,10 @@ Latency/throughput: for each batching mode (``cross``: batches mix directions; `
 direction per batch; ``none``: one request at a time) a server is started on the published
 models (results/models, stage lass, 6 supervised + 6 zero-shot directions) and driven by
 closed-loop clients (1, 8, 32, 64), each sending one sentence per request (beam 4) for the
-directions in turn, for a fixed time per level. Throughput counts sentences answered in the
-measured window; latencies are of the requests started and answered in it.
+directions in turn. The three servers run side by side and the modes take turns at each level
+(rounds of a few seconds; medians over the rounds), so a shared machine's load hits them alike.
+Throughput counts sentences answered in the measured window; latencies are of the requests
+started and answered in it.
 
 Memory: server RSS after one request per served direction, for 1, 6 and 16 directions of one
 model with a MaskBank, against a process that holds the same number of dense models (same
@@ -122,27 +124,50 @@ def _metric(text: str, name: str) -> float:
 
 
 def load_test(run: str, stage: str, masks: str, *, modes: Sequence[str] = MODES,
-              levels: Sequence[int] = LEVELS, seconds: float = 6.0, warmup: float = 1.0,
-              beam: int = 4, threads: int = 1, log=print) -> list[dict]:
-    """One server per mode, every concurrency level against it; rows of the table."""
-    texts = sentences_by_lang()
-    rows = []
-    for mode in modes:
-        srv = ServerProcess(["--run", run, "--stage", stage, "--masks", masks, "--batching",
-                             mode, "--log-level", "warning", "--max-queue", "4096"],
-                            threads=threads, cwd=REPO)
-        with srv:
-            import httpx
+              levels: Sequence[int] = LEVELS, seconds: float = 3.0, warmup: float = 1.0,
+              beam: int = 4, threads: int = 1, repeats: int = 1, log=print) -> list[dict]:
+    """One server per mode, all started together; for each concurrency level the modes take
+    turns (``repeats`` rounds of ``seconds`` each), so they are compared under the same load of
+    a shared machine. Rows of the table: per (mode, level) the medians over the rounds."""
+    import httpx
 
-            pairs = httpx.get(srv.url + "/v1/pairs").json()["pairs"]
-            for clients in levels:
-                r = asyncio.run(_level(srv.url, pairs, texts, clients, seconds, warmup, beam))
-                r.update(mode=mode, directions=len(pairs))
+    from lass_sparse.serve.process import wait_all
+
+    texts = sentences_by_lang()
+    servers = {mode: ServerProcess(["--run", run, "--stage", stage, "--masks", masks,
+                                    "--batching", mode, "--log-level", "warning",
+                                    "--max-queue", "4096"], threads=threads, cwd=REPO)
+               for mode in modes}
+    rows = []
+    try:
+        wait_all(list(servers.values()))
+        pairs = httpx.get(servers[modes[0]].url + "/v1/pairs").json()["pairs"]
+        for clients in levels:
+            runs: dict[str, list[dict]] = {m: [] for m in modes}
+            for _ in range(repeats):
+                for mode in modes:
+                    runs[mode].append(asyncio.run(_level(servers[mode].url, pairs, texts,
+                                                         clients, seconds, warmup, beam)))
+            for mode in modes:
+                rs = runs[mode]
+                r = {k: statistics.median(x[k] for x in rs)
+                     for k in ("sentences_per_s", "p50_ms", "p99_ms", "mean_ms", "mean_batch",
+                               "mean_batch_pairs")}
+                errors: dict[int, int] = {}
+                for x in rs:
+                    for code, n in x["errors"].items():
+                        errors[code] = errors.get(code, 0) + n
+                r.update(mode=mode, clients=clients, directions=len(pairs), errors=errors,
+                         requests=sum(x["requests"] for x in rs), rounds=len(rs))
                 log(f"  {mode:5s} clients {clients:3d}: {r['sentences_per_s']:7.1f} sent/s  "
                     f"p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  batch "
                     f"{r['mean_batch']:.1f} ({r['mean_batch_pairs']:.1f} pairs)  "
                     f"errors {r['errors'] or 0}")
                 rows.append(r)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    rows.sort(key=lambda r: (modes.index(r["mode"]), r["clients"]))
     return rows
 
 
@@ -307,7 +332,8 @@ def render(rows: list[dict], mem: list[dict], meta: dict, args: argparse.Namespa
         f"ran; 1-min load average at the start {meta['load']:.1f}), Python {meta['python']}, "
         f"torch {meta['torch']}, git commit `{meta['commit']}`. Written by "
         "`python benchmarks/serve_load.py` "
-        f"({args.seconds:g} s per level after {args.warmup:g} s of warm-up; server "
+        f"(per level and mode {args.repeats} rounds of {args.seconds:g} s after {args.warmup:g} "
+        "s of warm-up, the modes taking turns within a round, medians shown; server "
         f"`--threads {args.threads}` / OMP_NUM_THREADS={args.threads}, beam {args.beam}, "
         "default window `--max-wait-ms 5`, `--max-batch-sentences 64`).",
         "",
@@ -402,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--masks", default="masks.safetensors")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--levels", nargs="+", type=int, default=list(LEVELS))
-    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="rounds per level; the modes take turns within a round")
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--beam", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
@@ -415,12 +443,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.levels, args.seconds, args.warmup, args.memory = [1, 8], 1.5, 0.5, ["tiny"]
+        args.repeats = 1
     meta = machine()
     t0 = time.monotonic()
     print(f"load test ({', '.join(args.modes)}; clients {args.levels}):")
     rows = load_test(args.run, args.stage, args.masks, modes=args.modes, levels=args.levels,
                      seconds=args.seconds, warmup=args.warmup, beam=args.beam,
-                     threads=args.threads)
+                     threads=args.threads, repeats=args.repeats)
     mem = []
     if args.memory:
         print("memory:")

@@ -35,7 +35,7 @@ def test_bounded_load_test(tmp_path):
     assert by[("none", 4)]["mean_batch"] == 1.0  # one request at a time
     assert by[("cross", 4)]["mean_batch"] > 1.0 and by[("cross", 4)]["mean_batch_pairs"] > 1.0
     meta = serve_load.machine()
-    args = argparse.Namespace(seconds=1.0, warmup=0.3, threads=1, beam=2)
+    args = argparse.Namespace(seconds=1.0, warmup=0.3, threads=1, beam=2, repeats=1)
     md = serve_load.render(rows, [], meta, args)
     assert "| cross | 4 |" in md and meta["commit"] in md
     serve_load.plot(rows, str(tmp_path / "serving.png"), meta)

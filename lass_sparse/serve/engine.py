@@ -226,16 +226,18 @@ class NativeEngine(Engine):
         from ..lass.translate import beam_search
         from ..nn import active_pair
 
+        # rows grouped by pair: the segmented kernels then need no gather/scatter per layer
+        order = sorted(range(len(rows)), key=lambda i: self._index[rows[i].pair])
+        rows = [rows[i] for i in order]
         src = pad_batch([r.ids for r in rows]).to(self.device)
         kw: dict[str, Any] = dict(max_len=[r.limit for r in rows], lenpen=self.lenpen)
         if on_row is not None:
-            kw["on_done"] = lambda i, hyp: on_row(i, self.tok.decode([hyp])[0])
+            kw["on_done"] = lambda i, hyp: on_row(order[i], self.tok.decode([hyp])[0])
         bos = [self._bos[r.pair] for r in rows]
-        uniq = {r.pair for r in rows}
         with self._lock:
             if self.bank is None:
                 hyps = beam_search(self.model, src, bos, beam, **kw)
-            elif len(uniq) == 1:  # one pair: the single-pair kernels, as offline translate
+            elif rows[0].pair == rows[-1].pair:  # one pair: the single-pair kernels, as offline
                 with active_pair(self.model, rows[0].pair):
                     hyps = beam_search(self.model, src, bos, beam, **kw)
             else:
@@ -243,7 +245,10 @@ class NativeEngine(Engine):
                                    device=self.device)
                 hyps = beam_search(self.model, src, bos, beam, pairs=self._all, pair_ids=ids,
                                    **kw)
-        return self.tok.decode(hyps)
+        out = [""] * len(rows)
+        for i, text in zip(order, self.tok.decode(hyps)):
+            out[i] = text
+        return out
 
     def info(self) -> dict[str, Any]:
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
