@@ -358,9 +358,9 @@ def render(rows: list[dict], mem: list[dict], meta: dict, args: argparse.Namespa
             for m in {r["mode"] for r in rows}}
     if {"cross", "pair", "none"} <= set(best):
         c, p, n = (best[m]["sentences_per_s"] for m in ("cross", "pair", "none"))
-        lines += ["", f"Peak throughput: cross-pair {c:.1f} sentences/s, one pair per batch "
-                  f"{p:.1f} ({c / p:.2f}x less than cross), one request at a time {n:.1f} "
-                  f"({c / n:.2f}x less)."]
+        lines += ["", f"Peak throughput (sentences/s): cross-pair {c:.1f}, one pair per batch "
+                  f"{p:.1f}, one request at a time {n:.1f}; cross/pair {c / p:.2f}x, "
+                  f"cross/none {c / n:.2f}x."]
     if mem:
         lines += [
             "", "## Memory: one model for N directions vs N dense models", "",
