@@ -263,7 +263,8 @@ def test_oversized_requests_name_the_limit(client):
     b'{"pair": "en-de", "text": "x", "beam": "4"}', b'{"pair": "en-de", "text": "x", "beam": 2.5}',
     b'{"pair": "en-de", "text": "x", "beam": true}', b'{"pair": 7, "text": "x"}',
     b'{"pair": "en-de", "text": "x", "extra": 1}', b'{"pair": "en-de", "text": "x"} trailing',
-    b'{"pair": "en-de", "text": "\xff\xfe"}', b"[" * 5000 + b"]" * 5000,
+    b'{"pair": "en-de", "text": "\xff\xfe"}', b'{"pair": "en-de", "text": "\\ud800"}',
+    b"[" * 5000 + b"]" * 5000,
 ])
 def test_malformed_or_invalid_json_is_422(client, body):
     r = client.post("/v1/translate", content=body, headers={"content-type": "application/json"})
