@@ -206,6 +206,7 @@ def _float_in(lo: float, hi: float | None, *, lo_open: bool = False, hi_open: bo
 
 fraction = _float_in(0.0, 1.0)  # alpha, dropout: [0, 1)
 positive_float = _float_in(0.0, None, lo_open=True)
+nonneg_float = _float_in(0.0, None)
 
 
 def finite_float(text: str) -> float:

@@ -20,7 +20,7 @@ import signal
 import socket
 from typing import Any
 
-from ..cli import CommandError
+from ..cli import CommandError, nonneg_float, positive_int
 from .batcher import MODES
 
 DEFAULT_PORT = 8000
@@ -34,26 +34,6 @@ POST /v1/translate, GET /v1/pairs, /health, /metrics, /docs (OpenAPI), a page at
 Binds 127.0.0.1 unless --host says otherwise; prints "lass-sparse serve: listening on
 http://HOST:PORT (...)" when ready (--port 0: a free port). SIGINT/SIGTERM: no new requests
 (503), the queued ones run at once and are answered, then exit 0."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
-
-
-def _non_negative(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return v
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -186,7 +166,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="do not serve X-Y through merged X-en / en-Y masks")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="PyTorch CPU threads (default: PyTorch's)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT,
@@ -195,28 +175,28 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batching", choices=MODES, default="cross",
                    help="cross: any directions in one batch; pair: one direction per batch; "
                    "none: one request at a time")
-    g.add_argument("--max-wait-ms", type=_non_negative, default=5.0,
+    g.add_argument("--max-wait-ms", type=nonneg_float, default=5.0,
                    help="how long the oldest request waits for others (default 5)")
-    g.add_argument("--max-batch-tokens", type=_positive_int, default=4096,
+    g.add_argument("--max-batch-tokens", type=positive_int, default=4096,
                    help="source tokens per batch at most (default 4096)")
-    g.add_argument("--max-batch-sentences", type=_positive_int, default=64,
+    g.add_argument("--max-batch-sentences", type=positive_int, default=64,
                    help="sentences per batch at most (default 64)")
-    g.add_argument("--beam", type=_positive_int, default=4, help="default beam (default 4)")
+    g.add_argument("--beam", type=positive_int, default=4, help="default beam (default 4)")
     g.add_argument("--lenpen", type=float, default=1.0, help="length penalty (--run)")
     lim = p.add_argument_group("limits")
-    lim.add_argument("--max-queue", type=_positive_int, default=1024,
+    lim.add_argument("--max-queue", type=positive_int, default=1024,
                      help="sentences waiting at most; beyond: 503 + Retry-After (default 1024)")
-    lim.add_argument("--max-texts", type=_positive_int, default=64,
+    lim.add_argument("--max-texts", type=positive_int, default=64,
                      help="texts per request at most (default 64)")
-    lim.add_argument("--max-text-chars", type=_positive_int, default=2000,
+    lim.add_argument("--max-text-chars", type=positive_int, default=2000,
                      help="characters per text at most (default 2000)")
-    lim.add_argument("--max-beam", type=_positive_int, default=8,
+    lim.add_argument("--max-beam", type=positive_int, default=8,
                      help="largest beam a request may ask for (default 8)")
-    lim.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
+    lim.add_argument("--max-body-bytes", type=positive_int, default=1 << 20,
                      help="request body size at most (default 1 MiB)")
-    lim.add_argument("--request-timeout", type=_non_negative, default=30.0,
+    lim.add_argument("--request-timeout", type=nonneg_float, default=30.0,
                      help="seconds a request may take; beyond: 504 (default 30)")
-    lim.add_argument("--shutdown-timeout", type=_non_negative, default=30.0,
+    lim.add_argument("--shutdown-timeout", type=nonneg_float, default=30.0,
                      help="on SIGTERM, seconds to finish the requests already in (default 30)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
