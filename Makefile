@@ -6,7 +6,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test test-fast bench bench-gpu gpu-check lint nvcc-check clean
+.PHONY: install demo test test-fast bench bench-gpu gpu-bench gpu-check lint nvcc-check clean
 
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,16 +35,28 @@ bench-gpu: $(STAMP)
 	  --benchmark-json=benchmarks/results/gpu.json
 	$(BIN)/python benchmarks/report.py benchmarks/results/gpu.json -o benchmarks/results/gpu.md
 
+# Issue 29's device-time sweep on a lent GPU (torch/triton preinstalled): build against that torch,
+# then device time (CUDA events, graph replay) beside eager time, shares of the measured peaks,
+# peak memory; the table in $(or $(OUT),gpu_bench_results)/.
+gpu-bench:
+	LASS_SPARSE_SKIP_CUDA_BUILD=0 TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} \
+	  $(GPU_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	mkdir -p $(or $(OUT),gpu_bench_results)
+	LASS_SPARSE_DEVICE_SWEEP=1 $(GPU_PY) -m pytest benchmarks/test_device_time.py -m gpu \
+	  --benchmark-only --benchmark-json=$(or $(OUT),gpu_bench_results)/device.json
+	$(GPU_PY) benchmarks/report.py $(or $(OUT),gpu_bench_results)/device.json \
+	  -o $(or $(OUT),gpu_bench_results)/device.md
+
 # On a lent GPU machine (torch/triton/cupy preinstalled, no network): builds with that torch,
 # runs every op/module/optimizer per GPU backend vs the reference, `pytest -m "gpu or triton"`,
 # the native kernels' hardening tests, the GPU benchmarks, the CLI pipeline and a joint-step profile; pass/fail table + logs in
 # $(or $(OUT),gpu_check_results)/.
 GPU_PY ?= python3
 gpu-check:
-	$(GPU_PY) scripts/gpu_check.py $(if $(OUT),--out $(OUT),)
+	$(GPU_PY) tools/gpu_check.py $(if $(OUT),--out $(OUT),)
 
 lint: $(STAMP)
-	$(BIN)/ruff check lass_sparse tests benchmarks setup.py
+	$(BIN)/ruff check lass_sparse tests benchmarks tools examples setup.py
 
 nvcc-check:
 	bash .ci/nvcc_check.sh

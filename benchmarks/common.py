@@ -17,7 +17,7 @@ FULL_M = [1, 4, 16, 512]
 GPU_M = [1, 16, 64, 256, 4096]  # a GPU training batch is thousands of tokens
 SMOKE_M = [1, 17]
 # ``device`` parameter: CUDA cases carry the ``gpu`` marker (``make bench`` runs ``not gpu``,
-# ``make bench-gpu`` / scripts/gpu_check.py run ``gpu``; CI skips them where no GPU exists).
+# ``make bench-gpu`` / tools/gpu_check.py run ``gpu``; CI skips them where no GPU exists).
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 KEEP = 0.3  # fraction of weights a pair keeps (alpha = 0.7), a typical LaSS sparsity
 

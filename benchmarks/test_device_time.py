@@ -4,7 +4,7 @@
         --benchmark-only --benchmark-json=$OUT/device.json -p no:cacheprovider
     python benchmarks/report.py $OUT/device.json -o $OUT/device.md
 
-(opt-in: without the variable these cases skip, so ``make bench-gpu`` and scripts/gpu_check.py
+(opt-in: without the variable these cases skip, so ``make bench-gpu`` and tools/gpu_check.py
 keep their time budget). Every case reports device time (CUDA events over DEVICE_CALLS
 back-to-back calls, and CUDA-graph replay) beside the eager per-call time, and achieved TFLOP/s
 and TB/s as a share of the peaks measured in the same run (bf16 8192³ torch.mm; a

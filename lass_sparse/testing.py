@@ -1,4 +1,4 @@
-"""Test helpers shared by tests/, benchmarks/ and scripts/gpu_check.py (no pytest import at module
+"""Test helpers shared by tests/, benchmarks/ and tools/gpu_check.py (no pytest import at module
 level)."""
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ PKG = "lass_sparse"
 # shared MT code (corpus, directions, metrics: torch-free, beside them), then the LaSS pipeline
 # and the HF integration on top, side by side (hf does not import lass).
 LOW = ("lass_sparse.ops", "lass_sparse.backends", "lass_sparse.bitmask", "lass_sparse.reference",
-       "lass_sparse._registry", "lass_sparse.pruning", "lass_sparse.fileio",
+       "lass_sparse.pruning", "lass_sparse.fileio",
        "lass_sparse.maskio")
 UPPER = ("lass_sparse.nn", "lass_sparse.masks", "lass_sparse.optim", "lass_sparse.mt",
          "lass_sparse.lass", "lass_sparse.hf")

@@ -15,7 +15,7 @@ Modules, by role (each imports only the ones above it):
 Determinism: no kernel uses atomics or sums across threads, so every op is bit-identical run to
 run (at a fixed CPU thread count) and ``torch.use_deterministic_algorithms(True)`` has nothing of
 ours to refuse; which CPU routes also keep their bits across thread counts is in
-csrc/cpu/linear.h and tests/test_determinism.py.
+csrc/cpu/linear.h and tests/ops/test_determinism.py.
 
 Adding an op ``foo``:
 
@@ -29,8 +29,8 @@ Adding an op ``foo``:
 5. ``lass_sparse/reference.py``: the plain-PyTorch oracle, ``@register("foo", "reference", ALL)``;
 6. backends: ``lass_sparse/backends/<name>.py`` registrations, native kernels in csrc/ with a
    ``TORCH_LIBRARY_IMPL(lass_sparse, CPU | CUDA)`` entry (csrc/common/entry.h);
-7. tests: tests/test_ops.py (opcheck, gradcheck float64, against the reference),
-   tests/test_hardening_ops.py (wrong sizes raise), tests/test_determinism.py.
+7. tests: tests/ops/test_ops.py (opcheck, gradcheck float64, against the reference),
+   tests/ops/test_hardening_ops.py (wrong sizes raise), tests/ops/test_determinism.py.
 """
 
 from __future__ import annotations

@@ -246,7 +246,7 @@ def _dummy(device) -> torch.Tensor:
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) candidates; BLOCK_M comes from the M bucket. Chosen
 # with `python -m lass_sparse.backends.triton.aot_check --all-configs --dtype bf16 fp32 tf32`:
 # each fits sm_80's 163 KB and sm_90's 227 KB of shared memory at BLOCK_M = 128 and spills at
-# most a few hundred bytes (tests/test_triton.py checks it). "ieee": fp32 without TF32.
+# most a few hundred bytes (tests/ops/test_triton.py checks it). "ieee": fp32 without TF32.
 _CANDIDATES = {
     "16bit": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 8, 4)],
     "tf32": [(64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 8, 2)],

@@ -1,4 +1,4 @@
-"""scripts/gpu_check.py, exercised on CPU: its case list (every public op, the nn modules and
+"""tools/gpu_check.py, exercised on CPU: its case list (every public op, the nn modules and
 MaskedAdamW, through the public API) on every backend that serves CPU tensors, its table, its
 exit codes."""
 
@@ -15,8 +15,8 @@ from gpu_check_loader import load_gpu_check
 import lass_sparse as ls
 from lass_sparse.ops import registry as _registry
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "scripts", "gpu_check.py")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(REPO, "tools", "gpu_check.py")
 CPU_BACKENDS = [b for b in ("reference", "cpu", "triton") if ls.backends()[b]["active"]]
 
 
@@ -103,9 +103,9 @@ def test_forced_backend_that_cannot_serve_is_na_only_where_expected(monkeypatch,
 
 
 def test_profile_step_runs_on_cpu_and_writes_both_tables(tmp_path):
-    """scripts/profile_step.py (the last step of the GPU check) on CPU, tiny config."""
+    """tools/profile_step.py (the last step of the GPU check) on CPU, tiny config."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "profile_step.py"),
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "profile_step.py"),
                         "--device", "cpu", "--config", "tiny", "--batch", "2", "--iters", "1",
                         "--rows", "5", "--out", str(tmp_path)], env=env, capture_output=True,
                        text=True, timeout=600)

@@ -22,7 +22,7 @@ from lass_sparse.lass.translate import (  # noqa: E402
 )
 from lass_sparse.nn import active_pair, attach  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN = os.path.join(REPO, "results", "models")
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(RUN, "run.json")),
                                 reason="results/models (the published models) not present")

@@ -19,7 +19,7 @@ import lass_sparse as ls
 from lass_sparse.backends import _cuda_common
 from lass_sparse.ops import registry as _registry
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture

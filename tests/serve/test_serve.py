@@ -29,7 +29,7 @@ pytest.importorskip("sentencepiece")
 
 from lass_sparse.serve.process import ServerProcess, wait_all  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN = os.path.join(REPO, "results", "models")
 BASE = ["--run", RUN, "--stage", "lass", "--masks", "masks.safetensors", "--log-level",
         "warning"]

@@ -1,4 +1,4 @@
-"""scripts/op_overhead.py (the per-call overhead table quoted in README) runs and writes its
+"""tools/op_overhead.py (the per-call overhead table quoted in README) runs and writes its
 table: every row a positive time."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_op_overhead_writes_a_row_per_call(tmp_path):
     out = tmp_path / "overhead.md"
-    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "op_overhead.py"),
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "op_overhead.py"),
                         "--calls", "3", "--out", str(out)], capture_output=True, text=True,
                        timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]

@@ -24,7 +24,7 @@ from lass_sparse.backends._cuda_common import (
 )
 from lass_sparse.testing import require_backend
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _nvrtc():

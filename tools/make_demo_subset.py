@@ -2,7 +2,7 @@
 the first N training pairs of each language pair (the files are already shuffled) and the first
 lines of the multi-way valid/test sets, gzip-compressed deterministically.
 
-    python scripts/make_demo_subset.py ../shared/corpus lass_sparse/data/demo --train 3000
+    python tools/make_demo_subset.py ../shared/corpus lass_sparse/data/demo --train 3000
 """
 
 from __future__ import annotations

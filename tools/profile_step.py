@@ -1,7 +1,7 @@
 """Where a LaSS step's time goes: torch.profiler tables for one masked_linear forward+backward
 and one joint-training step (masked forward, masked dW, MaskedAdamW), ours vs dense.
 
-    python scripts/profile_step.py [--device cuda|cpu] [--config base] [--out DIR]
+    python tools/profile_step.py [--device cuda|cpu] [--config base] [--out DIR]
 
 Prints wall time per call (median of --iters, synchronised) and the top operators by self CPU
 time (the host-side cost: Python dispatch, custom-op machinery, launches) and, on CUDA, by

@@ -365,7 +365,7 @@ def test_recipe_end_to_end_and_cli(tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "hf_lass", os.path.join(os.path.dirname(__file__), "..", "examples", "hf_lass.py"))
+        "hf_lass", os.path.join(os.path.dirname(__file__), "..", "..", "examples", "hf_lass.py"))
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     out = str(tmp_path / "run")

@@ -5,7 +5,7 @@ torch.ops (one dispatcher trip to the native kernel), the public function (plain
 path), and the op's `.registry` overload: the Python body and the backend registry before the
 kernel, the route every call took before the kernels registered under the public names.
 
-    python scripts/op_overhead.py --device cuda [--out overhead.md]
+    python tools/op_overhead.py --device cuda [--out overhead.md]
 """
 
 from __future__ import annotations

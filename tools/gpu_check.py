@@ -1,7 +1,7 @@
 """The GPU check: everything a lent GPU should run, in one command (``make gpu-check``).
 
-    python scripts/gpu_check.py [--out DIR] [--skip-build] [--skip-pytest] [--skip-bench]
-    python scripts/gpu_check.py --device cpu --dry --out DIR     # the case list on CPU (CI)
+    python tools/gpu_check.py [--out DIR] [--skip-build] [--skip-pytest] [--skip-bench]
+    python tools/gpu_check.py --device cpu --dry --out DIR     # the case list on CPU (CI)
 
 On a CUDA machine it
 1. builds and installs the package (``pip install --no-build-isolation --no-deps -e .`` against
@@ -17,8 +17,8 @@ On a CUDA machine it
 4. runs ``pytest -m "gpu or triton"`` (compiled Triton kernels, the cuda/cupy tests) into
    ``DIR/pytest.log`` and the GPU benchmarks (``make bench-gpu``) into ``DIR/bench-gpu.json`` /
    ``.md`` (log: ``DIR/bench.log``);
-5. runs the CLI pipeline on the GPU (``scripts/gpu_pipeline_check.sh``: base, fine-tune, prune,
-   joint, evaluate) into ``DIR/pipeline.log`` and ``scripts/profile_step.py`` (where a joint
+5. runs the CLI pipeline on the GPU (``tools/gpu_pipeline_check.sh``: base, fine-tune, prune,
+   joint, evaluate) into ``DIR/pipeline.log`` and ``tools/profile_step.py`` (where a joint
    step's host and device time go) into ``DIR/profile.txt``.
 
 Eight files at most come back from a lent machine: these are the eight.
@@ -45,7 +45,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_BACKENDS = ("cuda", "triton", "cupy")
 # Tests of the native kernels (not marked gpu) that run on the GPU machine too: its compiler
 # builds the extensions there.
-NATIVE_TESTS = ("tests/test_hardening_ops.py", "tests/test_cpu_kernels.py")
+NATIVE_TESTS = ("tests/ops/test_hardening_ops.py", "tests/ops/test_cpu_kernels.py")
 
 
 @dataclass
@@ -573,12 +573,12 @@ def main(argv=None) -> int:
 
     def run_pipeline():
         penv = dict(env, OUT=a.out)
-        ok, d = _run(["bash", "scripts/gpu_pipeline_check.sh"], os.path.join(a.out, "pipeline.out"),
+        ok, d = _run(["bash", "tools/gpu_pipeline_check.sh"], os.path.join(a.out, "pipeline.out"),
                      env=penv, timeout=left(a.step_timeout))
         if ok:  # the script tees pipeline.log itself; keep its output only when it failed
             os.remove(os.path.join(a.out, "pipeline.out"))
         steps.append(("CLI pipeline on the GPU (gpu_pipeline_check.sh)", ok, d))
-        ok, d = _run([sys.executable, "scripts/profile_step.py", "--device", "cuda", "--out",
+        ok, d = _run([sys.executable, "tools/profile_step.py", "--device", "cuda", "--out",
                       a.out], os.path.join(a.out, "profile.log"), env=env,
                      timeout=left(a.step_timeout))
         if ok:  # profile.txt holds the tables

@@ -9,7 +9,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GPU_MACHINE = {"python": "3.12.3", "torch": "2.11.0", "triton": "3.6.0", "numpy": "2.5.2",
                "cupy-cuda13x": "14.2.0", "safetensors": "0.8.0", "tqdm": "4.67.1",
                "setuptools": "80.9.0", "pytest": "8.4.2"}

@@ -46,7 +46,7 @@ F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float6
 LINEAR_COMBOS = [(b, d) for b, d in [("reference", F32), ("reference", BF16), ("reference", F16),
                                      ("cpu", F32), ("cpu", BF16), ("cpu", F64)] if b in ACTIVE]
 # The *_triton_interpreter_* tests run the kernels on CPU tensors under TRITON_INTERPRET=1; on a
-# GPU machine Triton serves CUDA tensors only (tests/test_triton.py, scripts/gpu_check.py).
+# GPU machine Triton serves CUDA tensors only (tests/ops/test_triton.py, tools/gpu_check.py).
 TRITON = ["triton"] if "triton" in ACTIVE and not torch.cuda.is_available() else []
 UNIT = {F64: 2.0**-53, F32: 2.0**-24, BF16: 2.0**-8, F16: 2.0**-11}
 

@@ -3,7 +3,7 @@
 # base (dense) -> fine-tune -> prune -> joint (masked) -> evaluate, Transformer-base on the bundled
 # demo subset (en-de, en-zh), token batches. Prints each stage's JSON summary (tokens_per_s) and
 # the evaluation table; everything goes to ${OUT:-gpu_pipeline}/pipeline.log.
-#   bash scripts/gpu_pipeline_check.sh [STEPS=60] [MAX_TOKENS=8192]
+#   bash tools/gpu_pipeline_check.sh [STEPS=60] [MAX_TOKENS=8192]
 set -euo pipefail
 STEPS=${1:-60}
 MAX_TOKENS=${2:-8192}

@@ -217,7 +217,7 @@ def test_training_ops_are_bit_identical_run_to_run_on_cuda():
         " for d in (torch.float32, torch.bfloat16)]; "
         "assert not any(bad), bad; print('ok')"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                        text=True, timeout=600)

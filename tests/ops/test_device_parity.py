@@ -1,6 +1,6 @@
 """Every public op, the nn modules and the optimizer, per device: CPU always, CUDA where a GPU
 exists (``gpu`` marker), each active backend of that device forced, against the reference
-backend with the flash-attention tolerance rule (the case list of scripts/gpu_check.py, which
+backend with the flash-attention tolerance rule (the case list of tools/gpu_check.py, which
 ``make gpu-check`` runs over every dtype on a lent GPU)."""
 
 from __future__ import annotations
