@@ -43,6 +43,11 @@ N = K = 4096
 QKV_D, QKV_H = 1024, 16
 
 
+# Issue 29's "W as A" variant (kernels_wt.py): (name, kernel attribute, call(kw, dtype, m), the
+# config tuple (BLOCK_A, BLOCK_M, BLOCK_K, GROUP, warps, stages) per M bucket it is checked at).
+WT_M = (16, 256, 4096)
+
+
 @dataclass
 class Result:
     kernel: str
@@ -54,6 +59,8 @@ class Result:
     shared: int | None = None
     seconds: float = 0.0
     error: str = ""
+    loop_converts: int | None = None  # convert_layout ops inside the main K loop (TTGIR)
+    wgmma: int | None = None  # async warp_group_dot ops inside it (Hopper's wgmma)
 
     @property
     def fits(self) -> bool:
@@ -69,8 +76,10 @@ class Result:
             return f"{head} ERROR {self.error}"
         verdict = ("ok" if self.fits else "SPILLS TOO MUCH"
                    if (self.spill_bytes or 0) > SPILL_BUDGET else "DOES NOT FIT")
+        loop = ("" if self.loop_converts is None else
+                f" loop: convert_layout={self.loop_converts} async wgmma={self.wgmma}")
         return (f"{head} regs={self.registers} spill={self.spill_bytes}B "
-                f"smem={self.shared / 1024:.1f}KB {verdict} ({self.seconds:.1f}s)")
+                f"smem={self.shared / 1024:.1f}KB{loop} {verdict} ({self.seconds:.1f}s)")
 
 
 class _Recorder:
@@ -170,6 +179,111 @@ def capture(kk, attr: str, call, dtype, m: int, cfg: tuple):
     return rec.fn, args, kwargs
 
 
+def ttgir_loop_stats(ttgir: str) -> tuple[int, int]:
+    """(convert_layout ops, async warp_group_dot ops) inside the K loop of a TTGIR text: the
+    innermost ``scf.for`` that holds a dot (a persistent kernel's tile loop holds the K loop)."""
+    lines = ttgir.splitlines()
+    best = None
+    for start, ln in enumerate(lines):
+        if "scf.for" not in ln:
+            continue
+        indent = " " * (len(ln) - len(ln.lstrip()))
+        end = next((i for i in range(start + 1, len(lines))
+                    if lines[i].startswith(indent + "}")), len(lines))
+        body = lines[start:end]
+        if any("warp_group_dot " in b or " tt.dot " in b for b in body):
+            if best is None or len(body) < len(best):
+                best = body
+    if best is None:
+        return 0, 0
+    return (sum("ttg.convert_layout" in ln for ln in best),
+            sum("ttng.warp_group_dot " in ln and "isAsync = true" in ln for ln in best))
+
+
+def _wt_variants():
+    """The kernels_wt.py launches: (name, attr, call(kw, dtype, m))."""
+    import torch
+
+    def lin(dt, m):
+        return (torch.empty(m, K, dtype=dt, device="meta"),
+                torch.empty(N, K, dtype=dt, device="meta"),
+                torch.empty(N, K // 32, dtype=torch.int32, device="meta"))
+
+    def fwd(kw, dt, m):
+        x, w, bits = lin(dt, m)
+        kw.masked_linear(x, w, bits, torch.empty(N, dtype=dt, device="meta"))
+
+    def dx(kw, dt, m):
+        _, w, bits = lin(dt, m)
+        kw.masked_linear_dx(torch.empty(m, N, dtype=dt, device="meta"), w, bits)
+
+    def dw_acc(kw, dt, m):
+        x, _, bits = lin(dt, m)
+        kw.masked_linear_dw_accumulate_(torch.empty(N, K, dtype=torch.float32, device="meta"),
+                                        torch.empty(m, N, dtype=dt, device="meta"), x, bits)
+
+    def seg(kw, dt, m):
+        x, w, _ = lin(dt, m)
+        bank = torch.empty(2, N, K // 32, dtype=torch.int32, device="meta")
+        kw.segmented_masked_linear(x, w, bank, torch.tensor([0, m // 2, m], device="meta"),
+                                   torch.tensor([1, 0], device="meta"), None)
+
+    return [("wt_fwd", "_fwd_wt_kernel", fwd, "wt"),
+            ("wt_fwd_persistent", "_fwd_wt_persistent_kernel", fwd, "wt_persistent"),
+            ("wt_dx", "_dx_wt_kernel", dx, "wt"),
+            ("wt_dw_acc", "_dw_wt_kernel", dw_acc, "wt"),
+            ("wt_seg_fwd", "_seg_fwd_wt_kernel", seg, "wt")]
+
+
+def compile_wt(archs: list[int], dtypes: list[str], progress=None,
+               kernels: list[str] | None = None) -> list[Result]:
+    """Compile each kernels_wt.py kernel, every candidate of its M bucket at M = 16, 256, 4096,
+    and read the K loop of its TTGIR (no convert_layout wanted; wgmma on sm_90)."""
+    from . import kernels_wt as kw
+
+    results = []
+    for name, attr, call, var in _wt_variants():
+        if kernels and name not in kernels:
+            continue
+        for dt_name in dtypes:
+            dt = _torch_dtype(dt_name)
+            for m in WT_M if name != "wt_dw_acc" else WT_M[-1:]:
+                with _tf32(dt_name == "tf32"):
+                    cands = kw.candidates("dw" if attr == "_dw_wt_kernel" else "fwd", dt, m)
+                for cfg in cands:
+                    rec = _Recorder(getattr(kw, attr))
+                    old_env = {v: os.environ.get(v) for v in (kw.VARIANT_ENV, kw.SPLIT_K_ENV)}
+                    old_kernel, old_config = getattr(kw, attr), kw._config
+                    setattr(kw, attr, rec)
+                    kw._config = lambda *a, _c=cfg, **k: _c
+                    os.environ[kw.VARIANT_ENV] = var
+                    os.environ[kw.SPLIT_K_ENV] = "1"
+                    try:
+                        with _tf32(dt_name == "tf32"):
+                            call(kw, dt, m)
+                    finally:
+                        setattr(kw, attr, old_kernel)
+                        kw._config = old_config
+                        for v, val in old_env.items():
+                            os.environ.pop(v, None) if val is None else os.environ.update({v: val})
+                    args, kwargs = rec.calls[0]
+                    for arch in archs:
+                        r = Result(f"{name}@M={m}", dt_name, arch, tuple(cfg[:3]) + cfg[4:])
+                        t = time.time()
+                        try:
+                            kernel, r.registers, r.spill_bytes = compile_one(rec.fn, args,
+                                                                             kwargs, arch)
+                            r.shared = int(kernel.metadata.shared)
+                            r.loop_converts, r.wgmma = ttgir_loop_stats(kernel.asm["ttgir"])
+                        except Exception as e:  # noqa: BLE001 - reported per candidate
+                            r.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                        r.seconds = time.time() - t
+                        results.append(r)
+                        if progress is not None:
+                            progress(r)
+    return results
+
+
 def _parse_ptxas(log: str) -> tuple[int | None, int | None]:
     regs = re.findall(r"Used (\d+) registers", log)
     spills = re.findall(r"(\d+) bytes spill stores", log)
@@ -266,14 +380,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernels", nargs="+", help="only these variants: fwd dx dw dw_acc "
                                                 "seg_fwd seg_dx qkv (default: all)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--wt", action="store_true",
+                    help="the kernels_wt.py variant instead (every candidate at M = 16, 256, "
+                         "4096), with the TTGIR K-loop check; --kernels: wt_fwd "
+                         "wt_fwd_persistent wt_dx wt_dw_acc wt_seg_fwd")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("aot_check: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
     # A fresh cache: a cached kernel skips ptxas, whose log gives registers and spills.
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="lass_aot_")
-    results = compile_all(a.arch, a.dtype, a.all_configs, a.max_bucket_only,
-                          progress=lambda r: print(r.line(), flush=True), kernels=a.kernels)
+    show = lambda r: print(r.line(), flush=True)  # noqa: E731
+    if a.wt:
+        results = compile_wt(a.arch, a.dtype, progress=show, kernels=a.kernels)
+    else:
+        results = compile_all(a.arch, a.dtype, a.all_configs, a.max_bucket_only,
+                              progress=show, kernels=a.kernels)
     bad = [r for r in results if not r.fits]
     print(f"aot_check: {len(results)} compiled, {len(bad)} failing or not fitting, "
           f"{sum(1 for r in results if r.spill_bytes)} spilling")

@@ -338,6 +338,14 @@ def _segment_list(seg_offsets, seg_pair) -> list[tuple[int, int, int]]:
     return [(offs[i], offs[i + 1], p) for i, p in enumerate(pairs) if offs[i + 1] > offs[i]]
 
 
+def _by_pair(segs) -> dict[int, list[tuple[int, int]]]:
+    """Segments grouped by pair (first-seen order): the cuBLAS route masks W once per pair."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for a, b, p in segs:
+        out.setdefault(p, []).append((a, b))
+    return out
+
+
 def _route_segments(segs, t: int) -> bool:
     return bool(segs) and t / len(segs) >= CUBLAS_MIN_M
 
@@ -349,7 +357,21 @@ def _ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
+def _variant_wt(*tensors):
+    """``kernels_wt`` when ``$LASS_SPARSE_TRITON_VARIANT`` selects it (``wt``,
+    ``wt_persistent``) and it takes these tensors, else None (the default ``v1``: this file)."""
+    v = os.environ.get("LASS_SPARSE_TRITON_VARIANT")
+    if not v or v == "v1":
+        return None
+    from . import kernels_wt
+
+    kernels_wt.variant()  # raises on an unknown name
+    return kernels_wt if kernels_wt.takes(*tensors) else None
+
+
 def masked_linear(x, weight, bits, bias):
+    if (wt := _variant_wt(x, weight, bias)) is not None:
+        return wt.masked_linear(x, weight, bits, bias)
     m, k = x.shape
     n = weight.shape[0]
     if m >= CUBLAS_MIN_M and n > 0 and _same_dtype(x, weight, bias):
@@ -373,6 +395,8 @@ def masked_linear(x, weight, bits, bias):
 
 
 def masked_linear_dx(grad_out, weight, bits):
+    if (wt := _variant_wt(grad_out, weight)) is not None:
+        return wt.masked_linear_dx(grad_out, weight, bits)
     m, n = grad_out.shape
     k = weight.shape[1]
     dx = torch.empty(m, k, dtype=grad_out.dtype, device=grad_out.device)
@@ -429,11 +453,15 @@ def _one_segment(m: int, device):
 
 
 def masked_linear_dw(grad_out, x, bits):
+    if (wt := _variant_wt(grad_out, x)) is not None:
+        return wt.masked_linear_dw(grad_out, x, bits)
     out = torch.empty(grad_out.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
     return _dw(grad_out, x, bits, *_one_segment(x.shape[0], x.device), out, False)
 
 
 def masked_linear_dw_accumulate_(grad, grad_out, x, bits):
+    if (wt := _variant_wt(grad_out, x)) is not None:
+        return wt.masked_linear_dw_accumulate_(grad, grad_out, x, bits)
     _dw(grad_out, x, bits, *_one_segment(x.shape[0], x.device), grad, True)
 
 
@@ -453,6 +481,8 @@ def _segments(seg_offsets, seg_pair, block_m: int | None, device):
 
 
 def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
+    if (wt := _variant_wt(x, weight, bias)) is not None:
+        return wt.segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias)
     t, k = x.shape
     n = weight.shape[0]
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
@@ -460,9 +490,11 @@ def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
         return y
     segs = _segment_list(seg_offsets, seg_pair)
     if _route_segments(segs, t) and _same_dtype(x, weight, bias):
-        wm = functools.cache(lambda p: apply_mask(weight, bits_bank[p]))
-        for a, b, p in segs:
-            y[a:b] = torch.nn.functional.linear(x[a:b], wm(p), bias)
+        wm = torch.empty_like(weight)  # one W-sized transient, reused pair after pair
+        for p, rows in _by_pair(segs).items():
+            apply_mask(weight, bits_bank[p], out=wm)
+            for a, b in rows:
+                y[a:b] = torch.nn.functional.linear(x[a:b], wm, bias)
         return y
     tiles = functools.cache(lambda bm: _segments(seg_offsets, seg_pair, bm, x.device))
 
@@ -491,9 +523,11 @@ def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pai
         return dx
     segs = _segment_list(seg_offsets, seg_pair)
     if _route_segments(segs, t) and _same_dtype(grad_out, weight):
-        wm = functools.cache(lambda p: apply_mask(weight, bits_bank[p]))
-        for a, b, p in segs:
-            torch.mm(grad_out[a:b], wm(p), out=dx[a:b])
+        wm = torch.empty_like(weight)  # one W-sized transient, reused pair after pair
+        for p, rows in _by_pair(segs).items():
+            apply_mask(weight, bits_bank[p], out=wm)
+            for a, b in rows:
+                torch.mm(grad_out[a:b], wm, out=dx[a:b])
         return dx
     tiles = functools.cache(lambda bm: _segments(seg_offsets, seg_pair, bm, grad_out.device))
 
