@@ -21,6 +21,13 @@ enum DTypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Decode GEMV: the most rows of x one launch serves (fp32 accumulators per row in registers).
 constexpr int kGemvMaxM = 16;
+// Decode GEMV v2 (LASS_SPARSE_CUDA_GEMV=v2): threads per block, bytes of shared memory for the
+// staged x chunk (rows x kc elements; kc a multiple of kGemv2Step), weights per warp step, and
+// the N from which a warp computes 4 rows instead of 2.
+constexpr int kGemv2Threads = 256;
+constexpr int kGemv2SmemBytes = 32768;
+constexpr int kGemv2Step = 256;
+constexpr int kGemv2Rows4MinN = 16384;
 // Masked AdamW: elements per block (the chunk table's granularity) and threads per block.
 constexpr int64_t kAdamWChunk = 65536;
 constexpr int kAdamWBlock = 512;
@@ -54,6 +61,11 @@ extern "C" {
 cudaError_t lass_launch_decode_gemv(int dtype, const void* x, const void* w, const int32_t* bits,
                                     const void* bias, void* y, int m_rows, int64_t n, int64_t k,
                                     cudaStream_t stream);
+// v2 (issue 29): needs k % 8 == 0 and 16-byte aligned x and w; cudaErrorInvalidValue otherwise.
+// lass_launch_decode_gemv runs it instead of v1 when LASS_SPARSE_CUDA_GEMV=v2 and it applies.
+cudaError_t lass_launch_decode_gemv_v2(int dtype, const void* x, const void* w,
+                                       const int32_t* bits, const void* bias, void* y,
+                                       int m_rows, int64_t n, int64_t k, cudaStream_t stream);
 cudaError_t lass_launch_pack(const bool* mask, int32_t* bits, int64_t rows, int64_t k,
                              cudaStream_t stream);
 cudaError_t lass_launch_unpack(const int32_t* bits, bool* mask, int64_t rows, int64_t k,

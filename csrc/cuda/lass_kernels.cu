@@ -2,6 +2,89 @@
 // binding.cpp launches them; cupy compiles lass_kernels.cuh itself with NVRTC).
 #include "lass_kernels.cuh"
 
+#include <type_traits>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace {
+
+// The rows bound MT of a v2 instantiation for m rows: 1, 2, 4, 8 or 16.
+int gemv2_mt(int m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : 16; }
+
+bool gemv2_applies(const void* x, const void* w, int64_t k) {
+  return k % 8 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0;
+}
+
+// LASS_SPARSE_CUDA_GEMV=v2 selects the v2 decode kernel (read per call, so one process can time
+// both; the default, unset or "v1", is v1).
+bool gemv2_requested() {
+  const char* v = std::getenv("LASS_SPARSE_CUDA_GEMV");
+  return v != nullptr && std::strcmp(v, "v2") == 0;
+}
+
+template <typename T>
+cudaError_t launch_gemv2(const T* x, const T* w, const int32_t* bits, const T* bias, T* y,
+                         int m_rows, int64_t n, int64_t k, cudaStream_t stream) {
+  const int64_t nw = (k + 31) / 32;
+  const int mt = gemv2_mt(m_rows);
+  const int rows = n >= lass::kGemv2Rows4MinN ? 4 : 2;
+  // x chunk: kc elements per row, a multiple of the warp step, m_rows rows in kGemv2SmemBytes
+  const int64_t step = lass::kGemv2Step;
+  int64_t kc = (lass::kGemv2SmemBytes / ((int64_t)mt * (int64_t)sizeof(T))) / step * step;
+  const int64_t k_up = (k + step - 1) / step * step;
+  if (kc > k_up) kc = k_up;
+  const size_t smem = (size_t)m_rows * (size_t)kc * sizeof(T);
+  const int warps = lass::kGemv2Threads / 32;
+  const int64_t per_block = (int64_t)warps * rows;
+  const dim3 grid((unsigned)((n + per_block - 1) / per_block)), block(lass::kGemv2Threads);
+  const int kci = (int)kc;
+#define LASS_GEMV2_CASE(SUFFIX, MT, R)                                                          \
+  if (mt == MT && rows == R) {                                                                  \
+    lass_decode_gemv2_##SUFFIX##_m##MT##_r##R<<<grid, block, smem, stream>>>(                   \
+        x, w, bits, bias, y, m_rows, n, k, nw, kci);                                            \
+    return cudaGetLastError();                                                                  \
+  }
+#define LASS_GEMV2_CASES(SUFFIX)                                                                \
+  LASS_GEMV2_CASE(SUFFIX, 1, 2) LASS_GEMV2_CASE(SUFFIX, 1, 4) LASS_GEMV2_CASE(SUFFIX, 2, 2)     \
+  LASS_GEMV2_CASE(SUFFIX, 2, 4) LASS_GEMV2_CASE(SUFFIX, 4, 2) LASS_GEMV2_CASE(SUFFIX, 4, 4)     \
+  LASS_GEMV2_CASE(SUFFIX, 8, 2) LASS_GEMV2_CASE(SUFFIX, 8, 4) LASS_GEMV2_CASE(SUFFIX, 16, 2)    \
+  LASS_GEMV2_CASE(SUFFIX, 16, 4)
+  if constexpr (sizeof(T) == 4) {
+    LASS_GEMV2_CASES(f32)
+  } else if constexpr (std::is_same<T, __half>::value) {
+    LASS_GEMV2_CASES(f16)
+  } else {
+    LASS_GEMV2_CASES(bf16)
+  }
+#undef LASS_GEMV2_CASES
+#undef LASS_GEMV2_CASE
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+extern "C" cudaError_t lass_launch_decode_gemv_v2(int dtype, const void* x, const void* w,
+                                                  const int32_t* bits, const void* bias, void* y,
+                                                  int m_rows, int64_t n, int64_t k,
+                                                  cudaStream_t stream) {
+  if (n <= 0 || m_rows <= 0) return cudaSuccess;  // a zero-size grid is a launch error
+  if (m_rows > lass::kGemvMaxM || !gemv2_applies(x, w, k)) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case lass::kFloat32:
+      return launch_gemv2((const float*)x, (const float*)w, bits, (const float*)bias, (float*)y,
+                          m_rows, n, k, stream);
+    case lass::kFloat16:
+      return launch_gemv2((const __half*)x, (const __half*)w, bits, (const __half*)bias,
+                          (__half*)y, m_rows, n, k, stream);
+    case lass::kBFloat16:
+      return launch_gemv2((const __nv_bfloat16*)x, (const __nv_bfloat16*)w, bits,
+                          (const __nv_bfloat16*)bias, (__nv_bfloat16*)y, m_rows, n, k, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
 // Host launchers with C linkage for the torch binding (no torch headers here); declared in
 // lass_abi.h.
 extern "C" cudaError_t lass_launch_decode_gemv(int dtype, const void* x, const void* w,
@@ -9,6 +92,8 @@ extern "C" cudaError_t lass_launch_decode_gemv(int dtype, const void* x, const v
                                                int m_rows, int64_t n, int64_t k,
                                                cudaStream_t stream) {
   if (n <= 0 || m_rows <= 0) return cudaSuccess;  // a zero-size grid is a launch error
+  if (gemv2_requested() && k > 0 && gemv2_applies(x, w, k))
+    return lass_launch_decode_gemv_v2(dtype, x, w, bits, bias, y, m_rows, n, k, stream);
   const int64_t nw = (k + 31) / 32;
   const int warps = 8;
   if (m_rows > lass::kGemvMaxM) return cudaErrorInvalidValue;

@@ -103,6 +103,103 @@ __device__ __forceinline__ void decode_gemv_row(const T* __restrict__ x,
   }
 }
 
+// ---------------------------------------------------------------------------- decode GEMV v2
+// Issue 29's decode kernel (selected by LASS_SPARSE_CUDA_GEMV=v2; v1 above stays the default):
+// - x[0:M, chunk] is staged once per block in shared memory with 128-bit loads, and every warp
+//   reads it from there (v1: every warp re-reads x from global memory, 16 bits at a time);
+// - W and the mask words are streamed once with evict-first loads (ld.global.cs: __ldcs);
+// - each warp computes R output rows (R independent 16-byte weight loads in flight per lane),
+//   each lane 8 weights (one mask byte) per step, the K loop unrolled by 2;
+// - MT (a compile-time bound >= M) keeps the fp32 accumulators acc[R][MT] in registers.
+// Needs k % 8 == 0 and 16-byte aligned x and w (the launcher falls back to v1 otherwise); rows of
+// the x chunk are kc elements apart in shared memory (kc: a multiple of 256).
+template <typename T, int MT, int R>
+__device__ __forceinline__ void decode_gemv2(const T* __restrict__ x, const T* __restrict__ w,
+                                             const int32_t* __restrict__ bits,
+                                             const T* __restrict__ bias, T* __restrict__ y,
+                                             int m_rows, int64_t n, int64_t k, int64_t nw,
+                                             int kc) {
+  extern __shared__ uint4 lass_gemv2_smem[];
+  T* xs = reinterpret_cast<T*>(lass_gemv2_smem);
+  constexpr int V = 16 / (int)sizeof(T);  // elements per 16-byte vector: 8 (16-bit) or 4 (fp32)
+  constexpr int E = 8;                     // weights per lane per step: one mask byte
+  constexpr int NV = E / V;                // 16-byte loads per row per step: 1 or 2
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int64_t row0 = ((int64_t)blockIdx.x * warps + warp) * R;
+  float acc[R][MT];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
+  for (int64_t c0 = 0; c0 < k; c0 += kc) {
+    const int len = (int)min((int64_t)kc, k - c0);  // a multiple of 8
+    const int vpr = len / V;                        // 16-byte vectors per x row in this chunk
+    __syncthreads();                                // the previous chunk is consumed
+    for (int i = threadIdx.x; i < m_rows * vpr; i += blockDim.x) {
+      const int m = i / vpr, v = i % vpr;
+      reinterpret_cast<uint4*>(xs + (int64_t)m * kc)[v] =
+          __ldg(reinterpret_cast<const uint4*>(x + (int64_t)m * k + c0) + v);
+    }
+    __syncthreads();
+#pragma unroll 2
+    for (int j = lane * E; j < len; j += 32 * E) {
+      const int64_t kk = c0 + j;
+      uint4 wv[R][NV];
+      uint32_t wd[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {  // R rows' loads issued before any use
+        const int64_t row = row0 + r;
+        if (row < n) {
+          const uint4* p = reinterpret_cast<const uint4*>(w + row * k + kk);
+#pragma unroll
+          for (int v = 0; v < NV; ++v) wv[r][v] = __ldcs(p + v);
+          wd[r] = (uint32_t)__ldcs(bits + row * nw + kk / 32) >> (kk % 32);
+        } else {
+#pragma unroll
+          for (int v = 0; v < NV; ++v) wv[r][v] = make_uint4(0u, 0u, 0u, 0u);
+          wd[r] = 0u;
+        }
+      }
+      float wf[R][E];  // masked weights as float: a select, so off-mask NaN/Inf never enter
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const T* pe = reinterpret_cast<const T*>(&wv[r][0]);
+#pragma unroll
+        for (int e = 0; e < E; ++e) wf[r][e] = ((wd[r] >> e) & 1u) ? to_float(pe[e]) : 0.f;
+      }
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m < m_rows) {
+          uint4 xv[NV];
+#pragma unroll
+          for (int v = 0; v < NV; ++v)
+            xv[v] = reinterpret_cast<const uint4*>(xs + (int64_t)m * kc + j)[v];
+          const T* px = reinterpret_cast<const T*>(&xv[0]);
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            float s = 0.f;
+#pragma unroll
+            for (int e = 0; e < E; ++e) s = fmaf(wf[r][e], to_float(px[e]), s);
+            acc[r][m] += s;
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = row0 + r;
+    const float b = (bias && lane == 0 && row < n) ? to_float(bias[row]) : 0.f;  // once per row
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      float v = acc[r][m];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (lane == 0 && m < m_rows && row < n) y[(int64_t)m * n + row] = from_float<T>(v + b);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------ masked AdamW
 // Multi-tensor: one launch over a list of tensors described by a chunk table. Entries whose
 // mask bit is 0 keep p, exp_avg and exp_avg_sq bit-for-bit (nothing is written).
@@ -178,3 +275,22 @@ extern "C" __global__ void lass_unpack_mask(const int32_t* bits, bool* mask, int
 LASS_TYPED_KERNELS(f32, float)
 LASS_TYPED_KERNELS(f16, __half)
 LASS_TYPED_KERNELS(bf16, __nv_bfloat16)
+
+// Decode GEMV v2: one extern "C" kernel per (dtype, MT, R), named
+// lass_decode_gemv2_<sfx>_m<MT>_r<R> (the launcher and the cupy loader pick by M and N).
+#define LASS_GEMV2_KERNEL(SUFFIX, T, MT, R)                                                   \
+  extern "C" __global__ void __launch_bounds__(256)                                           \
+      lass_decode_gemv2_##SUFFIX##_m##MT##_r##R(const T* x, const T* w, const int32_t* bits,  \
+                                                const T* bias, T* y, int m_rows, int64_t n,   \
+                                                int64_t k, int64_t nw, int kc) {              \
+    lass::decode_gemv2<T, MT, R>(x, w, bits, bias, y, m_rows, n, k, nw, kc);                  \
+  }
+#define LASS_GEMV2_KERNELS(SUFFIX, T)                                                         \
+  LASS_GEMV2_KERNEL(SUFFIX, T, 1, 2) LASS_GEMV2_KERNEL(SUFFIX, T, 1, 4)                       \
+  LASS_GEMV2_KERNEL(SUFFIX, T, 2, 2) LASS_GEMV2_KERNEL(SUFFIX, T, 2, 4)                       \
+  LASS_GEMV2_KERNEL(SUFFIX, T, 4, 2) LASS_GEMV2_KERNEL(SUFFIX, T, 4, 4)                       \
+  LASS_GEMV2_KERNEL(SUFFIX, T, 8, 2) LASS_GEMV2_KERNEL(SUFFIX, T, 8, 4)                       \
+  LASS_GEMV2_KERNEL(SUFFIX, T, 16, 2) LASS_GEMV2_KERNEL(SUFFIX, T, 16, 4)
+LASS_GEMV2_KERNELS(f32, float)
+LASS_GEMV2_KERNELS(f16, __half)
+LASS_GEMV2_KERNELS(bf16, __nv_bfloat16)

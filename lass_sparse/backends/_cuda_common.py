@@ -60,6 +60,31 @@ if tuple(abi()["adamw_fields"]) != ADAMW_FIELDS:
                       f"loader's table columns {ADAMW_FIELDS}")
 
 
+GEMV2_ENV = "LASS_SPARSE_CUDA_GEMV"  # "v2": issue 29's decode kernel (default v1)
+
+
+def gemv2_plan(x, weight) -> tuple[str, int, int, int] | None:
+    """How lass_launch_decode_gemv_v2 (csrc/cuda/lass_kernels.cu) launches for x [M, K] and
+    weight [N, K] — ``(kernel suffix "m<MT>_r<R>", grid blocks, kc, shared bytes)`` — or None
+    when v2 is not requested (``$LASS_SPARSE_CUDA_GEMV``) or does not apply (K % 8, 16-byte
+    alignment): the cupy loader then runs v1, as the compiled launcher does."""
+    import os
+
+    if os.environ.get(GEMV2_ENV) != "v2":
+        return None
+    m, k = x.shape
+    n = weight.shape[0]
+    if k == 0 or k % 8 or x.data_ptr() % 16 or weight.data_ptr() % 16:
+        return None
+    a = abi()
+    mt = next(v for v in (1, 2, 4, 8, 16) if m <= v)
+    rows = 4 if n >= a["kGemv2Rows4MinN"] else 2
+    step, size = a["kGemv2Step"], x.element_size()
+    kc = min(a["kGemv2SmemBytes"] // (mt * size) // step * step, -(-k // step) * step)
+    per_block = a["kGemv2Threads"] // 32 * rows
+    return f"m{mt}_r{rows}", -(-n // per_block), kc, m * kc * size
+
+
 def cuda_include_dirs() -> list[str]:
     """Folders holding ``cuda_bf16.h`` (and the headers it includes), best first: $CUDA_HOME /
     $CUDA_PATH, the CUDA toolkit wheels (``nvidia/cu13/include``, ``nvidia/cuda_runtime/

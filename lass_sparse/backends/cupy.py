@@ -21,6 +21,7 @@ from ._cuda_common import (
     GEMV_MAX_M,
     MISSING_HEADERS,
     SUFFIX,
+    abi,
     adamw_tables,
     bias_corrections,
     by_dtype,
@@ -30,6 +31,7 @@ from ._cuda_common import (
     check_pack_args,
     check_unpack_args,
     cuda_include_dirs,
+    gemv2_plan,
     kernel_source,
     nvrtc_options,
 )
@@ -73,13 +75,13 @@ def _setup() -> None:
                 modules[dev] = cupy.RawModule(code=kernel_source(), options=nvrtc_options(include))
         return modules[dev].get_function(name)
 
-    def _launch(name, grid, block, *args):
+    def _launch(name, grid, block, *args, shared_mem=0):
         if grid[0] == 0:
             return
         dev = torch.cuda.current_device()
         stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream, dev)
         with cupy.cuda.Device(dev), stream:
-            _fn(name)(grid, (block,), args)
+            _fn(name)(grid, (block,), args, shared_mem=shared_mem)
 
     def _reg(op, supports=None, requires="", dtypes=tuple(SUFFIX)):
         return registry.register(op, "cupy", ("cuda",), supports=supports, requires=requires,
@@ -134,6 +136,14 @@ def _setup() -> None:
         n = weight.shape[0]
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
         if m == 0:
+            return y
+        plan = gemv2_plan(x, weight)  # $LASS_SPARSE_CUDA_GEMV=v2: issue 29's decode kernel
+        if plan is not None:
+            name, blocks, kc, smem = plan
+            _launch(f"lass_decode_gemv2_{SUFFIX[x.dtype]}_{name}", (blocks,),
+                    abi()["kGemv2Threads"], ptr(x), ptr(weight), ptr(bits), ptr(bias), ptr(y),
+                    np.int32(m), np.int64(n), np.int64(k), np.int64((k + 31) // 32),
+                    np.int32(kc), shared_mem=smem)
             return y
         warps = 8
         _launch(f"lass_decode_gemv_{SUFFIX[x.dtype]}", grid_for(n, warps), 32 * warps, ptr(x),
