@@ -39,6 +39,15 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     os.environ.get(SWEEP_ENV) != "1", reason=f"the issue-29 device sweep: set {SWEEP_ENV}=1")]
 
 IMPLS = ["ours", "dense", "naive"]
+# Issue 29's selectable kernels beside the default route, so one run compares them (the default
+# routes change only on these numbers): impl -> (env var, value, forced backend, ops, max M).
+VARIANTS = {
+    "ours_wt": ("LASS_SPARSE_TRITON_VARIANT", "wt", "triton",
+                ("fwd", "fwd_bwd", "dx", "dw"), None),
+    "ours_wt_persistent": ("LASS_SPARSE_TRITON_VARIANT", "wt_persistent", "triton", ("fwd",),
+                           None),
+    "ours_gemv2": ("LASS_SPARSE_CUDA_GEMV", "v2", None, ("fwd",), 16),
+}
 LINEAR_OPS = ["fwd", "fwd_bwd", "dx", "dw"]
 CASES = device_cases()
 
@@ -48,8 +57,33 @@ def _skip_outside_smoke(case, is_smoke: bool) -> None:
         pytest.skip("smoke run: SMOKE_DEVICE_CASES only")
 
 
+def with_variant(impl: str, fn):
+    """``fn`` run under a VARIANTS impl's env var (and forced backend); others as they are."""
+    if impl not in VARIANTS:
+        return fn
+    var, value, backend, _ops, _max_m = VARIANTS[impl]
+
+    def run():
+        old = os.environ.get(var)
+        os.environ[var] = value
+        try:
+            if backend is None:
+                return fn()
+            with ls.use_backend(backend):
+                return fn()
+        finally:
+            if old is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = old
+
+    return run
+
+
 def linear_fn(op: str, impl: str, x, w, mask, bits):
     """The callable one measurement times (no arguments; returns a tensor)."""
+    if impl in VARIANTS:
+        return with_variant(impl, linear_fn(op, "ours", x, w, mask, bits))
     g = torch.Generator().manual_seed(1)  # the same dy for every impl of a case
     dy = torch.randn(x.shape[0], w.shape[0], generator=g).to(x.device, x.dtype)
     if op == "fwd":
@@ -82,11 +116,14 @@ def _no_grad(f):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + list(VARIANTS))
 @pytest.mark.parametrize("op", LINEAR_OPS)
 def test_linear_device_time(benchmark, op, impl, case, device_peaks, is_smoke):
     _skip_outside_smoke(case, is_smoke)
     (n, k), m = case
+    if impl in VARIANTS and (op not in VARIANTS[impl][3]
+                             or (VARIANTS[impl][4] or m) < m):
+        pytest.skip(f"{impl} does not run {op} at M={m}")
     if op != "fwd" and (n, k) == (8192, 8192):
         pytest.skip("8192² is the decode bandwidth case: forward only")
     x, w, mask, bits = inputs(m, n, k, torch.bfloat16, "cuda")
@@ -96,12 +133,12 @@ def test_linear_device_time(benchmark, op, impl, case, device_peaks, is_smoke):
         nbytes += n * k
     tag(benchmark, f"device_{op}", impl, dtype="bf16", M=m, N=n, K=k)
     record_device(benchmark, fn, flop=flop, nbytes=nbytes, peaks=device_peaks)
-    if op == "fwd" and impl == "ours":
+    if op == "fwd" and impl.startswith("ours"):
         torch.testing.assert_close(fn().float(), (x @ (w * mask).T).float(), atol=3e-2,
                                    rtol=3e-2)
 
 
-@pytest.mark.parametrize("impl", ["ours", "dense", "naive"])
+@pytest.mark.parametrize("impl", ["ours", "ours_wt", "dense", "naive"])
 @pytest.mark.parametrize("nk", [(4096, 4096), (4096, 1024), (1024, 4096)],
                          ids=["4096x4096", "4096x1024", "1024x4096"])
 def test_segmented_device_time(benchmark, impl, nk, device_peaks, is_smoke):
@@ -122,7 +159,8 @@ def test_segmented_device_time(benchmark, impl, nk, device_peaks, is_smoke):
            "dense": lambda: F.linear(x, w),
            "naive": lambda: torch.cat([x[a:b] @ (w * masks[p]).T for p, (a, b) in
                                        enumerate(segs)])}
-    fn = fns[impl]
+    fn = fns["ours"] if impl == "ours_wt" else fns[impl]
+    fn = with_variant(impl, fn)  # ours_wt: the one-launch segmented kernel (no W ⊙ M)
     tag(benchmark, "device_segmented", impl, dtype="bf16", pairs=pairs, T=t, N=n, K=k)
     with torch.no_grad():
         fn()  # warm: compiles, autotunes, caches
@@ -133,8 +171,9 @@ def test_segmented_device_time(benchmark, impl, nk, device_peaks, is_smoke):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
         benchmark.extra_info["peak_MB"] = f"{peak / 2**20:.1f}"
-        flop, nbytes = linear_cost("fwd", t, n, k, 2, masked=impl == "ours")
-        nbytes += (pairs - 1) * bank[0].nbytes if impl == "ours" else 0
+        ours = impl.startswith("ours")
+        flop, nbytes = linear_cost("fwd", t, n, k, 2, masked=ours)
+        nbytes += (pairs - 1) * bank[0].nbytes if ours else 0
         record_device(benchmark, fn, flop=flop, nbytes=nbytes, peaks=device_peaks)
 
 

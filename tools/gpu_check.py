@@ -43,6 +43,14 @@ from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_BACKENDS = ("cuda", "triton", "cupy")
+# Issue 29's selectable kernels, checked beside the default ones on a GPU ("base:variant"): the
+# base backend forced, plus the env var that selects the variant.
+VARIANT_BACKENDS = {
+    "triton:wt": ("triton", "LASS_SPARSE_TRITON_VARIANT", "wt"),
+    "triton:wt_persistent": ("triton", "LASS_SPARSE_TRITON_VARIANT", "wt_persistent"),
+    "cuda:gemv2": ("cuda", "LASS_SPARSE_CUDA_GEMV", "v2"),
+    "cupy:gemv2": ("cupy", "LASS_SPARSE_CUDA_GEMV", "v2"),
+}
 # Tests of the native kernels (not marked gpu) that run on the GPU machine too: its compiler
 # builds the extensions there.
 NATIVE_TESTS = ("tests/ops/test_hardening_ops.py", "tests/ops/test_cpu_kernels.py")
@@ -82,16 +90,19 @@ def _force(ls, backend):
     passes on its own threads, which do not see the context variable ``use_backend`` sets."""
     from lass_sparse.ops.registry import ENV_VAR
 
-    old = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = backend
+    base, var, value = VARIANT_BACKENDS.get(backend, (backend, None, None))
+    env = {ENV_VAR: base, **({var: value} if var else {})}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
-        with ls.use_backend(backend):
+        with ls.use_backend(base):
             yield
     finally:
-        if old is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _run_linear_like(ls, backend, make, dtype, device):
@@ -302,7 +313,8 @@ def _adamw_case(ls, backend, dtype, device, through_optimizer):
 
 def _expected_na(backend, case, dtype_name):
     """Calls a forced backend cannot serve by design (it must then raise BackendCannotServe)."""
-    return backend in ("cuda", "cupy") and case in ("masked_linear M=64",)
+    base = VARIANT_BACKENDS.get(backend, (backend,))[0]
+    return base in ("cuda", "cupy") and case in ("masked_linear M=64",)
 
 
 def cases(small: bool):
@@ -514,6 +526,7 @@ def main(argv=None) -> int:
         backends = a.backends
     elif a.device == "cuda":
         backends = [b for b in GPU_BACKENDS if info[b]["active"]]
+        backends += [v for v, (base, _, _) in VARIANT_BACKENDS.items() if info[base]["active"]]
     else:
         backends = [b for b in ("reference", "cpu", "triton") if info[b]["active"]]
     dtypes = a.dtypes or (["fp32", "tf32", "bf16", "fp16"] if a.device == "cuda" else ["fp32"])
