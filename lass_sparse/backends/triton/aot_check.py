@@ -99,33 +99,46 @@ def _torch_dtype(name: str):
             "tf32": torch.float32}[name]
 
 
+def _lin(dt, m):
+    """Meta tensors ``x [m, K]``, ``W [N, K]``, ``bits [N, K/32]`` of the checked shape."""
+    import torch
+
+    return (torch.empty(m, K, dtype=dt, device="meta"),
+            torch.empty(N, K, dtype=dt, device="meta"),
+            torch.empty(N, K // 32, dtype=torch.int32, device="meta"))
+
+
+def _fwd(kk, dt, m):
+    import torch
+
+    x, w, bits = _lin(dt, m)
+    kk.masked_linear(x, w, bits, torch.empty(N, dtype=dt, device="meta"))
+
+
+def _dx(kk, dt, m):
+    import torch
+
+    _, w, bits = _lin(dt, m)
+    kk.masked_linear_dx(torch.empty(m, N, dtype=dt, device="meta"), w, bits)
+
+
+def _dw_acc(kk, dt, m):
+    import torch
+
+    x, _, bits = _lin(dt, m)
+    kk.masked_linear_dw_accumulate_(torch.empty(N, K, dtype=torch.float32, device="meta"),
+                                    torch.empty(m, N, dtype=dt, device="meta"), x, bits)
+
+
 def _variants():
     """(name, kernel attribute, buckets, call(kernels, dtype, m)) for every kernel variant."""
     import torch
 
-    def lin(dt, m):
-        x = torch.empty(m, K, dtype=dt, device="meta")
-        w = torch.empty(N, K, dtype=dt, device="meta")
-        bits = torch.empty(N, K // 32, dtype=torch.int32, device="meta")
-        return x, w, bits
-
-    def fwd(kk, dt, m):
-        x, w, bits = lin(dt, m)
-        kk.masked_linear(x, w, bits, torch.empty(N, dtype=dt, device="meta"))
-
-    def dx(kk, dt, m):
-        _, w, bits = lin(dt, m)
-        kk.masked_linear_dx(torch.empty(m, N, dtype=dt, device="meta"), w, bits)
+    lin, fwd, dx, dw_acc = _lin, _fwd, _dx, _dw_acc
 
     def dw(kk, dt, m):
         x, _, bits = lin(dt, m)
         kk.masked_linear_dw(torch.empty(m, N, dtype=dt, device="meta"), x, bits)
-
-    def dw_acc(kk, dt, m):
-        x, _, bits = lin(dt, m)
-        grad = torch.empty(N, K, dtype=torch.float32, device="meta")
-        kk.masked_linear_dw_accumulate_(grad, torch.empty(m, N, dtype=dt, device="meta"), x,
-                                        bits)
 
     def _seg(m):
         return torch.tensor([0, m // 2, m]), torch.tensor([1, 0])
@@ -204,26 +217,10 @@ def _wt_variants():
     """The kernels_wt.py launches: (name, attr, call(kw, dtype, m))."""
     import torch
 
-    def lin(dt, m):
-        return (torch.empty(m, K, dtype=dt, device="meta"),
-                torch.empty(N, K, dtype=dt, device="meta"),
-                torch.empty(N, K // 32, dtype=torch.int32, device="meta"))
-
-    def fwd(kw, dt, m):
-        x, w, bits = lin(dt, m)
-        kw.masked_linear(x, w, bits, torch.empty(N, dtype=dt, device="meta"))
-
-    def dx(kw, dt, m):
-        _, w, bits = lin(dt, m)
-        kw.masked_linear_dx(torch.empty(m, N, dtype=dt, device="meta"), w, bits)
-
-    def dw_acc(kw, dt, m):
-        x, _, bits = lin(dt, m)
-        kw.masked_linear_dw_accumulate_(torch.empty(N, K, dtype=torch.float32, device="meta"),
-                                        torch.empty(m, N, dtype=dt, device="meta"), x, bits)
+    fwd, dx, dw_acc = _fwd, _dx, _dw_acc
 
     def seg(kw, dt, m):
-        x, w, _ = lin(dt, m)
+        x, w, _ = _lin(dt, m)
         bank = torch.empty(2, N, K // 32, dtype=torch.int32, device="meta")
         kw.segmented_masked_linear(x, w, bank, torch.tensor([0, m // 2, m], device="meta"),
                                    torch.tensor([1, 0], device="meta"), None)
