@@ -85,7 +85,7 @@ def write_bank(
     if compact:
         tensors, meta = _compact(shapes, alpha, rule, masks, codec)
     else:
-        tensors = {f"{p}{_SEP}{n}": b.detach().cpu().contiguous()
+        tensors = {f"{p}{_SEP}{n}": b.detach().cpu().clone()  # own storage (no stack views)
                    for p, m in masks.items() for n, b in m.items()}
         meta = _metadata(shapes, alpha, rule, list(masks), "plain")
     meta["sha256"] = json.dumps({

@@ -291,12 +291,34 @@ class MaskBank:
         return out
 
     def stack(self, pairs: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """``{name -> int32[P, rows, ceil(K/32)]}`` for the segmented kernel (cached)."""
-        pairs = tuple(self.pairs if pairs is None else pairs)
-        if pairs not in self._stacks:
-            masks = [self._check_pair(p) for p in pairs]
-            self._stacks[pairs] = {n: torch.stack([m[n] for m in masks]) for n in self.names}
-        return self._stacks[pairs]
+        """``{name -> int32[P, rows, ceil(K/32)]}`` for the segmented kernel.
+
+        Every pair's stack (``pairs`` None, or the bank's pairs in order) is built once, and the
+        bank's per-pair bits become views of it, so a bank holds 1 bit per weight per pair, not
+        2. A subset is gathered from it (a new tensor, not cached): mixed-pair callers index the
+        full stack with :meth:`pair_index` instead."""
+        full = tuple(self._masks)
+        if not full:
+            raise ValueError("MaskBank.stack: the bank has no pairs")
+        if full not in self._stacks:
+            st = {n: torch.stack([self._masks[p][n] for p in full]) for n in self.names}
+            for i, p in enumerate(full):
+                self._masks[p] = {n: st[n][i] for n in self.names}
+            self._stacks.clear()
+            self._stacks[full] = st
+        if pairs is None or tuple(pairs) == full:
+            return self._stacks[full]
+        idx = torch.tensor(self.pair_index(pairs), dtype=torch.long)
+        return {n: t.index_select(0, idx) for n, t in self._stacks[full].items()}
+
+    def pair_index(self, pairs: Sequence[str]) -> list[int]:
+        """Positions of ``pairs`` in :meth:`stack`'s first dimension (the bank's pair order)."""
+        order = {p: i for i, p in enumerate(self._masks)}
+        out = []
+        for p in pairs:
+            self._check_pair(p)
+            out.append(order[p])
+        return out
 
     # -------------------------------------------------------------------------- statistics
 

@@ -37,10 +37,12 @@ def _row_ids(ids: Tensor, x: Tensor, batch_dim: int) -> Tensor:
     )
 
 
-def _grouping(st: PairState, x: Tensor, batch_dim: int):
+def _grouping(st: PairState, x: Tensor, batch_dim: int, bank_index: Tensor, version: int):
     """(row order or None, seg_offsets, seg_pair) of the mixed batch for activations shaped like
-    ``x``; computed once per shape and shared by every masked layer until the pairs change."""
-    key = (tuple(x.shape[:-1]), batch_dim, x.device)
+    ``x``; ``seg_pair`` indexes the whole bank's stack (``bank_index``: each of the batch's pairs'
+    row there). Computed once per shape and shared by every masked layer until the pairs
+    change."""
+    key = (tuple(x.shape[:-1]), batch_dim, x.device, version)  # version: the bank's pairs
     g = st.groups.get(key)
     if g is None:
         ids = _row_ids(st.pair_ids.to(x.device), x, batch_dim)
@@ -52,7 +54,7 @@ def _grouping(st: PairState, x: Tensor, batch_dim: int):
         seg_pair = counts.nonzero().flatten()
         offsets = torch.zeros(seg_pair.numel() + 1, dtype=torch.long, device=ids.device)
         offsets[1:] = counts[seg_pair].cumsum(0)
-        g = st.groups[key] = (order, offsets, seg_pair)
+        g = st.groups[key] = (order, offsets, bank_index[seg_pair])
     return g
 
 
@@ -78,12 +80,13 @@ def masked_forward(
         if bits is None:
             return F.linear(x, weight, bias)
         return ops.masked_linear(x, weight, bits if rows is None else bits[rows], bias)
-    bank_bits = ctx.stacked(name, x.device, st)
+    bank_bits = ctx.stacked(name, x.device)
     if bank_bits is None:
         return F.linear(x, weight, bias)
     if rows is not None:
         bank_bits = bank_bits[:, rows]
-    order, offsets, seg_pair = _grouping(st, x, st.batch_dim if batch_dim is None else batch_dim)
+    order, offsets, seg_pair = _grouping(st, x, st.batch_dim if batch_dim is None else batch_dim,
+                                         ctx.pair_index(st, x.device), ctx.bank.version)
     x2 = x.reshape(-1, x.shape[-1])
     if order is not None:
         x2 = x2[order]

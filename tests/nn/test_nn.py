@@ -144,6 +144,41 @@ def test_mixed_pair_rows_match_per_pair_runs():
             m(x)
 
 
+def test_mixed_batches_of_any_pairs_share_one_bank_stack(tmp_path):
+    """Any subset or order of pairs in a mixed batch indexes the bank's one stack: no copy per
+    combination, and the bank's per-pair bits are views of it (1 bit per weight per pair)."""
+    m = MaskedLinear(40, 24)
+    names = ("en-de", "en-fr", "en-zh", "de-en")
+    bank = _linear_bank(m, pairs=names)
+    ls.attach(m, bank)
+    x = torch.randn(5, 40)
+    for pairs in (["en-zh", "en-de"], ["de-en"], ["en-fr", "de-en", "en-de"], list(names)):
+        ids = torch.randint(len(pairs), (5,))
+        with ls.active_pair(m, pairs, pair_ids=ids):
+            y = m(x)
+        want = torch.stack([F.linear(x[r], _masked_weight(bank, pairs[int(i)], "weight",
+                                                           m.weight), m.bias)
+                            for r, i in enumerate(ids)])
+        torch.testing.assert_close(y, want)
+    stack = bank.stack()["weight"]
+    assert stack.shape[0] == len(names)
+    for i, p in enumerate(names):  # views: the stack is the bank's only copy
+        assert bank.bits(p, "weight").untyped_storage().data_ptr() == \
+            stack.untyped_storage().data_ptr()
+        assert torch.equal(stack[i], bank.bits(p, "weight"))
+    cached = [k for k in m._lass_ctx._cache if k[1] == "weight"]
+    assert len(cached) == 1, cached
+    assert torch.equal(bank.stack(["en-zh", "en-de"])["weight"], stack[[2, 0]])
+    bank.save(str(tmp_path / "b.safetensors"))  # views are saved as their own tensors
+    assert MaskBank.load(str(tmp_path / "b.safetensors")).equal(bank)
+    bank.remove_pair("en-fr")  # indices move: the next mixed batch uses the new ones
+    with ls.active_pair(m, ["de-en", "en-zh"], pair_ids=torch.tensor([0, 1, 1, 0, 1])):
+        y = m(x)
+    want = torch.stack([F.linear(x[r], _masked_weight(bank, p, "weight", m.weight), m.bias)
+                        for r, p in enumerate(["de-en", "en-zh", "en-zh", "de-en", "en-zh"])])
+    torch.testing.assert_close(y, want)
+
+
 def _mha_inputs(batch_first, b=3, t=5, e=32):
     shape = (b, t, e) if batch_first else (t, b, e)
     return torch.randn(*shape)
