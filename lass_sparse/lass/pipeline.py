@@ -134,15 +134,19 @@ def prepare(run_dir: str, corpus: str = "demo", config: str = "tiny", vocab_size
 
 
 def open_run(run_dir: str, device: str | torch.device = "auto") -> Run:
-    path = os.path.join(run_dir, RUN_JSON)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no {RUN_JSON}); start one with "
-                                f"`lass-sparse train --run {run_dir}`")
-    with open(path) as f:
-        info = json.load(f)
-    data = load_corpus(info["corpus"], info["pairs"], info["max_train"])
+    """Reopen a run folder (run.json validated by :func:`~.runtime.read_run_json`: a missing,
+    corrupt or incomplete file is a one-line ``RunError`` naming it)."""
+    from .runtime import RunError, read_run_json
+
+    info = read_run_json(run_dir)
+    data = load_corpus(info["corpus"], info["pairs"], info.get("max_train"))
     tok = Tokenizer(os.path.join(run_dir, info["tokenizer"]))
-    return Run(run_dir, data, tok, ModelConfig(**info["model"]), info, resolve_device(device))
+    try:
+        cfg = ModelConfig(**info["model"])
+    except TypeError as e:  # unknown or missing fields
+        raise RunError(f"run file {os.path.join(run_dir, RUN_JSON)} has an invalid model config "
+                       f"({e}); restore it, or start a new --run") from None
+    return Run(run_dir, data, tok, cfg, info, resolve_device(device))
 
 
 def _init_model(run: Run, out: str, init: str | None) -> Seq2Seq:

@@ -124,12 +124,12 @@ def check_corpus(corpus: str | None) -> None:
 
 
 def read_run_json(run_dir: str) -> dict:
-    """``RUN/run.json``, validated: a missing or corrupt file, or a field of the wrong type, is a
-    :class:`RunError` naming the file and what to do."""
+    """``RUN/run.json``, validated: a corrupt file or a field of the wrong type is a
+    :class:`RunError` naming the file and what to do (a missing one: FileNotFoundError)."""
     path = os.path.join(run_dir, RUN_JSON)
     if not os.path.exists(path):
-        raise RunError(f"{run_dir} is not a run folder (no {RUN_JSON}); start one with "
-                       f"`lass-sparse train --run {run_dir}`")
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no {RUN_JSON}); start one with "
+                                f"`lass-sparse train --run {run_dir}`")
     fix = f"restore it, or start a new --run (delete {run_dir} to start this one over)"
     try:
         with open(path, encoding="utf-8") as f:
@@ -154,13 +154,8 @@ def open_checked(run_dir: str, device: str | torch.device | None = "auto"):
 
     init_process_group(device)
     dev = device_for(device)
-    info = read_run_json(run_dir)
-    check_corpus(info["corpus"])
-    try:
-        return P.open_run(run_dir, dev)
-    except TypeError as e:  # ModelConfig(**info["model"]) with unknown or missing fields
-        raise RunError(f"run file {os.path.join(run_dir, RUN_JSON)} has an invalid model "
-                       f"config ({e}); restore it, or start a new --run") from None
+    check_corpus(read_run_json(run_dir)["corpus"])
+    return P.open_run(run_dir, dev)
 
 
 def create_or_open(run_dir: str, *, corpus: str | None = None, device="auto",
