@@ -29,10 +29,9 @@ from ..nn import active_pair, attach, masked_parameters
 from .checkpoint import has_checkpoint, load_checkpoint
 from .device import resolve_device
 from .model import ModelConfig, Seq2Seq, make_config
+from .runfile import RUN_JSON, RunError, read_run_json
 from .tokenizer import Tokenizer
 from .train import LANGTOKS, Encoded, TrainConfig, UpdatePolicy, run_stage
-
-RUN_JSON = "run.json"
 
 
 @dataclass
@@ -136,8 +135,6 @@ def prepare(run_dir: str, corpus: str = "demo", config: str = "tiny", vocab_size
 def open_run(run_dir: str, device: str | torch.device = "auto") -> Run:
     """Reopen a run folder (run.json validated by :func:`~.runtime.read_run_json`: a missing,
     corrupt or incomplete file is a one-line ``RunError`` naming it)."""
-    from .runtime import RunError, read_run_json
-
     info = read_run_json(run_dir)
     data = load_corpus(info["corpus"], info["pairs"], info.get("max_train"))
     tok = Tokenizer(os.path.join(run_dir, info["tokenizer"]))

@@ -9,28 +9,24 @@ One module for the CLI, the experiment driver and Python callers alike:
 - :func:`launch` — start ``N`` ranks of a ``lass-sparse`` command through
   ``torch.distributed.run``'s API (``--nproc-per-node N``), without torchrun's own parser in the
   way of ours.
-- :func:`read_run_json` / :func:`open_checked` — a run folder's ``run.json`` validated field by
-  field, the corpus files checked, errors as one line naming the file (:class:`RunError`).
+- :func:`read_run_json` (from :mod:`.runfile`) / :func:`open_checked` — a run folder's
+  ``run.json`` validated field by field, the corpus files checked, errors as one line naming the
+  file (:class:`RunError`).
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import sys
 
 import torch
 
 from .device import resolve_device
+from .runfile import RUN_JSON, RunError, read_run_json  # noqa: F401 (part of this module's API)
 
-RUN_JSON = "run.json"
 # A rank may wait at a barrier while another trains a whole stage: hours, not gloo's 30 min.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=48)
-
-
-class RunError(ValueError):
-    """A user error about a run folder or its files (one line: which file, what to do)."""
 
 
 def world_size() -> int:
@@ -121,30 +117,6 @@ def check_corpus(corpus: str | None) -> None:
     """A corpus folder's files are readable gzip files (``demo`` and None pass)."""
     if corpus not in (None, "demo"):
         _check_gzip_files(corpus)
-
-
-def read_run_json(run_dir: str) -> dict:
-    """``RUN/run.json``, validated: a corrupt file or a field of the wrong type is a
-    :class:`RunError` naming the file and what to do (a missing one: FileNotFoundError)."""
-    path = os.path.join(run_dir, RUN_JSON)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no {RUN_JSON}); start one with "
-                                f"`lass-sparse train --run {run_dir}`")
-    fix = f"restore it, or start a new --run (delete {run_dir} to start this one over)"
-    try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-    except (ValueError, RecursionError) as e:
-        raise RunError(f"run file {path} is corrupt (not JSON: {' '.join(str(e).split())}); "
-                       f"{fix}") from None
-    need = {"corpus": str, "pairs": list, "model": dict, "tokenizer": str}
-    if not isinstance(info, dict):
-        raise RunError(f"run file {path} is not a run description; {fix}")
-    for key, typ in need.items():
-        if not isinstance(info.get(key), typ):
-            raise RunError(f"run file {path}: field {key!r} is missing or not a "
-                           f"{typ.__name__}; {fix}")
-    return info
 
 
 def open_checked(run_dir: str, device: str | torch.device | None = "auto"):

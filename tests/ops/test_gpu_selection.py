@@ -122,7 +122,7 @@ class _FakeCupy(types.ModuleType):
             def __init__(self, name):
                 self.name = name
 
-            def __call__(self, grid, block, args):
+            def __call__(self, grid, block, args, shared_mem=0):  # cupy's RawKernel call
                 fake.launches.append((self.name, grid, block, args, list(fake.devices)))
 
         class RawModule:

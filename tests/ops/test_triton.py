@@ -248,8 +248,11 @@ def test_index_math_is_int64_past_2_31():
 def test_fp32_follows_torch_tf32_setting(monkeypatch):
     """IEEE fp32 dots by default (torch's default and our tolerances); TF32 only when torch's
     matmul setting allows it. The interpreter is always IEEE."""
+    from lass_sparse.backends.triton import common
+
     matmul = torch.backends.cuda.matmul
     monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(common, "INTERPRET", False)  # _ieee lives there
     try:
         matmul.allow_tf32 = False
         assert kernels._ieee(torch.float32) is True
@@ -262,7 +265,7 @@ def test_fp32_follows_torch_tf32_setting(monkeypatch):
         # the candidates follow: IEEE fp32 gets small tiles (FMA dot), TF32 its own list
         tf32 = kernels.candidates(torch.float32, 128)
         assert tf32 != ieee and max(c[0] for c in ieee) <= kernels.IEEE_MAX_BLOCK_M
-        monkeypatch.setattr(kernels, "INTERPRET", True)
+        monkeypatch.setattr(common, "INTERPRET", True)
         assert kernels._ieee(torch.float32) is True
     finally:
         torch.set_float32_matmul_precision("highest")

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .common import AUTOTUNE, INTERPRET, _ieee, _rna, _rows  # noqa: F401 (kernels_wt shares them)
 
 
 @triton.jit
@@ -28,23 +28,6 @@ def _expand(words, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     lanes = tl.arange(0, 32)
     bits = (words[:, :, None] >> lanes[None, None, :]) & 1
     return tl.reshape(bits, (BLOCK_R, BLOCK_K)) != 0
-
-
-@triton.jit
-def _rna(v):
-    """fp32 operands of a TF32 ``tl.dot`` rounded to nearest TF32 (10-bit mantissa, ties away),
-    as cuBLAS rounds them; the tensor cores would otherwise truncate, with about twice the error
-    and a bias that grows with K. 16-bit operands pass through."""
-    if v.dtype == tl.float32:
-        i = v.to(tl.int32, bitcast=True)
-        v = ((i + 0x1000) & -8192).to(tl.float32, bitcast=True)
-    return v
-
-
-@triton.jit
-def _rows(r, stride):
-    """Element offsets ``r * stride`` of rows ``r``, in int64: M·K, N·K may pass 2³¹."""
-    return r.to(tl.int64) * stride
 
 
 @triton.jit
@@ -254,7 +237,6 @@ _CANDIDATES = {
 }
 IEEE_MAX_BLOCK_M = 64  # IEEE fp32 tl.dot is FMA: larger tiles spill registers
 _TUNED: dict[tuple, tuple] = {}
-AUTOTUNE = os.environ.get("LASS_SPARSE_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _bucket_m(m: int) -> int:
@@ -348,13 +330,6 @@ def _by_pair(segs) -> dict[int, list[tuple[int, int]]]:
 
 def _route_segments(segs, t: int) -> bool:
     return bool(segs) and t / len(segs) >= CUBLAS_MIN_M
-
-
-def _ieee(dtype: torch.dtype) -> bool:
-    """IEEE fp32 ``tl.dot`` (else TF32) — as torch's own fp32 matmul on CUDA would run."""
-    if INTERPRET or dtype == torch.float64:
-        return True
-    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 def _variant_wt(*tensors):

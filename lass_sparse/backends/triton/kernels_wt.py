@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import INTERPRET, _ieee, _rna, _rows
+from .common import INTERPRET, _ieee, _rna, _rows
 
 VARIANT_ENV = "LASS_SPARSE_TRITON_VARIANT"
 VARIANTS = ("v1", "wt", "wt_persistent")
@@ -305,7 +305,7 @@ def _config(op: str, m: int, n: int, k: int, dtype, launch) -> tuple:
     if INTERPRET:
         return _INTERP_CFG
     cands = candidates(op, dtype, m)
-    from .kernels import AUTOTUNE
+    from .common import AUTOTUNE
 
     if not AUTOTUNE:
         return cands[0]
