@@ -33,7 +33,8 @@ def _write(tmp_path, text: str, name: str = "x.toml") -> str:
     return str(p)
 
 
-@pytest.mark.parametrize("name", ["demo", "reproduction", "reproduction-seed1", "gpu", "breadth"],
+@pytest.mark.parametrize("name", ["demo", "reproduction", "reproduction-seed1", "gpu", "breadth",
+                                  "breadth-extension"],
                          ids=lambda n: f"config-{n}")  # a bare "gpu" id would mark it gpu
 def test_bundled_configs_load_and_plan(name):
     cfg = C.load(name)
@@ -43,7 +44,7 @@ def test_bundled_configs_load_and_plan(name):
     assert all(not isinstance(j, str) for j in jobs), jobs  # every variable resolves
     ids = [j.id for j in jobs]
     assert len(ids) == len(set(ids))
-    assert "finetune[en-de]" in ids
+    assert any(j.kind == "finetune" and j.params["direction"] == "en-de" for j in jobs)
 
 
 def test_breadth_config_covers_the_issue():
@@ -57,10 +58,13 @@ def test_breadth_config_covers_the_issue():
         f"masks-a{a}.safetensors" for a in (0.3, 0.5, 0.7)]
     zero = next(j for j in jobs if j.stage == "eval-zero").params["directions"]
     assert len(zero) == 12 and not any("en" in d.split("-") for d in zero)
+    assert any(j.stage == "finetune-s1" and j.params["seed"] == 1 for j in jobs)
+    ext = C.load("breadth-extension")
+    jobs = [j for wave in plan(ext, dirs, {}) for j in wave]
     base7 = next(j for j in jobs if j.stage == "base7").params["directions"]
     assert len(base7) == 14 and "en-ar" not in base7
     assert {j.params.get("strict", False) for j in jobs if j.kind == "extend"} == {True, False}
-    assert any(j.stage == "finetune-s1" and j.params["seed"] == 1 for j in jobs)
+    assert all(j.params["directions"] == ["en-ar", "ar-en"] for j in jobs if j.kind == "extend")
 
 
 def test_reproduction_plan_runs_side_by_side_what_the_old_driver_did():
