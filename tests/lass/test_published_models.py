@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "results")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.join(REPO, "results")
 MODELS = os.path.join(ROOT, "models")
 ROW = re.compile(r"^\| `([^`]+)` \| [0-9.]+ MB \| `([0-9a-f]{64})` \|$")
 
