@@ -266,19 +266,27 @@ def compile_wt(archs: list[int], dtypes: list[str], progress=None,
                     args, kwargs = rec.calls[0]
                     for arch in archs:
                         r = Result(f"{name}@M={m}", dt_name, arch, tuple(cfg[:3]) + cfg[4:])
-                        t = time.time()
-                        try:
-                            kernel, r.registers, r.spill_bytes = compile_one(rec.fn, args,
-                                                                             kwargs, arch)
-                            r.shared = int(kernel.metadata.shared)
-                            r.loop_converts, r.wgmma = ttgir_loop_stats(kernel.asm["ttgir"])
-                        except Exception as e:  # noqa: BLE001 - reported per candidate
-                            r.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                        r.seconds = time.time() - t
-                        results.append(r)
-                        if progress is not None:
-                            progress(r)
+                        results.append(_compile_into(r, rec.fn, args, kwargs, arch, progress,
+                                                     ttgir=True))
     return results
+
+
+def _compile_into(r: Result, fn, args, kwargs, arch: int, progress, ttgir: bool = False
+                  ) -> Result:
+    """Compile one candidate into ``r`` (registers, spills, shared memory, and with ``ttgir``
+    the K loop's layout conversions and async wgmma), or its error; time it, report it."""
+    t = time.time()
+    try:
+        kernel, r.registers, r.spill_bytes = compile_one(fn, args, kwargs, arch)
+        r.shared = int(kernel.metadata.shared)
+        if ttgir:
+            r.loop_converts, r.wgmma = ttgir_loop_stats(kernel.asm["ttgir"])
+    except Exception as e:  # noqa: BLE001 - reported per candidate
+        r.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    r.seconds = time.time() - t
+    if progress is not None:
+        progress(r)
+    return r
 
 
 def _parse_ptxas(log: str) -> tuple[int | None, int | None]:
@@ -351,18 +359,8 @@ def compile_all(archs: list[int], dtypes: list[str], all_configs: bool = False,
                     with _tf32(dt_name == "tf32"):
                         fn, args, kwargs = capture(kk, attr, call, dt, BUCKET_M[bm], cfg)
                     for arch in archs:
-                        r = Result(name, dt_name, arch, tuple(cfg))
-                        t = time.time()
-                        try:
-                            kernel, r.registers, r.spill_bytes = compile_one(fn, args, kwargs,
-                                                                             arch)
-                            r.shared = int(kernel.metadata.shared)
-                        except Exception as e:  # noqa: BLE001 - reported per candidate
-                            r.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                        r.seconds = time.time() - t
-                        results.append(r)
-                        if progress is not None:
-                            progress(r)
+                        results.append(_compile_into(Result(name, dt_name, arch, tuple(cfg)),
+                                                     fn, args, kwargs, arch, progress))
     return results
 
 
