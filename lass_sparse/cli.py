@@ -254,11 +254,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         check_torchrun(getattr(args, "command", None))
+        args.argv = argv + (["--debug"] if debug else [])  # for a command that starts ranks
         nproc = getattr(args, "nproc_per_node", 1)
         if nproc > 1 and env_world_size() == 1:
             from .lass.runtime import launch
 
-            return launch(nproc, _without_nproc(argv) + (["--debug"] if debug else []))
+            return launch(nproc, _without_nproc(args.argv))
         return int(args.func(args) or 0)
     except SystemExit:
         raise

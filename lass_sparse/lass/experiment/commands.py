@@ -34,24 +34,13 @@ def cmd_run(args) -> int:
     workers = cfg.run["workers"]
     if workers > 1 and env_world_size() == 1:  # start the workers: one process group
         os.environ.setdefault("OMP_NUM_THREADS", str(cfg.run["threads"] or 1))
-        argv = ["experiment", "run", args.config, "--run", run_dir,
-                *[a for s in args.set or [] for a in ("--set", s)]]
-        for opt in ("corpus", "device", "threads", "until"):
-            if getattr(args, opt, None) is not None:
-                argv += [f"--{opt}", str(getattr(args, opt))]
-        if args.scale is not None:
-            argv += ["--scale", str(args.scale)]
-        if args.no_report:
-            argv.append("--no-report")
-        return runtime.launch(workers, argv + ["--workers", str(workers)])
+        return runtime.launch(workers, args.argv)  # each rank reads the same command line
     if env_world_size() not in (1, workers):
         raise CommandError(f"{cfg.path} runs {workers} worker(s), but this launch has "
                            f"{env_world_size()} processes; drop the launcher and set "
                            "run.workers (or --workers)")
     run_experiment(cfg, run_dir, until=args.until)
-    from .. import runtime as rt
-
-    world, rank = rt.init_process_group(cfg.run["device"])
+    _, rank = runtime.init_process_group(cfg.run["device"])
     if rank == 0 and cfg.report and not args.no_report and args.until is None:
         from .report import write_report
 

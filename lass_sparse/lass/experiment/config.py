@@ -149,7 +149,8 @@ def _load_raw(path: str, seen: tuple[str, ...] = ()) -> dict:
     base = _load_raw(ppath, seen + (real,))
     base.pop("name", None)
     base.pop("title", None)
-    base.pop("report", None) if "report" in raw else None
+    if "report" in raw:  # a config's report replaces its base's whole
+        base.pop("report", None)
     return _merge(base, raw)
 
 

@@ -30,7 +30,7 @@ from ...mt.metrics import pooled_bootstrap, significance
 from ...mt.report import render_significance, render_table
 from .config import TRAINING_KINDS, Config, fill
 from .jobs import curve, load_eval, stage_summary, state_path
-from .runner import expand, selections
+from .runner import done_record, expand, selections
 
 
 def _avg(res: dict, system: str, dirs: list[str], metric: str) -> float:
@@ -192,10 +192,9 @@ class Report:
             for j in jobs:
                 if j.kind != "prune" or not j.params.get("compact_copy"):
                     continue
-                path = os.path.join(state_path(self.run_dir, "done"), f"{j.id}.json")
-                if os.path.exists(path):
-                    with open(path) as f:
-                        r = json.load(f)["result"]
+                rec = done_record(self.run_dir, j)
+                if rec is not None:
+                    r = rec["result"]
                     self.data["mask_bank"] = r
                     return (f"Mask bank `{j.params.get('out')}`: {r['pairs']} pairs, "
                             f"{r['bytes_per_pair']} B/pair packed in memory, "

@@ -21,7 +21,7 @@ from ...fileio import atomic_write
 from ...mt.direction import zero_shot_directions
 from .. import runtime
 from . import jobs as job_kinds
-from .config import TRAINING_KINDS, Config, ConfigError, fill
+from .config import STAGE_KEYS, TRAIN_KEYS, TRAINING_KINDS, Config, ConfigError, fill
 from .jobs import state_path
 
 
@@ -106,8 +106,6 @@ def expand(st: dict, variables: dict, run_directions: list[str], cfg: Config) ->
         raw = {k: v for k, v in st.items() if k not in skip}
         keep = {"stage": raw.pop("stage")} if st["kind"] == "select" else {}  # a template
         params = {**fill(raw, {**variables, **combo}, where), **keep}
-        from .config import STAGE_KEYS
-
         for var, value in combo.items():  # foreach = {alpha = [...]} sets the stage's alpha
             if var in STAGE_KEYS[st["kind"]] and var not in params and var != "direction":
                 params[var] = value
@@ -153,12 +151,18 @@ def _done_path(run_dir: str, job: Job) -> str:
     return state_path(run_dir, "done", f"{safe}.json")
 
 
-def is_done(run_dir: str, job: Job) -> bool:
+def done_record(run_dir: str, job: Job) -> dict | None:
+    """What a finished job left (options key, seconds, result), or None."""
     path = _done_path(run_dir, job)
     if not os.path.exists(path):
-        return False
+        return None
     with open(path) as f:
-        return json.load(f).get("key") == job.key
+        return json.load(f)
+
+
+def is_done(run_dir: str, job: Job) -> bool:
+    rec = done_record(run_dir, job)
+    return rec is not None and rec.get("key") == job.key
 
 
 def _mark_done(run_dir: str, job: Job, seconds: float, result) -> None:
@@ -170,8 +174,6 @@ def _mark_done(run_dir: str, job: Job, seconds: float, result) -> None:
 def train_kwargs(params: dict) -> dict:
     """TrainConfig options of a training job, as the CLI passes them (token batches cap rows
     by the token budget only unless batch_size is set)."""
-    from .config import TRAIN_KEYS
-
     kw = {k: v for k, v in params.items() if k in TRAIN_KEYS and k != "steps"}
     quiet = kw.pop("quiet", False)
     kw["progress"] = not quiet
