@@ -72,6 +72,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+def claimed(key: str, n: int, world: int, rank: int):
+    """Indices ``0..n-1`` this rank should run: a shared work queue (every rank takes the next
+    unclaimed index from an atomic counter in the process group's store, so a rank that
+    finishes early takes more), else the static split ``rank::world``."""
+    import torch.distributed as dist
+
+    store = None
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        try:
+            store = dist.distributed_c10d._get_default_store()
+        except (AttributeError, RuntimeError):  # private API: keep the static split
+            store = None
+    if store is None:
+        yield from range(rank, n, world)
+        return
+    while (i := store.add(f"lass_sparse/queue/{key}", 1) - 1) < n:
+        yield i
+
+
 def launch(nproc: int, argv: list[str], module: str = "lass_sparse.cli") -> int:
     """Run ``python -m MODULE ARGV`` as ``nproc`` ranks of one standalone job (torchrun's API,
     one node, a free port); returns the exit code (that of the first failed rank)."""

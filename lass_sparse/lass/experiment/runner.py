@@ -2,11 +2,12 @@
 
 Stages are grouped into *waves* (a stage runs after the stages it names in ``after``, by
 default the one before it). Every wave starts with a barrier; its jobs (a stage, or one value of
-its ``foreach``) then run: ``ddp = true`` jobs on every worker together (DDP), the others spread
-over the workers, each alone in its process (``workers`` processes form one process group for
-the whole experiment). A finished job leaves a marker ``RUN/experiment/done/<job>.json`` with
-its options and time, so a rerun skips it; a stage killed halfway resumes from its own
-checkpoint. Wall times per wave go to ``RUN/experiment/timings.json``.
+its ``foreach``) then run: ``ddp = true`` jobs on every worker together (DDP), the others taken
+from a shared queue by whichever worker is free, each alone in its process (``workers``
+processes form one process group for the whole experiment). A finished job leaves a marker
+``RUN/experiment/done/<job>.json`` with its options and time, so a rerun skips it; a stage
+killed halfway resumes from its own checkpoint. Wall times per wave go to
+``RUN/experiment/timings.json``.
 """
 
 from __future__ import annotations
@@ -287,7 +288,8 @@ def run_experiment(cfg: Config, run_dir: str, *, until: str | None = None) -> di
                     log(f"  {job.id}: {time.time() - t:.0f} s (all {world} workers)")
                 runtime.barrier()
             single = [j for j in todo if not j.ddp]
-            for job in single[rank::world]:
+            for k in runtime.claimed(f"wave{i}", len(single), world, rank):
+                job = single[k]
                 t = time.time()
                 res = execute(run, cfg, job, distributed=False)
                 _mark_done(run_dir, job, time.time() - t, res)
