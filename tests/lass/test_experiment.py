@@ -145,7 +145,7 @@ def shortened(tmp_path_factory):
         "stage.base.max_tokens=512", "train.valid_limit=8", f"report.out='{out}'",
         "report.discussion='none'", f"report.models.out='{d}/models'",
     ] + [f"stage.{s}.limit=3" for s in ("eval-supervised", "eval-zero", "eval-s1-supervised",
-                                        "eval-s1-zero")]
+                                        "eval-s1-zero", "eval-alpha")]
     argv = ["experiment", "run", "reproduction-seed1", "--run", run_dir, *_sets(sets)]
     assert main(argv) == 0
     return run_dir, out, argv, str(d)
@@ -156,6 +156,8 @@ def test_shortened_reproduction_writes_every_section(shortened):
     md = open(os.path.join(out, "reproduction.md"), encoding="utf-8").read()
     for head in ("## Protocol", "## Convergence", "## Supervised directions", "## Zero-shot",
                  "## Seeds", "## Mask similarity", "alpha chosen on validation loss",
+                 "## alpha sweep", "LaSS-a0.5 (alpha=0.5) vs dense",
+                 "LaSS-a0.7 (alpha=0.7) vs dense",
                  "LaSS vs dense", "LaSS vs shared", "random vs dense", "every seed pooled",
                  "Paired bootstrap, LaSS vs dense"):
         assert head in md, head
@@ -166,6 +168,13 @@ def test_shortened_reproduction_writes_every_section(shortened):
     assert all(len(r) == 6 for r in rep["supervised"].values())
     assert set(rep["zero_shot"]) == {"theta0", "dense", "LaSS"}
     assert rep["selected"]["alpha"] in (0.5, 0.7)
+    sweep = rep["sweep"]
+    assert set(sweep["results"]) == {"LaSS-a0.5", "LaSS-a0.7"} and sweep["chosen"] == rep[
+        "selected"]["alpha"]
+    # the chosen α's test scores are the LaSS system's (same checkpoint, masks and rows)
+    chosen = sweep["results"][f"LaSS-a{sweep['chosen']}"]
+    assert {d: r["bleu"] for d, r in chosen.items()} == {
+        d: r["bleu"] for d, r in rep["supervised"]["LaSS"].items()}
     sel = json.load(open(os.path.join(run_dir, "experiment", "selected.json")))["alpha"]
     assert sel["value"] == min((0.5, 0.7), key=lambda a: sel["valid_loss"][str(a)])
     assert {"ft-s1/en-de", "joint-s1", "dense-s1", "joint-a0.5", "joint-a0.7"} <= set(

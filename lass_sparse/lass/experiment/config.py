@@ -59,9 +59,9 @@ STAGE_KEYS = {
     "weight_change": {"before", "after_stages", "masks"},
 }
 TRAINING_KINDS = ("train", "finetune", "joint", "extend")
-REPORT_KEYS = {"out", "supervised", "zero_shot", "baseline", "comparisons", "similarity_masks",
-               "layer_pairs", "extension", "seeds", "discussion", "models", "systems_note",
-               "protocol_note", "tables", "alpha_sweep"}
+REPORT_KEYS = {"out", "supervised", "sweep", "zero_shot", "baseline", "comparisons",
+               "similarity_masks", "layer_pairs", "extension", "seeds", "discussion", "models",
+               "systems_note", "protocol_note"}
 
 
 class ConfigError(ValueError):

@@ -7,6 +7,9 @@ Sections follow the config's ``[report]`` table (each is written where its key i
   curves figure, values chosen by ``select`` stages, wall time per wave;
 - ``supervised`` / ``zero_shot``: an evaluate stage each — BLEU/chrF/ACC per direction and
   system, win ratios, and paired bootstraps for ``comparisons`` (``[[system, baseline], ...]``);
+- ``sweep``: ``{eval = EVAL, variable = NAME}`` — every value of a ``select``-ed variable
+  scored on the test set beside its validation loss (the choice uses validation only), each
+  against ``baseline`` with the paired bootstrap;
 - ``extension``: ``{new = EVAL, old = EVAL, reference = SYSTEM, reference_eval = EVAL,
   check = STAGE}`` — the new directions, every old direction's change, the strict-mode check;
 - ``seeds``: ``{pairs = [[lass, dense], ...], masks = [bank, ...], eval = [EVAL, ...]}`` —
@@ -30,7 +33,7 @@ from ...mt.metrics import pooled_bootstrap, significance
 from ...mt.report import render_significance, render_table
 from .config import TRAINING_KINDS, Config, fill
 from .jobs import curve, load_eval, stage_summary, state_path
-from .runner import done_record, expand, selections
+from .runner import _foreach_values, done_record, expand, selections
 
 
 def _avg(res: dict, system: str, dirs: list[str], metric: str) -> float:
@@ -285,6 +288,45 @@ class Report:
             lines += [render_significance(sig, baseline)]
         return lines
 
+    def sweep(self) -> list[str]:
+        cfg = self._r("sweep")
+        stage, var = cfg["eval"], cfg["variable"]
+        res, hyps = self._eval(stage)
+        with open(state_path(self.run_dir, "selected.json")) as f:
+            sel = json.load(f)[var]
+        st = next(s for s in self.cfg.stages if s["name"] == stage)
+        value_of = {}
+        for combo in _foreach_values(st, self.vars, self.directions, self.cfg):
+            value = next(iter(combo.values()))
+            for name in fill(st["systems"], {**self.vars, **combo}, f"stage {stage!r}"):
+                value_of[name] = value
+        _, sup_hyps = self._eval(self._r("supervised"))
+        base = self._r("baseline")
+        dirs = list(next(iter(res.values())))
+        lines = [f"## {var} sweep", "",
+                 f"Every {var} of the sweep on the test set ({len(dirs)} directions); the choice "
+                 f"(**{var}={sel['value']}**) was made on validation loss before any of these "
+                 "test scores was read.", "",
+                 f"| {var} | validation loss ({sel['stage']}) | average BLEU | average chrF | "
+                 "chosen |", "|---|---|---|---|---|"]
+        rows, sigs = [], {}
+        for name in res:
+            v = value_of.get(name)
+            loss = sel["valid_loss"].get(str(v))
+            lines.append(f"| {v} | {loss:.4f} | {_avg(res, name, dirs, 'bleu'):.2f} | "
+                         f"{_avg(res, name, dirs, 'chrf'):.2f} | "
+                         f"{'yes' if v == sel['value'] else ''} |")
+            if base in sup_hyps:
+                sig = significance({base: sup_hyps[base], name: hyps[name]}, base, dirs)[name]
+                sigs[f"{name} vs {base}"] = sig
+                rows.append(pooled_row(f"{name} ({var}={v}) vs {base}", sig))
+        self.data["sweep"] = {"variable": var, "results": res, "significance": sigs,
+                              "valid_loss": sel["valid_loss"], "chosen": sel["value"]}
+        lines += ["", render_table(res, dirs), ""]
+        if rows:
+            lines += [*POOLED_HEAD, *rows, ""]
+        return lines
+
     def extension(self) -> list[str]:
         ext = self._r("extension")
         new_res, new_hyps = self._eval(ext["new"])
@@ -422,7 +464,7 @@ class Report:
     def markdown(self) -> str:
         os.makedirs(self.out_dir, exist_ok=True)
         lines = self.protocol() + self.convergence()
-        for key in ("supervised", "zero_shot", "extension", "seeds"):
+        for key in ("supervised", "sweep", "zero_shot", "extension", "seeds"):
             if self.cfg.report.get(key):
                 lines += getattr(self, key)()
         if self.cfg.report.get("similarity_masks"):
