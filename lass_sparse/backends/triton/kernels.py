@@ -328,6 +328,16 @@ def _by_pair(segs) -> dict[int, list[tuple[int, int]]]:
     return out
 
 
+def _per_pair_dense(segs, weight, bits_bank, rows) -> None:
+    """The cuBLAS route: ``rows(W ⊙ M_p, a, b)`` for every segment, W ⊙ M_p written once per
+    pair into one W-sized transient reused pair after pair."""
+    wm = torch.empty_like(weight)
+    for p, spans in _by_pair(segs).items():
+        apply_mask(weight, bits_bank[p], out=wm)
+        for a, b in spans:
+            rows(wm, a, b)
+
+
 def _route_segments(segs, t: int) -> bool:
     return bool(segs) and t / len(segs) >= CUBLAS_MIN_M
 
@@ -465,11 +475,10 @@ def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
         return y
     segs = _segment_list(seg_offsets, seg_pair)
     if _route_segments(segs, t) and _same_dtype(x, weight, bias):
-        wm = torch.empty_like(weight)  # one W-sized transient, reused pair after pair
-        for p, rows in _by_pair(segs).items():
-            apply_mask(weight, bits_bank[p], out=wm)
-            for a, b in rows:
-                y[a:b] = torch.nn.functional.linear(x[a:b], wm, bias)
+        def rows(wm, a, b):
+            y[a:b] = torch.nn.functional.linear(x[a:b], wm, bias)
+
+        _per_pair_dense(segs, weight, bits_bank, rows)
         return y
     tiles = functools.cache(lambda bm: _segments(seg_offsets, seg_pair, bm, x.device))
 
@@ -498,11 +507,8 @@ def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pai
         return dx
     segs = _segment_list(seg_offsets, seg_pair)
     if _route_segments(segs, t) and _same_dtype(grad_out, weight):
-        wm = torch.empty_like(weight)  # one W-sized transient, reused pair after pair
-        for p, rows in _by_pair(segs).items():
-            apply_mask(weight, bits_bank[p], out=wm)
-            for a, b in rows:
-                torch.mm(grad_out[a:b], wm, out=dx[a:b])
+        _per_pair_dense(segs, weight, bits_bank,
+                        lambda wm, a, b: torch.mm(grad_out[a:b], wm, out=dx[a:b]))
         return dx
     tiles = functools.cache(lambda bm: _segments(seg_offsets, seg_pair, bm, grad_out.device))
 
