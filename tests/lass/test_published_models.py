@@ -1,5 +1,5 @@
 """The models published with the reproduction (results/models): the files are those whose sha256
-results/reproduction.md lists, they fit the 30 MB budget, and they load and translate."""
+the report in results/ lists, they fit the 30 MB budget, and they load and translate."""
 
 from __future__ import annotations
 
@@ -19,11 +19,13 @@ pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(MODELS, "run.jso
 
 
 def _listed() -> dict[str, str]:
-    path = os.path.join(ROOT, "reproduction.md")
-    md = open(path).read() if os.path.exists(path) else ""
-    if "## Published models" not in md:
-        pytest.fail("results/models is published but results/reproduction.md does not list it")
-    section = md.split("## Published models", 1)[1].split("\n## ", 1)[0]
+    reports = [open(os.path.join(ROOT, f), encoding="utf-8").read()
+               for f in sorted(os.listdir(ROOT)) if f.endswith(".md")]
+    listing = [md for md in reports if "## Published models" in md]
+    if len(listing) != 1:
+        pytest.fail(f"results/models is published: exactly one report in results/ must list it "
+                    f"(found {len(listing)})")
+    section = listing[0].split("## Published models", 1)[1].split("\n## ", 1)[0]
     return {m.group(1): m.group(2) for m in map(ROW.match, section.splitlines()) if m}
 
 
