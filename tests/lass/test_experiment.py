@@ -70,7 +70,8 @@ def test_breadth_config_covers_the_issue():
 def test_reproduction_plan_runs_side_by_side_what_the_old_driver_did():
     cfg = C.load("reproduction")
     by_wave = [[st["name"] for st in w] for w in waves(cfg)]
-    assert ["dense", "joint-shared", "joint-random"] in by_wave
+    assert ["dense", "joint-shared", "joint-random", "eval-alpha"] in by_wave
+    assert ["joint", "eval-theta0", "eval-theta0-zero"] in by_wave  # θ0 scored beside training
     assert cfg.stage("base")["ddp"] and cfg.run["workers"] == 2
     # templates and [train] defaults reach the stage; the stage's own values win
     j = cfg.stage("joint")
@@ -145,7 +146,8 @@ def shortened(tmp_path_factory):
         "stage.base.max_tokens=512", "train.valid_limit=8", f"report.out='{out}'",
         "report.discussion='none'", f"report.models.out='{d}/models'",
     ] + [f"stage.{s}.limit=3" for s in ("eval-supervised", "eval-zero", "eval-s1-supervised",
-                                        "eval-s1-zero", "eval-alpha")]
+                                        "eval-s1-zero", "eval-alpha", "eval-theta0",
+                                        "eval-theta0-zero")]
     argv = ["experiment", "run", "reproduction-seed1", "--run", run_dir, *_sets(sets)]
     assert main(argv) == 0
     return run_dir, out, argv, str(d)

@@ -5,8 +5,9 @@ Sections follow the config's ``[report]`` table (each is written where its key i
 - protocol (always): data, model, every stage's options, stopping rule, how it ran;
 - convergence (always): every trained stage's steps, cap, best step and validation loss, the
   curves figure, values chosen by ``select`` stages, wall time per wave;
-- ``supervised`` / ``zero_shot``: an evaluate stage each — BLEU/chrF/ACC per direction and
-  system, win ratios, and paired bootstraps for ``comparisons`` (``[[system, baseline], ...]``);
+- ``supervised`` / ``zero_shot``: an evaluate stage each, or a list of them merged (systems
+  scored in different waves) — BLEU/chrF/ACC per direction and system, win ratios, and paired
+  bootstraps for ``comparisons`` (``[[system, baseline], ...]``);
 - ``sweep``: ``{eval = EVAL, variable = NAME}`` — every value of a ``select``-ed variable
   scored on the test set beside its validation loss (the choice uses validation only), each
   against ``baseline`` with the paired bootstrap;
@@ -85,8 +86,13 @@ class Report:
         except ValueError:
             return []
 
-    def _eval(self, stage: str) -> tuple[dict, dict]:
-        """An evaluate stage's results and hypotheses, systems in the config's order."""
+    def _eval(self, stage: str | list[str]) -> tuple[dict, dict]:
+        """An evaluate stage's results and hypotheses, systems in the config's order; a list of
+        stages is merged in its order (e.g. θ0 scored in an earlier wave, beside training)."""
+        if isinstance(stage, list):
+            parts = [self._eval(s) for s in stage]
+            return ({k: v for r, _ in parts for k, v in r.items()},
+                    {k: v for _, h in parts for k, v in h.items()})
         res, hyps = load_eval(self.run_dir, stage)
         order = [next(iter(j.params["systems"])) for j in self.jobs.get(stage, [])]
         order += [s for s in res if s not in order]
