@@ -95,6 +95,7 @@ def launch(nproc: int, argv: list[str], module: str = "lass_sparse.cli") -> int:
     """Run ``python -m MODULE ARGV`` as ``nproc`` ranks of one standalone job (torchrun's API,
     one node, a free port); returns the exit code (that of the first failed rank)."""
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     if nproc < 1:
@@ -109,6 +110,10 @@ def launch(nproc: int, argv: list[str], module: str = "lass_sparse.cli") -> int:
         print(f"lass-sparse: error: rank(s) {sorted(e.failures)} failed (exit codes {codes}); "
               "their output is above", file=sys.stderr)
         return next((c for c in codes if c), 1)
+    except SignalException as e:  # SIGTERM/SIGHUP to the launcher: the ranks are stopped
+        print(f"lass-sparse: stopped by signal {e.sigval.name}; rerun the same command to "
+              "resume", file=sys.stderr)
+        return 128 + int(e.sigval)
     return 0
 
 

@@ -261,6 +261,32 @@ baseline = "theta0"
     assert os.path.exists(os.path.join(run_dir, "results", "two.md"))
 
 
+def test_sigterm_to_the_launcher_stops_the_ranks_with_one_line(tmp_path):
+    """SIGTERM to ``--nproc-per-node`` (e.g. ``kill``, a batch system): the ranks stop, exit
+    128 + 15, one line that says how to resume (no 'internal error')."""
+    import signal
+    import time
+
+    run_dir = str(tmp_path / "run")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "lass_sparse.cli", "train", "--run", run_dir, "--corpus", "demo",
+         "--pairs", "en-de", "--max-train", "40", "--vocab-size", "300", "--steps", "100000",
+         "--batch-size", "4", "--quiet", "--device", "cpu", "--nproc-per-node", "2"],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    log = os.path.join(run_dir, "base", "log.jsonl")
+    deadline = time.time() + 120
+    while not os.path.exists(log) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.5)
+    assert os.path.exists(log), p.communicate(timeout=60)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    lines = [x for x in err.splitlines() if x.startswith("lass-sparse:")]
+    assert lines == ["lass-sparse: stopped by signal SIGTERM; rerun the same command to resume"]
+    assert "internal error" not in err
+
+
 def test_nproc_per_node_starts_the_ranks(tmp_path):
     """``lass-sparse train --nproc-per-node 2`` (no torchrun parser: ``--run`` is ours)."""
     run_dir = str(tmp_path / "run")
