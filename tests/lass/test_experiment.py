@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("sentencepiece")
 pytest.importorskip("sacrebleu")
@@ -259,6 +260,86 @@ baseline = "theta0"
     st = json.load(open(os.path.join(run_dir, "base", "ckpt", "state.json")))
     assert st["step"] == 4
     assert os.path.exists(os.path.join(run_dir, "results", "two.md"))
+
+
+SIDE_BY_SIDE = """
+name = "side"
+[run]
+corpus = "demo"
+pairs = ["en-de", "en-fr"]
+threads = 1
+device = "cpu"
+[train]
+quiet = true
+[[stage]]
+name = "base"
+kind = "train"
+steps = 4
+batch_size = 8
+[[stage]]
+name = "finetune"
+kind = "finetune"
+init = "base"
+steps = 2
+batch_size = 8
+[[stage]]
+name = "prune"
+kind = "prune"
+alpha = 0.5
+[[stage]]
+name = "joint-x"
+kind = "joint"
+masks = "masks.safetensors"
+init = "base"
+directions = ["en-de", "de-en"]
+steps = 6
+batch_size = 8
+[[stage]]
+name = "joint-y"
+kind = "joint"
+after = "prune"
+masks = "masks.safetensors"
+init = "base"
+directions = ["en-fr", "fr-en"]
+steps = 3
+batch_size = 8
+[[stage]]
+name = "eval"
+kind = "evaluate"
+after = "prune"
+limit = 2
+beam = 1
+systems = { theta0 = "base" }
+[report]
+supervised = "eval"
+"""
+
+
+def test_masked_jobs_side_by_side_equal_the_same_jobs_alone(tmp_path):
+    """Two masked joint stages (other directions, other lengths) and an evaluation in one wave
+    of 2 workers (one process group): no job may join a collective of another (they once
+    all-gathered their pairs: the optimizer then moved the other job's masks, and a joint stage
+    left alone beside a finished one deadlocked). Each joint checkpoint must equal, bit for bit,
+    the one a single worker trains alone."""
+    from safetensors.torch import load_file
+
+    cfg = _write(tmp_path, SIDE_BY_SIDE)
+    runs = {}
+    for workers in (1, 2):
+        run_dir = str(tmp_path / f"w{workers}")
+        r = _cli("experiment", "run", cfg, "--run", run_dir, *_sets(TINY + [
+            f"run.workers={workers}"]), timeout=180)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs[workers] = run_dir
+    def last(run_dir, stage, kind):  # the last checkpoint's weights / optimizer state
+        folder = os.path.join(run_dir, stage, "ckpt")
+        (f,) = [x for x in os.listdir(folder) if x.startswith(kind)]
+        return load_file(os.path.join(folder, f))
+
+    for stage, kind in [(s, k) for s in ("joint-x", "joint-y") for k in ("model", "optim")]:
+        one, two = (last(runs[w], stage, kind) for w in (1, 2))
+        assert one.keys() == two.keys()
+        assert all(torch.equal(one[k], two[k]) for k in one), (stage, kind)
 
 
 def test_sigterm_to_the_launcher_stops_the_ranks_with_one_line(tmp_path):
