@@ -8,7 +8,7 @@ concurrency, and memory of one LaSS model serving N directions vs N dense models
 
 Latency/throughput: for each batching mode (``cross``: batches mix directions; ``pair``: one
 direction per batch; ``none``: one request at a time) a server is started on the published
-models (results/models, stage lass, 6 supervised + 6 zero-shot directions) and driven by
+models (results/models, stage lass, every supervised and zero-shot direction) and driven by
 closed-loop clients (1, 8, 32, 64), each sending one sentence per request (beam 4) for the
 directions in turn. The three servers run side by side and the modes take turns at each level
 (rounds of a few seconds; medians over the rounds), so a shared machine's load hits them alike.
@@ -339,9 +339,10 @@ def render(rows: list[dict], mem: list[dict], meta: dict, args: argparse.Namespa
         "",
         "## Throughput and latency",
         "",
-        "The published tiny model (results/models, stage `lass`, masks.safetensors: 6 "
-        "supervised + 6 zero-shot directions). Closed-loop clients on 127.0.0.1, one sentence "
-        "per request, the requests spread over all 12 directions in turn. `cross`: batches mix "
+        "The published tiny model (results/models, stage `lass`, masks.safetensors: every "
+        "supervised and zero-shot direction). Closed-loop clients on 127.0.0.1, one sentence "
+        f"per request, the requests spread over all {rows[0]['directions'] if rows else 0} "
+        "directions in turn. `cross`: batches mix "
         "directions (one forward per decoder step, each row under its own mask); `pair`: a "
         "batch holds one direction (as a server per direction would); `none`: one request at "
         "a time. *batch*: mean sentences per batch (and distinct directions in it).",
@@ -413,8 +414,8 @@ def plot(rows: list[dict], path: str, meta: dict) -> None:
     ax.set_ylabel("latency (ms)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(f"lass-sparse serve, 12 directions, beam 4 (CPU, {meta['commit']}); "
-                 "labels: clients", fontsize=9)
+    ax.set_title(f"lass-sparse serve, {rows[0]['directions']} directions, beam 4 "
+                 f"(CPU, {meta['commit']}); labels: clients", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
