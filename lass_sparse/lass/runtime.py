@@ -83,7 +83,7 @@ def claimed(key: str, n: int, world: int, rank: int):
         try:
             store = dist.distributed_c10d._get_default_store()
         except (AttributeError, RuntimeError):  # private API: keep the static split
-            store = None
+            pass
     if store is None:
         yield from range(rank, n, world)
         return

@@ -309,8 +309,10 @@ class _StageRun:
             self.scaler.unscale_(opt)
         if cfg.clip_norm:
             nn.utils.clip_grad_norm_(self.trainable, cfg.clip_norm)
-        if bank is not None:  # every rank's pairs under DDP; this job's alone otherwise (a
-            pairs = [d for d, _ in micro]  # job beside others in one process group: no collective)
+        if bank is not None:
+            # every rank's pairs under DDP; a job alone inside a process group (experiment jobs
+            # side by side) must not join a collective
+            pairs = [d for d, _ in micro]
             opt.note_pair(*(gather_pairs(*pairs) if self.world > 1 else dict.fromkeys(pairs)))
         if self.scaler is not None:
             self.scaler.step(opt)  # skipped when the scaled gradients overflowed

@@ -108,6 +108,13 @@ def _lin(dt, m):
             torch.empty(N, K // 32, dtype=torch.int32, device="meta"))
 
 
+def _bank():
+    """A meta bank of two masks of the checked shape."""
+    import torch
+
+    return torch.empty(2, N, K // 32, dtype=torch.int32, device="meta")
+
+
 def _fwd(kk, dt, m):
     import torch
 
@@ -134,24 +141,21 @@ def _variants():
     """(name, kernel attribute, buckets, call(kernels, dtype, m)) for every kernel variant."""
     import torch
 
-    lin, fwd, dx, dw_acc = _lin, _fwd, _dx, _dw_acc
-
     def dw(kk, dt, m):
-        x, _, bits = lin(dt, m)
+        x, _, bits = _lin(dt, m)
         kk.masked_linear_dw(torch.empty(m, N, dtype=dt, device="meta"), x, bits)
 
     def _seg(m):
         return torch.tensor([0, m // 2, m]), torch.tensor([1, 0])
 
     def seg_fwd(kk, dt, m):
-        x, w, bits = lin(dt, m)
-        bank = torch.empty(2, N, K // 32, dtype=torch.int32, device="meta")
-        kk.segmented_masked_linear(x, w, bank, *_seg(m), torch.empty(N, dtype=dt, device="meta"))
+        x, w, _ = _lin(dt, m)
+        kk.segmented_masked_linear(x, w, _bank(), *_seg(m),
+                                   torch.empty(N, dtype=dt, device="meta"))
 
     def seg_dx(kk, dt, m):
-        _, w, _ = lin(dt, m)
-        bank = torch.empty(2, N, K // 32, dtype=torch.int32, device="meta")
-        kk.segmented_masked_linear_dx(torch.empty(m, N, dtype=dt, device="meta"), w, bank,
+        _, w, _ = _lin(dt, m)
+        kk.segmented_masked_linear_dx(torch.empty(m, N, dtype=dt, device="meta"), w, _bank(),
                                       *_seg(m))
 
     def qkv(kk, dt, m):
@@ -162,10 +166,10 @@ def _variants():
 
     all_b = (16, 64, 128)
     return [
-        ("fwd", "_fwd_kernel", all_b, fwd),
-        ("dx", "_dx_kernel", all_b, dx),
+        ("fwd", "_fwd_kernel", all_b, _fwd),
+        ("dx", "_dx_kernel", all_b, _dx),
         ("dw", "_dw_kernel", (64,), dw),
-        ("dw_acc", "_dw_kernel", (64,), dw_acc),
+        ("dw_acc", "_dw_kernel", (64,), _dw_acc),
         ("seg_fwd", "_fwd_kernel", (64,), seg_fwd),
         ("seg_dx", "_dx_kernel", (64,), seg_dx),
         ("qkv", "_qkv_kernel", all_b, qkv),
@@ -217,18 +221,15 @@ def _wt_variants():
     """The kernels_wt.py launches: (name, attr, call(kw, dtype, m))."""
     import torch
 
-    fwd, dx, dw_acc = _fwd, _dx, _dw_acc
-
     def seg(kw, dt, m):
         x, w, _ = _lin(dt, m)
-        bank = torch.empty(2, N, K // 32, dtype=torch.int32, device="meta")
-        kw.segmented_masked_linear(x, w, bank, torch.tensor([0, m // 2, m], device="meta"),
+        kw.segmented_masked_linear(x, w, _bank(), torch.tensor([0, m // 2, m], device="meta"),
                                    torch.tensor([1, 0], device="meta"), None)
 
-    return [("wt_fwd", "_fwd_wt_kernel", fwd, "wt"),
-            ("wt_fwd_persistent", "_fwd_wt_persistent_kernel", fwd, "wt_persistent"),
-            ("wt_dx", "_dx_wt_kernel", dx, "wt"),
-            ("wt_dw_acc", "_dw_wt_kernel", dw_acc, "wt"),
+    return [("wt_fwd", "_fwd_wt_kernel", _fwd, "wt"),
+            ("wt_fwd_persistent", "_fwd_wt_persistent_kernel", _fwd, "wt_persistent"),
+            ("wt_dx", "_dx_wt_kernel", _dx, "wt"),
+            ("wt_dw_acc", "_dw_wt_kernel", _dw_acc, "wt"),
             ("wt_seg_fwd", "_seg_fwd_wt_kernel", seg, "wt")]
 
 

@@ -34,7 +34,7 @@ from ...mt.metrics import pooled_bootstrap, significance
 from ...mt.report import render_significance, render_table
 from .config import TRAINING_KINDS, Config, fill
 from .jobs import curve, load_eval, stage_summary, state_path
-from .runner import _foreach_values, done_record, expand, selections
+from .runner import done_record, expand, foreach_values, selections
 
 
 def _avg(res: dict, system: str, dirs: list[str], metric: str) -> float:
@@ -79,6 +79,7 @@ class Report:
         self.jobs = {st["name"]: self._expand(st) for st in cfg.stages}
         self.data: dict = {"name": cfg.name, "config": cfg.path, "selected": self.vars}
         self.figures: list[str] = []
+        self._loaded: dict[str, tuple[dict, dict]] = {}  # evaluate stage -> load_eval, read once
 
     def _expand(self, st: dict):
         try:
@@ -93,7 +94,9 @@ class Report:
             parts = [self._eval(s) for s in stage]
             return ({k: v for r, _ in parts for k, v in r.items()},
                     {k: v for _, h in parts for k, v in h.items()})
-        res, hyps = load_eval(self.run_dir, stage)
+        if stage not in self._loaded:
+            self._loaded[stage] = load_eval(self.run_dir, stage)
+        res, hyps = self._loaded[stage]
         order = [next(iter(j.params["systems"])) for j in self.jobs.get(stage, [])]
         order += [s for s in res if s not in order]
         return ({s: res[s] for s in order if s in res}, {s: hyps[s] for s in order if s in hyps})
@@ -302,7 +305,7 @@ class Report:
             sel = json.load(f)[var]
         st = next(s for s in self.cfg.stages if s["name"] == stage)
         value_of = {}
-        for combo in _foreach_values(st, self.vars, self.directions, self.cfg):
+        for combo in foreach_values(st, self.vars, self.directions, self.cfg):
             value = next(iter(combo.values()))
             for name in fill(st["systems"], {**self.vars, **combo}, f"stage {stage!r}"):
                 value_of[name] = value

@@ -82,7 +82,8 @@ def directions_of(spec, run_directions: list[str], cfg: Config, where: str) -> l
                       f"got {spec!r}")
 
 
-def _foreach_values(st: dict, variables: dict, run_directions: list[str], cfg: Config) -> list:
+def foreach_values(st: dict, variables: dict, run_directions: list[str], cfg: Config) -> list:
+    """Every combination of stage ``st``'s ``foreach`` values (``[{var: value, ...}, ...]``)."""
     fe = dict(st.get("foreach", {}))
     if st["kind"] == "finetune" and "direction" not in fe:
         fe["direction"] = st.get("directions", "supervised")
@@ -101,7 +102,7 @@ def expand(st: dict, variables: dict, run_directions: list[str], cfg: Config) ->
     """The jobs of stage ``st`` with its variables filled in."""
     jobs = []
     skip = {"name", "kind", "after", "foreach", "use", "ddp", "description"}
-    combos = _foreach_values(st, variables, run_directions, cfg)
+    combos = foreach_values(st, variables, run_directions, cfg)
     for combo in combos:
         where = f"stage {st['name']!r}"
         raw = {k: v for k, v in st.items() if k not in skip}
