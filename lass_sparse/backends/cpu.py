@@ -15,6 +15,7 @@ import functools
 import torch
 
 from ..ops import registry
+from ..ops.segments import spans
 from ..reference import split_qkv
 from . import _native
 
@@ -51,14 +52,9 @@ else:
                                                 "masked_linear_dw"))
     _accumulate = native("masked_linear_dw_accumulate_")
 
-    def _segments(seg_offsets, seg_pair):
-        offs = seg_offsets.tolist()
-        return [(offs[i], offs[i + 1], p) for i, p in enumerate(seg_pair.tolist())
-                if offs[i + 1] > offs[i]]
-
     @registry.register("segmented_masked_linear_dx", "cpu", ("cpu",), dtypes=_DTYPES)
     def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair):
-        segs = _segments(seg_offsets, seg_pair)
+        segs = spans(seg_offsets, seg_pair)
         if len(segs) == 1 and segs[0][1] - segs[0][0] == grad_out.shape[0]:
             return _dx(grad_out, weight, bits_bank[segs[0][2]])
         dx = torch.empty(grad_out.shape[0], weight.shape[1], dtype=grad_out.dtype)
@@ -68,7 +64,7 @@ else:
 
     @registry.register("segmented_masked_linear_dw", "cpu", ("cpu",), dtypes=_DTYPES)
     def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
-        segs = _segments(seg_offsets, seg_pair)
+        segs = spans(seg_offsets, seg_pair)
         if len(segs) == 1:  # one pair: the masked_linear kernel (bf16 stays bf16, fp32 inside)
             lo, hi, p = segs[0]
             return _dw(grad_out[lo:hi].contiguous(), x[lo:hi].contiguous(), bits_bank[p])

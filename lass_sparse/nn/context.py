@@ -141,18 +141,9 @@ class MaskContext:
 
     def stacked(self, name: str, device: torch.device) -> Tensor | None:
         """``int32[P, rows, W]`` bits of every pair of the bank for ``name`` (None: not masked);
-        a mixed batch indexes it with :meth:`pair_index`, so any mix of pairs shares one copy."""
+        a mixed batch indexes it with the bank's ``pair_index``: any mix of pairs shares one
+        copy."""
         return self._device_copy((None, name, device), lambda: self.bank.stack()[name])
-
-    def pair_index(self, state: PairState, device: torch.device) -> Tensor:
-        """``int64[len(state.pairs)]``: each of the mixed batch's pairs' row in :meth:`stacked`."""
-        self._fresh()
-        key = (state.pairs, "__index__", device)
-        idx = self._cache.get(key)
-        if idx is None:
-            idx = self._cache[key] = torch.tensor(self.bank.pair_index(state.pairs),
-                                                  dtype=torch.long, device=device)
-        return idx
 
     def set(self, pair=None, pair_ids=None, batch_dim: int = 0, *, default: bool = False) -> None:
         """Set the calling thread's active pair (``default=True``: also what threads that never

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops.segments import remember
 from .context import MaskContext, PairState
 
 
@@ -37,24 +39,28 @@ def _row_ids(ids: Tensor, x: Tensor, batch_dim: int) -> Tensor:
     )
 
 
-def _grouping(st: PairState, x: Tensor, batch_dim: int, bank_index: Tensor, version: int):
+def _grouping(st: PairState, x: Tensor, batch_dim: int, ctx: MaskContext):
     """(row order or None, seg_offsets, seg_pair) of the mixed batch for activations shaped like
-    ``x``; ``seg_pair`` indexes the whole bank's stack (``bank_index``: each of the batch's pairs'
-    row there). Computed once per shape and shared by every masked layer until the pairs
-    change."""
-    key = (tuple(x.shape[:-1]), batch_dim, x.device, version)  # version: the bank's pairs
+    ``x``; ``seg_pair`` indexes the whole bank's stack (:meth:`MaskContext.stacked`). Computed
+    once per shape and shared by every masked layer until the pairs change. Built on the host
+    (``pair_ids`` is usually there) and registered with the ops, so no layer, forward or
+    backward, reads the table back from the device (inference mode included)."""
+    key = (tuple(x.shape[:-1]), batch_dim, x.device, ctx.bank.version)  # version: the pairs
     g = st.groups.get(key)
     if g is None:
-        ids = _row_ids(st.pair_ids.to(x.device), x, batch_dim)
-        is_sorted = bool((ids[1:] >= ids[:-1]).all()) if ids.numel() > 1 else True
-        order = None if is_sorted else torch.argsort(ids, stable=True)
-        if order is not None:
+        ids = _row_ids(st.pair_ids.cpu(), x, batch_dim)
+        order = None
+        if ids.numel() > 1 and not bool((ids[1:] >= ids[:-1]).all()):
+            order = torch.argsort(ids, stable=True)
             ids = ids[order]
-        counts = torch.bincount(ids, minlength=len(st.pairs))
-        seg_pair = counts.nonzero().flatten()
-        offsets = torch.zeros(seg_pair.numel() + 1, dtype=torch.long, device=ids.device)
-        offsets[1:] = counts[seg_pair].cumsum(0)
-        g = st.groups[key] = (order, offsets, bank_index[seg_pair])
+        counts = torch.bincount(ids, minlength=len(st.pairs)).tolist()
+        rows = ctx.bank.pair_index(st.pairs)
+        present = [i for i, c in enumerate(counts) if c]
+        offs = [0, *itertools.accumulate(counts[i] for i in present)]
+        pairs = [rows[i] for i in present]
+        offsets, seg_pair = (torch.tensor(v, dtype=torch.long).to(x.device) for v in (offs, pairs))
+        remember(offsets, seg_pair, offs, pairs)
+        g = st.groups[key] = (None if order is None else order.to(x.device), offsets, seg_pair)
     return g
 
 
@@ -86,7 +92,7 @@ def masked_forward(
     if rows is not None:
         bank_bits = bank_bits[:, rows]
     order, offsets, seg_pair = _grouping(st, x, st.batch_dim if batch_dim is None else batch_dim,
-                                         ctx.pair_index(st, x.device), ctx.bank.version)
+                                         ctx)
     x2 = x.reshape(-1, x.shape[-1])
     if order is not None:
         x2 = x2[order]

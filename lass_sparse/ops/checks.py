@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..bitmask import check_bits, check_same_device, num_words
+from .segments import host_table
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -159,13 +160,12 @@ def check_segments(op: str, t: int, p: int, seg_offsets: Tensor, seg_pair: Tenso
                       seg_pair=seg_pair)
     if not values or seg_offsets.device.type == "meta":  # fake kernels: no data to read
         return
-    offs = seg_offsets.tolist()
+    offs, pairs = host_table(seg_offsets, seg_pair)  # read from the device once per table
     if offs[0] != 0 or offs[-1] != t or any(a > b for a, b in zip(offs, offs[1:])):
         raise ValueError(
             f"{op}: seg_offsets must be non-decreasing from 0 to T={t}, got {offs[:8]}"
             f"{'...' if len(offs) > 8 else ''}"
         )
-    pairs = seg_pair.tolist()
     bad = [q for q in pairs if not 0 <= q < p]
     if bad:
         raise ValueError(f"{op}: seg_pair ids must be in [0, P={p}), got {bad[0]}")

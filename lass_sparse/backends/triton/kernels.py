@@ -12,13 +12,13 @@ output offsets are computed in int64, so tensors past 2³¹ elements index corre
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ...ops.segments import device_tiles, spans
 from .common import AUTOTUNE, INTERPRET, _ieee, _rna, _rows  # noqa: F401 (kernels_wt shares them)
 
 
@@ -315,11 +315,6 @@ def _same_dtype(*ts) -> bool:
     return len({t.dtype for t in ts if t is not None}) == 1
 
 
-def _segment_list(seg_offsets, seg_pair) -> list[tuple[int, int, int]]:
-    offs, pairs = seg_offsets.tolist(), seg_pair.tolist()
-    return [(offs[i], offs[i + 1], p) for i, p in enumerate(pairs) if offs[i + 1] > offs[i]]
-
-
 def _by_pair(segs) -> dict[int, list[tuple[int, int]]]:
     """Segments grouped by pair (first-seen order): the cuBLAS route masks W once per pair."""
     out: dict[int, list[tuple[int, int]]] = {}
@@ -332,9 +327,9 @@ def _per_pair_dense(segs, weight, bits_bank, rows) -> None:
     """The cuBLAS route: ``rows(W ⊙ M_p, a, b)`` for every segment, W ⊙ M_p written once per
     pair into one W-sized transient reused pair after pair."""
     wm = torch.empty_like(weight)
-    for p, spans in _by_pair(segs).items():
+    for p, pair_spans in _by_pair(segs).items():
         apply_mask(weight, bits_bank[p], out=wm)
-        for a, b in spans:
+        for a, b in pair_spans:
             rows(wm, a, b)
 
 
@@ -450,21 +445,6 @@ def masked_linear_dw_accumulate_(grad, grad_out, x, bits):
     _dw(grad_out, x, bits, *_one_segment(x.shape[0], x.device), grad, True)
 
 
-def _segments(seg_offsets, seg_pair, block_m: int | None, device):
-    """Non-empty segments as int32 (lo, hi, pair); with ``block_m``, split into row tiles."""
-    offs, pairs = seg_offsets.tolist(), seg_pair.tolist()
-    lo, hi, pr = [], [], []
-    for i, p in enumerate(pairs):
-        a, b = offs[i], offs[i + 1]
-        step = block_m or max(b - a, 1)
-        for s in range(a, b, step):
-            lo.append(s)
-            hi.append(min(b, s + step))
-            pr.append(p)
-    mk = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
-    return mk(lo), mk(hi), mk(pr)
-
-
 def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
     if (wt := _variant_wt(x, weight, bias)) is not None:
         return wt.segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias)
@@ -473,18 +453,17 @@ def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
     if t == 0 or n == 0:
         return y
-    segs = _segment_list(seg_offsets, seg_pair)
+    segs = spans(seg_offsets, seg_pair)
     if _route_segments(segs, t) and _same_dtype(x, weight, bias):
         def rows(wm, a, b):
             y[a:b] = torch.nn.functional.linear(x[a:b], wm, bias)
 
         _per_pair_dense(segs, weight, bits_bank, rows)
         return y
-    tiles = functools.cache(lambda bm: _segments(seg_offsets, seg_pair, bm, x.device))
 
     def launch(cfg):
         bm, bn, bk, warps, stages = cfg
-        lo, hi, pr = tiles(bm)
+        lo, hi, pr = device_tiles(seg_offsets, seg_pair, bm, y.device)
         if lo.numel() == 0:
             return
         grid = (lo.numel(), triton.cdiv(n, bn))
@@ -505,16 +484,15 @@ def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pai
     dx = torch.zeros(t, k, dtype=grad_out.dtype, device=grad_out.device)
     if t == 0 or k == 0 or n == 0:
         return dx
-    segs = _segment_list(seg_offsets, seg_pair)
+    segs = spans(seg_offsets, seg_pair)
     if _route_segments(segs, t) and _same_dtype(grad_out, weight):
         _per_pair_dense(segs, weight, bits_bank,
                         lambda wm, a, b: torch.mm(grad_out[a:b], wm, out=dx[a:b]))
         return dx
-    tiles = functools.cache(lambda bm: _segments(seg_offsets, seg_pair, bm, grad_out.device))
 
     def launch(cfg):
         bm, bn, bk, warps, stages = cfg
-        lo, hi, pr = tiles(bm)
+        lo, hi, pr = device_tiles(seg_offsets, seg_pair, bm, dx.device)
         if lo.numel() == 0:
             return
         grid = (lo.numel(), triton.cdiv(k, bk))
@@ -530,13 +508,13 @@ def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pai
 
 def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
     out = torch.zeros(grad_out.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
-    segs = _segment_list(seg_offsets, seg_pair)
+    segs = spans(seg_offsets, seg_pair)
     if _route_segments(segs, x.shape[0]) and out.numel() and _same_dtype(grad_out, x):
         for a, b, p in segs:
             apply_mask(torch.mm(grad_out[a:b].t(), x[a:b]), bits_bank[p], out=out,
                        accumulate=True)
         return out
-    lo, hi, pr = _segments(seg_offsets, seg_pair, None, x.device)
+    lo, hi, pr = device_tiles(seg_offsets, seg_pair, None, x.device)
     if lo.numel() == 0:
         return out
     return _dw(grad_out, x, bits_bank, lo, hi, pr, out, False)
