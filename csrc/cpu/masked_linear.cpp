@@ -5,9 +5,8 @@
 //  * bf16 backward up to ~128 rows with AVX512-BF16: panel_bf16.cpp;
 //  * fp32 forward with AVX-512: panel_fp32.cpp;
 //  * otherwise decode -> BLAS, one cache-sized tile of W ⊙ M at a time: tiled.cpp.
-// It also holds the C++ autograd node and the entries under the public names.
+// It also holds the entries under the public names (the autograd node: autograd.cpp).
 #include <ATen/ATen.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -140,42 +139,6 @@ void masked_linear_dw_accumulate_(at::Tensor grad, const at::Tensor& dy, const a
   dw_tiles(dy_c, x_c, bits, grad, true);
 }
 
-// masked_linear with its gradient in C++ (forward, dx, dW and the bias sum without a Python
-// autograd node): the eager CPU path of lass_sparse.masked_linear when gradients are needed.
-// x is 2-D [M, K]; the same kernels as the op, so the same results.
-struct MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-                            const at::Tensor& w, const at::Tensor& bits,
-                            const std::optional<at::Tensor>& bias) {
-    ctx->save_for_backward({x, w, bits});
-    ctx->saved_data["has_bias"] = bias.has_value();
-    return masked_linear(x, w, bits, bias);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    // dx and dW come from kernels, not from differentiable ops: refuse a graph of the gradient
-    // rather than return one that silently ends here.
-    LASS_CHECK(!at::GradMode::is_enabled(),
-                "masked_linear: double backward (create_graph=True) is not supported");
-    const auto saved = ctx->get_saved_variables();
-    const auto& x = saved[0];
-    const auto& w = saved[1];
-    const auto& bits = saved[2];
-    const auto dy = grads[0].contiguous();
-    at::Tensor dx, dw, db;
-    if (ctx->needs_input_grad(0)) dx = masked_linear_dx(dy, w, bits);
-    if (ctx->needs_input_grad(1)) dw = masked_linear_dw(dy, x, bits);
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) db = dy.sum(0);
-    return {dx, dw, at::Tensor(), db};
-  }
-};
-
-at::Tensor masked_linear_autograd(const at::Tensor& x, const at::Tensor& w,
-                                  const at::Tensor& bits, const c10::optional<at::Tensor>& bias) {
-  return MaskedLinearFn::apply(x, w, bits, bias);
-}
-
 // ---- entries under the public names (entry.h): the op's normalisation (x [..., K] as rows,
 // contiguous inputs), then the kernel, or the op's Python body
 
@@ -244,10 +207,6 @@ static void masked_linear_dw_accumulate_op(const at::Tensor& grad, const at::Ten
 }
 
 }  // namespace lass_sparse_cpu
-
-TORCH_LIBRARY_IMPL(lass_sparse_cpu, CompositeImplicitAutograd, m) {
-  m.impl("masked_linear_autograd", &lass_sparse_cpu::masked_linear_autograd);
-}
 
 TORCH_LIBRARY_IMPL(lass_sparse, CPU, m) {
   m.impl("masked_linear", &lass_sparse_cpu::masked_linear_op);

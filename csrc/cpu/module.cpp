@@ -1,7 +1,7 @@
 // The Python module lass_sparse._C (set_forced / kernels_only) and the per-thread state its
 // entries read (common/entry.h). The C++ kernels register under the public op names
 // (lass_sparse::*, schemas in lass_sparse/ops/schema.py) in their own files; lass_sparse_cpu
-// holds only the eager training node.
+// holds only the eager training node (autograd.cpp).
 #include <Python.h>  // first, as Python asks
 #include <torch/library.h>
 
@@ -11,6 +11,6 @@
 LASS_ENTRY_MODULE(_C)
 
 TORCH_LIBRARY(lass_sparse_cpu, m) {
-  // masked_linear with its gradient as one C++ autograd node (eager CPU training; x 2-D)
+  // masked_linear with its gradient as one C++ autograd node (eager training, any device; x 2-D)
   m.def("masked_linear_autograd(Tensor x, Tensor weight, Tensor bits, Tensor? bias) -> Tensor");
 }

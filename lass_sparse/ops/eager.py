@@ -64,26 +64,22 @@ class _MaskedLinearFn(torch.autograd.Function):
 
 
 @functools.cache
-def _cpu_train_op():
-    """``lass_sparse_cpu::masked_linear_autograd`` where the C++ backend is active, else None."""
+def _train_op():
+    """``lass_sparse_cpu::masked_linear_autograd`` (csrc/cpu/autograd.cpp) where the C++
+    extension is built, else None."""
     if not registry.status()["cpu"].active:
         return None
     return getattr(torch.ops.lass_sparse_cpu, "masked_linear_autograd", None)
 
 
-def _cpu_autograd(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None):
-    """masked_linear with its gradient in C++ (``lass_sparse_cpu::masked_linear_autograd``: one
-    C++ autograd node, the same kernels) for an eager CPU call that the C++ backend serves
-    unforced; None when another path must take it. Errors are worded by the op's checks."""
-    op = _cpu_train_op()
-    if (op is None or x.device.type != "cpu" or weight.dim() != 2 or x.dim() < 1
+def _cpp_autograd(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None):
+    """masked_linear with its gradient as one C++ autograd node (its forward, dx and dW reach
+    the public ops' CPU/CUDA kernels through the dispatcher, or their bodies for calls the
+    kernels do not take) for an unforced eager call on a CPU or CUDA tensor; None when the
+    Python node must take it. Errors are worded by the op's checks."""
+    op = _train_op()
+    if (op is None or x.device.type not in ("cpu", "cuda") or weight.dim() != 2 or x.dim() < 1
             or x.shape[-1] != weight.shape[1] or registry.forced_backend() is not None):
-        return None
-    try:
-        sel = registry.select("masked_linear", "cpu", x, weight, bits, bias, forced=None)
-        if sel.backend != "cpu":
-            return None
-    except RuntimeError:
         return None
     n, k = weight.shape
     x2 = (x if x.dim() == 2 else x.reshape(-1, k)).contiguous()
@@ -108,7 +104,7 @@ def masked_linear(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None =
     """
     if is_plain_eager(x, weight, bits, bias):
         if needs_grad(x, weight, bias):
-            y = profiled("masked_linear", _cpu_autograd, x, weight, bits, bias)
+            y = profiled("masked_linear", _cpp_autograd, x, weight, bits, bias)
             if y is not None:
                 return y
             return profiled("masked_linear", _MaskedLinearFn.apply, x, weight, bits, bias)

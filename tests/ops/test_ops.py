@@ -9,6 +9,7 @@ import torch
 import lass_sparse
 from lass_sparse import reference
 from lass_sparse.bitmask import pack_mask_reference, unpack_mask_reference
+from lass_sparse.ops import registry
 
 BACKENDS = [n for n in ("reference", "cpu") if lass_sparse.backends()[n]["active"]]
 # + Triton where it serves this machine's tensors (the interpreter on CPU): through the public op.
@@ -286,22 +287,33 @@ def _node_names(y):
 
 
 @pytest.mark.skipif(not lass_sparse.backends()["cpu"]["active"], reason="needs the C++ backend")
-def test_cpu_training_calls_take_the_cpp_autograd_node():
-    """Eager CPU calls that need a gradient run forward and backward as one C++ autograd node
-    (lass_sparse_cpu::masked_linear_autograd), bit-identical to the op path; forced backends,
-    bad input and double backward behave as on the op path."""
-    x, w, _, bits, b = _case((2, 3), 24, 40, grad=True)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_training_calls_take_the_cpp_autograd_node(device, dtype):
+    """Eager calls that need a gradient run forward and backward as one C++ autograd node
+    (csrc/cpu/autograd.cpp; its products through the dispatcher: the CPU/CUDA kernels, or the
+    op body for calls they do not take, e.g. float16 on the CPU), bit-identical to the Python
+    node (which a forced backend takes); bad input and double backward as on the op path."""
+    x, w, _, bits, b = (t.to(device) if t is not None else t
+                        for t in _case((2, 3), 24, 40, dtype=dtype))
+    for t in (x, w, b):
+        t.requires_grad_(True)
     y = lass_sparse.masked_linear(x, w, bits, b)
     names = _node_names(y)
     assert any("MaskedLinearFn" in n and "Cpp" in n for n in names), names
     assert not any(n.startswith("_MaskedLinearFn") for n in names), names
-    with lass_sparse.use_backend("reference"):
+    got = _grads(lambda *ts: lass_sparse.masked_linear(ts[0], ts[1], bits, ts[2]), x, w, b)
+    forced = registry.select("masked_linear", device, x, w, bits, b, forced=None).backend
+    with lass_sparse.use_backend(forced):  # the same kernels behind the Python node
         names = _node_names(lass_sparse.masked_linear(x, w, bits, b))
+        want = _grads(lambda *ts: lass_sparse.masked_linear(ts[0], ts[1], bits, ts[2]), x, w, b)
     assert any(n.startswith("_MaskedLinearFn") for n in names), names
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)
     with pytest.raises(ValueError, match="masked_linear: bits"):
         lass_sparse.masked_linear(x, w, bits[:, :1].contiguous(), b)
     with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(y.sum(), w, create_graph=True)
+        torch.autograd.grad(y.float().sum(), w, create_graph=True)
 
 
 def test_eager_direct_adamw_equals_the_op_path():
