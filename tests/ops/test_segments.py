@@ -154,19 +154,19 @@ def test_a_mixed_pair_model_in_inference_mode_reads_no_table_after_its_first_bat
 # -------------------------------------------------------------------------------- on a GPU
 
 
-def _gpu_backend():
+def _gpu_case():
+    """(model on the GPU, its pairs, x [6, 64, 32], pair ids of the 6 sequences)."""
     from lass_sparse.testing import require_backend
 
     require_backend("triton")  # the segmented ops' CUDA kernels
+    model, _, pairs = _mixed_model()
+    return model.cuda(), pairs, torch.randn(6, 64, 32, device="cuda"), torch.tensor(
+        [2, 0, 2, 1, 0, 0])
 
 
 @pytest.mark.gpu
 def test_a_mixed_pair_step_on_the_gpu_syncs_only_in_its_first_batch():
-    _gpu_backend()
-    model, _, pairs = _mixed_model()
-    model.cuda()
-    x = torch.randn(6, 64, 32, device="cuda")
-    ids = torch.tensor([2, 0, 2, 1, 0, 0])
+    model, pairs, x, ids = _gpu_case()
     with ls.active_pair(model, pairs, pair_ids=ids):
         model(x).sum().backward()  # builds the grouping, tunes the kernels
         torch.cuda.synchronize()
@@ -199,11 +199,7 @@ def _graph_step(model, x):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mixed", [False, True])
 def test_a_masked_training_step_replays_from_a_cuda_graph(mixed):
-    _gpu_backend()
-    model, _, pairs = _mixed_model()
-    model.cuda()
-    x = torch.randn(6, 64, 32, device="cuda")
-    ids = torch.tensor([2, 0, 2, 1, 0, 0])
+    model, pairs, x, ids = _gpu_case()
     with ls.active_pair(model, pairs if mixed else pairs[0], pair_ids=ids if mixed else None):
         g, y = _graph_step(model, x)
         x.copy_(torch.randn_like(x))  # new data into the static input, then replay
@@ -221,10 +217,7 @@ def test_a_masked_training_step_replays_from_a_cuda_graph(mixed):
 
 @pytest.mark.gpu
 def test_a_masked_model_compiles_with_reduce_overhead():
-    _gpu_backend()
-    model, _, pairs = _mixed_model()
-    model.cuda()
-    x = torch.randn(6, 64, 32, device="cuda")
+    model, pairs, x, _ = _gpu_case()
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     with ls.active_pair(model, pairs[1]):
         for _ in range(3):  # warm-up runs, then graph replays
