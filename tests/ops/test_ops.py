@@ -289,13 +289,14 @@ def _node_names(y):
 @pytest.mark.skipif(not lass_sparse.backends()["cpu"]["active"], reason="needs the C++ backend")
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_training_calls_take_the_cpp_autograd_node(device, dtype):
+@pytest.mark.parametrize("m_shape", [(2, 3), (80,)])  # CUDA: the decode kernel; the Triton body
+def test_training_calls_take_the_cpp_autograd_node(device, dtype, m_shape):
     """Eager calls that need a gradient run forward and backward as one C++ autograd node
     (csrc/cpu/autograd.cpp; its products through the dispatcher: the CPU/CUDA kernels, or the
     op body for calls they do not take, e.g. float16 on the CPU), bit-identical to the Python
     node (which a forced backend takes); bad input and double backward as on the op path."""
     x, w, _, bits, b = (t.to(device) if t is not None else t
-                        for t in _case((2, 3), 24, 40, dtype=dtype))
+                        for t in _case(m_shape, 24, 40, dtype=dtype))
     for t in (x, w, b):
         t.requires_grad_(True)
     y = lass_sparse.masked_linear(x, w, bits, b)
