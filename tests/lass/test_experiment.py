@@ -484,4 +484,20 @@ new_baseline = "theta0"
         assert log == open(os.path.join(run_dir, "extend-paper", "ft", d, "log.jsonl")).read()
     md = open(os.path.join(out, "ext.md"), encoding="utf-8").read()
     assert "## Extension: a new pair" in md and "extend-strict 0" in md
-    assert "| en-fr |" in md and "| old direction | LaSS |" in md
+    assert "| en-fr |" in md and "| old direction | LaSS | paper | Δ | strict | Δ |" in md
+    # the room strict mode has: new mask weights outside every old mask, counted unpacked here
+    from lass_sparse import MaskBank, unpack_mask
+
+    old_bank = MaskBank.load(os.path.join(run_dir, "masks.safetensors"))
+    ext_bank = MaskBank.load(os.path.join(run_dir, "extend-strict", "masks.safetensors"))
+    kept = free = 0
+    for n, shape in ext_bank.shapes.items():
+        used = torch.zeros(shape, dtype=torch.bool)
+        for d in old_bank.pairs:
+            used |= unpack_mask(old_bank.bits(d, n), shape[-1])
+        for d in ("en-fr", "fr-en"):
+            m = unpack_mask(ext_bank.bits(d, n), shape[-1])
+            kept, free = kept + int(m.sum()), free + int((m & ~used).sum())
+    room = json.load(open(os.path.join(out, "ext.json")))["extension_room"]
+    assert room["extend-strict"] == pytest.approx(free / kept)
+    assert f"extend-strict {100 * free / kept:.2f}%" in md

@@ -355,7 +355,7 @@ class Report:
         for d in new_dirs:
             lines.append(f"| {d} | " + " | ".join(f"{new_res[s][d]['bleu']:.1f}"
                                                  for s in systems) + " |")
-        ext_sys = list(old_res)
+        ext_sys = [s for s in old_res if s != ref]  # the reference has its own column
         lines += ["", f"| old direction | {ref} | " + " | ".join(
             f"{s} | Δ" for s in ext_sys) + " |", "|---|---|" + "---|---|" * len(ext_sys)]
         for d in old_dirs:
@@ -372,12 +372,37 @@ class Report:
             lines += ["", "- Largest change of any old pair's effective weight (W ⊙ M over "
                       "every old mask) and of every shared parameter: " + ", ".join(
                           f"{s} {v:.3g}" for s, v in ch.items()) + "."]
+            room = self._room_outside_old_masks(self.cfg.stage(check))
+            self.data["extension_room"] = room
+            lines += ["- Share of the new directions' mask weights that lie outside every old "
+                      "mask (all that strict mode may update; it also freezes the shared "
+                      "parameters: embeddings, norms, biases): " + ", ".join(
+                          f"{s} {100 * v:.2f}%" for s, v in room.items()) + "."]
         sig_old = significance({ref: ref_hyps[ref], **old_hyps}, ref, old_dirs)
         sig_new = significance(new_hyps, new_base, new_dirs)
         self.data["extension"] = {"new": new_res, "old": old_res, "significance_old": sig_old,
                                   "significance_new": sig_new}
         return lines + ["", render_significance(sig_old, ref),
                         render_significance(sig_new, new_base)]
+
+    def _room_outside_old_masks(self, check: dict) -> dict[str, float]:
+        """Per extension stage of ``check`` (a weight_change stage): the share of the new
+        directions' mask weights outside the union of the old masks (``check["masks"]``)."""
+        from ...bitmask import popcount
+        from ...masks import MaskBank
+
+        old = MaskBank.load(os.path.join(self.run_dir, check["masks"]))
+        union = old.union(old.pairs)
+        room = {}
+        for stage in check["after_stages"]:
+            bank = MaskBank.load(os.path.join(self.run_dir, self.cfg.stage(stage)["out"],
+                                              "masks.safetensors"))
+            new = [d for d in bank.pairs if d not in old.pairs]
+            kept = sum(int(popcount(bank[d][n]).sum()) for d in new for n in bank.names)
+            free = sum(int(popcount(bank[d][n] & ~union[n]).sum()) for d in new
+                       for n in bank.names)
+            room[stage] = free / max(kept, 1)
+        return room
 
     def seeds(self) -> list[str]:
         cfg = self._r("seeds")
