@@ -3,6 +3,10 @@ level)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+
 import torch
 
 from .ops import registry
@@ -85,3 +89,21 @@ class _Kernels:
 
 cpu_kernels = _Kernels("cpu")
 cuda_kernels = _Kernels("cuda")
+
+
+def run_process_group(cmd: list[str], *, timeout: float, **kw) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` in a session of its own: on
+    timeout the whole process group is killed — the ranks a launcher started too, which
+    ``subprocess.run`` would leave running — then ``TimeoutExpired`` is raised."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, **kw) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:  # exited meanwhile
+                pass
+            p.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)

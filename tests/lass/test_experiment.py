@@ -17,6 +17,7 @@ pytest.importorskip("sacrebleu")
 from lass_sparse.cli import main  # noqa: E402
 from lass_sparse.lass.experiment import config as C  # noqa: E402
 from lass_sparse.lass.experiment.runner import plan, waves  # noqa: E402
+from lass_sparse.testing import run_process_group  # noqa: E402
 
 TINY = ["run.model_overrides.d_model=32", "run.model_overrides.heads=2",
         "run.model_overrides.ffn=64", "run.model_overrides.enc_layers=1",
@@ -204,8 +205,8 @@ def test_rerun_resumes_and_publish(shortened, capsys):
 
 def _cli(*args, env=None, timeout=600):
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "lass_sparse.cli", *args], env=e,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_process_group([sys.executable, "-m", "lass_sparse.cli", *args], env=e,
+                             timeout=timeout)
 
 
 def test_two_workers_one_process_group_spread_the_jobs(tmp_path):

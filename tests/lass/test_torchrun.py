@@ -19,6 +19,7 @@ pytest.importorskip("sentencepiece")
 import lass_sparse as ls  # noqa: E402
 from lass_sparse.lass import pipeline as P  # noqa: E402
 from lass_sparse.lass.checkpoint import read_state  # noqa: E402
+from lass_sparse.testing import run_process_group  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
@@ -40,7 +41,7 @@ def _cli(*args: str, nproc: int = 1, check: bool = True, **kw):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "lass_sparse.cli", "--", *args]
-    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, **kw)
+    p = run_process_group(cmd, env=_env(), timeout=600, **kw)
     if check:
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return p
