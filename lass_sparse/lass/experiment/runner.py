@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -43,7 +44,10 @@ class Job:
 
 
 def log(msg: str) -> None:
-    print(f"[experiment {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    # one write per line: the workers share stdout, and print() may write the text and its
+    # newline separately (unbuffered streams), which lets two workers' lines run together
+    sys.stdout.write(f"[experiment {time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stdout.flush()
 
 
 def waves(cfg: Config) -> list[list[dict]]:
