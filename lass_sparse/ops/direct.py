@@ -1,8 +1,9 @@
 """The direct eager path: when a public function may skip the custom-op wrapper layers, and the
 native kernel it then calls.
 
-In plain eager (no compile or trace, no dispatch mode, no functorch transform), ``masked_linear``,
-``masked_qkv_proj``, their backward ops and ``masked_adamw_`` (under no_grad) run the op body (on
+In plain eager (no compile or trace, no dispatch mode, no functorch transform, no inference
+mode), ``masked_linear``, ``masked_qkv_proj``, ``segmented_masked_linear``, their backward ops
+and ``masked_adamw_`` (under no_grad) run the op body (on
 CPU and CUDA tensors: the op's native kernel, below autograd) directly, with an equivalent
 ``autograd.Function`` when a gradient is needed: the same checks and kernels, bit-identical
 results, less per-call host overhead. Everything else goes through ``torch.ops.lass_sparse``.
@@ -28,6 +29,15 @@ def is_plain_eager(*ts: Tensor | None) -> bool:
             or torch._C._are_functorch_transforms_active()):
         return False
     return all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in ts)
+
+
+def forward_direct(*ts: Tensor | None) -> bool:
+    """A public forward takes the direct path: :func:`is_plain_eager`, and not under inference
+    mode, where the ``torch.ops`` call skips the autograd layer itself and costs less (CPU,
+    masked_linear M = 1, 64×64, one run: 2.5 µs through torch.ops, 4.1–5.2 µs direct)."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():  # this order: dynamo
+        return False  # cannot trace the inference-mode query
+    return is_plain_eager(*ts)
 
 
 def needs_grad(*ts: Tensor | None) -> bool:

@@ -20,9 +20,14 @@ import torch
 from torch import Tensor
 
 from . import registry, schema
-from .bodies import masked_adamw_body, masked_linear_body, masked_qkv_proj_body
+from .bodies import (
+    masked_adamw_body,
+    masked_linear_body,
+    masked_qkv_proj_body,
+    segmented_masked_linear_body,
+)
 from .checks import check_linear
-from .direct import is_plain_eager, native_kernel, needs_grad, profiled
+from .direct import forward_direct, is_plain_eager, native_kernel, needs_grad, profiled
 
 # ------------------------------------------------------------------------- masks and pruning
 
@@ -102,7 +107,7 @@ def masked_linear(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None =
     ``bits: int32[N, ceil(K/32)]`` is the packed mask. Differentiable in ``x``, ``weight`` and
     ``bias``: ``dx = dy @ (W ⊙ M)``, ``dW = (dyᵀ x) ⊙ M`` (off-mask entries exactly 0).
     """
-    if is_plain_eager(x, weight, bits, bias):
+    if forward_direct(x, weight, bits, bias):
         if needs_grad(x, weight, bias):
             y = profiled("masked_linear", _cpp_autograd, x, weight, bits, bias)
             if y is not None:
@@ -114,6 +119,22 @@ def masked_linear(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None =
 
 
 # ------------------------------------------------------------------------ segmented (mixed pairs)
+
+
+class _SegmentedFn(torch.autograd.Function):
+    """The eager twin of the op's registered autograd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bits_bank, seg_offsets, seg_pair, bias):
+        y = segmented_masked_linear_body(x, weight, bits_bank, seg_offsets, seg_pair, bias)
+        schema.seg_setup(ctx, (x, weight, bits_bank, seg_offsets, seg_pair, bias), y)
+        return y
+
+    backward = staticmethod(schema.seg_backward)
+
+
+# no-grad direct path: the C++ entry on CPU (it defers to the body for calls it does not take)
+SEG_NATIVE = {"cpu": native_kernel("segmented_masked_linear")}
 
 
 def segmented_masked_linear(
@@ -130,9 +151,13 @@ def segmented_masked_linear(
     ``seg_offsets: int64[S+1]`` is non-decreasing from 0 to T (empty segments allowed);
     ``seg_pair: int64[S]`` holds pair ids in ``[0, P)`` in any order.
     """
-    return torch.ops.lass_sparse.segmented_masked_linear(
-        x, weight, bits_bank, seg_offsets, seg_pair, bias
-    )
+    args = (x, weight, bits_bank, seg_offsets, seg_pair, bias)
+    if forward_direct(*args):
+        if needs_grad(x, weight, bias):
+            return profiled("segmented_masked_linear", _SegmentedFn.apply, *args)
+        return profiled("segmented_masked_linear",
+                        SEG_NATIVE.get(x.device.type, segmented_masked_linear_body), *args)
+    return torch.ops.lass_sparse.segmented_masked_linear(*args)
 
 
 # ---------------------------------------------------------------------------- fused QKV projection
@@ -156,7 +181,7 @@ def masked_qkv_proj(
     """Masked packed in-projection: ``x[B, T, D]``, ``weight[3D, D]`` (q, k, v rows stacked, as
     ``nn.MultiheadAttention.in_proj_weight``), ``bits: int32[3D, ceil(D/32)]``. Returns q, k, v
     each ``[B, H, T, D/H]``, the layout ``scaled_dot_product_attention`` takes."""
-    if is_plain_eager(x, weight, bits, bias):
+    if forward_direct(x, weight, bits, bias):
         if needs_grad(x, weight, bias):
             return profiled("masked_qkv_proj", _MaskedQKVFn.apply, x, weight, bits, bias,
                             num_heads)

@@ -118,7 +118,7 @@ def _grad_op(op: str, body, *args: Tensor) -> Tensor:
     for double backward; on CPU the op's C++ kernel), else through
     ``torch.ops.lass_sparse.<op>``."""
     if not torch.is_grad_enabled() and is_plain_eager(*args):
-        return profiled(op, GRAD_CPU[op] if args[0].is_cpu else body, *args)
+        return profiled(op, (GRAD_CPU.get(op) if args[0].is_cpu else None) or body, *args)
     return getattr(torch.ops.lass_sparse, op)(*args)
 
 
@@ -187,25 +187,27 @@ def _(grad_out, x, bits_bank, seg_offsets, seg_pair):
     return x.new_empty((bits_bank.shape[1], x.shape[1]))
 
 
-def _seg_setup(ctx, inputs, output):
+def seg_setup(ctx, inputs, output):
     x, weight, bits_bank, seg_offsets, seg_pair, bias = inputs
     ctx.save_for_backward(x, weight, bits_bank, seg_offsets, seg_pair)
     ctx.has_bias = bias is not None
 
 
-def _seg_backward(ctx, grad):
+def seg_backward(ctx, grad):
     x, weight, bank, offs, pair = ctx.saved_tensors
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
-        dx = torch.ops.lass_sparse.segmented_masked_linear_dx(grad, weight, bank, offs, pair)
+        dx = _grad_op("segmented_masked_linear_dx", bodies.segmented_masked_linear_dx_body, grad,
+                      weight, bank, offs, pair)
     if ctx.needs_input_grad[1]:
-        dw = torch.ops.lass_sparse.segmented_masked_linear_dw(grad, x, bank, offs, pair)
+        dw = _grad_op("segmented_masked_linear_dw", bodies.segmented_masked_linear_dw_body, grad,
+                      x, bank, offs, pair)
     if ctx.has_bias and ctx.needs_input_grad[5]:
         db = grad.sum(0)
     return dx, dw, None, None, None, db
 
 
-segmented_masked_linear.register_autograd(_seg_backward, setup_context=_seg_setup)
+segmented_masked_linear.register_autograd(seg_backward, setup_context=seg_setup)
 
 
 # ---------------------------------------------------------------------------- fused QKV projection

@@ -220,12 +220,19 @@ def test_eager_direct_path_equals_the_op_path(dtype):
              lambda *a: torch.ops.lass_sparse.masked_qkv_proj(*a, 2),
              (torch.randn(2, 3, 8, dtype=dtype, requires_grad=True),
               torch.randn(24, 8, dtype=dtype, requires_grad=True), bits[:, :1].contiguous(),
-              torch.randn(24, dtype=dtype, requires_grad=True)))):
+              torch.randn(24, dtype=dtype, requires_grad=True))),
+            (ls_ops.segmented_masked_linear, torch.ops.lass_sparse.segmented_masked_linear,
+             (x.detach().reshape(6, 40).requires_grad_(), w,
+              pack_mask_reference(torch.rand(3, 24, 40) > 0.5), torch.tensor([0, 2, 2, 6]),
+              torch.tensor([2, 0, 1]), b))):
         for a, e in zip(_grads(public, *args), _grads(op, *args)):
             assert torch.equal(a, e)
+    assert type(ls_ops.segmented_masked_linear(*args).grad_fn).__name__ == "_SegmentedFnBackward"
     with torch.no_grad():  # the no-grad direct path
         assert torch.equal(ls_ops.masked_linear(x, w, bits, b),
                            torch.ops.lass_sparse.masked_linear(x, w, bits, b))
+        assert torch.equal(ls_ops.segmented_masked_linear(*args),
+                           torch.ops.lass_sparse.segmented_masked_linear(*args))
 
 
 def test_eager_direct_path_is_taken_only_in_plain_eager(monkeypatch):
@@ -243,6 +250,9 @@ def test_eager_direct_path_is_taken_only_in_plain_eager(monkeypatch):
     x, w, _, bits, b = _case((3,), 16, 40)
     lass_sparse.masked_linear(x, w, bits, b)
     assert calls == [1], "plain eager call did not take the direct path"
+    with torch.inference_mode():  # there the op call skips autograd itself, and costs less
+        y = lass_sparse.masked_linear(x, w, bits, b)
+    assert calls == [1] and torch.equal(y, torch.ops.lass_sparse.masked_linear(x, w, bits, b))
 
     seen = []
 
