@@ -1,12 +1,13 @@
 """The direct eager path: when a public function may skip the custom-op wrapper layers, and the
 native kernel it then calls.
 
-In plain eager (no compile or trace, no dispatch mode, no functorch transform, no inference
-mode), ``masked_linear``, ``masked_qkv_proj``, ``segmented_masked_linear``, their backward ops
-and ``masked_adamw_`` (under no_grad) run the op body (on
-CPU and CUDA tensors: the op's native kernel, below autograd) directly, with an equivalent
-``autograd.Function`` when a gradient is needed: the same checks and kernels, bit-identical
-results, less per-call host overhead. Everything else goes through ``torch.ops.lass_sparse``.
+In plain eager (no compile or trace, no dispatch mode, no functorch transform),
+``masked_linear``, ``masked_qkv_proj``, ``segmented_masked_linear`` (these three not under
+inference mode: :func:`forward_direct`), their backward ops and ``masked_adamw_`` (under
+no_grad) run the op body (on CPU and CUDA tensors: the op's native kernel, below autograd)
+directly, with an equivalent ``autograd.Function`` when a gradient is needed: the same checks
+and kernels, bit-identical results, less per-call host overhead. Everything else goes through
+``torch.ops.lass_sparse``.
 """
 
 from __future__ import annotations
