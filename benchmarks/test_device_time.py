@@ -138,12 +138,38 @@ def test_linear_device_time(benchmark, op, impl, case, device_peaks, is_smoke):
                                    rtol=3e-2)
 
 
+def segmented_fn(op: str, impl: str, x, w, masks, bank, offs, pid):
+    """One segmented measurement's callable: ``fwd`` (no grad) or ``fwd_bwd`` (grads of x and
+    W). ours: one segmented call; dense: one pair's F.linear over all rows; naive: a bool-mask
+    matmul per pair, concatenated."""
+    segs = list(zip(offs[:-1].tolist(), offs[1:].tolist()))
+    if op == "fwd_bwd":
+        x, w = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+    fwd = {"ours": lambda: ls.segmented_masked_linear(x, w, bank, offs, pid),
+           "dense": lambda: F.linear(x, w),
+           "naive": lambda: torch.cat([x[a:b] @ (w * masks[p]).T for p, (a, b) in
+                                       enumerate(segs)])}["ours" if impl == "ours_wt" else impl]
+    if op == "fwd":
+        fn = lambda: _no_grad(fwd)  # noqa: E731
+    else:
+        g = torch.Generator().manual_seed(1)  # the same dy for every impl
+        dy = torch.randn(x.shape[0], w.shape[0], generator=g).to(x.device, x.dtype)
+
+        def fn():
+            x.grad = w.grad = None
+            fwd().backward(dy)
+            return w.grad
+
+    return with_variant(impl, fn)  # ours_wt: the one-launch segmented kernels (no W ⊙ M)
+
+
 @pytest.mark.parametrize("impl", ["ours", "ours_wt", "dense", "naive"])
 @pytest.mark.parametrize("nk", [(4096, 4096), (4096, 1024), (1024, 4096)],
                          ids=["4096x4096", "4096x1024", "1024x4096"])
-def test_segmented_device_time(benchmark, impl, nk, device_peaks, is_smoke):
-    """16 pairs, T = 4096 (issue 29): ours (one segmented call) vs dense (one pair's F.linear) vs
-    naive (a bool-mask matmul per pair); extra: peak memory of the call above its inputs."""
+@pytest.mark.parametrize("op", ["fwd", "fwd_bwd"])
+def test_segmented_device_time(benchmark, op, impl, nk, device_peaks, is_smoke):
+    """16 pairs, T = 4096 (issue 29), forward and forward+backward: ours vs dense (one pair) vs
+    naive (bool masks per pair); extra: peak memory of one call above its inputs."""
     if is_smoke and nk != (1024, 4096):
         pytest.skip("smoke run: one shape")
     n, k = nk
@@ -154,27 +180,23 @@ def test_segmented_device_time(benchmark, impl, nk, device_peaks, is_smoke):
     bank = torch.stack([ls.pack_mask(mk) for mk in masks])
     offs = torch.linspace(0, t, pairs + 1, device="cuda").long()
     pid = torch.arange(pairs, device="cuda")
-    segs = list(zip(offs[:-1].tolist(), offs[1:].tolist()))
-    fns = {"ours": lambda: ls.segmented_masked_linear(x, w, bank, offs, pid),
-           "dense": lambda: F.linear(x, w),
-           "naive": lambda: torch.cat([x[a:b] @ (w * masks[p]).T for p, (a, b) in
-                                       enumerate(segs)])}
-    fn = fns["ours"] if impl == "ours_wt" else fns[impl]
-    fn = with_variant(impl, fn)  # ours_wt: the one-launch segmented kernel (no W ⊙ M)
-    tag(benchmark, "device_segmented", impl, dtype="bf16", pairs=pairs, T=t, N=n, K=k)
-    with torch.no_grad():
-        fn()  # warm: compiles, autotunes, caches
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        benchmark.extra_info["peak_MB"] = f"{peak / 2**20:.1f}"
-        ours = impl.startswith("ours")
-        flop, nbytes = linear_cost("fwd", t, n, k, 2, masked=ours)
-        nbytes += (pairs - 1) * bank[0].nbytes if ours else 0
-        record_device(benchmark, fn, flop=flop, nbytes=nbytes, peaks=device_peaks)
+    fn = segmented_fn(op, impl, x, w, masks, bank, offs, pid)
+    tag(benchmark, f"device_segmented_{op}", impl, dtype="bf16", pairs=pairs, T=t, N=n, K=k)
+    fn()  # warm: compiles, autotunes, caches
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    benchmark.extra_info["peak_MB"] = f"{peak / 2**20:.1f}"
+    ours = impl.startswith("ours")
+    flop, nbytes = linear_cost(op, t, n, k, 2, masked=ours)
+    nbytes += (pairs - 1) * bank[0].nbytes * (1 if op == "fwd" else 3) if ours else 0
+    record_device(benchmark, fn, flop=flop, nbytes=nbytes, peaks=device_peaks)
+    if impl.startswith("ours") and op == "fwd":
+        want = segmented_fn(op, "naive", x, w, masks, bank, offs, pid)()
+        torch.testing.assert_close(fn().float(), want.float(), atol=3e-2, rtol=3e-2)
 
 
 BASE = dict(vocab=8000, d=512, heads=8, ffn=2048, layers=6)

@@ -23,7 +23,16 @@ from common import (
     share,
 )
 from report import device_ratios, measured_peaks, memory_deltas, render
-from test_device_time import BASE, JOINT_PAIRS, LINEAR_OPS, joint_stepper, linear_fn
+from test_device_time import (
+    BASE,
+    JOINT_PAIRS,
+    LINEAR_OPS,
+    joint_stepper,
+    linear_fn,
+    segmented_fn,
+)
+
+import lass_sparse as ls
 
 
 def test_device_cases_are_the_issues_shapes_and_rows():
@@ -134,6 +143,22 @@ def test_the_timed_callables_compute_what_their_names_say(op):
     torch.testing.assert_close(out["ours"], out["naive"], atol=1e-5, rtol=1e-5)
     if op in ("dw", "fwd_bwd"):  # off-mask dW exactly 0 in ours, not in dense
         assert not out["ours"][~mask].any() and out["dense"][~mask].any()
+
+
+@pytest.mark.parametrize("op", ["fwd", "fwd_bwd"])
+def test_the_segmented_callables_compute_what_their_names_say(op):
+    torch.manual_seed(0)
+    x, w = torch.randn(12, 40), torch.randn(24, 40)
+    masks = torch.rand(3, 24, 40) < 0.5
+    bank = torch.stack([ls.pack_mask(mk) for mk in masks])
+    offs, pid = torch.tensor([0, 4, 8, 12]), torch.arange(3)
+    out = {impl: segmented_fn(op, impl, x, w, masks, bank, offs, pid)()
+           for impl in ("ours", "dense", "naive")}
+    torch.testing.assert_close(out["ours"], out["naive"], atol=1e-5, rtol=1e-5)
+    if op == "fwd":
+        torch.testing.assert_close(out["dense"], x @ w.T)
+    else:  # dW: each pair's rows land only inside that pair's mask
+        assert not out["ours"][~masks.any(0)].any() and out["dense"][~masks.any(0)].any()
 
 
 @pytest.mark.parametrize("impl", ["ours", "dense", "naive"])

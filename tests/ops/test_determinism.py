@@ -8,8 +8,9 @@ What the audit found (the claims these tests hold the code to):
   rows, columns or tiles that one thread owns (``at::parallel_for``); the segmented dW adds the
   segments' masked ``dyᵀx`` into one accumulator one segment after another, in segment order;
   ``masked_add`` writes only the rows of its own tile; AdamW, pack / unpack and the magnitude mask
-  are element-wise. The Triton kernels have no ``tl.atomic_*`` and no split-K, csrc/cuda none
-  either. So run to run, at a fixed thread count, results are bit-identical, and deterministic
+  are element-wise. The Triton kernels have no ``tl.atomic_*``, csrc/cuda none either; the
+  ``wt`` variant's split-K (forward, dx, segmented dx and dW) writes each split's partial to its
+  own slice of an fp32 workspace, summed by ``torch.sum`` in a fixed order. So run to run, at a fixed thread count, results are bit-identical, and deterministic
   mode has no kernel of ours to refuse (the CUDA routes through cuBLAS inherit PyTorch's own
   check: ``CUBLAS_WORKSPACE_CONFIG``).
 - Independent of the thread count: the few-row forward (gemv.cpp), the bf16 dot-product dx
@@ -207,9 +208,13 @@ def test_thread_count_independent_routes_give_the_same_bits_with_1_and_2_threads
 
 
 @pytest.mark.gpu
-def test_training_ops_are_bit_identical_run_to_run_on_cuda():
+@pytest.mark.parametrize("variant", [{}, {"LASS_SPARSE_TRITON_VARIANT": "wt",
+                                          "LASS_SPARSE_TRITON_SPLIT_K": "3"}],
+                         ids=["default", "wt-split3"])
+def test_training_ops_are_bit_identical_run_to_run_on_cuda(variant):
     """The same on the GPU (every CUDA backend the registry picks: CUDA GEMV, Triton, cuBLAS
-    route), in a fresh process: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it starts."""
+    route; and the ``wt`` Triton variant with split-K forced), in a fresh process: cuBLAS reads
+    CUBLAS_WORKSPACE_CONFIG when it starts."""
     code = (
         "import sys, torch; sys.path.insert(0, 'tests'); import test_determinism as T; "
         "torch.use_deterministic_algorithms(True); "
@@ -218,7 +223,7 @@ def test_training_ops_are_bit_identical_run_to_run_on_cuda():
         "assert not any(bad), bad; print('ok')"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8", OMP_NUM_THREADS="1")
+    env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8", OMP_NUM_THREADS="1", **variant)
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

@@ -126,6 +126,108 @@ def test_segmented_forward_one_launch_device_tile_table(monkeypatch):
         torch.testing.assert_close(y[lo:hi], x[lo:hi] @ (w * masks[p]).T + b, **TOL)
 
 
+def _spy_launches(monkeypatch, attr):
+    launches = []
+    real = getattr(wt, attr)
+    monkeypatch.setattr(wt, attr, type("K", (), {
+        "__getitem__": lambda self, g: (launches.append(g), real[g])[1]})())
+    return launches
+
+
+SEG_TABLES = [([0, 7, 7, 15, 23], [2, 0, 0, 1]),  # an empty segment, ids out of order
+              ([0, 23], [1]),  # one segment
+              ([0, 3, 5, 20, 23], [1, 1, 0, 2])]  # pair 1 twice in a row
+
+
+@pytest.mark.parametrize("table", range(len(SEG_TABLES)))
+@pytest.mark.parametrize("split", [None, "2", "3"])
+def test_segmented_dx_one_launch(monkeypatch, table, split):
+    if split:
+        monkeypatch.setenv(wt.SPLIT_K_ENV, split)
+    _, w, masks, bank = _case(23, 70, 45, p=3)
+    offsets, pairs = (torch.tensor(v, device=DEV) for v in SEG_TABLES[table])
+    dy = torch.randn(23, 70, device=DEV)
+    launches = _spy_launches(monkeypatch, "_seg_dx_wt_kernel")
+    monkeypatch.setattr(kernels, "apply_mask", lambda *a, **k: pytest.fail("W ⊙ M written"))
+    dx = wt.segmented_masked_linear_dx(dy, w, bank, offsets, pairs)
+    assert len(launches) == 1 and launches[0][2] == (int(split) if split else 1)
+    for s, p in enumerate(pairs.tolist()):
+        lo, hi = offsets[s].item(), offsets[s + 1].item()
+        torch.testing.assert_close(dx[lo:hi], dy[lo:hi] @ (w * masks[p]), **TOL)
+
+
+@pytest.mark.parametrize("table", range(len(SEG_TABLES)))
+@pytest.mark.parametrize("split,parts", [(None, 1), ("2", 2), ("4", 3)])
+def test_segmented_dw_one_launch_mask_per_segment(monkeypatch, table, split, parts):
+    """Split over the rows (whole 32-row blocks under the interpreter: 70 rows in 4 -> 3
+    parts); segments cross the parts' boundaries."""
+    if split:
+        monkeypatch.setenv(wt.SPLIT_K_ENV, split)
+    x, _, masks, bank = _case(70, 20, 45, p=3)
+    offs = [o * 3 if o < 23 else 70 for o in SEG_TABLES[table][0]]
+    offsets, pairs = torch.tensor(offs, device=DEV), torch.tensor(SEG_TABLES[table][1], device=DEV)
+    dy = torch.randn(70, 20, device=DEV)
+    launches = _spy_launches(monkeypatch, "_seg_dw_wt_kernel")
+    dw = wt.segmented_masked_linear_dw(dy, x, bank, offsets, pairs)
+    assert len(launches) == 1 and launches[0][1] == parts
+    want = torch.zeros(20, 45, device=DEV)
+    for s, p in enumerate(pairs.tolist()):
+        lo, hi = offsets[s].item(), offsets[s + 1].item()
+        want += (dy[lo:hi].T @ x[lo:hi]) * masks[p]
+    torch.testing.assert_close(dw, want, **TOL)
+    union = masks[pairs[offsets[1:] > offsets[:-1]]].any(0)
+    assert not dw[~union].any()
+
+
+def test_segmented_backward_split_is_deterministic(monkeypatch):
+    monkeypatch.setenv(wt.SPLIT_K_ENV, "3")
+    x, w, _, bank = _case(40, 24, 96, p=2)
+    offsets, pairs = torch.tensor([0, 9, 40], device=DEV), torch.tensor([1, 0], device=DEV)
+    dy = torch.randn(40, 24, device=DEV)
+    for f, args in ((wt.segmented_masked_linear_dx, (dy, w, bank, offsets, pairs)),
+                    (wt.segmented_masked_linear_dw, (dy, x, bank, offsets, pairs))):
+        assert torch.equal(f(*args), f(*args))
+
+
+def test_segmented_backward_through_the_public_op(monkeypatch):
+    """``wt`` serves the segmented op's backward too: grads equal the reference's."""
+    monkeypatch.setenv(wt.VARIANT_ENV, "wt")
+    used = []
+    for name in ("segmented_masked_linear_dx", "segmented_masked_linear_dw"):
+        real = getattr(wt, name)
+        monkeypatch.setattr(wt, name, lambda *a, _r=real, _n=name: used.append(_n) or _r(*a))
+    x, w, _, bank = _case(23, 24, 40, p=3)
+    offsets, pairs = (torch.tensor(v, device=DEV) for v in SEG_TABLES[0])
+    grads = []
+    for backend in ("triton", "reference"):
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        with ls.use_backend(backend):
+            ls.segmented_masked_linear(xg, wg, bank, offsets, pairs).square().sum().backward()
+        grads.append((xg.grad, wg.grad))
+    assert set(used) == {"segmented_masked_linear_dx", "segmented_masked_linear_dw"}
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, **TOL)
+
+
+def test_segmented_entries_name_the_bad_argument():
+    _, w, _, bank = _case(4, 8, 40, p=2)
+    x = torch.randn(4, 40, device=DEV)
+    dy = torch.randn(4, 8, device=DEV)
+    offs, pairs = torch.tensor([0, 4], device=DEV), torch.tensor([0], device=DEV)
+    with pytest.raises(ValueError, match="bits_bank must be int32"):
+        wt.segmented_masked_linear_dx(dy, w, bank[0], offs, pairs)
+    with pytest.raises(ValueError, match="grad_out must be"):
+        wt.segmented_masked_linear_dx(torch.randn(4, 9, device=DEV), w, bank, offs, pairs)
+    with pytest.raises(ValueError, match="seg_offsets must have"):
+        wt.segmented_masked_linear_dw(dy, x, bank, offs[:1], pairs)
+    with pytest.raises(ValueError, match="grad_out must be .T, N. and x"):
+        wt.segmented_masked_linear_dw(dy[:3], x, bank, offs, pairs)
+    with pytest.raises(TypeError, match="share one dtype"):
+        wt.segmented_masked_linear_dw(dy.double(), x.double(), bank, offs, pairs)
+    with pytest.raises(ValueError, match=r"bits_bank must be int32\[P, 8, 3\]"):
+        wt.segmented_masked_linear_dw(dy, torch.randn(4, 70, device=DEV), bank, offs, pairs)
+
+
 @pytest.mark.parametrize("variant", ["wt", "wt_persistent"])
 def test_variant_knob_routes_the_public_ops(monkeypatch, variant):
     monkeypatch.setenv(wt.VARIANT_ENV, variant)
@@ -230,4 +332,39 @@ def test_gpu_bf16_within_twice_torch_error(monkeypatch, variant, m):
     dw = wt.masked_linear_dw(dyb, xb, bits)
     assert not dw[~mask].any()
     ok, msg = within_torch_error(dw, (dyb.T @ xb) * mask, (dy.double().T @ x.double()) * mask)
+    assert ok, msg
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [12, 300, 2048])
+def test_gpu_segmented_bf16_within_twice_torch_error(t):
+    """On the device: the one-launch segmented forward, dx and dW in bf16 (split or not, by the
+    heuristic at these sizes) within 2x torch's own bf16 error, per segment."""
+    from lass_sparse.testing import within_torch_error
+
+    n, k, p = 512, 384, 4
+    x, w = torch.randn(t, k, device="cuda"), torch.randn(n, k, device="cuda") / k**0.5
+    masks = torch.rand(p, n, k, device="cuda") > 0.5
+    bank = torch.stack([ls.pack_mask(mm) for mm in masks])
+    offsets = torch.linspace(0, t, p + 1, device="cuda").long()
+    pairs = torch.tensor([2, 0, 3, 1], device="cuda")
+    dy = torch.randn(t, n, device="cuda")
+    xb, wb, dyb = x.bfloat16(), w.bfloat16(), dy.bfloat16()
+    y = wt.segmented_masked_linear(xb, wb, bank, offsets, pairs, None)
+    dx = wt.segmented_masked_linear_dx(dyb, wb, bank, offsets, pairs)
+    dw = wt.segmented_masked_linear_dw(dyb, xb, bank, offsets, pairs)
+    want_dw, exact_dw = torch.zeros(n, k, device="cuda"), torch.zeros(n, k, device="cuda").double()
+    for s, q in enumerate(pairs.tolist()):
+        a, b = offsets[s].item(), offsets[s + 1].item()
+        m = masks[q]
+        ok, msg = within_torch_error(y[a:b], xb[a:b] @ (wb * m).T,
+                                     x[a:b].double() @ (w.double() * m).T)
+        assert ok, msg
+        ok, msg = within_torch_error(dx[a:b], dyb[a:b] @ (wb * m),
+                                     dy[a:b].double() @ (w.double() * m))
+        assert ok, msg
+        want_dw += (dyb[a:b].T @ xb[a:b]).float() * m
+        exact_dw += (dy[a:b].double().T @ x[a:b].double()) * m
+    assert not dw[~masks.any(0)].any()
+    ok, msg = within_torch_error(dw, want_dw.bfloat16(), exact_dw)
     assert ok, msg

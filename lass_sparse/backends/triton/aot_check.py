@@ -221,16 +221,33 @@ def _wt_variants():
     """The kernels_wt.py launches: (name, attr, call(kw, dtype, m))."""
     import torch
 
+    def seg_table(m):
+        return torch.tensor([0, m // 2, m], device="meta"), torch.tensor([1, 0], device="meta")
+
     def seg(kw, dt, m):
         x, w, _ = _lin(dt, m)
-        kw.segmented_masked_linear(x, w, _bank(), torch.tensor([0, m // 2, m], device="meta"),
-                                   torch.tensor([1, 0], device="meta"), None)
+        kw.segmented_masked_linear(x, w, _bank(), *seg_table(m), None)
+
+    def seg_dx(kw, dt, m):
+        _, w, _ = _lin(dt, m)
+        kw.segmented_masked_linear_dx(torch.empty(m, N, dtype=dt, device="meta"), w, _bank(),
+                                      *seg_table(m))
+
+    def seg_dw(kw, dt, m):
+        x, _, _ = _lin(dt, m)
+        kw.segmented_masked_linear_dw(torch.empty(m, N, dtype=dt, device="meta"), x, _bank(),
+                                      *seg_table(m))
 
     return [("wt_fwd", "_fwd_wt_kernel", _fwd, "wt"),
             ("wt_fwd_persistent", "_fwd_wt_persistent_kernel", _fwd, "wt_persistent"),
             ("wt_dx", "_dx_wt_kernel", _dx, "wt"),
             ("wt_dw_acc", "_dw_wt_kernel", _dw_acc, "wt"),
-            ("wt_seg_fwd", "_seg_fwd_wt_kernel", seg, "wt")]
+            ("wt_seg_fwd", "_seg_fwd_wt_kernel", seg, "wt"),
+            ("wt_seg_dx", "_seg_dx_wt_kernel", seg_dx, "wt"),
+            ("wt_seg_dw", "_seg_dw_wt_kernel", seg_dw, "wt")]
+
+
+_WT_DW = ("_dw_wt_kernel", "_seg_dw_wt_kernel")
 
 
 def compile_wt(archs: list[int], dtypes: list[str], progress=None,
@@ -245,9 +262,9 @@ def compile_wt(archs: list[int], dtypes: list[str], progress=None,
             continue
         for dt_name in dtypes:
             dt = _torch_dtype(dt_name)
-            for m in WT_M if name != "wt_dw_acc" else WT_M[-1:]:
+            for m in WT_M if attr not in _WT_DW else WT_M[-1:]:
                 with _tf32(dt_name == "tf32"):
-                    cands = kw.candidates("dw" if attr == "_dw_wt_kernel" else "fwd", dt, m)
+                    cands = kw.candidates("dw" if attr in _WT_DW else "fwd", dt, m)
                 for cfg in cands:
                     rec = _Recorder(getattr(kw, attr))
                     old_env = {v: os.environ.get(v) for v in (kw.VARIANT_ENV, kw.SPLIT_K_ENV)}
@@ -379,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wt", action="store_true",
                     help="the kernels_wt.py variant instead (every candidate at M = 16, 256, "
                          "4096), with the TTGIR K-loop check; --kernels: wt_fwd "
-                         "wt_fwd_persistent wt_dx wt_dw_acc wt_seg_fwd")
+                         "wt_fwd_persistent wt_dx wt_dw_acc wt_seg_fwd wt_seg_dx wt_seg_dw")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("aot_check: unset TRITON_INTERPRET", file=sys.stderr)

@@ -479,6 +479,8 @@ def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
 
 
 def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair):
+    if (wt := _variant_wt(grad_out, weight)) is not None:
+        return wt.segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair)
     t, n = grad_out.shape
     k = weight.shape[1]
     dx = torch.zeros(t, k, dtype=grad_out.dtype, device=grad_out.device)
@@ -507,6 +509,8 @@ def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pai
 
 
 def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
+    if (wt := _variant_wt(grad_out, x)) is not None:
+        return wt.segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair)
     out = torch.zeros(grad_out.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
     segs = spans(seg_offsets, seg_pair)
     if _route_segments(segs, x.shape[0]) and out.numel() and _same_dtype(grad_out, x):

@@ -22,8 +22,11 @@ What differs from ``kernels.py``:
   by ``torch.sum`` (a fixed order: deterministic, no atomics);
 - dW is one GEMM ``dyᵀ x`` with the mask in the epilogue; accumulation into ``grad`` (fp32 or x's
   dtype) *stores only on-mask entries*, so off-mask entries keep their exact bits;
-- the segmented forward is one launch over a device-side tile table (per-segment tile counts,
-  their cumulative sum, all on the device: no host sync); no W ⊙ M transient for any pair.
+- the segmented forward and dx are one launch each over a device-side tile table (per-segment
+  tile counts, their cumulative sum, all on the device: no host sync), dx split-K over N when
+  the tiles are few; the segmented dW is one launch over (N, K) tiles, each walking the segments
+  with the pair's mask in the epilogue of each segment's GEMM, split over the rows into an fp32
+  workspace when the tiles are few (summed in a fixed order); no W ⊙ M transient for any pair.
 
 Calls the variant does not take (mixed dtypes, float64) run ``kernels.py``'s kernels.
 """
@@ -177,28 +180,65 @@ def _fwd_wt_persistent_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, y_ptr, M, N, K,
 
 
 @triton.jit
+def _seg_tile(pid_m, offs_ptr, pair_ptr, cum_ptr, S, BLOCK_M: tl.constexpr,
+              BLOCK_S: tl.constexpr):
+    """Row tile ``pid_m`` of the device-side tile table (``cum``: the segments' cumulative
+    row-tile counts) -> (segment s, first row, end row, pair); ``s == S`` past the table's end."""
+    rs = tl.arange(0, BLOCK_S)
+    cum = tl.load(cum_ptr + rs, mask=rs < S, other=2**30)
+    s = tl.sum((cum <= pid_m).to(tl.int32), axis=0)  # the segment of this tile
+    prev = tl.sum(tl.where(rs == s - 1, cum, 0), axis=0)  # tiles before segment s
+    ok = s < S
+    lo = tl.load(offs_ptr + s, mask=ok, other=0) + (pid_m - prev).to(tl.int64) * BLOCK_M
+    hi = tl.load(offs_ptr + s + 1, mask=ok, other=0)
+    pair = tl.load(pair_ptr + s, mask=ok, other=0).to(tl.int64)
+    return s, lo, hi, pair
+
+
+@triton.jit
 def _seg_fwd_wt_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, y_ptr, offs_ptr, pair_ptr, cum_ptr,
                        S, T, N, K, sxm, swn, sbn, sbp, sym,
                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Mixed pairs in one launch. Program (m, n): m indexes the device-side tile table — ``cum``
-    holds the cumulative row-tile counts of the segments — and programs past its end exit; the
-    tile's mask is its segment's pair's, read from the bank (no W ⊙ M anywhere)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rs = tl.arange(0, BLOCK_S)
-    cum = tl.load(cum_ptr + rs, mask=rs < S, other=2**30)
-    s = tl.sum((cum <= pid_m).to(tl.int32), axis=0)  # the segment of this tile
+    """Mixed pairs in one launch. Program (m, n): m indexes the device-side tile table and
+    programs past its end exit; the tile's mask is its segment's pair's, read from the bank (no
+    W ⊙ M anywhere)."""
+    s, lo, hi, pair = _seg_tile(tl.program_id(0), offs_ptr, pair_ptr, cum_ptr, S, BLOCK_M,
+                                BLOCK_S)
     if s < S:
-        prev = tl.sum(tl.where(rs == s - 1, cum, 0), axis=0)  # tiles before segment s
-        lo = tl.load(offs_ptr + s) + (pid_m - prev).to(tl.int64) * BLOCK_M
-        hi = tl.load(offs_ptr + s + 1)
-        bits_seg = bits_ptr + tl.load(pair_ptr + s).to(tl.int64) * sbp
         rm = lo + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = _fwd_tile(x_ptr, w_ptr, bits_seg, rn, rm, hi, 0, K, N, K, sxm, swn, sbn, IEEE,
-                        BLOCK_N, BLOCK_M, BLOCK_K)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _fwd_tile(x_ptr, w_ptr, bits_ptr + pair * sbp, rn, rm, hi, 0, K, N, K, sxm, swn,
+                        sbn, IEEE, BLOCK_N, BLOCK_M, BLOCK_K)
         _store_yt(acc, y_ptr, b_ptr, y_ptr, 0, rn, rm, hi, T, N, sym, HAS_BIAS, False)
+
+
+@triton.jit
+def _dx_tile(dy_ptr, w_ptr, bytes_ptr, rk, rm, hi, n_lo, n_hi, N, K, sdm, swn, sbn8,
+             IEEE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """fp32 ``dxᵀ[rk, rm] = Σ_{n in [n_lo, n_hi)} (W ⊙ M)ᵀ[rk, n] dyᵀ[n, rm]``; rows ``>= hi`` of
+    dy read as 0. The masked W tile is the dot's A operand."""
+    acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        a = _masked_wt(w_ptr, bytes_ptr, rk, rn, N, K, swn, sbn8)
+        dyt = tl.load(dy_ptr + _rows(rm, sdm)[None, :] + rn[:, None],
+                      mask=(rm[None, :] < hi) & (rn[:, None] < n_hi), other=0.0)
+        acc = _dot(a, dyt, acc, IEEE)
+    return acc
+
+
+@triton.jit
+def _store_dxt(acc, dx_ptr, ws_ptr, pid_s, rk, rm, hi, M, K, sxm, SPLIT: tl.constexpr):
+    """Write the dxᵀ tile: into dx[rm, rk], or as split ``pid_s``'s fp32 partial."""
+    inb = (rk[:, None] < K) & (rm[None, :] < hi)
+    if SPLIT:
+        ptrs = ws_ptr + pid_s.to(tl.int64) * M * K + _rows(rm, K)[None, :] + rk[:, None]
+        tl.store(ptrs, acc, mask=inb)
+    else:
+        tl.store(dx_ptr + _rows(rm, sxm)[None, :] + rk[:, None],
+                 acc.to(dx_ptr.dtype.element_ty), mask=inb)
 
 
 @triton.jit
@@ -212,21 +252,53 @@ def _dx_wt_kernel(dy_ptr, w_ptr, bits_ptr, dx_ptr, ws_ptr, M, N, K, N_SPLIT, sdm
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_lo = pid_s * N_SPLIT
-    n_hi = tl.minimum(N, n_lo + N_SPLIT)
-    acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        a = _masked_wt(w_ptr, bits_ptr, rk, rn, N, K, swn, sbn)
+    acc = _dx_tile(dy_ptr, w_ptr, bits_ptr, rk, rm, M, n_lo, tl.minimum(N, n_lo + N_SPLIT), N,
+                   K, sdm, swn, sbn, IEEE, BLOCK_K, BLOCK_M, BLOCK_N)
+    _store_dxt(acc, dx_ptr, ws_ptr, pid_s, rk, rm, M, M, K, sxm, SPLIT)
+
+
+@triton.jit
+def _seg_dx_wt_kernel(dy_ptr, w_ptr, bytes_ptr, dx_ptr, ws_ptr, offs_ptr, pair_ptr, cum_ptr,
+                      S, T, N, K, N_SPLIT, sdm, swn, sbn8, sbp8, sxm,
+                      SPLIT: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Segmented dx in one launch: program (m, k, split) takes row tile m of the device-side
+    tile table (as the segmented forward) and computes its dxᵀ tile with its pair's mask;
+    split-K over N into an fp32 workspace when the tiles are few."""
+    s, lo, hi, pair = _seg_tile(tl.program_id(0), offs_ptr, pair_ptr, cum_ptr, S, BLOCK_M,
+                                BLOCK_S)
+    if s < S:
+        pid_s = tl.program_id(2)
+        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        rm = lo + tl.arange(0, BLOCK_M)
+        n_lo = pid_s * N_SPLIT
+        acc = _dx_tile(dy_ptr, w_ptr, bytes_ptr + pair * sbp8, rk, rm, hi, n_lo,
+                       tl.minimum(N, n_lo + N_SPLIT), N, K, sdm, swn, sbn8, IEEE, BLOCK_K,
+                       BLOCK_M, BLOCK_N)
+        _store_dxt(acc, dx_ptr, ws_ptr, pid_s, rk, rm, hi, T, K, sxm, SPLIT)
+
+
+@triton.jit
+def _dw_tile(dy_ptr, x_ptr, rn, rk, lo, hi, N, K, sdm, sxm, IEEE: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    """fp32 ``(dyᵀ x)[rn, rk]`` over the rows ``[lo, hi)``."""
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(lo, hi, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
         dyt = tl.load(dy_ptr + _rows(rm, sdm)[None, :] + rn[:, None],
-                      mask=(rm[None, :] < M) & (rn[:, None] < N), other=0.0)
-        acc = _dot(a, dyt, acc, IEEE)
-    inb = (rk[:, None] < K) & (rm[None, :] < M)
-    if SPLIT:
-        ptrs = ws_ptr + pid_s.to(tl.int64) * M * K + _rows(rm, K)[None, :] + rk[:, None]
-        tl.store(ptrs, acc, mask=inb)
-    else:
-        tl.store(dx_ptr + _rows(rm, sxm)[None, :] + rk[:, None],
-                 acc.to(dx_ptr.dtype.element_ty), mask=inb)
+                      mask=(rm[None, :] < hi) & (rn[:, None] < N), other=0.0)
+        x = tl.load(x_ptr + _rows(rm, sxm)[:, None] + rk[None, :],
+                    mask=(rm[:, None] < hi) & (rk[None, :] < K), other=0.0)
+        acc = _dot(dyt, x, acc, IEEE)
+    return acc
+
+
+@triton.jit
+def _keep(bits_ptr, rn, rk, N, K, sbn):
+    """The [len(rn), len(rk)] keep-mask (False outside W), one broadcast word load per element."""
+    inb = (rn[:, None] < N) & (rk[None, :] < K)
+    word = tl.load(bits_ptr + _rows(rn, sbn)[:, None] + (rk // 32)[None, :], mask=inb, other=0)
+    return ((word >> (rk % 32)[None, :]) & 1) != 0
 
 
 @triton.jit
@@ -238,17 +310,9 @@ def _dw_wt_kernel(dy_ptr, x_ptr, bits_ptr, dw_ptr, M, N, K, sdm, sxm, sbn, swn,
     pid_n, pid_k = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M)
-        dyt = tl.load(dy_ptr + _rows(rm, sdm)[None, :] + rn[:, None],
-                      mask=(rm[None, :] < M) & (rn[:, None] < N), other=0.0)
-        x = tl.load(x_ptr + _rows(rm, sxm)[:, None] + rk[None, :],
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        acc = _dot(dyt, x, acc, IEEE)
+    acc = _dw_tile(dy_ptr, x_ptr, rn, rk, 0, M, N, K, sdm, sxm, IEEE, BLOCK_N, BLOCK_K, BLOCK_M)
     inb = (rn[:, None] < N) & (rk[None, :] < K)
-    word = tl.load(bits_ptr + _rows(rn, sbn)[:, None] + (rk // 32)[None, :], mask=inb, other=0)
-    keep = ((word >> (rk % 32)[None, :]) & 1) != 0
+    keep = _keep(bits_ptr, rn, rk, N, K, sbn)
     ptrs = dw_ptr + _rows(rn, swn)[:, None] + rk[None, :]
     if ACCUMULATE:
         on = inb & keep
@@ -256,6 +320,39 @@ def _dw_wt_kernel(dy_ptr, x_ptr, bits_ptr, dw_ptr, M, N, K, sdm, sxm, sbn, swn,
         tl.store(ptrs, (old + acc).to(dw_ptr.dtype.element_ty), mask=on)
     else:
         tl.store(ptrs, tl.where(keep, acc, 0.0).to(dw_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _seg_dw_wt_kernel(dy_ptr, x_ptr, bits_ptr, dw_ptr, ws_ptr, offs_ptr, pair_ptr, S, T, N, K,
+                      T_SPLIT, sdm, sxm, sbn, sbp, swn,
+                      SPLIT: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr):
+    """Segmented dW[N, K] = Σ_s (dy_sᵀ x_s) ⊙ M_pair(s) in one launch: program (tile, split)
+    walks the segments that meet its rows ``[split * T_SPLIT, +T_SPLIT)``, one GEMM per segment
+    with that pair's mask in its epilogue, summed in fp32 in segment order. Split over the rows
+    (T is the GEMM's reduction dim) into an fp32 workspace when the (N, K) tiles are few."""
+    pid_n, pid_k = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP)
+    pid_t = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    r_lo = pid_t.to(tl.int64) * T_SPLIT
+    r_hi = tl.minimum(r_lo + T_SPLIT, T)
+    total = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for s in range(0, S):
+        lo = tl.maximum(tl.load(offs_ptr + s), r_lo)
+        hi = tl.minimum(tl.load(offs_ptr + s + 1), r_hi)
+        if lo < hi:
+            acc = _dw_tile(dy_ptr, x_ptr, rn, rk, lo, hi, N, K, sdm, sxm, IEEE, BLOCK_N,
+                           BLOCK_K, BLOCK_M)
+            pair = tl.load(pair_ptr + s).to(tl.int64)
+            total += tl.where(_keep(bits_ptr + pair * sbp, rn, rk, N, K, sbn), acc, 0.0)
+    inb = (rn[:, None] < N) & (rk[None, :] < K)
+    if SPLIT:
+        ptrs = ws_ptr + pid_t.to(tl.int64) * N * K + _rows(rn, K)[:, None] + rk[None, :]
+        tl.store(ptrs, total, mask=inb)
+    else:
+        tl.store(dw_ptr + _rows(rn, swn)[:, None] + rk[None, :],
+                 total.to(dw_ptr.dtype.element_ty), mask=inb)
 
 
 # ------------------------------------------------------------------------------------- host
@@ -288,7 +385,7 @@ def _bucket(m: int) -> str:
 
 
 def candidates(op: str, dtype, m: int) -> list[tuple]:
-    if op == "dw":
+    if op in ("dw", "seg_dw"):
         return list(_DW_CANDIDATES[_kind(dtype)])
     return list(_CANDIDATES[_kind(dtype)][_bucket(m)])
 
@@ -503,10 +600,9 @@ def tile_table(seg_offsets: torch.Tensor, block_m: int) -> torch.Tensor:
     return torch.cumsum((lens + block_m - 1) // block_m, 0).to(torch.int32)
 
 
-def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
-    op = "segmented_masked_linear"
-    _check_linear(op, x, weight, bits_bank, bias)
-    _check(op, x=x, seg_offsets=seg_offsets, seg_pair=seg_pair)
+def _check_segs(op, bits_bank, seg_offsets, seg_pair):
+    """The segment table's shapes (its values are the op's checks', read once per table)."""
+    _check(op, bits_bank=bits_bank, seg_offsets=seg_offsets, seg_pair=seg_pair)
     if bits_bank.dim() != 3:
         raise ValueError(f"{op}: bits_bank must be int32[P, N, ceil(K/32)], got "
                          f"{list(bits_bank.shape)}")
@@ -514,13 +610,19 @@ def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
     if seg_offsets.dim() != 1 or seg_offsets.numel() != s + 1:
         raise ValueError(f"{op}: seg_offsets must have len(seg_pair) + 1 = {s + 1} entries, got "
                          f"{list(seg_offsets.shape)}")
+    return s, seg_offsets.to(torch.int64).contiguous(), seg_pair.to(torch.int64).contiguous()
+
+
+def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
+    op = "segmented_masked_linear"
+    _check_linear(op, x, weight, bits_bank, bias)
+    _check(op, x=x, seg_offsets=seg_offsets)
+    s, offs, pairs = _check_segs(op, bits_bank, seg_offsets, seg_pair)
     t, k = x.shape
     n = weight.shape[0]
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
     if t == 0 or n == 0 or s == 0:
         return y
-    offs = seg_offsets.to(torch.int64).contiguous()
-    pairs = seg_pair.to(torch.int64).contiguous()
     tables: dict = {}
 
     def launch(cfg):
@@ -537,3 +639,87 @@ def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
 
     launch(_config("seg_fwd", max(t // s, 1), n, k, x.dtype, launch))
     return y
+
+
+def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair):
+    op = "segmented_masked_linear_dx"
+    _check_linear(op, grad_out, weight, bits_bank, xname="grad_out")
+    s, offs, pairs = _check_segs(op, bits_bank, seg_offsets, seg_pair)
+    t, n = grad_out.shape
+    k = weight.shape[1]
+    if n != weight.shape[0]:
+        raise ValueError(f"{op}: grad_out must be [T, {weight.shape[0]}], got "
+                         f"{list(grad_out.shape)}")
+    dx = torch.empty(t, k, dtype=grad_out.dtype, device=grad_out.device)
+    if t == 0 or k == 0:
+        return dx
+    if n == 0 or s == 0:
+        return dx.zero_()
+    sms = _num_sms(dx.device)
+    tables: dict = {}
+
+    def launch(cfg, split=None):
+        ba, bm, bn, _group, warps, stages = cfg  # ba: K block (masked operand rows), bn: N step
+        if bm not in tables:
+            tables[bm] = tile_table(offs, bm)
+        row_tiles = triton.cdiv(t, bm) + s  # >= the table's tiles
+        sp = split_k(max(t // s, 1), row_tiles * triton.cdiv(k, ba), n, bn, sms) \
+            if split is None else split
+        n_split = triton.cdiv(triton.cdiv(n, sp), bn) * bn
+        sp = triton.cdiv(n, n_split)
+        ws = torch.empty(sp, t, k, dtype=torch.float32, device=dx.device) if sp > 1 else dx
+        _seg_dx_wt_kernel[(row_tiles, triton.cdiv(k, ba), sp)](
+            grad_out, weight, bits_bank.view(torch.uint8), dx, ws, offs, pairs, tables[bm], s, t,
+            n, k, n_split, grad_out.stride(0), weight.stride(0), 4 * bits_bank.stride(1),
+            4 * bits_bank.stride(0), dx.stride(0), SPLIT=sp > 1, IEEE=_ieee(grad_out.dtype),
+            BLOCK_K=ba, BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=triton.next_power_of_2(max(s, 2)),
+            num_warps=warps, num_stages=stages)
+        return ws if sp > 1 else None
+
+    ws = launch(_config("seg_dx", max(t // s, 1), n, k, grad_out.dtype, launch))
+    if ws is not None:  # fixed-order sum of the split partials: deterministic
+        torch.sum(ws, 0, out=dx) if dx.dtype == torch.float32 else dx.copy_(ws.sum(0))
+    return dx
+
+
+def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
+    op = "segmented_masked_linear_dw"
+    _check(op, grad_out=grad_out, x=x)
+    s, offs, pairs = _check_segs(op, bits_bank, seg_offsets, seg_pair)
+    if grad_out.dim() != 2 or x.dim() != 2 or grad_out.shape[0] != x.shape[0]:
+        raise ValueError(f"{op}: grad_out must be [T, N] and x [T, K], got "
+                         f"{list(grad_out.shape)} and {list(x.shape)}")
+    t, n = grad_out.shape
+    k = x.shape[1]
+    if x.dtype not in _FLOATS or grad_out.dtype != x.dtype:
+        raise TypeError(f"{op}: grad_out and x must share one dtype of float32, float16 or "
+                        f"bfloat16, got {grad_out.dtype}, {x.dtype}")
+    if bits_bank.dtype != torch.int32 or list(bits_bank.shape[1:]) != [n, (k + 31) // 32]:
+        raise ValueError(f"{op}: bits_bank must be int32[P, {n}, {(k + 31) // 32}], got "
+                         f"{bits_bank.dtype}{list(bits_bank.shape)}")
+    out = torch.empty(n, k, dtype=x.dtype, device=x.device)
+    if n == 0 or k == 0:
+        return out
+    if t == 0 or s == 0:
+        return out.zero_()
+    sms = _num_sms(x.device)
+
+    def launch(cfg, split=None):
+        bn, bk, bm, group, warps, stages = cfg
+        tiles = triton.cdiv(n, bn) * triton.cdiv(k, bk)
+        # the split is over T, the reduction dim: "small M" is always true here (m = 0)
+        sp = split_k(0, tiles, t, bm, sms) if split is None else split
+        t_split = triton.cdiv(triton.cdiv(t, sp), bm) * bm
+        sp = triton.cdiv(t, t_split)
+        ws = torch.empty(sp, n, k, dtype=torch.float32, device=x.device) if sp > 1 else out
+        _seg_dw_wt_kernel[(tiles, sp)](
+            grad_out, x, bits_bank, out, ws, offs, pairs, s, t, n, k, t_split,
+            grad_out.stride(0), x.stride(0), bits_bank.stride(1), bits_bank.stride(0),
+            out.stride(0), SPLIT=sp > 1, IEEE=_ieee(x.dtype), BLOCK_N=bn, BLOCK_K=bk,
+            BLOCK_M=bm, GROUP=group, num_warps=warps, num_stages=stages)
+        return ws if sp > 1 else None
+
+    ws = launch(_config("seg_dw", t, n, k, x.dtype, launch))
+    if ws is not None:  # fixed-order sum of the split partials: deterministic
+        out.copy_(ws.sum(0))
+    return out
