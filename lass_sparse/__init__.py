@@ -7,6 +7,7 @@ from .bitmask import validate_bits
 from .ops import (
     magnitude_mask,
     masked_adamw_,
+    masked_adamw_capturable_,
     masked_linear,
     masked_qkv_proj,
     pack_mask,
@@ -55,6 +56,7 @@ __all__ = [
     "set_active_pair",
     "magnitude_mask",
     "masked_adamw_",
+    "masked_adamw_capturable_",
     "masked_linear",
     "masked_qkv_proj",
     "pack_mask",

@@ -50,6 +50,14 @@ class MaskedAdamW(torch.optim.Optimizer):
         ...loss.backward(); opt.note_pair("en-de"); opt.step(); opt.zero_grad()
 
     Low level: ``set_masks({param: bits or None})`` fixes the masks explicitly (kept until changed).
+
+    ``capturable=True`` (as ``torch.optim.AdamW``'s): the step counts are float32 tensors on the
+    params' devices, advanced and read on the device (``masked_adamw_capturable_``), and the
+    learning rate is a device tensor (``lr`` may be a tensor: change it in place between graph
+    replays, or a float: set again on the next eager step), so the whole training step —
+    forward, backward, ``opt.step()`` — can be captured in a CUDA graph and replayed. The masks
+    are chosen on the host when the step is captured: capture one graph per pair (or pair set)
+    and replay the one of the batch's pair.
     """
 
     def __init__(
@@ -61,15 +69,17 @@ class MaskedAdamW(torch.optim.Optimizer):
         weight_decay: float = 1e-2,
         *,
         maximize: bool = False,
+        capturable: bool = False,
     ) -> None:
         _check_hyperparameters(lr, betas, eps, weight_decay)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      maximize=maximize))
+                                      maximize=maximize, capturable=bool(capturable)))
         self._bank: MaskBank | None = None
         self._names: dict[int, str] = {}  # id(param) -> bank name
         self._pairs: list[str] = []
         self._explicit: dict[int, Tensor | None] | None = None
         self._union_cache: dict[tuple, dict[int, Tensor]] = {}  # (pairs, bank version) -> bits
+        self._lr_tensors: dict[tuple, tuple[float, Tensor]] = {}  # (group, device) -> lr
 
     def add_param_group(self, param_group: dict) -> None:
         """As ``torch.optim.Optimizer.add_param_group``, but a parameter listed twice in one
@@ -159,11 +169,32 @@ class MaskedAdamW(torch.optim.Optimizer):
         return bits
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """As the base class's; the step counts follow each group's ``capturable``: a float32
+        tensor on the param's device, or an int (so either kind of checkpoint loads into
+        either kind of optimizer). ``capturable`` is a mode of this optimizer, not a
+        hyperparameter: the constructor's value stays, whatever the checkpoint's groups say."""
+        modes = [g.get("capturable", False) for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for st in self.state.values():  # the base class casts state to the param dtype
-            for k in ("exp_avg", "exp_avg_sq"):
-                if k in st:
-                    st[k] = st[k].float().contiguous()
+        for group, mode in zip(self.param_groups, modes):
+            group["capturable"] = mode
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                for k in ("exp_avg", "exp_avg_sq"):  # the base class casts to the param dtype
+                    if k in st:
+                        st[k] = st[k].float().contiguous()
+                if "step" in st:
+                    st["step"] = self._step_state(st["step"], group, p.device)
+
+    @staticmethod
+    def _step_state(step, group: dict, device: torch.device):
+        if group.get("capturable"):
+            if isinstance(step, Tensor):
+                return step.detach().to(device=device, dtype=torch.float32).reshape(()).clone()
+            return torch.tensor(float(step), dtype=torch.float32, device=device)
+        return int(step) if isinstance(step, Tensor) else step  # one sync, at load time
 
     # ------------------------------------------------------------------------------- step
 
@@ -185,6 +216,63 @@ class MaskedAdamW(torch.optim.Optimizer):
             bits = bits[offset[0]:offset[0] + shape[0]]
         return local, grad, bits
 
+    def _items(self, group: dict, masks: dict) -> list[tuple]:
+        """(param, local param, grad, bits) of the group's params with a gradient; state made
+        on first use (the step count: int, or a float32 device tensor when capturable)."""
+        items = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("MaskedAdamW does not support sparse gradients")
+            bits = masks.get(id(p))
+            if bits is not None and bits.device != p.device:
+                bits = (bits.to(p.device) if self._explicit is not None
+                        else self._on_device(masks, id(p), p.device))
+            local, grad, bits = self._local(p, bits)
+            st = self.state[p]
+            if not st:
+                st["step"] = self._step_state(0, group, local.device)
+                st["exp_avg"] = torch.zeros(local.shape, dtype=torch.float32,
+                                            device=local.device)
+                st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+            items.append((p, local, grad, bits))
+        return items
+
+    def _lr_tensor(self, group: dict, device: torch.device) -> Tensor:
+        """The group's lr as a 1-element tensor on ``device``: the group's own tensor (moved if
+        elsewhere), or one kept per (group, device) and refilled when the float changes."""
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            return lr if lr.device == device else lr.to(device)
+        key = (id(group), device)
+        got = self._lr_tensors.get(key)
+        if got is None:
+            got = (lr, torch.full((), float(lr), dtype=torch.float32, device=device))
+        elif got[0] != lr:
+            got = (lr, got[1].fill_(float(lr)))
+        self._lr_tensors[key] = got
+        return got[1]
+
+    def _step_capturable(self, group: dict, items: list[tuple]) -> None:
+        """One ``masked_adamw_capturable_`` per device: steps advanced on the device, read by
+        the kernels (nothing read on the host)."""
+        by_device: dict[torch.device, list] = {}
+        for it in items:
+            by_device.setdefault(it[1].device, []).append(it)
+        b1, b2 = group["betas"]
+        for device, its in by_device.items():
+            ps = [p for p, *_ in its]
+            steps = [self.state[p]["step"] for p in ps]
+            torch._foreach_add_(steps, 1)
+            ops.masked_adamw_capturable_(
+                [t[1] for t in its], [t[2] for t in its], [self.state[p]["exp_avg"] for p in ps],
+                [self.state[p]["exp_avg_sq"] for p in ps], [t[3] for t in its],
+                state_steps=steps, lr=self._lr_tensor(group, device), beta1=b1, beta2=b2,
+                eps=group["eps"], weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+            )
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -193,32 +281,22 @@ class MaskedAdamW(torch.optim.Optimizer):
                 loss = closure()
         masks = self._masks_for_step()
         for group in self.param_groups:
+            items = self._items(group, masks)
+            if group.get("capturable"):
+                self._step_capturable(group, items)
+                continue
             buckets: dict[tuple, list] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("MaskedAdamW does not support sparse gradients")
-                bits = masks.get(id(p))
-                if bits is not None and bits.device != p.device:
-                    bits = (bits.to(p.device) if self._explicit is not None
-                            else self._on_device(masks, id(p), p.device))
-                local, grad, bits = self._local(p, bits)
+            for p, local, grad, bits in items:
                 st = self.state[p]
-                if not st:
-                    st["step"] = 0
-                    st["exp_avg"] = torch.zeros(local.shape, dtype=torch.float32,
-                                                device=local.device)
-                    st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
                 st["step"] += 1
                 buckets.setdefault((st["step"], local.device), []).append((p, local, grad, bits))
             b1, b2 = group["betas"]
-            for (step, _), items in buckets.items():
-                ps = [p for p, *_ in items]
+            for (step, _), its in buckets.items():
+                ps = [p for p, *_ in its]
                 ops.masked_adamw_(
-                    [t[1] for t in items], [t[2] for t in items],
+                    [t[1] for t in its], [t[2] for t in its],
                     [self.state[p]["exp_avg"] for p in ps],
-                    [self.state[p]["exp_avg_sq"] for p in ps], [t[3] for t in items],
+                    [self.state[p]["exp_avg_sq"] for p in ps], [t[3] for t in its],
                     lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
                     weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
                 )

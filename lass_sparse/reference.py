@@ -162,3 +162,32 @@ def masked_adamw_(
             p.copy_(torch.where(keep, p_new.to(p.dtype), p))
             m.copy_(torch.where(keep, m_new, m))
             v.copy_(torch.where(keep, v_new, v))
+
+
+@_registry.register("masked_adamw_capturable_", "reference", ALL)
+def masked_adamw_capturable_(
+    params, grads, exp_avgs, exp_avg_sqs, bits, scalars, beta1, beta2, eps, weight_decay,
+    maximize,
+):
+    """``masked_adamw_`` with the learning rate and bias corrections read from the device:
+    ``scalars[i] = (lr, 1 - beta1**step_i, 1 - beta2**step_i)`` (float32, from the op's body).
+    The fused kernels' float32 formula, as tensor ops (no value is read on the host)."""
+    for i, (p, g, m, v, b) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, bits)):
+        lr, bc1, bc2 = scalars[i, 0], scalars[i, 1], scalars[i, 2]
+        g32 = g.float()
+        if maximize:
+            g32 = -g32
+        p32 = p.float()
+        p_new = p32 - lr * weight_decay * p32
+        m_new = beta1 * m + (1.0 - beta1) * g32
+        v_new = beta2 * v + (1.0 - beta2) * g32 * g32
+        p_new = p_new - lr * (m_new / bc1) / (torch.sqrt(v_new / bc2) + eps)
+        if b is None:
+            p.copy_(p_new.to(p.dtype))
+            m.copy_(m_new)
+            v.copy_(v_new)
+        else:
+            keep = unpack_mask_reference(b, p.shape[-1]).reshape(p.shape)
+            p.copy_(torch.where(keep, p_new.to(p.dtype), p))
+            m.copy_(torch.where(keep, m_new, m))
+            v.copy_(torch.where(keep, v_new, v))

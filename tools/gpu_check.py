@@ -261,8 +261,9 @@ def _module_case(kind, bsz, t, d, h=4):
 
 
 def _adamw_case(ls, backend, dtype, device, through_optimizer):
-    """masked_adamw_ (a list mixing the dtype with float32) or MaskedAdamW on a MaskedLinear,
-    against the reference: on-mask values within tolerance, off-mask p/m/v bit-identical."""
+    """masked_adamw_ (a list mixing the dtype with float32) or MaskedAdamW (``through_optimizer``
+    True, or "capturable": device step counts, masked_adamw_capturable_) against the reference:
+    on-mask values within tolerance, off-mask p/m/v bit-identical."""
     torch = _torch()
     from lass_sparse.optim import MaskedAdamW
 
@@ -281,7 +282,8 @@ def _adamw_case(ls, backend, dtype, device, through_optimizer):
         with _force(ls, be):
             if through_optimizer:
                 params = [torch.nn.Parameter(p) for p in ps]
-                opt = MaskedAdamW(params, lr=1e-2, weight_decay=0.1)
+                opt = MaskedAdamW(params, lr=1e-2, weight_decay=0.1,
+                                  capturable=through_optimizer == "capturable")
                 opt.set_masks(dict(zip(params, bits)))
                 for _ in range(3):
                     for p, q in zip(params, gs):
@@ -332,6 +334,7 @@ def cases(small: bool):
         ("MaskedLinear+MaskBank", "linear", _module_case("linear", 2, 3, 16 * s)),
         ("MaskedMultiheadAttention+MaskBank", "linear", _module_case("mha", 2, 5, 16 * s)),
         ("MaskedAdamW", "adamw", True),
+        ("MaskedAdamW capturable", "adamw", "capturable"),
     ]
 
 

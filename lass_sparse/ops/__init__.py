@@ -39,6 +39,7 @@ from . import schema as _schema  # noqa: F401  (defines the ops before anything 
 from .eager import (
     magnitude_mask,
     masked_adamw_,
+    masked_adamw_capturable_,
     masked_linear,
     masked_qkv_proj,
     pack_mask,
@@ -49,6 +50,7 @@ from .eager import (
 __all__ = [
     "magnitude_mask",
     "masked_adamw_",
+    "masked_adamw_capturable_",
     "masked_linear",
     "masked_qkv_proj",
     "pack_mask",

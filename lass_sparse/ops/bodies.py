@@ -23,6 +23,7 @@ from . import registry
 from .checks import (
     check_accumulate,
     check_adamw,
+    check_adamw_capturable,
     check_dw,
     check_dx,
     check_hyper,
@@ -181,4 +182,40 @@ def masked_adamw_body(
         [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
         [None if b is None else b.contiguous() for b in bits], float(lr), float(beta1),
         float(beta2), float(eps), float(weight_decay), int(step), bool(maximize),
+    )
+
+
+def adamw_scalars(state_steps: list[Tensor], lr: Tensor, beta1: float, beta2: float) -> Tensor:
+    """float32[T, 3] on the params' device: per param (lr, 1 - beta1**step, 1 - beta2**step),
+    the bias corrections computed in float64 from the step tensors — device ops only, no sync
+    (so a CUDA graph replays them with the steps' current values)."""
+    steps = torch.stack([s.reshape(()) for s in state_steps]).to(torch.float64)
+    lr64 = lr.reshape(()).to(device=steps.device, dtype=torch.float64).expand_as(steps)
+    return torch.stack([lr64, 1.0 - torch.pow(beta1, steps), 1.0 - torch.pow(beta2, steps)],
+                       1).to(torch.float32)
+
+
+def masked_adamw_capturable_body(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    bits: list[Tensor | None],
+    state_steps: list[Tensor],
+    lr: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    if not check_adamw_capturable(params, grads, exp_avgs, exp_avg_sqs, bits, state_steps, lr,
+                                  beta1, beta2, eps, weight_decay, real=True):
+        return
+    scalars = adamw_scalars(list(state_steps), lr, beta1, beta2)
+    registry.dispatch(
+        "masked_adamw_capturable_", params[0].device, list(params),
+        [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
+        [None if b is None else b.contiguous() for b in bits], scalars, float(beta1),
+        float(beta2), float(eps), float(weight_decay), bool(maximize),
     )

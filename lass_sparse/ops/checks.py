@@ -279,9 +279,8 @@ def check_no_overlap(op: str, spans: list[tuple[str, Tensor, bool]]) -> None:
 
 
 def check_adamw(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps,
-                weight_decay, step, real: bool) -> bool:
+                weight_decay, step, real: bool, op: str = "masked_adamw_") -> bool:
     """All checks of ``masked_adamw_``; False when there is nothing to update."""
-    op = "masked_adamw_"
     lens = {len(params), len(grads), len(exp_avgs), len(exp_avg_sqs), len(bits)}
     if len(lens) != 1:
         raise ValueError(
@@ -317,4 +316,31 @@ def check_adamw(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, ep
             spans += [(f"params[{i}]", p, True), (f"exp_avgs[{i}]", m, True),
                       (f"exp_avg_sqs[{i}]", v, True), (f"grads[{i}]", g, False)]
         check_no_overlap(op, spans)
+    return True
+
+
+def check_adamw_capturable(params, grads, exp_avgs, exp_avg_sqs, bits, state_steps, lr, beta1,
+                           beta2, eps, weight_decay, real: bool) -> bool:
+    """All checks of ``masked_adamw_capturable_``: those of ``masked_adamw_`` (the step count is
+    a tensor here), plus ``state_steps`` (one 1-element floating tensor per param, on its
+    device) and ``lr`` (a 1-element floating tensor on the params' device). Their values are
+    not read: that would be a device sync (as ``torch.optim.AdamW(capturable=True)``)."""
+    op = "masked_adamw_capturable_"
+    if len(state_steps) != len(params):
+        raise ValueError(f"{op}: state_steps must have one entry per param ({len(params)}), got "
+                         f"{len(state_steps)}")
+    if not (isinstance(lr, Tensor) and lr.numel() == 1 and lr.is_floating_point()):
+        got = desc(lr) if isinstance(lr, Tensor) else type(lr).__name__
+        raise TypeError(f"{op}: lr must be a 1-element floating tensor on the params' device, "
+                        f"got {got}")
+    check_hyper(op, 0.0, beta1, beta2, eps, weight_decay, 1)
+    if not check_adamw(params, grads, exp_avgs, exp_avg_sqs, bits, 0.0, beta1, beta2, eps,
+                       weight_decay, 1, real, op=op):
+        return False
+    for i, (p, s) in enumerate(zip(params, state_steps)):
+        if not (isinstance(s, Tensor) and s.numel() == 1 and s.is_floating_point()):
+            got = desc(s) if isinstance(s, Tensor) else type(s).__name__
+            raise TypeError(f"{op}: state_steps[{i}] must be a 1-element floating tensor (the "
+                            f"step count including this update), got {got}")
+        check_same_device(op, **{f"params[{i}]": p, f"state_steps[{i}]": s, "lr": lr})
     return True

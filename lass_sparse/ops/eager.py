@@ -22,6 +22,7 @@ from torch import Tensor
 from . import registry, schema
 from .bodies import (
     masked_adamw_body,
+    masked_adamw_capturable_body,
     masked_linear_body,
     masked_qkv_proj_body,
     segmented_masked_linear_body,
@@ -227,3 +228,34 @@ def masked_adamw_(
         profiled("masked_adamw_", ADAMW_NATIVE.get(dev, masked_adamw_body), *args)
         return
     torch.ops.lass_sparse.masked_adamw_(*args)
+
+
+def masked_adamw_capturable_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    bits: Sequence[Tensor | None],
+    *,
+    state_steps: Sequence[Tensor],
+    lr: Tensor,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    maximize: bool = False,
+) -> None:
+    """:func:`masked_adamw_` with the step counts and the learning rate as tensors on the
+    params' device (``state_steps[i]``: param i's count *including* this update; ``lr``: one
+    element), read by the kernels, never on the host: the step can be captured in a CUDA graph
+    and replayed (as ``torch.optim.AdamW(capturable=True)``). The caller advances the steps
+    (``torch._foreach_add_(state_steps, 1)``) before the call."""
+    args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(bits),
+            list(state_steps), lr, beta1, beta2, eps, weight_decay, maximize)
+    if not isinstance(lr, Tensor):  # the schema would refuse it with a cast error: ours words it
+        masked_adamw_capturable_body(*args)
+    if not torch.is_grad_enabled() and is_plain_eager(*args[0], *args[1], *args[2], *args[3],
+                                                      *args[4], *args[5], lr):
+        profiled("masked_adamw_capturable_", masked_adamw_capturable_body, *args)
+        return
+    torch.ops.lass_sparse.masked_adamw_capturable_(*args)

@@ -28,6 +28,7 @@ from . import bodies
 from .checks import (
     check_accumulate,
     check_adamw,
+    check_adamw_capturable,
     check_dw,
     check_dx,
     check_linear,
@@ -261,6 +262,20 @@ def _(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps, weight_
       maximize):
     check_adamw(params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps, weight_decay,
                 step, real=False)
+    return None
+
+
+masked_adamw_capturable_ = torch.library.custom_op(
+    f"{NS}::masked_adamw_capturable_", bodies.masked_adamw_capturable_body,
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs"),
+)
+
+
+@masked_adamw_capturable_.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, bits, state_steps, lr, beta1, beta2, eps,
+      weight_decay, maximize):
+    check_adamw_capturable(params, grads, exp_avgs, exp_avg_sqs, bits, state_steps, lr, beta1,
+                           beta2, eps, weight_decay, real=False)
     return None
 
 

@@ -10,8 +10,9 @@ What the audit found (the claims these tests hold the code to):
   ``masked_add`` writes only the rows of its own tile; AdamW, pack / unpack and the magnitude mask
   are element-wise. The Triton kernels have no ``tl.atomic_*``, csrc/cuda none either; the
   ``wt`` variant's split-K (forward, dx, segmented dx and dW) writes each split's partial to its
-  own slice of an fp32 workspace, summed by ``torch.sum`` in a fixed order. So run to run, at a fixed thread count, results are bit-identical, and deterministic
-  mode has no kernel of ours to refuse (the CUDA routes through cuBLAS inherit PyTorch's own
+  own slice of an fp32 workspace, summed by ``torch.sum`` in a fixed order. So run to run, at a
+  fixed thread count, results are bit-identical, and deterministic mode has no kernel of ours
+  to refuse (the CUDA routes through cuBLAS inherit PyTorch's own
   check: ``CUBLAS_WORKSPACE_CONFIG``).
 - Independent of the thread count: the few-row forward (gemv.cpp), the bf16 dot-product dx
   (dx_bf16dp.cpp), the bf16 panel dx / dW (panel_bf16.cpp), the fp32 panel forward and segmented

@@ -34,7 +34,7 @@ def test_dry_run_passes_every_case_on_every_cpu_backend(tmp_path):
     names = [c[0] for c in _load().cases(True)]
     for op in ("pack_mask", "unpack_mask", "magnitude_mask", "masked_linear", "segmented",
                "masked_qkv_proj", "masked_adamw_", "MaskedLinear", "MaskedMultiheadAttention",
-               "MaskedAdamW"):
+               "MaskedAdamW", "MaskedAdamW capturable"):
         assert any(op in n for n in names), op
     for backend in CPU_BACKENDS:
         for n in names:

@@ -199,6 +199,31 @@ def _adamw_cases(dev="cpu", public=True):
     return cases
 
 
+def _adamw_capturable_cases(dev="cpu"):
+    """``masked_adamw_`` cases with the step count and lr as device tensors (the step-0 and NaN
+    lr cases do not apply: those values are not read on the host), and wrong step / lr tensors."""
+    def capturable(make):
+        def args():
+            ps, gs, ms, vs, bs, lr, b1, b2, eps, wd, _step, mx = make()
+            return (ps, gs, ms, vs, bs, [torch.ones((), device=dev) for _ in ps],
+                    torch.tensor(lr, device=dev), b1, b2, eps, wd, mx)
+        return args
+
+    def p():
+        return torch.randn(*_BIG, device=dev)
+
+    good = capturable(lambda: (*_adamw_lists(p()), *_HP))
+    return [(name, capturable(make)) for name, make in _adamw_cases(dev)
+            if name not in ("step 0", "lr nan")] + [
+        ("state_steps of two elements",
+         lambda: (*good()[:5], [torch.ones(2, device=dev)], *good()[6:])),
+        ("no state_steps", lambda: (*good()[:5], [], *good()[6:])),
+        ("lr of two elements", lambda: (*good()[:6], torch.ones(2, device=dev), *good()[7:])),
+        ("integer state_steps",
+         lambda: (*good()[:5], [torch.ones((), dtype=torch.int64, device=dev)], *good()[6:])),
+    ]
+
+
 def _pack_cases(dev="cpu"):
     return [("int mask", lambda: (torch.ones(4, 40, dtype=torch.int32, device=dev),)),
             ("0-d mask", lambda: (torch.tensor(True, device=dev),))]
@@ -236,6 +261,7 @@ def _cases() -> dict[str, dict[str, list]]:
             "segmented_masked_linear_dw": _seg_grad_cases("dw"),
             "masked_qkv_proj": _qkv_cases(),
             "masked_adamw_": _adamw_cases(),
+            "masked_adamw_capturable_": _adamw_capturable_cases(),
         },
         # the C++ kernels registered under the public names (TORCH_LIBRARY_IMPL(lass_sparse,
         # CPU)), run with their own checks only (testing.cpu_kernels: no Python body first)
@@ -444,6 +470,9 @@ def _valid_samples() -> dict[str, tuple]:
         "masked_qkv_proj": (xq, wq, bq, torch.randn(24), 2),
         "masked_adamw_": ([p], [torch.randn(4, 40)], [torch.zeros(4, 40)], [torch.zeros(4, 40)],
                           [_bits(4, 40)], *_HP),
+        "masked_adamw_capturable_": ([p.clone()], [torch.randn(4, 40)], [torch.zeros(4, 40)],
+                                     [torch.zeros(4, 40)], [_bits(4, 40)], [torch.ones(())],
+                                     torch.tensor(1e-3), *_HP[1:5], False),
     }
 
 

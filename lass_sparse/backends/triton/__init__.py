@@ -85,4 +85,9 @@ else:
             registry.register(op, "triton", devices, supports=pred, explicit_only=explicit,
                                requires=_REQUIRES, device_guard=True,
                                dtypes=_FLOATS)(getattr(kernels, op))
+        from . import adamw
+
+        registry.register("masked_adamw_capturable_", "triton", devices,
+                          supports=adamw.supports, explicit_only=explicit, requires=_REQUIRES,
+                          device_guard=True, dtypes=_FLOATS)(adamw.masked_adamw_capturable_)
         registry.set_status("triton", True, reason)
