@@ -165,7 +165,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         the same pairs reuse it (a GPU step would otherwise copy every mask each step)."""
         bits = masks[pid]
         if bits.device != device:
-            bits = masks[pid] = bits.to(device)
+            bits = masks[pid] = bits.to(device, non_blocking=True)  # no stream sync
         return bits
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -227,7 +227,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 raise RuntimeError("MaskedAdamW does not support sparse gradients")
             bits = masks.get(id(p))
             if bits is not None and bits.device != p.device:
-                bits = (bits.to(p.device) if self._explicit is not None
+                bits = (bits.to(p.device, non_blocking=True) if self._explicit is not None
                         else self._on_device(masks, id(p), p.device))
             local, grad, bits = self._local(p, bits)
             st = self.state[p]

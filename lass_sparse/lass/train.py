@@ -289,8 +289,9 @@ class _StageRun:
             # exactly what one process with --accum W draws
             torch.manual_seed(_batch_seed(cfg.seed, self.step_no * self.slots
                                           + self.rank * cfg.accum + j))
-            b = self.data.batch(direction, idx).to(self.dev)
-            tokens += b.tokens
+            b = self.data.batch(direction, idx)
+            tokens += b.tokens  # counted on the host: on the device, a sync every step
+            b = b.to(self.dev)
             ctx = (active_pair(self.model, direction) if bank is not None
                    else contextlib.nullcontext())
             last = j == len(micro) - 1

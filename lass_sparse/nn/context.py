@@ -130,7 +130,7 @@ class MaskContext:
             return None
         b = self._cache.get(key)
         if b is None:
-            b = self._cache[key] = fetch().to(key[2])
+            b = self._cache[key] = fetch().to(key[2], non_blocking=True)  # no stream sync
         return b
 
     def bits(self, name: str, device: torch.device,

@@ -58,9 +58,11 @@ def _grouping(st: PairState, x: Tensor, batch_dim: int, ctx: MaskContext):
         present = [i for i, c in enumerate(counts) if c]
         offs = [0, *itertools.accumulate(counts[i] for i in present)]
         pairs = [rows[i] for i in present]
-        offsets, seg_pair = (torch.tensor(v, dtype=torch.long).to(x.device) for v in (offs, pairs))
+        offsets, seg_pair = (torch.tensor(v, dtype=torch.long).to(x.device, non_blocking=True)
+                             for v in (offs, pairs))
         remember(offsets, seg_pair, offs, pairs)
-        g = st.groups[key] = (None if order is None else order.to(x.device), offsets, seg_pair)
+        g = st.groups[key] = (None if order is None else order.to(x.device, non_blocking=True),
+                             offsets, seg_pair)
     return g
 
 

@@ -159,3 +159,45 @@ def test_fp16_autocast_with_grad_scaler_trains(tmp_path):
                   max_train=80, device="cuda", **SMALL)
     res = P.train(r, 4, out="base", amp="fp16", **KW)
     assert res["steps"] == 4 and torch.isfinite(torch.tensor(res["mean_loss"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("masked", [False, True])
+def test_training_steps_on_the_gpu_do_not_sync(tmp_path, monkeypatch, masked):
+    """After two warm-up steps, a CLI training step (batch to the device, bf16 forward and
+    backward, clip, MaskedAdamW) runs under ``torch.cuda.set_sync_debug_mode("error")``: no
+    step reads a value back (the host stays ahead of the GPU). Logging and checkpoints, outside
+    the step, may."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    from lass_sparse.lass import train as T
+
+    real = T._StageRun.step
+    calls = []
+
+    def strict(self):
+        calls.append(self.step_no)
+        if len(calls) <= 2:
+            return real(self)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real(self)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(T._StageRun, "step", strict)
+    r = P.prepare(str(tmp_path / "r"), "demo", "tiny", vocab_size=300, pairs=["en-de", "en-fr"],
+                  max_train=80, device="cuda", **SMALL)
+    if not masked:
+        res = P.train(r, 6, out="base", amp="bf16", batch_size=16, progress=False,
+                      ckpt_every=100)
+    else:
+        P.train(r, 2, out="base", amp="bf16", **KW)
+        for d in r.directions:
+            P.finetune(r, d, 1, amp="bf16", **KW)
+        P.prune(r, 0.5, out="masks.safetensors")
+        calls.clear()
+        res = P.joint(r, "masks.safetensors", 6, out="joint", amp="bf16", batch_size=16,
+                      progress=False, ckpt_every=100)
+    assert res["steps"] == 6 and len(calls) >= 6
