@@ -6,7 +6,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test test-fast bench bench-gpu gpu-bench gpu-check lint nvcc-check clean
+.PHONY: install demo test test-fast bench bench-gpu gpu-bench gpu-check gpu-session lint nvcc-check clean
 
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,6 +46,12 @@ gpu-bench:
 	  --benchmark-only --benchmark-json=$(or $(OUT),gpu_bench_results)/device.json
 	$(GPU_PY) benchmarks/report.py $(or $(OUT),gpu_bench_results)/device.json \
 	  -o $(or $(OUT),gpu_bench_results)/device.md
+
+# Issue 29's one prepared run for a lent GPU session (about 9 minutes): build, the GPU tests of
+# the paths no GPU has run yet, the device-time sweep under a time budget (key rows first);
+# results, logs and Triton's cache in $(or $(OUT),gpu_session_results)/ as they are made.
+gpu-session:
+	OUT=$(or $(OUT),gpu_session_results) GPU_PY=$(GPU_PY) bash tools/gpu_session.sh
 
 # On a lent GPU machine (torch/triton/cupy preinstalled, no network): builds with that torch,
 # runs every op/module/optimizer per GPU backend vs the reference, `pytest -m "gpu or triton"`,

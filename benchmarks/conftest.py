@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 
 import torch
 
@@ -18,11 +19,31 @@ import pytest  # noqa: E402
 
 import lass_sparse  # noqa: E402,F401
 
+BUDGET_ENV = "LASS_SPARSE_BENCH_BUDGET_S"  # seconds; benchmarks starting later are skipped
+PRIORITY_ENV = "LASS_SPARSE_SWEEP_PRIORITY"  # "1": the device sweep in common.sweep_priority order
+_T0 = time.monotonic()
+
 
 def pytest_collection_modifyitems(config, items):
     from lass_sparse.testing import skip_gpu_items_without_cuda
 
     skip_gpu_items_without_cuda(items)
+    if os.environ.get(PRIORITY_ENV) == "1":
+        from common import sweep_priority
+
+        keyed = [(sweep_priority(it.originalname, getattr(getattr(it, "callspec", None),
+                                                            "params", {}), i), it)
+                 for i, it in enumerate(items)]
+        items[:] = [it for _, it in sorted(keyed, key=lambda p: p[0])]
+
+
+@pytest.fixture(autouse=True)
+def _time_budget():
+    """Skip benchmarks that would start after ``$LASS_SPARSE_BENCH_BUDGET_S`` seconds of the
+    session: a lent GPU's run ends with its JSON written, not killed mid-sweep."""
+    budget = os.environ.get(BUDGET_ENV)
+    if budget and time.monotonic() - _T0 > float(budget):
+        pytest.skip(f"time budget spent ({BUDGET_ENV}={budget})")
 
 
 def smoke(config) -> bool:

@@ -21,6 +21,7 @@ from common import (
     linear_cost,
     mask_budget_bytes,
     share,
+    sweep_priority,
 )
 from report import device_ratios, measured_peaks, memory_deltas, render
 from test_device_time import (
@@ -168,3 +169,43 @@ def test_joint_stepper_trains_one_pair_with_every_mask_resident(impl):
     assert weights == 2 * (3 * 32 * 32 + 32 * 32 + 2 * 32 * 64) + 3 * 32 * 32 + 32 * 32
     step()
     step()
+
+
+def test_sweep_priority_runs_key_rows_first_with_their_baselines():
+    """LASS_SPARSE_SWEEP_PRIORITY=1 order: the key cases' forward and fwd+bwd first, each
+    case's impls adjacent with the baselines first; then segmented; dx / dW late."""
+    items = []
+    for op in LINEAR_OPS:
+        for impl in ("ours", "dense", "naive", "ours_wt"):
+            for case in (((1024, 4096), 16), ((4096, 4096), 256), ((4096, 4096), 4096)):
+                items.append(("test_linear_device_time", dict(op=op, impl=impl, case=case)))
+    items.append(("test_segmented_device_time", dict(op="fwd", impl="ours", nk=(4096, 4096))))
+    items.append(("test_joint_training_peak_memory", dict(impl="ours", pairs=8)))
+    order = sorted(range(len(items)), key=lambda i: sweep_priority(*items[i], i))
+    named = [(items[i][0], items[i][1].get("op"), items[i][1].get("impl"),
+              items[i][1].get("case")) for i in order]
+    key = ((4096, 4096), 4096)
+    assert named[:8] == [("test_linear_device_time", op, impl, key)
+                         for op in ("fwd", "fwd_bwd")
+                         for impl in ("dense", "naive", "ours", "ours_wt")]
+    assert named[8][3] == ((4096, 4096), 256)
+    seg = next(i for i, n in enumerate(named) if n[0] == "test_segmented_device_time")
+    first_dx = next(i for i, n in enumerate(named) if n[1] == "dx")
+    assert 16 <= seg < first_dx and named[-1][0] == "test_joint_training_peak_memory"
+
+
+def test_a_spent_time_budget_skips_benchmarks_and_says_why():
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, LASS_SPARSE_BENCH_BUDGET_S="0")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                        "--benchmark-disable",
+                        os.path.join(here, "test_harness.py")
+                        + "::test_eager_time_is_the_median_of_single_calls"],
+                       cwd=os.path.dirname(here), env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "1 skipped" in r.stdout, r.stdout[-2000:]
+    assert "time budget spent (LASS_SPARSE_BENCH_BUDGET_S=0)" in r.stdout

@@ -114,3 +114,22 @@ def test_profile_step_runs_on_cpu_and_writes_both_tables(tmp_path):
     assert "## masked_linear fwd+bwd" in text and "## joint step tiny batch=2x24" in text
     assert text.count("ours/dense") == 2 and text.count("### ours") == 2
     assert "lass_sparse" in text  # our ops show up in the profile (record_function ranges)
+
+
+def test_the_gpu_session_script_parses_and_names_existing_tests():
+    """tools/gpu_session.sh (make gpu-session) runs only on a lent GPU: here, its syntax and
+    every test file / test it names must exist (a rename would waste the GPU's minutes)."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = os.path.join(root, "tools", "gpu_session.sh")
+    r = subprocess.run(["bash", "-n", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    text = open(script).read()
+    named = re.findall(r"((?:tests|benchmarks)/[\w/]+\.py)(?:::(\w+))?", text)
+    assert len(named) >= 8
+    for path, test in named:
+        src = os.path.join(root, path)
+        assert os.path.exists(src), path
+        if test:
+            assert re.search(rf"^def {test}\(", open(src).read(), re.M), f"{path}::{test}"
