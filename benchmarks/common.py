@@ -237,15 +237,16 @@ def device_cases(smoke: bool = False) -> list[tuple[tuple[int, int], int]]:
 # (baselines first), so a budget cut leaves whole rows, not "ours" without its "dense".
 SWEEP_KEY_CASES = ([((4096, 4096), m) for m in (4096, 256, 1024, 64)]
                    + [((8192, 8192), 1), ((8192, 8192), 16)])
-SWEEP_IMPL_ORDER = ("dense", "naive", "ours", "ours_wt", "ours_wt_persistent", "ours_gemv2")
+SWEEP_IMPL_ORDER = ("dense", "naive", "ours", "ours_wt", "ours_wt_persistent", "ours_gemv2",
+                    "plain_compiled", "plain")
 
 
 def sweep_priority(test: str, params: dict, index: int) -> tuple:
     """Sort key of one collected device-time benchmark (``test``: the function's name, ``params``
     its parametrization, ``index``: its place in collection order). Tiers: 0 the key cases'
-    forward and fwd+bwd, 1 the segmented cases, 2 other forward / fwd+bwd, 3 dx and dW, 4 the
-    rest (joint-training memory); within a tier the cases in order, impls by
-    SWEEP_IMPL_ORDER."""
+    forward and fwd+bwd, 1 the segmented cases then the training throughput, 2 other forward /
+    fwd+bwd, 3 dx and dW, 4 the rest (joint-training memory); within a tier the cases in
+    order, impls by SWEEP_IMPL_ORDER."""
     impl = params.get("impl", "")
     rank = SWEEP_IMPL_ORDER.index(impl) if impl in SWEEP_IMPL_ORDER else len(SWEEP_IMPL_ORDER)
     if test == "test_linear_device_time":
@@ -256,6 +257,8 @@ def sweep_priority(test: str, params: dict, index: int) -> tuple:
         return (2 if main else 3, 0, f"{op} {case_id(case)}", rank, index)
     if test == "test_segmented_device_time":
         return (1, 0, f"{params['op']} {params['nk']}", rank, index)
+    if test == "test_train_throughput":  # after the segmented cases
+        return (1, 1, "", rank, index)
     return (4, 0, "", rank, index)
 
 

@@ -10,7 +10,8 @@ import json
 import sys
 from collections import defaultdict
 
-BASELINES = ("dense", "dense32", "naive", "unpack", "reference", "bool", "numpy", "plain")
+BASELINES = ("dense", "dense32", "naive", "unpack", "reference", "bool", "numpy", "plain",
+             "plain_compiled")
 # extra_info keys that are inputs of computed columns, not columns of their own
 HIDDEN = {"op", "impl", "flop", "bytes", "device_s", "peak_TFLOP/s", "peak_TB/s"}
 
