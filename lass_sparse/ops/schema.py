@@ -306,3 +306,40 @@ for _name, _body in NATIVE_BODIES.items():
 # A plain eager backward's dx / dW kernels on CPU tensors (the C++ entries, below autograd).
 GRAD_CPU = {"masked_linear_dx": native_kernel("masked_linear_dx"),
             "masked_linear_dw": native_kernel("masked_linear_dw")}
+
+
+# --------------------------------------------------------------------------------- FLOP counts
+
+def _flops(rows_of: int, n_of, k_of):
+    """A FlopCounterMode formula: 2 × rows × N × K, the dense product's multiply-adds (the
+    kernels skip no work where the mask is 0), from argument shapes: ``rows_of`` the argument
+    whose leading dims are the rows, ``n_of`` / ``k_of`` (argument, dim) of N and K."""
+    def formula(*shapes, out_shape=None, **kwargs):
+        rows = math.prod(shapes[rows_of][:-1])
+        return 2 * rows * shapes[n_of[0]][n_of[1]] * shapes[k_of[0]][k_of[1]]
+
+    return formula
+
+
+def _register_flop_formulas() -> None:
+    """So ``torch.utils.flop_counter.FlopCounterMode`` (and MFU tools built on it) count the
+    masked matmuls as it counts ``aten.mm``."""
+    try:
+        from torch.utils.flop_counter import register_flop_formula
+    except ImportError:  # pragma: no cover - older torch
+        return
+    ops = torch.ops.lass_sparse
+    for op, f in (
+        (ops.masked_linear, _flops(0, (1, 0), (1, 1))),  # x [.., K], W [N, K]
+        (ops.masked_linear_dx, _flops(0, (1, 0), (1, 1))),  # dy [.., N], W [N, K]
+        (ops.masked_linear_dw, _flops(0, (0, -1), (1, -1))),  # dy [M, N], x [M, K]
+        (ops.masked_linear_dw_accumulate_, _flops(1, (1, -1), (2, -1))),  # grad, dy, x
+        (ops.segmented_masked_linear, _flops(0, (1, 0), (1, 1))),
+        (ops.segmented_masked_linear_dx, _flops(0, (1, 0), (1, 1))),
+        (ops.segmented_masked_linear_dw, _flops(0, (0, -1), (1, -1))),
+        (ops.masked_qkv_proj, _flops(0, (1, 0), (1, 1))),  # x [B, T, D], W [3D, D]
+    ):
+        register_flop_formula(op)(f)
+
+
+_register_flop_formulas()

@@ -435,3 +435,29 @@ def test_different_devices_are_rejected():
     x, w, _, bits, b = _case((3,), 8, 40)
     with pytest.raises(ValueError, match="one device"):
         lass_sparse.masked_linear(x, w, bits.to("meta"), b)
+
+
+def test_flop_counter_counts_the_masked_matmuls_as_dense_ones():
+    """FlopCounterMode sees our ops (registered formulas): a masked linear's forward and
+    backward count 2·M·N·K each pass, as aten.mm's do; segmented and QKV alike."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m, n, k = 6, 24, 40
+    x = torch.randn(2, 3, k, requires_grad=True)
+    w = torch.randn(n, k, requires_grad=True)
+    bits = lass_sparse.pack_mask(torch.rand(n, k) < 0.5)
+    with FlopCounterMode(display=False) as fc:
+        lass_sparse.masked_linear(x, w, bits).sum().backward()
+    assert fc.get_total_flops() == 3 * 2 * m * n * k
+    bank = torch.stack([bits, lass_sparse.pack_mask(torch.rand(n, k) < 0.5)])
+    xs = torch.randn(m, k, requires_grad=True)
+    with FlopCounterMode(display=False) as fc:
+        lass_sparse.segmented_masked_linear(xs, w, bank, torch.tensor([0, 2, m]),
+                                   torch.tensor([1, 0])).sum().backward()
+    assert fc.get_total_flops() == 3 * 2 * m * n * k
+    d = 8
+    wq = torch.randn(3 * d, d)
+    bq = lass_sparse.pack_mask(torch.rand(3 * d, d) < 0.5)
+    with FlopCounterMode(display=False) as fc:
+        lass_sparse.masked_qkv_proj(torch.randn(2, 3, d), wq, bq, None, 2)
+    assert fc.get_total_flops() == 2 * 6 * 3 * d * d
