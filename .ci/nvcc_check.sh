@@ -20,5 +20,8 @@ PY=${PY:-.venv/bin/python}
 if [ -x "$PY" ] && "$PY" -c "import triton" 2>/dev/null; then
   env -u TRITON_INTERPRET "$PY" -W ignore -m lass_sparse.backends.triton.aot_check \
     --arch 80 90 --dtype bf16 fp32 tf32 --all-configs --max-bucket-only | tail -n 3
+  # issue 29's "W as A" kernels (kernels_wt.py), every candidate, bf16 on sm_90 (~1 min)
+  env -u TRITON_INTERPRET "$PY" -W ignore -m lass_sparse.backends.triton.aot_check \
+    --wt --arch 90 --dtype bf16 | tail -n 1
   echo "nvcc-check: triton aot_check ok"
 fi

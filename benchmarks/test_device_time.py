@@ -49,6 +49,7 @@ VARIANTS = {
                 ("fwd", "fwd_bwd", "dx", "dw"), None),
     "ours_wt_persistent": ("LASS_SPARSE_TRITON_VARIANT", "wt_persistent", "triton", ("fwd",),
                            None),
+    "ours_wt_tma": ("LASS_SPARSE_TRITON_VARIANT", "wt_tma", "triton", ("fwd",), None),
     "ours_gemv2": ("LASS_SPARSE_CUDA_GEMV", "v2", None, ("fwd",), 16),
 }
 LINEAR_OPS = ["fwd", "fwd_bwd", "dx", "dw"]

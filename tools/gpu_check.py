@@ -48,6 +48,7 @@ GPU_BACKENDS = ("cuda", "triton", "cupy")
 VARIANT_BACKENDS = {
     "triton:wt": ("triton", "LASS_SPARSE_TRITON_VARIANT", "wt"),
     "triton:wt_persistent": ("triton", "LASS_SPARSE_TRITON_VARIANT", "wt_persistent"),
+    "triton:wt_tma": ("triton", "LASS_SPARSE_TRITON_VARIANT", "wt_tma"),
     "cuda:gemv2": ("cuda", "LASS_SPARSE_CUDA_GEMV", "v2"),
     "cupy:gemv2": ("cupy", "LASS_SPARSE_CUDA_GEMV", "v2"),
 }

@@ -1,4 +1,4 @@
-"""Issue 29's "W as A" Triton variant (``LASS_SPARSE_TRITON_VARIANT=wt|wt_persistent``,
+"""Issue 29's "W as A" Triton variant (``LASS_SPARSE_TRITON_VARIANT=wt|wt_persistent|wt_tma``,
 backends/triton/kernels_wt.py) vs the reference: forward (plain, split-K, persistent), dx
 (plain, split-K), dW as one GEMM with the mask in the epilogue (+ accumulation that leaves
 off-mask entries bit-identical), the one-launch segmented forward; and the default route's
@@ -58,6 +58,25 @@ def test_forward_persistent(monkeypatch):
     x, w, masks, bits = _case(35, 50, 45)  # 3 x 4 tiles over 4 programs: each walks several
     b = torch.randn(50, device=DEV)
     torch.testing.assert_close(wt.masked_linear(x, w, bits, b), x @ (w * masks[0]).T + b, **TOL)
+
+
+@pytest.mark.parametrize("m,k,split,desc", [(35, 64, None, True), (5, 128, "2", True),
+                                            (17, 45, None, False)])
+def test_forward_tma_descriptor_for_x(monkeypatch, m, k, split, desc):
+    """``wt_tma``: x tiles through a TMA tensor descriptor (rows past M and columns past K
+    zero-filled by the unit), with split-K too; x rows not 16-byte aligned (K = 45 fp32) take
+    the pointer loads."""
+    monkeypatch.setenv(wt.VARIANT_ENV, "wt_tma")
+    if split:
+        monkeypatch.setenv(wt.SPLIT_K_ENV, split)
+    kw = []
+    real = wt._fwd_wt_kernel
+    monkeypatch.setattr(wt, "_fwd_wt_kernel", type("K", (), {
+        "__getitem__": lambda self, g: lambda *a, **k: (kw.append(k), real[g](*a, **k))})())
+    x, w, masks, bits = _case(m, 50, k)
+    b = torch.randn(50, device=DEV)
+    torch.testing.assert_close(wt.masked_linear(x, w, bits, b), x @ (w * masks[0]).T + b, **TOL)
+    assert kw and all(k["X_DESC"] is desc for k in kw)
 
 
 def test_split_k_is_deterministic(monkeypatch):
@@ -228,7 +247,7 @@ def test_segmented_entries_name_the_bad_argument():
         wt.segmented_masked_linear_dw(dy, torch.randn(4, 70, device=DEV), bank, offs, pairs)
 
 
-@pytest.mark.parametrize("variant", ["wt", "wt_persistent"])
+@pytest.mark.parametrize("variant", ["wt", "wt_persistent", "wt_tma"])
 def test_variant_knob_routes_the_public_ops(monkeypatch, variant):
     monkeypatch.setenv(wt.VARIANT_ENV, variant)
     used = []
@@ -309,7 +328,7 @@ def test_cublas_segmented_route_keeps_one_transient(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["wt", "wt_persistent"])
+@pytest.mark.parametrize("variant", ["wt", "wt_persistent", "wt_tma"])
 @pytest.mark.parametrize("m", [1, 16, 64, 300])
 def test_gpu_bf16_within_twice_torch_error(monkeypatch, variant, m):
     """On the device: bf16 forward/dx/dW of the variant within 2x torch's own bf16 error."""

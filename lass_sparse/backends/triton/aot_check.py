@@ -240,6 +240,7 @@ def _wt_variants():
 
     return [("wt_fwd", "_fwd_wt_kernel", _fwd, "wt"),
             ("wt_fwd_persistent", "_fwd_wt_persistent_kernel", _fwd, "wt_persistent"),
+            ("wt_fwd_tma", "_fwd_wt_kernel", _fwd, "wt_tma"),
             ("wt_dx", "_dx_wt_kernel", _dx, "wt"),
             ("wt_dw_acc", "_dw_wt_kernel", _dw_acc, "wt"),
             ("wt_seg_fwd", "_seg_fwd_wt_kernel", seg, "wt"),
@@ -396,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wt", action="store_true",
                     help="the kernels_wt.py variant instead (every candidate at M = 16, 256, "
                          "4096), with the TTGIR K-loop check; --kernels: wt_fwd "
-                         "wt_fwd_persistent wt_dx wt_dw_acc wt_seg_fwd wt_seg_dx wt_seg_dw")
+                         "wt_fwd_persistent wt_fwd_tma wt_dx wt_dw_acc wt_seg_fwd wt_seg_dx "
+                         "wt_seg_dw")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("aot_check: unset TRITON_INTERPRET", file=sys.stderr)

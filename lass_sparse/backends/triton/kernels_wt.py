@@ -5,7 +5,9 @@
 - ``v1`` (default): ``kernels.py`` — the fused kernels below ``LASS_SPARSE_CUBLAS_MIN_M`` rows,
   the "W ⊙ M in one pass, then cuBLAS" route from there on;
 - ``wt``: the kernels here at every M (no W-sized transient);
-- ``wt_persistent``: the same, forward on a persistent grid (one program per SM).
+- ``wt_persistent``: the same, forward on a persistent grid (one program per SM);
+- ``wt_tma``: the same, the forward's x tiles loaded by the TMA unit (a host-built tensor
+  descriptor, [BLOCK_M, 32] boxes; needs 16-byte aligned x rows, else the pointer loads run).
 
 What differs from ``kernels.py``:
 
@@ -42,7 +44,7 @@ import triton.language as tl
 from .common import INTERPRET, _ieee, _rna, _rows
 
 VARIANT_ENV = "LASS_SPARSE_TRITON_VARIANT"
-VARIANTS = ("v1", "wt", "wt_persistent")
+VARIANTS = ("v1", "wt", "wt_persistent", "wt_tma")
 SPLIT_K_ENV = "LASS_SPARSE_TRITON_SPLIT_K"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -109,11 +111,14 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 @triton.jit
 def _fwd_tile(x_ptr, w_ptr, bits_ptr, rn, rm, hi, k_lo, k_hi, N, K, sxm, swn, sbn,
               IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_K: tl.constexpr):
+              BLOCK_K: tl.constexpr, X_DESC: tl.constexpr = False):
     """fp32 ``yᵀ[rn, rm] = Σ_{k in [k_lo, k_hi)} (W ⊙ M)[rn, k] x[rm, k]``; rows ``>= hi`` of x
-    read as 0. The masked W tile is the dot's A operand."""
+    read as 0. The masked W tile is the dot's A operand. ``X_DESC``: ``x_ptr`` is a TMA tensor
+    descriptor of x with [BLOCK_M, 32] blocks (rows ``rm`` from ``rm[0]``; ``hi`` must be M:
+    the TMA unit fills rows past M, and columns past K, with zeros)."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     lanes = tl.arange(0, 32)
+    m_lo = tl.min(rm, axis=0)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         for j in tl.static_range(BLOCK_K // 32):  # one mask word per weight row per step
             rk = k0 + j * 32 + lanes
@@ -121,8 +126,11 @@ def _fwd_tile(x_ptr, w_ptr, bits_ptr, rn, rm, hi, k_lo, k_hi, N, K, sxm, swn, sb
             w = tl.load(w_ptr + _rows(rn, swn)[:, None] + rk[None, :], mask=inb, other=0.0)
             word = tl.load(bits_ptr + _rows(rn, sbn) + (k0 // 32 + j), mask=rn < N, other=0)
             a = tl.where(((word[:, None] >> lanes[None, :]) & 1) != 0, w, 0.0)
-            xt = tl.load(x_ptr + _rows(rm, sxm)[None, :] + rk[:, None],
-                         mask=(rm[None, :] < hi) & (rk[:, None] < K), other=0.0)
+            if X_DESC:
+                xt = tl.trans(x_ptr.load([m_lo, k0 + j * 32]))
+            else:
+                xt = tl.load(x_ptr + _rows(rm, sxm)[None, :] + rk[:, None],
+                             mask=(rm[None, :] < hi) & (rk[:, None] < K), other=0.0)
             acc = _dot(a, xt, acc, IEEE)
     return acc
 
@@ -147,7 +155,7 @@ def _fwd_wt_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_SPLI
                    sxm, swn, sbn, sym,
                    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GROUP: tl.constexpr):
+                   GROUP: tl.constexpr, X_DESC: tl.constexpr = False):
     """y[M, N] = x @ (W ⊙ M)ᵀ (+ b), computed as yᵀ = (W ⊙ M) xᵀ; grid (tiles, SPLIT_K)."""
     pid_n, pid_m = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP)
     pid_k = tl.program_id(1)
@@ -155,7 +163,7 @@ def _fwd_wt_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_SPLI
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k_lo = pid_k * K_SPLIT
     acc = _fwd_tile(x_ptr, w_ptr, bits_ptr, rn, rm, M, k_lo, tl.minimum(K, k_lo + K_SPLIT), N, K,
-                    sxm, swn, sbn, IEEE, BLOCK_N, BLOCK_M, BLOCK_K)
+                    sxm, swn, sbn, IEEE, BLOCK_N, BLOCK_M, BLOCK_K, X_DESC)
     _store_yt(acc, y_ptr, b_ptr, ws_ptr, pid_k, rn, rm, M, M, N, sym, HAS_BIAS, SPLIT)
 
 
@@ -165,7 +173,7 @@ def _fwd_wt_persistent_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, y_ptr, M, N, K,
                               HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                              NUM_PROGS: tl.constexpr):
+                              NUM_PROGS: tl.constexpr, X_DESC: tl.constexpr = False):
     """The forward on a persistent grid (Triton's 09-persistent-matmul): NUM_PROGS programs
     (one per SM) walk the swizzled tile list."""
     num_n = tl.cdiv(N, BLOCK_N)
@@ -175,7 +183,7 @@ def _fwd_wt_persistent_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, y_ptr, M, N, K,
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         acc = _fwd_tile(x_ptr, w_ptr, bits_ptr, rn, rm, M, 0, K, N, K, sxm, swn, sbn, IEEE,
-                        BLOCK_N, BLOCK_M, BLOCK_K)
+                        BLOCK_N, BLOCK_M, BLOCK_K, X_DESC)
         _store_yt(acc, y_ptr, b_ptr, y_ptr, 0, rn, rm, M, M, N, sym, HAS_BIAS, False)
 
 
@@ -470,6 +478,20 @@ def _check_linear(op, x, weight, bits, bias=None, xname="x"):
         raise ValueError(f"{op}: bias must be [{n}], got {list(bias.shape)}")
 
 
+def _x_descriptor(x: torch.Tensor, block_m: int):
+    """A TMA descriptor of x with [block_m, 32] boxes, or None where TMA cannot read x (rows
+    not 16-byte aligned) or Triton has no host descriptors."""
+    elt = x.element_size()
+    if (x.stride(1) != 1 or (x.stride(0) * elt) % 16 or x.data_ptr() % 16
+            or (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 9)):
+        return None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # pragma: no cover - Triton without host descriptors
+        return None
+    return TensorDescriptor.from_tensor(x, [block_m, 32])
+
+
 def masked_linear(x, weight, bits, bias):
     _check_linear("masked_linear", x, weight, bits, bias)
     m, k = x.shape
@@ -479,13 +501,16 @@ def masked_linear(x, weight, bits, bias):
         return y
     if k == 0:
         return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
-    persistent = variant() == "wt_persistent"
+    var = variant()
+    persistent = var == "wt_persistent"
     sms = _num_sms(x.device)
     b = bias if bias is not None else x
 
     def launch(cfg, split=None):
         ba, bm, bk, group, warps, stages = cfg
         tiles = triton.cdiv(n, ba) * triton.cdiv(m, bm)
+        desc = _x_descriptor(x, bm) if var == "wt_tma" else None
+        xa = x if desc is None else desc
         if persistent:
             _fwd_wt_persistent_kernel[(min(sms, tiles),)](
                 x, weight, bits, b, y, m, n, k, x.stride(0), weight.stride(0), bits.stride(0),
@@ -498,13 +523,14 @@ def masked_linear(x, weight, bits, bias):
         s = triton.cdiv(k, k_split)
         ws = torch.empty(s, m, n, dtype=torch.float32, device=x.device) if s > 1 else y
         _fwd_wt_kernel[(tiles, s)](
-            x, weight, bits, b, y, ws, m, n, k, k_split, x.stride(0), weight.stride(0),
+            xa, weight, bits, b, y, ws, m, n, k, k_split, x.stride(0), weight.stride(0),
             bits.stride(0), y.stride(0), HAS_BIAS=bias is not None, SPLIT=s > 1,
             IEEE=_ieee(x.dtype), BLOCK_N=ba, BLOCK_M=bm, BLOCK_K=bk, GROUP=group,
-            num_warps=warps, num_stages=stages)
+            X_DESC=desc is not None, num_warps=warps, num_stages=stages)
         return ws if s > 1 else None
 
-    ws = launch(_config("fwd_p" if persistent else "fwd", m, n, k, x.dtype, launch))
+    ws = launch(_config("fwd_p" if persistent else "fwd_tma" if var == "wt_tma" else "fwd",
+                        m, n, k, x.dtype, launch))
     if ws is not None:  # fixed-order sum of the split partials: deterministic
         acc = ws.sum(0)
         if bias is not None:
