@@ -75,6 +75,12 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     }
     if torch.cuda.is_available():
         machine_info["gpu"] = torch.cuda.get_device_name()
+        try:  # whether "ours" ran this GPU's measured Triton routes (tools/routes_from_sweep.py)
+            from lass_sparse.backends.triton import routes
+
+            machine_info["triton_routes"] = routes.for_device(torch.device("cuda")) is not None
+        except ImportError:
+            pass
     try:
         import triton
 

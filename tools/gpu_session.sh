@@ -54,6 +54,8 @@ log "sweep rc=$? in $((SECONDS - t))s: $(tail -n 1 "$OUT/sweep.log")"
 if [ -s "$OUT/device.json" ]; then
   "$PY" benchmarks/report.py "$OUT/device.json" -o "$OUT/device.md" >>"$OUT/session.log" 2>&1
   log "report: $OUT/device.md"
+  "$PY" tools/routes_from_sweep.py "$OUT/device.json" --dry >"$OUT/routes.txt" 2>&1
+  log "routes (not written; run tools/routes_from_sweep.py on device.json to): $OUT/routes.txt"
 fi
 
 # Triton's compiled kernels for the next session (restore: TRITON_CACHE_DIR, tar x)

@@ -253,7 +253,8 @@ def test_variant_knob_routes_the_public_ops(monkeypatch, variant):
     used = []
     for name in ("masked_linear", "masked_linear_dx", "masked_linear_dw"):
         real = getattr(wt, name)
-        monkeypatch.setattr(wt, name, lambda *a, _r=real, _n=name: used.append(_n) or _r(*a))
+        monkeypatch.setattr(wt, name, lambda *a, _r=real, _n=name, **k: used.append(_n)
+                            or _r(*a, **k))
     x, w, masks, bits = _case(9, 24, 40)
     x.requires_grad_(True)
     w.requires_grad_(True)
@@ -272,12 +273,13 @@ def test_variant_knob_routes_the_public_ops(monkeypatch, variant):
 
 def test_default_variant_is_v1_and_unknown_names_raise(monkeypatch):
     assert wt.variant() == "v1"
-    assert kernels._variant_wt(torch.zeros(1)) is None
+    assert kernels._variant_wt("masked_linear", 1, torch.zeros(1)) is None
     monkeypatch.setenv(wt.VARIANT_ENV, "fast")
     with pytest.raises(ValueError, match="LASS_SPARSE_TRITON_VARIANT"):
-        kernels._variant_wt(torch.zeros(1))
+        kernels._variant_wt("masked_linear", 1, torch.zeros(1))
     monkeypatch.setenv(wt.VARIANT_ENV, "wt")
-    assert kernels._variant_wt(torch.zeros(1), torch.zeros(1, dtype=torch.float64)) is None
+    assert kernels._variant_wt("masked_linear", 1, torch.zeros(1),
+                               torch.zeros(1, dtype=torch.float64)) is None
 
 
 def test_entries_name_the_bad_argument():

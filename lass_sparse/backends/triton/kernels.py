@@ -337,21 +337,34 @@ def _route_segments(segs, t: int) -> bool:
     return bool(segs) and t / len(segs) >= CUBLAS_MIN_M
 
 
-def _variant_wt(*tensors):
-    """``kernels_wt`` when ``$LASS_SPARSE_TRITON_VARIANT`` selects it (``wt``,
-    ``wt_persistent``) and it takes these tensors, else None (the default ``v1``: this file)."""
+def _variant_wt(op: str, rows: int, *tensors):
+    """``kernels_wt`` and the variant name when it serves this call, else None (``v1``: this
+    file). The variant: ``$LASS_SPARSE_TRITON_VARIANT`` if set (every op), else the measured
+    route of this GPU for ``op`` at ``rows`` rows (routes.py; ``v1`` without one)."""
     v = os.environ.get("LASS_SPARSE_TRITON_VARIANT")
-    if not v or v == "v1":
+    if v:
+        from . import kernels_wt
+
+        kernels_wt.variant()  # raises on an unknown name
+    else:
+        from . import routes
+
+        v = routes.choose(op, rows, tensors[0].device)
+    if v == "v1":
         return None
     from . import kernels_wt
 
-    kernels_wt.variant()  # raises on an unknown name
-    return kernels_wt if kernels_wt.takes(*tensors) else None
+    return (kernels_wt, v) if kernels_wt.takes(*tensors) else None
+
+
+def _seg_rows(x, seg_pair) -> int:
+    """Rows per segment, the segmented ops' route key (no table read: T / S)."""
+    return x.shape[0] // max(seg_pair.numel(), 1)
 
 
 def masked_linear(x, weight, bits, bias):
-    if (wt := _variant_wt(x, weight, bias)) is not None:
-        return wt.masked_linear(x, weight, bits, bias)
+    if (wt := _variant_wt("masked_linear", x.shape[0], x, weight, bias)) is not None:
+        return wt[0].masked_linear(x, weight, bits, bias, var=wt[1])
     m, k = x.shape
     n = weight.shape[0]
     if m >= CUBLAS_MIN_M and n > 0 and _same_dtype(x, weight, bias):
@@ -375,8 +388,8 @@ def masked_linear(x, weight, bits, bias):
 
 
 def masked_linear_dx(grad_out, weight, bits):
-    if (wt := _variant_wt(grad_out, weight)) is not None:
-        return wt.masked_linear_dx(grad_out, weight, bits)
+    if (wt := _variant_wt("masked_linear_dx", grad_out.shape[0], grad_out, weight)) is not None:
+        return wt[0].masked_linear_dx(grad_out, weight, bits)
     m, n = grad_out.shape
     k = weight.shape[1]
     dx = torch.empty(m, k, dtype=grad_out.dtype, device=grad_out.device)
@@ -433,21 +446,22 @@ def _one_segment(m: int, device):
 
 
 def masked_linear_dw(grad_out, x, bits):
-    if (wt := _variant_wt(grad_out, x)) is not None:
-        return wt.masked_linear_dw(grad_out, x, bits)
+    if (wt := _variant_wt("masked_linear_dw", grad_out.shape[0], grad_out, x)) is not None:
+        return wt[0].masked_linear_dw(grad_out, x, bits)
     out = torch.empty(grad_out.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
     return _dw(grad_out, x, bits, *_one_segment(x.shape[0], x.device), out, False)
 
 
 def masked_linear_dw_accumulate_(grad, grad_out, x, bits):
-    if (wt := _variant_wt(grad_out, x)) is not None:
-        return wt.masked_linear_dw_accumulate_(grad, grad_out, x, bits)
+    if (wt := _variant_wt("masked_linear_dw", grad_out.shape[0], grad_out, x)) is not None:
+        return wt[0].masked_linear_dw_accumulate_(grad, grad_out, x, bits)
     _dw(grad_out, x, bits, *_one_segment(x.shape[0], x.device), grad, True)
 
 
 def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
-    if (wt := _variant_wt(x, weight, bias)) is not None:
-        return wt.segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias)
+    if (wt := _variant_wt("segmented_masked_linear", _seg_rows(x, seg_pair), x, weight,
+                          bias)) is not None:
+        return wt[0].segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias)
     t, k = x.shape
     n = weight.shape[0]
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
@@ -479,8 +493,10 @@ def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
 
 
 def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair):
-    if (wt := _variant_wt(grad_out, weight)) is not None:
-        return wt.segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair)
+    if (wt := _variant_wt("segmented_masked_linear_dx", _seg_rows(grad_out, seg_pair),
+                          grad_out, weight)) is not None:
+        return wt[0].segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets,
+                                                seg_pair)
     t, n = grad_out.shape
     k = weight.shape[1]
     dx = torch.zeros(t, k, dtype=grad_out.dtype, device=grad_out.device)
@@ -509,8 +525,9 @@ def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pai
 
 
 def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
-    if (wt := _variant_wt(grad_out, x)) is not None:
-        return wt.segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair)
+    if (wt := _variant_wt("segmented_masked_linear_dw", _seg_rows(x, seg_pair), grad_out,
+                          x)) is not None:
+        return wt[0].segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair)
     out = torch.zeros(grad_out.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
     segs = spans(seg_offsets, seg_pair)
     if _route_segments(segs, x.shape[0]) and out.numel() and _same_dtype(grad_out, x):

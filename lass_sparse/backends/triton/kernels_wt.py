@@ -492,7 +492,8 @@ def _x_descriptor(x: torch.Tensor, block_m: int):
     return TensorDescriptor.from_tensor(x, [block_m, 32])
 
 
-def masked_linear(x, weight, bits, bias):
+def masked_linear(x, weight, bits, bias, var: str | None = None):
+    """``var``: ``wt``, ``wt_persistent`` or ``wt_tma`` (None: ``$LASS_SPARSE_TRITON_VARIANT``)."""
     _check_linear("masked_linear", x, weight, bits, bias)
     m, k = x.shape
     n = weight.shape[0]
@@ -501,7 +502,7 @@ def masked_linear(x, weight, bits, bias):
         return y
     if k == 0:
         return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
-    var = variant()
+    var = var or variant()
     persistent = var == "wt_persistent"
     sms = _num_sms(x.device)
     b = bias if bias is not None else x

@@ -1,0 +1,166 @@
+"""Measured Triton routes (lass_sparse/backends/triton/routes.py) and the tool that derives them
+from a device-time sweep (tools/routes_from_sweep.py): the table's checks, the choice by op and
+rows, the override and off switches, the kernels taking the routed variant (interpreter, CPU
+tensors with the device lookup stubbed), and the tool on a synthetic sweep."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import lass_sparse as ls
+from lass_sparse.bitmask import pack_mask_reference
+
+routes = pytest.importorskip("lass_sparse.backends.triton.routes")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location(
+        "routes_from_sweep", os.path.join(REPO, "tools", "routes_from_sweep.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+GOOD = {"GPU X": {"source": "test", "routes": {
+    "masked_linear": [[64, "wt"], [1024, "wt_tma"], [None, "v1"]],
+    "segmented_masked_linear_dw": [[None, "wt"]]}}}
+
+
+def test_the_packaged_table_is_valid():
+    assert isinstance(routes.table(), dict)  # validated on load (empty without the file)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"G": {"routes": {"masked_qkv_proj": [[None, "wt"]]}}}, "unknown op"),
+    ({"G": {"routes": {"masked_linear_dx": [[None, "wt_tma"]]}}}, r"one of \('v1', 'wt'\)"),
+    ({"G": {"routes": {"masked_linear": [[64, "wt"], [32, "v1"], [None, "v1"]]}}}, "ascending"),
+    ({"G": {"routes": {"masked_linear": [[64, "wt"]]}}}, "null only in the last"),
+    ({"G": {"routes": {"masked_linear": [[None, "wt"], [64, "v1"]]}}}, "null only in the last"),
+    ({"G": {"routes": {"masked_linear": []}}}, "non-empty list"),
+    ({"G": {"source": "x"}}, "expected {'source'"),
+    ([], "object of GPU names"),
+])
+def test_a_bad_table_is_refused_naming_the_entry(bad, match):
+    with pytest.raises(ValueError, match=match):
+        routes.validate(bad)
+
+
+def test_choose_by_op_and_rows(monkeypatch):
+    routes.validate(GOOD)
+    monkeypatch.setattr(routes, "for_device", lambda d: GOOD["GPU X"]["routes"])
+    dev = torch.device("cpu")
+    assert [routes.choose("masked_linear", m, dev) for m in (1, 64, 65, 1024, 5000)] == [
+        "wt", "wt", "wt_tma", "wt_tma", "v1"]
+    assert routes.choose("masked_linear_dx", 64, dev) == "v1"  # no route: the default
+    assert routes.choose("segmented_masked_linear_dw", 10**6, dev) == "wt"
+
+
+def test_no_routes_off_the_gpu_or_when_switched_off(monkeypatch):
+    monkeypatch.setattr(routes, "table", lambda: GOOD)
+    assert routes.for_device(torch.device("cpu")) is None
+    monkeypatch.setenv(routes.ENV, "0")
+    assert routes.for_device(torch.device("cuda", 0)) is None  # never asks CUDA
+    assert routes.choose("masked_linear", 8, torch.device("cuda", 0)) == "v1"
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not ls.backends()["triton"]["active"], reason="triton backend inactive")
+def test_the_triton_kernels_take_the_routed_variant(monkeypatch):
+    """masked_linear at 9 rows routes to wt_tma, at 40 rows to v1 (table above, 'GPU X');
+    $LASS_SPARSE_TRITON_VARIANT overrides the table; results equal the reference either way."""
+    wt = pytest.importorskip("lass_sparse.backends.triton.kernels_wt")
+    table = {"masked_linear": [[16, "wt_tma"], [None, "v1"]],
+             "segmented_masked_linear": [[None, "wt"]]}
+    monkeypatch.setattr(routes, "for_device", lambda d: table)
+    monkeypatch.delenv(wt.VARIANT_ENV, raising=False)
+    seen = []
+    real = wt.masked_linear
+    monkeypatch.setattr(wt, "masked_linear",
+                        lambda *a, **k: seen.append(k.get("var")) or real(*a, **k))
+    real_seg = wt.segmented_masked_linear
+    monkeypatch.setattr(wt, "segmented_masked_linear",
+                        lambda *a: seen.append("seg") or real_seg(*a))
+    w = torch.randn(24, 64)
+    mask = torch.rand(24, 64) > 0.5
+    bits = pack_mask_reference(mask)
+    with ls.use_backend("triton"):
+        for m in (9, 40):
+            x = torch.randn(m, 64)
+            torch.testing.assert_close(ls.masked_linear(x, w, bits), x @ (w * mask).T,
+                                       atol=1e-4, rtol=1e-4)
+        assert seen == ["wt_tma"]
+        monkeypatch.setenv(wt.VARIANT_ENV, "wt")  # the override: every op, every M
+        ls.masked_linear(torch.randn(40, 64), w, bits)
+        assert seen == ["wt_tma", "wt"]
+        monkeypatch.delenv(wt.VARIANT_ENV)
+        bank = torch.stack([bits, pack_mask_reference(torch.rand(24, 64) > 0.5)])
+        ls.segmented_masked_linear(torch.randn(6, 64), w, bank, torch.tensor([0, 2, 6]),
+                                   torch.tensor([1, 0]))
+        assert seen[-1] == "seg"
+
+
+def _bench(op, impl, t, **case):
+    return {"extra_info": {"op": op, "impl": impl, "device_s": t,
+                           **{k: str(v) for k, v in case.items()}}}
+
+
+def _sweep(routes_active=False):
+    bs = []
+    shapes = [(4096, 4096), (4096, 1024)]
+    rel = {16: {"ours_wt": 0.5}, 64: {"ours_wt": 0.8, "ours_wt_tma": 0.7},
+           256: {"ours_wt": 0.9, "ours_wt_tma": 0.75}, 1024: {"ours_wt": 0.99},
+           4096: {"ours_wt": 1.2, "ours_wt_persistent": 1.1}}
+    for m, others in rel.items():
+        for n, k in shapes:
+            bs.append(_bench("device_fwd", "ours", 1e-4, M=m, N=n, K=k))
+            bs.append(_bench("device_fwd", "dense", 5e-5, M=m, N=n, K=k))  # not a variant
+            for impl, r in others.items():
+                bs.append(_bench("device_fwd", impl, 1e-4 * r, M=m, N=n, K=k))
+            bs.append(_bench("device_dx", "ours", 1e-4, M=m, N=n, K=k))
+            bs.append(_bench("device_dx", "ours_wt", 1e-4 * (0.98 if m < 1024 else 0.5),
+                             M=m, N=n, K=k))
+    for n, k in shapes:
+        seg = dict(pairs=16, T=4096, N=n, K=k)
+        bs.append(_bench("device_segmented_fwd", "ours", 2e-4, **seg))
+        bs.append(_bench("device_segmented_fwd", "ours_wt", 1e-4, **seg))
+        bs.append(_bench("device_segmented_fwd_bwd", "ours", 6e-4, **seg))
+        bs.append(_bench("device_segmented_fwd_bwd", "ours_wt", 5.5e-4, **seg))  # bwd 4.5 vs 4
+    return {"machine_info": {"gpu": "GPU X", "triton_routes": routes_active}, "benchmarks": bs,
+            "commit_info": {"id": "0123456789abcdef"}}
+
+
+def test_the_tool_picks_the_fastest_variant_per_rows_and_merges_ranges():
+    gpu, got, report = _tool().routes_from(_sweep())
+    assert gpu == "GPU X"
+    # fwd: 16 rows skipped (the CUDA GEMV's), 64 and 256 wt_tma, 1024 wt is < 3% faster: v1
+    assert got["masked_linear"] == [[256, "wt_tma"], [None, "v1"]]
+    # dx: 2% faster is below the min gain; from 1024 rows wt is 2x faster
+    assert got["masked_linear_dx"] == [[256, "v1"], [None, "wt"]]
+    assert got["segmented_masked_linear"] == [[None, "wt"]]
+    assert "segmented_masked_linear_dx" not in got  # its backward is slower under wt
+    routes.validate({gpu: {"source": "t", "routes": got}})
+    assert any("0.70x v1" in line for line in report)
+
+
+def test_the_tool_writes_the_table_and_refuses_a_routed_sweep(tmp_path, capsys):
+    tool = _tool()
+    src = tmp_path / "device.json"
+    out = tmp_path / "routes.json"
+    out.write_text(json.dumps({"Other GPU": {"source": "s", "routes": {
+        "masked_linear_dw": [[None, "wt"]]}}}))
+    src.write_text(json.dumps(_sweep()))
+    assert tool.main([str(src), "-o", str(out)]) == 0
+    table = routes.validate(json.loads(out.read_text()))
+    assert set(table) == {"Other GPU", "GPU X"}
+    assert "commit 01234567" in table["GPU X"]["source"]
+    src.write_text(json.dumps(_sweep(routes_active=True)))
+    assert tool.main([str(src), "-o", str(out), "--dry"]) == 2
+    assert "LASS_SPARSE_TRITON_ROUTES=0" in capsys.readouterr().err

@@ -1,0 +1,188 @@
+"""Measured Triton routes from a device-time sweep (issue 29: flip a default only where measured
+faster):
+
+    python tools/routes_from_sweep.py OUT/device.json [--min-gain 0.03] [--dry]
+        [-o lass_sparse/backends/triton/routes.json]
+
+Reads ``make gpu-session``'s ``device.json`` (benchmarks/test_device_time.py) and, for each op
+the Triton backend routes (lass_sparse/backends/triton/routes.py), picks per row count the
+variant with the lowest device time — the geometric mean over the swept shapes of its time
+relative to ``v1`` (the sweep's ``ours``) — keeping ``v1`` unless another variant is at least
+``--min-gain`` faster. Consecutive row counts with one winner merge into one range. The GPU's
+entry in the routes file is replaced (other GPUs' entries stay); ``--dry`` prints only.
+
+Sources: ``device_fwd`` -> masked_linear (rows > 16 only: the CUDA GEMV serves fewer rows when
+built), ``device_dx`` -> masked_linear_dx, ``device_dw`` -> masked_linear_dw (and its
+accumulate), ``device_segmented_fwd`` -> segmented_masked_linear, ``device_segmented_fwd_bwd``
+minus the forward -> segmented dx and dW. The sweep must have run with ``v1`` as ``ours``: a
+GPU that already has routes sweeps with ``LASS_SPARSE_TRITON_ROUTES=0`` for this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(REPO, "lass_sparse", "backends", "triton", "routes.json")
+IMPLS = {"ours": "v1", "ours_wt": "wt", "ours_wt_persistent": "wt_persistent",
+         "ours_wt_tma": "wt_tma"}
+LINEAR = {"device_fwd": "masked_linear", "device_dx": "masked_linear_dx",
+          "device_dw": "masked_linear_dw"}
+GEMV_MAX_ROWS = 16
+
+
+class SweepError(ValueError):
+    """The sweep cannot give routes (wrong file, routes active, nothing measured)."""
+
+
+def _times(data: dict) -> dict:
+    """{sweep op: {rows: {shape: {variant: seconds}}}} from the benchmarks' extra_info."""
+    out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        var = IMPLS.get(info.get("impl"))
+        if var is None or "device_s" not in info or "op" not in info:
+            continue
+        op = info["op"]
+        if op in LINEAR:
+            rows, shape = int(info["M"]), (int(info["N"]), int(info["K"]))
+        elif op.startswith("device_segmented_"):
+            rows = int(info["T"]) // int(info["pairs"])
+            shape = (int(info["N"]), int(info["K"]))
+        else:
+            continue
+        out[op][rows][shape][var] = float(info["device_s"])
+    return out
+
+
+def _winner(per_shape: dict, allowed: tuple[str, ...], min_gain: float) -> tuple[str, float]:
+    """(variant, its geometric-mean time relative to v1) over the shapes that measured v1."""
+    ratios: dict[str, list[float]] = defaultdict(list)
+    for times in per_shape.values():
+        if "v1" not in times:
+            continue
+        for var, t in times.items():
+            if var in allowed:
+                ratios[var].append(t / times["v1"])
+    n = len(ratios.get("v1", []))
+    gm = {v: math.exp(sum(map(math.log, r)) / len(r)) for v, r in ratios.items()
+          if len(r) == n and n}
+    if not gm:
+        return "v1", 1.0
+    best = min(gm, key=gm.get)
+    return (best, gm[best]) if gm[best] <= 1.0 - min_gain else ("v1", 1.0)
+
+
+def _merge(winners: list[tuple[int, str]]) -> list[list] | None:
+    """[(rows, variant)] ascending -> [[max_rows, variant], ..., [None, last]]; None if all v1."""
+    if all(v == "v1" for _, v in winners):
+        return None
+    steps: list[list] = []
+    for rows, var in winners:
+        if steps and steps[-1][1] == var:
+            steps[-1][0] = rows
+        else:
+            steps.append([rows, var])
+    steps[-1][0] = None
+    return steps
+
+
+def routes_from(data: dict, min_gain: float = 0.03) -> tuple[str, dict, list[str]]:
+    """(GPU name, its routes, report lines) from a sweep's pytest-benchmark JSON."""
+    from lass_sparse.backends.triton.routes import OPS
+
+    mi = data.get("machine_info", {})
+    gpu = mi.get("gpu")
+    if not gpu:
+        raise SweepError("no GPU in machine_info: not a device sweep's JSON")
+    if mi.get("triton_routes"):
+        raise SweepError(f"the sweep ran with {gpu}'s routes active ('ours' is routed, not v1):"
+                         " sweep again with LASS_SPARSE_TRITON_ROUTES=0")
+    times = _times(data)
+    if not times:
+        raise SweepError("no device-time benchmarks of ours and its variants in the file")
+    routes, report = {}, []
+
+    def decide(route_op: str, by_rows: dict, skip_rows: int = 0) -> None:
+        winners = []
+        for rows in sorted(by_rows):
+            if rows <= skip_rows:
+                continue
+            var, rel = _winner(by_rows[rows], OPS[route_op], min_gain)
+            winners.append((rows, var))
+            report.append(f"{route_op} rows={rows}: {var}"
+                          + (f" ({rel:.2f}x v1)" if var != "v1" else ""))
+        steps = _merge(winners) if winners else None
+        if steps:
+            routes[route_op] = steps
+
+    for sweep_op, route_op in LINEAR.items():
+        if sweep_op in times:
+            decide(route_op, times[sweep_op],
+                   GEMV_MAX_ROWS if route_op == "masked_linear" else 0)
+    fwd, both = times.get("device_segmented_fwd", {}), times.get("device_segmented_fwd_bwd", {})
+    if fwd:
+        decide("segmented_masked_linear", fwd)
+    backward = {}
+    for rows, shapes in both.items():
+        for shape, ts in shapes.items():
+            f = fwd.get(rows, {}).get(shape, {})
+            bwd = {v: t - f[v] for v, t in ts.items() if v in f}
+            if bwd:
+                backward.setdefault(rows, {})[shape] = bwd
+    if backward:
+        for op in ("segmented_masked_linear_dx", "segmented_masked_linear_dw"):
+            decide(op, backward)
+    return gpu, routes, report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", help="the sweep's pytest-benchmark JSON (device.json)")
+    ap.add_argument("-o", "--out", default=DEFAULT_OUT, help="routes file to update")
+    ap.add_argument("--min-gain", type=float, default=0.03,
+                    help="a variant replaces v1 only when this much faster (default 0.03)")
+    ap.add_argument("--dry", action="store_true", help="print the routes, write nothing")
+    a = ap.parse_args(argv)
+    try:
+        with open(a.json) as f:
+            data = json.load(f)
+        gpu, routes, report = routes_from(data, a.min_gain)
+    except (OSError, json.JSONDecodeError, SweepError) as e:
+        print(f"routes_from_sweep: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(report))
+    print(json.dumps({gpu: routes}, indent=1))
+    if a.dry:
+        return 0
+    from lass_sparse.backends.triton.routes import validate
+
+    table = {}
+    if os.path.exists(a.out):
+        with open(a.out) as f:
+            table = json.load(f)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    if routes:
+        table[gpu] = {"source": f"{os.path.basename(a.json)} "
+                                f"(commit {data.get('commit_info', {}).get('id', '?')[:8]}, "
+                                f"{stamp}, min gain {a.min_gain:.0%})", "routes": routes}
+    else:
+        table.pop(gpu, None)  # v1 wins everywhere: no entry
+    validate(table, a.out)
+    tmp = a.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, a.out)
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
