@@ -330,27 +330,6 @@ def seq2seq_train_flops(d: int, ffn: int, heads: int, enc: int, dec: int, vocab:
     return 3 * (enc * enc_f + dec * dec_f + tgt * 2 * d * vocab)
 
 
-class _PlainSeq2Seq(torch.nn.Module):
-    """What a user's own loop would train: ``nn.Transformer`` (pre-norm, GELU; its attention
-    runs SDPA), tied embeddings, learned positions, a causal target mask."""
-
-    def __init__(self, vocab: int, d: int, heads: int, ffn: int, layers: int, max_len: int = 256):
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, d, padding_idx=0)
-        self.pos = torch.nn.Embedding(max_len, d)
-        self.core = torch.nn.Transformer(d, heads, layers, layers, ffn, dropout=0.0,
-                                         activation="gelu", batch_first=True, norm_first=True)
-
-    def forward(self, src, tgt_in):
-        def emb(ids):
-            return self.embed(ids) * self.embed.embedding_dim ** 0.5 + self.pos(
-                torch.arange(ids.shape[1], device=ids.device))
-
-        causal = self.core.generate_square_subsequent_mask(tgt_in.shape[1], device=src.device)
-        h = self.core(emb(src), emb(tgt_in), tgt_mask=causal, tgt_is_causal=True)
-        return F.linear(h, self.embed.weight)
-
-
 def train_stepper(impl: str, batch: int = TRAIN_BATCH, seq: int = TRAIN_SEQ,
                   device: str = "cuda", config: str = "base", **over):
     """(step, tokens per step, model FLOPs per step) of one training step as the CLI runs it
@@ -369,8 +348,10 @@ def train_stepper(impl: str, batch: int = TRAIN_BATCH, seq: int = TRAIN_SEQ,
     tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
     pair = None
     if impl.startswith("plain"):
-        model = _PlainSeq2Seq(cfg.vocab_size, cfg.d_model, cfg.heads, cfg.ffn,
-                              cfg.enc_layers).to(device)
+        from test_e2e import _PlainTransformer
+
+        model = _PlainTransformer(cfg.vocab_size, cfg.d_model, cfg.heads, cfg.ffn,
+                                  cfg.enc_layers).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98),
                                 fused=device == "cuda")
         net = torch.compile(model) if impl == "plain_compiled" else model

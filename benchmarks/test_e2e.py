@@ -154,8 +154,8 @@ def test_translate_batch(benchmark, impl, config, device, is_smoke):
 
 
 class _PlainTransformer(torch.nn.Module):
-    """A plain PyTorch seq2seq of the tiny config's size (pre-norm ``nn.Transformer``, GELU,
-    tied embeddings, learned positions): what a user's own training loop would run."""
+    """A plain PyTorch seq2seq (pre-norm ``nn.Transformer``, GELU; its attention runs SDPA),
+    tied embeddings, learned positions: what a user's own training loop would run."""
 
     def __init__(self, vocab: int, d: int, heads: int, ffn: int, layers: int, max_len: int = 128):
         super().__init__()

@@ -129,6 +129,20 @@ def split_qkv(y: torch.Tensor, b: int, t: int, num_heads: int):
     return tuple(y[i].clone(memory_format=torch.contiguous_format) for i in range(3))
 
 
+def _write_on_mask(p, m, v, p_new, m_new, v_new, b) -> None:
+    """The AdamW results into ``p``, ``m``, ``v`` where the mask ``b`` is 1 (everywhere when
+    None); mask-0 entries keep their bits."""
+    if b is None:
+        p.copy_(p_new.to(p.dtype))
+        m.copy_(m_new)
+        v.copy_(v_new)
+        return
+    keep = unpack_mask_reference(b, p.shape[-1]).reshape(p.shape)
+    p.copy_(torch.where(keep, p_new.to(p.dtype), p))
+    m.copy_(torch.where(keep, m_new, m))
+    v.copy_(torch.where(keep, v_new, v))
+
+
 @_registry.register("masked_adamw_", "reference", ALL)
 def masked_adamw_(
     params, grads, exp_avgs, exp_avg_sqs, bits, lr, beta1, beta2, eps, weight_decay, step,
@@ -153,15 +167,7 @@ def masked_adamw_(
         v_new = v * beta2 + g32 * g32 * (1.0 - beta2)
         denom = v_new.sqrt() / bc2_sqrt + eps
         p_new = p_new - step_size * m_new / denom
-        if b is None:
-            p.copy_(p_new.to(p.dtype))
-            m.copy_(m_new)
-            v.copy_(v_new)
-        else:
-            keep = unpack_mask_reference(b, p.shape[-1]).reshape(p.shape)
-            p.copy_(torch.where(keep, p_new.to(p.dtype), p))
-            m.copy_(torch.where(keep, m_new, m))
-            v.copy_(torch.where(keep, v_new, v))
+        _write_on_mask(p, m, v, p_new, m_new, v_new, b)
 
 
 @_registry.register("masked_adamw_capturable_", "reference", ALL)
@@ -182,12 +188,4 @@ def masked_adamw_capturable_(
         m_new = beta1 * m + (1.0 - beta1) * g32
         v_new = beta2 * v + (1.0 - beta2) * g32 * g32
         p_new = p_new - lr * (m_new / bc1) / (torch.sqrt(v_new / bc2) + eps)
-        if b is None:
-            p.copy_(p_new.to(p.dtype))
-            m.copy_(m_new)
-            v.copy_(v_new)
-        else:
-            keep = unpack_mask_reference(b, p.shape[-1]).reshape(p.shape)
-            p.copy_(torch.where(keep, p_new.to(p.dtype), p))
-            m.copy_(torch.where(keep, m_new, m))
-            v.copy_(torch.where(keep, v_new, v))
+        _write_on_mask(p, m, v, p_new, m_new, v_new, b)

@@ -1,5 +1,6 @@
 """What the Triton kernel files share: the interpreter flag, the autotune switch, fp32 dot
-precision, and the small jitted helpers (TF32 rounding, int64 row offsets)."""
+precision, and the small jitted helpers (TF32 rounding, int64 row offsets, the dot at torch's
+precision, the dW tile ``dyᵀ x`` over a row range)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,25 @@ def _ieee(dtype: torch.dtype) -> bool:
     if INTERPRET or dtype == torch.float64:
         return True
     return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(_rna(a), _rna(b), acc)
+
+
+@triton.jit
+def _dw_tile(dy_ptr, x_ptr, rn, rk, lo, hi, N, K, sdm, sxm, IEEE: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    """fp32 ``(dyᵀ x)[rn, rk]`` over the rows ``[lo, hi)``."""
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(lo, hi, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        dyt = tl.load(dy_ptr + _rows(rm, sdm)[None, :] + rn[:, None],
+                      mask=(rm[None, :] < hi) & (rn[:, None] < N), other=0.0)
+        x = tl.load(x_ptr + _rows(rm, sxm)[:, None] + rk[None, :],
+                    mask=(rm[:, None] < hi) & (rk[None, :] < K), other=0.0)
+        acc = _dot(dyt, x, acc, IEEE)
+    return acc

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ...ops.segments import device_tiles, spans
-from .common import AUTOTUNE, INTERPRET, _ieee, _rna, _rows  # noqa: F401 (kernels_wt shares them)
+from .common import AUTOTUNE, INTERPRET, _dw_tile, _ieee, _rna, _rows  # noqa: F401
 
 
 @triton.jit
@@ -149,17 +149,8 @@ def _dw_kernel(dy_ptr, x_ptr, bits_ptr, dw_ptr, seg_lo, seg_hi, seg_pair, S,
         lo = tl.load(seg_lo + s)
         hi = tl.load(seg_hi + s)
         pair = tl.load(seg_pair + s).to(tl.int64)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for m0 in range(lo, hi, BLOCK_M):
-            rm = m0 + tl.arange(0, BLOCK_M)
-            dyt = tl.load(dy_ptr + _rows(rm, sdm)[None, :] + rn[:, None],
-                          mask=(rm[None, :] < hi) & (rn[:, None] < N), other=0.0)
-            x = tl.load(x_ptr + _rows(rm, sxm)[:, None] + rk[None, :],
-                        mask=(rm[:, None] < hi) & (rk[None, :] < K), other=0.0)
-            if IEEE:
-                acc += tl.dot(dyt, x, input_precision="ieee")
-            else:
-                acc += tl.dot(_rna(dyt), _rna(x))
+        acc = _dw_tile(dy_ptr, x_ptr, rn, rk, lo, hi, N, K, sdm, sxm, IEEE, BLOCK_N, BLOCK_K,
+                       BLOCK_M)
         words = tl.load(bits_ptr + pair * sbp + _rows(rn, sbn)[:, None] + rw[None, :],
                         mask=(rn[:, None] < N) & (rw[None, :] < NW), other=0)
         keep = _expand(words, BLOCK_N, BLOCK_K)

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, _ieee, _rna, _rows
+from .common import INTERPRET, _dot, _dw_tile, _ieee, _rows
 
 VARIANT_ENV = "LASS_SPARSE_TRITON_VARIANT"
 VARIANTS = ("v1", "wt", "wt_persistent", "wt_tma")
@@ -99,13 +99,6 @@ def _masked_wt(w_ptr, bytes_ptr, rk, rn, N, K, swn, sbn8):
     byte = tl.load(bytes_ptr + _rows(rn, sbn8)[None, :] + (rk // 8)[:, None], mask=inb, other=0)
     keep = ((byte.to(tl.int32) >> (rk % 8)[:, None]) & 1) != 0
     return tl.where(keep, w, 0.0)
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(_rna(a), _rna(b), acc)
 
 
 @triton.jit
@@ -287,21 +280,6 @@ def _seg_dx_wt_kernel(dy_ptr, w_ptr, bytes_ptr, dx_ptr, ws_ptr, offs_ptr, pair_p
 
 
 @triton.jit
-def _dw_tile(dy_ptr, x_ptr, rn, rk, lo, hi, N, K, sdm, sxm, IEEE: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
-    """fp32 ``(dyᵀ x)[rn, rk]`` over the rows ``[lo, hi)``."""
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(lo, hi, BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M)
-        dyt = tl.load(dy_ptr + _rows(rm, sdm)[None, :] + rn[:, None],
-                      mask=(rm[None, :] < hi) & (rn[:, None] < N), other=0.0)
-        x = tl.load(x_ptr + _rows(rm, sxm)[:, None] + rk[None, :],
-                    mask=(rm[:, None] < hi) & (rk[None, :] < K), other=0.0)
-        acc = _dot(dyt, x, acc, IEEE)
-    return acc
-
-
-@triton.jit
 def _keep(bits_ptr, rn, rk, N, K, sbn):
     """The [len(rn), len(rk)] keep-mask (False outside W), one broadcast word load per element."""
     inb = (rn[:, None] < N) & (rk[None, :] < K)
@@ -441,6 +419,13 @@ def split_k(m: int, tiles: int, depth: int, block: int, sms: int) -> int:
     return max(1, min(triton.cdiv(sms, tiles), depth // (4 * block)))
 
 
+def _chunks(depth: int, block: int, parts: int) -> tuple[int, int]:
+    """(chunk, parts): ``depth`` cut into ``parts`` chunks of whole ``block``s (fewer parts when
+    some would be empty)."""
+    chunk = triton.cdiv(triton.cdiv(depth, parts), block) * block
+    return chunk, triton.cdiv(depth, chunk)
+
+
 def _check(op: str, **tensors) -> None:
     """Every tensor the kernel touches (``bias`` may be None): a tensor, on one device, rows
     contiguous (last stride 1) — the launchers below index rows by stride(0) and columns by 1."""
@@ -519,9 +504,7 @@ def masked_linear(x, weight, bits, bias, var: str | None = None):
                 BLOCK_M=bm, BLOCK_K=bk, GROUP=group, NUM_PROGS=min(sms, tiles),
                 num_warps=warps, num_stages=stages)
             return None
-        s = split_k(m, tiles, k, bk, sms) if split is None else split
-        k_split = triton.cdiv(triton.cdiv(k, s), bk) * bk
-        s = triton.cdiv(k, k_split)
+        k_split, s = _chunks(k, bk, split_k(m, tiles, k, bk, sms) if split is None else split)
         ws = torch.empty(s, m, n, dtype=torch.float32, device=x.device) if s > 1 else y
         _fwd_wt_kernel[(tiles, s)](
             xa, weight, bits, b, y, ws, m, n, k, k_split, x.stride(0), weight.stride(0),
@@ -557,9 +540,7 @@ def masked_linear_dx(grad_out, weight, bits):
     def launch(cfg, split=None):
         ba, bm, bn, group, warps, stages = cfg  # ba: K block (masked operand rows), bn: N step
         tiles = triton.cdiv(k, ba) * triton.cdiv(m, bm)
-        s = split_k(m, tiles, n, bn, sms) if split is None else split
-        n_split = triton.cdiv(triton.cdiv(n, s), bn) * bn
-        s = triton.cdiv(n, n_split)
+        n_split, s = _chunks(n, bn, split_k(m, tiles, n, bn, sms) if split is None else split)
         ws = torch.empty(s, m, k, dtype=torch.float32, device=dx.device) if s > 1 else dx
         _dx_wt_kernel[(tiles, s)](
             grad_out, weight, bits.view(torch.uint8), dx, ws, m, n, k, n_split,
@@ -690,10 +671,8 @@ def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pai
         if bm not in tables:
             tables[bm] = tile_table(offs, bm)
         row_tiles = triton.cdiv(t, bm) + s  # >= the table's tiles
-        sp = split_k(max(t // s, 1), row_tiles * triton.cdiv(k, ba), n, bn, sms) \
-            if split is None else split
-        n_split = triton.cdiv(triton.cdiv(n, sp), bn) * bn
-        sp = triton.cdiv(n, n_split)
+        n_split, sp = _chunks(n, bn, split_k(max(t // s, 1), row_tiles * triton.cdiv(k, ba), n,
+                                             bn, sms) if split is None else split)
         ws = torch.empty(sp, t, k, dtype=torch.float32, device=dx.device) if sp > 1 else dx
         _seg_dx_wt_kernel[(row_tiles, triton.cdiv(k, ba), sp)](
             grad_out, weight, bits_bank.view(torch.uint8), dx, ws, offs, pairs, tables[bm], s, t,
@@ -735,9 +714,7 @@ def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
         bn, bk, bm, group, warps, stages = cfg
         tiles = triton.cdiv(n, bn) * triton.cdiv(k, bk)
         # the split is over T, the reduction dim: "small M" is always true here (m = 0)
-        sp = split_k(0, tiles, t, bm, sms) if split is None else split
-        t_split = triton.cdiv(triton.cdiv(t, sp), bm) * bm
-        sp = triton.cdiv(t, t_split)
+        t_split, sp = _chunks(t, bm, split_k(0, tiles, t, bm, sms) if split is None else split)
         ws = torch.empty(sp, n, k, dtype=torch.float32, device=x.device) if sp > 1 else out
         _seg_dw_wt_kernel[(tiles, sp)](
             grad_out, x, bits_bank, out, ws, offs, pairs, s, t, n, k, t_split,
