@@ -15,7 +15,6 @@ resident, Transformer-base: ours vs dense vs naive (bool masks)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -337,7 +336,9 @@ def train_stepper(impl: str, batch: int = TRAIN_BATCH, seq: int = TRAIN_SEQ,
     with one pair's LaSS masks and MaskedAdamW (joint training), ``dense`` the same model
     unmasked (a dense stage), ``plain`` / ``plain_compiled`` the plain loop of the issue's target
     (``nn.Transformer``, fused AdamW; compiled with ``torch.compile``)."""
-    from lass_sparse.lass.model import Seq2Seq, label_smoothed_loss, make_config
+    from test_e2e import _PlainTransformer, cli_train_step
+
+    from lass_sparse.lass.model import Seq2Seq, make_config
     from lass_sparse.optim import MaskedAdamW
 
     torch.manual_seed(0)
@@ -345,11 +346,8 @@ def train_stepper(impl: str, batch: int = TRAIN_BATCH, seq: int = TRAIN_SEQ,
     g = torch.Generator().manual_seed(0)
     src = torch.randint(5, cfg.vocab_size, (batch, seq), generator=g).to(device)
     tgt = torch.randint(5, cfg.vocab_size, (batch, seq + 1), generator=g).to(device)
-    tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
     pair = None
     if impl.startswith("plain"):
-        from test_e2e import _PlainTransformer
-
         model = _PlainTransformer(cfg.vocab_size, cfg.d_model, cfg.heads, cfg.ffn,
                                   cfg.enc_layers).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98),
@@ -364,20 +362,7 @@ def train_stepper(impl: str, batch: int = TRAIN_BATCH, seq: int = TRAIN_SEQ,
             opt.bind(model, bank)
             pair = "en-de"
         net = model
-    params = [p for gr in opt.param_groups for p in gr["params"]]
-
-    def step():
-        with (ls.active_pair(model, pair) if pair else contextlib.nullcontext(),
-              torch.autocast(device, dtype=torch.bfloat16)):
-            loss = label_smoothed_loss(net(src, tgt_in), tgt_out)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        if pair:
-            opt.note_pair(pair)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
+    step = cli_train_step(model, net, opt, pair, (src, tgt[:, :-1], tgt[:, 1:]), device)
     flops = seq2seq_train_flops(cfg.d_model, cfg.ffn, cfg.heads, cfg.enc_layers,
                                 cfg.dec_layers, cfg.vocab_size, batch, seq, seq)
     return step, batch * seq * 2, flops

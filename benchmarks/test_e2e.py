@@ -176,6 +176,28 @@ class _PlainTransformer(torch.nn.Module):
         return torch.nn.functional.linear(h, self.embed.weight)
 
 
+def cli_train_step(model, net, opt, pair: str | None, batch, device: str):
+    """One training step as ``run_stage`` takes it: bf16 autocast, ``net`` (``model`` or its
+    compiled form) under ``pair``'s masks, label-smoothed loss, clip 1.0, the optimizer (told
+    the pair); returns the loss."""
+    src, tgt_in, tgt_out = batch
+    params = [p for g in opt.param_groups for p in g["params"]]
+
+    def step():
+        with (ls.active_pair(model, pair) if pair else contextlib.nullcontext(),
+              torch.autocast(device, dtype=torch.bfloat16)):
+            loss = label_smoothed_loss(net(src, tgt_in), tgt_out)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if pair:
+            opt.note_pair(pair)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def _pipeline_stepper(impl: str, device: str, smoke: bool):
     """(step, tokens, check) for one training step as ``run_stage`` takes it (bf16 autocast,
     clip, AdamW), tiny config, of ``impl``: plain (``nn.Transformer``), dense or ours."""
@@ -189,33 +211,24 @@ def _pipeline_stepper(impl: str, device: str, smoke: bool):
     else:
         model = Seq2Seq(cfg).to(device)
         opt = MaskedAdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98))
-    ctx = torch.autocast(device, dtype=torch.bfloat16)
     pair = None
     if impl == "ours":
         bank = ls.MaskBank.from_model(model, 0.5, pair="en-de")
         ls.attach(model, bank)
         opt.bind(model, bank)
         pair = "en-de"
-    src, tgt_in, tgt_out = _batch(cfg.vocab_size, 8 if smoke else 64, 24, device)
-    params = [p for g in opt.param_groups for p in g["params"]]
+    batch = _batch(cfg.vocab_size, 8 if smoke else 64, 24, device)
+    train = cli_train_step(model, model, opt, pair, batch, device)
     losses = []
 
     def step():
-        with ls.active_pair(model, pair) if pair else contextlib.nullcontext(), ctx:
-            loss = label_smoothed_loss(model(src, tgt_in), tgt_out)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        if pair:
-            opt.note_pair(pair)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        losses.append(train().detach())
 
     def check():
         assert all(torch.isfinite(x).item() for x in losses)
         assert float(losses[-1]) < float(losses[0]) + 1.0  # trains, does not blow up
 
-    return step, int(src.numel() + tgt_in.numel()), check
+    return step, int(batch[0].numel() + batch[1].numel()), check
 
 
 @pytest.mark.parametrize("impl", ["plain", "dense", "ours"])
