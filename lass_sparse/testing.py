@@ -59,6 +59,18 @@ def within_torch_error(ours: torch.Tensor, torch_same: torch.Tensor, exact: torc
     return ok, f"err {ours_err:.3g} vs torch {torch_err:.3g} (bound {bound:.3g})"
 
 
+def assert_grads_like_reference(loss_fn, *leaves: torch.Tensor, **tol) -> None:
+    """The grads ``loss_fn().backward()`` left on ``leaves`` (cleared after) equal those of
+    the same call under the reference backend."""
+    got = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    with registry.use_backend("reference"):
+        loss_fn().backward()
+    for a, t in zip(got, leaves):
+        torch.testing.assert_close(a, t.grad, **tol)
+
+
 def record_backends(monkeypatch) -> list[str]:
     """The backends the registry runs from now on, in order (it runs only where an op's body
     runs: a C++ entry that defers, or a backend without a native kernel)."""
