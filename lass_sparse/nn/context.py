@@ -25,10 +25,9 @@ class PairState:
         self.pair_ids = pair_ids
         self.batch_dim = batch_dim
         self.groups: dict[tuple, tuple] = {}
-
-    @property
-    def active(self) -> bool:
-        return self.pair is not None or self.pair_ids is not None
+        # a plain bool, not derived from ``pair`` in the forward: torch.compile then guards on
+        # it, not on the pair's name (one graph for every pair)
+        self.active = pair is not None or pair_ids is not None
 
 
 _DENSE = PairState()
@@ -43,13 +42,25 @@ class MaskContext:
     A thread that never set a pair (a helper thread: DataParallel replicas, the autograd engine's
     device threads that recompute checkpointed activations) sees the setting most recently made
     by a live thread that still holds one, else :func:`set_active_pair`'s. Plain Python state
-    otherwise: deepcopy and pickle carry the calling thread's setting."""
+    otherwise: deepcopy and pickle carry the calling thread's setting.
+
+    Under ``torch.compile`` a single-pair forward reads *static* bits: one buffer per masked
+    parameter and device, refilled in place (one ``_foreach_copy_`` per device) whenever a
+    single pair is set, so the compiled graph takes the bits as an input that never changes
+    identity — one graph serves every pair (else the pair's name is guarded and every pair
+    compiles twice). The buffers exist from the first compiled forward on (that one, and the one
+    after, compile), for the devices it ran on; eager-only use never makes them. While threads
+    hold different single pairs the buffers cannot serve them all: compiled forwards then read
+    the per-pair copies (and compile per pair)."""
 
     def __init__(self, bank: MaskBank) -> None:
         self.bank = bank
         self._names = frozenset(bank.names)
         self._cache: dict[tuple, Tensor] = {}
         self._version = bank.version
+        self._static: dict[tuple, Tensor] = {}  # (name, device) -> the set pair's bits
+        self._static_devices: set[torch.device] = set()  # devices compiled forwards ran on
+        self._static_ok = False  # the buffers hold the one single pair every thread has set
         self._init_threads(_DENSE)
 
     def _init_threads(self, default: PairState) -> None:
@@ -62,7 +73,8 @@ class MaskContext:
     def __getstate__(self) -> dict:
         st = self.current()
         d = {k: v for k, v in self.__dict__.items()
-             if k not in ("_local", "_lock", "_held", "_default", "_fallback", "_cache")}
+             if k not in ("_local", "_lock", "_held", "_default", "_fallback", "_cache",
+                          "_static", "_static_devices", "_static_ok")}
         d["_default"] = PairState(st.pair, st.pairs, st.pair_ids, st.batch_dim)
         return d
 
@@ -70,6 +82,7 @@ class MaskContext:
         default = d.pop("_default", _DENSE)
         self.__dict__.update(d)
         self._cache = {}
+        self._static, self._static_devices, self._static_ok = {}, set(), False
         self._init_threads(default)
 
     # ----------------------------------------------------------------- the active setting
@@ -121,6 +134,8 @@ class MaskContext:
     def _fresh(self) -> None:
         if self._version != self.bank.version:
             self._cache.clear()
+            self._static.clear()
+            self._static_ok = False
             self._names = frozenset(self.bank.names)
             self._version = self.bank.version
 
@@ -136,8 +151,33 @@ class MaskContext:
     def bits(self, name: str, device: torch.device,
              state: PairState | None = None) -> Tensor | None:
         """The active pair's bits for parameter ``name`` on ``device`` (None: not masked)."""
+        if torch.compiler.is_compiling():
+            if self._static_ok and (name, device) in self._static:
+                return self._static[(name, device)]
+            self._static_devices.add(device)  # the next single-pair setting makes buffers
         pair = (state or self.current()).pair
         return self._device_copy((pair, name, device), lambda: self.bank.bits(pair, name))
+
+    def _refill_static(self, st: PairState) -> None:
+        """Point the static buffers at ``st``'s single pair (see the class text)."""
+        pairs = {s.pair if s.pair_ids is None else None for s in self._held.values()}
+        self._static_ok = st.pair is not None and st.pair_ids is None and pairs == {st.pair}
+        if not self._static_ok:
+            return
+        by_device: dict[torch.device, tuple[list, list]] = {}
+        for device in self._static_devices:
+            for name in self._names:
+                src = self._device_copy((st.pair, name, device),
+                                        lambda n=name: self.bank.bits(st.pair, n))
+                buf = self._static.get((name, device))
+                if buf is None or buf.shape != src.shape:
+                    buf = self._static[(name, device)] = torch.empty_like(src)
+                dst, srcs = by_device.setdefault(device, ([], []))
+                dst.append(buf)
+                srcs.append(src)
+        with torch.no_grad():
+            for dst, srcs in by_device.values():
+                torch._foreach_copy_(dst, srcs)
 
     def stacked(self, name: str, device: torch.device) -> Tensor | None:
         """``int32[P, rows, W]`` bits of every pair of the bank for ``name`` (None: not masked);
@@ -173,6 +213,8 @@ class MaskContext:
         if default:
             self._default = st
         self._hold(st)
+        if self._static_devices:
+            self._refill_static(st)
 
     def state(self) -> PairState | None:
         """The calling thread's own setting (None: it has none), for :meth:`restore`."""
@@ -180,6 +222,8 @@ class MaskContext:
 
     def restore(self, state: PairState | None) -> None:
         self._hold(state)
+        if self._static_devices:
+            self._refill_static(self.current())
 
 
 def get_context(model: nn.Module) -> MaskContext:

@@ -122,6 +122,70 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(compiled(x), eager, atol=1e-5, rtol=1e-5)
 
 
+def test_one_compiled_graph_serves_every_pair():
+    """torch.compile of a masked model: switching pairs refills static bit buffers instead of
+    recompiling — two graphs for four pairs (the first compiled call's, then the static one),
+    outputs and grads equal eager per pair; fullgraph (no breaks)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = nn.Sequential(MaskedLinear(32, 48), nn.GELU(), MaskedLinear(48, 16))
+    bank = _linear_bank(model, pairs=("en-de", "en-fr", "en-es", "en-it"))
+    ctx = ls.attach(model, bank)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(5, 32)
+    for pair in ("en-de", "en-fr", "en-es", "en-de", "en-it"):
+        with ls.active_pair(model, pair):
+            y = compiled(x)
+            y.square().sum().backward()
+            got = [y.detach()] + [p.grad.clone() for p in model.parameters()]
+            model.zero_grad()
+            want_y = model(x)
+            want_y.square().sum().backward()
+            want = [want_y.detach()] + [p.grad.clone() for p in model.parameters()]
+            model.zero_grad()
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+    assert set(ctx._static) == {(n, torch.device("cpu")) for n in bank.names}
+
+
+def test_static_bits_only_after_a_compiled_forward_and_one_pair_at_a_time():
+    """Eager use never makes the static buffers; with them, a second thread holding another
+    pair turns them off (compiled forwards then read per-pair copies), and they refill with
+    the right bits when one pair is left."""
+    import threading
+
+    model = MaskedLinear(40, 24)
+    bank = _linear_bank(model, pairs=("en-de", "en-fr"))
+    ctx = ls.attach(model, bank)
+    with ls.active_pair(model, "en-de"):
+        model(torch.randn(2, 40))
+    assert not ctx._static and not ctx._static_devices
+    ctx._static_devices.add(torch.device("cpu"))  # as a compiled forward records it
+    ctx.set("en-de")
+    assert ctx._static_ok and torch.equal(ctx._static[("weight", torch.device("cpu"))],
+                                          bank.bits("en-de", "weight"))
+    inside, leave = threading.Event(), threading.Event()
+
+    def other():
+        with ls.active_pair(model, "en-fr"):
+            inside.set()
+            leave.wait(30)
+
+    t = threading.Thread(target=other)
+    t.start()
+    inside.wait(30)
+    ctx.set("en-de")
+    assert not ctx._static_ok  # two threads, two pairs: the buffers cannot serve both
+    leave.set()
+    t.join(30)
+    ctx.set("en-fr")
+    assert ctx._static_ok and torch.equal(ctx._static[("weight", torch.device("cpu"))],
+                                          bank.bits("en-fr", "weight"))
+
+
 def test_mixed_pair_rows_match_per_pair_runs():
     m = MaskedLinear(40, 24)
     bank = _linear_bank(m, pairs=("en-de", "en-fr", "en-zh"))
