@@ -104,7 +104,7 @@ def _check_fixed_options(args, run) -> None:
 
 def _train_kw(args) -> dict:
     kw = {"lr": args.lr, "seed": args.seed, "ckpt_every": args.ckpt_every, "accum": args.accum,
-          "fsdp": args.fsdp,
+          "fsdp": args.fsdp, "compile": args.compile,
           "progress": not args.quiet, "amp": args.amp, "validate_every": args.validate_every,
           "patience": args.patience, "valid_limit": args.valid_limit,
           "max_tokens": args.max_tokens}
@@ -356,6 +356,9 @@ def _training(p, steps: int, lr: float = 2e-3) -> None:
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: FSDP2 (row-sharded parameters and optimizer state) "
                    "instead of DDP; checkpoints stay whole")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward: one graph serves every pair (the "
+                   "first steps compile; worth it for long runs on a GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt-every", type=positive_int, default=100)
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],

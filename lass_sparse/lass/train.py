@@ -59,6 +59,7 @@ class TrainConfig:
     dropout: float | None = None  # None: the model's own
     accum: int = 1  # batches accumulated per optimizer step (fairseq --update-freq)
     fsdp: bool = False  # under torchrun: FSDP2 (row-sharded parameters) instead of DDP
+    compile: bool = False  # torch.compile the training forward (one graph serves every pair)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -227,6 +228,8 @@ class _StageRun:
 
             self.net = DistributedDataParallel(model, device_ids=[dev.index]
                                                if dev.type == "cuda" else None)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
         self.trainable = [p for g in self.opt.param_groups for p in g["params"]]
         self.epoch, self.batches = -1, []
         self.tokens_total, self.loss_sum, self.loss_n = 0, 0.0, 0
@@ -246,6 +249,8 @@ class _StageRun:
             raise ValueError("validate_every and patience must be >= 0")
         if cfg.accum < 1:
             raise ValueError(f"accum must be >= 1, got {cfg.accum}")
+        if cfg.compile and cfg.fsdp and distributed:
+            raise ValueError("compile: not supported with fsdp (DDP or one process only)")
         if cfg.validate_every and (self.valid is None or any(
                 d not in self.valid.index for d in cfg.directions)):
             raise ValueError(f"{cfg.stage}: validate_every needs validation rows for every "
@@ -363,6 +368,7 @@ class _StageRun:
         rec = _env_record(self.cfg.stage, self.step_no, self.dev, self.amp, self.world,
                           self.cfg.accum)
         rec["sharding"] = "fsdp2" if self.sharded else "ddp" if self.world > 1 else "none"
+        rec["compile"] = self.cfg.compile
         if self.sharded:
             rec["sharded_params"] = sum(_is_dtensor(p) for p in self.model.parameters())
         log.write(json.dumps(rec) + "\n")

@@ -33,3 +33,35 @@ def test_claimed_is_a_shared_queue(tmp_path):
 def test_claimed_without_a_process_group_is_the_static_split():
     assert list(runtime.claimed("w", 7, 1, 0)) == list(range(7))
     assert list(runtime.claimed("w", 7, 2, 1)) == [1, 3, 5]
+
+
+def test_compiled_training_matches_eager_and_compiles_once_for_all_pairs(tmp_path):
+    """``--compile`` (TrainConfig.compile): a joint stage over two pairs trains as the eager
+    stage does (dropout 0: the same losses to float tolerance), its pair switches reuse the
+    graphs of its first steps, and the stage log records it."""
+    import json
+
+    import torch._dynamo
+
+    from lass_sparse.lass import pipeline as P
+
+    small = dict(d_model=32, heads=2, ffn=64, enc_layers=1, dec_layers=1, dropout=0.0)
+    kw = dict(batch_size=8, progress=False, ckpt_every=100)
+    res = {}
+    for mode in (False, True):
+        r = P.prepare(str(tmp_path / f"r{int(mode)}"), "demo", "tiny", vocab_size=200,
+                      pairs=["en-de", "en-fr"], max_train=40, device="cpu", **small)
+        P.train(r, 2, out="base", **kw)
+        for d in r.directions:
+            P.finetune(r, d, 1, **kw)
+        P.prune(r, 0.5, out="masks.safetensors")
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        res[mode] = P.joint(r, "masks.safetensors", 6, out="joint", compile=mode, **kw)
+        if mode:
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4
+            with open(r.path("joint", "log.jsonl")) as f:
+                start = next(json.loads(x) for x in f if '"start"' in x)
+            assert start["compile"] is True
+    assert res[True]["steps"] == res[False]["steps"] == 6
+    assert abs(res[True]["mean_loss"] - res[False]["mean_loss"]) < 1e-3

@@ -44,7 +44,8 @@ RUN_KEYS = {"corpus", "pairs", "max_train", "vocab_size", "model", "model_overri
             "mask_output_proj", "seed", "device", "workers", "threads", "zero_shot_langs", "dir"}
 TRAIN_KEYS = {"steps", "batch_size", "max_tokens", "lr", "warmup", "temperature", "weight_decay",
               "label_smoothing", "clip_norm", "amp", "seed", "ckpt_every", "log_every",
-              "validate_every", "patience", "valid_limit", "dropout", "accum", "fsdp", "quiet"}
+              "validate_every", "patience", "valid_limit", "dropout", "accum", "fsdp", "compile",
+              "quiet"}
 COMMON_KEYS = {"name", "kind", "after", "foreach", "use", "ddp", "description"}
 STAGE_KEYS = {
     "train": TRAIN_KEYS | {"out", "init", "directions"},
