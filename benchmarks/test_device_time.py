@@ -131,7 +131,7 @@ def test_linear_device_time(benchmark, op, impl, case, device_peaks, is_smoke):
         pytest.skip("8192² is the decode bandwidth case: forward only")
     x, w, mask, bits = inputs(m, n, k, torch.bfloat16, "cuda")
     fn = linear_fn(op, impl, x, w, mask, bits)
-    flop, nbytes = linear_cost(op, m, n, k, 2, masked=impl == "ours")
+    flop, nbytes = linear_cost(op, m, n, k, 2, masked=impl.startswith("ours"))
     if impl == "naive":  # the bool mask, read once, instead of the bits
         nbytes += n * k
     tag(benchmark, f"device_{op}", impl, dtype="bf16", M=m, N=n, K=k)
@@ -314,7 +314,7 @@ def test_joint_training_peak_memory(benchmark, impl, pairs, is_smoke):
 # ---------------------------------------------------------------- training throughput (CLI)
 
 TRAIN_BATCH, TRAIN_SEQ = 256, 64  # 256 x (64 source + 64 target) = 32,768 tokens a step
-TRAIN_IMPLS = ["plain_compiled", "plain", "dense", "ours"]
+TRAIN_IMPLS = ["plain_compiled", "plain", "dense", "ours", "ours_compiled"]
 
 
 def seq2seq_train_flops(d: int, ffn: int, heads: int, enc: int, dec: int, vocab: int, b: int,
@@ -334,8 +334,9 @@ def train_stepper(impl: str, batch: int = TRAIN_BATCH, seq: int = TRAIN_SEQ,
     """(step, tokens per step, model FLOPs per step) of one training step as the CLI runs it
     (bf16 autocast, label-smoothed loss, clip 1.0, AdamW betas 0.9/0.98): ``ours`` our Seq2Seq
     with one pair's LaSS masks and MaskedAdamW (joint training), ``dense`` the same model
-    unmasked (a dense stage), ``plain`` / ``plain_compiled`` the plain loop of the issue's target
-    (``nn.Transformer``, fused AdamW; compiled with ``torch.compile``)."""
+    unmasked (a dense stage), ``ours_compiled`` ours with ``--compile``, ``plain`` /
+    ``plain_compiled`` the plain loop of the issue's target (``nn.Transformer``, fused AdamW;
+    compiled with ``torch.compile``)."""
     from test_e2e import _PlainTransformer, cli_train_step
 
     from lass_sparse.lass.model import Seq2Seq, make_config
@@ -356,12 +357,12 @@ def train_stepper(impl: str, batch: int = TRAIN_BATCH, seq: int = TRAIN_SEQ,
     else:
         model = Seq2Seq(cfg).to(device)
         opt = MaskedAdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98))
-        if impl == "ours":
+        if impl.startswith("ours"):
             bank = ls.MaskBank.from_model(model, 0.5, pair="en-de")
             ls.attach(model, bank)
             opt.bind(model, bank)
             pair = "en-de"
-        net = model
+        net = torch.compile(model) if impl == "ours_compiled" else model
     step = cli_train_step(model, net, opt, pair, (src, tgt[:, :-1], tgt[:, 1:]), device)
     flops = seq2seq_train_flops(cfg.d_model, cfg.ffn, cfg.heads, cfg.enc_layers,
                                 cfg.dec_layers, cfg.vocab_size, batch, seq, seq)
