@@ -39,6 +39,7 @@ timeout "$TEST_S" "$PY" -m pytest -q -rfEs -p no:cacheprovider -m "gpu or triton
   tests/ops/test_triton_wt.py \
   tests/test_optim.py \
   tests/ops/test_segments.py \
+  tests/nn/test_nn.py \
   "tests/ops/test_triton.py::test_capturable_adamw_kernel_bf16_on_gpu" \
   "tests/lass/test_device.py::test_training_steps_on_the_gpu_do_not_sync" \
   "tests/ops/test_determinism.py::test_training_ops_are_bit_identical_run_to_run_on_cuda" \

@@ -151,6 +151,26 @@ def test_one_compiled_graph_serves_every_pair():
     assert set(ctx._static) == {(n, torch.device("cpu")) for n in bank.names}
 
 
+@pytest.mark.gpu
+def test_reduce_overhead_graphs_serve_every_pair_on_the_gpu():
+    """On the device: ``mode="reduce-overhead"`` (CUDA graphs) over alternating pairs — the
+    static bit buffers keep their addresses, so replays read the current pair's bits."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = nn.Sequential(MaskedLinear(32, 48), nn.GELU(), MaskedLinear(48, 16)).cuda()
+    bank = _linear_bank(model, pairs=("en-de", "en-fr", "en-es"))
+    ls.attach(model, bank)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(5, 32, device="cuda")
+    for pair in ("en-de", "en-fr", "en-es") * 3:
+        with ls.active_pair(model, pair):
+            got = compiled(x).clone()
+            torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
 def test_static_bits_only_after_a_compiled_forward_and_one_pair_at_a_time():
     """Eager use never makes the static buffers; with them, a second thread holding another
     pair turns them off (compiled forwards then read per-pair copies), and they refill with
