@@ -160,7 +160,8 @@ class MaskContext:
 
     def _refill_static(self, st: PairState) -> None:
         """Point the static buffers at ``st``'s single pair (see the class text)."""
-        pairs = {s.pair if s.pair_ids is None else None for s in self._held.values()}
+        with self._lock:
+            pairs = {s.pair if s.pair_ids is None else None for s in self._held.values()}
         self._static_ok = st.pair is not None and st.pair_ids is None and pairs == {st.pair}
         if not self._static_ok:
             return
