@@ -8,6 +8,7 @@
 //   dx_bf16dp.cpp      dx at few rows, bf16 with AVX512-BF16, no decoded copy of W
 //   panel_bf16.cpp     dx and dW, bf16 with AVX512-BF16, up to ~128 rows (register panels)
 //   panel_fp32.cpp     fp32 forward and segmented forward: x packed in panels, decoded W tiles
+//   small_m.cpp        fp32 dx and dW at few rows: one pass, masked loads, no W tile, no GEMM
 //   tiled.cpp          decode -> BLAS: a cache-sized tile of W ⊙ M at a time into at::mm_out
 //   segmented.cpp      segmented_masked_linear (mixed pairs): checks, kernel choice, its entry
 //   simd.h             masked row primitives (masked_copy, masked_add) for all of them
@@ -129,6 +130,21 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits
 // dx (bf16 [M, K]) = dy (W ⊙ M) for M <= kGemvMaxRows (AVX512-BF16).
 void dx_bf16dp(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& bits,
                at::Tensor& dx);
+
+// ---- small_m.cpp (float32)
+// The fp32 backward's route for few rows ($LASS_SPARSE_CPU_SMALL_BWD_MAX_M; 0: off). Against the
+// decode -> BLAS tiles, 2 threads, one run each (64x64, 512x512, 2048x512, 1024x4096): M = 1
+// dx 2.8 / 2.2 / 1.5 / 2.1x and dW 3.0 / 2.1 / 1.6 / 1.9x faster; M = 4 dx 2.5 / 1.3 / 1.0 /
+// 1.6x, dW 2.5 / 1.2 / 1.5 / 1.2x; M = 8 slower above 64x64 (dx 0.8-1.0x, dW 0.75-1.1x).
+constexpr int64_t kSmallBwdMaxRows = 4;
+// Multiply-adds a thread must get before small_m.cpp splits its work (else one task, inline).
+constexpr int64_t kSmallBwdMinWork = 1 << 16;
+// dx (fp32 [M, K]) = dy (W ⊙ M), one pass over W with masked loads, no W tile, no GEMM.
+void dx_small_m(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& bits,
+                at::Tensor& dx);
+// dw (fp32 [N, K]) = (dyᵀ x) ⊙ M, or dw += ... on mask-1 entries only (accumulate).
+void dw_small_m(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits,
+                at::Tensor& dw, bool accumulate);
 
 // ---- panel_bf16.cpp (AVX512-BF16)
 // dw (bf16 [N, K]) = (dyᵀ x) ⊙ M for dy [M, N], x [M, K]; off-mask entries exactly 0.

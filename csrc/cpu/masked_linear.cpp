@@ -58,6 +58,13 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
   return tiled_forward(x, w, bits, bias);
 }
 
+// fp32 rows up to which dx and dW take small_m.cpp ($LASS_SPARSE_CPU_SMALL_BWD_MAX_M; 0: off).
+static int64_t small_bwd_max_m() {
+  static const int64_t v =
+      std::min<int64_t>(env_int("LASS_SPARSE_CPU_SMALL_BWD_MAX_M", kSmallBwdMaxRows), 1 << 20);
+  return v;
+}
+
 at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& bits) {
   // Nested ATen calls run below autograd: this kernel is the op's implementation.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -84,6 +91,10 @@ at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& w, const at:
   if (dy.scalar_type() == at::kBFloat16 && m_rows <= panel_max_m &&
       has_avx512_bf16() && panel_gemm_enabled()) {
     dx_panel_bf16(dy, w, bits, dx);
+    return dx;
+  }
+  if (dy.scalar_type() == at::kFloat && m_rows <= small_bwd_max_m()) {
+    dx_small_m(dy, w, bits, dx);
     return dx;
   }
   dx_tiles(dy, w, bits, dx);
@@ -119,6 +130,10 @@ at::Tensor masked_linear_dw(const at::Tensor& dy, const at::Tensor& x, const at:
     dw_panel_bf16(dy, x, bits, dw);
     return dw;
   }
+  if (x.scalar_type() == at::kFloat && x.size(0) <= small_bwd_max_m()) {
+    dw_small_m(dy, x, bits, dw, false);
+    return dw;
+  }
   dw_tiles(dy, x, bits, dw, false);
   return dw;
 }
@@ -136,6 +151,10 @@ void masked_linear_dw_accumulate_(at::Tensor grad, const at::Tensor& dy, const a
   // Accumulate in grad's dtype (fp32 master grads for bf16 activations).
   auto dy_c = dy.to(grad.scalar_type()).contiguous();
   auto x_c = x.to(grad.scalar_type()).contiguous();
+  if (grad.scalar_type() == at::kFloat && x.size(0) <= small_bwd_max_m() && grad.is_contiguous()) {
+    dw_small_m(dy_c, x_c, bits, grad, true);
+    return;
+  }
   dw_tiles(dy_c, x_c, bits, grad, true);
 }
 
