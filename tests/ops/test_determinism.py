@@ -159,7 +159,8 @@ def _cpu_flags() -> set[str]:
 
 _KNOBS = ("LASS_SPARSE_CPU_SIMD", "LASS_SPARSE_CPU_PANEL_GEMM", "LASS_SPARSE_CPU_GEMV_MAX_M",
           "LASS_SPARSE_CPU_GEMV_MAX_M_BF16", "LASS_SPARSE_CPU_DX_DP_MAX_M",
-          "LASS_SPARSE_CPU_PANEL_DX_MAX_M", "LASS_SPARSE_CPU_PANEL_DW_MAX_M")
+          "LASS_SPARSE_CPU_PANEL_DX_MAX_M", "LASS_SPARSE_CPU_PANEL_DW_MAX_M",
+          "LASS_SPARSE_CPU_SMALL_BWD_MAX_M")
 
 
 def _thread_independent(key: str, dtype: torch.dtype) -> bool:
