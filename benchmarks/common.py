@@ -257,8 +257,9 @@ def sweep_priority(test: str, params: dict, index: int) -> tuple:
         return (2 if main else 3, 0, f"{op} {case_id(case)}", rank, index)
     if test == "test_segmented_device_time":
         return (1, 0, f"{params['op']} {params['nk']}", rank, index)
-    if test == "test_train_throughput":  # after the segmented cases
-        return (1, 1, "", rank, index)
+    if test == "test_train_throughput":  # after the segmented cases; ours compiled (a minute
+        # or two of compiling) with the rest
+        return (4 if impl == "ours_compiled" else 1, 1, "", rank, index)
     return (4, 0, "", rank, index)
 
 
