@@ -234,6 +234,8 @@ class _StageRun:
         self.epoch, self.batches = -1, []
         self.tokens_total, self.loss_sum, self.loss_n = 0, 0.0, 0
         self.t_start = time.perf_counter()
+        # the log interval: tokens, seconds spent validating / saving (not training), its start
+        self._since = [0, 0.0, self.t_start]
         self.bar = None if self.es["stopped"] else _progress(progress and self.lead, cfg,
                                                              self.step_no)
 
@@ -347,19 +349,30 @@ class _StageRun:
         log.flush()
 
     def _report(self, log, loss: Tensor, tokens: int, dt: float, direction: str) -> None:
+        """Count the step; at log steps (every ``log_every`` and the last) read the loss and
+        write the log line and the progress bar's numbers. Only there is a value read back from
+        the device: a read every step would make the host wait for each step's kernels before it
+        queues the next step's (no overlap on a GPU)."""
         cfg, step = self.cfg, self.step_no
         self.tokens_total += tokens
-        self.loss_sum, self.loss_n = self.loss_sum + float(loss.detach()), self.loss_n + 1
+        self._since[0] += tokens
+        loss = loss.detach()
+        self.loss_sum = loss if isinstance(self.loss_sum, float) else self.loss_sum + loss
+        self.loss_n += 1
         if self.bar is not None:
             self.bar.update(1)
-            post = {"loss": f"{float(loss.detach()):.3f}", "tok_s": f"{tokens / dt:.0f}",
-                    "pair": direction}
-            if self.es["best"] is not None:
-                post["valid_best"] = f"{self.es['best']:.3f}"
-            self.bar.set_postfix(post)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            log.write(json.dumps({"stage": cfg.stage, "step": step, "loss": float(loss.detach()),
-                                  "lr": lr_at(step, cfg), "tokens_per_s": tokens / dt,
+            value = float(loss)  # waits for the device: the interval below is real time
+            now = time.perf_counter()
+            tok_s = self._since[0] / max(now - self._since[2] - self._since[1], 1e-9)
+            self._since = [0, 0.0, now]
+            if self.bar is not None:
+                post = {"loss": f"{value:.3f}", "tok_s": f"{tok_s:.0f}", "pair": direction}
+                if self.es["best"] is not None:
+                    post["valid_best"] = f"{self.es['best']:.3f}"
+                self.bar.set_postfix(post)
+            log.write(json.dumps({"stage": cfg.stage, "step": step, "loss": value,
+                                  "lr": lr_at(step, cfg), "tokens_per_s": tok_s,
                                   "pair": direction}) + "\n")
             log.flush()
 
@@ -383,10 +396,12 @@ class _StageRun:
             while not self.done:
                 self._report(log, *self.step())
                 step = self.step_no
+                t0 = time.perf_counter()
                 if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
                     self.validate(log)
                 if step % cfg.ckpt_every == 0 or step == cfg.steps or self.es["stopped"]:
                     self.save(self.ckpt, self.opt, self.state())
+                self._since[1] += time.perf_counter() - t0
         if self.bar is not None:
             self.bar.close()
         if self.world > 1:
@@ -396,7 +411,7 @@ class _StageRun:
         return {"stage": cfg.stage, "steps": self.step_no, "tokens": self.tokens_total,
                 "seconds": secs,
                 "tokens_per_s": self.tokens_total / secs if secs > 0 else 0.0,
-                "mean_loss": self.loss_sum / self.loss_n if self.loss_n else None,
+                "mean_loss": float(self.loss_sum) / self.loss_n if self.loss_n else None,
                 "best_valid_loss": es["best"], "best_step": es["best_step"],
                 "stopped_early": es["stopped"]}
 

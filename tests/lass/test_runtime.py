@@ -65,3 +65,37 @@ def test_compiled_training_matches_eager_and_compiles_once_for_all_pairs(tmp_pat
             assert start["compile"] is True
     assert res[True]["steps"] == res[False]["steps"] == 6
     assert abs(res[True]["mean_loss"] - res[False]["mean_loss"]) < 1e-3
+
+
+def test_training_reads_values_back_only_at_log_steps(tmp_path, monkeypatch):
+    """The training loop reads the loss from the device only at log steps (and once for the
+    stage's mean): 10 steps, log_every 5 -> 3 reads (a read every step made the host wait for
+    each step on a GPU). The log lines still carry the loss and a tokens/s > 0."""
+    import json
+
+    import torch
+
+    from lass_sparse.lass import pipeline as P
+
+    r = P.prepare(str(tmp_path / "r"), "demo", "tiny", vocab_size=200, pairs=["en-de"],
+                  max_train=40, device="cpu", d_model=32, heads=2, ffn=64, enc_layers=1,
+                  dec_layers=1)
+    reads = []  # values of floating tensors (model outputs, losses) read on the host; the
+    # sampler's host-side index tensors are not device data
+    for name in ("__float__", "item", "tolist", "__bool__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _r=real, _n=name):
+            if self.is_floating_point():
+                reads.append(_n)
+            return _r(self, *a)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    res = P.train(r, 10, out="base", batch_size=8, progress=False, ckpt_every=100, log_every=5)
+    monkeypatch.undo()
+    assert reads == ["__float__"] * 3
+    with open(r.path("base", "log.jsonl")) as f:
+        lines = [json.loads(x) for x in f if '"loss"' in x]
+    assert [x["step"] for x in lines] == [5, 10]
+    assert all(x["tokens_per_s"] > 0 and x["loss"] > 0 for x in lines)
+    assert res["mean_loss"] > 0
