@@ -134,13 +134,9 @@ void dx_small_m(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& bit
   const float* wp = w.data_ptr<float>();
   const int32_t* bp = bits.data_ptr<int32_t>();
   float* dxp = dx.data_ptr<float>();
-  const bool simd = has_avx512();
-  split(k, 128, n * m_rows, [&](int64_t c0, int64_t c1) {
-    if (simd)
-      dx_block_avx512(dyp, n, wp, bp, k, m_rows, c0, c1, dxp);
-    else
-      dx_block_generic(dyp, n, wp, bp, k, m_rows, c0, c1, dxp);
-  });
+  const auto block = has_avx512() ? dx_block_avx512 : dx_block_generic;
+  split(k, 128, n * m_rows,
+        [&](int64_t c0, int64_t c1) { block(dyp, n, wp, bp, k, m_rows, c0, c1, dxp); });
 }
 
 void dw_small_m(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits,
@@ -150,13 +146,9 @@ void dw_small_m(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bit
   const float* xp = x.data_ptr<float>();
   const int32_t* bp = bits.data_ptr<int32_t>();
   float* dwp = dw.data_ptr<float>();
-  const bool simd = has_avx512();
-  split(n, 4, k * m_rows, [&](int64_t r0, int64_t r1) {
-    if (simd)
-      dw_block_avx512(dyp, n, xp, bp, k, m_rows, r0, r1, dwp, accumulate);
-    else
-      dw_block_generic(dyp, n, xp, bp, k, m_rows, r0, r1, dwp, accumulate);
-  });
+  const auto block = has_avx512() ? dw_block_avx512 : dw_block_generic;
+  split(n, 4, k * m_rows,
+        [&](int64_t r0, int64_t r1) { block(dyp, n, xp, bp, k, m_rows, r0, r1, dwp, accumulate); });
 }
 
 }  // namespace lass_sparse_cpu
