@@ -116,13 +116,39 @@ def memory_deltas(row: dict, base: list[str]) -> list[str]:
     return [f"{mb['ours'] - mb[b]:+.1f}" if "ours" in mb and b in mb else "—" for b in base]
 
 
+def summary(data: dict, rows: int = 40) -> str:
+    """A short plain table of the device-time cases (the end of a lent GPU's output): per case
+    the device µs of each impl and ours over each baseline, in the file's order (the sweep's
+    priority order), at most ``rows`` lines."""
+    cases: dict[str, dict[str, float]] = {}
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        if "device_s" in info and "impl" in info:
+            cases.setdefault(b["group"], {})[info["impl"]] = float(info["device_s"])
+    lines = [f"{'case':58s} device µs per impl; ours/baseline"]
+    for group, dev in list(cases.items())[:rows]:
+        impls = " ".join(f"{i}={t * 1e6:.1f}" for i, t in dev.items())
+        ratios = " ".join(f"/{b}={dev['ours'] / dev[b]:.2f}" for b in BASELINES
+                          if "ours" in dev and dev.get(b))
+        lines.append(f"{group[:58]:58s} {impls} {ratios}".rstrip())
+    if len(cases) > rows:
+        lines.append(f"... {len(cases) - rows} more cases in the report")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", help="pytest-benchmark --benchmark-json output")
     ap.add_argument("-o", "--out", help="write markdown here (default: stdout)")
+    ap.add_argument("--summary", type=int, metavar="ROWS",
+                    help="print a short plain table of the first ROWS device-time cases instead")
     a = ap.parse_args(argv)
     with open(a.json) as f:
-        md = render(json.load(f))
+        data = json.load(f)
+    if a.summary is not None:
+        sys.stdout.write(summary(data, a.summary))
+        return 0
+    md = render(data)
     if a.out:
         with open(a.out, "w") as f:
             f.write(md)

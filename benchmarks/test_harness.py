@@ -233,3 +233,30 @@ def test_train_stepper_trains_and_its_flops_match_torchs_count(impl):
         assert counted == flops
     else:
         assert 0.97 * flops <= counted <= flops
+
+
+def test_the_short_summary_lists_cases_in_order_with_ratios(capsys):
+    """report.py --summary (the end of a lent GPU's output): one line per device-time case, in
+    the file's order, device µs per impl and ours over each baseline; capped rows."""
+    from report import main
+
+    def bench(group, impl, s):
+        return {"group": group, "extra_info": {"op": "device_fwd", "impl": impl,
+                                               "device_s": s}, "stats": {"median": s}}
+
+    data = {"benchmarks": [bench("device_fwd[M=4096]", i, t) for i, t in
+                           (("dense", 2e-4), ("ours", 3e-4), ("naive", 6e-4))]
+            + [bench("device_fwd[M=1]", "ours", 1e-5), bench("device_fwd[M=2]", "ours", 1e-5)]}
+    import json
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "device.json")
+        with open(path, "w") as f:
+            json.dump(data, f)
+        assert main([path, "--summary", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("device_fwd[M=4096]")
+    assert "ours=300.0" in out[1] and "/dense=1.50" in out[1] and "/naive=0.50" in out[1]
+    assert out[2].startswith("device_fwd[M=1]") and out[-1] == "... 1 more cases in the report"
