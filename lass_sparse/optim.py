@@ -177,7 +177,6 @@ class MaskedAdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for group, mode in zip(self.param_groups, modes):
             group["capturable"] = mode
-        for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p)
                 if not st:

@@ -234,8 +234,8 @@ class _StageRun:
         self.epoch, self.batches = -1, []
         self.tokens_total, self.loss_sum, self.loss_n = 0, 0.0, 0
         self.t_start = time.perf_counter()
-        # the log interval: tokens, seconds spent validating / saving (not training), its start
-        self._since = [0, 0.0, self.t_start]
+        # the log interval: its start, tokens, seconds spent validating / saving (not training)
+        self._log_t0, self._log_tokens, self._log_other_s = self.t_start, 0, 0.0
         self.bar = None if self.es["stopped"] else _progress(progress and self.lead, cfg,
                                                              self.step_no)
 
@@ -355,17 +355,16 @@ class _StageRun:
         queues the next step's (no overlap on a GPU)."""
         cfg, step = self.cfg, self.step_no
         self.tokens_total += tokens
-        self._since[0] += tokens
-        loss = loss.detach()
-        self.loss_sum = loss if isinstance(self.loss_sum, float) else self.loss_sum + loss
+        self._log_tokens += tokens
+        self.loss_sum = self.loss_sum + loss.detach()  # a device tensor from the first step on
         self.loss_n += 1
         if self.bar is not None:
             self.bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            value = float(loss)  # waits for the device: the interval below is real time
+            value = float(loss.detach())  # waits for the device: the interval below is real time
             now = time.perf_counter()
-            tok_s = self._since[0] / max(now - self._since[2] - self._since[1], 1e-9)
-            self._since = [0, 0.0, now]
+            tok_s = self._log_tokens / max(now - self._log_t0 - self._log_other_s, 1e-9)
+            self._log_t0, self._log_tokens, self._log_other_s = now, 0, 0.0
             if self.bar is not None:
                 post = {"loss": f"{value:.3f}", "tok_s": f"{tok_s:.0f}", "pair": direction}
                 if self.es["best"] is not None:
@@ -401,7 +400,7 @@ class _StageRun:
                     self.validate(log)
                 if step % cfg.ckpt_every == 0 or step == cfg.steps or self.es["stopped"]:
                     self.save(self.ckpt, self.opt, self.state())
-                self._since[1] += time.perf_counter() - t0
+                self._log_other_s += time.perf_counter() - t0
         if self.bar is not None:
             self.bar.close()
         if self.world > 1:

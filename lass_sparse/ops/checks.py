@@ -333,7 +333,6 @@ def check_adamw_capturable(params, grads, exp_avgs, exp_avg_sqs, bits, state_ste
         got = desc(lr) if isinstance(lr, Tensor) else type(lr).__name__
         raise TypeError(f"{op}: lr must be a 1-element floating tensor on the params' device, "
                         f"got {got}")
-    check_hyper(op, 0.0, beta1, beta2, eps, weight_decay, 1)
     if not check_adamw(params, grads, exp_avgs, exp_avg_sqs, bits, 0.0, beta1, beta2, eps,
                        weight_decay, 1, real, op=op):
         return False

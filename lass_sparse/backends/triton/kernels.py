@@ -332,19 +332,15 @@ def _variant_wt(op: str, rows: int, *tensors):
     """``kernels_wt`` and the variant name when it serves this call, else None (``v1``: this
     file). The variant: ``$LASS_SPARSE_TRITON_VARIANT`` if set (every op), else the measured
     route of this GPU for ``op`` at ``rows`` rows (routes.py; ``v1`` without one)."""
+    from . import kernels_wt, routes
+
     v = os.environ.get("LASS_SPARSE_TRITON_VARIANT")
     if v:
-        from . import kernels_wt
-
         kernels_wt.variant()  # raises on an unknown name
     else:
-        from . import routes
-
         v = routes.choose(op, rows, tensors[0].device)
     if v == "v1":
         return None
-    from . import kernels_wt
-
     return (kernels_wt, v) if kernels_wt.takes(*tensors) else None
 
 
