@@ -66,6 +66,19 @@ def _grouping(st: PairState, x: Tensor, batch_dim: int, ctx: MaskContext):
     return g
 
 
+def _grouping_traced(st: PairState, x: Tensor, batch_dim: int, ctx: MaskContext):
+    """:func:`_grouping` under ``torch.compile``: the same table from tensor ops of static shape
+    (one segment per pair of ``st.pairs``, empty ones included; rows always reordered), no host
+    reads and no cache, so one graph serves every batch composition."""
+    ids = _row_ids(st.pair_ids.to(x.device, non_blocking=True), x, batch_dim)
+    order = torch.argsort(ids, stable=True)
+    counts = torch.zeros(len(st.pairs), dtype=torch.long, device=x.device).index_add_(
+        0, ids, torch.ones_like(ids))
+    offsets = F.pad(torch.cumsum(counts, 0), (1, 0))
+    seg_pair = torch.tensor(ctx.bank.pair_index(st.pairs), dtype=torch.long, device=x.device)
+    return order, offsets, seg_pair
+
+
 def masked_forward(
     ctx: MaskContext | None,
     name: str,
@@ -93,8 +106,8 @@ def masked_forward(
         return F.linear(x, weight, bias)
     if rows is not None:
         bank_bits = bank_bits[:, rows]
-    order, offsets, seg_pair = _grouping(st, x, st.batch_dim if batch_dim is None else batch_dim,
-                                         ctx)
+    group = _grouping_traced if torch.compiler.is_compiling() else _grouping
+    order, offsets, seg_pair = group(st, x, st.batch_dim if batch_dim is None else batch_dim, ctx)
     x2 = x.reshape(-1, x.shape[-1])
     if order is not None:
         x2 = x2[order]

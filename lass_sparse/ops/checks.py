@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..bitmask import check_bits, check_same_device, num_words
-from .segments import host_table
+from .segments import check_on_device, host_table, readable
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -159,6 +159,9 @@ def check_segments(op: str, t: int, p: int, seg_offsets: Tensor, seg_pair: Tenso
     check_same_device(op, x=torch.empty(0, device=device), seg_offsets=seg_offsets,
                       seg_pair=seg_pair)
     if not values or seg_offsets.device.type == "meta":  # fake kernels: no data to read
+        return
+    if not readable(seg_offsets, seg_pair):  # CUDA graph capture: checked on the device
+        check_on_device(op, t, p, seg_offsets, seg_pair)
         return
     offs, pairs = host_table(seg_offsets, seg_pair)  # read from the device once per table
     if offs[0] != 0 or offs[-1] != t or any(a > b for a, b in zip(offs, offs[1:])):

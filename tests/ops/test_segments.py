@@ -100,6 +100,59 @@ def test_a_bad_table_is_refused_at_every_call_not_only_the_first():
         ls.segmented_masked_linear(x, w, bank[:1], offs, pair)
 
 
+@pytest.fixture
+def capturing(monkeypatch):
+    """Every table counts as unreadable, as on a CUDA stream under graph capture."""
+    from lass_sparse.ops import segments
+
+    monkeypatch.setattr(segments, "_capturing", lambda t: True)
+
+
+@pytest.mark.parametrize("block_m", [None, 1, 2, 4, 16])
+def test_tiles_built_on_the_device_equal_the_host_tiles(block_m):
+    from lass_sparse.ops import segments
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        s = int(torch.randint(1, 6, (1,), generator=gen))
+        offs = torch.cat([torch.zeros(1, dtype=torch.long),
+                          torch.randint(0, 9, (s,), generator=gen).cumsum(0)])
+        pair = torch.randint(0, 4, (s,), generator=gen)
+        x, bank = torch.empty(int(offs[-1]), 1), torch.empty(4, 1, 1)
+        host = [list(map(tuple, zip(*(v.tolist() for v in segments.device_tiles(
+            offs, pair, block_m, x, bank)))))]
+        dev = segments._tiles_on_device(offs, pair, block_m, x.device, x.shape[0], 4)
+        if block_m is not None:
+            assert dev[0].numel() == -(-x.shape[0] // block_m) + s  # the static bound
+        tiles = [t for t in zip(*(v.tolist() for v in dev)) if t[0] < t[1]]
+        assert [tiles] == host, (offs.tolist(), pair.tolist())
+
+
+@pytest.mark.skipif(not ls.backends()["triton"]["active"], reason="needs the Triton backend")
+@pytest.mark.parametrize("variant", ["v1", "wt"])
+def test_an_unreadable_table_is_not_read_and_gives_the_same_results(variant, capturing, reads,
+                                                                     monkeypatch):
+    """Under CUDA graph capture a table the host does not know is never read: its checks are
+    device asserts, its tile tables are built on the device (empty segments, unsorted pairs)."""
+    monkeypatch.setenv("LASS_SPARSE_TRITON_VARIANT", variant)
+    x, w, masks, bank = _bank_case(t=21)
+    offs, pair = torch.tensor([0, 3, 3, 12, 21]), torch.tensor([3, 1, 0, 2])
+    with ls.use_backend("triton"):
+        _close(_run(x, w, bank, offs, pair),
+               _want(x, w, masks, [(0, 3, 3), (3, 12, 0), (12, 21, 2)]))
+    assert not [t for t in reads if t is offs or t is pair]
+
+
+@pytest.mark.skipif(not ls.backends()["triton"]["active"], reason="needs the Triton backend")
+def test_an_unreadable_bad_table_fails_the_device_assert(capturing):
+    x, w, _, bank = _bank_case()
+    with ls.use_backend("triton"):
+        for offs, pair in (([0, 3, 11], [0, 1]), ([0, 5, 3, 10], [0, 1, 2]), ([0, 3, 10], [0, 4])):
+            with pytest.raises(RuntimeError, match=r"non-decreasing from 0 to T=10 and seg_pair "
+                                                   r"ids in \[0, P=4\)"):
+                ls.segmented_masked_linear(x, w, bank, torch.tensor(offs), torch.tensor(pair))
+
+
 def _mixed_model(pairs=("en-de", "en-fr", "en-zh")):
     model = nn.Sequential(MaskedLinear(32, 48), nn.GELU(), MaskedLinear(48, 16))
     bank = MaskBank({n: p.shape for n, p in model.named_parameters() if n.endswith("weight")},
@@ -223,3 +276,16 @@ def test_a_masked_model_compiles_with_reduce_overhead():
         for _ in range(3):  # warm-up runs, then graph replays
             y = compiled(x)
         torch.testing.assert_close(y, model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_mixed_batches_compile_with_reduce_overhead_over_any_composition():
+    """A compiled mixed-pair model under CUDA graphs: the grouping is built in the graph, the
+    segmented ops read no table during capture (device tiles, device asserts), and replays with
+    new pair ids (same shape) give the eager results."""
+    model, pairs, x, _ = _gpu_case()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    for ids in ([2, 0, 2, 1, 0, 0], [0, 0, 0, 0, 0, 0], [1, 2, 1, 2, 0, 1]) * 2:
+        with ls.active_pair(model, pairs, pair_ids=torch.tensor(ids, device="cuda")):
+            got = compiled(x).clone()
+            torch.testing.assert_close(got, model(x), atol=1e-4, rtol=1e-4)

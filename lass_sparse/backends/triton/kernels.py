@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.segments import device_tiles, spans
+from ...ops.segments import device_tiles, readable, spans
 from .common import AUTOTUNE, INTERPRET, _dw_tile, _ieee, _rna, _rows  # noqa: F401
 
 
@@ -324,6 +324,12 @@ def _per_pair_dense(segs, weight, bits_bank, rows) -> None:
             rows(wm, a, b)
 
 
+def _known_spans(seg_offsets, seg_pair) -> list:
+    """The table's segments when its values may be read (else [], which routes to the kernels:
+    their tile tables are then built on the device; ops/segments.py)."""
+    return spans(seg_offsets, seg_pair) if readable(seg_offsets, seg_pair) else []
+
+
 def _route_segments(segs, t: int) -> bool:
     return bool(segs) and t / len(segs) >= CUBLAS_MIN_M
 
@@ -454,7 +460,7 @@ def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
     if t == 0 or n == 0:
         return y
-    segs = spans(seg_offsets, seg_pair)
+    segs = _known_spans(seg_offsets, seg_pair)
     if _route_segments(segs, t) and _same_dtype(x, weight, bias):
         def rows(wm, a, b):
             y[a:b] = torch.nn.functional.linear(x[a:b], wm, bias)
@@ -464,7 +470,7 @@ def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
 
     def launch(cfg):
         bm, bn, bk, warps, stages = cfg
-        lo, hi, pr = device_tiles(seg_offsets, seg_pair, bm, y.device)
+        lo, hi, pr = device_tiles(seg_offsets, seg_pair, bm, x, bits_bank)
         if lo.numel() == 0:
             return
         grid = (lo.numel(), triton.cdiv(n, bn))
@@ -489,7 +495,7 @@ def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pai
     dx = torch.zeros(t, k, dtype=grad_out.dtype, device=grad_out.device)
     if t == 0 or k == 0 or n == 0:
         return dx
-    segs = spans(seg_offsets, seg_pair)
+    segs = _known_spans(seg_offsets, seg_pair)
     if _route_segments(segs, t) and _same_dtype(grad_out, weight):
         _per_pair_dense(segs, weight, bits_bank,
                         lambda wm, a, b: torch.mm(grad_out[a:b], wm, out=dx[a:b]))
@@ -497,7 +503,7 @@ def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pai
 
     def launch(cfg):
         bm, bn, bk, warps, stages = cfg
-        lo, hi, pr = device_tiles(seg_offsets, seg_pair, bm, dx.device)
+        lo, hi, pr = device_tiles(seg_offsets, seg_pair, bm, grad_out, bits_bank)
         if lo.numel() == 0:
             return
         grid = (lo.numel(), triton.cdiv(k, bk))
@@ -516,13 +522,13 @@ def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
                           x)) is not None:
         return wt[0].segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair)
     out = torch.zeros(grad_out.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
-    segs = spans(seg_offsets, seg_pair)
+    segs = _known_spans(seg_offsets, seg_pair)
     if _route_segments(segs, x.shape[0]) and out.numel() and _same_dtype(grad_out, x):
         for a, b, p in segs:
             apply_mask(torch.mm(grad_out[a:b].t(), x[a:b]), bits_bank[p], out=out,
                        accumulate=True)
         return out
-    lo, hi, pr = device_tiles(seg_offsets, seg_pair, None, x.device)
+    lo, hi, pr = device_tiles(seg_offsets, seg_pair, None, x, bits_bank)
     if lo.numel() == 0:
         return out
     return _dw(grad_out, x, bits_bank, lo, hi, pr, out, False)

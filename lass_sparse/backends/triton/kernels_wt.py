@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...ops.segments import bounded, readable
 from .common import INTERPRET, _dot, _dw_tile, _ieee, _rows
 
 VARIANT_ENV = "LASS_SPARSE_TRITON_VARIANT"
@@ -608,8 +609,9 @@ def tile_table(seg_offsets: torch.Tensor, block_m: int) -> torch.Tensor:
     return torch.cumsum((lens + block_m - 1) // block_m, 0).to(torch.int32)
 
 
-def _check_segs(op, bits_bank, seg_offsets, seg_pair):
-    """The segment table's shapes (its values are the op's checks', read once per table)."""
+def _check_segs(op, bits_bank, seg_offsets, seg_pair, rows):
+    """The segment table's shapes (its values are the op's checks', read once per table, or
+    asserted on the device during CUDA graph capture: then bounded here, ops/segments.py)."""
     _check(op, bits_bank=bits_bank, seg_offsets=seg_offsets, seg_pair=seg_pair)
     if bits_bank.dim() != 3:
         raise ValueError(f"{op}: bits_bank must be int32[P, N, ceil(K/32)], got "
@@ -618,6 +620,9 @@ def _check_segs(op, bits_bank, seg_offsets, seg_pair):
     if seg_offsets.dim() != 1 or seg_offsets.numel() != s + 1:
         raise ValueError(f"{op}: seg_offsets must have len(seg_pair) + 1 = {s + 1} entries, got "
                          f"{list(seg_offsets.shape)}")
+    if not readable(seg_offsets, seg_pair):
+        return s, *(v.contiguous() for v in bounded(seg_offsets, seg_pair, rows,
+                                                    bits_bank.shape[0]))
     return s, seg_offsets.to(torch.int64).contiguous(), seg_pair.to(torch.int64).contiguous()
 
 
@@ -625,7 +630,7 @@ def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
     op = "segmented_masked_linear"
     _check_linear(op, x, weight, bits_bank, bias)
     _check(op, x=x, seg_offsets=seg_offsets)
-    s, offs, pairs = _check_segs(op, bits_bank, seg_offsets, seg_pair)
+    s, offs, pairs = _check_segs(op, bits_bank, seg_offsets, seg_pair, x.shape[0])
     t, k = x.shape
     n = weight.shape[0]
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
@@ -652,7 +657,7 @@ def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
 def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair):
     op = "segmented_masked_linear_dx"
     _check_linear(op, grad_out, weight, bits_bank, xname="grad_out")
-    s, offs, pairs = _check_segs(op, bits_bank, seg_offsets, seg_pair)
+    s, offs, pairs = _check_segs(op, bits_bank, seg_offsets, seg_pair, grad_out.shape[0])
     t, n = grad_out.shape
     k = weight.shape[1]
     if n != weight.shape[0]:
@@ -691,10 +696,10 @@ def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pai
 def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
     op = "segmented_masked_linear_dw"
     _check(op, grad_out=grad_out, x=x)
-    s, offs, pairs = _check_segs(op, bits_bank, seg_offsets, seg_pair)
     if grad_out.dim() != 2 or x.dim() != 2 or grad_out.shape[0] != x.shape[0]:
         raise ValueError(f"{op}: grad_out must be [T, N] and x [T, K], got "
                          f"{list(grad_out.shape)} and {list(x.shape)}")
+    s, offs, pairs = _check_segs(op, bits_bank, seg_offsets, seg_pair, x.shape[0])
     t, n = grad_out.shape
     k = x.shape[1]
     if x.dtype not in _FLOATS or grad_out.dtype != x.dtype:
