@@ -266,8 +266,10 @@ def _describe(args) -> str:
 
 def _run(impl: Impl, device, dev_type: str, args):
     if impl.device_guard and dev_type == "cuda":
-        with torch.cuda.device(device):
-            return impl.fn(*args)
+        index = (device if isinstance(device, torch.device) else torch.device(device)).index
+        if index is not None and index != torch.cuda.current_device():
+            with torch.cuda.device(index):
+                return impl.fn(*args)
     return impl.fn(*args)
 
 

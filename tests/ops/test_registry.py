@@ -76,7 +76,8 @@ def test_forced_backend_without_a_kernel_for_the_device_raises(scratch_registry)
 
 def test_device_guard_runs_cuda_kernels_on_the_tensors_device(scratch_registry, monkeypatch):
     """Triton and cupy launch on the *current* device: their kernels run inside
-    torch.cuda.device(tensor's device)."""
+    torch.cuda.device(tensor's device) when that is another device (no guard when it is the
+    current one, or the device has no index)."""
     entered = []
 
     class FakeGuard:
@@ -84,12 +85,14 @@ def test_device_guard_runs_cuda_kernels_on_the_tensors_device(scratch_registry, 
             self.dev = dev
 
         def __enter__(self):
-            entered.append(torch.device(self.dev))
+            dev = self.dev
+            entered.append(torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev))
 
         def __exit__(self, *exc):
             entered.append("exit")
 
     monkeypatch.setattr(torch.cuda, "device", FakeGuard)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     seen = []
     _registry.register("fake_op", "reference", ("cuda",), device_guard=True)(
         lambda *a: seen.append(list(entered)) or 1)
@@ -104,6 +107,12 @@ def test_device_guard_runs_cuda_kernels_on_the_tensors_device(scratch_registry, 
     seen.clear()
     _dispatch("fake_op", torch.device("cuda", 3))  # ops pass the tensor's device through
     assert seen == [[torch.device("cuda", 3)]]
+    entered.clear()
+    seen.clear()
+    for dev in (torch.device("cuda", 0), torch.device("cuda"), "cuda:0"):  # already current
+        assert _registry.dispatch("fake_op", dev) == 1
+    assert entered == [] and seen == [[], [], []]
+    assert _registry.dispatch("fake_op", "cuda:2") == 1 and seen[-1] == [torch.device("cuda", 2)]
 
 
 def test_broken_backend_fails_tests_instead_of_skipping(scratch_registry):

@@ -74,17 +74,11 @@ else:
     if devices is not None:
         from . import kernels
 
-        def _supports(t: torch.Tensor, *_a) -> bool:
-            return t.dtype in _FLOATS
-
-        def _supports_grad(grad: torch.Tensor, *_a) -> bool:
-            return grad.dtype in _FLOATS
-
+        # ``dtypes`` (of the first argument: x, grad_out or grad) is the only condition: no
+        # ``supports`` predicate, so the registry caches the choice per (op, device, dtype)
         for op in _OPS:
-            pred = _supports_grad if op == "masked_linear_dw_accumulate_" else _supports
-            registry.register(op, "triton", devices, supports=pred, explicit_only=explicit,
-                               requires=_REQUIRES, device_guard=True,
-                               dtypes=_FLOATS)(getattr(kernels, op))
+            registry.register(op, "triton", devices, explicit_only=explicit, requires=_REQUIRES,
+                               device_guard=True, dtypes=_FLOATS)(getattr(kernels, op))
         from . import adamw
 
         registry.register("masked_adamw_capturable_", "triton", devices,

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET
+from .common import INTERPRET, cdiv
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK = 256 if INTERPRET else 1024
@@ -68,7 +68,7 @@ def masked_adamw_capturable_(params, grads, exp_avgs, exp_avg_sqs, bits, scalars
         if n == 0:
             continue
         k = p.shape[-1] if p.dim() else 1
-        _adamw_kernel[(triton.cdiv(n, BLOCK),)](
+        _adamw_kernel[(cdiv(n, BLOCK),)](
             p, g, m, v, b if b is not None else m, scalars[i], n, k, (k + 31) // 32, beta1,
             beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay, HAS_MASK=b is not None,
             MAXIMIZE=maximize, BLOCK=BLOCK, num_warps=4)

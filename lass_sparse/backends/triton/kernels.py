@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ...ops.segments import device_tiles, readable, spans
-from .common import AUTOTUNE, INTERPRET, _dw_tile, _ieee, _rna, _rows  # noqa: F401
+from .common import AUTOTUNE, INTERPRET, _dw_tile, _ieee, _rna, _rows, cdiv  # noqa: F401
 
 
 @triton.jit
@@ -294,7 +294,7 @@ def apply_mask(src: torch.Tensor, bits: torch.Tensor, out: torch.Tensor | None =
     if n == 0 or k == 0:
         return out
     bn, bk, warps = (16, 32, 1) if INTERPRET else (32, 128, 4)
-    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+    grid = (cdiv(n, bn), cdiv(k, bk))
     _apply_mask_kernel[grid](src, bits, out, n, k, bits.shape[-1], src.stride(0),
                              bits.stride(-2), out.stride(0), ACCUMULATE=accumulate,
                              BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
@@ -369,7 +369,7 @@ def masked_linear(x, weight, bits, bias):
 
     def launch(cfg):
         bm, bn, bk, warps, stages = cfg
-        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+        grid = (cdiv(m, bm), cdiv(n, bn))
         _fwd_kernel[grid](x, weight, bits, bias if bias is not None else x, y, d, d, d,
                           m, n, k, bits.shape[1], x.stride(0), weight.stride(0), bits.stride(0),
                           0, y.stride(0), y.stride(1), HAS_BIAS=bias is not None,
@@ -396,7 +396,7 @@ def masked_linear_dx(grad_out, weight, bits):
 
     def launch(cfg):
         bm, bn, bk, warps, stages = cfg
-        grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
+        grid = (cdiv(m, bm), cdiv(k, bk))
         _dx_kernel[grid](grad_out, weight, bits, dx, d, d, d, m, n, k, bits.shape[1],
                          grad_out.stride(0), weight.stride(0), bits.stride(0), 0, dx.stride(0),
                          SEGMENTED=False, IEEE=_ieee(grad_out.dtype), BLOCK_M=bm, BLOCK_N=bn,
@@ -418,7 +418,7 @@ def _dw(grad_out, x, bits_bank, lo, hi, pair, out, accumulate):
 
     def launch(cfg, dst=out, acc=accumulate):
         bm, bn, bk, warps, stages = cfg
-        grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+        grid = (cdiv(n, bn), cdiv(k, bk))
         _dw_kernel[grid](grad_out, x, bits_bank, dst, lo, hi, pair, lo.shape[0], m, n, k,
                          bits_bank.shape[-1], grad_out.stride(0), x.stride(0),
                          bits_bank.stride(-2), bits_bank.stride(0) if bits_bank.dim() == 3 else 0,
@@ -473,7 +473,7 @@ def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
         lo, hi, pr = device_tiles(seg_offsets, seg_pair, bm, x, bits_bank)
         if lo.numel() == 0:
             return
-        grid = (lo.numel(), triton.cdiv(n, bn))
+        grid = (lo.numel(), cdiv(n, bn))
         _fwd_kernel[grid](x, weight, bits_bank, bias if bias is not None else x, y, lo, hi, pr,
                           t, n, k, bits_bank.shape[-1], x.stride(0), weight.stride(0),
                           bits_bank.stride(1), bits_bank.stride(0), y.stride(0), y.stride(1),
@@ -506,7 +506,7 @@ def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pai
         lo, hi, pr = device_tiles(seg_offsets, seg_pair, bm, grad_out, bits_bank)
         if lo.numel() == 0:
             return
-        grid = (lo.numel(), triton.cdiv(k, bk))
+        grid = (lo.numel(), cdiv(k, bk))
         _dx_kernel[grid](grad_out, weight, bits_bank, dx, lo, hi, pr, t, n, k,
                          bits_bank.shape[-1], grad_out.stride(0), weight.stride(0),
                          bits_bank.stride(1), bits_bank.stride(0), dx.stride(0), SEGMENTED=True,
@@ -551,7 +551,7 @@ def masked_qkv_proj(x, weight, bits, bias, num_heads):
 
     def launch(cfg):
         bm, bn, bk, warps, stages = cfg
-        grid = (triton.cdiv(m, bm), triton.cdiv(3 * d, bn))
+        grid = (cdiv(m, bm), cdiv(3 * d, bn))
         _qkv_kernel[grid](x, weight, bits, bias if bias is not None else x, q, k, v, m, d,
                           bits.shape[1], t, num_heads, dh, bits.stride(0),
                           HAS_BIAS=bias is not None, IEEE=_ieee(x.dtype), BLOCK_M=bm,

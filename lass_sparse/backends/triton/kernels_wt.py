@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ...ops.segments import bounded, readable
-from .common import INTERPRET, _dot, _dw_tile, _ieee, _rows
+from .common import INTERPRET, _dot, _dw_tile, _ieee, _rows, cdiv
 
 VARIANT_ENV = "LASS_SPARSE_TRITON_VARIANT"
 VARIANTS = ("v1", "wt", "wt_persistent", "wt_tma")
@@ -414,17 +414,17 @@ def split_k(m: int, tiles: int, depth: int, block: int, sms: int) -> int:
     to give every SM a program, each keeping >= 4 K blocks."""
     forced = os.environ.get(SPLIT_K_ENV)
     if forced:
-        return max(1, min(int(forced), triton.cdiv(depth, block)))
+        return max(1, min(int(forced), cdiv(depth, block)))
     if m > 64 or tiles >= sms:
         return 1
-    return max(1, min(triton.cdiv(sms, tiles), depth // (4 * block)))
+    return max(1, min(cdiv(sms, tiles), depth // (4 * block)))
 
 
 def _chunks(depth: int, block: int, parts: int) -> tuple[int, int]:
     """(chunk, parts): ``depth`` cut into ``parts`` chunks of whole ``block``s (fewer parts when
     some would be empty)."""
-    chunk = triton.cdiv(triton.cdiv(depth, parts), block) * block
-    return chunk, triton.cdiv(depth, chunk)
+    chunk = cdiv(cdiv(depth, parts), block) * block
+    return chunk, cdiv(depth, chunk)
 
 
 def _check(op: str, **tensors) -> None:
@@ -495,7 +495,7 @@ def masked_linear(x, weight, bits, bias, var: str | None = None):
 
     def launch(cfg, split=None):
         ba, bm, bk, group, warps, stages = cfg
-        tiles = triton.cdiv(n, ba) * triton.cdiv(m, bm)
+        tiles = cdiv(n, ba) * cdiv(m, bm)
         desc = _x_descriptor(x, bm) if var == "wt_tma" else None
         xa = x if desc is None else desc
         if persistent:
@@ -540,7 +540,7 @@ def masked_linear_dx(grad_out, weight, bits):
 
     def launch(cfg, split=None):
         ba, bm, bn, group, warps, stages = cfg  # ba: K block (masked operand rows), bn: N step
-        tiles = triton.cdiv(k, ba) * triton.cdiv(m, bm)
+        tiles = cdiv(k, ba) * cdiv(m, bm)
         n_split, s = _chunks(n, bn, split_k(m, tiles, n, bn, sms) if split is None else split)
         ws = torch.empty(s, m, k, dtype=torch.float32, device=dx.device) if s > 1 else dx
         _dx_wt_kernel[(tiles, s)](
@@ -572,7 +572,7 @@ def _dw_into(grad_out, x, bits, out, accumulate: bool):
 
     def launch(cfg, dst=out, acc=accumulate):
         bn, bk, bm, group, warps, stages = cfg
-        grid = (triton.cdiv(n, bn) * triton.cdiv(k, bk),)
+        grid = (cdiv(n, bn) * cdiv(k, bk),)
         _dw_wt_kernel[grid](grad_out, x, bits, dst, m, n, k, grad_out.stride(0), x.stride(0),
                             bits.stride(0), dst.stride(0), ACCUMULATE=acc,
                             IEEE=_ieee(grad_out.dtype), BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm,
@@ -642,7 +642,7 @@ def segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias):
         ba, bm, bk, _group, warps, stages = cfg
         if bm not in tables:
             tables[bm] = tile_table(offs, bm)
-        grid = (triton.cdiv(t, bm) + s, triton.cdiv(n, ba))  # >= the table's tiles
+        grid = (cdiv(t, bm) + s, cdiv(n, ba))  # >= the table's tiles
         _seg_fwd_wt_kernel[grid](
             x, weight, bits_bank, bias if bias is not None else x, y, offs, pairs, tables[bm],
             s, t, n, k, x.stride(0), weight.stride(0), bits_bank.stride(1),
@@ -675,11 +675,11 @@ def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pai
         ba, bm, bn, _group, warps, stages = cfg  # ba: K block (masked operand rows), bn: N step
         if bm not in tables:
             tables[bm] = tile_table(offs, bm)
-        row_tiles = triton.cdiv(t, bm) + s  # >= the table's tiles
-        n_split, sp = _chunks(n, bn, split_k(max(t // s, 1), row_tiles * triton.cdiv(k, ba), n,
+        row_tiles = cdiv(t, bm) + s  # >= the table's tiles
+        n_split, sp = _chunks(n, bn, split_k(max(t // s, 1), row_tiles * cdiv(k, ba), n,
                                              bn, sms) if split is None else split)
         ws = torch.empty(sp, t, k, dtype=torch.float32, device=dx.device) if sp > 1 else dx
-        _seg_dx_wt_kernel[(row_tiles, triton.cdiv(k, ba), sp)](
+        _seg_dx_wt_kernel[(row_tiles, cdiv(k, ba), sp)](
             grad_out, weight, bits_bank.view(torch.uint8), dx, ws, offs, pairs, tables[bm], s, t,
             n, k, n_split, grad_out.stride(0), weight.stride(0), 4 * bits_bank.stride(1),
             4 * bits_bank.stride(0), dx.stride(0), SPLIT=sp > 1, IEEE=_ieee(grad_out.dtype),
@@ -717,7 +717,7 @@ def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
 
     def launch(cfg, split=None):
         bn, bk, bm, group, warps, stages = cfg
-        tiles = triton.cdiv(n, bn) * triton.cdiv(k, bk)
+        tiles = cdiv(n, bn) * cdiv(k, bk)
         # the split is over T, the reduction dim: "small M" is always true here (m = 0)
         t_split, sp = _chunks(t, bm, split_k(0, tiles, t, bm, sms) if split is None else split)
         ws = torch.empty(sp, n, k, dtype=torch.float32, device=x.device) if sp > 1 else out
