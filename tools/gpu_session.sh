@@ -39,6 +39,7 @@ TIMEOUT_OPT=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout=90
 t=$SECONDS
 timeout "$TEST_S" "$PY" -m pytest -q -rfEs -p no:cacheprovider -m "gpu or triton" $TIMEOUT_OPT \
   tests/ops/test_triton_wt.py \
+  tests/ops/test_cuda_kernels.py \
   tests/test_optim.py \
   tests/ops/test_segments.py \
   tests/nn/test_nn.py \

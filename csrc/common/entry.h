@@ -33,6 +33,12 @@ LASS_HIDDEN bool forced_elsewhere();
 // This thread runs an op's Python body on behalf of an entry (or kernels_only is set).
 LASS_HIDDEN bool& deferring();
 
+// Integer options the Python side sets (<module>.set_option(name, value); -1 until set): the
+// rows from which the CUDA entries take the "mask, then cuBLAS" route, per op
+// (lass_sparse/backends/cuda.py; -1: off).
+enum Option : int { kCublasMinMLinear = 0, kCublasMinMDx, kCublasMinMDw, kNumOptions };
+LASS_HIDDEN int64_t option(Option opt);
+
 // The op's `.registry` overload (defined by lass_sparse/ops/schema.py from the op's own schema).
 template <class Sig>
 c10::TypedOperatorHandle<Sig> registry_overload(const char* op) {

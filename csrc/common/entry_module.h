@@ -4,6 +4,8 @@
 // extension, LASS_ENTRY_MODULE(name) (PyInit_<name>) with set_forced / kernels_only.
 #include <Python.h>
 
+#include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -29,6 +31,27 @@ bool forced_elsewhere() {
   return env != nullptr && env[0] != '\0' && std::strcmp(env, LASS_ENTRY_BACKEND) != 0;
 }
 
+// entry.h's Option values, by the names <module>.set_option takes (same order as the enum).
+static const char* const option_names[kNumOptions] = {
+    "cublas_min_m.masked_linear", "cublas_min_m.masked_linear_dx",
+    "cublas_min_m.masked_linear_dw"};
+static std::atomic<int64_t> option_values[kNumOptions] = {{-1}, {-1}, {-1}};
+
+int64_t option(Option opt) { return option_values[opt].load(std::memory_order_relaxed); }
+
+// <module>.set_option(name, value) -> previous value (ValueError for an unknown name).
+static PyObject* py_set_option(PyObject*, PyObject* args) {
+  const char* name = nullptr;
+  long long value = 0;
+  if (!PyArg_ParseTuple(args, "sL", &name, &value)) return nullptr;
+  for (int i = 0; i < kNumOptions; ++i) {
+    if (std::strcmp(name, option_names[i]) == 0)
+      return PyLong_FromLongLong(option_values[i].exchange(value));
+  }
+  PyErr_Format(PyExc_ValueError, "set_option: unknown option %s", name);
+  return nullptr;
+}
+
 // <module>.set_forced(name): the backend use_backend() forces in this thread ("" when none).
 static PyObject* py_set_forced(PyObject*, PyObject* args) {
   const char* name = nullptr;
@@ -52,6 +75,8 @@ static PyMethodDef module_methods[] = {
      "set_forced(name): the backend forced in this thread ('' for none)"},
     {"kernels_only", py_kernels_only, METH_VARARGS,
      "kernels_only(flag) -> previous: entries run their kernels, never the op's Python body"},
+    {"set_option", py_set_option, METH_VARARGS,
+     "set_option(name, value) -> previous: an integer option of the entries (entry.h)"},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace lass_sparse_entry
 

@@ -1,9 +1,10 @@
 // Torch binding for the CUDA kernels in lass_kernels.cu. They register under the public op
 // names (TORCH_LIBRARY_IMPL(lass_sparse, CUDA); schemas in lass_sparse/ops/schema.py): pack_mask,
-// unpack_mask, magnitude_mask, masked_linear (decode GEMV, at most kGemvMaxM rows) and
-// masked_adamw_. Each entry runs its kernel or defers to the op's Python body (another backend
-// forced, a call it does not take, inputs its checks refuse: common/entry.h). The kernels
-// themselves have no torch headers (lass_kernels.cuh).
+// unpack_mask, magnitude_mask, masked_linear (decode GEMV at most kGemvMaxM rows; the "mask,
+// then cuBLAS" route from the rows Python sets), masked_linear_dx / _dw / _dw_accumulate_ (that
+// route) and masked_adamw_. Each entry runs its kernel or defers to the op's Python body
+// (another backend forced, a call it does not take, inputs its checks refuse: common/entry.h).
+// The kernels themselves have no torch headers (lass_kernels.cuh).
 #include <Python.h>  // first, as Python asks
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,6 +21,7 @@
 #include "common/entry_module.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <string>
 #include <vector>
@@ -148,7 +150,116 @@ int64_t leading_rows(const at::Tensor& x) {
   return m;
 }
 
-// Decode GEMV: y = x (W ⊙ M)^T + b for x [..., K] with at most kGemvMaxM rows.
+// ---- the "mask, then cuBLAS" route (issue 29): W ⊙ M written once into a W-sized transient
+// by one pass (lass_launch_apply_mask: a select, so NaN/Inf off the mask is never used), then
+// cuBLAS; dW as one cuBLAS GEMM masked in place (off-mask entries exactly 0), or added into the
+// gradient on the mask only. The rows from which each op takes it come from Python
+// (lass_sparse/backends/cuda.py: the Triton backend's CUBLAS_MIN_M, off for ops a measured
+// route sends to another kernel); no Python runs on it.
+
+// The route serves `rows` rows of this op (the kernel's own condition).
+bool cublas_serves(Option opt, int64_t rows) {
+  const int64_t min_m = option(opt);
+  return min_m >= 0 && rows >= min_m;
+}
+
+// The entry takes the call for the route: it serves it and no Triton variant is being timed
+// or tested ($LASS_SPARSE_TRITON_VARIANT names one: the op body runs it).
+bool cublas_takes(Option opt, int64_t rows) {
+  const char* v = std::getenv("LASS_SPARSE_TRITON_VARIANT");
+  return cublas_serves(opt, rows) && (v == nullptr || v[0] == '\0');
+}
+
+std::string cublas_rows(Option opt) {
+  const int64_t min_m = option(opt);
+  return min_m < 0 ? std::string("(the cuBLAS route is off)")
+                   : "(the cuBLAS route from " + std::to_string(min_m) + " rows)";
+}
+
+// out[N, K] = src ⊙ M, or out += src ⊙ M off-mask entries left as they are (out may be src).
+// src and out: contiguous, one kernel dtype, one device; bits checked by the caller.
+void apply_mask_into(const at::Tensor& src, const at::Tensor& bits, const at::Tensor& out,
+                     bool accumulate, const char* op) {
+  LASS_CUDA_CHECK(op, lass_launch_apply_mask(dtype_code(src, op), src.data_ptr(),
+                                             bits.data_ptr<int32_t>(), out.data_ptr(),
+                                             src.size(0), src.size(1), accumulate ? 1 : 0,
+                                             c10::cuda::getCurrentCUDAStream()));
+}
+
+// grad_out: [M, N] of a kernel dtype; returns its device.
+at::Device check_grad_out(const at::Tensor& dy, const char* op) {
+  check_on(dy, dy.device(), op, "grad_out");
+  LASS_CHECK(dy.dim() == 2, op, ": grad_out must be 2-D [M, N], got ", dy.sizes());
+  dtype_code(dy, op);
+  return dy.device();
+}
+
+// dx[M, K] = grad_out[M, N] @ (W ⊙ M): the mask pass, then cuBLAS (any M).
+at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& weight,
+                            const at::Tensor& bits) {
+  const char* op = "masked_linear_dx";
+  const at::Device dev = check_grad_out(dy, op);
+  check_on(weight, dev, op, "weight");
+  LASS_CHECK(weight.dim() == 2 && weight.size(0) == dy.size(1), op,
+              ": weight must be [N=", dy.size(1), ", K], got ", weight.sizes());
+  LASS_CHECK(weight.scalar_type() == dy.scalar_type(), op, ": weight must be ",
+              dy.scalar_type(), " like grad_out (cuBLAS route), got ", weight.scalar_type());
+  const int64_t m = dy.size(0), n = dy.size(1), k = weight.size(1);
+  const auto b = bits.contiguous();
+  check_bits(b, dev, {n}, k, op, "bits");
+  const c10::cuda::CUDAGuard guard(dev);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto dx = at::empty({m, k}, dy.options());
+  if (dx.numel() == 0) return dx;
+  if (n == 0) return dx.zero_();
+  const auto w = weight.contiguous();
+  const auto wm = at::empty_like(w);
+  apply_mask_into(w, b, wm, false, op);
+  at::mm_out(dx, dy, wm);
+  return dx;
+}
+
+// The checks of dW and its accumulation (grad_out [M, N], x [M, K] of its dtype, bits
+// [N, ceil(K/32)]); returns the contiguous bits.
+at::Tensor check_dw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits,
+                    const char* op) {
+  const at::Device dev = check_grad_out(dy, op);
+  check_on(x, dev, op, "x");
+  LASS_CHECK(x.dim() == 2 && x.size(0) == dy.size(0), op, ": x must be [M=", dy.size(0),
+              ", K], got ", x.sizes());
+  LASS_CHECK(x.scalar_type() == dy.scalar_type(), op, ": x must be ", dy.scalar_type(),
+              " like grad_out, got ", x.scalar_type());
+  auto b = bits.contiguous();
+  check_bits(b, dev, {dy.size(1)}, x.size(1), op, "bits");
+  return b;
+}
+
+// dW[N, K] = (grad_out ᵀ x) ⊙ M: one cuBLAS GEMM, masked in place.
+at::Tensor masked_linear_dw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits) {
+  const char* op = "masked_linear_dw";
+  const auto b = check_dw(dy, x, bits, op);
+  const c10::cuda::CUDAGuard guard(dy.device());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto dw = at::mm(dy.t(), x);
+  if (dw.numel() != 0) apply_mask_into(dw, b, dw, false, op);
+  return dw;
+}
+
+// grad[N, K] += (grad_out ᵀ x) ⊙ M, off-mask entries of grad left exactly as they are; grad
+// of x's dtype (the route's: a float32 grad for 16-bit x is the op body's Triton kernel).
+void masked_linear_dw_accumulate_(const at::Tensor& grad, const at::Tensor& dy,
+                                  const at::Tensor& x, const at::Tensor& bits) {
+  const char* op = "masked_linear_dw_accumulate_";
+  const auto b = check_dw(dy, x, bits, op);
+  check_exact(grad, dy.device(), op, "grad", x.scalar_type(), {dy.size(1), x.size(1)});
+  const c10::cuda::CUDAGuard guard(dy.device());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto prod = at::mm(dy.t(), x);
+  if (prod.numel() != 0) apply_mask_into(prod, b, grad, true, op);
+}
+
+// Decode GEMV: y = x (W ⊙ M)^T + b for x [..., K] with at most kGemvMaxM rows; from the rows
+// Python sets, the "mask, then cuBLAS" route.
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bits,
                          const std::optional<at::Tensor>& bias) {
   const char* op = "masked_linear";
@@ -160,8 +271,10 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   const int64_t n = weight.size(0), k = weight.size(1), m = leading_rows(x);
   LASS_CHECK(x.size(-1) == k, op, ": x must be [..., K=", k, "] to match weight [N, K], got ",
               x.sizes());
-  LASS_CHECK(m <= lass::kGemvMaxM, op, ": the CUDA decode GEMV takes at most ",
-              lass::kGemvMaxM, " rows of x, got ", m);
+  const bool gemv = m <= lass::kGemvMaxM;
+  LASS_CHECK(gemv || cublas_serves(kCublasMinMLinear, m), op,
+              ": the CUDA kernels take at most ", lass::kGemvMaxM,
+              " rows of x (decode GEMV) or more ", cublas_rows(kCublasMinMLinear), ", got ", m);
   check_on(weight, dev, op, "weight");
   LASS_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must be ",
               x.scalar_type(), " like x, got ", weight.scalar_type());
@@ -182,6 +295,16 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   out_sizes.back() = n;
   auto y = at::empty(out_sizes, x.options());
   if (y.numel() == 0) return y;  // no zero-size grid launches
+  if (!gemv) {  // W ⊙ M into a transient, then cuBLAS (addmm, as F.linear)
+    const auto wm = at::empty_like(w);
+    apply_mask_into(w, b, wm, false, op);
+    auto y2 = y.view({m, n});
+    if (bias_c.has_value())
+      at::addmm_out(y2, *bias_c, x2, wm.t());
+    else
+      at::mm_out(y2, x2, wm.t());
+    return y;
+  }
   LASS_CUDA_CHECK(op, lass_launch_decode_gemv(dtype_code(x, op), x2.data_ptr(), w.data_ptr(),
                                               b.data_ptr<int32_t>(),
                                               bias_c.has_value() ? bias_c->data_ptr() : nullptr,
@@ -297,11 +420,47 @@ at::Tensor masked_linear_op(const at::Tensor& x, const at::Tensor& weight, const
                             const std::optional<at::Tensor>& bias) {
   static const auto registry =
       registry_overload<decltype(masked_linear_op)>("lass_sparse::masked_linear");
-  // more rows than the decode GEMV takes (prefill, training) or other dtypes: the op body, where
-  // the registry picks Triton (or the cuBLAS route) without an exception on the way
-  const bool takes = x.dim() >= 1 && leading_rows(x) <= lass::kGemvMaxM && is_kernel_dtype(x);
+  // rows between the decode GEMV's and the cuBLAS route's, other dtypes, mixed dtypes on the
+  // cuBLAS route: the op body, where the registry picks Triton, without an exception on the way
+  const int64_t rows = x.dim() >= 1 ? leading_rows(x) : 0;
+  const bool takes = x.dim() >= 1 && is_kernel_dtype(x) &&
+                     (rows <= lass::kGemvMaxM ||
+                      (cublas_takes(kCublasMinMLinear, rows) &&
+                       weight.scalar_type() == x.scalar_type() &&
+                       (!bias.has_value() || bias->scalar_type() == x.scalar_type())));
   return run_if_or_defer(takes, registry, [&] { return masked_linear(x, weight, bits, bias); },
                          x, weight, bits, bias);
+}
+
+at::Tensor masked_linear_dx_op(const at::Tensor& dy, const at::Tensor& weight,
+                               const at::Tensor& bits) {
+  static const auto registry =
+      registry_overload<decltype(masked_linear_dx_op)>("lass_sparse::masked_linear_dx");
+  const bool takes = dy.dim() == 2 && is_kernel_dtype(dy) &&
+                     weight.scalar_type() == dy.scalar_type() &&
+                     cublas_takes(kCublasMinMDx, dy.size(0));
+  return run_if_or_defer(takes, registry, [&] { return masked_linear_dx(dy, weight, bits); },
+                         dy, weight, bits);
+}
+
+at::Tensor masked_linear_dw_op(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits) {
+  static const auto registry =
+      registry_overload<decltype(masked_linear_dw_op)>("lass_sparse::masked_linear_dw");
+  const bool takes = dy.dim() == 2 && is_kernel_dtype(dy) && x.scalar_type() == dy.scalar_type() &&
+                     cublas_takes(kCublasMinMDw, dy.size(0));
+  return run_if_or_defer(takes, registry, [&] { return masked_linear_dw(dy, x, bits); }, dy, x,
+                         bits);
+}
+
+void masked_linear_dw_accumulate_op(const at::Tensor& grad, const at::Tensor& dy,
+                                    const at::Tensor& x, const at::Tensor& bits) {
+  static const auto registry = registry_overload<decltype(masked_linear_dw_accumulate_op)>(
+      "lass_sparse::masked_linear_dw_accumulate_");
+  const bool takes = dy.dim() == 2 && is_kernel_dtype(dy) && x.scalar_type() == dy.scalar_type() &&
+                     grad.scalar_type() == dy.scalar_type() &&
+                     cublas_takes(kCublasMinMDw, dy.size(0));
+  run_if_or_defer(takes, registry,
+                  [&] { masked_linear_dw_accumulate_(grad, dy, x, bits); }, grad, dy, x, bits);
 }
 
 }  // namespace
@@ -311,5 +470,8 @@ TORCH_LIBRARY_IMPL(lass_sparse, CUDA, m) {
   m.impl("unpack_mask", &unpack_mask_op);
   m.impl("magnitude_mask", &magnitude_mask_op);
   m.impl("masked_linear", &masked_linear_op);
+  m.impl("masked_linear_dx", &masked_linear_dx_op);
+  m.impl("masked_linear_dw", &masked_linear_dw_op);
+  m.impl("masked_linear_dw_accumulate_", &masked_linear_dw_accumulate_op);
   m.impl("masked_adamw_", &adamw_entry<&masked_adamw_>);
 }

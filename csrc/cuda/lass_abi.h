@@ -66,6 +66,10 @@ cudaError_t lass_launch_decode_gemv(int dtype, const void* x, const void* w, con
 cudaError_t lass_launch_decode_gemv_v2(int dtype, const void* x, const void* w,
                                        const int32_t* bits, const void* bias, void* y,
                                        int m_rows, int64_t n, int64_t k, cudaStream_t stream);
+// out[rows, k] = src ⊙ M, or (accumulate) out += src ⊙ M leaving off-mask entries as they are;
+// out may be src. Contiguous rows; bits int32[rows, ceil(k/32)].
+cudaError_t lass_launch_apply_mask(int dtype, const void* src, const int32_t* bits, void* out,
+                                   int64_t rows, int64_t k, int accumulate, cudaStream_t stream);
 cudaError_t lass_launch_pack(const bool* mask, int32_t* bits, int64_t rows, int64_t k,
                              cudaStream_t stream);
 cudaError_t lass_launch_unpack(const int32_t* bits, bool* mask, int64_t rows, int64_t k,

@@ -119,6 +119,22 @@ extern "C" cudaError_t lass_launch_decode_gemv(int dtype, const void* x, const v
   return cudaGetLastError();
 }
 
+extern "C" cudaError_t lass_launch_apply_mask(int dtype, const void* src, const int32_t* bits,
+                                              void* out, int64_t rows, int64_t k, int accumulate,
+                                              cudaStream_t stream) {
+  const int64_t nw = (k + 31) / 32, total = rows * ((k + 7) / 8);
+  if (total == 0) return cudaSuccess;
+  const int vec = k % 8 == 0 && (uintptr_t)src % 16 == 0 && (uintptr_t)out % 16 == 0;
+  const unsigned blocks = (unsigned)((total + 255) / 256);
+  switch (dtype) {
+    case lass::kFloat32: lass_apply_mask_f32<<<blocks, 256, 0, stream>>>((const float*)src, bits, (float*)out, rows, k, nw, accumulate, vec); break;
+    case lass::kFloat16: lass_apply_mask_f16<<<blocks, 256, 0, stream>>>((const __half*)src, bits, (__half*)out, rows, k, nw, accumulate, vec); break;
+    case lass::kBFloat16: lass_apply_mask_bf16<<<blocks, 256, 0, stream>>>((const __nv_bfloat16*)src, bits, (__nv_bfloat16*)out, rows, k, nw, accumulate, vec); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
 extern "C" cudaError_t lass_launch_pack(const bool* mask, int32_t* bits, int64_t rows,
                                         int64_t k, cudaStream_t stream) {
   const int64_t nw = (k + 31) / 32, total = rows * nw;

@@ -52,6 +52,68 @@ __device__ __forceinline__ void magnitude_word(const T* w, float thr, int32_t* b
   bits[idx] = (int32_t)word;
 }
 
+// ---------------------------------------------------------------------------------- apply mask
+// out = src ⊙ M (out may be src: in place), or with `accumulate` out += src ⊙ M in fp32, where
+// entries off the mask keep their exact bits. A select, never a product: NaN/Inf off the mask
+// never reaches out. One thread per 8 consecutive elements of a row (the 4 threads of a
+// 32-element group share one mask word); with `vec` (k % 8 == 0, 16-byte aligned src and out)
+// they move as 128-bit accesses.
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, bool vec, int n, T* v) {
+  if (vec) {
+    uint4 raw[sizeof(T) / 2];  // 8 elements: 16 bytes (16-bit types) or 32 (float)
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(T) / 2); ++i) raw[i] = reinterpret_cast<const uint4*>(p)[i];
+    const T* e = reinterpret_cast<const T*>(raw);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = e[j];
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = j < n ? p[j] : from_float<T>(0.f);  // registers, no stack
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* p, bool vec, int n, const T* v) {
+  if (vec) {
+    uint4 raw[sizeof(T) / 2];
+    T* e = reinterpret_cast<T*>(raw);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) e[j] = v[j];
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(T) / 2); ++i) reinterpret_cast<uint4*>(p)[i] = raw[i];
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (j < n) p[j] = v[j];
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void apply_mask_octet(const T* src, const int32_t* bits, T* out,
+                                                 int64_t rows, int64_t k, int64_t nw,
+                                                 int accumulate, int vec, int64_t idx) {
+  const int64_t per_row = (k + 7) / 8;
+  if (idx >= rows * per_row) return;
+  const int64_t r = idx / per_row, c0 = (idx % per_row) * 8;
+  const int n = (int)min((int64_t)8, k - c0);
+  const uint32_t byte = ((uint32_t)bits[r * nw + c0 / 32] >> (c0 % 32)) & 0xffu;
+  const int64_t at = r * k + c0;
+  T v[8], o[8];
+  load8(src + at, vec != 0, n, v);
+  if (accumulate) load8(out + at, vec != 0, n, o);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const bool keep = (byte >> j) & 1u;
+    if (accumulate)
+      o[j] = keep ? from_float<T>(to_float(o[j]) + to_float(v[j])) : o[j];
+    else
+      o[j] = keep ? v[j] : from_float<T>(0.f);
+  }
+  store8(out + at, vec != 0, n, o);
+}
+
 // ------------------------------------------------------------------------------- decode GEMV
 // y[m, n] = sum_k x[m, k] * w[n, k] * bit(n, k) + b[n] for M <= 16 (the translate path).
 // One warp per output row; each lane reads 8 consecutive weights per step (one 128-bit load for
@@ -249,6 +311,12 @@ extern "C" __global__ void lass_unpack_mask(const int32_t* bits, bool* mask, int
                                                           int64_t k, int64_t nw) {            \
     lass::magnitude_word<T>(w, thr, bits, rows, k, nw,                                        \
                             (int64_t)blockIdx.x * blockDim.x + threadIdx.x);                  \
+  }                                                                                           \
+  extern "C" __global__ void lass_apply_mask_##SUFFIX(const T* src, const int32_t* bits,     \
+                                                      T* out, int64_t rows, int64_t k,        \
+                                                      int64_t nw, int accumulate, int vec) {  \
+    lass::apply_mask_octet<T>(src, bits, out, rows, k, nw, accumulate, vec,                   \
+                              (int64_t)blockIdx.x * blockDim.x + threadIdx.x);                \
   }                                                                                           \
   extern "C" __global__ void lass_decode_gemv_##SUFFIX(const T* x, const T* w,                \
                                                        const int32_t* bits, const T* bias,    \

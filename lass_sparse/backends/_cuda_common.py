@@ -236,3 +236,12 @@ def check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, bits) -> None:
             k = p.shape[-1]
             check_tensor(op, f"bits[{i}]", b, dev, torch.int32, (*p.shape[:-1], (k + 31) // 32))
 
+
+CUBLAS_MIN_M_ENV = "LASS_SPARSE_CUBLAS_MIN_M"
+
+
+def cublas_min_m(default: int = 64) -> int:
+    """Rows from which the GEMM-shaped ops take the "W ⊙ M in one pass, then cuBLAS" route
+    (``$LASS_SPARSE_CUBLAS_MIN_M``, else ``default``): the Triton backend's and the CUDA
+    extension's entries (csrc/cuda/binding.cpp) use the same threshold."""
+    return int(os.environ.get(CUBLAS_MIN_M_ENV, default))

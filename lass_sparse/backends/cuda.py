@@ -1,5 +1,7 @@
 """CUDA C++ backend (csrc/cuda) through the compiled extension ``lass_sparse._cuda``: pack /
-unpack, magnitude mask, decode GEMV (M <= 16) and the multi-tensor masked AdamW. Its kernels
+unpack, magnitude mask, decode GEMV (M <= 16), the "mask, then cuBLAS" route of masked_linear,
+its dx, dW and dW accumulation (M >= ``cublas_min_m()``: one mask pass into a W-sized transient,
+then cuBLAS; dW masked in place) and the multi-tensor masked AdamW. Its kernels
 register under the public op names (``TORCH_LIBRARY_IMPL(lass_sparse, CUDA)``): a CUDA call
 through ``torch.ops`` reaches them in one dispatcher trip, and they defer to the op's Python body
 (Triton, cupy, the reference) when another backend is forced or a call is not theirs
@@ -14,12 +16,14 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import math
+import os
 
 import torch
 
 from ..ops import registry
 from . import _native
-from ._cuda_common import GEMV_MAX_M, SUFFIX
+from ._cuda_common import GEMV_MAX_M, SUFFIX, cublas_min_m
 
 MODULE = "lass_sparse._cuda"
 _FLOATS = "float32, float16 or bfloat16"
@@ -47,9 +51,62 @@ def load(import_module=importlib.import_module, find_spec=importlib.util.find_sp
 native = None  # native(op): the op's CUDA kernel, where the extension loads
 
 
+# The ops of the cuBLAS route and the rows from which the entries take them (-1: off); set by
+# :func:`set_cublas_routes`.
+CUBLAS_OPS = ("masked_linear", "masked_linear_dx", "masked_linear_dw")
+cublas_rows: dict[str, int] = dict.fromkeys(CUBLAS_OPS, -1)
+
+
+def _routed_elsewhere(op: str) -> bool:
+    """A measured Triton route (backends/triton/routes.json) names ``op``'s kernel for some GPU
+    model: the op body must choose, so the entries leave the op's calls to it (any model's
+    entry counts: naming this GPU would initialise CUDA at import)."""
+    try:
+        from .triton import routes
+    except ImportError:
+        return False
+    return os.environ.get(routes.ENV) != "0" and any(
+        op in entry["routes"] for entry in routes.table().values())
+
+
+def set_cublas_routes(mod, min_m: int | None = None, routed=_routed_elsewhere) -> dict[str, int]:
+    """Tell the extension's entries from which rows they take each op's cuBLAS route
+    (``min_m``, default :func:`cublas_min_m`; off for ops a measured route sends elsewhere)."""
+    min_m = cublas_min_m() if min_m is None else min_m
+    for op in CUBLAS_OPS:
+        cublas_rows[op] = -1 if min_m < 0 or routed(op) else min_m
+        mod.set_option(f"cublas_min_m.{op}", cublas_rows[op])
+    return dict(cublas_rows)
+
+
+def _cublas_serves(op: str, rows: int) -> bool:
+    """As the entries' ``cublas_takes``: from the op's rows, unless a Triton variant is set in
+    the environment (being timed or tested: the op body runs it)."""
+    return 0 <= cublas_rows[op] <= rows and not os.environ.get("LASS_SPARSE_TRITON_VARIANT")
+
+
+def _takes_linear(x, w, bits, bias=None) -> bool:
+    rows = math.prod(x.shape[:-1])
+    return x.dtype in SUFFIX and (rows <= GEMV_MAX_M or (
+        _cublas_serves("masked_linear", rows) and w.dtype == x.dtype
+        and (bias is None or bias.dtype == x.dtype)))
+
+
+def _takes_grad(op: str):
+    def takes(dy, other, *_a) -> bool:
+        return (dy.dim() == 2 and dy.dtype in SUFFIX and other.dtype == dy.dtype
+                and _cublas_serves(op, dy.shape[0]))
+    return takes
+
+
+def _takes_accumulate(grad, dy, x, bits) -> bool:
+    return grad.dtype == dy.dtype and _takes_grad("masked_linear_dw")(dy, x)
+
+
 def _register(mod) -> None:
     global native
     native = functools.partial(_native.native, mod, "CUDA")
+    set_cublas_routes(mod)
     # the kernels read the forced backend of their thread from here (they cannot see contextvars)
     registry.on_force(lambda name: mod.set_forced(name or ""))
 
@@ -60,8 +117,16 @@ def _register(mod) -> None:
     _reg("pack_mask", dtypes=None)
     _reg("unpack_mask", dtypes=None)
     _reg("magnitude_mask", lambda w, *a: w.dtype in SUFFIX, f"{_FLOATS} weights")
-    _reg("masked_linear", lambda x, *a: x.dtype in SUFFIX and x.shape[0] <= GEMV_MAX_M,
-         f"at most {GEMV_MAX_M} rows (decode GEMV) of {_FLOATS}")
+    _reg("masked_linear", _takes_linear,
+         f"at most {GEMV_MAX_M} rows (decode GEMV) or, with weight and bias of x's dtype, at "
+         f"least {cublas_rows['masked_linear']} (cuBLAS route; -1 or $LASS_SPARSE_TRITON_VARIANT "
+         f"set: off) of {_FLOATS}")
+    for op in ("masked_linear_dx", "masked_linear_dw"):
+        _reg(op, _takes_grad(op), f"at least {cublas_rows[op]} rows (cuBLAS route; -1: off) "
+                                  f"of one dtype of {_FLOATS}")
+    _reg("masked_linear_dw_accumulate_", _takes_accumulate,
+         f"at least {cublas_rows['masked_linear_dw']} rows (cuBLAS route; -1: off) of one dtype "
+         f"of {_FLOATS}, grad of that dtype")
     # one launch per param dtype (the kernel groups a mixed list)
     _reg("masked_adamw_", lambda ps, *a: all(p.dtype in SUFFIX for p in ps), f"{_FLOATS} params")
 

@@ -14,7 +14,8 @@ from lass_sparse.bitmask import pack_mask_reference, unpack_mask_reference
 from lass_sparse.testing import cuda_kernels, record_backends, require_backend
 
 pytestmark = pytest.mark.gpu
-CUDA_OPS = ("pack_mask", "unpack_mask", "magnitude_mask", "masked_linear", "masked_adamw_")
+CUDA_OPS = ("pack_mask", "unpack_mask", "magnitude_mask", "masked_linear", "masked_linear_dx",
+            "masked_linear_dw", "masked_linear_dw_accumulate_", "masked_adamw_")
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +54,7 @@ def test_a_decode_call_reaches_the_kernel_without_the_python_body(monkeypatch, p
 
 def test_calls_that_are_not_the_kernels_go_to_the_op_body(monkeypatch):
     seen = record_backends(monkeypatch)
-    x, w, bits, b = _linear_args(64)  # more rows than the decode GEMV: Triton (cuBLAS route)
+    x, w, bits, b = _linear_args(32)  # between the decode GEMV and the cuBLAS route: Triton
     y = torch.ops.lass_sparse.masked_linear(x, w, bits, b)
     assert seen and seen[-1] != "cuda"
     torch.testing.assert_close(y, reference.masked_linear(x, w, bits, b))
@@ -141,3 +142,87 @@ def test_adamw_kernel_refuses_aliased_state_and_leaves_params_alone():
         cuda_kernels.masked_adamw_([p], [torch.randn_like(p)], [m], [m], [None],
                                    1e-3, 0.9, 0.999, 1e-8, 0.0, 1, False)
     assert torch.equal(p, p0)
+
+
+# ---- the "mask, then cuBLAS" route in C++ (M >= cublas_min_m(), one dtype)
+
+def _tol(dtype):
+    return {} if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+
+
+def _misaligned(t):
+    """A contiguous copy of ``t`` 2 bytes off 16-byte alignment (the apply-mask kernel's
+    scalar path)."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:]
+    return flat.view_as(t).copy_(t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m, k, aligned", [(64, 200, True), (300, 203, True), (80, 256, False)])
+def test_the_cublas_route_runs_in_cpp_and_matches_the_reference(monkeypatch, dtype, m, k,
+                                                                 aligned):
+    """Forward, dx, dW and dW accumulation from the cuBLAS route's rows: one dispatcher trip to
+    the C++ entry (the registry, i.e. the Python body, never runs), results as the reference;
+    dW exactly 0 off the mask, the accumulation leaves off-mask entries bit for bit."""
+    monkeypatch.delenv("LASS_SPARSE_TRITON_VARIANT", raising=False)
+    from lass_sparse.backends import cuda
+
+    if cuda.cublas_rows["masked_linear"] < 0 or m < cuda.cublas_rows["masked_linear"]:
+        pytest.skip(f"cuBLAS route off or from more rows here: {cuda.cublas_rows}")
+    seen = record_backends(monkeypatch)
+    x, w, bits, b = _linear_args(m, k=k, dtype=dtype, lead=(1,))
+    if not aligned:
+        w = _misaligned(w)
+    dy = torch.randn(m, w.shape[0], device="cuda", dtype=dtype)
+    grad = torch.randn_like(w)
+    grad0 = grad.clone()
+    ops = torch.ops.lass_sparse
+    y = ops.masked_linear(x, w, bits, b)
+    dx = ops.masked_linear_dx(dy, w, bits)
+    dw = ops.masked_linear_dw(dy, x[0], bits)
+    ops.masked_linear_dw_accumulate_(grad, dy, x[0], bits)
+    assert seen == []
+    tol = _tol(dtype)
+    torch.testing.assert_close(y, reference.masked_linear(x, w, bits, b), **tol)
+    torch.testing.assert_close(dx, reference.masked_linear_dx(dy, w, bits), **tol)
+    torch.testing.assert_close(dw, reference.masked_linear_dw(dy, x[0], bits), **tol)
+    keep = unpack_mask_reference(bits, k)
+    assert not dw[~keep].any()
+    assert torch.equal(grad[~keep], grad0[~keep])
+    torch.testing.assert_close(grad[keep], (grad0.float() + dw.float())[keep].to(dtype), **tol)
+
+
+def test_the_cublas_route_never_uses_weights_off_the_mask(monkeypatch):
+    """A select, not a product: NaN stored off the mask reaches neither y nor dx; NaN in
+    grad_out leaves dW off the mask exactly 0."""
+    monkeypatch.delenv("LASS_SPARSE_TRITON_VARIANT", raising=False)
+    x, w, bits, b = _linear_args(128)
+    keep = unpack_mask_reference(bits, w.shape[1])
+    w = w.masked_fill(~keep, float("nan"))
+    dy = torch.randn(128, w.shape[0], device="cuda")
+    assert torch.isfinite(torch.ops.lass_sparse.masked_linear(x, w, bits, b)).all()
+    assert torch.isfinite(torch.ops.lass_sparse.masked_linear_dx(dy, w, bits)).all()
+    dw = torch.ops.lass_sparse.masked_linear_dw(dy.fill_(float("nan")), x, bits)
+    assert torch.equal(dw[~keep], torch.zeros_like(dw[~keep]))
+
+
+def test_a_training_step_on_the_cublas_route_runs_no_python_body(monkeypatch):
+    """``lass_sparse.masked_linear`` with gradients (the C++ autograd node) at 256 rows:
+    forward, dx and dW reach the C++ entries; a Triton variant set in the environment is
+    left to the op body (the entries defer)."""
+    monkeypatch.delenv("LASS_SPARSE_TRITON_VARIANT", raising=False)
+    seen = record_backends(monkeypatch)
+    x, w, bits, b = (t.requires_grad_(t.is_floating_point()) for t in _linear_args(256))
+    lass_sparse.masked_linear(x, w, bits, b).square().sum().backward()
+    assert seen == []
+    want = [t.grad.clone() for t in (x, w, b)]
+    x.grad = w.grad = b.grad = None
+    with lass_sparse.use_backend("reference"):
+        lass_sparse.masked_linear(x, w, bits, b).square().sum().backward()
+    for got, ref in zip(want, (x.grad, w.grad, b.grad)):
+        torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
+    if lass_sparse.backends()["triton"]["active"]:
+        monkeypatch.setenv("LASS_SPARSE_TRITON_VARIANT", "v1")
+        torch.ops.lass_sparse.masked_linear_dx(torch.randn(256, 96, device="cuda"), w.detach(),
+                                               bits)
+        assert seen == ["triton"]

@@ -109,6 +109,12 @@ def test_launchers_skip_zero_size_grids(tmp_path):
     mag = lk.lass_launch_magnitude_pack
     mag.argtypes = [ctypes.c_int, p, ctypes.c_float, p, i64, i64, p]
     assert mag(2, None, 0.5, None, 0, 40, None) == 0
+    am = lk.lass_launch_apply_mask  # (dtype, src, bits, out, rows, k, accumulate, stream)
+    am.argtypes = [ctypes.c_int, p, p, p, i64, i64, ctypes.c_int, p]
+    for rows, k in ((0, 40), (7, 0)):
+        assert am(2, None, None, None, rows, k, 1, None) == 0, (rows, k)
+    assert am(2, None, None, None, 3, 40, 0, None) != 0  # a real launch: no GPU
+    assert am(9, None, None, None, 3, 40, 0, None) != 0  # an unknown dtype code
 
 
 def test_one_abi_header_for_kernels_binding_and_loader():

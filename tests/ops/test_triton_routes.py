@@ -71,6 +71,64 @@ def test_no_routes_off_the_gpu_or_when_switched_off(monkeypatch):
     assert routes.choose("masked_linear", 8, torch.device("cuda", 0)) == "v1"
 
 
+def test_the_cuda_entries_leave_routed_ops_to_the_triton_kernels(monkeypatch):
+    """The CUDA extension's cuBLAS route (csrc/cuda/binding.cpp) takes each op from
+    ``cublas_min_m()`` rows, except ops a measured route names for any GPU model (no device
+    query at import), or none with the routes switched off."""
+    from lass_sparse.backends import cuda
+
+    class Module:  # the extension's set_option
+        def __init__(self):
+            self.options = {}
+
+        def set_option(self, name, value):
+            self.options[name] = value
+
+    monkeypatch.setattr(cuda, "cublas_rows", dict(cuda.cublas_rows))
+    monkeypatch.delenv("LASS_SPARSE_CUBLAS_MIN_M", raising=False)
+    monkeypatch.delenv("LASS_SPARSE_TRITON_VARIANT", raising=False)
+    mod = Module()
+    assert cuda.set_cublas_routes(mod, routed=lambda op: False) == dict.fromkeys(cuda.CUBLAS_OPS,
+                                                                                64)
+    assert mod.options == {f"cublas_min_m.{op}": 64 for op in cuda.CUBLAS_OPS}
+    monkeypatch.setenv("LASS_SPARSE_CUBLAS_MIN_M", "256")
+    monkeypatch.setattr(routes, "table", lambda: {"GPU Y": {"source": "t", "routes": {
+        "masked_linear_dx": [[None, "wt"]]}}})
+    assert cuda.set_cublas_routes(mod) == {"masked_linear": 256, "masked_linear_dx": -1,
+                                           "masked_linear_dw": 256}
+    assert mod.options["cublas_min_m.masked_linear_dx"] == -1
+    monkeypatch.setenv(routes.ENV, "0")
+    assert set(cuda.set_cublas_routes(mod).values()) == {256}
+    assert set(cuda.set_cublas_routes(mod, min_m=-1).values()) == {-1}
+    # the registry's predicates for a forced "cuda" follow the same rows
+    cuda.set_cublas_routes(mod, min_m=64, routed=lambda op: False)
+    x, w = torch.empty(64, 8, dtype=torch.bfloat16), torch.empty(4, 8, dtype=torch.bfloat16)
+    assert cuda._takes_linear(x, w, None) and cuda._takes_linear(x[:16], w.float(), None)
+    assert not cuda._takes_linear(x[:17], w, None) and not cuda._takes_linear(x, w.float(), None)
+    assert cuda._takes_grad("masked_linear_dx")(x, w) and not cuda._takes_grad(
+        "masked_linear_dx")(x[:63], w)
+    assert not cuda._takes_accumulate(w.float(), x, x, None) and cuda._takes_accumulate(
+        w, x, x, None)
+    monkeypatch.setenv("LASS_SPARSE_TRITON_VARIANT", "wt")  # a variant under test: Triton's
+    assert not cuda._takes_linear(x, w, None) and not cuda._takes_grad("masked_linear_dw")(x, x)
+    assert cuda._takes_linear(x[:16], w, None)  # the decode GEMV is not a Triton variant
+
+
+def test_the_native_entries_take_integer_options():
+    """``<extension>.set_option(name, value) -> previous`` (csrc/common/entry_module.h)."""
+    if not ls.backends()["cpu"]["active"]:
+        pytest.skip("the C++ extension is not built")
+    from lass_sparse import _C
+
+    old = _C.set_option("cublas_min_m.masked_linear_dw", 128)
+    try:
+        assert _C.set_option("cublas_min_m.masked_linear_dw", 7) == 128
+    finally:
+        _C.set_option("cublas_min_m.masked_linear_dw", old)
+    with pytest.raises(ValueError, match="unknown option nope"):
+        _C.set_option("nope", 1)
+
+
 @pytest.mark.triton
 @pytest.mark.skipif(not ls.backends()["triton"]["active"], reason="triton backend inactive")
 def test_the_triton_kernels_take_the_routed_variant(monkeypatch):

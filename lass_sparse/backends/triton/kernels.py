@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ...ops.segments import device_tiles, readable, spans
+from .._cuda_common import cublas_min_m
 from .common import AUTOTUNE, INTERPRET, _dw_tile, _ieee, _rna, _rows, cdiv  # noqa: F401
 
 
@@ -282,7 +283,7 @@ def _config(kind: str, m: int, n: int, k: int, dtype: torch.dtype, launch=None, 
 # than cuBLAS at M >= 256, while one mask pass plus cuBLAS costs about what the naive bool-mask
 # way does. The masked weight is a transient of W's size, freed after the call; the packed bits
 # stay the only stored mask. Off under the interpreter unless LASS_SPARSE_CUBLAS_MIN_M is set.
-CUBLAS_MIN_M = int(os.environ.get("LASS_SPARSE_CUBLAS_MIN_M", 2**62 if INTERPRET else 64))
+CUBLAS_MIN_M = cublas_min_m(2**62 if INTERPRET else 64)
 
 
 def apply_mask(src: torch.Tensor, bits: torch.Tensor, out: torch.Tensor | None = None,
