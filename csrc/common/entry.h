@@ -36,7 +36,13 @@ LASS_HIDDEN bool& deferring();
 // Integer options the Python side sets (<module>.set_option(name, value); -1 until set): the
 // rows from which the CUDA entries take the "mask, then cuBLAS" route, per op
 // (lass_sparse/backends/cuda.py; -1: off).
-enum Option : int { kCublasMinMLinear = 0, kCublasMinMDx, kCublasMinMDw, kNumOptions };
+enum Option : int {
+  kCublasMinMLinear = 0,
+  kCublasMinMDx,
+  kCublasMinMDw,
+  kCublasMinMQkv,
+  kNumOptions
+};
 LASS_HIDDEN int64_t option(Option opt);
 
 // The op's `.registry` overload (defined by lass_sparse/ops/schema.py from the op's own schema).

@@ -1,8 +1,8 @@
 // Torch binding for the CUDA kernels in lass_kernels.cu. They register under the public op
 // names (TORCH_LIBRARY_IMPL(lass_sparse, CUDA); schemas in lass_sparse/ops/schema.py): pack_mask,
 // unpack_mask, magnitude_mask, masked_linear (decode GEMV at most kGemvMaxM rows; the "mask,
-// then cuBLAS" route from the rows Python sets), masked_linear_dx / _dw / _dw_accumulate_ (that
-// route) and masked_adamw_. Each entry runs its kernel or defers to the op's Python body
+// then cuBLAS" route from the rows Python sets), masked_linear_dx / _dw / _dw_accumulate_ and
+// masked_qkv_proj (that route) and masked_adamw_. Each entry runs its kernel or defers to the op's Python body
 // (another backend forced, a call it does not take, inputs its checks refuse: common/entry.h).
 // The kernels themselves have no torch headers (lass_kernels.cuh).
 #include <Python.h>  // first, as Python asks
@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <map>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -396,6 +397,44 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
     adamw_launch(group.second, params, grads, exp_avgs, exp_avg_sqs, bits, args);
 }
 
+// Fused QKV projection on the cuBLAS route: x[B, T, D] @ (W ⊙ M)ᵀ (+ b) with W [3D, D] (q, k,
+// v rows stacked), split into q, k, v [B, H, T, D/H] (the layout of scaled_dot_product_attention).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_qkv_proj(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bits,
+    const std::optional<at::Tensor>& bias, int64_t num_heads) {
+  const char* op = "masked_qkv_proj";
+  check_on(x, x.device(), op, "x");
+  const at::Device dev = x.device();
+  LASS_CHECK(x.dim() == 3, op, ": x must be [B, T, D], got ", x.sizes());
+  dtype_code(x, op);
+  const int64_t bsz = x.size(0), t = x.size(1), d = x.size(2), m = bsz * t;
+  LASS_CHECK(cublas_serves(kCublasMinMQkv, m), op, ": the CUDA kernel takes B*T rows ",
+              cublas_rows(kCublasMinMQkv), ", got ", m);
+  LASS_CHECK(num_heads > 0 && d % num_heads == 0, op, ": num_heads must divide D=", d, ", got ",
+              num_heads);
+  const auto w = weight.contiguous();  // the op takes any strides
+  check_exact(w, dev, op, "weight", x.scalar_type(), {3 * d, d});
+  const auto b = bits.contiguous();
+  check_bits(b, dev, {3 * d}, d, op, "bits");
+  const auto bias_c = contiguous(bias);
+  if (bias_c.has_value()) check_exact(*bias_c, dev, op, "bias", x.scalar_type(), {3 * d});
+  const c10::cuda::CUDAGuard guard(dev);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t dh = d / num_heads;
+  auto q = at::empty({bsz, num_heads, t, dh}, x.options());
+  auto k = at::empty_like(q), v = at::empty_like(q);
+  if (m == 0 || d == 0) return {q, k, v};
+  const auto wm = at::empty_like(w);
+  apply_mask_into(w, b, wm, false, op);
+  const auto x2 = x.reshape({m, d});
+  const auto y = bias_c.has_value() ? at::addmm(*bias_c, x2, wm.t()) : at::mm(x2, wm.t());
+  const auto y5 = y.view({bsz, t, 3, num_heads, dh});
+  q.copy_(y5.select(2, 0).transpose(1, 2));
+  k.copy_(y5.select(2, 1).transpose(1, 2));
+  v.copy_(y5.select(2, 2).transpose(1, 2));
+  return {q, k, v};
+}
+
 // ---- entries under the public names (common/entry.h)
 
 at::Tensor pack_mask_op(const at::Tensor& mask) {
@@ -463,6 +502,19 @@ void masked_linear_dw_accumulate_op(const at::Tensor& grad, const at::Tensor& dy
                   [&] { masked_linear_dw_accumulate_(grad, dy, x, bits); }, grad, dy, x, bits);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_qkv_proj_op(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bits,
+    const std::optional<at::Tensor>& bias, int64_t num_heads) {
+  static const auto registry =
+      registry_overload<decltype(masked_qkv_proj_op)>("lass_sparse::masked_qkv_proj");
+  const bool takes = x.dim() == 3 && is_kernel_dtype(x) && weight.scalar_type() == x.scalar_type() &&
+                     (!bias.has_value() || bias->scalar_type() == x.scalar_type()) &&
+                     cublas_takes(kCublasMinMQkv, x.size(0) * x.size(1));
+  return run_if_or_defer(takes, registry,
+                         [&] { return masked_qkv_proj(x, weight, bits, bias, num_heads); }, x,
+                         weight, bits, bias, num_heads);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lass_sparse, CUDA, m) {
@@ -473,5 +525,6 @@ TORCH_LIBRARY_IMPL(lass_sparse, CUDA, m) {
   m.impl("masked_linear_dx", &masked_linear_dx_op);
   m.impl("masked_linear_dw", &masked_linear_dw_op);
   m.impl("masked_linear_dw_accumulate_", &masked_linear_dw_accumulate_op);
+  m.impl("masked_qkv_proj", &masked_qkv_proj_op);
   m.impl("masked_adamw_", &adamw_entry<&masked_adamw_>);
 }

@@ -1,7 +1,8 @@
 """CUDA C++ backend (csrc/cuda) through the compiled extension ``lass_sparse._cuda``: pack /
 unpack, magnitude mask, decode GEMV (M <= 16), the "mask, then cuBLAS" route of masked_linear,
-its dx, dW and dW accumulation (M >= ``cublas_min_m()``: one mask pass into a W-sized transient,
-then cuBLAS; dW masked in place) and the multi-tensor masked AdamW. Its kernels
+its dx, dW and dW accumulation and the fused QKV projection (M >= ``cublas_min_m()``: one mask
+pass into a W-sized transient, then cuBLAS; dW masked in place) and the multi-tensor masked
+AdamW. Its kernels
 register under the public op names (``TORCH_LIBRARY_IMPL(lass_sparse, CUDA)``): a CUDA call
 through ``torch.ops`` reaches them in one dispatcher trip, and they defer to the op's Python body
 (Triton, cupy, the reference) when another backend is forced or a call is not theirs
@@ -53,7 +54,7 @@ native = None  # native(op): the op's CUDA kernel, where the extension loads
 
 # The ops of the cuBLAS route and the rows from which the entries take them (-1: off); set by
 # :func:`set_cublas_routes`.
-CUBLAS_OPS = ("masked_linear", "masked_linear_dx", "masked_linear_dw")
+CUBLAS_OPS = ("masked_linear", "masked_linear_dx", "masked_linear_dw", "masked_qkv_proj")
 cublas_rows: dict[str, int] = dict.fromkeys(CUBLAS_OPS, -1)
 
 
@@ -99,6 +100,12 @@ def _takes_grad(op: str):
     return takes
 
 
+def _takes_qkv(x, w, bits, bias, num_heads) -> bool:
+    return (x.dim() == 3 and x.dtype in SUFFIX and w.dtype == x.dtype
+            and (bias is None or bias.dtype == x.dtype)
+            and _cublas_serves("masked_qkv_proj", x.shape[0] * x.shape[1]))
+
+
 def _takes_accumulate(grad, dy, x, bits) -> bool:
     return grad.dtype == dy.dtype and _takes_grad("masked_linear_dw")(dy, x)
 
@@ -124,6 +131,9 @@ def _register(mod) -> None:
     for op in ("masked_linear_dx", "masked_linear_dw"):
         _reg(op, _takes_grad(op), f"at least {cublas_rows[op]} rows (cuBLAS route; -1: off) "
                                   f"of one dtype of {_FLOATS}")
+    _reg("masked_qkv_proj", _takes_qkv,
+         f"B*T >= {cublas_rows['masked_qkv_proj']} rows (cuBLAS route; -1: off) of one dtype of "
+         f"{_FLOATS}")
     _reg("masked_linear_dw_accumulate_", _takes_accumulate,
          f"at least {cublas_rows['masked_linear_dw']} rows (cuBLAS route; -1: off) of one dtype "
          f"of {_FLOATS}, grad of that dtype")

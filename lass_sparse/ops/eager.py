@@ -164,12 +164,21 @@ def segmented_masked_linear(
 # ---------------------------------------------------------------------------- fused QKV projection
 
 
+# The direct path's QKV kernel by device type: the C++ entry on CUDA (the cuBLAS route; it
+# defers to the body for calls it does not take), the body elsewhere.
+QKV_NATIVE = {"cuda": native_kernel("masked_qkv_proj", "CUDA")}
+
+
+def _qkv_kernel(x: Tensor):
+    return QKV_NATIVE.get(x.device.type, masked_qkv_proj_body)
+
+
 class _MaskedQKVFn(torch.autograd.Function):
     """The eager twin of the op's registered autograd."""
 
     @staticmethod
     def forward(ctx, x, weight, bits, bias, num_heads):
-        q, k, v = masked_qkv_proj_body(x, weight, bits, bias, num_heads)
+        q, k, v = _qkv_kernel(x)(x, weight, bits, bias, num_heads)
         schema.qkv_setup(ctx, (x, weight, bits, bias, num_heads), (q, k, v))
         return q, k, v
 
@@ -186,8 +195,7 @@ def masked_qkv_proj(
         if needs_grad(x, weight, bias):
             return profiled("masked_qkv_proj", _MaskedQKVFn.apply, x, weight, bits, bias,
                             num_heads)
-        return profiled("masked_qkv_proj", masked_qkv_proj_body, x, weight, bits, bias,
-                        num_heads)
+        return profiled("masked_qkv_proj", _qkv_kernel(x), x, weight, bits, bias, num_heads)
     return torch.ops.lass_sparse.masked_qkv_proj(x, weight, bits, bias, num_heads)
 
 

@@ -119,7 +119,7 @@ def _grad_op(op: str, body, *args: Tensor) -> Tensor:
     for double backward; on CPU the op's C++ kernel), else through
     ``torch.ops.lass_sparse.<op>``."""
     if not torch.is_grad_enabled() and is_plain_eager(*args):
-        return profiled(op, (GRAD_CPU.get(op) if args[0].is_cpu else None) or body, *args)
+        return profiled(op, GRAD_NATIVE.get((args[0].device.type, op), body), *args)
     return getattr(torch.ops.lass_sparse, op)(*args)
 
 
@@ -295,6 +295,7 @@ NATIVE_BODIES = {
     "masked_linear_dw": bodies.masked_linear_dw_body,
     "masked_linear_dw_accumulate_": bodies.dw_accumulate_body,
     "segmented_masked_linear": bodies.segmented_masked_linear_body,
+    "masked_qkv_proj": bodies.masked_qkv_proj_body,
     "masked_adamw_": bodies.masked_adamw_body,
 }
 _REGISTRY_LIB = torch.library.Library(NS, "FRAGMENT")
@@ -303,9 +304,10 @@ for _name, _body in NATIVE_BODIES.items():
     _REGISTRY_LIB.define(f"{_name}.registry(" + _schema.split("(", 1)[1])
     _REGISTRY_LIB.impl(f"{_name}.registry", _body, "CompositeExplicitAutograd")
 
-# A plain eager backward's dx / dW kernels on CPU tensors (the C++ entries, below autograd).
-GRAD_CPU = {"masked_linear_dx": native_kernel("masked_linear_dx"),
-            "masked_linear_dw": native_kernel("masked_linear_dw")}
+# A plain eager backward's dx / dW kernels on CPU and CUDA tensors (the C++ entries, below
+# autograd; they defer to the op body for calls they do not take).
+GRAD_NATIVE = {(dev, op): native_kernel(op, dev.upper()) for dev in ("cpu", "cuda")
+               for op in ("masked_linear_dx", "masked_linear_dw")}
 
 
 # --------------------------------------------------------------------------------- FLOP counts

@@ -95,7 +95,7 @@ def test_the_cuda_entries_leave_routed_ops_to_the_triton_kernels(monkeypatch):
     monkeypatch.setattr(routes, "table", lambda: {"GPU Y": {"source": "t", "routes": {
         "masked_linear_dx": [[None, "wt"]]}}})
     assert cuda.set_cublas_routes(mod) == {"masked_linear": 256, "masked_linear_dx": -1,
-                                           "masked_linear_dw": 256}
+                                           "masked_linear_dw": 256, "masked_qkv_proj": 256}
     assert mod.options["cublas_min_m.masked_linear_dx"] == -1
     monkeypatch.setenv(routes.ENV, "0")
     assert set(cuda.set_cublas_routes(mod).values()) == {256}
@@ -109,6 +109,9 @@ def test_the_cuda_entries_leave_routed_ops_to_the_triton_kernels(monkeypatch):
         "masked_linear_dx")(x[:63], w)
     assert not cuda._takes_accumulate(w.float(), x, x, None) and cuda._takes_accumulate(
         w, x, x, None)
+    x3 = x.view(4, 16, 8)
+    assert cuda._takes_qkv(x3, w, None, None, 2) and not cuda._takes_qkv(x3[:, :15], w, None,
+                                                                         None, 2)
     monkeypatch.setenv("LASS_SPARSE_TRITON_VARIANT", "wt")  # a variant under test: Triton's
     assert not cuda._takes_linear(x, w, None) and not cuda._takes_grad("masked_linear_dw")(x, x)
     assert cuda._takes_linear(x[:16], w, None)  # the decode GEMV is not a Triton variant
