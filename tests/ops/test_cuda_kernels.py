@@ -15,7 +15,7 @@ from lass_sparse.testing import cuda_kernels, record_backends, require_backend
 
 pytestmark = pytest.mark.gpu
 CUDA_OPS = ("pack_mask", "unpack_mask", "magnitude_mask", "masked_linear", "masked_linear_dx",
-            "masked_linear_dw", "masked_linear_dw_accumulate_", "masked_adamw_")
+            "masked_linear_dw", "masked_linear_dw_accumulate_", "masked_qkv_proj", "masked_adamw_")
 
 
 @pytest.fixture(autouse=True)

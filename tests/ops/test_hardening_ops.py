@@ -158,16 +158,17 @@ def _seg_grad_cases(kind):
     ]
 
 
-def _qkv_cases():
-    x, w, bits = torch.randn(2, 3, 64), torch.randn(192, 64), _i32(192, 2)
+def _qkv_cases(dev="cpu", t=3):
+    f = dict(device=dev)
+    x, w, bits = torch.randn(2, t, 64, **f), torch.randn(192, 64, **f), _i32(192, 2).to(dev)
     return [
-        ("bits with one word too few", lambda: (x, w, _i32(192, 1), None, 4)),
-        ("bits with too few rows", lambda: (x, w, _i32(64, 2), None, 4)),
-        ("weight not [3D, D]", lambda: (x, torch.randn(64, 64), bits, None, 4)),
+        ("bits with one word too few", lambda: (x, w, _i32(192, 1).to(dev), None, 4)),
+        ("bits with too few rows", lambda: (x, w, _i32(64, 2).to(dev), None, 4)),
+        ("weight not [3D, D]", lambda: (x, torch.randn(64, 64, **f), bits, None, 4)),
         ("x 2-D", lambda: (x[0], w, bits, None, 4)),
         ("num_heads does not divide D", lambda: (x, w, bits, None, 5)),
         ("num_heads 0", lambda: (x, w, bits, None, 0)),
-        ("bias too short", lambda: (x, w, bits, torch.randn(3), 4)),
+        ("bias too short", lambda: (x, w, bits, torch.randn(3, **f), 4)),
     ]
 
 
@@ -309,6 +310,12 @@ def _cuda_cases():
                                  _i32(8, 2).to(cuda), None)),
             ("weight on the CPU", lambda: (torch.randn(4, 64, device=cuda), torch.randn(8, 64),
                                            _i32(8, 2).to(cuda), None))],
+        # the cuBLAS route's entries (any strides, as the ops): the ops' cases; the QKV
+        # projection's with B*T = 64 rows, where the route starts
+        "masked_linear_dx": _dx_cases(cuda),
+        "masked_linear_dw": _dw_cases(cuda),
+        "masked_linear_dw_accumulate_": _acc_cases(cuda),
+        "masked_qkv_proj": _qkv_cases(cuda, t=32),
         "masked_adamw_": _adamw_cases(cuda, public=False) + [
             ("exp_avg is exp_avg_sq", lambda: (lambda p, m: (
                 [p], [torch.randn_like(p)], [m], [m], [None], *_HP))(
