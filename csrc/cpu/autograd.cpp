@@ -1,16 +1,18 @@
-// The eager training node of lass_sparse.masked_linear, for every device: forward, dx, dW and
-// the bias sum as one C++ autograd node (no Python autograd.Function, no per-call Python).
-// The three products go through the dispatcher under the public names (lass_sparse::
-// masked_linear, _dx, _dw), below autograd: the CPU entries (csrc/cpu) and the CUDA entries
+// The eager training nodes of lass_sparse.masked_linear and masked_qkv_proj, for every device:
+// forward, dx, dW and the bias sum as one C++ autograd node (no Python autograd.Function).
+// The products go through the dispatcher under the public names (lass_sparse::masked_linear,
+// masked_qkv_proj, _dx, _dw), below autograd: the CPU entries (csrc/cpu) and the CUDA entries
 // (csrc/cuda/binding.cpp) run their kernels there, and every call they do not take reaches
-// the op's Python body (its checks, then the backend registry), exactly as the op path.
-// x is 2-D [M, K]; lass_sparse/ops/eager.py reshapes.
+// the op's Python body (its checks, then the backend registry), exactly as the op path (the
+// QKV forward on the CPU has no C++ kernel: its body runs). masked_linear's x is 2-D [M, K]
+// (lass_sparse/ops/eager.py reshapes); masked_qkv_proj's [B, T, D].
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
 
 #include "common/message.h"
 
@@ -60,6 +62,62 @@ struct MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
   }
 };
 
+using QkvSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    int64_t);
+
+// The fused QKV projection's node: q, k, v [B, H, T, Dh] from the public op; backward
+// regroups their grads into dy [B*T, 3D] in the weight's row order (q rows, k rows, v rows)
+// for the public dx / dW ops, as the op's registered autograd (lass_sparse/ops/schema.py).
+struct MaskedQKVFn : public torch::autograd::Function<MaskedQKVFn> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& x, const at::Tensor& w,
+                                                const at::Tensor& bits,
+                                                const std::optional<at::Tensor>& bias,
+                                                int64_t num_heads) {
+    static const auto qkv = public_op<QkvSig>("lass_sparse::masked_qkv_proj");
+    ctx->save_for_backward({x, w, bits});
+    ctx->saved_data["has_bias"] = bias.has_value();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto out = qkv.call(x, w, bits, bias, num_heads);
+    return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto dx_op = public_op<GradSig>("lass_sparse::masked_linear_dx");
+    static const auto dw_op = public_op<GradSig>("lass_sparse::masked_linear_dw");
+    LASS_CHECK(!at::GradMode::is_enabled(),
+               "masked_qkv_proj: double backward (create_graph=True) is not supported");
+    const auto saved = ctx->get_saved_variables();
+    const auto& x = saved[0];
+    const auto& w = saved[1];
+    const auto& bits = saved[2];
+    const int64_t b = x.size(0), t = x.size(1), d = x.size(2);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    // [3, B, H, T, Dh] -> [B, T, 3, H, Dh] -> [B*T, 3D] (grads of unused outputs are zeros)
+    const auto dy = at::stack({grads[0], grads[1], grads[2]}, 0)
+                        .permute({1, 3, 0, 2, 4})
+                        .reshape({b * t, 3 * d});
+    at::Tensor dx, dw, db;
+    if (ctx->needs_input_grad(0)) dx = dx_op.call(dy, w, bits).reshape({b, t, d});
+    if (ctx->needs_input_grad(1)) dw = dw_op.call(dy, x.reshape({b * t, d}), bits);
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) db = dy.sum(0);
+    return {dx, dw, at::Tensor(), db, at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_qkv_autograd(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
+    const std::optional<at::Tensor>& bias, int64_t num_heads) {
+  // the node's contract (eager.py's call): x [B, T, D], weight [3D, D]; the op checks the rest
+  LASS_CHECK(x.dim() == 3 && w.dim() == 2 && w.size(0) == 3 * x.size(2),
+             "masked_qkv_autograd: x must be [B, T, D] and weight [3D, D], got ", x.sizes(),
+             " and ", w.sizes());
+  auto out = MaskedQKVFn::apply(x, w, bits, bias, num_heads);
+  return {out[0], out[1], out[2]};
+}
+
 at::Tensor masked_linear_autograd(const at::Tensor& x, const at::Tensor& w,
                                   const at::Tensor& bits, const std::optional<at::Tensor>& bias) {
   // the node's contract (eager.py's call): 2-D rows, every tensor contiguous
@@ -75,4 +133,5 @@ at::Tensor masked_linear_autograd(const at::Tensor& x, const at::Tensor& w,
 
 TORCH_LIBRARY_IMPL(lass_sparse_cpu, CompositeImplicitAutograd, m) {
   m.impl("masked_linear_autograd", &lass_sparse_cpu::masked_linear_autograd);
+  m.impl("masked_qkv_autograd", &lass_sparse_cpu::masked_qkv_autograd);
 }

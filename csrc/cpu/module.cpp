@@ -1,7 +1,7 @@
 // The Python module lass_sparse._C (set_forced / kernels_only) and the per-thread state its
 // entries read (common/entry.h). The C++ kernels register under the public op names
 // (lass_sparse::*, schemas in lass_sparse/ops/schema.py) in their own files; lass_sparse_cpu
-// holds only the eager training node (autograd.cpp).
+// holds only the eager training nodes (autograd.cpp).
 #include <Python.h>  // first, as Python asks
 #include <torch/library.h>
 
@@ -13,4 +13,8 @@ LASS_ENTRY_MODULE(_C)
 TORCH_LIBRARY(lass_sparse_cpu, m) {
   // masked_linear with its gradient as one C++ autograd node (eager training, any device; x 2-D)
   m.def("masked_linear_autograd(Tensor x, Tensor weight, Tensor bits, Tensor? bias) -> Tensor");
+  // masked_qkv_proj's node (x [B, T, D]); its forward is the public op (C++ on CUDA's cuBLAS
+  // route, the Python body elsewhere)
+  m.def("masked_qkv_autograd(Tensor x, Tensor weight, Tensor bits, Tensor? bias, int num_heads)"
+        " -> (Tensor, Tensor, Tensor)");
 }

@@ -27,7 +27,7 @@ from .bodies import (
     masked_qkv_proj_body,
     segmented_masked_linear_body,
 )
-from .checks import check_linear
+from .checks import check_linear, check_qkv
 from .direct import forward_direct, is_plain_eager, native_kernel, needs_grad, profiled
 
 # ------------------------------------------------------------------------- masks and pruning
@@ -70,12 +70,12 @@ class _MaskedLinearFn(torch.autograd.Function):
 
 
 @functools.cache
-def _train_op():
-    """``lass_sparse_cpu::masked_linear_autograd`` (csrc/cpu/autograd.cpp) where the C++
-    extension is built, else None."""
+def _train_op(name: str = "masked_linear_autograd"):
+    """``lass_sparse_cpu::<name>`` (csrc/cpu/autograd.cpp: masked_linear_autograd,
+    masked_qkv_autograd) where the C++ extension is built, else None."""
     if not registry.status()["cpu"].active:
         return None
-    return getattr(torch.ops.lass_sparse_cpu, "masked_linear_autograd", None)
+    return getattr(torch.ops.lass_sparse_cpu, name, None)
 
 
 def _cpp_autograd(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None):
@@ -185,6 +185,23 @@ class _MaskedQKVFn(torch.autograd.Function):
     backward = staticmethod(schema.qkv_backward)
 
 
+def _cpp_qkv_autograd(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None,
+                      num_heads: int):
+    """masked_qkv_proj with its gradient as one C++ autograd node (unforced eager, CPU or CUDA
+    tensors; its forward is the public op: the C++ entry on CUDA's cuBLAS route, the Python body
+    elsewhere, and its dx / dW the public ops' kernels); None when the Python node must take it.
+    Errors are worded by the op's checks."""
+    op = _train_op("masked_qkv_autograd")
+    if (op is None or x.device.type not in ("cpu", "cuda") or x.dim() != 3 or weight.dim() != 2
+            or weight.shape[0] != 3 * x.shape[2] or registry.forced_backend() is not None):
+        return None
+    try:
+        return op(x, weight, bits, bias, num_heads)
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        check_qkv(x, weight, bits, bias, num_heads)
+        raise
+
+
 def masked_qkv_proj(
     x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None, num_heads: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -193,6 +210,10 @@ def masked_qkv_proj(
     each ``[B, H, T, D/H]``, the layout ``scaled_dot_product_attention`` takes."""
     if forward_direct(x, weight, bits, bias):
         if needs_grad(x, weight, bias):
+            out = profiled("masked_qkv_proj", _cpp_qkv_autograd, x, weight, bits, bias,
+                           num_heads)
+            if out is not None:
+                return out
             return profiled("masked_qkv_proj", _MaskedQKVFn.apply, x, weight, bits, bias,
                             num_heads)
         return profiled("masked_qkv_proj", _qkv_kernel(x), x, weight, bits, bias, num_heads)

@@ -286,7 +286,8 @@ def _cases() -> dict[str, dict[str, list]]:
                 ("beta1 = 1", lambda: (*_adamw_lists(torch.randn(4, 40)), 1e-3, 1.0,
                                        *_HP[2:]))],
         },
-        "lass_sparse_cpu": {"masked_linear_autograd": _linear_cases(public=False)},
+        "lass_sparse_cpu": {"masked_linear_autograd": _linear_cases(public=False),
+                            "masked_qkv_autograd": _qkv_cases()},
         # The CUDA kernels (csrc/cuda/binding.cpp, TORCH_LIBRARY_IMPL(lass_sparse, CUDA)), run
         # with their own checks only (testing.cuda_kernels); the builders run only on CUDA
         # machines.

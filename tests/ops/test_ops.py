@@ -327,6 +327,45 @@ def test_training_calls_take_the_cpp_autograd_node(device, dtype, m_shape):
         torch.autograd.grad(y.float().sum(), w, create_graph=True)
 
 
+@pytest.mark.skipif(not lass_sparse.backends()["cpu"]["active"], reason="needs the C++ backend")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [3, 48])  # CUDA: the op body (Triton); the cuBLAS route entry
+def test_qkv_training_calls_take_the_cpp_autograd_node(device, dtype, t):
+    """masked_qkv_proj with gradients runs as one C++ autograd node (csrc/cpu/autograd.cpp),
+    bit-identical to the Python node (which a forced backend takes) in q, k, v and every grad,
+    with a bias or without, one output unused; bad input and double backward as on the op."""
+    g = torch.Generator().manual_seed(t)
+    x = torch.randn(2, t, 64, generator=g).to(device, dtype).requires_grad_()
+    w = torch.randn(192, 64, generator=g).to(device, dtype).requires_grad_()
+    bits = pack_mask_reference(torch.rand(192, 64, generator=g) > 0.5).to(device)
+
+    def run(b):
+        leaves = [leaf for leaf in (x, w, b) if leaf is not None]
+        q, k, v = lass_sparse.masked_qkv_proj(x, w, bits, b, 4)
+        names = _node_names(q)
+        (q.float().square().sum() + 3 * v.float().sum()).backward()  # k unused
+        out = [q.detach(), k.detach(), v.detach()] + [leaf.grad for leaf in leaves]
+        for leaf in leaves:
+            leaf.grad = None
+        return names, out
+
+    for b in (torch.randn(192, generator=g).to(device, dtype).requires_grad_(), None):
+        names, got = run(b)
+        assert any("MaskedQKVFn" in n and "Cpp" in n for n in names), names
+        forced = registry.select("masked_qkv_proj", device, x, w, bits, b, 4, forced=None)
+        with lass_sparse.use_backend(forced.backend):
+            names, want = run(b)
+        assert any(n.startswith("_MaskedQKVFn") for n in names), names
+        for a, e in zip(got, want):
+            assert torch.equal(a, e)
+    with pytest.raises(ValueError, match="masked_qkv_proj: num_heads"):
+        lass_sparse.masked_qkv_proj(x, w, bits, None, 5)
+    q = lass_sparse.masked_qkv_proj(x, w, bits, None, 4)[0]
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(q.float().sum(), w, create_graph=True)
+
+
 def test_eager_direct_adamw_equals_the_op_path():
     g = torch.Generator().manual_seed(0)
     ps = [torch.randn(8, 40, generator=g), torch.randn(5, generator=g)]
