@@ -6,14 +6,14 @@
 #
 #   OUT=/path make gpu-session            # or: OUT=... bash tools/gpu_session.sh
 #
-# Budgets (seconds, env): BUILD_S 240, TEST_S 150, SWEEP_S 270 (benchmarks starting later are
-# skipped, the JSON is written). GPU_PY: the machine's python (torch, triton preinstalled).
+# Budgets (seconds, env): BUILD_S 240, TEST_S 150 (+ 90 for the hardening run), SWEEP_S 240
+# (benchmarks starting later are skipped, the JSON is written). GPU_PY: the machine's python (torch, triton preinstalled).
 set -u
 OUT=${OUT:-gpu_session_results}
 PY=${GPU_PY:-python3}
 BUILD_S=${BUILD_S:-240}
 TEST_S=${TEST_S:-150}
-SWEEP_S=${SWEEP_S:-270}
+SWEEP_S=${SWEEP_S:-240}
 mkdir -p "$OUT"
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/session.log"; }
@@ -46,8 +46,16 @@ timeout "$TEST_S" "$PY" -m pytest -q -rfEs -p no:cacheprovider -m "gpu or triton
   "tests/ops/test_triton.py::test_capturable_adamw_kernel_bf16_on_gpu" \
   "tests/lass/test_device.py::test_training_steps_on_the_gpu_do_not_sync" \
   "tests/ops/test_determinism.py::test_training_ops_are_bit_identical_run_to_run_on_cuda" \
+  "tests/ops/test_ops.py::test_training_calls_take_the_cpp_autograd_node" \
+  "tests/ops/test_ops.py::test_qkv_training_calls_take_the_cpp_autograd_node" \
   --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
 log "tests rc=$? in $((SECONDS - t))s: $(tail -n 1 "$OUT/tests.log")"
+# every CUDA entry (new ones included) refuses wrong sizes with an exception, not a crash
+t=$SECONDS
+timeout 90 "$PY" -m pytest -q -p no:cacheprovider \
+  "tests/ops/test_hardening_ops.py::test_every_registered_op_rejects_wrong_sizes_with_an_exception_not_a_signal" \
+  >"$OUT/hardening.log" 2>&1
+log "hardening rc=$? in $((SECONDS - t))s: $(tail -n 1 "$OUT/hardening.log")"
 
 log "device-time sweep (budget ${SWEEP_S}s)"
 t=$SECONDS
