@@ -135,8 +135,12 @@ void dx_bf16dp(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& bits
 // The fp32 backward's route for few rows ($LASS_SPARSE_CPU_SMALL_BWD_MAX_M; 0: off). Against the
 // decode -> BLAS tiles, 2 threads, one run each (64x64, 512x512, 2048x512, 1024x4096): M = 1
 // dx 2.8 / 2.2 / 1.5 / 2.1x and dW 3.0 / 2.1 / 1.6 / 1.9x faster; M = 4 dx 2.5 / 1.3 / 1.0 /
-// 1.6x, dW 2.5 / 1.2 / 1.5 / 1.2x; M = 8 slower above 64x64 (dx 0.8-1.0x, dW 0.75-1.1x).
-constexpr int64_t kSmallBwdMaxRows = 4;
+// 1.6x, dW 2.5 / 1.2 / 1.5 / 1.2x. With dx's rows held in registers and dW's x loads shared by
+// 4 weight rows (2 threads, median of 7, two runs, µs, tiles -> small_m): M = 8 dx 15.9 / 114 /
+// 450 / 1422 -> 9.2-10.4 / 47-51 / 224-255 / 921-933, dW 16.7 / 74 / 271 / 969 -> 9.9-10.8 /
+// 58-62 / 223-238 / 713-726; M = 16 dx 15.7 / 127 / 515 / 1634 -> 11-12 / 83 / 359-399 /
+// 1373-1487, dW 16.5 / 73 / 332 / 1187 -> 10-12 / 77-80 / 307-328 / 1108-1403 (a tie at 512²).
+constexpr int64_t kSmallBwdMaxRows = 16;
 // Multiply-adds a thread must get before small_m.cpp splits its work (else one task, inline).
 constexpr int64_t kSmallBwdMinWork = 1 << 16;
 // dx (fp32 [M, K]) = dy (W ⊙ M), one pass over W with masked loads, no W tile, no GEMM.

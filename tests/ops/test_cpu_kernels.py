@@ -248,8 +248,10 @@ buf = io.BytesIO(); torch.save(out, buf); sys.stdout.buffer.write(buf.getvalue()
 
 
 def _small_bwd(simd: bool, threads: int) -> dict:
-    """fp32 dx, dW and dW accumulation at 1-4 rows (small_m.cpp), NaN/Inf in off-mask weights,
-    in a fresh process with the SIMD path on or off and ``threads`` threads."""
+    """fp32 dx, dW and dW accumulation at 1-16 rows (small_m.cpp; 33 rows with its row limit
+    raised: dx in blocks of 16), NaN/Inf in off-mask weights, in a fresh process with the SIMD
+    path on or off and ``threads`` threads; every register blocking and partial 16-column
+    chunk of the AVX-512 loops."""
     import os
     import subprocess
     import sys
@@ -260,19 +262,27 @@ from lass_sparse.bitmask import pack_mask_reference
 from lass_sparse.testing import cpu_kernels
 g = torch.Generator().manual_seed(0)
 out = {}
-for m, n, k in ((1, 70, 129), (3, 33, 64), (4, 300, 2048), (2, 5, 31)):
+for m, n, k in ((1, 70, 129), (3, 33, 64), (4, 300, 2048), (2, 5, 31), (6, 9, 200),
+                (8, 130, 1000), (16, 21, 77), (12, 40, 129), (33, 7, 300)):
     dy, x, w = (torch.randn(*s, generator=g) for s in ((m, n), (m, k), (n, k)))
     mask = torch.rand(n, k, generator=g) > 0.5
     w[~mask] = float("nan")
     bits = pack_mask_reference(mask)
     grad = torch.randn(n, k, generator=g)
+    grad0 = grad.clone()
     cpu_kernels.masked_linear_dw_accumulate_(grad, dy, x, bits)
-    out[(m, n, k)] = (cpu_kernels.masked_linear_dx(dy, w, bits),
-                      cpu_kernels.masked_linear_dw(dy, x, bits), grad)
+    dx, dw = cpu_kernels.masked_linear_dx(dy, w, bits), cpu_kernels.masked_linear_dw(dy, x, bits)
+    want_dw = torch.where(mask, dy.double().T @ x.double(), 0).float()
+    ok = (torch.allclose(dx, (dy.double() @ torch.where(mask, w, 0).double()).float(),
+                         atol=1e-4, rtol=1e-4)
+          and torch.allclose(dw, want_dw, atol=1e-4, rtol=1e-4) and not dw[~mask].any()
+          and torch.allclose(grad, grad0 + want_dw, atol=1e-4, rtol=1e-4)
+          and torch.equal(grad[~mask], grad0[~mask]))
+    out[(m, n, k)] = (dx, dw, grad, ok)
 buf = io.BytesIO(); torch.save(out, buf); sys.stdout.buffer.write(buf.getvalue())
 """
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), LASS_SPARSE_CPU_SIMD="1" if simd else "0")
-    env.pop("LASS_SPARSE_CPU_SMALL_BWD_MAX_M", None)
+    env["LASS_SPARSE_CPU_SMALL_BWD_MAX_M"] = "40"  # 33 rows too
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     import io
@@ -285,10 +295,11 @@ def test_small_m_backward_simd_portable_and_thread_counts_agree_bit_for_bit():
     bits, with 1 or 2 threads; NaN in off-mask weights never reaches dx; results match the
     reference."""
     runs = [_small_bwd(True, 1), _small_bwd(False, 1), _small_bwd(True, 2)]
-    for key, (dx, dw, acc) in runs[0].items():
+    for key, (dx, dw, acc, ok) in runs[0].items():
         assert not dx.isnan().any(), key
+        assert ok, key  # against float64 products, off-mask dW 0, accumulation on the mask only
         for other in runs[1:]:
-            for a, b in zip((dx, dw, acc), other[key]):
+            for a, b in zip((dx, dw, acc), other[key][:3]):
                 assert torch.equal(a, b), key
 
 

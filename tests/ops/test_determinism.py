@@ -16,9 +16,9 @@ What the audit found (the claims these tests hold the code to):
   check: ``CUBLAS_WORKSPACE_CONFIG``).
 - Independent of the thread count: the few-row forward (gemv.cpp), the bf16 dot-product dx
   (dx_bf16dp.cpp), the bf16 panel dx / dW (panel_bf16.cpp), the fp32 panel forward and segmented
-  forward (panel_fp32.cpp), the fp32 dx / dW / dW accumulation of 1-4 rows (small_m.cpp),
+  forward (panel_fp32.cpp), the fp32 dx / dW / dW accumulation of 1-16 rows (small_m.cpp),
   AdamW. Not: the decode -> BLAS routes (tiled.cpp: bf16 forward above 16 rows, bf16 backward
-  above 128 rows, fp32 backward above 4 rows, fp64 backward, fp64 forward above 16 rows) size
+  above 128 rows, fp32 backward above 16 rows, fp64 backward, fp64 forward above 16 rows) size
   their tiles by the thread count, and BLAS may round a tile of another shape differently — as
   PyTorch's own CPU matmuls change bits with the thread count.
 """
@@ -175,10 +175,10 @@ def _thread_independent(key: str, dtype: torch.dtype) -> bool:
     shape, rows, *what = key.split("-")
     m, k = int(rows[1:]), int(shape.split("x")[1])
     name, i = what[0], int(what[1]) if len(what) > 1 else -1
-    if name == "acc":  # dW accumulation: small_m.cpp for fp32 at <= 4 rows, else BLAS tiles
-        return dtype == torch.float32 and m <= 4
-    if dtype == torch.float32:  # panel or GEMV forward; backward small_m.cpp <= 4 rows, else tiles
-        return i == 0 or (i in (1, 2) and m <= 4 and name != "seg")
+    if name == "acc":  # dW accumulation: small_m.cpp for fp32 at <= 16 rows, else BLAS tiles
+        return dtype == torch.float32 and m <= 16
+    if dtype == torch.float32:  # panel or GEMV forward; backward small_m.cpp <= 16 rows, else tiles
+        return i == 0 or (i in (1, 2) and m <= 16 and name != "seg")
     if not bf16dp:
         return False
     if i == 0:  # bf16 forward: dot-product GEMV up to 16 rows, BLAS tiles above
