@@ -11,6 +11,8 @@
 
 #include <algorithm>
 
+#include <tuple>
+
 #include "linear.h"
 
 namespace lass_sparse_cpu {
@@ -225,6 +227,34 @@ static void masked_linear_dw_accumulate_op(const at::Tensor& grad, const at::Ten
       grad, dy, x, bits);
 }
 
+// Fused QKV projection: x [B, T, D] @ (W ⊙ M)ᵀ (+ b) with W [3D, D] by the forward kernel,
+// split into q, k, v [B, H, T, D/H] (fresh memory each: a custom op's outputs may not alias).
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_qkv_proj_op(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
+    const c10::optional<at::Tensor>& bias, int64_t num_heads) {
+  static const auto registry =
+      registry_overload<decltype(masked_qkv_proj_op)>("lass_sparse::masked_qkv_proj");
+  return run_or_defer(
+      registry,
+      [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        LASS_CHECK(x.dim() == 3, "masked_qkv_proj: x must be [B, T, D], got ", x.sizes());
+        const int64_t b = x.size(0), t = x.size(1), d = x.size(2);
+        LASS_CHECK(w.dim() == 2 && w.size(0) == 3 * d && w.size(1) == d,
+                    "masked_qkv_proj: weight must be [3D, D] = [", 3 * d, ", ", d, "], got ",
+                    w.sizes());
+        LASS_CHECK(num_heads > 0 && d % num_heads == 0,
+                    "masked_qkv_proj: num_heads must divide D=", d, ", got ", num_heads);
+        const auto y = masked_linear(x.reshape({b * t, d}).contiguous(), w.contiguous(),
+                                     bits.contiguous(), contiguous(bias));
+        const auto y5 = y.view({b, t, 3, num_heads, d / num_heads}).permute({2, 0, 3, 1, 4});
+        return {y5[0].clone(at::MemoryFormat::Contiguous),
+                y5[1].clone(at::MemoryFormat::Contiguous),
+                y5[2].clone(at::MemoryFormat::Contiguous)};
+      },
+      x, w, bits, bias, num_heads);
+}
+
 }  // namespace lass_sparse_cpu
 
 TORCH_LIBRARY_IMPL(lass_sparse, CPU, m) {
@@ -232,4 +262,5 @@ TORCH_LIBRARY_IMPL(lass_sparse, CPU, m) {
   m.impl("masked_linear_dx", &lass_sparse_cpu::masked_linear_dx_op);
   m.impl("masked_linear_dw", &lass_sparse_cpu::masked_linear_dw_op);
   m.impl("masked_linear_dw_accumulate_", &lass_sparse_cpu::masked_linear_dw_accumulate_op);
+  m.impl("masked_qkv_proj", &lass_sparse_cpu::masked_qkv_proj_op);
 }

@@ -164,9 +164,11 @@ def segmented_masked_linear(
 # ---------------------------------------------------------------------------- fused QKV projection
 
 
-# The direct path's QKV kernel by device type: the C++ entry on CUDA (the cuBLAS route; it
-# defers to the body for calls it does not take), the body elsewhere.
-QKV_NATIVE = {"cuda": native_kernel("masked_qkv_proj", "CUDA")}
+# The direct path's QKV kernel by device type: the C++ entries (CPU: the forward kernel and the
+# split; CUDA: the cuBLAS route; they defer to the body for calls they do not take), the body
+# elsewhere.
+QKV_NATIVE = {"cpu": native_kernel("masked_qkv_proj"),
+              "cuda": native_kernel("masked_qkv_proj", "CUDA")}
 
 
 def _qkv_kernel(x: Tensor):

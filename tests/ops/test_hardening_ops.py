@@ -281,6 +281,7 @@ def _cases() -> dict[str, dict[str, list]]:
                 ("meta offsets", lambda: (*_seg_args()[:3], torch.tensor([0, 8], device="meta"),
                                           torch.tensor([0]), None))],
             "masked_linear_dw_accumulate_": _acc_cases(),
+            "masked_qkv_proj": _qkv_cases(),
             "masked_adamw_": _adamw_cases() + [
                 ("lr inf", lambda: (*_adamw_lists(torch.randn(4, 40)), math.inf, *_HP[1:])),
                 ("beta1 = 1", lambda: (*_adamw_lists(torch.randn(4, 40)), 1e-3, 1.0,
