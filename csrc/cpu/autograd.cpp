@@ -11,6 +11,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
@@ -29,6 +30,25 @@ c10::TypedOperatorHandle<Sig> public_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
+// A node's backward products for dy [M, N] against its saved x2 [M, K], weight and bits: dx
+// [M, K], dW and the bias grad, each only where needed (inputs 0, 1 and 3). dx and dW come from
+// kernels, not from differentiable ops: refuse a graph of the gradient rather than return one
+// that silently ends here.
+std::array<at::Tensor, 3> linear_grads(torch::autograd::AutogradContext* ctx, const char* op,
+                                       const at::Tensor& dy, const at::Tensor& x2,
+                                       const at::Tensor& w, const at::Tensor& bits) {
+  static const auto dx_op = public_op<GradSig>("lass_sparse::masked_linear_dx");
+  static const auto dw_op = public_op<GradSig>("lass_sparse::masked_linear_dw");
+  LASS_CHECK(!at::GradMode::is_enabled(), op,
+             ": double backward (create_graph=True) is not supported");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  std::array<at::Tensor, 3> out;
+  if (ctx->needs_input_grad(0)) out[0] = dx_op.call(dy, w, bits);
+  if (ctx->needs_input_grad(1)) out[1] = dw_op.call(dy, x2, bits);
+  if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) out[2] = dy.sum(0);
+  return out;
+}
+
 struct MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const at::Tensor& w, const at::Tensor& bits,
@@ -42,23 +62,10 @@ struct MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    static const auto dx_op = public_op<GradSig>("lass_sparse::masked_linear_dx");
-    static const auto dw_op = public_op<GradSig>("lass_sparse::masked_linear_dw");
-    // dx and dW come from kernels, not from differentiable ops: refuse a graph of the gradient
-    // rather than return one that silently ends here.
-    LASS_CHECK(!at::GradMode::is_enabled(),
-               "masked_linear: double backward (create_graph=True) is not supported");
     const auto saved = ctx->get_saved_variables();
-    const auto& x = saved[0];
-    const auto& w = saved[1];
-    const auto& bits = saved[2];
-    const auto dy = grads[0].contiguous();
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor dx, dw, db;
-    if (ctx->needs_input_grad(0)) dx = dx_op.call(dy, w, bits);
-    if (ctx->needs_input_grad(1)) dw = dw_op.call(dy, x, bits);
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) db = dy.sum(0);
-    return {dx, dw, at::Tensor(), db};
+    const auto g = linear_grads(ctx, "masked_linear", grads[0].contiguous(), saved[0], saved[1],
+                                saved[2]);
+    return {g[0], g[1], at::Tensor(), g[2]};
   }
 };
 
@@ -85,25 +92,16 @@ struct MaskedQKVFn : public torch::autograd::Function<MaskedQKVFn> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    static const auto dx_op = public_op<GradSig>("lass_sparse::masked_linear_dx");
-    static const auto dw_op = public_op<GradSig>("lass_sparse::masked_linear_dw");
-    LASS_CHECK(!at::GradMode::is_enabled(),
-               "masked_qkv_proj: double backward (create_graph=True) is not supported");
     const auto saved = ctx->get_saved_variables();
     const auto& x = saved[0];
-    const auto& w = saved[1];
-    const auto& bits = saved[2];
     const int64_t b = x.size(0), t = x.size(1), d = x.size(2);
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
     // [3, B, H, T, Dh] -> [B, T, 3, H, Dh] -> [B*T, 3D] (grads of unused outputs are zeros)
     const auto dy = at::stack({grads[0], grads[1], grads[2]}, 0)
                         .permute({1, 3, 0, 2, 4})
                         .reshape({b * t, 3 * d});
-    at::Tensor dx, dw, db;
-    if (ctx->needs_input_grad(0)) dx = dx_op.call(dy, w, bits).reshape({b, t, d});
-    if (ctx->needs_input_grad(1)) dw = dw_op.call(dy, x.reshape({b * t, d}), bits);
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) db = dy.sum(0);
-    return {dx, dw, at::Tensor(), db, at::Tensor()};
+    auto g = linear_grads(ctx, "masked_qkv_proj", dy, x.reshape({b * t, d}), saved[1], saved[2]);
+    if (g[0].defined()) g[0] = g[0].reshape({b, t, d});
+    return {g[0], g[1], at::Tensor(), g[2], at::Tensor()};
   }
 };
 

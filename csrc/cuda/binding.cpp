@@ -187,6 +187,13 @@ void apply_mask_into(const at::Tensor& src, const at::Tensor& bits, const at::Te
                                              c10::cuda::getCurrentCUDAStream()));
 }
 
+// W ⊙ M into a new W-sized transient (w contiguous, bits checked by the caller).
+at::Tensor masked_weight(const at::Tensor& w, const at::Tensor& bits, const char* op) {
+  auto wm = at::empty_like(w);
+  apply_mask_into(w, bits, wm, false, op);
+  return wm;
+}
+
 // grad_out: [M, N] of a kernel dtype; returns its device.
 at::Device check_grad_out(const at::Tensor& dy, const char* op) {
   check_on(dy, dy.device(), op, "grad_out");
@@ -213,10 +220,7 @@ at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& weight,
   auto dx = at::empty({m, k}, dy.options());
   if (dx.numel() == 0) return dx;
   if (n == 0) return dx.zero_();
-  const auto w = weight.contiguous();
-  const auto wm = at::empty_like(w);
-  apply_mask_into(w, b, wm, false, op);
-  at::mm_out(dx, dy, wm);
+  at::mm_out(dx, dy, masked_weight(weight.contiguous(), b, op));
   return dx;
 }
 
@@ -297,8 +301,7 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   auto y = at::empty(out_sizes, x.options());
   if (y.numel() == 0) return y;  // no zero-size grid launches
   if (!gemv) {  // W ⊙ M into a transient, then cuBLAS (addmm, as F.linear)
-    const auto wm = at::empty_like(w);
-    apply_mask_into(w, b, wm, false, op);
+    const auto wm = masked_weight(w, b, op);
     auto y2 = y.view({m, n});
     if (bias_c.has_value())
       at::addmm_out(y2, *bias_c, x2, wm.t());
@@ -424,8 +427,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_qkv_proj(
   auto q = at::empty({bsz, num_heads, t, dh}, x.options());
   auto k = at::empty_like(q), v = at::empty_like(q);
   if (m == 0 || d == 0) return {q, k, v};
-  const auto wm = at::empty_like(w);
-  apply_mask_into(w, b, wm, false, op);
+  const auto wm = masked_weight(w, b, op);
   const auto x2 = x.reshape({m, d});
   const auto y = bias_c.has_value() ? at::addmm(*bias_c, x2, wm.t()) : at::mm(x2, wm.t());
   const auto y5 = y.view({bsz, t, 3, num_heads, dh});

@@ -107,8 +107,11 @@ def _takes_qkv(x, w, bits, bias, num_heads) -> bool:
             and _cublas_serves("masked_qkv_proj", x.shape[0] * x.shape[1]))
 
 
+_takes_dw = _takes_grad("masked_linear_dw")
+
+
 def _takes_accumulate(grad, dy, x, bits) -> bool:
-    return grad.dtype == dy.dtype and _takes_grad("masked_linear_dw")(dy, x)
+    return grad.dtype == dy.dtype and _takes_dw(dy, x)
 
 
 def _register(mod) -> None:
@@ -129,9 +132,10 @@ def _register(mod) -> None:
          f"at most {GEMV_MAX_M} rows (decode GEMV) or, with weight and bias of x's dtype, at "
          f"least {cublas_rows['masked_linear']} (cuBLAS route; -1 or $LASS_SPARSE_TRITON_VARIANT "
          f"set: off) of {_FLOATS}")
-    for op in ("masked_linear_dx", "masked_linear_dw"):
-        _reg(op, _takes_grad(op), f"at least {cublas_rows[op]} rows (cuBLAS route; -1: off) "
-                                  f"of one dtype of {_FLOATS}")
+    for op, takes in (("masked_linear_dx", _takes_grad("masked_linear_dx")),
+                      ("masked_linear_dw", _takes_dw)):
+        _reg(op, takes, f"at least {cublas_rows[op]} rows (cuBLAS route; -1: off) of one "
+                        f"dtype of {_FLOATS}")
     _reg("masked_qkv_proj", _takes_qkv,
          f"B*T >= {cublas_rows['masked_qkv_proj']} rows (cuBLAS route; -1: off) of one dtype of "
          f"{_FLOATS}")
