@@ -35,6 +35,7 @@ from common import (
 )
 
 import lass_sparse as ls
+from lass_sparse.backends._cuda_common import SMALL_BWD_ENV
 
 SWEEP_ENV = "LASS_SPARSE_DEVICE_SWEEP"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
@@ -50,6 +51,8 @@ VARIANTS = {
                            None),
     "ours_wt_tma": ("LASS_SPARSE_TRITON_VARIANT", "wt_tma", "triton", ("fwd",), None),
     "ours_gemv2": ("LASS_SPARSE_CUDA_GEMV", "v2", None, ("fwd",), 16),
+    # the small-M dx / dW kernels off: what the Triton kernels give at those rows
+    "ours_no_small": (SMALL_BWD_ENV, "0", None, ("fwd_bwd", "dx", "dw"), 16),
 }
 LINEAR_OPS = ["fwd", "fwd_bwd", "dx", "dw"]
 CASES = device_cases()
@@ -69,6 +72,7 @@ def with_variant(impl: str, fn):
     def run():
         old = os.environ.get(var)
         os.environ[var] = value
+        _apply_cuda_options()
         try:
             if backend is None:
                 return fn()
@@ -79,8 +83,18 @@ def with_variant(impl: str, fn):
                 os.environ.pop(var, None)
             else:
                 os.environ[var] = old
+            _apply_cuda_options()
 
     return run
+
+
+def _apply_cuda_options() -> None:
+    """The CUDA extension reads the small-M rows once (an option, not the environment): set it
+    again from the environment as it is now."""
+    from lass_sparse.backends import cuda
+
+    if cuda.native is not None:
+        cuda.set_small_bwd(cuda._mod)
 
 
 def linear_fn(op: str, impl: str, x, w, mask, bits):

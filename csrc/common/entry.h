@@ -34,13 +34,14 @@ LASS_HIDDEN bool forced_elsewhere();
 LASS_HIDDEN bool& deferring();
 
 // Integer options the Python side sets (<module>.set_option(name, value); -1 until set): the
-// rows from which the CUDA entries take the "mask, then cuBLAS" route, per op
-// (lass_sparse/backends/cuda.py; -1: off).
+// rows from which the CUDA entries take the "mask, then cuBLAS" route, per op, and the rows up
+// to which dx / dW take the small-M kernels (lass_sparse/backends/cuda.py; -1: off).
 enum Option : int {
   kCublasMinMLinear = 0,
   kCublasMinMDx,
   kCublasMinMDw,
   kCublasMinMQkv,
+  kSmallBwdMaxM,
   kNumOptions
 };
 LASS_HIDDEN int64_t option(Option opt);

@@ -34,8 +34,8 @@ bool forced_elsewhere() {
 // entry.h's Option values, by the names <module>.set_option takes (same order as the enum).
 static const char* const option_names[kNumOptions] = {
     "cublas_min_m.masked_linear", "cublas_min_m.masked_linear_dx",
-    "cublas_min_m.masked_linear_dw", "cublas_min_m.masked_qkv_proj"};
-static std::atomic<int64_t> option_values[kNumOptions] = {{-1}, {-1}, {-1}, {-1}};
+    "cublas_min_m.masked_linear_dw", "cublas_min_m.masked_qkv_proj", "small_bwd_max_m"};
+static std::atomic<int64_t> option_values[kNumOptions] = {{-1}, {-1}, {-1}, {-1}, {-1}};
 
 int64_t option(Option opt) { return option_values[opt].load(std::memory_order_relaxed); }
 

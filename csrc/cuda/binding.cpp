@@ -1,8 +1,9 @@
 // Torch binding for the CUDA kernels in lass_kernels.cu. They register under the public op
 // names (TORCH_LIBRARY_IMPL(lass_sparse, CUDA); schemas in lass_sparse/ops/schema.py): pack_mask,
 // unpack_mask, magnitude_mask, masked_linear (decode GEMV at most kGemvMaxM rows; the "mask,
-// then cuBLAS" route from the rows Python sets), masked_linear_dx / _dw / _dw_accumulate_ and
-// masked_qkv_proj (that route) and masked_adamw_. Each entry runs its kernel or defers to the op's Python body
+// then cuBLAS" route from the rows Python sets), masked_linear_dx / _dw / _dw_accumulate_ (the
+// small-M kernels up to kSmallBwdMaxM rows, that route from its rows), masked_qkv_proj (that
+// route) and masked_adamw_. Each entry runs its kernel or defers to the op's Python body
 // (another backend forced, a call it does not take, inputs its checks refuse: common/entry.h).
 // The kernels themselves have no torch headers (lass_kernels.cuh).
 #include <Python.h>  // first, as Python asks
@@ -20,6 +21,7 @@
 
 #include "common/entry_module.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <map>
@@ -171,6 +173,17 @@ bool cublas_takes(Option opt, int64_t rows) {
   return cublas_serves(opt, rows) && (v == nullptr || v[0] == '\0');
 }
 
+// dx / dW of `rows` rows run the small-M kernels (up to the rows Python sets, at most
+// kSmallBwdMaxM); the entries take them unless a Triton variant is being timed or tested.
+bool small_rows(int64_t rows) {
+  return rows <= std::min<int64_t>(option(kSmallBwdMaxM), lass::kSmallBwdMaxM);
+}
+
+bool small_takes(int64_t rows) {
+  const char* v = std::getenv("LASS_SPARSE_TRITON_VARIANT");
+  return small_rows(rows) && (v == nullptr || v[0] == '\0');
+}
+
 std::string cublas_rows(Option opt) {
   const int64_t min_m = option(opt);
   return min_m < 0 ? std::string("(the cuBLAS route is off)")
@@ -202,7 +215,16 @@ at::Device check_grad_out(const at::Tensor& dy, const char* op) {
   return dy.device();
 }
 
-// dx[M, K] = grad_out[M, N] @ (W ⊙ M): the mask pass, then cuBLAS (any M).
+// The device's SMs (the small-M dx kernel's split count follows them).
+int sm_count(const at::Device& dev, const char* op) {
+  int count = 0;
+  LASS_CUDA_CHECK(op, cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount,
+                                             dev.index()));
+  return count;
+}
+
+// dx[M, K] = grad_out[M, N] @ (W ⊙ M): up to the small-M rows one streaming pass over W
+// (float32 partials of the N splits summed in a fixed order), else the mask pass, then cuBLAS.
 at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& weight,
                             const at::Tensor& bits) {
   const char* op = "masked_linear_dx";
@@ -220,6 +242,20 @@ at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& weight,
   auto dx = at::empty({m, k}, dy.options());
   if (dx.numel() == 0) return dx;
   if (n == 0) return dx.zero_();
+  if (small_rows(m)) {
+    const auto dyc = dy.contiguous();
+    const auto w = weight.contiguous();
+    const int code = dtype_code(dy, op);
+    const int splits = lass_small_dx_splits(static_cast<int>(m), n, k, code, sm_count(dev, op));
+    at::Tensor ws;
+    if (splits > 1) ws = at::empty({splits, m, k}, dy.options().dtype(at::kFloat));
+    LASS_CUDA_CHECK(op, lass_launch_small_dx(code, dyc.data_ptr(), w.data_ptr(),
+                                             b.data_ptr<int32_t>(), dx.data_ptr(),
+                                             splits > 1 ? ws.data_ptr<float>() : nullptr,
+                                             static_cast<int>(m), n, k, splits,
+                                             c10::cuda::getCurrentCUDAStream()));
+    return dx;
+  }
   at::mm_out(dx, dy, masked_weight(weight.contiguous(), b, op));
   return dx;
 }
@@ -239,26 +275,53 @@ at::Tensor check_dw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
   return b;
 }
 
-// dW[N, K] = (grad_out ᵀ x) ⊙ M: one cuBLAS GEMM, masked in place.
+// The small-M dW kernel into out ([N, K] contiguous, x's dtype or, accumulating, float32).
+void small_dw_into(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits,
+                   const at::Tensor& out, bool accumulate, const char* op) {
+  const auto dyc = dy.contiguous(), xc = x.contiguous();
+  LASS_CUDA_CHECK(op, lass_launch_small_dw(dtype_code(x, op), dtype_code(out, op),
+                                           dyc.data_ptr(), xc.data_ptr(),
+                                           bits.data_ptr<int32_t>(), out.data_ptr(),
+                                           static_cast<int>(dy.size(0)), dy.size(1), x.size(1),
+                                           accumulate ? 1 : 0,
+                                           c10::cuda::getCurrentCUDAStream()));
+}
+
+// dW[N, K] = (grad_out ᵀ x) ⊙ M: up to the small-M rows one pass writing dW with the mask
+// applied as it is written, else one cuBLAS GEMM, masked in place.
 at::Tensor masked_linear_dw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits) {
   const char* op = "masked_linear_dw";
   const auto b = check_dw(dy, x, bits, op);
   const c10::cuda::CUDAGuard guard(dy.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  if (small_rows(dy.size(0))) {
+    if (dy.size(0) == 0) return at::zeros({dy.size(1), x.size(1)}, x.options());
+    auto dw = at::empty({dy.size(1), x.size(1)}, x.options());
+    if (dw.numel() != 0) small_dw_into(dy, x, b, dw, false, op);
+    return dw;
+  }
   auto dw = at::mm(dy.t(), x);
   if (dw.numel() != 0) apply_mask_into(dw, b, dw, false, op);
   return dw;
 }
 
 // grad[N, K] += (grad_out ᵀ x) ⊙ M, off-mask entries of grad left exactly as they are; grad
-// of x's dtype (the route's: a float32 grad for 16-bit x is the op body's Triton kernel).
+// of x's dtype, or float32 up to the small-M rows (above them a float32 grad for 16-bit x is
+// the op body's Triton kernel).
 void masked_linear_dw_accumulate_(const at::Tensor& grad, const at::Tensor& dy,
                                   const at::Tensor& x, const at::Tensor& bits) {
   const char* op = "masked_linear_dw_accumulate_";
   const auto b = check_dw(dy, x, bits, op);
-  check_exact(grad, dy.device(), op, "grad", x.scalar_type(), {dy.size(1), x.size(1)});
+  const bool small = small_rows(dy.size(0));
+  const auto grad_dtype =
+      small && grad.defined() && grad.scalar_type() == at::kFloat ? at::kFloat : x.scalar_type();
+  check_exact(grad, dy.device(), op, "grad", grad_dtype, {dy.size(1), x.size(1)});
   const c10::cuda::CUDAGuard guard(dy.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  if (small) {
+    if (grad.numel() != 0) small_dw_into(dy, x, b, grad, true, op);  // M = 0: nothing to add
+    return;
+  }
   const auto prod = at::mm(dy.t(), x);
   if (prod.numel() != 0) apply_mask_into(prod, b, grad, true, op);
 }
@@ -479,7 +542,7 @@ at::Tensor masked_linear_dx_op(const at::Tensor& dy, const at::Tensor& weight,
       registry_overload<decltype(masked_linear_dx_op)>("lass_sparse::masked_linear_dx");
   const bool takes = dy.dim() == 2 && is_kernel_dtype(dy) &&
                      weight.scalar_type() == dy.scalar_type() &&
-                     cublas_takes(kCublasMinMDx, dy.size(0));
+                     (small_takes(dy.size(0)) || cublas_takes(kCublasMinMDx, dy.size(0)));
   return run_if_or_defer(takes, registry, [&] { return masked_linear_dx(dy, weight, bits); },
                          dy, weight, bits);
 }
@@ -488,7 +551,7 @@ at::Tensor masked_linear_dw_op(const at::Tensor& dy, const at::Tensor& x, const 
   static const auto registry =
       registry_overload<decltype(masked_linear_dw_op)>("lass_sparse::masked_linear_dw");
   const bool takes = dy.dim() == 2 && is_kernel_dtype(dy) && x.scalar_type() == dy.scalar_type() &&
-                     cublas_takes(kCublasMinMDw, dy.size(0));
+                     (small_takes(dy.size(0)) || cublas_takes(kCublasMinMDw, dy.size(0)));
   return run_if_or_defer(takes, registry, [&] { return masked_linear_dw(dy, x, bits); }, dy, x,
                          bits);
 }
@@ -497,9 +560,11 @@ void masked_linear_dw_accumulate_op(const at::Tensor& grad, const at::Tensor& dy
                                     const at::Tensor& x, const at::Tensor& bits) {
   static const auto registry = registry_overload<decltype(masked_linear_dw_accumulate_op)>(
       "lass_sparse::masked_linear_dw_accumulate_");
+  const bool small = dy.dim() == 2 && small_takes(dy.size(0));
   const bool takes = dy.dim() == 2 && is_kernel_dtype(dy) && x.scalar_type() == dy.scalar_type() &&
-                     grad.scalar_type() == dy.scalar_type() &&
-                     cublas_takes(kCublasMinMDw, dy.size(0));
+                     (grad.scalar_type() == dy.scalar_type() ||
+                      (small && grad.scalar_type() == at::kFloat)) &&
+                     (small || cublas_takes(kCublasMinMDw, dy.size(0)));
   run_if_or_defer(takes, registry,
                   [&] { masked_linear_dw_accumulate_(grad, dy, x, bits); }, grad, dy, x, bits);
 }

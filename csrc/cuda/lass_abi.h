@@ -28,6 +28,15 @@ constexpr int kGemv2Threads = 256;
 constexpr int kGemv2SmemBytes = 32768;
 constexpr int kGemv2Step = 256;
 constexpr int kGemv2Rows4MinN = 16384;
+// Small-M backward (dx and dW of at most kSmallBwdMaxM rows; lass_kernels.cuh small_dx_* /
+// small_dw_*): threads per dx block (each owns a run of columns), dW block shape (columns x row
+// groups) and weight rows per dW thread, and the fewest weight rows a dx split of N reduces.
+constexpr int kSmallBwdMaxM = 16;
+constexpr int kSmallDxThreads = 128;
+constexpr int kSmallDwCols = 32;
+constexpr int kSmallDwGroups = 4;
+constexpr int kSmallDwRows = 16;
+constexpr int kSmallDxMinSplitRows = 64;
 // Masked AdamW: elements per block (the chunk table's granularity) and threads per block.
 constexpr int64_t kAdamWChunk = 65536;
 constexpr int kAdamWBlock = 512;
@@ -70,6 +79,20 @@ cudaError_t lass_launch_decode_gemv_v2(int dtype, const void* x, const void* w,
 // out may be src. Contiguous rows; bits int32[rows, ceil(k/32)].
 cudaError_t lass_launch_apply_mask(int dtype, const void* src, const int32_t* bits, void* out,
                                    int64_t rows, int64_t k, int accumulate, cudaStream_t stream);
+// Small-M backward (m_rows <= kSmallBwdMaxM; dy [m, n], w / bits / dW [n, k], x / dx [m, k],
+// contiguous). dx: `splits` (lass_small_dx_splits) blocks share N; with splits > 1, ws holds
+// float32[splits, m, k] partials, summed in split order (deterministic). dW: out = (dyᵀ x) ⊙ M,
+// or with `accumulate` out += on the mask only, off-mask entries bit-for-bit kept; out_dtype is
+// dtype or, accumulating, kFloat32. Nothing is launched (cudaSuccess) when m, n or k is 0: the
+// caller fills dx / dW with zeros. cudaErrorInvalidValue for m_rows > kSmallBwdMaxM, an unknown
+// dtype or splits < 1 (or > 1 without ws).
+int lass_small_dx_splits(int m_rows, int64_t n, int64_t k, int dtype, int sm_count);
+cudaError_t lass_launch_small_dx(int dtype, const void* dy, const void* w, const int32_t* bits,
+                                 void* dx, float* ws, int m_rows, int64_t n, int64_t k,
+                                 int splits, cudaStream_t stream);
+cudaError_t lass_launch_small_dw(int dtype, int out_dtype, const void* dy, const void* x,
+                                 const int32_t* bits, void* out, int m_rows, int64_t n,
+                                 int64_t k, int accumulate, cudaStream_t stream);
 cudaError_t lass_launch_pack(const bool* mask, int32_t* bits, int64_t rows, int64_t k,
                              cudaStream_t stream);
 cudaError_t lass_launch_unpack(const int32_t* bits, bool* mask, int64_t rows, int64_t k,

@@ -2,6 +2,7 @@
 // binding.cpp launches them; cupy compiles lass_kernels.cuh itself with NVRTC).
 #include "lass_kernels.cuh"
 
+#include <algorithm>
 #include <type_traits>
 
 #include <cstdlib>
@@ -62,7 +63,127 @@ cudaError_t launch_gemv2(const T* x, const T* w, const int32_t* bits, const T* b
   return cudaErrorInvalidValue;
 }
 
+// ---- small-M backward: how the kernels launch (the tests' CPU emulator runs the same plans)
+
+template <typename T> struct Tag { using type = T; };
+template <int V> using Int = std::integral_constant<int, V>;
+
+// f(Tag<T>{}) for the dtype code (cudaErrorInvalidValue for an unknown one).
+template <typename F> cudaError_t with_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case lass::kFloat32: return f(Tag<float>{});
+    case lass::kFloat16: return f(Tag<__half>{});
+    case lass::kBFloat16: return f(Tag<__nv_bfloat16>{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+// f(Int<MT>{}) for the rows bound of m rows (1 <= m <= kSmallBwdMaxM).
+template <typename F> cudaError_t with_mt(int m, F&& f) {
+  switch (lass::small_mt(m)) {
+    case 1: return f(Int<1>{});
+    case 2: return f(Int<2>{});
+    case 4: return f(Int<4>{});
+    case 8: return f(Int<8>{});
+    default: return f(Int<16>{});
+  }
+}
+
+bool aligned(const void* p, int bytes) { return (uintptr_t)p % (uintptr_t)bytes == 0; }
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// dx: grid (column blocks, splits) of kSmallDxThreads; `vec` when every run of V columns is in
+// range and W, dx and the partials are aligned to their V-element accesses.
+template <typename T, int MT> struct SmallDxPlan {
+  static constexpr int V = lass::small_vec<T, MT>();
+  dim3 grid;
+  bool vec;
+  SmallDxPlan(const void* w, const void* dx, const float* ws, int64_t k, int splits)
+      : grid((unsigned)cdiv(k, (int64_t)lass::kSmallDxThreads * V), (unsigned)splits),
+        vec(k % V == 0 && aligned(w, std::min(16, V * (int)sizeof(T))) &&
+            aligned(dx, std::min(16, V * (int)sizeof(T))) &&
+            (ws == nullptr || aligned(ws, std::min(16, V * 4)))) {}
+};
+
+// dW: grid (row blocks, column blocks) of (kSmallDwCols, kSmallDwGroups) threads.
+template <typename T, typename O, int MT> struct SmallDwPlan {
+  static constexpr int V = lass::small_vec<T, MT>();
+  dim3 grid;
+  bool vec, vec_out;
+  SmallDwPlan(const void* x, const void* out, int64_t n, int64_t k)
+      : grid((unsigned)cdiv(n, (int64_t)lass::kSmallDwGroups * lass::kSmallDwRows),
+             (unsigned)cdiv(k, (int64_t)lass::kSmallDwCols * V)),
+        vec(k % V == 0 && aligned(x, std::min(16, V * (int)sizeof(T)))),
+        vec_out(k % V == 0 && aligned(out, std::min(16, V * (int)sizeof(O)))) {}
+};
+
+constexpr int kSumThreads = 256;
+
 }  // namespace
+
+extern "C" int lass_small_dx_splits(int m_rows, int64_t n, int64_t k, int dtype,
+                                    int sm_count) {
+  // about 4 blocks per SM, each split reducing at least kSmallDxMinSplitRows weight rows (the
+  // partials, splits * m * k floats, stay well below W's bytes)
+  const int v = lass::small_vec_elems(lass::small_mt(m_rows), dtype == lass::kFloat32 ? 4 : 2);
+  const int64_t blocks = std::max<int64_t>(1, cdiv(k, (int64_t)lass::kSmallDxThreads * v));
+  const int64_t want = cdiv(4 * (int64_t)std::max(sm_count, 1), blocks);
+  const int64_t most = std::max<int64_t>(1, n / lass::kSmallDxMinSplitRows);
+  return (int)std::min<int64_t>({std::max<int64_t>(want, 1), most, 65535});
+}
+
+extern "C" cudaError_t lass_launch_small_dx(int dtype, const void* dy, const void* w,
+                                            const int32_t* bits, void* dx, float* ws, int m_rows,
+                                            int64_t n, int64_t k, int splits,
+                                            cudaStream_t stream) {
+  if (m_rows > lass::kSmallBwdMaxM || splits < 1 || splits > 65535 || (splits > 1 && !ws))
+    return cudaErrorInvalidValue;
+  if (m_rows <= 0 || n <= 0 || k <= 0) return cudaSuccess;  // the caller zero-fills
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return with_mt(m_rows, [&](auto mt) {
+      constexpr int MT = decltype(mt)::value;
+      const SmallDxPlan<T, MT> plan(w, dx, splits > 1 ? ws : nullptr, k, splits);
+      lass_small_dx<T, MT><<<plan.grid, lass::kSmallDxThreads, 0, stream>>>(
+          (const T*)dy, (const T*)w, bits, (T*)dx, ws, m_rows, n, k, splits, plan.vec ? 1 : 0);
+      if (splits > 1) {
+        const int64_t total = (int64_t)m_rows * k;
+        lass_small_dx_sum<T><<<(unsigned)cdiv(total, kSumThreads), kSumThreads, 0, stream>>>(
+            ws, (T*)dx, splits, total);
+      }
+      return cudaGetLastError();
+    });
+  });
+}
+
+extern "C" cudaError_t lass_launch_small_dw(int dtype, int out_dtype, const void* dy,
+                                            const void* x, const int32_t* bits, void* out,
+                                            int m_rows, int64_t n, int64_t k, int accumulate,
+                                            cudaStream_t stream) {
+  if (m_rows > lass::kSmallBwdMaxM) return cudaErrorInvalidValue;
+  if (out_dtype != dtype && !(accumulate && out_dtype == lass::kFloat32))
+    return cudaErrorInvalidValue;
+  if (m_rows <= 0 || n <= 0 || k <= 0) return cudaSuccess;  // the caller zero-fills
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return with_mt(m_rows, [&](auto mt) {
+      constexpr int MT = decltype(mt)::value;
+      const dim3 block(lass::kSmallDwCols, lass::kSmallDwGroups);
+      if (out_dtype == dtype) {
+        const SmallDwPlan<T, T, MT> plan(x, out, n, k);
+        lass_small_dw<T, T, MT><<<plan.grid, block, 0, stream>>>(
+            (const T*)dy, (const T*)x, bits, (T*)out, m_rows, n, k, accumulate, plan.vec ? 1 : 0,
+            plan.vec_out ? 1 : 0);
+      } else {
+        const SmallDwPlan<T, float, MT> plan(x, out, n, k);
+        lass_small_dw<T, float, MT><<<plan.grid, block, 0, stream>>>(
+            (const T*)dy, (const T*)x, bits, (float*)out, m_rows, n, k, accumulate,
+            plan.vec ? 1 : 0, plan.vec_out ? 1 : 0);
+      }
+      return cudaGetLastError();
+    });
+  });
+}
 
 extern "C" cudaError_t lass_launch_decode_gemv_v2(int dtype, const void* x, const void* w,
                                                   const int32_t* bits, const void* bias, void* y,

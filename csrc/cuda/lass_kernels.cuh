@@ -12,15 +12,16 @@
 
 namespace lass {
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+// Host and device: the small-M backward bodies below also run on the CPU (the tests' emulator).
+#define LASS_HD __host__ __device__ __forceinline__
+
+LASS_HD float to_float(float v) { return v; }
+LASS_HD float to_float(__half v) { return __half2float(v); }
+LASS_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> LASS_HD T from_float(float v);
+template <> LASS_HD float from_float<float>(float v) { return v; }
+template <> LASS_HD __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> LASS_HD __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
@@ -262,6 +263,221 @@ __device__ __forceinline__ void decode_gemv2(const T* __restrict__ x, const T* _
   }
 }
 
+// ------------------------------------------------------------------- small-M backward (M <= 16)
+// Issue 29: the backward of the decode / small-batch regime in one CUDA pass each, no Triton:
+//   dx[m, c] = sum_n dy[m, n] * (bit(n, c) ? W[n, c] : 0)
+//   dW[r, c] = bit(r, c) ? sum_m dy[m, r] * x[m, c] : 0     (accumulating: grad[r, c] += that on
+//              the mask, entries off the mask keep their exact bits; the mask in the "epilogue")
+// Each thread owns VEC consecutive columns (one VEC * sizeof(T)-byte access per row when `vec`),
+// with MT >= M rows of fp32 accumulators in registers; a select, so NaN/Inf off the mask never
+// enters. W (dx) and dW are streamed once; dy and x are a few KB and read through the cache (a
+// warp's lanes read the same dy element: one broadcast). No shared memory and no warp shuffles:
+// the bodies are host+device and take their block/thread position as arguments, so the tests run
+// them on the CPU, every position of the launch grid in turn (tests/ops/test_cuda_emulated.py).
+// dx splits N over blockIdx.y (lass_small_dx_splits): one split writes dx, several write fp32
+// partials that small_dx_sum adds in split order (deterministic, no atomics).
+
+template <int BYTES> struct RawVec;
+template <> struct RawVec<16> { using type = uint4; };
+template <> struct RawVec<8> { using type = uint2; };
+template <> struct RawVec<4> { using type = unsigned int; };
+
+// Evict-first loads on the device (streamed once), plain ones in the emulator.
+template <typename V> LASS_HD V ld_stream(const V* p) {
+#ifdef __CUDA_ARCH__
+  return __ldcs(p);
+#else
+  return *p;
+#endif
+}
+
+// VEC elements of p into e[] (their raw bits): one vector load when `vec` (then all VEC are in
+// range and p is aligned to the vector), else `avail` scalar loads and zeros.
+template <typename T, int VEC, bool STREAM>
+LASS_HD void load_cols(const T* p, bool vec, int avail, T* e) {
+  constexpr int B = VEC * (int)sizeof(T);
+  if constexpr (B == 16 || B == 8 || B == 4 || B == 32) {
+    if (vec) {
+      constexpr int CH = B == 32 ? 16 : B;  // 32 bytes: two 16-byte loads
+      using V = typename RawVec<CH>::type;
+      V raw[B / CH];
+#pragma unroll
+      for (int i = 0; i < B / CH; ++i)
+        raw[i] = STREAM ? ld_stream(reinterpret_cast<const V*>(p) + i)
+                        : reinterpret_cast<const V*>(p)[i];
+      const T* r = reinterpret_cast<const T*>(raw);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) e[j] = r[j];
+      return;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) e[j] = j < avail ? p[j] : from_float<T>(0.f);
+}
+
+template <typename T, int VEC>
+LASS_HD void store_cols(T* p, bool vec, int avail, const T* e) {
+  constexpr int B = VEC * (int)sizeof(T);
+  if constexpr (B == 16 || B == 8 || B == 4 || B == 32) {
+    if (vec) {
+      constexpr int CH = B == 32 ? 16 : B;
+      using V = typename RawVec<CH>::type;
+      V raw[B / CH];
+      T* r = reinterpret_cast<T*>(raw);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) r[j] = e[j];
+#pragma unroll
+      for (int i = 0; i < B / CH; ++i) reinterpret_cast<V*>(p)[i] = raw[i];
+      return;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < VEC; ++j)
+    if (j < avail) p[j] = e[j];
+}
+
+// The rows bound of an instantiation for m rows (1, 2, 4, 8 or 16) and the columns per thread:
+// 16-byte runs of T up to 8 rows, 8-byte runs above (the accumulators stay at <= 64 floats).
+LASS_HD int small_mt(int m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : 16; }
+LASS_HD constexpr int small_vec_elems(int mt, int elem_bytes) {
+  return (mt <= 8 ? 16 : 8) / elem_bytes;
+}
+template <typename T, int MT> LASS_HD constexpr int small_vec() {
+  return small_vec_elems(MT, (int)sizeof(T));
+}
+
+// dx for columns [c0, c0 + VEC) over the weight rows of split `split` of `splits`.
+template <typename T, int MT, int VEC>
+LASS_HD void small_dx_thread(const T* __restrict__ dy, const T* __restrict__ w,
+                             const int32_t* __restrict__ bits, T* __restrict__ dx,
+                             float* __restrict__ ws, int m_rows, int64_t n, int64_t k, int splits,
+                             bool vec, int64_t block, int64_t split, int thread) {
+  const int64_t c0 = (block * kSmallDxThreads + thread) * VEC;
+  if (c0 >= k) return;
+  const int64_t nw = (k + 31) / 32, chunk = (n + splits - 1) / splits;
+  const int64_t lo = split * chunk, hi = lo + chunk < n ? lo + chunk : n;
+  const int avail = k - c0 < VEC ? (int)(k - c0) : VEC;
+  float acc[MT][VEC];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) acc[m][j] = 0.f;
+  for (int64_t r = lo; r < hi; ++r) {
+    const uint32_t word = (uint32_t)bits[r * nw + c0 / 32] >> (c0 % 32);  // VEC | 32
+    T e[VEC];
+    load_cols<T, VEC, true>(w + r * k + c0, vec, avail, e);
+    float wf[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) wf[j] = ((word >> j) & 1u) ? to_float(e[j]) : 0.f;
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m < m_rows) {
+        const float d = to_float(dy[(int64_t)m * n + r]);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[m][j] = fmaf(d, wf[j], acc[m][j]);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    if (m < m_rows) {
+      if (splits == 1) {
+        T o[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) o[j] = from_float<T>(acc[m][j]);
+        store_cols<T, VEC>(dx + (int64_t)m * k + c0, vec, avail, o);
+      } else {
+        store_cols<float, VEC>(ws + (split * m_rows + m) * k + c0, vec, avail, acc[m]);
+      }
+    }
+  }
+}
+
+// The kernels' grid positions: dx blocks (column block, split) of kSmallDxThreads threads; dW
+// blocks (row block, column block) of (kSmallDwCols, kSmallDwGroups) threads (weight rows on
+// grid x, which takes 2^31 - 1 blocks).
+template <typename T, int MT>
+LASS_HD void small_dx_at(const T* dy, const T* w, const int32_t* bits, T* dx, float* ws,
+                         int m_rows, int64_t n, int64_t k, int splits, bool vec, uint3 block,
+                         uint3 thread) {
+  small_dx_thread<T, MT, small_vec<T, MT>()>(dy, w, bits, dx, ws, m_rows, n, k, splits, vec,
+                                             block.x, block.y, (int)thread.x);
+}
+
+// dx[i] = sum of the splits' partials ws[s, i] in split order, for element i of dx [m, k].
+template <typename T>
+LASS_HD void small_dx_sum(const float* __restrict__ ws, T* __restrict__ dx, int splits,
+                          int64_t total, int64_t i) {
+  if (i >= total) return;
+  float s = 0.f;
+  for (int p = 0; p < splits; ++p) s += ws[p * total + i];
+  dx[i] = from_float<T>(s);
+}
+
+// dW (into out of type O: T, or float when accumulating) for columns [c0, c0 + VEC) of
+// kSmallDwRows weight rows; x's columns stay in registers across the rows.
+template <typename T, typename O, int MT, int VEC>
+LASS_HD void small_dw_thread(const T* __restrict__ dy, const T* __restrict__ x,
+                             const int32_t* __restrict__ bits, O* __restrict__ out, int m_rows,
+                             int64_t n, int64_t k, bool accumulate, bool vec, bool vec_out,
+                             int64_t block_x, int64_t block_y, int tx, int ty) {
+  const int64_t c0 = (block_x * kSmallDwCols + tx) * VEC;
+  const int64_t r0 = (block_y * kSmallDwGroups + ty) * kSmallDwRows;
+  if (c0 >= k || r0 >= n) return;
+  const int64_t nw = (k + 31) / 32;
+  const int avail = k - c0 < VEC ? (int)(k - c0) : VEC;
+  float xf[MT][VEC];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    T e[VEC];
+    if (m < m_rows) {
+      load_cols<T, VEC, false>(x + (int64_t)m * k + c0, vec, avail, e);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) xf[m][j] = to_float(e[j]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) xf[m][j] = 0.f;
+    }
+  }
+  for (int i = 0; i < kSmallDwRows; ++i) {
+    const int64_t r = r0 + i;
+    if (r >= n) break;
+    float acc[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) acc[j] = 0.f;
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m < m_rows) {
+        const float d = to_float(dy[(int64_t)m * n + r]);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[j] = fmaf(d, xf[m][j], acc[j]);
+      }
+    }
+    const uint32_t word = (uint32_t)bits[r * nw + c0 / 32] >> (c0 % 32);
+    O* o = out + r * k + c0;
+    O v[VEC];
+    if (accumulate) {
+      load_cols<O, VEC, false>(o, vec_out, avail, v);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j)
+        if ((word >> j) & 1u) v[j] = from_float<O>(to_float(v[j]) + acc[j]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] = from_float<O>(((word >> j) & 1u) ? acc[j] : 0.f);
+    }
+    store_cols<O, VEC>(o, vec_out, avail, v);
+  }
+}
+
+template <typename T, typename O, int MT>
+LASS_HD void small_dw_at(const T* dy, const T* x, const int32_t* bits, O* out, int m_rows,
+                         int64_t n, int64_t k, bool accumulate, bool vec, bool vec_out,
+                         uint3 block, uint3 thread) {
+  small_dw_thread<T, O, MT, small_vec<T, MT>()>(dy, x, bits, out, m_rows, n, k, accumulate, vec,
+                                                vec_out, block.y, block.x, (int)thread.x,
+                                                (int)thread.y);
+}
+
 // ------------------------------------------------------------------------------ masked AdamW
 // Multi-tensor: one launch over a list of tensors described by a chunk table. Entries whose
 // mask bit is 0 keep p, exp_avg and exp_avg_sq bit-for-bit (nothing is written).
@@ -362,3 +578,25 @@ LASS_TYPED_KERNELS(bf16, __nv_bfloat16)
 LASS_GEMV2_KERNELS(f32, float)
 LASS_GEMV2_KERNELS(f16, __half)
 LASS_GEMV2_KERNELS(bf16, __nv_bfloat16)
+
+// Small-M backward: templates (not extern "C": the torch binding launches them; cupy does not).
+template <typename T, int MT>
+__global__ void __launch_bounds__(lass::kSmallDxThreads)
+    lass_small_dx(const T* dy, const T* w, const int32_t* bits, T* dx, float* ws, int m_rows,
+                  int64_t n, int64_t k, int splits, int vec) {
+  lass::small_dx_at<T, MT>(dy, w, bits, dx, ws, m_rows, n, k, splits, vec != 0, blockIdx,
+                           threadIdx);
+}
+
+template <typename T>
+__global__ void lass_small_dx_sum(const float* ws, T* dx, int splits, int64_t total) {
+  lass::small_dx_sum<T>(ws, dx, splits, total, (int64_t)blockIdx.x * blockDim.x + threadIdx.x);
+}
+
+template <typename T, typename O, int MT>
+__global__ void __launch_bounds__(lass::kSmallDwCols * lass::kSmallDwGroups)
+    lass_small_dw(const T* dy, const T* x, const int32_t* bits, O* out, int m_rows, int64_t n,
+                  int64_t k, int accumulate, int vec, int vec_out) {
+  lass::small_dw_at<T, O, MT>(dy, x, bits, out, m_rows, n, k, accumulate != 0, vec != 0,
+                              vec_out != 0, blockIdx, threadIdx);
+}

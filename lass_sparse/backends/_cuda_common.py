@@ -52,6 +52,7 @@ DTYPE_CODE = {torch.float32: _CODES["kFloat32"], torch.float16: _CODES["kFloat16
               torch.bfloat16: _CODES["kBFloat16"]}
 SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 GEMV_MAX_M = abi()["kGemvMaxM"]
+SMALL_BWD_MAX_M = abi()["kSmallBwdMaxM"]
 ADAMW_CHUNK = abi()["kAdamWChunk"]
 ADAMW_BLOCK = abi()["kAdamWBlock"]
 ADAMW_FIELDS = ("p", "g", "m", "v", "bits", "numel", "k", "nw")  # adamw_tables' column order
@@ -245,3 +246,19 @@ def cublas_min_m(default: int = 64) -> int:
     (``$LASS_SPARSE_CUBLAS_MIN_M``, else ``default``): the Triton backend's and the CUDA
     extension's entries (csrc/cuda/binding.cpp) use the same threshold."""
     return int(os.environ.get(CUBLAS_MIN_M_ENV, default))
+
+
+SMALL_BWD_ENV = "LASS_SPARSE_CUDA_SMALL_BWD_MAX_M"
+
+
+def small_bwd_max_m() -> int:
+    """Rows up to which the CUDA extension's dx / dW take the small-M kernels
+    (``$LASS_SPARSE_CUDA_SMALL_BWD_MAX_M``, else :data:`SMALL_BWD_MAX_M`; 0 or -1: off, above
+    the kernels' limit: the limit)."""
+    raw = os.environ.get(SMALL_BWD_ENV, "")
+    try:
+        value = int(raw) if raw.strip() else SMALL_BWD_MAX_M
+    except ValueError:
+        raise ValueError(f"${SMALL_BWD_ENV} must be an integer number of rows, got {raw!r}") \
+            from None
+    return min(value, SMALL_BWD_MAX_M) if value > 0 else -1

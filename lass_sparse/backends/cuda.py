@@ -1,8 +1,9 @@
 """CUDA C++ backend (csrc/cuda) through the compiled extension ``lass_sparse._cuda``: pack /
-unpack, magnitude mask, decode GEMV (M <= 16), the "mask, then cuBLAS" route of masked_linear,
-its dx, dW and dW accumulation and the fused QKV projection (M >= ``cublas_min_m()``: one mask
-pass into a W-sized transient, then cuBLAS; dW masked in place) and the multi-tensor masked
-AdamW. Its kernels
+unpack, magnitude mask, decode GEMV (M <= 16), the small-M dx / dW kernels (M <= 16: one pass
+over W or dW, the mask applied as dW is written, a float32 grad accumulated from 16-bit
+inputs), the "mask, then cuBLAS" route of masked_linear, its dx, dW and dW accumulation and the
+fused QKV projection (M >= ``cublas_min_m()``: one mask pass into a W-sized transient, then
+cuBLAS; dW masked in place) and the multi-tensor masked AdamW. Its kernels
 register under the public op names (``TORCH_LIBRARY_IMPL(lass_sparse, CUDA)``): a CUDA call
 through ``torch.ops`` reaches them in one dispatcher trip, and they defer to the op's Python body
 (Triton, cupy, the reference) when another backend is forced or a call is not theirs
@@ -24,7 +25,7 @@ import torch
 
 from ..ops import registry
 from . import _native
-from ._cuda_common import GEMV_MAX_M, SUFFIX, cublas_min_m
+from ._cuda_common import GEMV_MAX_M, SUFFIX, cublas_min_m, small_bwd_max_m
 
 MODULE = "lass_sparse._cuda"
 _FLOATS = "float32, float16 or bfloat16"
@@ -81,6 +82,24 @@ def set_cublas_routes(mod, min_m: int | None = None, routed=_routed_elsewhere) -
     return dict(cublas_rows)
 
 
+# Rows up to which dx / dW take the small-M kernels (-1: off); set by :func:`set_small_bwd`.
+small_rows = -1
+
+
+def set_small_bwd(mod, max_m: int | None = None) -> int:
+    """Tell the extension up to which rows dx / dW take the small-M kernels (``max_m``, default
+    :func:`small_bwd_max_m`; <= 0: off)."""
+    global small_rows
+    small_rows = small_bwd_max_m() if max_m is None else (max_m if max_m > 0 else -1)
+    mod.set_option("small_bwd_max_m", small_rows)
+    return small_rows
+
+
+def _small_serves(rows: int) -> bool:
+    """As the entries' ``small_takes``."""
+    return rows <= small_rows and not os.environ.get("LASS_SPARSE_TRITON_VARIANT")
+
+
 def _cublas_serves(op: str, rows: int) -> bool:
     """As the entries' ``cublas_takes``: from the op's rows, unless a Triton variant is set in
     the environment (being timed or tested: the op body runs it)."""
@@ -97,7 +116,7 @@ def _takes_linear(x, w, bits, bias=None) -> bool:
 def _takes_grad(op: str):
     def takes(dy, other, *_a) -> bool:
         return (dy.dim() == 2 and dy.dtype in SUFFIX and other.dtype == dy.dtype
-                and _cublas_serves(op, dy.shape[0]))
+                and (_small_serves(dy.shape[0]) or _cublas_serves(op, dy.shape[0])))
     return takes
 
 
@@ -111,13 +130,15 @@ _takes_dw = _takes_grad("masked_linear_dw")
 
 
 def _takes_accumulate(grad, dy, x, bits) -> bool:
-    return grad.dtype == dy.dtype and _takes_dw(dy, x)
+    small = dy.dim() == 2 and _small_serves(dy.shape[0])
+    return (grad.dtype == dy.dtype or (small and grad.dtype == torch.float32)) and _takes_dw(dy, x)
 
 
 def _register(mod) -> None:
     global native
     native = functools.partial(_native.native, mod, "CUDA")
     set_cublas_routes(mod)
+    set_small_bwd(mod)
     # the kernels read the forced backend of their thread from here (they cannot see contextvars)
     registry.on_force(lambda name: mod.set_forced(name or ""))
 
@@ -134,14 +155,15 @@ def _register(mod) -> None:
          f"set: off) of {_FLOATS}")
     for op, takes in (("masked_linear_dx", _takes_grad("masked_linear_dx")),
                       ("masked_linear_dw", _takes_dw)):
-        _reg(op, takes, f"at least {cublas_rows[op]} rows (cuBLAS route; -1: off) of one "
-                        f"dtype of {_FLOATS}")
+        _reg(op, takes, f"at most {small_rows} rows (small-M kernels) or at least "
+                        f"{cublas_rows[op]} (cuBLAS route; -1: off) of one dtype of {_FLOATS}")
     _reg("masked_qkv_proj", _takes_qkv,
          f"B*T >= {cublas_rows['masked_qkv_proj']} rows (cuBLAS route; -1: off) of one dtype of "
          f"{_FLOATS}")
     _reg("masked_linear_dw_accumulate_", _takes_accumulate,
-         f"at least {cublas_rows['masked_linear_dw']} rows (cuBLAS route; -1: off) of one dtype "
-         f"of {_FLOATS}, grad of that dtype")
+         f"at most {small_rows} rows (small-M kernel; grad of x's dtype or float32) or at least "
+         f"{cublas_rows['masked_linear_dw']} (cuBLAS route; -1: off; grad of x's dtype) of one "
+         f"dtype of {_FLOATS}")
     # one launch per param dtype (the kernel groups a mixed list)
     _reg("masked_adamw_", lambda ps, *a: all(p.dtype in SUFFIX for p in ps), f"{_FLOATS} params")
 

@@ -260,3 +260,64 @@ def test_the_fused_qkv_projection_on_the_cublas_route_runs_in_cpp(monkeypatch, d
         want = run()
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m, n, k, aligned", [(1, 96, 200, True), (5, 300, 203, True),
+                                              (16, 2048, 512, True), (8, 130, 256, False)])
+def test_the_small_backward_kernels_run_in_cpp_and_match_the_reference(monkeypatch, dtype, m,
+                                                                       n, k, aligned):
+    """dx, dW and dW accumulation (into a grad of x's dtype and a float32 one) of at most 16
+    rows: the C++ entries' small-M kernels (no registry call), results as the reference, dW
+    exactly 0 off the mask, accumulation leaving off-mask entries bit for bit; dx split over
+    N (2048 rows) repeats bitwise."""
+    monkeypatch.delenv("LASS_SPARSE_TRITON_VARIANT", raising=False)
+    from lass_sparse.backends import cuda
+
+    if m > cuda.small_rows:
+        pytest.skip(f"small-M kernels off or up to fewer rows here: {cuda.small_rows}")
+    seen = record_backends(monkeypatch)
+    x, w, bits, _ = _linear_args(m, k=k, n=n, dtype=dtype)
+    if not aligned:
+        w, x = _misaligned(w), _misaligned(x)
+    dy = torch.randn(m, n, device="cuda", dtype=dtype)
+    ops = torch.ops.lass_sparse
+    dx = ops.masked_linear_dx(dy, w, bits)
+    assert torch.equal(dx, ops.masked_linear_dx(dy, w, bits))
+    dw = ops.masked_linear_dw(dy, x, bits)
+    keep = unpack_mask_reference(bits, k)
+    for grad_dtype in {dtype, torch.float32}:
+        grad = torch.randn(n, k, device="cuda", dtype=grad_dtype).masked_fill(~keep, float("nan"))
+        before = grad.clone()
+        ops.masked_linear_dw_accumulate_(grad, dy, x, bits)
+        bitview = torch.int32 if grad_dtype == torch.float32 else torch.int16
+        assert torch.equal(grad.view(bitview)[~keep], before.view(bitview)[~keep])
+        want = before.clone()
+        reference.masked_linear_dw_accumulate_(want, dy, x, bits)
+        torch.testing.assert_close(grad[keep], want[keep], **_tol(dtype))
+    assert seen == []
+    torch.testing.assert_close(dx, reference.masked_linear_dx(dy, w, bits), **_tol(dtype))
+    torch.testing.assert_close(dw, reference.masked_linear_dw(dy, x, bits), **_tol(dtype))
+    assert not dw[~keep].any()
+
+
+def test_a_decode_sized_training_step_runs_no_python_body(monkeypatch):
+    """``lass_sparse.masked_linear`` with gradients at 8 rows in bf16: the decode GEMV forward,
+    the small-M dx and dW, all C++ entries; NaN off the mask reaches no gradient."""
+    monkeypatch.delenv("LASS_SPARSE_TRITON_VARIANT", raising=False)
+    seen = record_backends(monkeypatch)
+    x, w, bits, b = _linear_args(8, k=512, n=256, dtype=torch.bfloat16)
+    keep = unpack_mask_reference(bits, 512)
+    x.requires_grad_()
+    w = w.masked_fill(~keep, float("nan")).requires_grad_()
+    b.requires_grad_()
+    lass_sparse.masked_linear(x, w, bits, b).float().square().sum().backward()
+    assert seen == []
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad[keep]).all()
+    got = [t.grad.clone() for t in (x, w, b)]
+    x.grad = w.grad = b.grad = None
+    with lass_sparse.use_backend("reference"):
+        lass_sparse.masked_linear(x, w, bits, b).float().square().sum().backward()
+    for a, r in zip(got, (x.grad, w.grad, b.grad)):
+        torch.testing.assert_close(a.float().nan_to_num(), r.float().nan_to_num(), atol=0.1,
+                                   rtol=3e-2)

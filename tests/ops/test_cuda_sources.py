@@ -115,6 +115,23 @@ def test_launchers_skip_zero_size_grids(tmp_path):
         assert am(2, None, None, None, rows, k, 1, None) == 0, (rows, k)
     assert am(2, None, None, None, 3, 40, 0, None) != 0  # a real launch: no GPU
     assert am(9, None, None, None, 3, 40, 0, None) != 0  # an unknown dtype code
+    # small-M backward (dtype, dy, w, bits, dx, ws, m, n, k, splits, stream) /
+    # (dtype, out_dtype, dy, x, bits, out, m, n, k, accumulate, stream)
+    sdx = lk.lass_launch_small_dx
+    sdx.argtypes = [ctypes.c_int, p, p, p, p, p, ctypes.c_int, i64, i64, ctypes.c_int, p]
+    sdw = lk.lass_launch_small_dw
+    sdw.argtypes = [ctypes.c_int, ctypes.c_int, p, p, p, p, ctypes.c_int, i64, i64,
+                    ctypes.c_int, p]
+    for m, n, k in ((0, 8, 8), (4, 0, 8), (4, 8, 0)):
+        assert sdx(2, None, None, None, None, None, m, n, k, 1, None) == 0, (m, n, k)
+        assert sdw(2, 2, None, None, None, None, m, n, k, 1, None) == 0, (m, n, k)
+    assert sdx(2, None, None, None, None, None, 4, 8, 8, 1, None) != 0  # a real launch
+    assert sdw(2, 0, None, None, None, None, 4, 8, 8, 1, None) != 0  # fp32 grad, real launch
+    assert sdx(2, None, None, None, None, None, 17, 8, 8, 1, None) != 0  # > kSmallBwdMaxM
+    assert sdx(2, None, None, None, None, None, 4, 8, 8, 2, None) != 0  # splits without ws
+    assert sdx(2, None, None, None, None, None, 4, 8, 8, 0, None) != 0  # splits < 1
+    assert sdw(2, 0, None, None, None, None, 4, 8, 8, 0, None) != 0  # fp32 dW: accumulate only
+    assert sdw(9, 9, None, None, None, None, 4, 8, 8, 0, None) != 0  # an unknown dtype code
 
 
 def test_one_abi_header_for_kernels_binding_and_loader():

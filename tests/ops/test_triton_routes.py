@@ -117,6 +117,48 @@ def test_the_cuda_entries_leave_routed_ops_to_the_triton_kernels(monkeypatch):
     assert cuda._takes_linear(x[:16], w, None)  # the decode GEMV is not a Triton variant
 
 
+def test_the_cuda_entries_take_small_backward_rows(monkeypatch):
+    """dx / dW of at most ``small_bwd_max_m()`` rows (16 by default, the kernels' limit) take the
+    small-M kernels, a float32 grad of 16-bit inputs included; off with the variable <= 0 or
+    while a Triton variant is under test; a non-integer value is an error naming it."""
+    from lass_sparse.backends import _cuda_common as cc
+    from lass_sparse.backends import cuda
+
+    class Module:
+        def __init__(self):
+            self.options = {}
+
+        def set_option(self, name, value):
+            self.options[name] = value
+
+    monkeypatch.setattr(cuda, "small_rows", cuda.small_rows)
+    monkeypatch.setattr(cuda, "cublas_rows", dict.fromkeys(cuda.CUBLAS_OPS, -1))
+    monkeypatch.delenv(cc.SMALL_BWD_ENV, raising=False)
+    monkeypatch.delenv("LASS_SPARSE_TRITON_VARIANT", raising=False)
+    mod = Module()
+    assert cuda.set_small_bwd(mod) == 16 == cc.SMALL_BWD_MAX_M
+    assert mod.options == {"small_bwd_max_m": 16}
+    x, w = torch.empty(16, 8, dtype=torch.bfloat16), torch.empty(4, 8, dtype=torch.bfloat16)
+    dx, dw = cuda._takes_grad("masked_linear_dx"), cuda._takes_grad("masked_linear_dw")
+    assert dx(x, w) and dw(x, x) and not dx(torch.empty(17, 4, dtype=torch.bfloat16), w)
+    assert not dx(x, w.float())  # one dtype
+    assert cuda._takes_accumulate(w.float(), x, x, None) and cuda._takes_accumulate(w, x, x, None)
+    assert not cuda._takes_accumulate(w.half(), x, x, None)
+    monkeypatch.setenv("LASS_SPARSE_TRITON_VARIANT", "wt")
+    assert not dx(x, w) and not cuda._takes_accumulate(w.float(), x, x, None)
+    monkeypatch.delenv("LASS_SPARSE_TRITON_VARIANT")
+    monkeypatch.setenv(cc.SMALL_BWD_ENV, "4")
+    assert cuda.set_small_bwd(mod) == 4 and not dx(x[:5], w) and dx(x[:4], w)
+    monkeypatch.setenv(cc.SMALL_BWD_ENV, "99")
+    assert cuda.set_small_bwd(mod) == 16
+    monkeypatch.setenv(cc.SMALL_BWD_ENV, "0")
+    assert cuda.set_small_bwd(mod) == -1 and mod.options["small_bwd_max_m"] == -1
+    assert not dx(x[:1], w) and not cuda._takes_accumulate(w.float(), x[:1], x[:1], None)
+    monkeypatch.setenv(cc.SMALL_BWD_ENV, "many")
+    with pytest.raises(ValueError, match="LASS_SPARSE_CUDA_SMALL_BWD_MAX_M must be an integer"):
+        cuda.set_small_bwd(mod)
+
+
 def test_the_native_entries_take_integer_options():
     """``<extension>.set_option(name, value) -> previous`` (csrc/common/entry_module.h)."""
     if not ls.backends()["cpu"]["active"]:
@@ -128,6 +170,8 @@ def test_the_native_entries_take_integer_options():
         assert _C.set_option("cublas_min_m.masked_linear_dw", 7) == 128
     finally:
         _C.set_option("cublas_min_m.masked_linear_dw", old)
+    assert _C.set_option("small_bwd_max_m", 5) == -1  # the CPU extension keeps it unused
+    assert _C.set_option("small_bwd_max_m", -1) == 5
     with pytest.raises(ValueError, match="unknown option nope"):
         _C.set_option("nope", 1)
 
@@ -203,8 +247,11 @@ def test_the_tool_picks_the_fastest_variant_per_rows_and_merges_ranges():
     assert gpu == "GPU X"
     # fwd: 16 rows skipped (the CUDA GEMV's), 64 and 256 wt_tma, 1024 wt is < 3% faster: v1
     assert got["masked_linear"] == [[256, "wt_tma"], [None, "v1"]]
-    # dx: 2% faster is below the min gain; from 1024 rows wt is 2x faster
+    # dx: 16 rows skipped (the CUDA small-M kernel's), 2% faster is below the min gain; from
+    # 1024 rows wt is 2x faster
     assert got["masked_linear_dx"] == [[256, "v1"], [None, "wt"]]
+    assert not any(line.startswith(("masked_linear_dx rows=16", "masked_linear rows=16"))
+                   for line in report)
     assert got["segmented_masked_linear"] == [[None, "wt"]]
     assert "segmented_masked_linear_dx" not in got  # its backward is slower under wt
     routes.validate({gpu: {"source": "t", "routes": got}})

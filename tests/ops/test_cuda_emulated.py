@@ -1,0 +1,222 @@
+"""The small-M backward CUDA kernels (dx and dW of at most 16 rows; csrc/cuda/lass_kernels.cuh
+``small_dx_*`` / ``small_dw_*``) run on the CPU: their bodies are host+device code without shared
+memory or warp shuffles, so tests/ops/cuda_emulator.cu (built here with nvcc) runs the launchers'
+own plans (grid, vector accesses, dx splits) and the bodies at every grid position in turn.
+Checked against the reference: every rows bound, the three dtypes, odd and misaligned K, several
+dx splits, NaN/Inf off the mask, dW accumulated into a grad of x's dtype or float32 with entries
+off the mask kept bit for bit."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from lass_sparse import reference as ref
+from lass_sparse.backends._cuda_common import DTYPE_CODE, abi
+from lass_sparse.bitmask import pack_mask_reference
+from lass_sparse.testing import within_torch_error
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NVCC = shutil.which("nvcc") or "/usr/local/cuda-13.0/bin/nvcc"
+MAX_M = abi()["kSmallBwdMaxM"]
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SHAPES = ((64, 64), (300, 96), (130, 37), (1, 8), (70, 200))  # (N, K): odd K, K % 8 != 0
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    if not os.path.exists(NVCC):
+        pytest.skip("needs nvcc")
+    lib = tmp_path_factory.mktemp("emu") / "libemu.so"
+    r = subprocess.run([NVCC, "-std=c++17", "-O1", "-arch=sm_80", "-shared", "-Xcompiler",
+                        "-fPIC", f"-I{REPO}/csrc", os.path.join(REPO, "tests", "ops",
+                                                                "cuda_emulator.cu"),
+                        "-o", str(lib)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    e = ctypes.CDLL(str(lib))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    e.emu_small_dx.argtypes = [i32, p, p, p, p, i32, i64, i64, i32, i32]
+    e.emu_small_dw.argtypes = [i32, i32, p, p, p, p, i32, i64, i64, i32]
+    e.emu_small_dx_vec.argtypes = [i32, p, p, i32, i64]
+    e.lass_small_dx_splits.argtypes = [i32, i64, i64, i32, i32]
+    return e
+
+
+def _problem(m, n, k, dtype, seed=0, nan_off_mask=False):
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(m, n, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    keep = torch.rand(n, k, generator=g) < 0.6
+    if nan_off_mask:
+        w = torch.where(keep, w, torch.full_like(w, float("nan")))
+        w[~keep & (torch.rand(n, k, generator=g) < 0.5)] = float("inf")
+    return dy, w, x, keep, pack_mask_reference(keep)
+
+
+def _dx(emu, dy, w, bits, splits=0, sm_count=132):
+    m, n = dy.shape
+    dx = torch.full((m, w.shape[1]), float("nan"), dtype=dy.dtype)
+    used = emu.emu_small_dx(DTYPE_CODE[dy.dtype], dy.data_ptr(), w.data_ptr(), bits.data_ptr(),
+                            dx.data_ptr(), m, n, w.shape[1], splits, sm_count)
+    assert used >= 1
+    return dx, used
+
+
+def _close(ours, same, exact):
+    ok, msg = within_torch_error(ours, same, exact)
+    assert ok, msg
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", (1, 2, 3, 5, 8, 9, 16))
+def test_small_dx_matches_the_reference(emu, dtype, m):
+    for n, k in SHAPES:
+        dy, w, _, _, bits = _problem(m, n, k, dtype, seed=n + k)
+        for splits in (1, 0, 3):  # one split, the launcher's choice, three
+            dx, used = _dx(emu, dy, w, bits, splits=splits)
+            _close(dx, ref.masked_linear_dx(dy, w, bits),
+                   ref.masked_linear_dx(dy.double(), w.double(), bits))
+            assert splits == 0 or used == splits
+
+
+def test_small_dx_splits_follow_the_device_and_stay_deterministic(emu):
+    # 16 rows, 2048 x 512 bf16 on a 132-SM device: N is split so there are >= 4 blocks per SM,
+    # each split over >= 64 weight rows; the sum runs in split order, so results repeat bitwise
+    splits = emu.lass_small_dx_splits(16, 2048, 512, DTYPE_CODE[torch.bfloat16], 132)
+    assert splits == 2048 // abi()["kSmallDxMinSplitRows"]
+    assert emu.lass_small_dx_splits(16, 2048, 512, DTYPE_CODE[torch.bfloat16], 1) == 4
+    assert emu.lass_small_dx_splits(1, 63, 4096, DTYPE_CODE[torch.float32], 132) == 1
+    dy, w, _, _, bits = _problem(16, 2048, 512, torch.bfloat16)
+    a, used = _dx(emu, dy, w, bits)
+    b, _ = _dx(emu, dy, w, bits)
+    assert used == splits and torch.equal(a.view(torch.int16), b.view(torch.int16))
+    _close(a, ref.masked_linear_dx(dy, w, bits),
+           ref.masked_linear_dx(dy.double(), w.double(), bits))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_dx_misaligned_weights_take_the_scalar_path(emu, dtype):
+    m, n, k = 4, 50, 64
+    dy, w, _, _, bits = _problem(m, n, k, dtype)
+    dx = torch.empty(m, k, dtype=dtype)
+    assert emu.emu_small_dx_vec(DTYPE_CODE[dtype], w.data_ptr(), dx.data_ptr(), m, k) == 1
+    shifted = torch.empty(n * k + 1, dtype=dtype)[1:].view(n, k)  # 2 or 4 bytes off
+    shifted.copy_(w)
+    assert emu.emu_small_dx_vec(DTYPE_CODE[dtype], shifted.data_ptr(), dx.data_ptr(), m, k) == 0
+    got, _ = _dx(emu, dy, shifted, bits)
+    _close(got, ref.masked_linear_dx(dy, w, bits),
+           ref.masked_linear_dx(dy.double(), w.double(), bits))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_dx_never_uses_weights_off_the_mask(emu, dtype):
+    dy, w, _, _, bits = _problem(6, 200, 72, dtype, nan_off_mask=True)
+    for splits in (1, 4):
+        dx, _ = _dx(emu, dy, w, bits, splits=splits)
+        assert torch.isfinite(dx).all()
+        _close(dx, ref.masked_linear_dx(dy, w, bits),
+               ref.masked_linear_dx(dy.double(), w.double(), bits))
+
+
+def _dw(emu, dy, x, bits, out, accumulate):
+    m, n = dy.shape
+    rc = emu.emu_small_dw(DTYPE_CODE[x.dtype], DTYPE_CODE[out.dtype], dy.data_ptr(),
+                          x.data_ptr(), bits.data_ptr(), out.data_ptr(), m, n, x.shape[1],
+                          int(accumulate))
+    assert rc == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", (1, 2, 4, 7, 8, 12, 16))
+def test_small_dw_matches_the_reference_and_is_zero_off_the_mask(emu, dtype, m):
+    for n, k in SHAPES:
+        dy, _, x, keep, bits = _problem(m, n, k, dtype, seed=3 * n + k)
+        out = torch.full((n, k), float("nan"), dtype=dtype)
+        _dw(emu, dy, x, bits, out, False)
+        assert (out[~keep] == 0).all() and not out[~keep].signbit().any()
+        _close(out, ref.masked_linear_dw(dy, x, bits),
+               ref.masked_linear_dw(dy.double(), x.double(), bits))
+
+
+@pytest.mark.parametrize("dtype,grad_dtype", [(torch.float32, torch.float32),
+                                              (torch.float16, torch.float16),
+                                              (torch.bfloat16, torch.bfloat16),
+                                              (torch.bfloat16, torch.float32),
+                                              (torch.float16, torch.float32)])
+def test_small_dw_accumulates_on_the_mask_and_keeps_the_rest_bitwise(emu, dtype, grad_dtype):
+    for m, (n, k) in zip((1, 3, 8, 16, 5), SHAPES):
+        dy, _, x, keep, bits = _problem(m, n, k, dtype, seed=m)
+        grad = torch.randn(n, k).to(grad_dtype)
+        grad[~keep & (torch.rand(n, k) < 0.3)] = float("nan")  # off-mask NaN / -0.0 stay
+        grad[~keep & (torch.rand(n, k) < 0.3)] = -0.0
+        before = grad.clone()
+        _dw(emu, dy, x, bits, grad, True)
+        bitview = torch.int32 if grad_dtype == torch.float32 else torch.int16
+        assert torch.equal(grad.view(bitview)[~keep], before.view(bitview)[~keep])
+        want = before.clone()
+        ref.masked_linear_dw_accumulate_(want, dy, x, bits)
+        exact = before.double()
+        ref.masked_linear_dw_accumulate_(exact, dy.double(), x.double(), bits)
+        _close(grad[keep], want[keep], exact[keep])
+
+
+def test_small_dw_misaligned_outputs_take_the_scalar_path(emu):
+    m, n, k = 3, 40, 64
+    dy, _, x, _, bits = _problem(m, n, k, torch.bfloat16)
+    base = torch.zeros(n * k + 1, dtype=torch.float32)
+    grad = base[1:].view(n, k)  # 4 bytes off a 16-byte boundary
+    _dw(emu, dy, x, bits, grad, True)
+    want = torch.zeros(n, k)
+    ref.masked_linear_dw_accumulate_(want, dy, x, bits)
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_emulated_launchers_refuse_what_the_real_ones_refuse(emu):
+    z = torch.zeros(64, dtype=torch.float32)
+    args = (z.data_ptr(),) * 4
+    assert emu.emu_small_dx(0, *args, MAX_M + 1, 8, 8, 1, 1) == -1
+    assert emu.emu_small_dw(0, 0, *args, MAX_M + 1, 8, 8, 0) == -1
+    # a float32 dW of 16-bit x only when accumulating (masked_linear_dw returns x's dtype)
+    assert emu.emu_small_dw(2, 0, *args, 4, 8, 8, 0) == -1
+    assert emu.emu_small_dw(0, 2, *args, 4, 8, 8, 1) == -1
+
+
+def _small_entries(ptx: dict, kind: str) -> dict:
+    """{(type, MT[, out]): PTX} of the small_<kind> kernel instantiations (mangled names)."""
+    types = {"f": "f32", "6__half": "f16", "13__nv_bfloat16": "bf16"}
+    out = {}
+    for name, body in ptx.items():
+        m = re.match(rf"_Z\d+lass_small_{kind}I(f|6__half|13__nv_bfloat16)(S0_|f)?Li(\d+)E", name)
+        if m:
+            t = types[m.group(1)]
+            key = (t, int(m.group(3)))
+            if kind == "dw":  # the output type: S0_ repeats T; "f" after a 16-bit T is float
+                key += ("f32" if m.group(2) == "f" and t != "f32" else "same",)
+            out[key] = body
+    return out
+
+
+def test_small_kernels_stream_w_with_vector_loads_and_no_local_memory(sm90_build):
+    """dx streams W with evict-first vector loads (16 bytes a row up to 8 rows, 8 above); dW
+    loads x and stores dW as vectors; neither touches local memory (registers only)."""
+    dx = _small_entries(sm90_build.ptx, "dx")
+    dw = _small_entries(sm90_build.ptx, "dw")
+    mts = (1, 2, 4, 8, 16)
+    assert set(dx) == {(t, mt) for t in ("f32", "f16", "bf16") for mt in mts}
+    assert set(dw) == ({(t, mt, "same") for t in ("f32", "f16", "bf16") for mt in mts}
+                       | {(t, mt, "f32") for t in ("f16", "bf16") for mt in mts})
+    for (t, mt), body in dx.items():
+        vec = "v4" if mt <= 8 else "v2"
+        assert re.search(rf"ld\.global\.cs\.{vec}", body), (t, mt)
+        assert not re.search(r"ld\.local|st\.local", body), (t, mt)
+    for key, body in dw.items():
+        assert re.search(r"ld\.global(\.nc)?\.v[24]", body) and re.search(r"st\.global\.v[24]",
+                                                                          body), key
+        assert not re.search(r"ld\.local|st\.local", body), key
