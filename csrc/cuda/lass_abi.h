@@ -37,6 +37,10 @@ constexpr int kSmallDwCols = 32;
 constexpr int kSmallDwGroups = 4;
 constexpr int kSmallDwRows = 16;
 constexpr int kSmallDxMinSplitRows = 64;
+// Segmented decode GEMV (mixed-pair rows, lass_kernels.cuh seg_gemv_*): the most rows of x one
+// call serves (blocks take them kGemvMaxM at a time) and warps per block (one output row each).
+constexpr int kSegGemvMaxT = 64;
+constexpr int kSegGemvWarps = 8;
 // Masked AdamW: elements per block (the chunk table's granularity) and threads per block.
 constexpr int64_t kAdamWChunk = 65536;
 constexpr int kAdamWBlock = 512;
@@ -93,6 +97,16 @@ cudaError_t lass_launch_small_dx(int dtype, const void* dy, const void* w, const
 cudaError_t lass_launch_small_dw(int dtype, int out_dtype, const void* dy, const void* x,
                                  const int32_t* bits, void* out, int m_rows, int64_t n,
                                  int64_t k, int accumulate, cudaStream_t stream);
+// Segmented decode GEMV: y[t] = x[t] (W ⊙ M_{pair(t)})ᵀ (+ b) for t_rows <= kSegGemvMaxT rows;
+// row t's pair is seg_pair[s] for seg_offsets[s] <= t < seg_offsets[s + 1] (int64 tables on
+// the device, read by the kernel: no host read). The kernel clamps the table (offsets into
+// [0, T] and non-decreasing, pair ids into [0, P)) so no value reaches outside the tensors; the
+// op checks the values. cudaErrorInvalidValue for t_rows > kSegGemvMaxT or an unknown dtype.
+cudaError_t lass_launch_seg_gemv(int dtype, const void* x, const void* w,
+                                 const int32_t* bits_bank, const int64_t* seg_offsets,
+                                 const int64_t* seg_pair, int segs, int pairs, const void* bias,
+                                 void* y, int t_rows, int64_t n, int64_t k,
+                                 cudaStream_t stream);
 cudaError_t lass_launch_pack(const bool* mask, int32_t* bits, int64_t rows, int64_t k,
                              cudaStream_t stream);
 cudaError_t lass_launch_unpack(const int32_t* bits, bool* mask, int64_t rows, int64_t k,

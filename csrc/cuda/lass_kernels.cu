@@ -119,7 +119,41 @@ template <typename T, typename O, int MT> struct SmallDwPlan {
 
 constexpr int kSumThreads = 256;
 
+// Segmented GEMV: blocks of kSegGemvWarps output rows x chunks of kGemvMaxM x rows; MT from the
+// rows of the first (largest) chunk; `vec` for 16-byte W and x rows (K % 8 == 0, aligned).
+template <typename T> struct SegGemvPlan {
+  int chunks, mt;
+  unsigned blocks;
+  bool vec;
+  SegGemvPlan(const void* x, const void* w, int t_rows, int64_t n, int64_t k)
+      : chunks((int)cdiv(t_rows, lass::kGemvMaxM)),
+        mt(lass::small_mt(std::min(t_rows, lass::kGemvMaxM))),
+        blocks((unsigned)(cdiv(n, lass::kSegGemvWarps) * chunks)),
+        vec(k % 8 == 0 && aligned(x, std::min(16, 8 * (int)sizeof(T))) &&
+            aligned(w, std::min(16, 8 * (int)sizeof(T)))) {}
+};
+
 }  // namespace
+
+extern "C" cudaError_t lass_launch_seg_gemv(int dtype, const void* x, const void* w,
+                                            const int32_t* bits_bank, const int64_t* seg_offsets,
+                                            const int64_t* seg_pair, int segs, int pairs,
+                                            const void* bias, void* y, int t_rows, int64_t n,
+                                            int64_t k, cudaStream_t stream) {
+  if (t_rows > lass::kSegGemvMaxT || segs < 0 || pairs < 1) return cudaErrorInvalidValue;
+  if (t_rows <= 0 || n <= 0) return cudaSuccess;  // nothing to write
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const SegGemvPlan<T> plan(x, w, t_rows, n, k);
+    return with_mt(plan.mt, [&](auto mt) {
+      constexpr int MT = decltype(mt)::value;
+      lass_seg_gemv<T, MT><<<plan.blocks, lass::kSegGemvWarps * 32, 0, stream>>>(
+          (const T*)x, (const T*)w, bits_bank, seg_offsets, seg_pair, segs, pairs,
+          (const T*)bias, (T*)y, t_rows, n, k, plan.chunks, plan.vec ? 1 : 0);
+      return cudaGetLastError();
+    });
+  });
+}
 
 extern "C" int lass_small_dx_splits(int m_rows, int64_t n, int64_t k, int dtype,
                                     int sm_count) {

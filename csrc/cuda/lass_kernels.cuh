@@ -478,6 +478,91 @@ LASS_HD void small_dw_at(const T* dy, const T* x, const int32_t* bits, O* out, i
                                                 (int)thread.y);
 }
 
+// ------------------------------------------------------------------ segmented decode GEMV
+// Issue 29 (item 5, for decoding): the rows of a mixed-pair batch, each under its own pair's
+// mask, in one launch that streams W once per 16-row chunk (the server's decode step: a few
+// rows per pair). One warp per output row n; each lane takes 8 consecutive weights per step,
+// selects them by the mask word of each row's pair (loaded again only where the pair changes
+// from one row to the next: rows are grouped by segment) and adds their products with the row
+// of x into the row's fp32 accumulator; the lanes' partial sums meet in a butterfly of shuffles.
+// The per-lane part and the final store are host+device code: the tests' emulator runs them for
+// all 32 lanes and replays the butterfly (tests/ops/test_cuda_emulated.py).
+
+// Pairs of rows [t0, t0 + MT) of the table (-1 for rows no segment covers), clamped: offsets
+// into [0, t_rows] and non-decreasing, ids into [0, pairs) — nothing outside the tensors.
+template <int MT>
+LASS_HD void seg_rows_pairs(const int64_t* __restrict__ offs, const int64_t* __restrict__ ids,
+                            int segs, int pairs, int t_rows, int t0, int* pr) {
+#pragma unroll
+  for (int t = 0; t < MT; ++t) pr[t] = -1;
+  int64_t lo = offs[0] < 0 ? 0 : offs[0] > t_rows ? t_rows : offs[0];
+  for (int s = 0; s < segs; ++s) {
+    int64_t hi = offs[s + 1] > t_rows ? t_rows : offs[s + 1];
+    if (hi < lo) hi = lo;
+    const int64_t id = ids[s];
+    const int p = id < 0 ? 0 : id >= pairs ? pairs - 1 : (int)id;
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+      if (t0 + t >= lo && t0 + t < hi) pr[t] = p;
+    lo = hi;
+  }
+}
+
+// Lane `lane`'s partial sums acc[t] for output row `row` and x rows t0 + t (t < MT, < t_rows).
+template <typename T, int MT>
+LASS_HD void seg_gemv_lane(const T* __restrict__ x, const T* __restrict__ w,
+                           const int32_t* __restrict__ bank, const int* pr, int t_rows, int t0,
+                           int64_t n, int64_t k, bool vec, int64_t row, int lane, float* acc) {
+  const int64_t nw = (k + 31) / 32;
+#pragma unroll
+  for (int t = 0; t < MT; ++t) acc[t] = 0.f;
+  const T* wr = w + row * k;
+  for (int64_t k0 = (int64_t)lane * 8; k0 < k; k0 += 32 * 8) {
+    const int avail = k - k0 < 8 ? (int)(k - k0) : 8;
+    const bool full = vec && avail == 8;
+    T e[8];
+    load_cols<T, 8, false>(wr + k0, full, avail, e);
+    float wv[8], wm[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) wv[j] = to_float(e[j]);
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+      if (t0 + t < t_rows) {
+        if (t == 0 || pr[t] != pr[t - 1]) {  // a new segment: its pair's mask word
+          const uint32_t word =
+              pr[t] < 0 ? 0u
+                        : (uint32_t)bank[((int64_t)pr[t] * n + row) * nw + k0 / 32] >> (k0 % 32);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) wm[j] = ((word >> j) & 1u) ? wv[j] : 0.f;
+        }
+        T xe[8];
+        load_cols<T, 8, false>(x + (int64_t)(t0 + t) * k + k0, full, avail, xe);
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) sum = fmaf(wm[j], to_float(xe[j]), sum);
+        acc[t] += sum;
+      }
+    }
+  }
+}
+
+// Lane 0's store of the reduced sums (plus the bias).
+template <typename T, int MT>
+LASS_HD void seg_gemv_store(const float* acc, const T* __restrict__ bias, T* __restrict__ y,
+                            int t_rows, int t0, int64_t n, int64_t row) {
+  const float b = bias ? to_float(bias[row]) : 0.f;
+#pragma unroll
+  for (int t = 0; t < MT; ++t)
+    if (t0 + t < t_rows) y[(int64_t)(t0 + t) * n + row] = from_float<T>(acc[t] + b);
+}
+
+// The launch grid's blocks: chunk c of the x rows (kGemvMaxM rows each) fastest, so the
+// chunks of the same output rows run side by side and share W's rows in L2.
+LASS_HD void seg_gemv_block(int64_t block, int chunks, int64_t* row_block, int* chunk) {
+  *chunk = (int)(block % chunks);
+  *row_block = block / chunks;
+}
+
 // ------------------------------------------------------------------------------ masked AdamW
 // Multi-tensor: one launch over a list of tensors described by a chunk table. Entries whose
 // mask bit is 0 keep p, exp_avg and exp_avg_sq bit-for-bit (nothing is written).
@@ -599,4 +684,28 @@ __global__ void __launch_bounds__(lass::kSmallDwCols * lass::kSmallDwGroups)
                   int64_t k, int accumulate, int vec, int vec_out) {
   lass::small_dw_at<T, O, MT>(dy, x, bits, out, m_rows, n, k, accumulate != 0, vec != 0,
                               vec_out != 0, blockIdx, threadIdx);
+}
+
+// Segmented decode GEMV (the torch binding launches it).
+template <typename T, int MT>
+__global__ void __launch_bounds__(lass::kSegGemvWarps * 32)
+    lass_seg_gemv(const T* x, const T* w, const int32_t* bank, const int64_t* offs,
+                  const int64_t* ids, int segs, int pairs, const T* bias, T* y, int t_rows,
+                  int64_t n, int64_t k, int chunks, int vec) {
+  int64_t row_block;
+  int chunk;
+  lass::seg_gemv_block(blockIdx.x, chunks, &row_block, &chunk);
+  const int lane = threadIdx.x % 32;
+  const int64_t row = row_block * lass::kSegGemvWarps + threadIdx.x / 32;
+  if (row >= n) return;  // a whole warp: the shuffles below see all 32 lanes
+  const int t0 = chunk * lass::kGemvMaxM;
+  int pr[MT];
+  lass::seg_rows_pairs<MT>(offs, ids, segs, pairs, t_rows, t0, pr);
+  float acc[MT];
+  lass::seg_gemv_lane<T, MT>(x, w, bank, pr, t_rows, t0, n, k, vec != 0, row, lane, acc);
+#pragma unroll
+  for (int t = 0; t < MT; ++t)
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], off);
+  if (lane == 0) lass::seg_gemv_store<T, MT>(acc, bias, y, t_rows, t0, n, row);
 }

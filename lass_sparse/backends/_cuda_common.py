@@ -53,6 +53,7 @@ DTYPE_CODE = {torch.float32: _CODES["kFloat32"], torch.float16: _CODES["kFloat16
 SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 GEMV_MAX_M = abi()["kGemvMaxM"]
 SMALL_BWD_MAX_M = abi()["kSmallBwdMaxM"]
+SEG_GEMV_MAX_T = abi()["kSegGemvMaxT"]
 ADAMW_CHUNK = abi()["kAdamWChunk"]
 ADAMW_BLOCK = abi()["kAdamWBlock"]
 ADAMW_FIELDS = ("p", "g", "m", "v", "bits", "numel", "k", "nw")  # adamw_tables' column order

@@ -3,7 +3,8 @@ unpack, magnitude mask, decode GEMV (M <= 16), the small-M dx / dW kernels (M <=
 over W or dW, the mask applied as dW is written, a float32 grad accumulated from 16-bit
 inputs), the "mask, then cuBLAS" route of masked_linear, its dx, dW and dW accumulation and the
 fused QKV projection (M >= ``cublas_min_m()``: one mask pass into a W-sized transient, then
-cuBLAS; dW masked in place) and the multi-tensor masked AdamW. Its kernels
+cuBLAS; dW masked in place), the segmented decode GEMV (mixed-pair rows, T <= 64: W streamed
+once per 16 rows, the table read on the device) and the multi-tensor masked AdamW. Its kernels
 register under the public op names (``TORCH_LIBRARY_IMPL(lass_sparse, CUDA)``): a CUDA call
 through ``torch.ops`` reaches them in one dispatcher trip, and they defer to the op's Python body
 (Triton, cupy, the reference) when another backend is forced or a call is not theirs
@@ -25,7 +26,7 @@ import torch
 
 from ..ops import registry
 from . import _native
-from ._cuda_common import GEMV_MAX_M, SUFFIX, cublas_min_m, small_bwd_max_m
+from ._cuda_common import GEMV_MAX_M, SEG_GEMV_MAX_T, SUFFIX, cublas_min_m, small_bwd_max_m
 
 MODULE = "lass_sparse._cuda"
 _FLOATS = "float32, float16 or bfloat16"
@@ -134,6 +135,12 @@ def _takes_accumulate(grad, dy, x, bits) -> bool:
     return (grad.dtype == dy.dtype or (small and grad.dtype == torch.float32)) and _takes_dw(dy, x)
 
 
+def _takes_segmented(x, w, bank, offs, pairs, bias=None) -> bool:
+    """The segmented decode GEMV: at most SEG_GEMV_MAX_T rows, one dtype."""
+    return (x.dim() == 2 and x.shape[0] <= SEG_GEMV_MAX_T and x.dtype in SUFFIX
+            and w.dtype == x.dtype and (bias is None or bias.dtype == x.dtype))
+
+
 def _register(mod) -> None:
     global native
     native = functools.partial(_native.native, mod, "CUDA")
@@ -164,6 +171,8 @@ def _register(mod) -> None:
          f"at most {small_rows} rows (small-M kernel; grad of x's dtype or float32) or at least "
          f"{cublas_rows['masked_linear_dw']} (cuBLAS route; -1: off; grad of x's dtype) of one "
          f"dtype of {_FLOATS}")
+    _reg("segmented_masked_linear", _takes_segmented,
+         f"at most {SEG_GEMV_MAX_T} rows (segmented decode GEMV) of one dtype of {_FLOATS}")
     # one launch per param dtype (the kernel groups a mixed list)
     _reg("masked_adamw_", lambda ps, *a: all(p.dtype in SUFFIX for p in ps), f"{_FLOATS} params")
 

@@ -89,3 +89,46 @@ extern "C" int emu_small_dx_vec(int dtype, const void* w, const void* dx, int m_
   });
   return v;
 }
+
+// As lass_launch_seg_gemv: every warp's 32 lanes, their partial sums reduced by the kernel's
+// butterfly (lane l adds lane l ^ off's value for off = 16, 8, 4, 2, 1), lane 0's store.
+// Returns 0, or -1 where the launcher refuses the call.
+extern "C" int emu_seg_gemv(int dtype, const void* x, const void* w, const int32_t* bank,
+                            const int64_t* offs, const int64_t* ids, int segs, int pairs,
+                            const void* bias, void* y, int t_rows, int64_t n, int64_t k) {
+  if (t_rows > lass::kSegGemvMaxT || segs < 0 || pairs < 1) return -1;
+  if (t_rows <= 0 || n <= 0) return 0;
+  const cudaError_t rc = with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const SegGemvPlan<T> plan(x, w, t_rows, n, k);
+    return with_mt(plan.mt, [&](auto mt) {
+      constexpr int MT = decltype(mt)::value;
+      for (unsigned b = 0; b < plan.blocks; ++b) {
+        int64_t row_block;
+        int chunk;
+        lass::seg_gemv_block(b, plan.chunks, &row_block, &chunk);
+        for (int warp = 0; warp < lass::kSegGemvWarps; ++warp) {
+          const int64_t row = row_block * lass::kSegGemvWarps + warp;
+          if (row >= n) continue;
+          const int t0 = chunk * lass::kGemvMaxM;
+          float acc[32][MT];
+          for (int lane = 0; lane < 32; ++lane) {
+            int pr[MT];
+            lass::seg_rows_pairs<MT>(offs, ids, segs, pairs, t_rows, t0, pr);
+            lass::seg_gemv_lane<T, MT>((const T*)x, (const T*)w, bank, pr, t_rows, t0, n, k,
+                                       plan.vec, row, lane, acc[lane]);
+          }
+          for (int t = 0; t < MT; ++t)
+            for (int off = 16; off > 0; off >>= 1) {
+              float next[32];
+              for (int l = 0; l < 32; ++l) next[l] = acc[l][t] + acc[l ^ off][t];
+              for (int l = 0; l < 32; ++l) acc[l][t] = next[l];
+            }
+          lass::seg_gemv_store<T, MT>(acc[0], (const T*)bias, (T*)y, t_rows, t0, n, row);
+        }
+      }
+      return cudaSuccess;
+    });
+  });
+  return rc == cudaSuccess ? 0 : -1;
+}

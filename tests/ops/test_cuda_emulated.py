@@ -1,10 +1,12 @@
-"""The small-M backward CUDA kernels (dx and dW of at most 16 rows; csrc/cuda/lass_kernels.cuh
-``small_dx_*`` / ``small_dw_*``) run on the CPU: their bodies are host+device code without shared
-memory or warp shuffles, so tests/ops/cuda_emulator.cu (built here with nvcc) runs the launchers'
-own plans (grid, vector accesses, dx splits) and the bodies at every grid position in turn.
-Checked against the reference: every rows bound, the three dtypes, odd and misaligned K, several
-dx splits, NaN/Inf off the mask, dW accumulated into a grad of x's dtype or float32 with entries
-off the mask kept bit for bit."""
+"""CUDA kernels run on the CPU: the small-M backward (dx and dW of at most 16 rows;
+csrc/cuda/lass_kernels.cuh ``small_dx_*`` / ``small_dw_*``) and the segmented decode GEMV
+(``seg_gemv_*``). Their bodies are host+device code without shared memory, so
+tests/ops/cuda_emulator.cu (built here with nvcc) runs the launchers' own plans (grid, vector
+accesses, dx splits, row chunks) and the bodies at every grid position in turn (the GEMV's warp
+shuffles replayed as the same butterfly). Checked against the reference: every rows bound, the
+three dtypes, odd and misaligned K, several dx splits, NaN/Inf off the mask, dW accumulated into
+a grad of x's dtype or float32 with entries off the mask kept bit for bit, segment tables with
+empty segments, repeated pairs and out-of-range values (clamped, never read outside)."""
 
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ def emu(tmp_path_factory):
     e.emu_small_dw.argtypes = [i32, i32, p, p, p, p, i32, i64, i64, i32]
     e.emu_small_dx_vec.argtypes = [i32, p, p, i32, i64]
     e.lass_small_dx_splits.argtypes = [i32, i64, i64, i32, i32]
+    e.emu_seg_gemv.argtypes = [i32, p, p, p, p, p, i32, i32, p, p, i32, i64, i64]
     return e
 
 
@@ -220,3 +223,87 @@ def test_small_kernels_stream_w_with_vector_loads_and_no_local_memory(sm90_build
         assert re.search(r"ld\.global(\.nc)?\.v[24]", body) and re.search(r"st\.global\.v[24]",
                                                                           body), key
         assert not re.search(r"ld\.local|st\.local", body), key
+
+
+
+def _seg(emu, x, w, bank, offs, ids, bias=None):
+    t, k = x.shape
+    y = torch.full((t, w.shape[0]), float("nan"), dtype=x.dtype)
+    offs, ids = torch.tensor(offs, dtype=torch.long), torch.tensor(ids, dtype=torch.long)
+    rc = emu.emu_seg_gemv(DTYPE_CODE[x.dtype], x.data_ptr(), w.data_ptr(), bank.data_ptr(),
+                          offs.data_ptr(), ids.data_ptr(), ids.numel(), bank.shape[0],
+                          None if bias is None else bias.data_ptr(), y.data_ptr(), t,
+                          w.shape[0], k)
+    assert rc == 0
+    return y, offs, ids
+
+
+def _bank(p, n, k, seed=0, nan_w=None):
+    g = torch.Generator().manual_seed(seed)
+    keeps = torch.rand(p, n, k, generator=g) < 0.5
+    return keeps, pack_mask_reference(keeps)
+
+
+TABLES = {  # T rows: (seg_offsets, seg_pair) with P = 4 pairs
+    1: ([0, 1], [2]),
+    5: ([0, 0, 2, 2, 5], [3, 0, 1, 2]),          # empty segments
+    16: ([0, 4, 8, 12, 16], [0, 1, 2, 3]),
+    23: ([0, 7, 7, 20, 23], [1, 1, 0, 1]),        # a pair twice, a chunk boundary inside one
+    64: ([0, 16, 17, 40, 64], [3, 2, 1, 0]),      # the most rows: 4 chunks
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", sorted(TABLES))
+def test_segmented_gemv_matches_the_reference(emu, dtype, t):
+    offs, ids = TABLES[t]
+    for n, k in ((64, 64), (70, 200), (33, 37)):
+        g = torch.Generator().manual_seed(t * 100 + k)
+        x = torch.randn(t, k, generator=g).to(dtype)
+        w = torch.randn(n, k, generator=g).to(dtype)
+        b = torch.randn(n, generator=g).to(dtype)
+        _, bank = _bank(4, n, k, seed=t + n)
+        for bias in (b, None):
+            y, o, i = _seg(emu, x, w, bank, offs, ids, bias)
+            _close(y, ref.segmented_masked_linear(x, w, bank, o, i, bias),
+                   ref.segmented_masked_linear(x.double(), w.double(), bank, o, i,
+                                               None if bias is None else bias.double()))
+
+
+def test_segmented_gemv_never_uses_weights_off_the_mask(emu):
+    t, n, k = 9, 40, 96
+    keeps, bank = _bank(3, n, k, seed=4)
+    x = torch.randn(t, k)
+    w = torch.randn(n, k)
+    w[~keeps.any(0)] = float("nan")  # off every pair's mask
+    y, o, i = _seg(emu, x, w, bank, [0, 3, 9], [2, 0])
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, ref.segmented_masked_linear(x, w.nan_to_num(), bank, o, i,
+                                                              None))
+
+
+def test_segmented_gemv_clamps_a_bad_table_instead_of_reading_outside(emu):
+    """The op checks the table's values before the kernel runs; the kernel itself clamps them
+    (offsets into [0, T], non-decreasing; ids into [0, P)), so a bad table read directly gives
+    a defined result and no access outside the tensors."""
+    t, n, k = 6, 16, 64
+    _, bank = _bank(2, n, k, seed=1)
+    x, w = torch.randn(t, k), torch.randn(n, k)
+    y, *_ = _seg(emu, x, w, bank, [-5, 2, 1, 100], [7, -3, 1])
+    # clamped: offsets [0, 2, 2, 6], ids [1, 0, 1]
+    want = ref.segmented_masked_linear(x, w, bank, torch.tensor([0, 2, 2, 6]),
+                                       torch.tensor([1, 0, 1]), None)
+    torch.testing.assert_close(y, want)
+    y, *_ = _seg(emu, x, w, bank, [0, 2], [0])  # rows 2.. in no segment: no mask, zeros
+    assert torch.equal(y[2:], torch.zeros(t - 2, n))
+    assert emu.emu_seg_gemv(0, *(x.data_ptr(),) * 5, 1, 2, None, x.data_ptr(), 65, n, k) == -1
+
+
+def test_segmented_gemv_loads_w_as_vectors_and_keeps_rows_in_registers(sm90_build):
+    """Per lane 16 bytes of W a step (two 16-byte loads for fp32), the rows' accumulators and
+    pairs in registers (no local memory), for every dtype and rows bound."""
+    seg = {n: b for n, b in sm90_build.ptx.items() if re.match(r"_Z\d+lass_seg_gemv", n)}
+    assert len(seg) == 3 * 5
+    for name, body in seg.items():
+        assert re.search(r"ld\.global(\.nc)?\.v4", body), name
+        assert not re.search(r"ld\.local|st\.local", body), name

@@ -321,3 +321,61 @@ def test_a_decode_sized_training_step_runs_no_python_body(monkeypatch):
     for a, r in zip(got, (x.grad, w.grad, b.grad)):
         torch.testing.assert_close(a.float().nan_to_num(), r.float().nan_to_num(), atol=0.1,
                                    rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t, offs, pairs", [(1, [0, 1], [2]), (5, [0, 0, 2, 5], [1, 0, 3]),
+                                            (23, [0, 7, 7, 20, 23], [1, 1, 0, 1]),
+                                            (64, [0, 16, 17, 40, 64], [3, 2, 1, 0])])
+def test_the_segmented_decode_gemv_serves_mixed_pair_rows(monkeypatch, dtype, t, offs, pairs):
+    """Mixed-pair rows of at most 64 (the server's decode steps): the registry picks the CUDA
+    segmented GEMV, results as the reference (bias or not); more rows go to another kernel."""
+    monkeypatch.delenv("LASS_SPARSE_TRITON_VARIANT", raising=False)
+    seen = record_backends(monkeypatch)
+    g = torch.Generator(device="cuda").manual_seed(t)
+    x = torch.randn(t, 200, device="cuda", generator=g).to(dtype)
+    w = torch.randn(96, 200, device="cuda", generator=g).to(dtype)
+    b = torch.randn(96, device="cuda", generator=g).to(dtype)
+    bank = pack_mask_reference(torch.rand(4, 96, 200, device="cuda", generator=g) > 0.5)
+    o = torch.tensor(offs, device="cuda")
+    p = torch.tensor(pairs, device="cuda")
+    for bias in (b, None):
+        with torch.no_grad():
+            y = _seg_linear(x, w, bank, o, p, bias)
+        assert seen[-1] == "cuda"
+        torch.testing.assert_close(y, reference.segmented_masked_linear(x, w, bank, o, p, bias),
+                                   **_tol(dtype))
+    big = torch.randn(65, 200, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        _seg_linear(big, w, bank, torch.tensor([0, 65], device="cuda"), p[:1], None)
+    assert seen[-1] != "cuda"
+
+
+def _seg_linear(*args):
+    return lass_sparse.segmented_masked_linear(*args)
+
+
+def test_the_segmented_decode_gemv_replays_in_a_cuda_graph_with_new_tables():
+    """Captured with a table the host never read (built on the device), replayed after the
+    table changes in place: the kernel reads it on the device at replay."""
+    x = torch.randn(12, 64, device="cuda")
+    w = torch.randn(32, 64, device="cuda")
+    bank = pack_mask_reference(torch.rand(3, 32, 64, device="cuda") > 0.5)
+    offs = torch.tensor([0, 5, 12], device="cuda") * 1  # device-built: unknown to the host
+    pairs = torch.tensor([2, 0], device="cuda") * 1
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        _seg_linear(x, w, bank, offs, pairs, None)  # warm-up (reads and remembers nothing new)
+    torch.cuda.current_stream().wait_stream(s)
+    offs2, pairs2 = offs.clone(), pairs.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        y = _seg_linear(x, w, bank, offs2, pairs2, None)
+    for new_offs, new_pairs in (([0, 5, 12], [2, 0]), ([0, 9, 12], [1, 2])):
+        offs2.copy_(torch.tensor(new_offs))
+        pairs2.copy_(torch.tensor(new_pairs))
+        graph.replay()
+        torch.testing.assert_close(y, reference.segmented_masked_linear(
+            x, w, bank, torch.tensor(new_offs, device="cuda"),
+            torch.tensor(new_pairs, device="cuda"), None))

@@ -127,21 +127,30 @@ def _seg_args(t=8, k=4096, n=8, p=2, dev="cpu"):
             torch.tensor([0, t], device=dev), torch.tensor([0], device=dev))
 
 
-def _seg_cases():
-    x, w, bank, offs, pair = _seg_args()
-    return [
-        ("bank with one word for K=4096", lambda: (x, w, _i32(1, 8, 1), offs, pair, None)),
+def _seg_cases(dev="cpu", values=True):
+    """values: also tables of wrong values (the op checks them; the CUDA kernel, given them
+    directly, clamps them instead: only its size checks raise)."""
+    x, w, bank, offs, pair = _seg_args(dev=dev)
+    f = dict(device=dev)
+    cases = [
+        ("bank with one word for K=4096", lambda: (x, w, _i32(1, 8, 1).to(dev), offs, pair,
+                                                   None)),
         ("bank 2-D", lambda: (x, w, bank[0], offs, pair, None)),
         ("bank with too few rows", lambda: (x, w, bank[:, :1], offs, pair, None)),
-        ("offsets past T", lambda: (x, w, bank, torch.tensor([0, 9]), pair, None)),
-        ("decreasing offsets", lambda: (x, w, bank, torch.tensor([0, 6, 2, 8]),
-                                        torch.tensor([0, 1, 0]), None)),
-        ("pair id out of range", lambda: (x, w, bank, offs, torch.tensor([2]), None)),
-        ("negative pair id", lambda: (x, w, bank, offs, torch.tensor([-1]), None)),
-        ("offsets/pair lengths disagree", lambda: (x, w, bank, offs, torch.tensor([0, 1]), None)),
+        ("offsets/pair lengths disagree", lambda: (x, w, bank, offs,
+                                                   torch.tensor([0, 1], **f), None)),
         ("float offsets", lambda: (x, w, bank, offs.float(), pair, None)),
-        ("bias too short", lambda: (x, w, bank, offs, pair, torch.randn(1))),
+        ("bias too short", lambda: (x, w, bank, offs, pair, torch.randn(1, **f))),
     ]
+    if values:
+        cases += [
+            ("offsets past T", lambda: (x, w, bank, torch.tensor([0, 9], **f), pair, None)),
+            ("decreasing offsets", lambda: (x, w, bank, torch.tensor([0, 6, 2, 8], **f),
+                                            torch.tensor([0, 1, 0], **f), None)),
+            ("pair id out of range", lambda: (x, w, bank, offs, torch.tensor([2], **f), None)),
+            ("negative pair id", lambda: (x, w, bank, offs, torch.tensor([-1], **f), None)),
+        ]
+    return cases
 
 
 def _seg_grad_cases(kind):
@@ -318,6 +327,19 @@ def _cuda_cases():
         "masked_linear_dw": _dw_cases(cuda),
         "masked_linear_dw_accumulate_": _acc_cases(cuda),
         "masked_qkv_proj": _qkv_cases(cuda, t=32),
+        "segmented_masked_linear": _seg_cases(cuda, values=False) + [
+            ("65 rows", lambda: (torch.randn(65, 64, device=cuda), torch.randn(8, 64, device=cuda),
+                                 _i32(1, 8, 2).to(cuda), torch.tensor([0, 65], device=cuda),
+                                 torch.tensor([0], device=cuda), None)),
+            ("bank with no pair", lambda: (torch.randn(4, 64, device=cuda),
+                                           torch.randn(8, 64, device=cuda),
+                                           _i32(0, 8, 2).to(cuda),
+                                           torch.tensor([0, 4], device=cuda),
+                                           torch.tensor([0], device=cuda), None)),
+            ("table on the CPU", lambda: (torch.randn(4, 64, device=cuda),
+                                          torch.randn(8, 64, device=cuda),
+                                          _i32(1, 8, 2).to(cuda), torch.tensor([0, 4]),
+                                          torch.tensor([0]), None))],
         "masked_adamw_": _adamw_cases(cuda, public=False) + [
             ("exp_avg is exp_avg_sq", lambda: (lambda p, m: (
                 [p], [torch.randn_like(p)], [m], [m], [None], *_HP))(
