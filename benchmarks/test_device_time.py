@@ -216,6 +216,44 @@ def test_segmented_device_time(benchmark, op, impl, nk, device_peaks, is_smoke):
         torch.testing.assert_close(fn().float(), want.float(), atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("impl", ["ours", "ours_triton", "dense", "naive"])
+@pytest.mark.parametrize("nk", [(4096, 4096), (8192, 8192)], ids=["4096x4096", "8192x8192"])
+@pytest.mark.parametrize("t", [4, 16, 64])
+def test_segmented_decode_device_time(benchmark, t, impl, nk, device_peaks, is_smoke):
+    """The server's decode step: T rows of 4 pairs (T/4 each), no grad. ours: the CUDA
+    segmented GEMV (W once per 16 rows); ours_triton: the Triton kernels it replaces; dense: one
+    pair's F.linear over all rows (the floor); naive: a bool-mask matmul per pair."""
+    if is_smoke and (nk != (4096, 4096) or t != 16):
+        pytest.skip("smoke run: one case")
+    n, k = nk
+    pairs = 4
+    x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    masks = torch.rand(pairs, n, k, device="cuda") < KEEP
+    bank = torch.stack([ls.pack_mask(mk) for mk in masks])
+    offs = torch.linspace(0, t, pairs + 1, device="cuda").long()
+    pid = torch.arange(pairs, device="cuda")
+    segs = list(zip(offs[:-1].tolist(), offs[1:].tolist()))
+    ours = lambda: ls.segmented_masked_linear(x, w, bank, offs, pid)  # noqa: E731
+    if impl == "ours_triton":
+        def f():
+            with ls.use_backend("triton"):
+                return ours()
+    else:
+        f = {"ours": ours, "dense": lambda: F.linear(x, w),
+             "naive": lambda: torch.cat([x[a:b] @ (w * masks[p]).T
+                                         for p, (a, b) in enumerate(segs)])}[impl]
+    fn = lambda: _no_grad(f)  # noqa: E731
+    tag(benchmark, "device_segmented_decode", impl, dtype="bf16", pairs=pairs, T=t, N=n, K=k)
+    flop, nbytes = linear_cost("fwd", t, n, k, 2, masked=impl.startswith("ours"))
+    if impl.startswith("ours"):
+        nbytes += (pairs - 1) * bank[0].nbytes
+    record_device(benchmark, fn, flop=flop, nbytes=nbytes, peaks=device_peaks)
+    if impl.startswith("ours"):
+        want = torch.cat([x[a:b] @ (w * masks[p]).T for p, (a, b) in enumerate(segs)])
+        torch.testing.assert_close(fn().float(), want.float(), atol=3e-2, rtol=3e-2)
+
+
 BASE = dict(vocab=8000, d=512, heads=8, ffn=2048, layers=6)
 
 
