@@ -463,8 +463,9 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
     adamw_launch(group.second, params, grads, exp_avgs, exp_avg_sqs, bits, args);
 }
 
-// Fused QKV projection on the cuBLAS route: x[B, T, D] @ (W ⊙ M)ᵀ (+ b) with W [3D, D] (q, k,
-// v rows stacked), split into q, k, v [B, H, T, D/H] (the layout of scaled_dot_product_attention).
+// Fused QKV projection: x[B, T, D] @ (W ⊙ M)ᵀ (+ b) with W [3D, D] (q, k, v rows stacked),
+// split into q, k, v [B, H, T, D/H] (the layout of scaled_dot_product_attention); B*T rows by
+// the decode GEMV up to kGemvMaxM (cached decoding steps), else on the cuBLAS route.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_qkv_proj(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bits,
     const std::optional<at::Tensor>& bias, int64_t num_heads) {
@@ -474,8 +475,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_qkv_proj(
   LASS_CHECK(x.dim() == 3, op, ": x must be [B, T, D], got ", x.sizes());
   dtype_code(x, op);
   const int64_t bsz = x.size(0), t = x.size(1), d = x.size(2), m = bsz * t;
-  LASS_CHECK(cublas_serves(kCublasMinMQkv, m), op, ": the CUDA kernel takes B*T rows ",
-              cublas_rows(kCublasMinMQkv), ", got ", m);
+  const bool gemv = m <= lass::kGemvMaxM;
+  LASS_CHECK(gemv || cublas_serves(kCublasMinMQkv, m), op, ": the CUDA kernel takes B*T <= ",
+              lass::kGemvMaxM, " rows (decode GEMV) or more ", cublas_rows(kCublasMinMQkv),
+              ", got ", m);
   LASS_CHECK(num_heads > 0 && d % num_heads == 0, op, ": num_heads must divide D=", d, ", got ",
               num_heads);
   const auto w = weight.contiguous();  // the op takes any strides
@@ -490,9 +493,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_qkv_proj(
   auto q = at::empty({bsz, num_heads, t, dh}, x.options());
   auto k = at::empty_like(q), v = at::empty_like(q);
   if (m == 0 || d == 0) return {q, k, v};
-  const auto wm = masked_weight(w, b, op);
-  const auto x2 = x.reshape({m, d});
-  const auto y = bias_c.has_value() ? at::addmm(*bias_c, x2, wm.t()) : at::mm(x2, wm.t());
+  const auto x2 = x.reshape({m, d}).contiguous();
+  at::Tensor y;
+  if (gemv) {
+    y = at::empty({m, 3 * d}, x.options());
+    LASS_CUDA_CHECK(op, lass_launch_decode_gemv(
+                            dtype_code(x, op), x2.data_ptr(), w.data_ptr(),
+                            b.data_ptr<int32_t>(),
+                            bias_c.has_value() ? bias_c->data_ptr() : nullptr, y.data_ptr(),
+                            static_cast<int>(m), 3 * d, d, c10::cuda::getCurrentCUDAStream()));
+  } else {
+    const auto wm = masked_weight(w, b, op);
+    y = bias_c.has_value() ? at::addmm(*bias_c, x2, wm.t()) : at::mm(x2, wm.t());
+  }
   const auto y5 = y.view({bsz, t, 3, num_heads, dh});
   q.copy_(y5.select(2, 0).transpose(1, 2));
   k.copy_(y5.select(2, 1).transpose(1, 2));
@@ -576,7 +589,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_qkv_proj_op(
       registry_overload<decltype(masked_qkv_proj_op)>("lass_sparse::masked_qkv_proj");
   const bool takes = x.dim() == 3 && is_kernel_dtype(x) && weight.scalar_type() == x.scalar_type() &&
                      (!bias.has_value() || bias->scalar_type() == x.scalar_type()) &&
-                     cublas_takes(kCublasMinMQkv, x.size(0) * x.size(1));
+                     (x.size(0) * x.size(1) <= lass::kGemvMaxM ||
+                      cublas_takes(kCublasMinMQkv, x.size(0) * x.size(1)));
   return run_if_or_defer(takes, registry,
                          [&] { return masked_qkv_proj(x, weight, bits, bias, num_heads); }, x,
                          weight, bits, bias, num_heads);

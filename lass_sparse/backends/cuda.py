@@ -122,9 +122,10 @@ def _takes_grad(op: str):
 
 
 def _takes_qkv(x, w, bits, bias, num_heads) -> bool:
+    rows = x.shape[0] * x.shape[1] if x.dim() == 3 else 0
     return (x.dim() == 3 and x.dtype in SUFFIX and w.dtype == x.dtype
             and (bias is None or bias.dtype == x.dtype)
-            and _cublas_serves("masked_qkv_proj", x.shape[0] * x.shape[1]))
+            and (rows <= GEMV_MAX_M or _cublas_serves("masked_qkv_proj", rows)))
 
 
 _takes_dw = _takes_grad("masked_linear_dw")
@@ -165,8 +166,8 @@ def _register(mod) -> None:
         _reg(op, takes, f"at most {small_rows} rows (small-M kernels) or at least "
                         f"{cublas_rows[op]} (cuBLAS route; -1: off) of one dtype of {_FLOATS}")
     _reg("masked_qkv_proj", _takes_qkv,
-         f"B*T >= {cublas_rows['masked_qkv_proj']} rows (cuBLAS route; -1: off) of one dtype of "
-         f"{_FLOATS}")
+         f"B*T <= {GEMV_MAX_M} rows (decode GEMV) or >= {cublas_rows['masked_qkv_proj']} "
+         f"(cuBLAS route; -1: off) of one dtype of {_FLOATS}")
     _reg("masked_linear_dw_accumulate_", _takes_accumulate,
          f"at most {small_rows} rows (small-M kernel; grad of x's dtype or float32) or at least "
          f"{cublas_rows['masked_linear_dw']} (cuBLAS route; -1: off; grad of x's dtype) of one "

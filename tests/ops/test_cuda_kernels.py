@@ -230,32 +230,33 @@ def test_a_training_step_on_the_cublas_route_runs_no_python_body(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_the_fused_qkv_projection_on_the_cublas_route_runs_in_cpp(monkeypatch, dtype,
-                                                                  with_bias):
-    """masked_qkv_proj from the route's rows (B*T = 96): the C++ entry forward, the C++ dx / dW
-    entries in its backward (no registry, i.e. no Python body), q, k, v contiguous
-    [B, H, T, Dh]; values and grads as the reference."""
+@pytest.mark.parametrize("t", [48, 1, 8])
+def test_the_fused_qkv_projection_runs_in_cpp(monkeypatch, dtype, with_bias, t):
+    """masked_qkv_proj from the cuBLAS route's rows (B*T = 96) and at decode rows (B*T = 2, 16:
+    the decode GEMV, then the split): the C++ entry forward, the C++ dx / dW entries in its
+    backward (no registry, i.e. no Python body), q, k, v contiguous [B, H, T, Dh]; values and
+    grads as the reference."""
     monkeypatch.delenv("LASS_SPARSE_TRITON_VARIANT", raising=False)
     seen = record_backends(monkeypatch)
     g = torch.Generator(device="cuda").manual_seed(5)
-    x = torch.randn(2, 48, 64, device="cuda", generator=g).to(dtype).requires_grad_()
+    x = torch.randn(2, t, 64, device="cuda", generator=g).to(dtype).requires_grad_()
     w = torch.randn(192, 64, device="cuda", generator=g).to(dtype).requires_grad_()
     bits = pack_mask_reference(torch.rand(192, 64, device="cuda", generator=g) > 0.5)
     b = (torch.randn(192, device="cuda", generator=g).to(dtype).requires_grad_()
          if with_bias else None)
-    leaves = [t for t in (x, w, b) if t is not None]
+    leaves = [leaf for leaf in (x, w, b) if leaf is not None]
 
     def run():
         q, k, v = lass_sparse.masked_qkv_proj(x, w, bits, b, 4)
         (q.float().square().sum() + k.float().sum() + (2 * v.float()).sum()).backward()
-        out = [t.detach() for t in (q, k, v)] + [t.grad.clone() for t in leaves]
-        for t in leaves:
-            t.grad = None
+        out = [o.detach() for o in (q, k, v)] + [leaf.grad.clone() for leaf in leaves]
+        for leaf in leaves:
+            leaf.grad = None
         return out
 
     got = run()
     assert seen == []
-    assert all(t.is_contiguous() and t.shape == (2, 4, 48, 16) for t in got[:3])
+    assert all(o.is_contiguous() and o.shape == (2, 4, t, 16) for o in got[:3])
     with lass_sparse.use_backend("reference"):
         want = run()
     for a, e in zip(got, want):

@@ -112,6 +112,9 @@ def test_the_cuda_entries_leave_routed_ops_to_the_triton_kernels(monkeypatch):
     x3 = x.view(4, 16, 8)
     assert cuda._takes_qkv(x3, w, None, None, 2) and not cuda._takes_qkv(x3[:, :15], w, None,
                                                                          None, 2)
+    # B*T <= 16: the decode GEMV's (cached decoding steps)
+    assert cuda._takes_qkv(x3[:, :4], w, None, None, 2) and not cuda._takes_qkv(
+        x3[:, :5], w, None, None, 2)
     monkeypatch.setenv("LASS_SPARSE_TRITON_VARIANT", "wt")  # a variant under test: Triton's
     assert not cuda._takes_linear(x, w, None) and not cuda._takes_grad("masked_linear_dw")(x, x)
     assert cuda._takes_linear(x[:16], w, None)  # the decode GEMV is not a Triton variant
