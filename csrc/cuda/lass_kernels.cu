@@ -10,9 +10,6 @@
 
 namespace {
 
-// The rows bound MT of a v2 instantiation for m rows: 1, 2, 4, 8 or 16.
-int gemv2_mt(int m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : 16; }
-
 bool gemv2_applies(const void* x, const void* w, int64_t k) {
   return k % 8 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0;
 }
@@ -24,22 +21,34 @@ bool gemv2_requested() {
   return v != nullptr && std::strcmp(v, "v2") == 0;
 }
 
+// How v2 launches for m rows of [n, k] (the tests' emulator runs the same plan): MT, R rows per
+// warp, the x chunk (kc elements per row, a multiple of the warp step, m rows in
+// kGemv2SmemBytes), the shared memory and the grid.
+template <typename T> struct Gemv2Plan {
+  int mt, rows, kc;
+  size_t smem;
+  unsigned blocks;
+  Gemv2Plan(int m_rows, int64_t n, int64_t k) {
+    mt = lass::small_mt(m_rows);  // the rows bound: 1, 2, 4, 8 or 16
+    rows = n >= lass::kGemv2Rows4MinN ? 4 : 2;
+    const int64_t step = lass::kGemv2Step;
+    int64_t c = (lass::kGemv2SmemBytes / ((int64_t)mt * (int64_t)sizeof(T))) / step * step;
+    const int64_t k_up = (k + step - 1) / step * step;
+    kc = (int)(c > k_up ? k_up : c);
+    smem = (size_t)m_rows * (size_t)kc * sizeof(T);
+    const int64_t per_block = (int64_t)(lass::kGemv2Threads / 32) * rows;
+    blocks = (unsigned)((n + per_block - 1) / per_block);
+  }
+};
+
 template <typename T>
 cudaError_t launch_gemv2(const T* x, const T* w, const int32_t* bits, const T* bias, T* y,
                          int m_rows, int64_t n, int64_t k, cudaStream_t stream) {
   const int64_t nw = (k + 31) / 32;
-  const int mt = gemv2_mt(m_rows);
-  const int rows = n >= lass::kGemv2Rows4MinN ? 4 : 2;
-  // x chunk: kc elements per row, a multiple of the warp step, m_rows rows in kGemv2SmemBytes
-  const int64_t step = lass::kGemv2Step;
-  int64_t kc = (lass::kGemv2SmemBytes / ((int64_t)mt * (int64_t)sizeof(T))) / step * step;
-  const int64_t k_up = (k + step - 1) / step * step;
-  if (kc > k_up) kc = k_up;
-  const size_t smem = (size_t)m_rows * (size_t)kc * sizeof(T);
-  const int warps = lass::kGemv2Threads / 32;
-  const int64_t per_block = (int64_t)warps * rows;
-  const dim3 grid((unsigned)((n + per_block - 1) / per_block)), block(lass::kGemv2Threads);
-  const int kci = (int)kc;
+  const Gemv2Plan<T> plan(m_rows, n, k);
+  const int mt = plan.mt, rows = plan.rows, kci = plan.kc;
+  const size_t smem = plan.smem;
+  const dim3 grid(plan.blocks), block(lass::kGemv2Threads);
 #define LASS_GEMV2_CASE(SUFFIX, MT, R)                                                          \
   if (mt == MT && rows == R) {                                                                  \
     lass_decode_gemv2_##SUFFIX##_m##MT##_r##R<<<grid, block, smem, stream>>>(                   \

@@ -174,94 +174,8 @@ __device__ __forceinline__ void decode_gemv_row(const T* __restrict__ x,
 // - each warp computes R output rows (R independent 16-byte weight loads in flight per lane),
 //   each lane 8 weights (one mask byte) per step, the K loop unrolled by 2;
 // - MT (a compile-time bound >= M) keeps the fp32 accumulators acc[R][MT] in registers.
-// Needs k % 8 == 0 and 16-byte aligned x and w (the launcher falls back to v1 otherwise); rows of
-// the x chunk are kc elements apart in shared memory (kc: a multiple of 256).
-template <typename T, int MT, int R>
-__device__ __forceinline__ void decode_gemv2(const T* __restrict__ x, const T* __restrict__ w,
-                                             const int32_t* __restrict__ bits,
-                                             const T* __restrict__ bias, T* __restrict__ y,
-                                             int m_rows, int64_t n, int64_t k, int64_t nw,
-                                             int kc) {
-  extern __shared__ uint4 lass_gemv2_smem[];
-  T* xs = reinterpret_cast<T*>(lass_gemv2_smem);
-  constexpr int V = 16 / (int)sizeof(T);  // elements per 16-byte vector: 8 (16-bit) or 4 (fp32)
-  constexpr int E = 8;                     // weights per lane per step: one mask byte
-  constexpr int NV = E / V;                // 16-byte loads per row per step: 1 or 2
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  const int64_t row0 = ((int64_t)blockIdx.x * warps + warp) * R;
-  float acc[R][MT];
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
-  for (int64_t c0 = 0; c0 < k; c0 += kc) {
-    const int len = (int)min((int64_t)kc, k - c0);  // a multiple of 8
-    const int vpr = len / V;                        // 16-byte vectors per x row in this chunk
-    __syncthreads();                                // the previous chunk is consumed
-    for (int i = threadIdx.x; i < m_rows * vpr; i += blockDim.x) {
-      const int m = i / vpr, v = i % vpr;
-      reinterpret_cast<uint4*>(xs + (int64_t)m * kc)[v] =
-          __ldg(reinterpret_cast<const uint4*>(x + (int64_t)m * k + c0) + v);
-    }
-    __syncthreads();
-#pragma unroll 2
-    for (int j = lane * E; j < len; j += 32 * E) {
-      const int64_t kk = c0 + j;
-      uint4 wv[R][NV];
-      uint32_t wd[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {  // R rows' loads issued before any use
-        const int64_t row = row0 + r;
-        if (row < n) {
-          const uint4* p = reinterpret_cast<const uint4*>(w + row * k + kk);
-#pragma unroll
-          for (int v = 0; v < NV; ++v) wv[r][v] = __ldcs(p + v);
-          wd[r] = (uint32_t)__ldcs(bits + row * nw + kk / 32) >> (kk % 32);
-        } else {
-#pragma unroll
-          for (int v = 0; v < NV; ++v) wv[r][v] = make_uint4(0u, 0u, 0u, 0u);
-          wd[r] = 0u;
-        }
-      }
-      float wf[R][E];  // masked weights as float: a select, so off-mask NaN/Inf never enter
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const T* pe = reinterpret_cast<const T*>(&wv[r][0]);
-#pragma unroll
-        for (int e = 0; e < E; ++e) wf[r][e] = ((wd[r] >> e) & 1u) ? to_float(pe[e]) : 0.f;
-      }
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        if (m < m_rows) {
-          uint4 xv[NV];
-#pragma unroll
-          for (int v = 0; v < NV; ++v)
-            xv[v] = reinterpret_cast<const uint4*>(xs + (int64_t)m * kc + j)[v];
-          const T* px = reinterpret_cast<const T*>(&xv[0]);
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            float s = 0.f;
-#pragma unroll
-            for (int e = 0; e < E; ++e) s = fmaf(wf[r][e], to_float(px[e]), s);
-            acc[r][m] += s;
-          }
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int64_t row = row0 + r;
-    const float b = (bias && lane == 0 && row < n) ? to_float(bias[row]) : 0.f;  // once per row
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      float v = acc[r][m];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-      if (lane == 0 && m < m_rows && row < n) y[(int64_t)m * n + row] = from_float<T>(v + b);
-    }
-  }
-}
+// Its phases are host+device code (below, after the helpers they share with the small-M
+// kernels): the tests' emulator runs them as a block would, barriers between the phases.
 
 // ------------------------------------------------------------------- small-M backward (M <= 16)
 // Issue 29: the backward of the decode / small-batch regime in one CUDA pass each, no Triton:
@@ -561,6 +475,129 @@ LASS_HD void seg_gemv_store(const float* acc, const T* __restrict__ bias, T* __r
 LASS_HD void seg_gemv_block(int64_t block, int chunks, int64_t* row_block, int* chunk) {
   *chunk = (int)(block % chunks);
   *row_block = block / chunks;
+}
+
+// Decode GEMV v2's phases (see its description above). Needs k % 8 == 0 and 16-byte aligned x
+// and w (the launcher falls back to v1 otherwise); rows of the x chunk are kc elements apart in
+// shared memory (kc: a multiple of 256).
+// Phase 1 (every thread of the block, between barriers): x[0:M, c0:c0+len] into shared memory.
+template <typename T>
+LASS_HD void gemv2_stage(const T* __restrict__ x, T* __restrict__ xs, int m_rows, int64_t k,
+                         int64_t c0, int len, int kc, int tid, int nthreads) {
+  constexpr int V = 16 / (int)sizeof(T);  // elements per 16-byte vector: 8 (16-bit) or 4 (fp32)
+  const int vpr = len / V;                // 16-byte vectors per x row in this chunk
+  for (int i = tid; i < m_rows * vpr; i += nthreads) {
+    const int m = i / vpr, v = i % vpr;
+    const uint4* src = reinterpret_cast<const uint4*>(x + (int64_t)m * k + c0) + v;
+#ifdef __CUDA_ARCH__
+    reinterpret_cast<uint4*>(xs + (int64_t)m * kc)[v] = __ldg(src);
+#else
+    reinterpret_cast<uint4*>(xs + (int64_t)m * kc)[v] = *src;
+#endif
+  }
+}
+
+// Phase 2 (each lane of each warp): the chunk's contribution to acc[R][MT], the lane's partial
+// sums for output rows row0 .. row0 + R - 1.
+template <typename T, int MT, int R>
+LASS_HD void gemv2_chunk(const T* __restrict__ xs, const T* __restrict__ w,
+                         const int32_t* __restrict__ bits, int m_rows, int64_t n, int64_t k,
+                         int64_t nw, int kc, int64_t c0, int len, int64_t row0, int lane,
+                         float (*acc)[MT]) {
+  constexpr int V = 16 / (int)sizeof(T);
+  constexpr int E = 8;         // weights per lane per step: one mask byte
+  constexpr int NV = E / V;    // 16-byte loads per row per step: 1 or 2
+#pragma unroll 2
+  for (int j = lane * E; j < len; j += 32 * E) {
+    const int64_t kk = c0 + j;
+    uint4 wv[R][NV];
+    uint32_t wd[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {  // R rows' loads issued before any use
+      const int64_t row = row0 + r;
+      if (row < n) {
+        const uint4* p = reinterpret_cast<const uint4*>(w + row * k + kk);
+#pragma unroll
+        for (int v = 0; v < NV; ++v) wv[r][v] = ld_stream(p + v);
+        wd[r] = (uint32_t)ld_stream(bits + row * nw + kk / 32) >> (kk % 32);
+      } else {
+#pragma unroll
+        for (int v = 0; v < NV; ++v) wv[r][v] = make_uint4(0u, 0u, 0u, 0u);
+        wd[r] = 0u;
+      }
+    }
+    float wf[R][E];  // masked weights as float: a select, so off-mask NaN/Inf never enter
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const T* pe = reinterpret_cast<const T*>(&wv[r][0]);
+#pragma unroll
+      for (int e = 0; e < E; ++e) wf[r][e] = ((wd[r] >> e) & 1u) ? to_float(pe[e]) : 0.f;
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m < m_rows) {
+        uint4 xv[NV];
+#pragma unroll
+        for (int v = 0; v < NV; ++v)
+          xv[v] = reinterpret_cast<const uint4*>(xs + (int64_t)m * kc + j)[v];
+        const T* px = reinterpret_cast<const T*>(&xv[0]);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float s = 0.f;
+#pragma unroll
+          for (int e = 0; e < E; ++e) s = fmaf(wf[r][e], to_float(px[e]), s);
+          acc[r][m] += s;
+        }
+      }
+    }
+  }
+}
+
+// Phase 3 (lane 0, after the shuffle butterfly): y for the warp's rows, plus the bias.
+template <typename T, int MT, int R>
+LASS_HD void gemv2_store(float (*acc)[MT], const T* __restrict__ bias, T* __restrict__ y,
+                         int m_rows, int64_t n, int64_t row0) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = row0 + r;
+    if (row >= n) continue;
+    const float b = bias ? to_float(bias[row]) : 0.f;  // once per row
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+      if (m < m_rows) y[(int64_t)m * n + row] = from_float<T>(acc[r][m] + b);
+  }
+}
+
+template <typename T, int MT, int R>
+__device__ __forceinline__ void decode_gemv2(const T* __restrict__ x, const T* __restrict__ w,
+                                             const int32_t* __restrict__ bits,
+                                             const T* __restrict__ bias, T* __restrict__ y,
+                                             int m_rows, int64_t n, int64_t k, int64_t nw,
+                                             int kc) {
+  extern __shared__ uint4 lass_gemv2_smem[];
+  T* xs = reinterpret_cast<T*>(lass_gemv2_smem);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int64_t row0 = ((int64_t)blockIdx.x * warps + warp) * R;
+  float acc[R][MT];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
+  for (int64_t c0 = 0; c0 < k; c0 += kc) {
+    const int len = (int)min((int64_t)kc, k - c0);  // a multiple of 8
+    __syncthreads();                                // the previous chunk is consumed
+    gemv2_stage<T>(x, xs, m_rows, k, c0, len, kc, threadIdx.x, blockDim.x);
+    __syncthreads();
+    gemv2_chunk<T, MT, R>(xs, w, bits, m_rows, n, k, nw, kc, c0, len, row0, lane, acc);
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1)
+        acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], off);
+  if (lane == 0) gemv2_store<T, MT, R>(acc, bias, y, m_rows, n, row0);
 }
 
 // ------------------------------------------------------------------------------ masked AdamW

@@ -132,3 +132,58 @@ extern "C" int emu_seg_gemv(int dtype, const void* x, const void* w, const int32
   });
   return rc == cudaSuccess ? 0 : -1;
 }
+
+// As lass_launch_decode_gemv_v2 (same plan): per block, for each x chunk the staging phase by
+// all 256 threads, then every lane's chunk phase (the barriers between them); then per warp
+// the butterfly and lane 0's store. Returns 0, or -1 where the launcher refuses the call.
+extern "C" int emu_gemv2(int dtype, const void* x, const void* w, const int32_t* bits,
+                         const void* bias, void* y, int m_rows, int64_t n, int64_t k) {
+  if (m_rows > lass::kGemvMaxM || !gemv2_applies(x, w, k)) return -1;
+  if (n <= 0 || m_rows <= 0) return 0;
+  const cudaError_t rc = with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const Gemv2Plan<T> plan(m_rows, n, k);
+    auto run = [&](auto mt_tag, auto r_tag) {
+      constexpr int MT = decltype(mt_tag)::value, R = decltype(r_tag)::value;
+      constexpr int warps = lass::kGemv2Threads / 32;
+      std::vector<uint4> smem((plan.smem + 15) / 16 + 1);
+      T* xs = reinterpret_cast<T*>(smem.data());
+      const int64_t nw = (k + 31) / 32;
+      std::vector<float> accs((size_t)warps * 32 * R * MT);
+      for (unsigned b = 0; b < plan.blocks; ++b) {
+        std::fill(accs.begin(), accs.end(), 0.f);
+        auto acc = [&](int warp, int lane) {
+          return reinterpret_cast<float(*)[MT]>(&accs[((size_t)warp * 32 + lane) * R * MT]);
+        };
+        for (int64_t c0 = 0; c0 < k; c0 += plan.kc) {
+          const int len = (int)std::min<int64_t>(plan.kc, k - c0);
+          for (int tid = 0; tid < lass::kGemv2Threads; ++tid)
+            lass::gemv2_stage<T>((const T*)x, xs, m_rows, k, c0, len, plan.kc, tid,
+                                 lass::kGemv2Threads);
+          for (int warp = 0; warp < warps; ++warp)
+            for (int lane = 0; lane < 32; ++lane)
+              lass::gemv2_chunk<T, MT, R>(xs, (const T*)w, bits, m_rows, n, k, nw, plan.kc, c0,
+                                          len, ((int64_t)b * warps + warp) * R, lane,
+                                          acc(warp, lane));
+        }
+        for (int warp = 0; warp < warps; ++warp) {
+          for (int r = 0; r < R; ++r)
+            for (int m = 0; m < MT; ++m)
+              for (int off = 16; off > 0; off >>= 1) {
+                float next[32];
+                for (int l = 0; l < 32; ++l) next[l] = acc(warp, l)[r][m] + acc(warp, l ^ off)[r][m];
+                for (int l = 0; l < 32; ++l) acc(warp, l)[r][m] = next[l];
+              }
+          lass::gemv2_store<T, MT, R>(acc(warp, 0), (const T*)bias, (T*)y, m_rows, n,
+                                      ((int64_t)b * warps + warp) * R);
+        }
+      }
+    };
+    return with_mt(m_rows, [&](auto mt) {
+      if (plan.rows == 4) run(mt, Int<4>{});
+      else run(mt, Int<2>{});
+      return cudaSuccess;
+    });
+  });
+  return rc == cudaSuccess ? 0 : -1;
+}

@@ -1,9 +1,10 @@
 """CUDA kernels run on the CPU: the small-M backward (dx and dW of at most 16 rows;
-csrc/cuda/lass_kernels.cuh ``small_dx_*`` / ``small_dw_*``) and the segmented decode GEMV
-(``seg_gemv_*``). Their bodies are host+device code without shared memory, so
+csrc/cuda/lass_kernels.cuh ``small_dx_*`` / ``small_dw_*``), the segmented decode GEMV
+(``seg_gemv_*``) and the decode GEMV v2 (``gemv2_*``). Their bodies are host+device code, so
 tests/ops/cuda_emulator.cu (built here with nvcc) runs the launchers' own plans (grid, vector
-accesses, dx splits, row chunks) and the bodies at every grid position in turn (the GEMV's warp
-shuffles replayed as the same butterfly). Checked against the reference: every rows bound, the
+accesses, dx splits, row chunks, x chunks in shared memory) and the bodies at every grid
+position in turn (v2's phases in barrier order; the GEMVs' warp shuffles replayed as the same
+butterfly). Checked against the reference: every rows bound, the
 three dtypes, odd and misaligned K, several dx splits, NaN/Inf off the mask, dW accumulated into
 a grad of x's dtype or float32 with entries off the mask kept bit for bit, segment tables with
 empty segments, repeated pairs and out-of-range values (clamped, never read outside)."""
@@ -48,6 +49,7 @@ def emu(tmp_path_factory):
     e.emu_small_dx_vec.argtypes = [i32, p, p, i32, i64]
     e.lass_small_dx_splits.argtypes = [i32, i64, i64, i32, i32]
     e.emu_seg_gemv.argtypes = [i32, p, p, p, p, p, i32, i32, p, p, i32, i64, i64]
+    e.emu_gemv2.argtypes = [i32, p, p, p, p, p, i32, i64, i64]
     return e
 
 
@@ -307,3 +309,44 @@ def test_segmented_gemv_loads_w_as_vectors_and_keeps_rows_in_registers(sm90_buil
     for name, body in seg.items():
         assert re.search(r"ld\.global(\.nc)?\.v4", body), name
         assert not re.search(r"ld\.local|st\.local", body), name
+
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", (1, 2, 3, 8, 16))
+def test_decode_gemv_v2_matches_the_reference(emu, dtype, m):
+    """Every rows bound, 2 and 4 output rows per warp (N >= 16384), x in one chunk and in
+    several (K beyond the chunk kc, a partial last chunk), bias or not."""
+    for n, k in ((64, 64), (100, 200), (24, 2600), (16384, 32)):
+        g = torch.Generator().manual_seed(m * 7 + k)
+        x = torch.randn(m, k, generator=g).to(dtype)
+        w = torch.randn(n, k, generator=g).to(dtype)
+        b = torch.randn(n, generator=g).to(dtype)
+        bits = pack_mask_reference(torch.rand(n, k, generator=g) < 0.6)
+        for bias in (b, None):
+            y = torch.full((m, n), float("nan"), dtype=dtype)
+            rc = emu.emu_gemv2(DTYPE_CODE[dtype], x.data_ptr(), w.data_ptr(), bits.data_ptr(),
+                               None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k)
+            assert rc == 0
+            _close(y, ref.masked_linear(x, w, bits, bias),
+                   ref.masked_linear(x.double(), w.double(), bits,
+                                     None if bias is None else bias.double()))
+
+
+def test_decode_gemv_v2_never_uses_weights_off_the_mask_and_refuses_what_v1_serves(emu):
+    m, n, k = 4, 40, 512
+    x, w = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
+    keep = torch.rand(n, k) < 0.5
+    bits = pack_mask_reference(keep)
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    w_inf = w.masked_fill(~keep, float("inf"))  # held: the kernel reads it
+    rc = emu.emu_gemv2(DTYPE_CODE[torch.bfloat16], x.data_ptr(), w_inf.data_ptr(),
+                       bits.data_ptr(), None, y.data_ptr(), m, n, k)
+    assert rc == 0 and torch.isfinite(y).all()
+    _close(y, ref.masked_linear(x, w, bits, None),
+           ref.masked_linear(x.double(), w.double(), bits, None))
+    odd = torch.randn(m, 36, dtype=torch.bfloat16)  # K % 8 != 0: v1's
+    assert emu.emu_gemv2(2, odd.data_ptr(), odd.data_ptr(), bits.data_ptr(), None,
+                         y.data_ptr(), m, n, 36) == -1
+    assert emu.emu_gemv2(2, x.data_ptr(), w.data_ptr(), bits.data_ptr(), None, y.data_ptr(),
+                         17, n, k) == -1
