@@ -128,6 +128,11 @@ template <typename T, typename O, int MT> struct SmallDwPlan {
 
 constexpr int kSumThreads = 256;
 
+// apply_mask: 128-bit accesses when every octet is whole and src and out are 16-byte aligned.
+int apply_mask_vec(const void* src, const void* out, int64_t k) {
+  return k % 8 == 0 && aligned(src, 16) && aligned(out, 16);
+}
+
 // Segmented GEMV: blocks of kSegGemvWarps output rows x chunks of kGemvMaxM x rows; MT from the
 // rows of the first (largest) chunk; `vec` for 16-byte W and x rows (K % 8 == 0, aligned).
 template <typename T> struct SegGemvPlan {
@@ -288,7 +293,7 @@ extern "C" cudaError_t lass_launch_apply_mask(int dtype, const void* src, const 
                                               cudaStream_t stream) {
   const int64_t nw = (k + 31) / 32, total = rows * ((k + 7) / 8);
   if (total == 0) return cudaSuccess;
-  const int vec = k % 8 == 0 && (uintptr_t)src % 16 == 0 && (uintptr_t)out % 16 == 0;
+  const int vec = apply_mask_vec(src, out, k);
   const unsigned blocks = (unsigned)((total + 255) / 256);
   switch (dtype) {
     case lass::kFloat32: lass_apply_mask_f32<<<blocks, 256, 0, stream>>>((const float*)src, bits, (float*)out, rows, k, nw, accumulate, vec); break;

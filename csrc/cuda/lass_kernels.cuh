@@ -25,11 +25,73 @@ template <> LASS_HD __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// ------------------------------------------------------------------------- vector accesses
+
+template <int BYTES> struct RawVec;
+template <> struct RawVec<16> { using type = uint4; };
+template <> struct RawVec<8> { using type = uint2; };
+template <> struct RawVec<4> { using type = unsigned int; };
+
+// Evict-first loads on the device (streamed once), plain ones in the emulator.
+template <typename V> LASS_HD V ld_stream(const V* p) {
+#ifdef __CUDA_ARCH__
+  return __ldcs(p);
+#else
+  return *p;
+#endif
+}
+
+// VEC elements of p into e[] (their raw bits): one vector load when `vec` (then all VEC are in
+// range and p is aligned to the vector), else `avail` scalar loads and zeros.
+template <typename T, int VEC, bool STREAM>
+LASS_HD void load_cols(const T* p, bool vec, int avail, T* e) {
+  constexpr int B = VEC * (int)sizeof(T);
+  if constexpr (B == 16 || B == 8 || B == 4 || B == 32) {
+    if (vec) {
+      constexpr int CH = B == 32 ? 16 : B;  // 32 bytes: two 16-byte loads
+      using V = typename RawVec<CH>::type;
+      V raw[B / CH];
+#pragma unroll
+      for (int i = 0; i < B / CH; ++i)
+        raw[i] = STREAM ? ld_stream(reinterpret_cast<const V*>(p) + i)
+                        : reinterpret_cast<const V*>(p)[i];
+      const T* r = reinterpret_cast<const T*>(raw);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) e[j] = r[j];
+      return;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) e[j] = j < avail ? p[j] : from_float<T>(0.f);
+}
+
+template <typename T, int VEC>
+LASS_HD void store_cols(T* p, bool vec, int avail, const T* e) {
+  constexpr int B = VEC * (int)sizeof(T);
+  if constexpr (B == 16 || B == 8 || B == 4 || B == 32) {
+    if (vec) {
+      constexpr int CH = B == 32 ? 16 : B;
+      using V = typename RawVec<CH>::type;
+      V raw[B / CH];
+      T* r = reinterpret_cast<T*>(raw);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) r[j] = e[j];
+#pragma unroll
+      for (int i = 0; i < B / CH; ++i) reinterpret_cast<V*>(p)[i] = raw[i];
+      return;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < VEC; ++j)
+    if (j < avail) p[j] = e[j];
+}
+
+
 // ------------------------------------------------------------------------------ pack / unpack
 
 // One thread per output word: 32 mask bytes -> one int32.
-__device__ __forceinline__ void pack_word(const bool* mask, int32_t* bits, int64_t rows,
-                                          int64_t k, int64_t nw, int64_t idx) {
+LASS_HD void pack_word(const bool* mask, int32_t* bits, int64_t rows, int64_t k, int64_t nw,
+                       int64_t idx) {
   if (idx >= rows * nw) return;
   const int64_t r = idx / nw, w = idx % nw;
   const bool* src = mask + r * k + w * 32;
@@ -41,9 +103,8 @@ __device__ __forceinline__ void pack_word(const bool* mask, int32_t* bits, int64
 
 // |w| > threshold, packed (magnitude rule; the threshold is the kth value, found on device).
 template <typename T>
-__device__ __forceinline__ void magnitude_word(const T* w, float thr, int32_t* bits,
-                                               int64_t rows, int64_t k, int64_t nw,
-                                               int64_t idx) {
+LASS_HD void magnitude_word(const T* w, float thr, int32_t* bits, int64_t rows, int64_t k,
+                            int64_t nw, int64_t idx) {
   if (idx >= rows * nw) return;
   const int64_t r = idx / nw, wi = idx % nw;
   const T* src = w + r * k + wi * 32;
@@ -61,40 +122,8 @@ __device__ __forceinline__ void magnitude_word(const T* w, float thr, int32_t* b
 // they move as 128-bit accesses.
 
 template <typename T>
-__device__ __forceinline__ void load8(const T* p, bool vec, int n, T* v) {
-  if (vec) {
-    uint4 raw[sizeof(T) / 2];  // 8 elements: 16 bytes (16-bit types) or 32 (float)
-#pragma unroll
-    for (int i = 0; i < (int)(sizeof(T) / 2); ++i) raw[i] = reinterpret_cast<const uint4*>(p)[i];
-    const T* e = reinterpret_cast<const T*>(raw);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = e[j];
-  } else {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = j < n ? p[j] : from_float<T>(0.f);  // registers, no stack
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store8(T* p, bool vec, int n, const T* v) {
-  if (vec) {
-    uint4 raw[sizeof(T) / 2];
-    T* e = reinterpret_cast<T*>(raw);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) e[j] = v[j];
-#pragma unroll
-    for (int i = 0; i < (int)(sizeof(T) / 2); ++i) reinterpret_cast<uint4*>(p)[i] = raw[i];
-  } else {
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-      if (j < n) p[j] = v[j];
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void apply_mask_octet(const T* src, const int32_t* bits, T* out,
-                                                 int64_t rows, int64_t k, int64_t nw,
-                                                 int accumulate, int vec, int64_t idx) {
+LASS_HD void apply_mask_octet(const T* src, const int32_t* bits, T* out, int64_t rows,
+                              int64_t k, int64_t nw, int accumulate, int vec, int64_t idx) {
   const int64_t per_row = (k + 7) / 8;
   if (idx >= rows * per_row) return;
   const int64_t r = idx / per_row, c0 = (idx % per_row) * 8;
@@ -102,8 +131,8 @@ __device__ __forceinline__ void apply_mask_octet(const T* src, const int32_t* bi
   const uint32_t byte = ((uint32_t)bits[r * nw + c0 / 32] >> (c0 % 32)) & 0xffu;
   const int64_t at = r * k + c0;
   T v[8], o[8];
-  load8(src + at, vec != 0, n, v);
-  if (accumulate) load8(out + at, vec != 0, n, o);
+  load_cols<T, 8, false>(src + at, vec != 0, n, v);
+  if (accumulate) load_cols<T, 8, false>(out + at, vec != 0, n, o);
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const bool keep = (byte >> j) & 1u;
@@ -112,7 +141,7 @@ __device__ __forceinline__ void apply_mask_octet(const T* src, const int32_t* bi
     else
       o[j] = keep ? v[j] : from_float<T>(0.f);
   }
-  store8(out + at, vec != 0, n, o);
+  store_cols<T, 8>(out + at, vec != 0, n, o);
 }
 
 // ------------------------------------------------------------------------------- decode GEMV
@@ -190,65 +219,6 @@ __device__ __forceinline__ void decode_gemv_row(const T* __restrict__ x,
 // them on the CPU, every position of the launch grid in turn (tests/ops/test_cuda_emulated.py).
 // dx splits N over blockIdx.y (lass_small_dx_splits): one split writes dx, several write fp32
 // partials that small_dx_sum adds in split order (deterministic, no atomics).
-
-template <int BYTES> struct RawVec;
-template <> struct RawVec<16> { using type = uint4; };
-template <> struct RawVec<8> { using type = uint2; };
-template <> struct RawVec<4> { using type = unsigned int; };
-
-// Evict-first loads on the device (streamed once), plain ones in the emulator.
-template <typename V> LASS_HD V ld_stream(const V* p) {
-#ifdef __CUDA_ARCH__
-  return __ldcs(p);
-#else
-  return *p;
-#endif
-}
-
-// VEC elements of p into e[] (their raw bits): one vector load when `vec` (then all VEC are in
-// range and p is aligned to the vector), else `avail` scalar loads and zeros.
-template <typename T, int VEC, bool STREAM>
-LASS_HD void load_cols(const T* p, bool vec, int avail, T* e) {
-  constexpr int B = VEC * (int)sizeof(T);
-  if constexpr (B == 16 || B == 8 || B == 4 || B == 32) {
-    if (vec) {
-      constexpr int CH = B == 32 ? 16 : B;  // 32 bytes: two 16-byte loads
-      using V = typename RawVec<CH>::type;
-      V raw[B / CH];
-#pragma unroll
-      for (int i = 0; i < B / CH; ++i)
-        raw[i] = STREAM ? ld_stream(reinterpret_cast<const V*>(p) + i)
-                        : reinterpret_cast<const V*>(p)[i];
-      const T* r = reinterpret_cast<const T*>(raw);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) e[j] = r[j];
-      return;
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) e[j] = j < avail ? p[j] : from_float<T>(0.f);
-}
-
-template <typename T, int VEC>
-LASS_HD void store_cols(T* p, bool vec, int avail, const T* e) {
-  constexpr int B = VEC * (int)sizeof(T);
-  if constexpr (B == 16 || B == 8 || B == 4 || B == 32) {
-    if (vec) {
-      constexpr int CH = B == 32 ? 16 : B;
-      using V = typename RawVec<CH>::type;
-      V raw[B / CH];
-      T* r = reinterpret_cast<T*>(raw);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) r[j] = e[j];
-#pragma unroll
-      for (int i = 0; i < B / CH; ++i) reinterpret_cast<V*>(p)[i] = raw[i];
-      return;
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < VEC; ++j)
-    if (j < avail) p[j] = e[j];
-}
 
 // The rows bound of an instantiation for m rows (1, 2, 4, 8 or 16) and the columns per thread:
 // 16-byte runs of T up to 8 rows, 8-byte runs above (the accumulators stay at <= 64 floats).
@@ -605,8 +575,7 @@ __device__ __forceinline__ void decode_gemv2(const T* __restrict__ x, const T* _
 // mask bit is 0 keep p, exp_avg and exp_avg_sq bit-for-bit (nothing is written).
 // (AdamWTensor / AdamWArgs: lass_abi.h)
 template <typename T>
-__device__ __forceinline__ void adamw_element(const AdamWTensor& t, const AdamWArgs& a,
-                                              int64_t i) {
+LASS_HD void adamw_element(const AdamWTensor& t, const AdamWArgs& a, int64_t i) {
   if (t.bits) {
     const int64_t r = i / t.k, c = i % t.k;
     if (!(((uint32_t)t.bits[r * t.nw + c / 32] >> (c % 32)) & 1u)) return;

@@ -187,3 +187,35 @@ extern "C" int emu_gemv2(int dtype, const void* x, const void* w, const int32_t*
   });
   return rc == cudaSuccess ? 0 : -1;
 }
+
+// The one-thread-per-item kernels, every thread of the launchers' grids (256 per block):
+// apply_mask (with the launcher's `vec` decision), pack, magnitude.
+extern "C" int emu_apply_mask(int dtype, const void* src, const int32_t* bits, void* out,
+                              int64_t rows, int64_t k, int accumulate) {
+  const int64_t nw = (k + 31) / 32, total = rows * ((k + 7) / 8);
+  const int vec = apply_mask_vec(src, out, k);
+  const int64_t threads = (total + 255) / 256 * 256;
+  const cudaError_t rc = with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    for (int64_t i = 0; i < threads; ++i)
+      lass::apply_mask_octet<T>((const T*)src, bits, (T*)out, rows, k, nw, accumulate, vec, i);
+    return cudaSuccess;
+  });
+  return rc == cudaSuccess ? vec : -1;
+}
+
+extern "C" void emu_pack(const bool* mask, int32_t* bits, int64_t rows, int64_t k) {
+  const int64_t nw = (k + 31) / 32, threads = (rows * nw + 255) / 256 * 256;
+  for (int64_t i = 0; i < threads; ++i) lass::pack_word(mask, bits, rows, k, nw, i);
+}
+
+extern "C" int emu_magnitude(int dtype, const void* w, float thr, int32_t* bits, int64_t rows,
+                             int64_t k) {
+  const int64_t nw = (k + 31) / 32, threads = (rows * nw + 255) / 256 * 256;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    for (int64_t i = 0; i < threads; ++i)
+      lass::magnitude_word<T>((const T*)w, thr, bits, rows, k, nw, i);
+    return cudaSuccess;
+  }) == cudaSuccess ? 0 : -1;
+}

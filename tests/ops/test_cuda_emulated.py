@@ -1,6 +1,7 @@
 """CUDA kernels run on the CPU: the small-M backward (dx and dW of at most 16 rows;
 csrc/cuda/lass_kernels.cuh ``small_dx_*`` / ``small_dw_*``), the segmented decode GEMV
-(``seg_gemv_*``) and the decode GEMV v2 (``gemv2_*``). Their bodies are host+device code, so
+(``seg_gemv_*``), the decode GEMV v2 (``gemv2_*``) and the one-thread-per-item kernels (the
+cuBLAS route's mask pass, pack, magnitude). Their bodies are host+device code, so
 tests/ops/cuda_emulator.cu (built here with nvcc) runs the launchers' own plans (grid, vector
 accesses, dx splits, row chunks, x chunks in shared memory) and the bodies at every grid
 position in turn (v2's phases in barrier order; the GEMVs' warp shuffles replayed as the same
@@ -50,6 +51,9 @@ def emu(tmp_path_factory):
     e.lass_small_dx_splits.argtypes = [i32, i64, i64, i32, i32]
     e.emu_seg_gemv.argtypes = [i32, p, p, p, p, p, i32, i32, p, p, i32, i64, i64]
     e.emu_gemv2.argtypes = [i32, p, p, p, p, p, i32, i64, i64]
+    e.emu_apply_mask.argtypes = [i32, p, p, p, i64, i64, i32]
+    e.emu_pack.argtypes = [p, p, i64, i64]
+    e.emu_magnitude.argtypes = [i32, p, ctypes.c_float, p, i64, i64]
     return e
 
 
@@ -350,3 +354,49 @@ def test_decode_gemv_v2_never_uses_weights_off_the_mask_and_refuses_what_v1_serv
                          y.data_ptr(), m, n, 36) == -1
     assert emu.emu_gemv2(2, x.data_ptr(), w.data_ptr(), bits.data_ptr(), None, y.data_ptr(),
                          17, n, k) == -1
+
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_apply_mask_selects_and_accumulates_on_the_mask_only(emu, dtype):
+    """The cuBLAS route's mask pass: out = src ⊙ M (exact zeros off the mask, NaN/Inf there
+    never copied), in place, or out += src on the mask with off-mask bits kept; 128-bit
+    accesses when K % 8 == 0 and both pointers are 16-byte aligned, else scalar."""
+    bitview = torch.int32 if dtype == torch.float32 else torch.int16
+    for rows, k, shift in ((5, 64, 0), (7, 37, 0), (3, 96, 1)):
+        keep = torch.rand(rows, k) < 0.5
+        bits = pack_mask_reference(keep)
+        base = torch.randn(rows * k + 1).to(dtype)
+        src = base[shift:shift + rows * k].view(rows, k)
+        src[~keep] = float("nan")
+        out = torch.full((rows, k), 7.0, dtype=dtype)
+        vec = emu.emu_apply_mask(DTYPE_CODE[dtype], src.data_ptr(), bits.data_ptr(),
+                                 out.data_ptr(), rows, k, 0)
+        assert vec == int(k % 8 == 0 and shift == 0)
+        assert torch.equal(out, torch.where(keep, src, torch.zeros_like(src)))
+        grad = torch.randn(rows, k).to(dtype)
+        grad[~keep] = -0.0
+        before = grad.clone()
+        emu.emu_apply_mask(DTYPE_CODE[dtype], src.data_ptr(), bits.data_ptr(), grad.data_ptr(),
+                           rows, k, 1)
+        assert torch.equal(grad.view(bitview)[~keep], before.view(bitview)[~keep])
+        torch.testing.assert_close(grad[keep], (before.float() + src.float())[keep].to(dtype))
+        inplace = src.clone()
+        emu.emu_apply_mask(DTYPE_CODE[dtype], inplace.data_ptr(), bits.data_ptr(),
+                           inplace.data_ptr(), rows, k, 0)
+        assert torch.equal(inplace, out)
+
+
+def test_pack_and_magnitude_kernels_are_bit_exact(emu):
+    for rows, k in ((3, 1), (4, 31), (2, 33), (5, 100)):
+        mask = torch.rand(rows, k) < 0.5
+        bits = torch.full((rows, (k + 31) // 32), -1, dtype=torch.int32)
+        emu.emu_pack(mask.data_ptr(), bits.data_ptr(), rows, k)
+        assert torch.equal(bits, pack_mask_reference(mask))
+        for dtype in DTYPES:
+            w = torch.randn(rows, k).to(dtype)
+            thr = float(w.float().abs().median())
+            got = torch.full_like(bits, -1)
+            assert emu.emu_magnitude(DTYPE_CODE[dtype], w.data_ptr(), thr, got.data_ptr(), rows,
+                                     k) == 0
+            assert torch.equal(got, pack_mask_reference(w.float().abs() > thr))
