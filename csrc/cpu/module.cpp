@@ -1,7 +1,8 @@
 // The Python module lass_sparse._C (set_forced / kernels_only) and the per-thread state its
 // entries read (common/entry.h). The C++ kernels register under the public op names
 // (lass_sparse::*, schemas in lass_sparse/ops/schema.py) in their own files; lass_sparse_cpu
-// holds only the eager training nodes (autograd.cpp).
+// holds the eager training nodes (autograd.cpp) and the registry of known segment tables
+// (known_tables.cpp).
 #include <Python.h>  // first, as Python asks
 #include <torch/library.h>
 
@@ -17,4 +18,8 @@ TORCH_LIBRARY(lass_sparse_cpu, m) {
   // route, the Python body elsewhere)
   m.def("masked_qkv_autograd(Tensor x, Tensor weight, Tensor bits, Tensor? bias, int num_heads)"
         " -> (Tensor, Tensor, Tensor)");
+  // segment tables whose values their builder registered (held weakly; any device): the CUDA
+  // entries take a segmented call with a known table without reading it from the device
+  m.def("remember_table(Tensor seg_offsets, Tensor seg_pair, int[] offsets, int[] pairs) -> ()");
+  m.def("table_known(Tensor seg_offsets, Tensor seg_pair, int rows, int num_pairs) -> bool");
 }

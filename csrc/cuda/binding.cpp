@@ -2,8 +2,9 @@
 // names (TORCH_LIBRARY_IMPL(lass_sparse, CUDA); schemas in lass_sparse/ops/schema.py): pack_mask,
 // unpack_mask, magnitude_mask, masked_linear (decode GEMV at most kGemvMaxM rows; the "mask,
 // then cuBLAS" route from the rows Python sets), masked_linear_dx / _dw / _dw_accumulate_ (the
-// small-M kernels up to kSmallBwdMaxM rows, that route from its rows), masked_qkv_proj (that
-// route) and masked_adamw_. Each entry runs its kernel or defers to the op's Python body
+// small-M kernels up to kSmallBwdMaxM rows, that route from its rows), masked_qkv_proj (the
+// decode GEMV or that route), segmented_masked_linear (the segmented decode GEMV, for tables the
+// nn layers registered; others through the op body) and masked_adamw_. Each entry runs its kernel or defers to the op's Python body
 // (another backend forced, a call it does not take, inputs its checks refuse: common/entry.h).
 // The kernels themselves have no torch headers (lass_kernels.cuh).
 #include <Python.h>  // first, as Python asks
@@ -25,6 +26,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <map>
+#include <mutex>
+#include <optional>
 #include <tuple>
 #include <string>
 #include <vector>
@@ -380,6 +383,54 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   return y;
 }
 
+// Mixed-pair rows (segmented decode GEMV, at most kSegGemvMaxT rows of x): each row under its
+// segment's pair's mask, W streamed once per 16 rows. The table stays on the device, read by
+// the kernel (clamped: no value reaches outside the tensors); its values are checked by the op
+// body, or were registered by the code that built the table (table_known below).
+at::Tensor segmented_masked_linear(const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& bits_bank, const at::Tensor& seg_offsets,
+                                   const at::Tensor& seg_pair,
+                                   const std::optional<at::Tensor>& bias) {
+  const char* op = "segmented_masked_linear";
+  check_on(x, x.device(), op, "x");
+  const at::Device dev = x.device();
+  LASS_CHECK(x.dim() == 2, op, ": x must be 2-D [T, K], got ", x.sizes());
+  const int code = dtype_code(x, op);
+  const int64_t t = x.size(0), k = x.size(1);
+  LASS_CHECK(t <= lass::kSegGemvMaxT, op, ": the CUDA kernel takes at most ",
+              lass::kSegGemvMaxT, " rows of x, got ", t);
+  check_on(weight, dev, op, "weight");
+  LASS_CHECK(weight.dim() == 2 && weight.size(1) == k && weight.scalar_type() == x.scalar_type(),
+              op, ": weight must be ", x.scalar_type(), "[N, K=", k, "], got ",
+              weight.scalar_type(), weight.sizes());
+  const int64_t n = weight.size(0);
+  check_on(bits_bank, dev, op, "bits_bank");
+  LASS_CHECK(bits_bank.dim() == 3 && bits_bank.size(0) >= 1, op,
+              ": bits_bank must be int32[P >= 1, N, ceil(K/32)], got ", bits_bank.sizes());
+  const auto bank = bits_bank.contiguous();
+  check_exact(bank, dev, op, "bits_bank", at::kInt, {bank.size(0), n, (k + 31) / 32});
+  check_on(seg_pair, dev, op, "seg_pair");
+  LASS_CHECK(seg_pair.dim() == 1 && seg_pair.size(0) < (int64_t{1} << 30), op,
+              ": seg_pair must be int64[S], got ", seg_pair.sizes());
+  const int64_t segs = seg_pair.size(0);
+  check_exact(seg_pair, dev, op, "seg_pair", at::kLong, {segs});
+  check_exact(seg_offsets, dev, op, "seg_offsets", at::kLong, {segs + 1});
+  const auto bias_c = contiguous(bias);
+  if (bias_c.has_value()) check_exact(*bias_c, dev, op, "bias", x.scalar_type(), {n});
+  const c10::cuda::CUDAGuard guard(dev);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto xc = x.contiguous(), w = weight.contiguous();
+  auto y = at::empty({t, n}, x.options());
+  if (y.numel() == 0) return y;
+  LASS_CUDA_CHECK(op, lass_launch_seg_gemv(
+                          code, xc.data_ptr(), w.data_ptr(), bank.data_ptr<int32_t>(),
+                          seg_offsets.data_ptr<int64_t>(), seg_pair.data_ptr<int64_t>(),
+                          static_cast<int>(segs), static_cast<int>(bank.size(0)),
+                          bias_c.has_value() ? bias_c->data_ptr() : nullptr, y.data_ptr(),
+                          static_cast<int>(t), n, k, c10::cuda::getCurrentCUDAStream()));
+  return y;
+}
+
 // One launch over the entries `idx` (one param dtype): the AdamWTensor table and chunk table
 // copied to the device, then the multi-tensor kernel.
 void adamw_launch(const std::vector<size_t>& idx, at::TensorList params, at::TensorList grads,
@@ -596,6 +647,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_qkv_proj_op(
                          weight, bits, bias, num_heads);
 }
 
+// The table's values were registered by its builder (lass_sparse_cpu::table_known, the C++
+// extension's registry of known tables; false where that extension is not loaded).
+bool table_known(const at::Tensor& offs, const at::Tensor& pairs, int64_t rows,
+                 int64_t num_pairs) {
+  using Sig = bool(const at::Tensor&, const at::Tensor&, int64_t, int64_t);
+  static std::optional<c10::TypedOperatorHandle<Sig>> handle;
+  static std::once_flag looked;
+  std::call_once(looked, [] {
+    const auto found =
+        c10::Dispatcher::singleton().findSchema({"lass_sparse_cpu::table_known", ""});
+    if (found.has_value()) handle = found->typed<Sig>();
+  });
+  return handle.has_value() && handle->call(offs, pairs, rows, num_pairs);
+}
+
+// A dispatcher call runs the kernel when its table is known (registered by the nn layers that
+// built it: no device->host read, no Python) and the call is the kernel's (at most
+// kSegGemvMaxT rows, one dtype); else the op body checks the table (read once per table, or
+// asserted on the device during graph capture) and picks a kernel through the registry
+// (lass_sparse/backends/cuda.py runs this one in kernels-only mode).
+at::Tensor segmented_masked_linear_op(const at::Tensor& x, const at::Tensor& weight,
+                                      const at::Tensor& bits_bank, const at::Tensor& seg_offsets,
+                                      const at::Tensor& seg_pair,
+                                      const std::optional<at::Tensor>& bias) {
+  static const auto registry = registry_overload<decltype(segmented_masked_linear_op)>(
+      "lass_sparse::segmented_masked_linear");
+  const bool takes = x.dim() == 2 && x.size(0) <= lass::kSegGemvMaxT && is_kernel_dtype(x) &&
+                     weight.scalar_type() == x.scalar_type() &&
+                     (!bias.has_value() || bias->scalar_type() == x.scalar_type()) &&
+                     bits_bank.dim() == 3 && seg_offsets.dim() == 1 && seg_pair.dim() == 1 &&
+                     table_known(seg_offsets, seg_pair, x.size(0), bits_bank.size(0));
+  return run_if_or_defer(
+      takes, registry,
+      [&] { return segmented_masked_linear(x, weight, bits_bank, seg_offsets, seg_pair, bias); },
+      x, weight, bits_bank, seg_offsets, seg_pair, bias);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lass_sparse, CUDA, m) {
@@ -607,5 +695,6 @@ TORCH_LIBRARY_IMPL(lass_sparse, CUDA, m) {
   m.impl("masked_linear_dw", &masked_linear_dw_op);
   m.impl("masked_linear_dw_accumulate_", &masked_linear_dw_accumulate_op);
   m.impl("masked_qkv_proj", &masked_qkv_proj_op);
+  m.impl("segmented_masked_linear", &segmented_masked_linear_op);
   m.impl("masked_adamw_", &adamw_entry<&masked_adamw_>);
 }

@@ -134,8 +134,10 @@ class _SegmentedFn(torch.autograd.Function):
     backward = staticmethod(schema.seg_backward)
 
 
-# no-grad direct path: the C++ entry on CPU (it defers to the body for calls it does not take)
-SEG_NATIVE = {"cpu": native_kernel("segmented_masked_linear")}
+# no-grad direct path: the C++ entries (they defer to the body for calls they do not take; on
+# CUDA: a table not registered with remember(), or more rows than the segmented GEMV's)
+SEG_NATIVE = {"cpu": native_kernel("segmented_masked_linear"),
+              "cuda": native_kernel("segmented_masked_linear", "CUDA")}
 
 
 def segmented_masked_linear(

@@ -20,6 +20,7 @@ static size (:func:`device_tiles`), so a replay uses the table's values at repla
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -62,9 +63,22 @@ def _entry(seg_offsets: Tensor, seg_pair: Tensor) -> _Entry | None:
 
 
 def remember(seg_offsets: Tensor, seg_pair: Tensor, offs: list[int], pairs: list[int]) -> None:
-    """Register the values of a table its caller built and will not change in place."""
+    """Register the values of a table its caller built and will not change in place. A CUDA
+    table is registered with the C++ extension too (``lass_sparse_cpu::remember_table``): the
+    CUDA entries then take segmented calls with it straight from the dispatcher."""
     with _LOCK:
         _TABLES[seg_offsets] = _Entry(weakref.ref(seg_pair), None, list(offs), list(pairs))
+    if seg_offsets.is_cuda and _native_remember() is not None:
+        _native_remember()(seg_offsets, seg_pair, list(offs), list(pairs))
+
+
+@functools.cache
+def _native_remember():
+    """``lass_sparse_cpu::remember_table`` where the C++ extension is built, else None."""
+    try:
+        return torch.ops.lass_sparse_cpu.remember_table.default
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _lookup(seg_offsets: Tensor, seg_pair: Tensor) -> _Entry:

@@ -167,6 +167,18 @@ def _seg_grad_cases(kind):
     ]
 
 
+def _remember_cases():
+    offs, pair = torch.tensor([0, 2, 4]), torch.tensor([1, 0])
+    return [
+        ("fewer offsets than the tensor", lambda: (offs, pair, [0, 2], [1, 0])),
+        ("offsets not from 0", lambda: (offs, pair, [1, 2, 4], [1, 0])),
+        ("decreasing offsets", lambda: (offs, pair, [0, 3, 2], [1, 0])),
+        ("negative pair id", lambda: (offs, pair, [0, 2, 4], [-1, 0])),
+        ("offsets 2-D", lambda: (offs.view(3, 1), pair, [0, 2, 4], [1, 0])),
+        ("pairs as floats", lambda: (offs, pair, [0, 2, 4], [1.5, 0])),
+    ]
+
+
 def _qkv_cases(dev="cpu", t=3):
     f = dict(device=dev)
     x, w, bits = torch.randn(2, t, 64, **f), torch.randn(192, 64, **f), _i32(192, 2).to(dev)
@@ -297,7 +309,15 @@ def _cases() -> dict[str, dict[str, list]]:
                                        *_HP[2:]))],
         },
         "lass_sparse_cpu": {"masked_linear_autograd": _linear_cases(public=False),
-                            "masked_qkv_autograd": _qkv_cases()},
+                            "masked_qkv_autograd": _qkv_cases(),
+                            "remember_table": _remember_cases(),
+                            "table_known": [
+                                ("offsets 2-D", lambda: (torch.zeros(2, 2, dtype=torch.long),
+                                                         torch.zeros(1, dtype=torch.long), 4,
+                                                         2)),
+                                ("int offsets list", lambda: ([0, 4], [0], 4, 2)),
+                                ("negative rows", lambda: (torch.tensor([0, 4]),
+                                                           torch.tensor([0]), -1, 2))]},
         # The CUDA kernels (csrc/cuda/binding.cpp, TORCH_LIBRARY_IMPL(lass_sparse, CUDA)), run
         # with their own checks only (testing.cuda_kernels); the builders run only on CUDA
         # machines.

@@ -204,6 +204,45 @@ def test_a_mixed_pair_model_in_inference_mode_reads_no_table_after_its_first_bat
                                rtol=1e-5)
 
 
+def test_the_native_registry_of_known_tables():
+    """``lass_sparse_cpu::remember_table`` / ``table_known`` (csrc/cpu/known_tables.cpp), which
+    the CUDA entries ask before taking a segmented call without reading its table: known only
+    for the registered tensors themselves (held weakly), for the rows and pair count they
+    describe; invalid values refused; the oldest entries dropped beyond 512."""
+    if not ls.backends()["cpu"]["active"]:
+        pytest.skip("the C++ extension is not built")
+    ops = torch.ops.lass_sparse_cpu
+    offs, pair = torch.tensor([0, 2, 2, 5]), torch.tensor([3, 0, 1])
+    assert not ops.table_known(offs, pair, 5, 4)
+    ops.remember_table(offs, pair, [0, 2, 2, 5], [3, 0, 1])
+    assert ops.table_known(offs, pair, 5, 4)
+    assert not ops.table_known(offs, pair, 4, 4)  # x with other rows
+    assert not ops.table_known(offs, pair, 5, 3)  # a bank without pair 3
+    assert not ops.table_known(offs.clone(), pair, 5, 4)  # identity, not values
+    assert not ops.table_known(offs, pair.clone(), 5, 4)
+    with torch.no_grad():
+        view = offs[:]  # another tensor object over the same storage
+    assert not ops.table_known(view, pair, 5, 4)
+    with pytest.raises(RuntimeError, match="seg_offsets must be non-decreasing"):
+        ops.remember_table(offs, pair, [0, 3, 2, 5], [3, 0, 1])
+    with pytest.raises(RuntimeError, match="seg_pair ids must be >= 0"):
+        ops.remember_table(offs, pair, [0, 2, 2, 5], [3, -1, 1])
+    assert ops.table_known(offs, pair, 5, 4)  # a refused call changes nothing
+    # held weakly: a table allocated where a dead one lived is not known
+    o2, p2 = torch.tensor([0, 1]), torch.tensor([0])
+    ops.remember_table(o2, p2, [0, 1], [0])
+    assert ops.table_known(o2, p2, 1, 1)
+    del o2
+    fresh = [torch.tensor([0, 1]) for _ in range(16)]
+    assert not any(ops.table_known(f, p2, 1, 1) for f in fresh)
+    # bounded: after 600 more tables the first is gone, the newest known
+    many = [(torch.tensor([0, 1]), torch.tensor([0])) for _ in range(600)]
+    for o, p in many:
+        ops.remember_table(o, p, [0, 1], [0])
+    assert not ops.table_known(offs, pair, 5, 4)
+    assert ops.table_known(*many[-1], 1, 1) and not ops.table_known(*many[0], 1, 1)
+
+
 # -------------------------------------------------------------------------------- on a GPU
 
 
@@ -289,3 +328,31 @@ def test_mixed_batches_compile_with_reduce_overhead_over_any_composition():
         with ls.active_pair(model, pairs, pair_ids=torch.tensor(ids, device="cuda")):
             got = compiled(x).clone()
             torch.testing.assert_close(got, model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_segmented_decode_calls_with_registered_tables_run_no_python(monkeypatch):
+    """Mixed-pair decode rows (<= 64) whose table the nn layers built and registered: the CUDA
+    entry takes every call from the dispatcher (no op body, no table read); an unregistered
+    table goes through the body, which checks it and then picks the same kernel."""
+    from lass_sparse.testing import record_backends, require_backend
+
+    require_backend("cuda")
+    monkeypatch.delenv("LASS_SPARSE_TRITON_VARIANT", raising=False)
+    model, bank, pairs = _mixed_model()
+    model = model.cuda()
+    x = torch.randn(6, 2, 32, device="cuda")
+    ids = torch.tensor([2, 0, 2, 1, 0, 0])
+    seen = record_backends(monkeypatch)
+    with torch.no_grad(), ls.active_pair(model, pairs, pair_ids=ids):
+        y = model(x)
+    assert seen == []
+    torch.testing.assert_close(y, _per_row_want(model, bank, pairs, x, ids), atol=1e-4,
+                               rtol=1e-4)
+    w = torch.randn(8, 32, device="cuda")
+    stack = torch.stack([pack_mask_reference(torch.rand(8, 32, device="cuda") > 0.5)
+                         for _ in range(2)])
+    offs, pid = torch.tensor([0, 3, 5], device="cuda"), torch.tensor([1, 0], device="cuda")
+    with torch.no_grad():
+        torch.ops.lass_sparse.segmented_masked_linear(x[:, 0][:5], w, stack, offs, pid, None)
+    assert seen == ["cuda"]
