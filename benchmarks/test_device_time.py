@@ -180,6 +180,17 @@ def segmented_fn(op: str, impl: str, x, w, masks, bank, offs, pid):
     return with_variant(impl, fn)  # ours_wt: the one-launch segmented kernels (no W ⊙ M)
 
 
+def segmented_inputs(pairs: int, t: int, n: int, k: int):
+    """(x [T, K], W [N, K] bf16, bool masks [P, N, K], packed bank, offsets, pair ids): T rows
+    in P equal segments, pair p for segment p."""
+    x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    masks = torch.rand(pairs, n, k, device="cuda") < KEEP
+    bank = torch.stack([ls.pack_mask(mk) for mk in masks])
+    offs = torch.linspace(0, t, pairs + 1, device="cuda").long()
+    return x, w, masks, bank, offs, torch.arange(pairs, device="cuda")
+
+
 @pytest.mark.parametrize("impl", ["ours", "ours_wt", "dense", "naive"])
 @pytest.mark.parametrize("nk", [(4096, 4096), (4096, 1024), (1024, 4096)],
                          ids=["4096x4096", "4096x1024", "1024x4096"])
@@ -191,12 +202,7 @@ def test_segmented_device_time(benchmark, op, impl, nk, device_peaks, is_smoke):
         pytest.skip("smoke run: one shape")
     n, k = nk
     pairs, t = 16, 4096
-    x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-    masks = torch.rand(pairs, n, k, device="cuda") < KEEP
-    bank = torch.stack([ls.pack_mask(mk) for mk in masks])
-    offs = torch.linspace(0, t, pairs + 1, device="cuda").long()
-    pid = torch.arange(pairs, device="cuda")
+    x, w, masks, bank, offs, pid = segmented_inputs(pairs, t, n, k)
     fn = segmented_fn(op, impl, x, w, masks, bank, offs, pid)
     tag(benchmark, f"device_segmented_{op}", impl, dtype="bf16", pairs=pairs, T=t, N=n, K=k)
     fn()  # warm: compiles, autotunes, caches
@@ -227,12 +233,7 @@ def test_segmented_decode_device_time(benchmark, t, impl, nk, device_peaks, is_s
         pytest.skip("smoke run: one case")
     n, k = nk
     pairs = 4
-    x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-    masks = torch.rand(pairs, n, k, device="cuda") < KEEP
-    bank = torch.stack([ls.pack_mask(mk) for mk in masks])
-    offs = torch.linspace(0, t, pairs + 1, device="cuda").long()
-    pid = torch.arange(pairs, device="cuda")
+    x, w, masks, bank, offs, pid = segmented_inputs(pairs, t, n, k)
     segs = list(zip(offs[:-1].tolist(), offs[1:].tolist()))
     ours = lambda: ls.segmented_masked_linear(x, w, bank, offs, pid)  # noqa: E731
     if impl == "ours_triton":

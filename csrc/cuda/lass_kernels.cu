@@ -98,6 +98,11 @@ template <typename F> cudaError_t with_mt(int m, F&& f) {
   }
 }
 
+// f(Tag<T>{}, Int<MT>{}): both of the above (the small-M and segmented kernels' launchers).
+template <typename F> cudaError_t with_type_and_mt(int dtype, int m, F&& f) {
+  return with_dtype(dtype, [&](auto tag) { return with_mt(m, [&](auto mt) { return f(tag, mt); }); });
+}
+
 bool aligned(const void* p, int bytes) { return (uintptr_t)p % (uintptr_t)bytes == 0; }
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -133,15 +138,14 @@ int apply_mask_vec(const void* src, const void* out, int64_t k) {
   return k % 8 == 0 && aligned(src, 16) && aligned(out, 16);
 }
 
-// Segmented GEMV: blocks of kSegGemvWarps output rows x chunks of kGemvMaxM x rows; MT from the
-// rows of the first (largest) chunk; `vec` for 16-byte W and x rows (K % 8 == 0, aligned).
+// Segmented GEMV: blocks of kSegGemvWarps output rows x chunks of kGemvMaxM x rows (MT from
+// the rows of the first, largest chunk); `vec` for 16-byte W and x rows (K % 8 == 0, aligned).
 template <typename T> struct SegGemvPlan {
-  int chunks, mt;
+  int chunks;
   unsigned blocks;
   bool vec;
   SegGemvPlan(const void* x, const void* w, int t_rows, int64_t n, int64_t k)
       : chunks((int)cdiv(t_rows, lass::kGemvMaxM)),
-        mt(lass::small_mt(std::min(t_rows, lass::kGemvMaxM))),
         blocks((unsigned)(cdiv(n, lass::kSegGemvWarps) * chunks)),
         vec(k % 8 == 0 && aligned(x, std::min(16, 8 * (int)sizeof(T))) &&
             aligned(w, std::min(16, 8 * (int)sizeof(T)))) {}
@@ -156,16 +160,14 @@ extern "C" cudaError_t lass_launch_seg_gemv(int dtype, const void* x, const void
                                             int64_t k, cudaStream_t stream) {
   if (t_rows > lass::kSegGemvMaxT || segs < 0 || pairs < 1) return cudaErrorInvalidValue;
   if (t_rows <= 0 || n <= 0) return cudaSuccess;  // nothing to write
-  return with_dtype(dtype, [&](auto tag) {
+  return with_type_and_mt(dtype, std::min(t_rows, lass::kGemvMaxM), [&](auto tag, auto mt) {
     using T = typename decltype(tag)::type;
+    constexpr int MT = decltype(mt)::value;
     const SegGemvPlan<T> plan(x, w, t_rows, n, k);
-    return with_mt(plan.mt, [&](auto mt) {
-      constexpr int MT = decltype(mt)::value;
-      lass_seg_gemv<T, MT><<<plan.blocks, lass::kSegGemvWarps * 32, 0, stream>>>(
-          (const T*)x, (const T*)w, bits_bank, seg_offsets, seg_pair, segs, pairs,
-          (const T*)bias, (T*)y, t_rows, n, k, plan.chunks, plan.vec ? 1 : 0);
-      return cudaGetLastError();
-    });
+    lass_seg_gemv<T, MT><<<plan.blocks, lass::kSegGemvWarps * 32, 0, stream>>>(
+        (const T*)x, (const T*)w, bits_bank, seg_offsets, seg_pair, segs, pairs,
+        (const T*)bias, (T*)y, t_rows, n, k, plan.chunks, plan.vec ? 1 : 0);
+    return cudaGetLastError();
   });
 }
 
@@ -187,20 +189,18 @@ extern "C" cudaError_t lass_launch_small_dx(int dtype, const void* dy, const voi
   if (m_rows > lass::kSmallBwdMaxM || splits < 1 || splits > 65535 || (splits > 1 && !ws))
     return cudaErrorInvalidValue;
   if (m_rows <= 0 || n <= 0 || k <= 0) return cudaSuccess;  // the caller zero-fills
-  return with_dtype(dtype, [&](auto tag) {
+  return with_type_and_mt(dtype, m_rows, [&](auto tag, auto mt) {
     using T = typename decltype(tag)::type;
-    return with_mt(m_rows, [&](auto mt) {
-      constexpr int MT = decltype(mt)::value;
-      const SmallDxPlan<T, MT> plan(w, dx, splits > 1 ? ws : nullptr, k, splits);
-      lass_small_dx<T, MT><<<plan.grid, lass::kSmallDxThreads, 0, stream>>>(
-          (const T*)dy, (const T*)w, bits, (T*)dx, ws, m_rows, n, k, splits, plan.vec ? 1 : 0);
-      if (splits > 1) {
-        const int64_t total = (int64_t)m_rows * k;
-        lass_small_dx_sum<T><<<(unsigned)cdiv(total, kSumThreads), kSumThreads, 0, stream>>>(
-            ws, (T*)dx, splits, total);
-      }
-      return cudaGetLastError();
-    });
+    constexpr int MT = decltype(mt)::value;
+    const SmallDxPlan<T, MT> plan(w, dx, splits > 1 ? ws : nullptr, k, splits);
+    lass_small_dx<T, MT><<<plan.grid, lass::kSmallDxThreads, 0, stream>>>(
+        (const T*)dy, (const T*)w, bits, (T*)dx, ws, m_rows, n, k, splits, plan.vec ? 1 : 0);
+    if (splits > 1) {
+      const int64_t total = (int64_t)m_rows * k;
+      lass_small_dx_sum<T><<<(unsigned)cdiv(total, kSumThreads), kSumThreads, 0, stream>>>(
+          ws, (T*)dx, splits, total);
+    }
+    return cudaGetLastError();
   });
 }
 
@@ -212,24 +212,22 @@ extern "C" cudaError_t lass_launch_small_dw(int dtype, int out_dtype, const void
   if (out_dtype != dtype && !(accumulate && out_dtype == lass::kFloat32))
     return cudaErrorInvalidValue;
   if (m_rows <= 0 || n <= 0 || k <= 0) return cudaSuccess;  // the caller zero-fills
-  return with_dtype(dtype, [&](auto tag) {
+  return with_type_and_mt(dtype, m_rows, [&](auto tag, auto mt) {
     using T = typename decltype(tag)::type;
-    return with_mt(m_rows, [&](auto mt) {
-      constexpr int MT = decltype(mt)::value;
-      const dim3 block(lass::kSmallDwCols, lass::kSmallDwGroups);
-      if (out_dtype == dtype) {
-        const SmallDwPlan<T, T, MT> plan(x, out, n, k);
-        lass_small_dw<T, T, MT><<<plan.grid, block, 0, stream>>>(
-            (const T*)dy, (const T*)x, bits, (T*)out, m_rows, n, k, accumulate, plan.vec ? 1 : 0,
-            plan.vec_out ? 1 : 0);
-      } else {
-        const SmallDwPlan<T, float, MT> plan(x, out, n, k);
-        lass_small_dw<T, float, MT><<<plan.grid, block, 0, stream>>>(
-            (const T*)dy, (const T*)x, bits, (float*)out, m_rows, n, k, accumulate,
-            plan.vec ? 1 : 0, plan.vec_out ? 1 : 0);
-      }
-      return cudaGetLastError();
-    });
+    constexpr int MT = decltype(mt)::value;
+    const dim3 block(lass::kSmallDwCols, lass::kSmallDwGroups);
+    auto launch = [&](auto* o) {  // O: T, or float accumulating
+      using O = std::remove_pointer_t<decltype(o)>;
+      const SmallDwPlan<T, O, MT> plan(x, out, n, k);
+      lass_small_dw<T, O, MT><<<plan.grid, block, 0, stream>>>(
+          (const T*)dy, (const T*)x, bits, o, m_rows, n, k, accumulate, plan.vec ? 1 : 0,
+          plan.vec_out ? 1 : 0);
+    };
+    if (out_dtype == dtype)
+      launch((T*)out);
+    else
+      launch((float*)out);
+    return cudaGetLastError();
   });
 }
 

@@ -36,3 +36,20 @@ def sm90_build(tmp_path_factory) -> Sm90Build:
     entries = {f.split("(")[0].strip(): f for f in re.split(r"\.entry\s+", ptx)[1:]}
     reports = {b.split("'")[0]: b for b in re.split(r"Compiling entry function '", r.stderr)[1:]}
     return Sm90Build(entries, reports)
+
+
+@pytest.fixture(scope="session")
+def nvcc_shared():
+    """``build(source, out, opt="-O1") -> out``: a host shared library of a CUDA source (sm_80,
+    csrc/ on the include path), built with nvcc; skips where nvcc is missing."""
+    if not os.path.exists(NVCC):
+        pytest.skip("needs nvcc")
+
+    def build(source: str, out, opt: str = "-O1"):
+        r = subprocess.run([NVCC, "-std=c++17", opt, "-arch=sm_80", "-shared", "-Xcompiler",
+                            "-fPIC", f"-I{REPO}/csrc", source, "-o", str(out)],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return out
+
+    return build

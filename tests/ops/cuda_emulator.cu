@@ -29,21 +29,19 @@ extern "C" int emu_small_dx(int dtype, const void* dy, const void* w, const int3
   if (m_rows <= 0 || n <= 0 || k <= 0) return splits;  // the launcher launches nothing
   std::vector<float> ws(splits > 1 ? (size_t)splits * m_rows * k : 0);
   float* wsp = splits > 1 ? ws.data() : nullptr;
-  const cudaError_t rc = with_dtype(dtype, [&](auto tag) {
+  const cudaError_t rc = with_type_and_mt(dtype, m_rows, [&](auto tag, auto mt) {
     using T = typename decltype(tag)::type;
-    return with_mt(m_rows, [&](auto mt) {
-      constexpr int MT = decltype(mt)::value;
-      const SmallDxPlan<T, MT> plan(w, dx, wsp, k, splits);
-      each_position(plan.grid, dim3(lass::kSmallDxThreads), [&](uint3 b, uint3 t) {
-        lass::small_dx_at<T, MT>((const T*)dy, (const T*)w, bits, (T*)dx, wsp, m_rows, n, k,
-                                 splits, plan.vec, b, t);
-      });
-      if (splits > 1) {
-        const int64_t total = (int64_t)m_rows * k;
-        for (int64_t i = 0; i < total; ++i) lass::small_dx_sum<T>(wsp, (T*)dx, splits, total, i);
-      }
-      return cudaSuccess;
+    constexpr int MT = decltype(mt)::value;
+    const SmallDxPlan<T, MT> plan(w, dx, wsp, k, splits);
+    each_position(plan.grid, dim3(lass::kSmallDxThreads), [&](uint3 b, uint3 t) {
+      lass::small_dx_at<T, MT>((const T*)dy, (const T*)w, bits, (T*)dx, wsp, m_rows, n, k,
+                               splits, plan.vec, b, t);
     });
+    if (splits > 1) {
+      const int64_t total = (int64_t)m_rows * k;
+      for (int64_t i = 0; i < total; ++i) lass::small_dx_sum<T>(wsp, (T*)dx, splits, total, i);
+    }
+    return cudaSuccess;
   });
   return rc == cudaSuccess ? splits : -1;
 }
@@ -56,22 +54,20 @@ extern "C" int emu_small_dw(int dtype, int out_dtype, const void* dy, const void
     return -1;
   if (m_rows <= 0 || n <= 0 || k <= 0) return 0;
   const dim3 block(lass::kSmallDwCols, lass::kSmallDwGroups);
-  const cudaError_t rc = with_dtype(dtype, [&](auto tag) {
+  const cudaError_t rc = with_type_and_mt(dtype, m_rows, [&](auto tag, auto mt) {
     using T = typename decltype(tag)::type;
-    return with_mt(m_rows, [&](auto mt) {
-      constexpr int MT = decltype(mt)::value;
-      auto run = [&](auto* o) {
-        using O = std::remove_pointer_t<decltype(o)>;
-        const SmallDwPlan<T, O, MT> plan(x, out, n, k);
-        each_position(plan.grid, block, [&](uint3 b, uint3 t) {
-          lass::small_dw_at<T, O, MT>((const T*)dy, (const T*)x, bits, o, m_rows, n, k,
-                                      accumulate != 0, plan.vec, plan.vec_out, b, t);
-        });
-      };
-      if (out_dtype == dtype) run((T*)out);
-      else run((float*)out);
-      return cudaSuccess;
-    });
+    constexpr int MT = decltype(mt)::value;
+    auto run = [&](auto* o) {
+      using O = std::remove_pointer_t<decltype(o)>;
+      const SmallDwPlan<T, O, MT> plan(x, out, n, k);
+      each_position(plan.grid, block, [&](uint3 b, uint3 t) {
+        lass::small_dw_at<T, O, MT>((const T*)dy, (const T*)x, bits, o, m_rows, n, k,
+                                    accumulate != 0, plan.vec, plan.vec_out, b, t);
+      });
+    };
+    if (out_dtype == dtype) run((T*)out);
+    else run((float*)out);
+    return cudaSuccess;
   });
   return rc == cudaSuccess ? 0 : -1;
 }
@@ -98,37 +94,36 @@ extern "C" int emu_seg_gemv(int dtype, const void* x, const void* w, const int32
                             const void* bias, void* y, int t_rows, int64_t n, int64_t k) {
   if (t_rows > lass::kSegGemvMaxT || segs < 0 || pairs < 1) return -1;
   if (t_rows <= 0 || n <= 0) return 0;
-  const cudaError_t rc = with_dtype(dtype, [&](auto tag) {
+  const int first_chunk = std::min(t_rows, lass::kGemvMaxM);
+  const cudaError_t rc = with_type_and_mt(dtype, first_chunk, [&](auto tag, auto mt) {
     using T = typename decltype(tag)::type;
+    constexpr int MT = decltype(mt)::value;
     const SegGemvPlan<T> plan(x, w, t_rows, n, k);
-    return with_mt(plan.mt, [&](auto mt) {
-      constexpr int MT = decltype(mt)::value;
-      for (unsigned b = 0; b < plan.blocks; ++b) {
-        int64_t row_block;
-        int chunk;
-        lass::seg_gemv_block(b, plan.chunks, &row_block, &chunk);
-        for (int warp = 0; warp < lass::kSegGemvWarps; ++warp) {
-          const int64_t row = row_block * lass::kSegGemvWarps + warp;
-          if (row >= n) continue;
-          const int t0 = chunk * lass::kGemvMaxM;
-          float acc[32][MT];
-          for (int lane = 0; lane < 32; ++lane) {
-            int pr[MT];
-            lass::seg_rows_pairs<MT>(offs, ids, segs, pairs, t_rows, t0, pr);
-            lass::seg_gemv_lane<T, MT>((const T*)x, (const T*)w, bank, pr, t_rows, t0, n, k,
-                                       plan.vec, row, lane, acc[lane]);
-          }
-          for (int t = 0; t < MT; ++t)
-            for (int off = 16; off > 0; off >>= 1) {
-              float next[32];
-              for (int l = 0; l < 32; ++l) next[l] = acc[l][t] + acc[l ^ off][t];
-              for (int l = 0; l < 32; ++l) acc[l][t] = next[l];
-            }
-          lass::seg_gemv_store<T, MT>(acc[0], (const T*)bias, (T*)y, t_rows, t0, n, row);
+    for (unsigned b = 0; b < plan.blocks; ++b) {
+      int64_t row_block;
+      int chunk;
+      lass::seg_gemv_block(b, plan.chunks, &row_block, &chunk);
+      for (int warp = 0; warp < lass::kSegGemvWarps; ++warp) {
+        const int64_t row = row_block * lass::kSegGemvWarps + warp;
+        if (row >= n) continue;
+        const int t0 = chunk * lass::kGemvMaxM;
+        float acc[32][MT];
+        for (int lane = 0; lane < 32; ++lane) {
+          int pr[MT];
+          lass::seg_rows_pairs<MT>(offs, ids, segs, pairs, t_rows, t0, pr);
+          lass::seg_gemv_lane<T, MT>((const T*)x, (const T*)w, bank, pr, t_rows, t0, n, k,
+                                     plan.vec, row, lane, acc[lane]);
         }
+        for (int t = 0; t < MT; ++t)
+          for (int off = 16; off > 0; off >>= 1) {
+            float next[32];
+            for (int l = 0; l < 32; ++l) next[l] = acc[l][t] + acc[l ^ off][t];
+            for (int l = 0; l < 32; ++l) acc[l][t] = next[l];
+          }
+        lass::seg_gemv_store<T, MT>(acc[0], (const T*)bias, (T*)y, t_rows, t0, n, row);
       }
-      return cudaSuccess;
-    });
+    }
+    return cudaSuccess;
   });
   return rc == cudaSuccess ? 0 : -1;
 }

@@ -15,8 +15,6 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -27,22 +25,15 @@ from lass_sparse.bitmask import pack_mask_reference
 from lass_sparse.testing import within_torch_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-NVCC = shutil.which("nvcc") or "/usr/local/cuda-13.0/bin/nvcc"
 MAX_M = abi()["kSmallBwdMaxM"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHAPES = ((64, 64), (300, 96), (130, 37), (1, 8), (70, 200))  # (N, K): odd K, K % 8 != 0
 
 
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    if not os.path.exists(NVCC):
-        pytest.skip("needs nvcc")
-    lib = tmp_path_factory.mktemp("emu") / "libemu.so"
-    r = subprocess.run([NVCC, "-std=c++17", "-O1", "-arch=sm_80", "-shared", "-Xcompiler",
-                        "-fPIC", f"-I{REPO}/csrc", os.path.join(REPO, "tests", "ops",
-                                                                "cuda_emulator.cu"),
-                        "-o", str(lib)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+def emu(tmp_path_factory, nvcc_shared):
+    lib = nvcc_shared(os.path.join(REPO, "tests", "ops", "cuda_emulator.cu"),
+                      tmp_path_factory.mktemp("emu") / "libemu.so")
     e = ctypes.CDLL(str(lib))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     e.emu_small_dx.argtypes = [i32, p, p, p, p, i32, i64, i64, i32, i32]
