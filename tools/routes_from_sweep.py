@@ -11,11 +11,18 @@ relative to ``v1`` (the sweep's ``ours``) — keeping ``v1`` unless another vari
 ``--min-gain`` faster. Consecutive row counts with one winner merge into one range. The GPU's
 entry in the routes file is replaced (other GPUs' entries stay); ``--dry`` prints only.
 
-Sources: ``device_fwd`` -> masked_linear (rows > 16 only: the CUDA GEMV serves fewer rows when
-built), ``device_dx`` -> masked_linear_dx, ``device_dw`` -> masked_linear_dw (and its
-accumulate), ``device_segmented_fwd`` -> segmented_masked_linear, ``device_segmented_fwd_bwd``
-minus the forward -> segmented dx and dW. The sweep must have run with ``v1`` as ``ours``: a
-GPU that already has routes sweeps with ``LASS_SPARSE_TRITON_ROUTES=0`` for this.
+Sources: ``device_fwd`` -> masked_linear, ``device_dx`` -> masked_linear_dx, ``device_dw`` ->
+masked_linear_dw (and its accumulate), all at rows > 16 only (the CUDA GEMV and small-M kernels
+serve fewer rows), ``device_segmented_fwd`` -> segmented_masked_linear,
+``device_segmented_fwd_bwd`` minus the forward -> segmented dx and dW. The sweep must have run
+with ``v1`` as ``ours``: a GPU that already has routes sweeps with ``LASS_SPARSE_TRITON_ROUTES=0``
+for this.
+
+It also reports the CUDA extension's own choices, which are settings, not routes (it writes
+nothing for them): the decode GEMV v2 against v1 (``ours_gemv2`` / ``ours``, forward at <= 16
+rows: ``LASS_SPARSE_CUDA_GEMV``), the small-M backward against the Triton kernels (``ours`` /
+``ours_no_small`` at <= 16 rows: ``LASS_SPARSE_CUDA_SMALL_BWD_MAX_M``) and the segmented decode
+GEMV against the Triton kernels (``ours`` / ``ours_triton``).
 """
 
 from __future__ import annotations
@@ -143,6 +150,42 @@ def routes_from(data: dict, min_gain: float = 0.03) -> tuple[str, dict, list[str
     return gpu, routes, report
 
 
+# The CUDA extension's settings the sweep compares: (what, sweep ops, impl timed, its baseline,
+# the most rows they serve, the setting to change when the impl loses / wins).
+CUDA_CHOICES = (
+    ("decode GEMV v2 vs v1 (forward, M <= 16)", ("device_fwd",), "ours_gemv2", "ours",
+     CUDA_SMALL_ROWS, "keep v1", "make v2 the default (LASS_SPARSE_CUDA_GEMV)"),
+    ("small-M backward vs Triton (M <= 16)", ("device_dx", "device_dw", "device_fwd_bwd"),
+     "ours", "ours_no_small", CUDA_SMALL_ROWS,
+     "turn it off (LASS_SPARSE_CUDA_SMALL_BWD_MAX_M=0 as the default)", "keep it on"),
+    ("segmented decode GEMV vs Triton (T <= 64)", ("device_segmented_decode",), "ours",
+     "ours_triton", 64, "route it to Triton (backends/cuda.py _takes_segmented)", "keep it"),
+)
+
+
+def cuda_choices(data: dict, min_gain: float = 0.03) -> list[str]:
+    """One report line per CUDA_CHOICES entry measured in the sweep: the geometric mean of the
+    impl's device time over its baseline's, in the cases both ran, and what it suggests."""
+    times: dict = defaultdict(dict)  # (op, case) -> {impl: seconds}
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        if "device_s" not in info or "op" not in info:
+            continue
+        case = tuple(sorted((k, v) for k, v in info.items() if k in ("M", "N", "K", "T")))
+        times[(info["op"], case)][info.get("impl")] = float(info["device_s"])
+    lines = []
+    for what, ops, impl, base, max_rows, lose, win in CUDA_CHOICES:
+        ratios = [ts[impl] / ts[base] for (op, case), ts in times.items()
+                  if op in ops and impl in ts and base in ts
+                  and int(dict(case).get("M", dict(case).get("T", 0))) <= max_rows]
+        if not ratios:
+            continue
+        gm = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        advice = win if gm <= 1.0 - min_gain else lose if gm >= 1.0 + min_gain else "a tie: keep"
+        lines.append(f"cuda: {what}: {gm:.2f}x over {len(ratios)} cases -> {advice}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", help="the sweep's pytest-benchmark JSON (device.json)")
@@ -158,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, json.JSONDecodeError, SweepError) as e:
         print(f"routes_from_sweep: {e}", file=sys.stderr)
         return 2
-    print("\n".join(report))
+    print("\n".join(report + cuda_choices(data, a.min_gain)))
     print(json.dumps({gpu: routes}, indent=1))
     if a.dry:
         return 0

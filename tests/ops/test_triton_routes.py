@@ -261,6 +261,30 @@ def test_the_tool_picks_the_fastest_variant_per_rows_and_merges_ranges():
     assert any("0.70x v1" in line for line in report)
 
 
+def test_the_tool_reports_the_cuda_extensions_settings():
+    """The CUDA extension's settings (not routes): v2 GEMV vs v1 at <= 16 rows, the small-M
+    backward vs Triton, the segmented decode GEMV vs Triton; rows above their ranges ignored."""
+    bs = []
+    for m in (1, 4, 16, 64):
+        case = dict(M=m, N=4096, K=4096)
+        bs += [_bench("device_fwd", "ours", 1e-5, **case),
+               _bench("device_fwd", "ours_gemv2", (0.5 if m <= 16 else 9) * 1e-5, **case),
+               _bench("device_dx", "ours", 2e-5, **case),
+               _bench("device_dx", "ours_no_small", 1e-5, **case)]
+    for t in (4, 16, 64):
+        case = dict(T=t, N=4096, K=4096)
+        bs += [_bench("device_segmented_decode", "ours", 1e-5, **case),
+               _bench("device_segmented_decode", "ours_triton", 1.01e-5, **case)]
+    lines = _tool().cuda_choices({"benchmarks": bs})
+    assert lines == [
+        "cuda: decode GEMV v2 vs v1 (forward, M <= 16): 0.50x over 3 cases -> make v2 the "
+        "default (LASS_SPARSE_CUDA_GEMV)",
+        "cuda: small-M backward vs Triton (M <= 16): 2.00x over 3 cases -> turn it off "
+        "(LASS_SPARSE_CUDA_SMALL_BWD_MAX_M=0 as the default)",
+        "cuda: segmented decode GEMV vs Triton (T <= 64): 0.99x over 3 cases -> a tie: keep"]
+    assert _tool().cuda_choices({"benchmarks": []}) == []
+
+
 def test_the_tool_writes_the_table_and_refuses_a_routed_sweep(tmp_path, capsys):
     tool = _tool()
     src = tmp_path / "device.json"
