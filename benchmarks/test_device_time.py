@@ -51,6 +51,8 @@ VARIANTS = {
                            None),
     "ours_wt_tma": ("LASS_SPARSE_TRITON_VARIANT", "wt_tma", "triton", ("fwd",), None),
     "ours_gemv2": ("LASS_SPARSE_CUDA_GEMV", "v2", None, ("fwd",), 16),
+    # the segmented GEMV's kernel with one pair: decode rows, and up to 64 (vs the cuBLAS route)
+    "ours_gemv3": ("LASS_SPARSE_CUDA_GEMV", "v3", None, ("fwd",), 64),
     # the small-M dx / dW kernels off: what the Triton kernels give at those rows
     "ours_no_small": (SMALL_BWD_ENV, "0", None, ("fwd_bwd", "dx", "dw"), 16),
 }

@@ -19,8 +19,9 @@ with ``v1`` as ``ours``: a GPU that already has routes sweeps with ``LASS_SPARSE
 for this.
 
 It also reports the CUDA extension's own choices, which are settings, not routes (it writes
-nothing for them): the decode GEMV v2 against v1 (``ours_gemv2`` / ``ours``, forward at <= 16
-rows: ``LASS_SPARSE_CUDA_GEMV``), the small-M backward against the Triton kernels (``ours`` /
+nothing for them): the decode GEMV v2 and v3 against v1 (``ours_gemv2`` / ``ours_gemv3`` /
+``ours``, forward at <= 16 rows: ``LASS_SPARSE_CUDA_GEMV``), v3 against the default at 17-64
+rows, the small-M backward against the Triton kernels (``ours`` /
 ``ours_no_small`` at <= 16 rows: ``LASS_SPARSE_CUDA_SMALL_BWD_MAX_M``) and the segmented decode
 GEMV against the Triton kernels (``ours`` / ``ours_triton``).
 """
@@ -151,15 +152,20 @@ def routes_from(data: dict, min_gain: float = 0.03) -> tuple[str, dict, list[str
 
 
 # The CUDA extension's settings the sweep compares: (what, sweep ops, impl timed, its baseline,
-# the most rows they serve, the setting to change when the impl loses / wins).
+# the rows (lowest, highest) compared, the setting to change when the impl loses / wins).
 CUDA_CHOICES = (
     ("decode GEMV v2 vs v1 (forward, M <= 16)", ("device_fwd",), "ours_gemv2", "ours",
-     CUDA_SMALL_ROWS, "keep v1", "make v2 the default (LASS_SPARSE_CUDA_GEMV)"),
+     (1, CUDA_SMALL_ROWS), "keep v1", "make v2 the default (LASS_SPARSE_CUDA_GEMV)"),
+    ("decode GEMV v3 vs v1 (forward, M <= 16)", ("device_fwd",), "ours_gemv3", "ours",
+     (1, CUDA_SMALL_ROWS), "keep v1", "make v3 the default (LASS_SPARSE_CUDA_GEMV)"),
+    ("GEMV v3 vs the default (forward, 17 <= M <= 64)", ("device_fwd",), "ours_gemv3", "ours",
+     (CUDA_SMALL_ROWS + 1, 64), "keep the default", "serve these rows with v3"),
     ("small-M backward vs Triton (M <= 16)", ("device_dx", "device_dw", "device_fwd_bwd"),
-     "ours", "ours_no_small", CUDA_SMALL_ROWS,
+     "ours", "ours_no_small", (1, CUDA_SMALL_ROWS),
      "turn it off (LASS_SPARSE_CUDA_SMALL_BWD_MAX_M=0 as the default)", "keep it on"),
     ("segmented decode GEMV vs Triton (T <= 64)", ("device_segmented_decode",), "ours",
-     "ours_triton", 64, "route it to Triton (backends/cuda.py _takes_segmented)", "keep it"),
+     "ours_triton", (1, 64), "route it to Triton (backends/cuda.py _takes_segmented)",
+     "keep it"),
 )
 
 
@@ -174,10 +180,10 @@ def cuda_choices(data: dict, min_gain: float = 0.03) -> list[str]:
         case = tuple(sorted((k, v) for k, v in info.items() if k in ("M", "N", "K", "T")))
         times[(info["op"], case)][info.get("impl")] = float(info["device_s"])
     lines = []
-    for what, ops, impl, base, max_rows, lose, win in CUDA_CHOICES:
+    for what, ops, impl, base, (lo, hi), lose, win in CUDA_CHOICES:
         ratios = [ts[impl] / ts[base] for (op, case), ts in times.items()
                   if op in ops and impl in ts and base in ts
-                  and int(dict(case).get("M", dict(case).get("T", 0))) <= max_rows]
+                  and lo <= int(dict(case).get("M", dict(case).get("T", 0))) <= hi]
         if not ratios:
             continue
         gm = math.exp(sum(map(math.log, ratios)) / len(ratios))

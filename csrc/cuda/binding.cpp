@@ -329,7 +329,8 @@ void masked_linear_dw_accumulate_(const at::Tensor& grad, const at::Tensor& dy,
   if (prod.numel() != 0) apply_mask_into(prod, b, grad, true, op);
 }
 
-// Decode GEMV: y = x (W ⊙ M)^T + b for x [..., K] with at most kGemvMaxM rows; from the rows
+// Decode GEMV: y = x (W ⊙ M)^T + b for x [..., K] with at most kGemvMaxM rows (kSegGemvMaxT
+// under LASS_SPARSE_CUDA_GEMV=v3: lass_decode_gemv_max_rows); from the rows
 // Python sets, the "mask, then cuBLAS" route.
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bits,
                          const std::optional<at::Tensor>& bias) {
@@ -342,9 +343,10 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   const int64_t n = weight.size(0), k = weight.size(1), m = leading_rows(x);
   LASS_CHECK(x.size(-1) == k, op, ": x must be [..., K=", k, "] to match weight [N, K], got ",
               x.sizes());
-  const bool gemv = m <= lass::kGemvMaxM;
+  const int gemv_rows = lass_decode_gemv_max_rows();
+  const bool gemv = m <= gemv_rows;
   LASS_CHECK(gemv || cublas_serves(kCublasMinMLinear, m), op,
-              ": the CUDA kernels take at most ", lass::kGemvMaxM,
+              ": the CUDA kernels take at most ", gemv_rows,
               " rows of x (decode GEMV) or more ", cublas_rows(kCublasMinMLinear), ", got ", m);
   check_on(weight, dev, op, "weight");
   LASS_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must be ",
@@ -526,9 +528,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_qkv_proj(
   LASS_CHECK(x.dim() == 3, op, ": x must be [B, T, D], got ", x.sizes());
   dtype_code(x, op);
   const int64_t bsz = x.size(0), t = x.size(1), d = x.size(2), m = bsz * t;
-  const bool gemv = m <= lass::kGemvMaxM;
+  const int gemv_rows = lass_decode_gemv_max_rows();
+  const bool gemv = m <= gemv_rows;
   LASS_CHECK(gemv || cublas_serves(kCublasMinMQkv, m), op, ": the CUDA kernel takes B*T <= ",
-              lass::kGemvMaxM, " rows (decode GEMV) or more ", cublas_rows(kCublasMinMQkv),
+              gemv_rows, " rows (decode GEMV) or more ", cublas_rows(kCublasMinMQkv),
               ", got ", m);
   LASS_CHECK(num_heads > 0 && d % num_heads == 0, op, ": num_heads must divide D=", d, ", got ",
               num_heads);
@@ -592,7 +595,7 @@ at::Tensor masked_linear_op(const at::Tensor& x, const at::Tensor& weight, const
   // cuBLAS route: the op body, where the registry picks Triton, without an exception on the way
   const int64_t rows = x.dim() >= 1 ? leading_rows(x) : 0;
   const bool takes = x.dim() >= 1 && is_kernel_dtype(x) &&
-                     (rows <= lass::kGemvMaxM ||
+                     (rows <= lass_decode_gemv_max_rows() ||
                       (cublas_takes(kCublasMinMLinear, rows) &&
                        weight.scalar_type() == x.scalar_type() &&
                        (!bias.has_value() || bias->scalar_type() == x.scalar_type())));
@@ -640,7 +643,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_qkv_proj_op(
       registry_overload<decltype(masked_qkv_proj_op)>("lass_sparse::masked_qkv_proj");
   const bool takes = x.dim() == 3 && is_kernel_dtype(x) && weight.scalar_type() == x.scalar_type() &&
                      (!bias.has_value() || bias->scalar_type() == x.scalar_type()) &&
-                     (x.size(0) * x.size(1) <= lass::kGemvMaxM ||
+                     (x.size(0) * x.size(1) <= lass_decode_gemv_max_rows() ||
                       cublas_takes(kCublasMinMQkv, x.size(0) * x.size(1)));
   return run_if_or_defer(takes, registry,
                          [&] { return masked_qkv_proj(x, weight, bits, bias, num_heads); }, x,

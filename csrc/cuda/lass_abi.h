@@ -74,6 +74,9 @@ extern "C" {
 cudaError_t lass_launch_decode_gemv(int dtype, const void* x, const void* w, const int32_t* bits,
                                     const void* bias, void* y, int m_rows, int64_t n, int64_t k,
                                     cudaStream_t stream);
+// The most rows lass_launch_decode_gemv takes: kGemvMaxM, or kSegGemvMaxT under
+// LASS_SPARSE_CUDA_GEMV=v3 (the segmented GEMV's kernel with one pair; read per call).
+int lass_decode_gemv_max_rows(void);
 // v2 (issue 29): needs k % 8 == 0 and 16-byte aligned x and w; cudaErrorInvalidValue otherwise.
 // lass_launch_decode_gemv runs it instead of v1 when LASS_SPARSE_CUDA_GEMV=v2 and it applies.
 cudaError_t lass_launch_decode_gemv_v2(int dtype, const void* x, const void* w,
@@ -101,7 +104,8 @@ cudaError_t lass_launch_small_dw(int dtype, int out_dtype, const void* dy, const
 // row t's pair is seg_pair[s] for seg_offsets[s] <= t < seg_offsets[s + 1] (int64 tables on
 // the device, read by the kernel: no host read). The kernel clamps the table (offsets into
 // [0, T] and non-decreasing, pair ids into [0, P)) so no value reaches outside the tensors; the
-// op checks the values. cudaErrorInvalidValue for t_rows > kSegGemvMaxT or an unknown dtype.
+// op checks the values. Null tables: pair 0 for every row. cudaErrorInvalidValue for
+// t_rows > kSegGemvMaxT or an unknown dtype.
 cudaError_t lass_launch_seg_gemv(int dtype, const void* x, const void* w,
                                  const int32_t* bits_bank, const int64_t* seg_offsets,
                                  const int64_t* seg_pair, int segs, int pairs, const void* bias,

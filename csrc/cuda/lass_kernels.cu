@@ -21,6 +21,13 @@ bool gemv2_requested() {
   return v != nullptr && std::strcmp(v, "v2") == 0;
 }
 
+// LASS_SPARSE_CUDA_GEMV=v3: the segmented GEMV's kernel with one pair (no table) serves the
+// decode GEMV, and up to kSegGemvMaxT rows (read per call, like v2).
+bool gemv3_requested() {
+  const char* v = std::getenv("LASS_SPARSE_CUDA_GEMV");
+  return v != nullptr && std::strcmp(v, "v3") == 0;
+}
+
 // How v2 launches for m rows of [n, k] (the tests' emulator runs the same plan): MT, R rows per
 // warp, the x chunk (kc elements per row, a multiple of the warp step, m rows in
 // kGemv2SmemBytes), the shared memory and the grid.
@@ -254,11 +261,18 @@ extern "C" cudaError_t lass_launch_decode_gemv_v2(int dtype, const void* x, cons
 
 // Host launchers with C linkage for the torch binding (no torch headers here); declared in
 // lass_abi.h.
+extern "C" int lass_decode_gemv_max_rows() {
+  return gemv3_requested() ? lass::kSegGemvMaxT : lass::kGemvMaxM;
+}
+
 extern "C" cudaError_t lass_launch_decode_gemv(int dtype, const void* x, const void* w,
                                                const int32_t* bits, const void* bias, void* y,
                                                int m_rows, int64_t n, int64_t k,
                                                cudaStream_t stream) {
   if (n <= 0 || m_rows <= 0) return cudaSuccess;  // a zero-size grid is a launch error
+  if (gemv3_requested())  // bits as a bank of one pair, no table: pair 0 for every row
+    return lass_launch_seg_gemv(dtype, x, w, bits, nullptr, nullptr, 0, 1, bias, y, m_rows, n,
+                                k, stream);
   if (gemv2_requested() && k > 0 && gemv2_applies(x, w, k))
     return lass_launch_decode_gemv_v2(dtype, x, w, bits, bias, y, m_rows, n, k, stream);
   const int64_t nw = (k + 31) / 32;

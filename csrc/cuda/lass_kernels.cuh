@@ -373,12 +373,14 @@ LASS_HD void small_dw_at(const T* dy, const T* x, const int32_t* bits, O* out, i
 // all 32 lanes and replays the butterfly (tests/ops/test_cuda_emulated.py).
 
 // Pairs of rows [t0, t0 + MT) of the table (-1 for rows no segment covers), clamped: offsets
-// into [0, t_rows] and non-decreasing, ids into [0, pairs) — nothing outside the tensors.
+// into [0, t_rows] and non-decreasing, ids into [0, pairs) — nothing outside the tensors. No
+// table (offs null): every row is pair 0 (the single-pair GEMV v3).
 template <int MT>
 LASS_HD void seg_rows_pairs(const int64_t* __restrict__ offs, const int64_t* __restrict__ ids,
                             int segs, int pairs, int t_rows, int t0, int* pr) {
 #pragma unroll
-  for (int t = 0; t < MT; ++t) pr[t] = -1;
+  for (int t = 0; t < MT; ++t) pr[t] = offs ? -1 : 0;
+  if (!offs) return;
   int64_t lo = offs[0] < 0 ? 0 : offs[0] > t_rows ? t_rows : offs[0];
   for (int s = 0; s < segs; ++s) {
     int64_t hi = offs[s + 1] > t_rows ? t_rows : offs[s + 1];

@@ -62,7 +62,14 @@ if tuple(abi()["adamw_fields"]) != ADAMW_FIELDS:
                       f"loader's table columns {ADAMW_FIELDS}")
 
 
-GEMV2_ENV = "LASS_SPARSE_CUDA_GEMV"  # "v2": issue 29's decode kernel (default v1)
+GEMV2_ENV = "LASS_SPARSE_CUDA_GEMV"  # "v2" / "v3": issue 29's decode kernels (default v1)
+
+
+def gemv_max_rows() -> int:
+    """The most rows the CUDA extension's decode GEMV takes (as ``lass_decode_gemv_max_rows``):
+    SEG_GEMV_MAX_T under ``LASS_SPARSE_CUDA_GEMV=v3`` (the segmented GEMV's kernel with one
+    pair), else GEMV_MAX_M."""
+    return SEG_GEMV_MAX_T if os.environ.get(GEMV2_ENV) == "v3" else GEMV_MAX_M
 
 
 def gemv2_plan(x, weight) -> tuple[str, int, int, int] | None:

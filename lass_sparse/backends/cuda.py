@@ -26,7 +26,14 @@ import torch
 
 from ..ops import registry
 from . import _native
-from ._cuda_common import GEMV_MAX_M, SEG_GEMV_MAX_T, SUFFIX, cublas_min_m, small_bwd_max_m
+from ._cuda_common import (
+    GEMV_MAX_M,
+    SEG_GEMV_MAX_T,
+    SUFFIX,
+    cublas_min_m,
+    gemv_max_rows,
+    small_bwd_max_m,
+)
 
 MODULE = "lass_sparse._cuda"
 _FLOATS = "float32, float16 or bfloat16"
@@ -109,7 +116,7 @@ def _cublas_serves(op: str, rows: int) -> bool:
 
 def _takes_linear(x, w, bits, bias=None) -> bool:
     rows = math.prod(x.shape[:-1])
-    return x.dtype in SUFFIX and (rows <= GEMV_MAX_M or (
+    return x.dtype in SUFFIX and (rows <= gemv_max_rows() or (
         _cublas_serves("masked_linear", rows) and w.dtype == x.dtype
         and (bias is None or bias.dtype == x.dtype)))
 
@@ -125,7 +132,7 @@ def _takes_qkv(x, w, bits, bias, num_heads) -> bool:
     rows = x.shape[0] * x.shape[1] if x.dim() == 3 else 0
     return (x.dim() == 3 and x.dtype in SUFFIX and w.dtype == x.dtype
             and (bias is None or bias.dtype == x.dtype)
-            and (rows <= GEMV_MAX_M or _cublas_serves("masked_qkv_proj", rows)))
+            and (rows <= gemv_max_rows() or _cublas_serves("masked_qkv_proj", rows)))
 
 
 _takes_dw = _takes_grad("masked_linear_dw")
@@ -158,7 +165,8 @@ def _register(mod) -> None:
     _reg("unpack_mask", dtypes=None)
     _reg("magnitude_mask", lambda w, *a: w.dtype in SUFFIX, f"{_FLOATS} weights")
     _reg("masked_linear", _takes_linear,
-         f"at most {GEMV_MAX_M} rows (decode GEMV) or, with weight and bias of x's dtype, at "
+         f"at most {GEMV_MAX_M} rows (decode GEMV; {SEG_GEMV_MAX_T} with "
+         f"LASS_SPARSE_CUDA_GEMV=v3) or, with weight and bias of x's dtype, at "
          f"least {cublas_rows['masked_linear']} (cuBLAS route; -1 or $LASS_SPARSE_TRITON_VARIANT "
          f"set: off) of {_FLOATS}")
     for op, takes in (("masked_linear_dx", _takes_grad("masked_linear_dx")),

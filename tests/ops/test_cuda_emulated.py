@@ -267,6 +267,25 @@ def test_segmented_gemv_matches_the_reference(emu, dtype, t):
                                                None if bias is None else bias.double()))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_v3_is_the_segmented_kernel_with_one_pair_and_no_table(emu, dtype):
+    """LASS_SPARSE_CUDA_GEMV=v3: lass_launch_decode_gemv runs the segmented GEMV with null
+    tables (pair 0 for every row) over 1-64 rows: the plain masked linear."""
+    for t, (n, k) in zip((1, 7, 16, 17, 40, 64), ((64, 64), (70, 200), (33, 37), (64, 64),
+                                                   (70, 200), (20, 96))):
+        g = torch.Generator().manual_seed(t)
+        x = torch.randn(t, k, generator=g).to(dtype)
+        w = torch.randn(n, k, generator=g).to(dtype)
+        b = torch.randn(n, generator=g).to(dtype)
+        bits = pack_mask_reference(torch.rand(n, k, generator=g) < 0.5)
+        y = torch.full((t, n), float("nan"), dtype=dtype)
+        rc = emu.emu_seg_gemv(DTYPE_CODE[dtype], x.data_ptr(), w.data_ptr(), bits.data_ptr(),
+                              None, None, 0, 1, b.data_ptr(), y.data_ptr(), t, n, k)
+        assert rc == 0
+        _close(y, ref.masked_linear(x, w, bits, b),
+               ref.masked_linear(x.double(), w.double(), bits, b.double()))
+
+
 def test_segmented_gemv_never_uses_weights_off_the_mask(emu):
     t, n, k = 9, 40, 96
     keeps, bank = _bank(3, n, k, seed=4)

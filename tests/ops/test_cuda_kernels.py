@@ -380,3 +380,17 @@ def test_the_segmented_decode_gemv_replays_in_a_cuda_graph_with_new_tables():
         torch.testing.assert_close(y, reference.segmented_masked_linear(
             x, w, bank, torch.tensor(new_offs, device="cuda"),
             torch.tensor(new_pairs, device="cuda"), None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 16, 40, 64])
+def test_gemv_v3_serves_up_to_64_rows_in_cpp(monkeypatch, dtype, m):
+    """LASS_SPARSE_CUDA_GEMV=v3 (read per call): the one-pair segmented GEMV from the C++ entry
+    for up to 64 rows (no registry call), results as the reference; 65 rows are not its."""
+    monkeypatch.setenv("LASS_SPARSE_CUDA_GEMV", "v3")
+    monkeypatch.delenv("LASS_SPARSE_TRITON_VARIANT", raising=False)
+    seen = record_backends(monkeypatch)
+    x, w, bits, b = _linear_args(m, k=200, n=96, dtype=dtype)
+    y = torch.ops.lass_sparse.masked_linear(x, w, bits, b)
+    assert seen == []
+    torch.testing.assert_close(y, reference.masked_linear(x, w, bits, b), **_tol(dtype))

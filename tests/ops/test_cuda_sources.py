@@ -125,6 +125,20 @@ def test_launchers_skip_zero_size_grids(tmp_path, nvcc_shared):
     assert sdx(2, None, None, None, None, None, 4, 8, 8, 0, None) != 0  # splits < 1
     assert sdw(2, 0, None, None, None, None, 4, 8, 8, 0, None) != 0  # fp32 dW: accumulate only
     assert sdw(9, 9, None, None, None, None, 4, 8, 8, 0, None) != 0  # an unknown dtype code
+    # the decode GEMV's rows: 16, or 64 with LASS_SPARSE_CUDA_GEMV=v3 (read per call)
+    rows = lk.lass_decode_gemv_max_rows
+    old = os.environ.pop("LASS_SPARSE_CUDA_GEMV", None)
+    try:
+        assert rows() == 16
+        os.environ["LASS_SPARSE_CUDA_GEMV"] = "v3"
+        assert rows() == 64
+        assert gemv(0, None, None, None, None, None, 40, 0, 64, None) == 0  # N = 0: no launch
+        assert gemv(0, None, None, None, None, None, 40, 8, 64, None) != 0  # a real launch
+        assert gemv(0, None, None, None, None, None, 65, 8, 64, None) != 0  # > 64 rows
+    finally:
+        os.environ.pop("LASS_SPARSE_CUDA_GEMV", None)
+        if old is not None:
+            os.environ["LASS_SPARSE_CUDA_GEMV"] = old
 
 
 def test_one_abi_header_for_kernels_binding_and_loader():

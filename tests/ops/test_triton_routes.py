@@ -118,6 +118,9 @@ def test_the_cuda_entries_leave_routed_ops_to_the_triton_kernels(monkeypatch):
     monkeypatch.setenv("LASS_SPARSE_TRITON_VARIANT", "wt")  # a variant under test: Triton's
     assert not cuda._takes_linear(x, w, None) and not cuda._takes_grad("masked_linear_dw")(x, x)
     assert cuda._takes_linear(x[:16], w, None)  # the decode GEMV is not a Triton variant
+    assert not cuda._takes_linear(x[:40], w, None)
+    monkeypatch.setenv("LASS_SPARSE_CUDA_GEMV", "v3")  # the one-pair segmented GEMV: 64 rows
+    assert cuda._takes_linear(x[:40], w, None) and cuda._takes_linear(x, w, None)
 
 
 def test_the_cuda_entries_take_small_backward_rows(monkeypatch):
@@ -275,10 +278,13 @@ def test_the_tool_reports_the_cuda_extensions_settings():
         case = dict(T=t, N=4096, K=4096)
         bs += [_bench("device_segmented_decode", "ours", 1e-5, **case),
                _bench("device_segmented_decode", "ours_triton", 1.01e-5, **case)]
+    bs += [_bench("device_fwd", "ours_gemv3", 2e-5, M=64, N=4096, K=4096)]
     lines = _tool().cuda_choices({"benchmarks": bs})
     assert lines == [
         "cuda: decode GEMV v2 vs v1 (forward, M <= 16): 0.50x over 3 cases -> make v2 the "
         "default (LASS_SPARSE_CUDA_GEMV)",
+        "cuda: GEMV v3 vs the default (forward, 17 <= M <= 64): 2.00x over 1 cases -> keep "
+        "the default",
         "cuda: small-M backward vs Triton (M <= 16): 2.00x over 3 cases -> turn it off "
         "(LASS_SPARSE_CUDA_SMALL_BWD_MAX_M=0 as the default)",
         "cuda: segmented decode GEMV vs Triton (T <= 64): 0.99x over 3 cases -> a tie: keep"]
