@@ -238,8 +238,8 @@ def device_cases(smoke: bool = False) -> list[tuple[tuple[int, int], int]]:
 SWEEP_KEY_CASES = ([((4096, 4096), m) for m in (4096, 256, 1024, 64)]
                    + [((8192, 8192), 1), ((8192, 8192), 16)])
 SWEEP_IMPL_ORDER = ("dense", "naive", "ours", "ours_wt", "ours_wt_persistent", "ours_wt_tma",
-                    "ours_gemv2", "ours_gemv3", "ours_no_small", "ours_triton", "plain_compiled",
-                    "plain",
+                    "ours_gemv2", "ours_gemv3", "ours_no_small", "ours_small64", "ours_triton",
+                    "plain_compiled", "plain",
                     "ours_compiled")
 
 

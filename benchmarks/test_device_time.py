@@ -53,8 +53,10 @@ VARIANTS = {
     "ours_gemv2": ("LASS_SPARSE_CUDA_GEMV", "v2", None, ("fwd",), 16),
     # the segmented GEMV's kernel with one pair: decode rows, and up to 64 (vs the cuBLAS route)
     "ours_gemv3": ("LASS_SPARSE_CUDA_GEMV", "v3", None, ("fwd",), 64),
-    # the small-M dx / dW kernels off: what the Triton kernels give at those rows
+    # the small-M dx / dW kernels off: what the Triton kernels give at those rows; and on up to
+    # 64 rows (against the cuBLAS route at 64)
     "ours_no_small": (SMALL_BWD_ENV, "0", None, ("fwd_bwd", "dx", "dw"), 16),
+    "ours_small64": (SMALL_BWD_ENV, "64", None, ("fwd_bwd", "dx", "dw"), 64),
 }
 LINEAR_OPS = ["fwd", "fwd_bwd", "dx", "dw"]
 CASES = device_cases()

@@ -22,7 +22,8 @@ It also reports the CUDA extension's own choices, which are settings, not routes
 nothing for them): the decode GEMV v2 and v3 against v1 (``ours_gemv2`` / ``ours_gemv3`` /
 ``ours``, forward at <= 16 rows: ``LASS_SPARSE_CUDA_GEMV``), v3 against the default at 17-64
 rows, the small-M backward against the Triton kernels (``ours`` /
-``ours_no_small`` at <= 16 rows: ``LASS_SPARSE_CUDA_SMALL_BWD_MAX_M``) and the segmented decode
+``ours_no_small`` at <= 16 rows: ``LASS_SPARSE_CUDA_SMALL_BWD_MAX_M``) and against the default
+at 17-64 rows (``ours_small64``) and the segmented decode
 GEMV against the Triton kernels (``ours`` / ``ours_triton``).
 """
 
@@ -163,6 +164,10 @@ CUDA_CHOICES = (
     ("small-M backward vs Triton (M <= 16)", ("device_dx", "device_dw", "device_fwd_bwd"),
      "ours", "ours_no_small", (1, CUDA_SMALL_ROWS),
      "turn it off (LASS_SPARSE_CUDA_SMALL_BWD_MAX_M=0 as the default)", "keep it on"),
+    ("small-M backward vs the default (17 <= M <= 64)",
+     ("device_dx", "device_dw", "device_fwd_bwd"), "ours_small64", "ours",
+     (CUDA_SMALL_ROWS + 1, 64), "keep the default",
+     "raise LASS_SPARSE_CUDA_SMALL_BWD_MAX_M's default to 64"),
     ("segmented decode GEMV vs Triton (T <= 64)", ("device_segmented_decode",), "ours",
      "ours_triton", (1, 64), "route it to Triton (backends/cuda.py _takes_segmented)",
      "keep it"),

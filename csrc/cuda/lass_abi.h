@@ -28,10 +28,12 @@ constexpr int kGemv2Threads = 256;
 constexpr int kGemv2SmemBytes = 32768;
 constexpr int kGemv2Step = 256;
 constexpr int kGemv2Rows4MinN = 16384;
-// Small-M backward (dx and dW of at most kSmallBwdMaxM rows; lass_kernels.cuh small_dx_* /
-// small_dw_*): threads per dx block (each owns a run of columns), dW block shape (columns x row
-// groups) and weight rows per dW thread, and the fewest weight rows a dx split of N reduces.
-constexpr int kSmallBwdMaxM = 16;
+// Small-M backward (dx and dW of at most kSmallBwdMaxM rows, taken kSmallBwdChunk at a time;
+// lass_kernels.cuh small_dx_* / small_dw_*): threads per dx block (each owns a run of columns),
+// dW block shape (columns x row groups) and weight rows per dW thread, and the fewest weight
+// rows a dx split of N reduces.
+constexpr int kSmallBwdMaxM = 64;
+constexpr int kSmallBwdChunk = 16;
 constexpr int kSmallDxThreads = 128;
 constexpr int kSmallDwCols = 32;
 constexpr int kSmallDwGroups = 4;

@@ -113,14 +113,19 @@ template <typename F> cudaError_t with_type_and_mt(int dtype, int m, F&& f) {
 bool aligned(const void* p, int bytes) { return (uintptr_t)p % (uintptr_t)bytes == 0; }
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// dx: grid (column blocks, splits) of kSmallDxThreads; `vec` when every run of V columns is in
-// range and W, dx and the partials are aligned to their V-element accesses.
+// The row chunks of m rows of dy / dx (kSmallBwdChunk each).
+int small_chunks(int m_rows) { return (int)cdiv(m_rows, lass::kSmallBwdChunk); }
+
+// dx: grid (column blocks x row chunks, splits) of kSmallDxThreads; `vec` when every run of V
+// columns is in range and W, dx and the partials are aligned to their V-element accesses.
 template <typename T, int MT> struct SmallDxPlan {
   static constexpr int V = lass::small_vec<T, MT>();
+  int chunks;
   dim3 grid;
   bool vec;
-  SmallDxPlan(const void* w, const void* dx, const float* ws, int64_t k, int splits)
-      : grid((unsigned)cdiv(k, (int64_t)lass::kSmallDxThreads * V), (unsigned)splits),
+  SmallDxPlan(const void* w, const void* dx, const float* ws, int m_rows, int64_t k, int splits)
+      : chunks(small_chunks(m_rows)),
+        grid((unsigned)(cdiv(k, (int64_t)lass::kSmallDxThreads * V) * chunks), (unsigned)splits),
         vec(k % V == 0 && aligned(w, std::min(16, V * (int)sizeof(T))) &&
             aligned(dx, std::min(16, V * (int)sizeof(T))) &&
             (ws == nullptr || aligned(ws, std::min(16, V * 4)))) {}
@@ -132,7 +137,7 @@ template <typename T, typename O, int MT> struct SmallDwPlan {
   dim3 grid;
   bool vec, vec_out;
   SmallDwPlan(const void* x, const void* out, int64_t n, int64_t k)
-      : grid((unsigned)cdiv(n, (int64_t)lass::kSmallDwGroups * lass::kSmallDwRows),
+      : grid((unsigned)cdiv(n, (int64_t)lass::kSmallDwGroups * lass::small_dw_rows<MT>()),
              (unsigned)cdiv(k, (int64_t)lass::kSmallDwCols * V)),
         vec(k % V == 0 && aligned(x, std::min(16, V * (int)sizeof(T)))),
         vec_out(k % V == 0 && aligned(out, std::min(16, V * (int)sizeof(O)))) {}
@@ -183,7 +188,8 @@ extern "C" int lass_small_dx_splits(int m_rows, int64_t n, int64_t k, int dtype,
   // about 4 blocks per SM, each split reducing at least kSmallDxMinSplitRows weight rows (the
   // partials, splits * m * k floats, stay well below W's bytes)
   const int v = lass::small_vec_elems(lass::small_mt(m_rows), dtype == lass::kFloat32 ? 4 : 2);
-  const int64_t blocks = std::max<int64_t>(1, cdiv(k, (int64_t)lass::kSmallDxThreads * v));
+  const int64_t blocks = std::max<int64_t>(
+      1, cdiv(k, (int64_t)lass::kSmallDxThreads * v) * small_chunks(std::max(m_rows, 1)));
   const int64_t want = cdiv(4 * (int64_t)std::max(sm_count, 1), blocks);
   const int64_t most = std::max<int64_t>(1, n / lass::kSmallDxMinSplitRows);
   return (int)std::min<int64_t>({std::max<int64_t>(want, 1), most, 65535});
@@ -199,9 +205,10 @@ extern "C" cudaError_t lass_launch_small_dx(int dtype, const void* dy, const voi
   return with_type_and_mt(dtype, m_rows, [&](auto tag, auto mt) {
     using T = typename decltype(tag)::type;
     constexpr int MT = decltype(mt)::value;
-    const SmallDxPlan<T, MT> plan(w, dx, splits > 1 ? ws : nullptr, k, splits);
+    const SmallDxPlan<T, MT> plan(w, dx, splits > 1 ? ws : nullptr, m_rows, k, splits);
     lass_small_dx<T, MT><<<plan.grid, lass::kSmallDxThreads, 0, stream>>>(
-        (const T*)dy, (const T*)w, bits, (T*)dx, ws, m_rows, n, k, splits, plan.vec ? 1 : 0);
+        (const T*)dy, (const T*)w, bits, (T*)dx, ws, m_rows, n, k, splits, plan.chunks,
+        plan.vec ? 1 : 0);
     if (splits > 1) {
       const int64_t total = (int64_t)m_rows * k;
       lass_small_dx_sum<T><<<(unsigned)cdiv(total, kSumThreads), kSumThreads, 0, stream>>>(

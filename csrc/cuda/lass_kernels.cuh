@@ -229,18 +229,26 @@ LASS_HD constexpr int small_vec_elems(int mt, int elem_bytes) {
 template <typename T, int MT> LASS_HD constexpr int small_vec() {
   return small_vec_elems(MT, (int)sizeof(T));
 }
+// Weight rows per dW thread: kSmallDwRows, half that where x comes in chunks (their sums stay
+// in registers across the chunks).
+template <int MT> LASS_HD constexpr int small_dw_rows() {
+  return MT < kSmallBwdChunk ? kSmallDwRows : kSmallDwRows / 2;
+}
 
 // dx for columns [c0, c0 + VEC) over the weight rows of split `split` of `splits`.
 template <typename T, int MT, int VEC>
 LASS_HD void small_dx_thread(const T* __restrict__ dy, const T* __restrict__ w,
                              const int32_t* __restrict__ bits, T* __restrict__ dx,
                              float* __restrict__ ws, int m_rows, int64_t n, int64_t k, int splits,
-                             bool vec, int64_t block, int64_t split, int thread) {
+                             bool vec, int64_t block, int64_t split, int t0, int thread) {
   const int64_t c0 = (block * kSmallDxThreads + thread) * VEC;
   if (c0 >= k) return;
   const int64_t nw = (k + 31) / 32, chunk = (n + splits - 1) / splits;
   const int64_t lo = split * chunk, hi = lo + chunk < n ? lo + chunk : n;
   const int avail = k - c0 < VEC ? (int)(k - c0) : VEC;
+  const int rows = m_rows - t0 < MT ? m_rows - t0 : MT;  // this chunk's rows of dy / dx
+  dy += (int64_t)t0 * n;
+  dx += (int64_t)t0 * k;
   float acc[MT][VEC];
 #pragma unroll
   for (int m = 0; m < MT; ++m)
@@ -255,7 +263,7 @@ LASS_HD void small_dx_thread(const T* __restrict__ dy, const T* __restrict__ w,
     for (int j = 0; j < VEC; ++j) wf[j] = ((word >> j) & 1u) ? to_float(e[j]) : 0.f;
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
-      if (m < m_rows) {
+      if (m < rows) {
         const float d = to_float(dy[(int64_t)m * n + r]);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) acc[m][j] = fmaf(d, wf[j], acc[m][j]);
@@ -264,28 +272,31 @@ LASS_HD void small_dx_thread(const T* __restrict__ dy, const T* __restrict__ w,
   }
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
-    if (m < m_rows) {
+    if (m < rows) {
       if (splits == 1) {
         T o[VEC];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) o[j] = from_float<T>(acc[m][j]);
         store_cols<T, VEC>(dx + (int64_t)m * k + c0, vec, avail, o);
       } else {
-        store_cols<float, VEC>(ws + (split * m_rows + m) * k + c0, vec, avail, acc[m]);
+        store_cols<float, VEC>(ws + (split * m_rows + t0 + m) * k + c0, vec, avail, acc[m]);
       }
     }
   }
 }
 
-// The kernels' grid positions: dx blocks (column block, split) of kSmallDxThreads threads; dW
-// blocks (row block, column block) of (kSmallDwCols, kSmallDwGroups) threads (weight rows on
-// grid x, which takes 2^31 - 1 blocks).
+// The kernels' grid positions: dx blocks (column block x row chunk, split) of
+// kSmallDxThreads threads, the chunks of kSmallBwdChunk rows of one column block adjacent (they
+// read the same W columns: L2); dW blocks (row block, column block) of (kSmallDwCols,
+// kSmallDwGroups) threads (weight rows on grid x, which takes 2^31 - 1 blocks).
 template <typename T, int MT>
 LASS_HD void small_dx_at(const T* dy, const T* w, const int32_t* bits, T* dx, float* ws,
-                         int m_rows, int64_t n, int64_t k, int splits, bool vec, uint3 block,
-                         uint3 thread) {
+                         int m_rows, int64_t n, int64_t k, int splits, int chunks, bool vec,
+                         uint3 block, uint3 thread) {
   small_dx_thread<T, MT, small_vec<T, MT>()>(dy, w, bits, dx, ws, m_rows, n, k, splits, vec,
-                                             block.x, block.y, (int)thread.x);
+                                             block.x / chunks, block.y,
+                                             (int)(block.x % chunks) * kSmallBwdChunk,
+                                             (int)thread.x);
 }
 
 // dx[i] = sum of the splits' partials ws[s, i] in split order, for element i of dx [m, k].
@@ -299,23 +310,34 @@ LASS_HD void small_dx_sum(const float* __restrict__ ws, T* __restrict__ dx, int 
 }
 
 // dW (into out of type O: T, or float when accumulating) for columns [c0, c0 + VEC) of
-// kSmallDwRows weight rows; x's columns stay in registers across the rows.
-template <typename T, typename O, int MT, int VEC>
-LASS_HD void small_dw_thread(const T* __restrict__ dy, const T* __restrict__ x,
-                             const int32_t* __restrict__ bits, O* __restrict__ out, int m_rows,
-                             int64_t n, int64_t k, bool accumulate, bool vec, bool vec_out,
-                             int64_t block_x, int64_t block_y, int tx, int ty) {
-  const int64_t c0 = (block_x * kSmallDwCols + tx) * VEC;
-  const int64_t r0 = (block_y * kSmallDwGroups + ty) * kSmallDwRows;
-  if (c0 >= k || r0 >= n) return;
-  const int64_t nw = (k + 31) / 32;
-  const int avail = k - c0 < VEC ? (int)(k - c0) : VEC;
-  float xf[MT][VEC];
+// small_dw_rows<MT>() weight rows. Up to 8 rows of x (MT <= 8): x's columns stay in registers
+// across the weight rows. More (MT = 16, up to kSmallBwdMaxM rows): x in chunks of kSmallBwdChunk rows,
+// the weight rows' sums in registers across the chunks (one rounding at the end, as before).
+template <typename O, int VEC>
+LASS_HD void small_dw_write(O* __restrict__ o, const float* acc, uint32_t word, bool accumulate,
+                            bool vec_out, int avail) {
+  O v[VEC];
+  if (accumulate) {
+    load_cols<O, VEC, false>(o, vec_out, avail, v);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      if ((word >> j) & 1u) v[j] = from_float<O>(to_float(v[j]) + acc[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] = from_float<O>(((word >> j) & 1u) ? acc[j] : 0.f);
+  }
+  store_cols<O, VEC>(o, vec_out, avail, v);
+}
+
+// x[t0 .. t0 + MT) columns [c0, c0 + VEC) as floats (zeros past m_rows).
+template <typename T, int MT, int VEC>
+LASS_HD void small_x_cols(const T* __restrict__ x, int m_rows, int t0, int64_t k, int64_t c0,
+                          bool vec, int avail, float (*xf)[VEC]) {
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     T e[VEC];
-    if (m < m_rows) {
-      load_cols<T, VEC, false>(x + (int64_t)m * k + c0, vec, avail, e);
+    if (t0 + m < m_rows) {
+      load_cols<T, VEC, false>(x + (int64_t)(t0 + m) * k + c0, vec, avail, e);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) xf[m][j] = to_float(e[j]);
     } else {
@@ -323,33 +345,70 @@ LASS_HD void small_dw_thread(const T* __restrict__ dy, const T* __restrict__ x,
       for (int j = 0; j < VEC; ++j) xf[m][j] = 0.f;
     }
   }
-  for (int i = 0; i < kSmallDwRows; ++i) {
-    const int64_t r = r0 + i;
-    if (r >= n) break;
-    float acc[VEC];
+}
+
+template <typename T, typename O, int MT, int VEC>
+LASS_HD void small_dw_thread(const T* __restrict__ dy, const T* __restrict__ x,
+                             const int32_t* __restrict__ bits, O* __restrict__ out, int m_rows,
+                             int64_t n, int64_t k, bool accumulate, bool vec, bool vec_out,
+                             int64_t block_x, int64_t block_y, int tx, int ty) {
+  const int64_t c0 = (block_x * kSmallDwCols + tx) * VEC;
+  constexpr int ROWS = small_dw_rows<MT>();
+  const int64_t r0 = (block_y * kSmallDwGroups + ty) * ROWS;
+  if (c0 >= k || r0 >= n) return;
+  const int64_t nw = (k + 31) / 32;
+  const int avail = k - c0 < VEC ? (int)(k - c0) : VEC;
+  float xf[MT][VEC];
+  if constexpr (MT < kSmallBwdChunk) {  // all rows of x at once
+    small_x_cols<T, MT, VEC>(x, m_rows, 0, k, c0, vec, avail, xf);
+    for (int i = 0; i < ROWS; ++i) {
+      const int64_t r = r0 + i;
+      if (r >= n) break;
+      float acc[VEC];
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) acc[j] = 0.f;
+      for (int j = 0; j < VEC; ++j) acc[j] = 0.f;
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      if (m < m_rows) {
-        const float d = to_float(dy[(int64_t)m * n + r]);
+      for (int m = 0; m < MT; ++m) {
+        if (m < m_rows) {
+          const float d = to_float(dy[(int64_t)m * n + r]);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) acc[j] = fmaf(d, xf[m][j], acc[j]);
+          for (int j = 0; j < VEC; ++j) acc[j] = fmaf(d, xf[m][j], acc[j]);
+        }
+      }
+      const uint32_t word = (uint32_t)bits[r * nw + c0 / 32] >> (c0 % 32);
+      small_dw_write<O, VEC>(out + r * k + c0, acc, word, accumulate, vec_out, avail);
+    }
+  } else {  // chunks of x rows; every weight row's sums kept across them
+    float acc[ROWS][VEC];
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) acc[i][j] = 0.f;
+    for (int t0 = 0; t0 < m_rows; t0 += MT) {
+      small_x_cols<T, MT, VEC>(x, m_rows, t0, k, c0, vec, avail, xf);
+#pragma unroll
+      for (int i = 0; i < ROWS; ++i) {
+        const int64_t r = r0 + i;
+        if (r < n) {
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            if (t0 + m < m_rows) {
+              const float d = to_float(dy[(int64_t)(t0 + m) * n + r]);
+#pragma unroll
+              for (int j = 0; j < VEC; ++j) acc[i][j] = fmaf(d, xf[m][j], acc[i][j]);
+            }
+          }
+        }
       }
     }
-    const uint32_t word = (uint32_t)bits[r * nw + c0 / 32] >> (c0 % 32);
-    O* o = out + r * k + c0;
-    O v[VEC];
-    if (accumulate) {
-      load_cols<O, VEC, false>(o, vec_out, avail, v);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j)
-        if ((word >> j) & 1u) v[j] = from_float<O>(to_float(v[j]) + acc[j]);
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) v[j] = from_float<O>(((word >> j) & 1u) ? acc[j] : 0.f);
+    for (int i = 0; i < ROWS; ++i) {
+      const int64_t r = r0 + i;
+      if (r < n) {
+        const uint32_t word = (uint32_t)bits[r * nw + c0 / 32] >> (c0 % 32);
+        small_dw_write<O, VEC>(out + r * k + c0, acc[i], word, accumulate, vec_out, avail);
+      }
     }
-    store_cols<O, VEC>(o, vec_out, avail, v);
   }
 }
 
@@ -676,9 +735,9 @@ LASS_GEMV2_KERNELS(bf16, __nv_bfloat16)
 template <typename T, int MT>
 __global__ void __launch_bounds__(lass::kSmallDxThreads)
     lass_small_dx(const T* dy, const T* w, const int32_t* bits, T* dx, float* ws, int m_rows,
-                  int64_t n, int64_t k, int splits, int vec) {
-  lass::small_dx_at<T, MT>(dy, w, bits, dx, ws, m_rows, n, k, splits, vec != 0, blockIdx,
-                           threadIdx);
+                  int64_t n, int64_t k, int splits, int chunks, int vec) {
+  lass::small_dx_at<T, MT>(dy, w, bits, dx, ws, m_rows, n, k, splits, chunks, vec != 0,
+                           blockIdx, threadIdx);
 }
 
 template <typename T>

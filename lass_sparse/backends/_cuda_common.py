@@ -259,13 +259,19 @@ def cublas_min_m(default: int = 64) -> int:
 SMALL_BWD_ENV = "LASS_SPARSE_CUDA_SMALL_BWD_MAX_M"
 
 
+# Rows up to which dx / dW take the small-M kernels by default: the decode regime, where they
+# replace the Triton kernels' host path; up to SMALL_BWD_MAX_M (64) on request, to be measured
+# against the cuBLAS route from 64 rows (the sweep's ``ours_small64``).
+SMALL_BWD_DEFAULT = 16
+
+
 def small_bwd_max_m() -> int:
     """Rows up to which the CUDA extension's dx / dW take the small-M kernels
-    (``$LASS_SPARSE_CUDA_SMALL_BWD_MAX_M``, else :data:`SMALL_BWD_MAX_M`; 0 or -1: off, above
-    the kernels' limit: the limit)."""
+    (``$LASS_SPARSE_CUDA_SMALL_BWD_MAX_M``, else :data:`SMALL_BWD_DEFAULT`; 0 or -1: off; above
+    the kernels' limit :data:`SMALL_BWD_MAX_M`: the limit)."""
     raw = os.environ.get(SMALL_BWD_ENV, "")
     try:
-        value = int(raw) if raw.strip() else SMALL_BWD_MAX_M
+        value = int(raw) if raw.strip() else SMALL_BWD_DEFAULT
     except ValueError:
         raise ValueError(f"${SMALL_BWD_ENV} must be an integer number of rows, got {raw!r}") \
             from None

@@ -1,10 +1,11 @@
 """CUDA C++ backend (csrc/cuda) through the compiled extension ``lass_sparse._cuda``: pack /
-unpack, magnitude mask, decode GEMV (M <= 16), the small-M dx / dW kernels (M <= 16: one pass
-over W or dW, the mask applied as dW is written, a float32 grad accumulated from 16-bit
-inputs), the "mask, then cuBLAS" route of masked_linear, its dx, dW and dW accumulation and the
-fused QKV projection (M >= ``cublas_min_m()``: one mask pass into a W-sized transient, then
-cuBLAS; dW masked in place), the segmented decode GEMV (mixed-pair rows, T <= 64: W streamed
-once per 16 rows, the table read on the device) and the multi-tensor masked AdamW. Its kernels
+unpack, magnitude mask, decode GEMV (M <= 16), the small-M dx / dW kernels (M <= 16, up to 64
+on request: one pass over W or dW per 16 rows, the mask applied as dW is written, a float32
+grad accumulated from 16-bit inputs), the "mask, then cuBLAS" route of masked_linear, its dx,
+dW and dW accumulation and the fused QKV projection (M >= ``cublas_min_m()``: one mask pass
+into a W-sized transient, then cuBLAS; dW masked in place), the segmented decode GEMV
+(mixed-pair rows, T <= 64: W streamed once per 16 rows, the table read on the device) and the
+multi-tensor masked AdamW. Its kernels
 register under the public op names (``TORCH_LIBRARY_IMPL(lass_sparse, CUDA)``): a CUDA call
 through ``torch.ops`` reaches them in one dispatcher trip, and they defer to the op's Python body
 (Triton, cupy, the reference) when another backend is forced or a call is not theirs

@@ -32,10 +32,10 @@ extern "C" int emu_small_dx(int dtype, const void* dy, const void* w, const int3
   const cudaError_t rc = with_type_and_mt(dtype, m_rows, [&](auto tag, auto mt) {
     using T = typename decltype(tag)::type;
     constexpr int MT = decltype(mt)::value;
-    const SmallDxPlan<T, MT> plan(w, dx, wsp, k, splits);
+    const SmallDxPlan<T, MT> plan(w, dx, wsp, m_rows, k, splits);
     each_position(plan.grid, dim3(lass::kSmallDxThreads), [&](uint3 b, uint3 t) {
       lass::small_dx_at<T, MT>((const T*)dy, (const T*)w, bits, (T*)dx, wsp, m_rows, n, k,
-                               splits, plan.vec, b, t);
+                               splits, plan.chunks, plan.vec, b, t);
     });
     if (splits > 1) {
       const int64_t total = (int64_t)m_rows * k;
@@ -79,7 +79,7 @@ extern "C" int emu_small_dx_vec(int dtype, const void* w, const void* dx, int m_
   with_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return with_mt(m_rows, [&](auto mt) {
-      v = SmallDxPlan<T, decltype(mt)::value>(w, dx, nullptr, k, 1).vec ? 1 : 0;
+      v = SmallDxPlan<T, decltype(mt)::value>(w, dx, nullptr, m_rows, k, 1).vec ? 1 : 0;
       return cudaSuccess;
     });
   });

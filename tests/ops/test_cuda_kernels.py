@@ -394,3 +394,27 @@ def test_gemv_v3_serves_up_to_64_rows_in_cpp(monkeypatch, dtype, m):
     y = torch.ops.lass_sparse.masked_linear(x, w, bits, b)
     assert seen == []
     torch.testing.assert_close(y, reference.masked_linear(x, w, bits, b), **_tol(dtype))
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [17, 40, 64])
+def test_the_small_backward_kernels_take_up_to_64_rows_on_request(monkeypatch, dtype, m):
+    """With the small-M rows raised to 64 (LASS_SPARSE_CUDA_SMALL_BWD_MAX_M): dx and dW of 17-64
+    rows in chunks of 16 from the C++ entries, results as the reference."""
+    from lass_sparse.backends import cuda
+
+    monkeypatch.delenv("LASS_SPARSE_TRITON_VARIANT", raising=False)
+    old = cuda.small_rows
+    cuda.set_small_bwd(cuda._mod, 64)
+    try:
+        seen = record_backends(monkeypatch)
+        x, w, bits, _ = _linear_args(m, k=200, n=300, dtype=dtype)
+        dy = torch.randn(m, 300, device="cuda", dtype=dtype)
+        dx = torch.ops.lass_sparse.masked_linear_dx(dy, w, bits)
+        dw = torch.ops.lass_sparse.masked_linear_dw(dy, x, bits)
+        assert seen == []
+        torch.testing.assert_close(dx, reference.masked_linear_dx(dy, w, bits), **_tol(dtype))
+        torch.testing.assert_close(dw, reference.masked_linear_dw(dy, x, bits), **_tol(dtype))
+    finally:
+        cuda.set_small_bwd(cuda._mod, old)

@@ -124,9 +124,10 @@ def test_the_cuda_entries_leave_routed_ops_to_the_triton_kernels(monkeypatch):
 
 
 def test_the_cuda_entries_take_small_backward_rows(monkeypatch):
-    """dx / dW of at most ``small_bwd_max_m()`` rows (16 by default, the kernels' limit) take the
-    small-M kernels, a float32 grad of 16-bit inputs included; off with the variable <= 0 or
-    while a Triton variant is under test; a non-integer value is an error naming it."""
+    """dx / dW of at most ``small_bwd_max_m()`` rows (16 by default, up to the kernels' limit
+    of 64) take the small-M kernels, a float32 grad of 16-bit inputs included; off with the
+    variable <= 0 or while a Triton variant is under test; a non-integer value is an error
+    naming it."""
     from lass_sparse.backends import _cuda_common as cc
     from lass_sparse.backends import cuda
 
@@ -142,7 +143,7 @@ def test_the_cuda_entries_take_small_backward_rows(monkeypatch):
     monkeypatch.delenv(cc.SMALL_BWD_ENV, raising=False)
     monkeypatch.delenv("LASS_SPARSE_TRITON_VARIANT", raising=False)
     mod = Module()
-    assert cuda.set_small_bwd(mod) == 16 == cc.SMALL_BWD_MAX_M
+    assert cuda.set_small_bwd(mod) == 16 == cc.SMALL_BWD_DEFAULT and cc.SMALL_BWD_MAX_M == 64
     assert mod.options == {"small_bwd_max_m": 16}
     x, w = torch.empty(16, 8, dtype=torch.bfloat16), torch.empty(4, 8, dtype=torch.bfloat16)
     dx, dw = cuda._takes_grad("masked_linear_dx"), cuda._takes_grad("masked_linear_dw")
@@ -156,7 +157,9 @@ def test_the_cuda_entries_take_small_backward_rows(monkeypatch):
     monkeypatch.setenv(cc.SMALL_BWD_ENV, "4")
     assert cuda.set_small_bwd(mod) == 4 and not dx(x[:5], w) and dx(x[:4], w)
     monkeypatch.setenv(cc.SMALL_BWD_ENV, "99")
-    assert cuda.set_small_bwd(mod) == 16
+    assert cuda.set_small_bwd(mod) == 64
+    assert dx(torch.empty(64, 4, dtype=torch.bfloat16), w) and not dx(
+        torch.empty(65, 4, dtype=torch.bfloat16), w)
     monkeypatch.setenv(cc.SMALL_BWD_ENV, "0")
     assert cuda.set_small_bwd(mod) == -1 and mod.options["small_bwd_max_m"] == -1
     assert not dx(x[:1], w) and not cuda._takes_accumulate(w.float(), x[:1], x[:1], None)
@@ -278,7 +281,8 @@ def test_the_tool_reports_the_cuda_extensions_settings():
         case = dict(T=t, N=4096, K=4096)
         bs += [_bench("device_segmented_decode", "ours", 1e-5, **case),
                _bench("device_segmented_decode", "ours_triton", 1.01e-5, **case)]
-    bs += [_bench("device_fwd", "ours_gemv3", 2e-5, M=64, N=4096, K=4096)]
+    bs += [_bench("device_fwd", "ours_gemv3", 2e-5, M=64, N=4096, K=4096),
+           _bench("device_dx", "ours_small64", 1e-5, M=64, N=4096, K=4096)]
     lines = _tool().cuda_choices({"benchmarks": bs})
     assert lines == [
         "cuda: decode GEMV v2 vs v1 (forward, M <= 16): 0.50x over 3 cases -> make v2 the "
@@ -287,6 +291,8 @@ def test_the_tool_reports_the_cuda_extensions_settings():
         "the default",
         "cuda: small-M backward vs Triton (M <= 16): 2.00x over 3 cases -> turn it off "
         "(LASS_SPARSE_CUDA_SMALL_BWD_MAX_M=0 as the default)",
+        "cuda: small-M backward vs the default (17 <= M <= 64): 0.50x over 1 cases -> raise "
+        "LASS_SPARSE_CUDA_SMALL_BWD_MAX_M's default to 64",
         "cuda: segmented decode GEMV vs Triton (T <= 64): 0.99x over 3 cases -> a tie: keep"]
     assert _tool().cuda_choices({"benchmarks": []}) == []
 
