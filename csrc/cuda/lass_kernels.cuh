@@ -206,15 +206,16 @@ __device__ __forceinline__ void decode_gemv_row(const T* __restrict__ x,
 // Its phases are host+device code (below, after the helpers they share with the small-M
 // kernels): the tests' emulator runs them as a block would, barriers between the phases.
 
-// ------------------------------------------------------------------- small-M backward (M <= 16)
+// ------------------------------------------------------------------- small-M backward (M <= 64)
 // Issue 29: the backward of the decode / small-batch regime in one CUDA pass each, no Triton:
 //   dx[m, c] = sum_n dy[m, n] * (bit(n, c) ? W[n, c] : 0)
 //   dW[r, c] = bit(r, c) ? sum_m dy[m, r] * x[m, c] : 0     (accumulating: grad[r, c] += that on
 //              the mask, entries off the mask keep their exact bits; the mask in the "epilogue")
 // Each thread owns VEC consecutive columns (one VEC * sizeof(T)-byte access per row when `vec`),
-// with MT >= M rows of fp32 accumulators in registers; a select, so NaN/Inf off the mask never
-// enters. W (dx) and dW are streamed once; dy and x are a few KB and read through the cache (a
-// warp's lanes read the same dy element: one broadcast). No shared memory and no warp shuffles:
+// with MT fp32 accumulator rows in registers (M rows in chunks of kSmallBwdChunk = MT = 16 above
+// 16); a select, so NaN/Inf off the mask never enters. W (dx, once per chunk) and dW are
+// streamed; dy and x are a few KB and read through the cache (a warp's lanes read the same dy
+// element: one broadcast). No shared memory and no warp shuffles:
 // the bodies are host+device and take their block/thread position as arguments, so the tests run
 // them on the CPU, every position of the launch grid in turn (tests/ops/test_cuda_emulated.py).
 // dx splits N over blockIdx.y (lass_small_dx_splits): one split writes dx, several write fp32
