@@ -2,11 +2,12 @@
 // names (TORCH_LIBRARY_IMPL(lass_sparse, CUDA); schemas in lass_sparse/ops/schema.py): pack_mask,
 // unpack_mask, magnitude_mask, masked_linear (decode GEMV at most kGemvMaxM rows; the "mask,
 // then cuBLAS" route from the rows Python sets), masked_linear_dx / _dw / _dw_accumulate_ (the
-// small-M kernels up to kSmallBwdMaxM rows, that route from its rows), masked_qkv_proj (the
+// small-M kernels up to the rows Python sets, that route from its rows), masked_qkv_proj (the
 // decode GEMV or that route), segmented_masked_linear (the segmented decode GEMV, for tables the
-// nn layers registered; others through the op body) and masked_adamw_. Each entry runs its kernel or defers to the op's Python body
-// (another backend forced, a call it does not take, inputs its checks refuse: common/entry.h).
-// The kernels themselves have no torch headers (lass_kernels.cuh).
+// nn layers registered; others through the op body) and masked_adamw_. Each entry runs its
+// kernel or defers to the op's Python body (another backend forced, a call it does not take,
+// inputs its checks refuse: common/entry.h). The kernels themselves have no torch headers
+// (lass_kernels.cuh).
 #include <Python.h>  // first, as Python asks
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -169,11 +170,16 @@ bool cublas_serves(Option opt, int64_t rows) {
   return min_m >= 0 && rows >= min_m;
 }
 
-// The entry takes the call for the route: it serves it and no Triton variant is being timed
-// or tested ($LASS_SPARSE_TRITON_VARIANT names one: the op body runs it).
-bool cublas_takes(Option opt, int64_t rows) {
+// A Triton variant is being timed or tested ($LASS_SPARSE_TRITON_VARIANT names one): the
+// entries leave the GEMM-shaped calls to the op body, which runs it.
+bool triton_variant_set() {
   const char* v = std::getenv("LASS_SPARSE_TRITON_VARIANT");
-  return cublas_serves(opt, rows) && (v == nullptr || v[0] == '\0');
+  return v != nullptr && v[0] != '\0';
+}
+
+// The entry takes the call for the route: it serves it and no Triton variant is set.
+bool cublas_takes(Option opt, int64_t rows) {
+  return cublas_serves(opt, rows) && !triton_variant_set();
 }
 
 // dx / dW of `rows` rows run the small-M kernels (up to the rows Python sets, at most
@@ -182,10 +188,7 @@ bool small_rows(int64_t rows) {
   return rows <= std::min<int64_t>(option(kSmallBwdMaxM), lass::kSmallBwdMaxM);
 }
 
-bool small_takes(int64_t rows) {
-  const char* v = std::getenv("LASS_SPARSE_TRITON_VARIANT");
-  return small_rows(rows) && (v == nullptr || v[0] == '\0');
-}
+bool small_takes(int64_t rows) { return small_rows(rows) && !triton_variant_set(); }
 
 std::string cublas_rows(Option opt) {
   const int64_t min_m = option(opt);
@@ -518,7 +521,8 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
 
 // Fused QKV projection: x[B, T, D] @ (W ⊙ M)ᵀ (+ b) with W [3D, D] (q, k, v rows stacked),
 // split into q, k, v [B, H, T, D/H] (the layout of scaled_dot_product_attention); B*T rows by
-// the decode GEMV up to kGemvMaxM (cached decoding steps), else on the cuBLAS route.
+// the decode GEMV up to lass_decode_gemv_max_rows (cached decoding steps), else on the cuBLAS
+// route.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_qkv_proj(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bits,
     const std::optional<at::Tensor>& bias, int64_t num_heads) {

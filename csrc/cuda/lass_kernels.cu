@@ -10,22 +10,18 @@
 
 namespace {
 
+// 16-byte rows of x and w: K % 8 == 0 and both 16-byte aligned (v2 needs it; v3 and the
+// segmented GEMV then load 8 elements a step as vectors).
 bool gemv2_applies(const void* x, const void* w, int64_t k) {
   return k % 8 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0;
 }
 
-// LASS_SPARSE_CUDA_GEMV=v2 selects the v2 decode kernel (read per call, so one process can time
-// both; the default, unset or "v1", is v1).
-bool gemv2_requested() {
+// $LASS_SPARSE_CUDA_GEMV is `name` (read per call, so one process can time every variant; the
+// default, unset or "v1", is v1). v2: the v2 decode kernel; v3: the segmented GEMV's kernel with
+// one pair (no table), which also takes up to kSegGemvMaxT rows.
+bool gemv_variant(const char* name) {
   const char* v = std::getenv("LASS_SPARSE_CUDA_GEMV");
-  return v != nullptr && std::strcmp(v, "v2") == 0;
-}
-
-// LASS_SPARSE_CUDA_GEMV=v3: the segmented GEMV's kernel with one pair (no table) serves the
-// decode GEMV, and up to kSegGemvMaxT rows (read per call, like v2).
-bool gemv3_requested() {
-  const char* v = std::getenv("LASS_SPARSE_CUDA_GEMV");
-  return v != nullptr && std::strcmp(v, "v3") == 0;
+  return v != nullptr && std::strcmp(v, name) == 0;
 }
 
 // How v2 launches for m rows of [n, k] (the tests' emulator runs the same plan): MT, R rows per
@@ -107,7 +103,8 @@ template <typename F> cudaError_t with_mt(int m, F&& f) {
 
 // f(Tag<T>{}, Int<MT>{}): both of the above (the small-M and segmented kernels' launchers).
 template <typename F> cudaError_t with_type_and_mt(int dtype, int m, F&& f) {
-  return with_dtype(dtype, [&](auto tag) { return with_mt(m, [&](auto mt) { return f(tag, mt); }); });
+  return with_dtype(dtype,
+                    [&](auto tag) { return with_mt(m, [&](auto mt) { return f(tag, mt); }); });
 }
 
 bool aligned(const void* p, int bytes) { return (uintptr_t)p % (uintptr_t)bytes == 0; }
@@ -151,16 +148,15 @@ int apply_mask_vec(const void* src, const void* out, int64_t k) {
 }
 
 // Segmented GEMV: blocks of kSegGemvWarps output rows x chunks of kGemvMaxM x rows (MT from
-// the rows of the first, largest chunk); `vec` for 16-byte W and x rows (K % 8 == 0, aligned).
-template <typename T> struct SegGemvPlan {
+// the rows of the first, largest chunk); `vec` for 16-byte W and x rows.
+struct SegGemvPlan {
   int chunks;
   unsigned blocks;
   bool vec;
   SegGemvPlan(const void* x, const void* w, int t_rows, int64_t n, int64_t k)
       : chunks((int)cdiv(t_rows, lass::kGemvMaxM)),
         blocks((unsigned)(cdiv(n, lass::kSegGemvWarps) * chunks)),
-        vec(k % 8 == 0 && aligned(x, std::min(16, 8 * (int)sizeof(T))) &&
-            aligned(w, std::min(16, 8 * (int)sizeof(T)))) {}
+        vec(gemv2_applies(x, w, k)) {}
 };
 
 }  // namespace
@@ -175,7 +171,7 @@ extern "C" cudaError_t lass_launch_seg_gemv(int dtype, const void* x, const void
   return with_type_and_mt(dtype, std::min(t_rows, lass::kGemvMaxM), [&](auto tag, auto mt) {
     using T = typename decltype(tag)::type;
     constexpr int MT = decltype(mt)::value;
-    const SegGemvPlan<T> plan(x, w, t_rows, n, k);
+    const SegGemvPlan plan(x, w, t_rows, n, k);
     lass_seg_gemv<T, MT><<<plan.blocks, lass::kSegGemvWarps * 32, 0, stream>>>(
         (const T*)x, (const T*)w, bits_bank, seg_offsets, seg_pair, segs, pairs,
         (const T*)bias, (T*)y, t_rows, n, k, plan.chunks, plan.vec ? 1 : 0);
@@ -269,7 +265,7 @@ extern "C" cudaError_t lass_launch_decode_gemv_v2(int dtype, const void* x, cons
 // Host launchers with C linkage for the torch binding (no torch headers here); declared in
 // lass_abi.h.
 extern "C" int lass_decode_gemv_max_rows() {
-  return gemv3_requested() ? lass::kSegGemvMaxT : lass::kGemvMaxM;
+  return gemv_variant("v3") ? lass::kSegGemvMaxT : lass::kGemvMaxM;
 }
 
 extern "C" cudaError_t lass_launch_decode_gemv(int dtype, const void* x, const void* w,
@@ -277,10 +273,10 @@ extern "C" cudaError_t lass_launch_decode_gemv(int dtype, const void* x, const v
                                                int m_rows, int64_t n, int64_t k,
                                                cudaStream_t stream) {
   if (n <= 0 || m_rows <= 0) return cudaSuccess;  // a zero-size grid is a launch error
-  if (gemv3_requested())  // bits as a bank of one pair, no table: pair 0 for every row
+  if (gemv_variant("v3"))  // bits as a bank of one pair, no table: pair 0 for every row
     return lass_launch_seg_gemv(dtype, x, w, bits, nullptr, nullptr, 0, 1, bias, y, m_rows, n,
                                 k, stream);
-  if (gemv2_requested() && k > 0 && gemv2_applies(x, w, k))
+  if (gemv_variant("v2") && k > 0 && gemv2_applies(x, w, k))
     return lass_launch_decode_gemv_v2(dtype, x, w, bits, bias, y, m_rows, n, k, stream);
   const int64_t nw = (k + 31) / 32;
   const int warps = 8;

@@ -25,6 +25,14 @@ template <> LASS_HD __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// A 2-D array of accumulators (registers, when its indices are compile-time) set to 0.
+template <int R, int C> LASS_HD void zero2(float (&a)[R][C]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < C; ++c) a[r][c] = 0.f;
+}
+
 // ------------------------------------------------------------------------- vector accesses
 
 template <int BYTES> struct RawVec;
@@ -251,10 +259,7 @@ LASS_HD void small_dx_thread(const T* __restrict__ dy, const T* __restrict__ w,
   dy += (int64_t)t0 * n;
   dx += (int64_t)t0 * k;
   float acc[MT][VEC];
-#pragma unroll
-  for (int m = 0; m < MT; ++m)
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) acc[m][j] = 0.f;
+  zero2(acc);
   for (int64_t r = lo; r < hi; ++r) {
     const uint32_t word = (uint32_t)bits[r * nw + c0 / 32] >> (c0 % 32);  // VEC | 32
     T e[VEC];
@@ -381,10 +386,7 @@ LASS_HD void small_dw_thread(const T* __restrict__ dy, const T* __restrict__ x,
     }
   } else {  // chunks of x rows; every weight row's sums kept across them
     float acc[ROWS][VEC];
-#pragma unroll
-    for (int i = 0; i < ROWS; ++i)
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) acc[i][j] = 0.f;
+    zero2(acc);
     for (int t0 = 0; t0 < m_rows; t0 += MT) {
       small_x_cols<T, MT, VEC>(x, m_rows, t0, k, c0, vec, avail, xf);
 #pragma unroll
@@ -611,10 +613,7 @@ __device__ __forceinline__ void decode_gemv2(const T* __restrict__ x, const T* _
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   const int64_t row0 = ((int64_t)blockIdx.x * warps + warp) * R;
   float acc[R][MT];
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
+  zero2(acc);
   for (int64_t c0 = 0; c0 < k; c0 += kc) {
     const int len = (int)min((int64_t)kc, k - c0);  // a multiple of 8
     __syncthreads();                                // the previous chunk is consumed

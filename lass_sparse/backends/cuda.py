@@ -5,12 +5,11 @@ grad accumulated from 16-bit inputs), the "mask, then cuBLAS" route of masked_li
 dW and dW accumulation and the fused QKV projection (M >= ``cublas_min_m()``: one mask pass
 into a W-sized transient, then cuBLAS; dW masked in place), the segmented decode GEMV
 (mixed-pair rows, T <= 64: W streamed once per 16 rows, the table read on the device) and the
-multi-tensor masked AdamW. Its kernels
-register under the public op names (``TORCH_LIBRARY_IMPL(lass_sparse, CUDA)``): a CUDA call
-through ``torch.ops`` reaches them in one dispatcher trip, and they defer to the op's Python body
-(Triton, cupy, the reference) when another backend is forced or a call is not theirs
-(csrc/common/entry.h). Here they are also registered with the backend registry, for forced
-``cuda``, the eager calls and ``backends()``.
+multi-tensor masked AdamW. Its kernels register under the public op names
+(``TORCH_LIBRARY_IMPL(lass_sparse, CUDA)``): a CUDA call through ``torch.ops`` reaches them in
+one dispatcher trip, and they defer to the op's Python body (Triton, cupy, the reference) when
+another backend is forced or a call is not theirs (csrc/common/entry.h). Here they are also
+registered with the backend registry, for forced ``cuda``, the eager calls and ``backends()``.
 
 A ``_cuda`` module that was built but does not import is reported as *broken* (tests fail on it
 instead of skipping); one that was never built is just inactive, with the reason."""
@@ -104,15 +103,19 @@ def set_small_bwd(mod, max_m: int | None = None) -> int:
     return small_rows
 
 
+def _triton_variant_set() -> bool:
+    """A Triton variant is being timed or tested: the op body runs it (as the entries)."""
+    return bool(os.environ.get("LASS_SPARSE_TRITON_VARIANT"))
+
+
 def _small_serves(rows: int) -> bool:
     """As the entries' ``small_takes``."""
-    return rows <= small_rows and not os.environ.get("LASS_SPARSE_TRITON_VARIANT")
+    return rows <= small_rows and not _triton_variant_set()
 
 
 def _cublas_serves(op: str, rows: int) -> bool:
-    """As the entries' ``cublas_takes``: from the op's rows, unless a Triton variant is set in
-    the environment (being timed or tested: the op body runs it)."""
-    return 0 <= cublas_rows[op] <= rows and not os.environ.get("LASS_SPARSE_TRITON_VARIANT")
+    """As the entries' ``cublas_takes``: from the op's rows, unless a Triton variant is set."""
+    return 0 <= cublas_rows[op] <= rows and not _triton_variant_set()
 
 
 def _takes_linear(x, w, bits, bias=None) -> bool:

@@ -167,8 +167,8 @@ def segmented_masked_linear(
 
 
 # The direct path's QKV kernel by device type: the C++ entries (CPU: the forward kernel and the
-# split; CUDA: the cuBLAS route; they defer to the body for calls they do not take), the body
-# elsewhere.
+# split; CUDA: the decode GEMV or the cuBLAS route; they defer to the body for calls they do not
+# take), the body elsewhere.
 QKV_NATIVE = {"cpu": native_kernel("masked_qkv_proj"),
               "cuda": native_kernel("masked_qkv_proj", "CUDA")}
 

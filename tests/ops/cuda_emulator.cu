@@ -98,7 +98,7 @@ extern "C" int emu_seg_gemv(int dtype, const void* x, const void* w, const int32
   const cudaError_t rc = with_type_and_mt(dtype, first_chunk, [&](auto tag, auto mt) {
     using T = typename decltype(tag)::type;
     constexpr int MT = decltype(mt)::value;
-    const SegGemvPlan<T> plan(x, w, t_rows, n, k);
+    const SegGemvPlan plan(x, w, t_rows, n, k);
     for (unsigned b = 0; b < plan.blocks; ++b) {
       int64_t row_block;
       int chunk;
