@@ -242,6 +242,19 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def _leave_process_group(ok: bool) -> None:
+    """Destroy the process group a command joined (see runtime.leave_process_group); never
+    raises over the command's own result."""
+    if "torch.distributed" not in sys.modules:
+        return
+    from .lass.runtime import leave_process_group
+
+    try:
+        leave_process_group(ok)
+    except Exception as e:  # a peer gone at the final barrier: the command's result stands
+        print(f"{PROG}: warning: leaving the process group: {e}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LASS_SPARSE_DEBUG", "") not in ("", "0")
@@ -260,15 +273,20 @@ def main(argv: list[str] | None = None) -> int:
             from .lass.runtime import launch
 
             return launch(nproc, _without_nproc(args.argv))
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        _leave_process_group(code == 0)
+        return code
     except SystemExit:
+        _leave_process_group(False)
         raise
     except KeyboardInterrupt:
+        _leave_process_group(False)
         if debug:
             raise
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        _leave_process_group(False)
         if debug:
             raise
         code = 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -38,33 +39,39 @@ def _loss(net, x, y):
     return (net(x) - y).pow(2).mean()
 
 
+def _train(rank: int, out: str, mode: str) -> None:
+    model, bank, x, y, opt = _setup()
+    if mode == "fsdp":  # FSDP2: row-sharded DTensor params, masks sliced to match
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        ddp = fully_shard(model)
+        opt = MaskedAdamW(model.parameters(), lr=1e-2).bind(model, bank)
+    else:
+        ddp = nn.parallel.DistributedDataParallel(model)
+    sampler = PairGroupedSampler(PAIRS, BATCH, seed=3)
+    assert (sampler.rank, sampler.num_replicas) == (rank, WORLD)
+    for pair, idx in sampler.batches():
+        with ls.active_pair(model, pair):
+            _loss(ddp, x[idx], y[idx]).backward()
+        opt.note_pair(*gather_pairs(pair))
+        opt.step()
+        opt.zero_grad()
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+             for k, v in model.state_dict().items()}
+    if rank == 0:
+        torch.save(state, out)
+
+
 def _ddp_worker(rank: int, init_file: str, out: str, mode: str = "ddp") -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     try:
-        model, bank, x, y, opt = _setup()
-        if mode == "fsdp":  # FSDP2: row-sharded DTensor params, masks sliced to match
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in (model[0], model[2]):
-                fully_shard(layer)
-            ddp = fully_shard(model)
-            opt = MaskedAdamW(model.parameters(), lr=1e-2).bind(model, bank)
-        else:
-            ddp = nn.parallel.DistributedDataParallel(model)
-        sampler = PairGroupedSampler(PAIRS, BATCH, seed=3)
-        assert (sampler.rank, sampler.num_replicas) == (rank, WORLD)
-        for pair, idx in sampler.batches():
-            with ls.active_pair(model, pair):
-                _loss(ddp, x[idx], y[idx]).backward()
-            opt.note_pair(*gather_pairs(pair))
-            opt.step()
-            opt.zero_grad()
-        state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
-                 for k, v in model.state_dict().items()}
-        if rank == 0:
-            torch.save(state, out)
+        _train(rank, out, mode)  # returns with DDP/FSDP (and their work handles) released
+        gc.collect()
+        dist.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()
 

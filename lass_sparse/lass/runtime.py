@@ -5,7 +5,8 @@ One module for the CLI, the experiment driver and Python callers alike:
 - :func:`device_for` — ``auto|cpu|cuda|cuda:N``; under a multi-process launch a bare ``cuda``
   means this rank's GPU (``cuda:$LOCAL_RANK``).
 - :func:`world_size` / :func:`init_process_group` — join the launch's process group (NCCL on
-  GPUs, else gloo) with a timeout long enough for ranks that wait while another trains.
+  GPUs, else gloo) with a timeout long enough for ranks that wait while another trains;
+  :func:`leave_process_group` destroys it when the command ends.
 - :func:`launch` — start ``N`` ranks of a ``lass-sparse`` command through
   ``torch.distributed.run``'s API (``--nproc-per-node N``), without torchrun's own parser in the
   way of ours.
@@ -27,6 +28,7 @@ from .runfile import RUN_JSON, RunError, read_run_json  # noqa: F401 (part of th
 
 # A rank may wait at a barrier while another trains a whole stage: hours, not gloo's 30 min.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=48)
+_joined = False  # init_process_group made the group (leave_process_group destroys only that)
 
 
 def world_size() -> int:
@@ -53,6 +55,7 @@ def init_process_group(device: str | torch.device | None = "auto") -> tuple[int,
     ``(world, rank)``; ``(1, 0)`` outside a multi-process launch."""
     import torch.distributed as dist
 
+    global _joined
     if world_size() <= 1:
         return 1, 0
     if not dist.is_initialized():
@@ -61,6 +64,7 @@ def init_process_group(device: str | torch.device | None = "auto") -> tuple[int,
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                 timeout=PROCESS_GROUP_TIMEOUT)
+        _joined = True
     return dist.get_world_size(), dist.get_rank()
 
 
@@ -70,6 +74,25 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def leave_process_group(ok: bool = True) -> None:
+    """Destroy the process group :func:`init_process_group` joined (a no-op for none, or for
+    a group the caller made itself): after a barrier when
+    the command succeeded, so no rank closes its connections while another still uses them;
+    at once after an error (the other ranks may never reach a barrier). Torch warns, and gloo
+    can abort at interpreter exit, when a process exits with its group alive."""
+    import torch.distributed as dist
+
+    global _joined
+    if not (_joined and dist.is_available() and dist.is_initialized()):
+        return
+    _joined = False
+    try:
+        if ok:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def claimed(key: str, n: int, world: int, rank: int):

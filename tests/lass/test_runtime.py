@@ -30,6 +30,35 @@ def test_claimed_is_a_shared_queue(tmp_path):
     assert len(got[1]) < 6 < len(got[0]), got
 
 
+def _leave_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    assert runtime.init_process_group("cpu") == (2, rank)
+    runtime.leave_process_group()
+    left = not dist.is_initialized()
+    runtime.leave_process_group()  # twice: a no-op
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port + 1}", rank=rank,
+                            world_size=2)
+    runtime.leave_process_group()  # a group the caller made: not ours to destroy
+    kept = dist.is_initialized()
+    dist.barrier()
+    dist.destroy_process_group()
+    with open(os.path.join(out, f"{rank}.txt"), "w") as f:
+        f.write(f"{left} {kept}")
+
+
+def test_leave_process_group_destroys_only_the_group_it_joined(tmp_path):
+    """The CLI leaves the group it joined when a command ends (gloo can abort at interpreter
+    exit with a group alive); a group the caller made stays."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_leave_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"{r}.txt").read_text() for r in range(2)] == ["True True"] * 2
+
+
 def test_claimed_without_a_process_group_is_the_static_split():
     assert list(runtime.claimed("w", 7, 1, 0)) == list(range(7))
     assert list(runtime.claimed("w", 7, 2, 1)) == [1, 3, 5]
