@@ -237,10 +237,9 @@ def device_cases(smoke: bool = False) -> list[tuple[tuple[int, int], int]]:
 # (baselines first), so a budget cut leaves whole rows, not "ours" without its "dense".
 SWEEP_KEY_CASES = ([((4096, 4096), m) for m in (4096, 256, 1024, 64)]
                    + [((8192, 8192), 1), ((8192, 8192), 16)])
-SWEEP_IMPL_ORDER = ("dense", "naive", "ours", "ours_wt", "ours_wt_persistent", "ours_wt_tma",
-                    "ours_gemv2", "ours_gemv3", "ours_no_small", "ours_small64", "ours_triton",
-                    "plain_compiled", "plain",
-                    "ours_compiled")
+SWEEP_IMPL_ORDER = ("dense", "naive", "ours", "ours_fused", "ours_wt", "ours_wt_persistent",
+                    "ours_wt_tma", "ours_gemv2", "ours_gemv3", "ours_no_small", "ours_small64",
+                    "ours_triton", "plain_compiled", "plain", "ours_compiled")
 
 
 def sweep_priority(test: str, params: dict, index: int) -> tuple:
@@ -261,6 +260,8 @@ def sweep_priority(test: str, params: dict, index: int) -> tuple:
         return (1, 0, f"{params['op']} {params['nk']}", rank, index)
     if test == "test_segmented_decode_device_time":  # the server's decode, after the above
         return (1, 1, f"decode {params['t']} {params['nk']}", rank, index)
+    if test == "test_amp_layer_device_time":  # the CLI's training precision, with the above
+        return (1, 2, case_id(params["case"]), rank, index)
     if test == "test_train_throughput":  # after the segmented cases; ours compiled (a minute
         # or two of compiling) with the rest
         return (4 if impl == "ours_compiled" else 1, 1, "", rank, index)

@@ -259,6 +259,52 @@ def test_segmented_decode_device_time(benchmark, t, impl, nk, device_peaks, is_s
         torch.testing.assert_close(fn().float(), want.float(), atol=3e-2, rtol=3e-2)
 
 
+def amp_layer_fn(impl: str, x, w32, mask, bits):
+    """A masked layer's forward + backward under bf16 autocast with fp32 master weights (how the
+    CLI trains on a GPU): ours, the modules' route (masked_cast: W ⊙ M in autocast's cast, then
+    F.linear); ours_fused, the route it replaces (autocast's cast of W, then masked_linear);
+    dense, autocast's F.linear; naive, F.linear of the bool-masked weight. Returns W's grad."""
+    g = torch.Generator().manual_seed(1)
+    dy = torch.randn(x.shape[0], w32.shape[0], generator=g).to(x.device, torch.bfloat16)
+    xg, wg = x.detach().requires_grad_(True), w32.detach().requires_grad_(True)
+    bf16 = torch.bfloat16
+    fwd = {"ours": lambda: F.linear(xg, ls.masked_cast(wg, bits, bf16)),
+           "ours_fused": lambda: ls.masked_linear(xg.to(bf16), wg.to(bf16), bits),
+           "dense": lambda: F.linear(xg, wg),
+           "naive": lambda: F.linear(xg, wg * mask)}[impl]
+
+    def step():
+        xg.grad = wg.grad = None
+        with torch.autocast("cuda", dtype=bf16):
+            y = fwd()
+        y.backward(dy)
+        return wg.grad
+
+    return step
+
+
+@pytest.mark.parametrize("impl", ["ours", "ours_fused", "dense", "naive"])
+@pytest.mark.parametrize("case", [((4096, 4096), 4096), ((4096, 4096), 256),
+                                  ((4096, 1024), 4096), ((1024, 4096), 1024)],
+                         ids=lambda c: case_id(c))
+def test_amp_layer_device_time(benchmark, impl, case, device_peaks, is_smoke):
+    """fwd+bwd of one layer under bf16 autocast, fp32 weights and grads (the CLI's training
+    precision): ours vs the route it replaced vs dense vs naive; the grads must match naive's."""
+    if is_smoke and case != ((1024, 4096), 1024):
+        pytest.skip("smoke run: one case")
+    (n, k), m = case
+    x, w, mask, bits = inputs(m, n, k, torch.bfloat16, "cuda")
+    w32 = w.float()
+    fn = amp_layer_fn(impl, x, w32, mask, bits)
+    tag(benchmark, "device_amp_fwd_bwd", impl, dtype="bf16 autocast, fp32 W", M=m, N=n, K=k)
+    flop, nbytes = linear_cost("fwd_bwd", m, n, k, 2, masked=impl.startswith("ours"))
+    nbytes += n * k * 8  # the fp32 weight read and its fp32 grad written
+    record_device(benchmark, fn, flop=flop, nbytes=nbytes, peaks=device_peaks)
+    if impl.startswith("ours"):
+        want = amp_layer_fn("naive", x, w32, mask, bits)()
+        torch.testing.assert_close(fn(), want, atol=2e-2, rtol=2e-2)
+
+
 BASE = dict(vocab=8000, d=512, heads=8, ffn=2048, layers=6)
 
 

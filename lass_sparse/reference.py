@@ -61,6 +61,11 @@ def magnitude_mask(weight: torch.Tensor, alpha: float) -> torch.Tensor:
     return pack_mask_reference(keep)
 
 
+@_registry.register("masked_cast", "reference", ALL)
+def masked_cast(weight: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _select(bits, weight).to(dtype)
+
+
 @_registry.register("masked_linear", "reference", ALL)
 def masked_linear(x, weight, bits, bias):
     return torch.nn.functional.linear(x, _select(bits, weight), bias)

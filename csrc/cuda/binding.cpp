@@ -1,6 +1,6 @@
 // Torch binding for the CUDA kernels in lass_kernels.cu. They register under the public op
 // names (TORCH_LIBRARY_IMPL(lass_sparse, CUDA); schemas in lass_sparse/ops/schema.py): pack_mask,
-// unpack_mask, magnitude_mask, masked_linear (decode GEMV at most kGemvMaxM rows; the "mask,
+// unpack_mask, magnitude_mask, masked_cast, masked_linear (decode GEMV at most kGemvMaxM rows; the "mask,
 // then cuBLAS" route from the rows Python sets), masked_linear_dx / _dw / _dw_accumulate_ (the
 // small-M kernels up to the rows Python sets, that route from its rows), masked_qkv_proj (the
 // decode GEMV or that route), segmented_masked_linear (the segmented decode GEMV, for tables the
@@ -148,6 +148,38 @@ at::Tensor magnitude_mask(const at::Tensor& weight, double alpha) {
                                                  bits.data_ptr<int32_t>(), rows, k,
                                                  c10::cuda::getCurrentCUDAStream()));
   return bits;
+}
+
+// masked_cast's dtype pairs: one kernel dtype (the apply-mask pass), or fp32 <-> bf16 / fp16.
+bool cast_pair(at::ScalarType in, at::ScalarType out) {
+  const auto kernel = [](at::ScalarType st) {
+    return st == at::kFloat || st == at::kHalf || st == at::kBFloat16;
+  };
+  return kernel(in) && kernel(out) && (in == out || in == at::kFloat || out == at::kFloat);
+}
+
+// (W ⊙ M).to(dtype) in one pass: what MaskedLinear runs under autocast for a weight of another
+// dtype (the cast autocast would make, with the mask applied in it).
+at::Tensor masked_cast(const at::Tensor& weight, const at::Tensor& bits, at::ScalarType dtype) {
+  const char* op = "masked_cast";
+  check_on(weight, weight.device(), op, "weight");
+  LASS_CHECK(weight.dim() >= 1 && cast_pair(weight.scalar_type(), dtype), op,
+             ": weight [..., K] and dtype must be float32 -> float32, bfloat16 or float16, or "
+             "bfloat16 / float16 -> itself or float32, got ", weight.scalar_type(), " -> ",
+             dtype);
+  const auto w = weight.contiguous();
+  const int64_t k = w.size(-1);
+  const auto b = bits.contiguous();
+  check_bits(b, w.device(), w.sizes().slice(0, w.dim() - 1), k, op, "bits");
+  const c10::cuda::CUDAGuard guard(w.device());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto out = at::empty(w.sizes(), w.options().dtype(dtype));
+  if (out.numel() == 0) return out;
+  LASS_CUDA_CHECK(op, lass_launch_mask_cast(dtype_code(w, op), dtype_code(out, op),
+                                            w.data_ptr(), b.data_ptr<int32_t>(), out.data_ptr(),
+                                            w.numel() / k, k,
+                                            c10::cuda::getCurrentCUDAStream()));
+  return out;
 }
 
 // Rows of x [..., K]: the product of the leading sizes (K may be 0).
@@ -591,6 +623,14 @@ at::Tensor magnitude_mask_op(const at::Tensor& weight, double alpha) {
                          [&] { return magnitude_mask(weight, alpha); }, weight, alpha);
 }
 
+at::Tensor masked_cast_op(const at::Tensor& weight, const at::Tensor& bits,
+                          at::ScalarType dtype) {
+  static const auto registry =
+      registry_overload<decltype(masked_cast_op)>("lass_sparse::masked_cast");
+  return run_if_or_defer(cast_pair(weight.scalar_type(), dtype), registry,
+                         [&] { return masked_cast(weight, bits, dtype); }, weight, bits, dtype);
+}
+
 at::Tensor masked_linear_op(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bits,
                             const std::optional<at::Tensor>& bias) {
   static const auto registry =
@@ -697,6 +737,7 @@ TORCH_LIBRARY_IMPL(lass_sparse, CUDA, m) {
   m.impl("pack_mask", &pack_mask_op);
   m.impl("unpack_mask", &unpack_mask_op);
   m.impl("magnitude_mask", &magnitude_mask_op);
+  m.impl("masked_cast", &masked_cast_op);
   m.impl("masked_linear", &masked_linear_op);
   m.impl("masked_linear_dx", &masked_linear_dx_op);
   m.impl("masked_linear_dw", &masked_linear_dw_op);

@@ -88,6 +88,11 @@ cudaError_t lass_launch_decode_gemv_v2(int dtype, const void* x, const void* w,
 // out may be src. Contiguous rows; bits int32[rows, ceil(k/32)].
 cudaError_t lass_launch_apply_mask(int dtype, const void* src, const int32_t* bits, void* out,
                                    int64_t rows, int64_t k, int accumulate, cudaStream_t stream);
+// out[rows, k] = (src ⊙ M) as out_dtype (masked_cast): one dtype (apply_mask), fp32 -> bf16 /
+// fp16 or bf16 / fp16 -> fp32; other pairs cudaErrorInvalidValue.
+cudaError_t lass_launch_mask_cast(int in_dtype, int out_dtype, const void* src,
+                                  const int32_t* bits, void* out, int64_t rows, int64_t k,
+                                  cudaStream_t stream);
 // Small-M backward (m_rows <= kSmallBwdMaxM; dy [m, n], w / bits / dW [n, k], x / dx [m, k],
 // contiguous). dx: `splits` (lass_small_dx_splits) blocks share N; with splits > 1, ws holds
 // float32[splits, m, k] partials, summed in split order (deterministic). dW: out = (dyᵀ x) ⊙ M,

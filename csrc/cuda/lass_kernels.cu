@@ -319,6 +319,29 @@ extern "C" cudaError_t lass_launch_apply_mask(int dtype, const void* src, const 
   return cudaGetLastError();
 }
 
+extern "C" cudaError_t lass_launch_mask_cast(int in_dtype, int out_dtype, const void* src,
+                                              const int32_t* bits, void* out, int64_t rows,
+                                              int64_t k, cudaStream_t stream) {
+  if (in_dtype == out_dtype) return lass_launch_apply_mask(in_dtype, src, bits, out, rows, k, 0,
+                                                           stream);
+  const int64_t nw = (k + 31) / 32, total = rows * ((k + 7) / 8);
+  if (total == 0) return cudaSuccess;
+  const int vec = apply_mask_vec(src, out, k);
+  const unsigned blocks = (unsigned)((total + 255) / 256);
+  const float* f32 = (const float*)src;
+  if (in_dtype == lass::kFloat32 && out_dtype == lass::kBFloat16)
+    lass_mask_cast_f32_bf16<<<blocks, 256, 0, stream>>>(f32, bits, (__nv_bfloat16*)out, rows, k, nw, vec);
+  else if (in_dtype == lass::kFloat32 && out_dtype == lass::kFloat16)
+    lass_mask_cast_f32_f16<<<blocks, 256, 0, stream>>>(f32, bits, (__half*)out, rows, k, nw, vec);
+  else if (in_dtype == lass::kBFloat16 && out_dtype == lass::kFloat32)
+    lass_mask_cast_bf16_f32<<<blocks, 256, 0, stream>>>((const __nv_bfloat16*)src, bits, (float*)out, rows, k, nw, vec);
+  else if (in_dtype == lass::kFloat16 && out_dtype == lass::kFloat32)
+    lass_mask_cast_f16_f32<<<blocks, 256, 0, stream>>>((const __half*)src, bits, (float*)out, rows, k, nw, vec);
+  else
+    return cudaErrorInvalidValue;
+  return cudaGetLastError();
+}
+
 extern "C" cudaError_t lass_launch_pack(const bool* mask, int32_t* bits, int64_t rows,
                                         int64_t k, cudaStream_t stream) {
   const int64_t nw = (k + 31) / 32, total = rows * nw;

@@ -24,6 +24,15 @@ template <> LASS_HD __half from_float<__half>(float v) { return __float2half_rn(
 template <> LASS_HD __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
+// T -> O rounded to nearest through fp32 (exact for widening), the identity for one type (a
+// struct, not <type_traits>: NVRTC compiles this header too).
+template <typename O, typename T> struct Cast {
+  static LASS_HD O run(T v) { return from_float<O>(to_float(v)); }
+};
+template <typename T> struct Cast<T, T> {
+  static LASS_HD T run(T v) { return v; }
+};
+template <typename O, typename T> LASS_HD O cast_to(T v) { return Cast<O, T>::run(v); }
 
 // A 2-D array of accumulators (registers, when its indices are compile-time) set to 0.
 template <int R, int C> LASS_HD void zero2(float (&a)[R][C]) {
@@ -127,10 +136,11 @@ LASS_HD void magnitude_word(const T* w, float thr, int32_t* bits, int64_t rows, 
 // entries off the mask keep their exact bits. A select, never a product: NaN/Inf off the mask
 // never reaches out. One thread per 8 consecutive elements of a row (the 4 threads of a
 // 32-element group share one mask word); with `vec` (k % 8 == 0, 16-byte aligned src and out)
-// they move as 128-bit accesses.
+// they move as 128-bit accesses. `out` may have another dtype than `src` (masked_cast: the
+// mask applied in the pass that casts W, rounded to nearest as torch's casts).
 
-template <typename T>
-LASS_HD void apply_mask_octet(const T* src, const int32_t* bits, T* out, int64_t rows,
+template <typename T, typename O = T>
+LASS_HD void apply_mask_octet(const T* src, const int32_t* bits, O* out, int64_t rows,
                               int64_t k, int64_t nw, int accumulate, int vec, int64_t idx) {
   const int64_t per_row = (k + 7) / 8;
   if (idx >= rows * per_row) return;
@@ -138,18 +148,19 @@ LASS_HD void apply_mask_octet(const T* src, const int32_t* bits, T* out, int64_t
   const int n = (int)min((int64_t)8, k - c0);
   const uint32_t byte = ((uint32_t)bits[r * nw + c0 / 32] >> (c0 % 32)) & 0xffu;
   const int64_t at = r * k + c0;
-  T v[8], o[8];
+  T v[8];
+  O o[8];
   load_cols<T, 8, false>(src + at, vec != 0, n, v);
-  if (accumulate) load_cols<T, 8, false>(out + at, vec != 0, n, o);
+  if (accumulate) load_cols<O, 8, false>(out + at, vec != 0, n, o);
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const bool keep = (byte >> j) & 1u;
     if (accumulate)
-      o[j] = keep ? from_float<T>(to_float(o[j]) + to_float(v[j])) : o[j];
+      o[j] = keep ? from_float<O>(to_float(o[j]) + to_float(v[j])) : o[j];
     else
-      o[j] = keep ? v[j] : from_float<T>(0.f);
+      o[j] = keep ? cast_to<O>(v[j]) : from_float<O>(0.f);
   }
-  store_cols<T, 8>(out + at, vec != 0, n, o);
+  store_cols<O, 8>(out + at, vec != 0, n, o);
 }
 
 // ------------------------------------------------------------------------------- decode GEMV
@@ -659,6 +670,20 @@ LASS_HD void adamw_element(const AdamWTensor& t, const AdamWArgs& a, int64_t i) 
 }  // namespace lass
 
 // ------------------------------------------------------------------------------ entry points
+
+// masked_cast: (W ⊙ M) of one dtype written as another (W fp32 <-> 16-bit).
+#define LASS_MASK_CAST_KERNEL(SUFFIX, TI, TO)                                                 \
+  extern "C" __global__ void lass_mask_cast_##SUFFIX(const TI* src, const int32_t* bits,     \
+                                                     TO* out, int64_t rows, int64_t k,        \
+                                                     int64_t nw, int vec) {                   \
+    lass::apply_mask_octet<TI, TO>(src, bits, out, rows, k, nw, 0, vec,                       \
+                                   (int64_t)blockIdx.x * blockDim.x + threadIdx.x);           \
+  }
+LASS_MASK_CAST_KERNEL(f32_bf16, float, __nv_bfloat16)
+LASS_MASK_CAST_KERNEL(f32_f16, float, __half)
+LASS_MASK_CAST_KERNEL(bf16_f32, __nv_bfloat16, float)
+LASS_MASK_CAST_KERNEL(f16_f32, __half, float)
+#undef LASS_MASK_CAST_KERNEL
 
 extern "C" __global__ void lass_pack_mask(const bool* mask, int32_t* bits, int64_t rows,
                                           int64_t k, int64_t nw) {

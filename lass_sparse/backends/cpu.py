@@ -41,6 +41,7 @@ else:
     _reg("pack_mask", None)
     _reg("unpack_mask", None)
     _reg("magnitude_mask", (*_DTYPES, torch.float16))  # compares in fp32 for half types
+    _reg("masked_cast", (*_DTYPES, torch.float16), validates=True)  # any float -> any float
     # validates: these entry points check every tensor before touching memory (common.h)
     _reg("masked_linear", validates=True)
     _reg("masked_linear_dx", validates=True)

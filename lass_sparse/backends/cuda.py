@@ -153,6 +153,12 @@ def _takes_segmented(x, w, bank, offs, pairs, bias=None) -> bool:
             and w.dtype == x.dtype and (bias is None or bias.dtype == x.dtype))
 
 
+def _takes_cast(w, bits, dtype) -> bool:
+    """As the entry's ``cast_pair``: one kernel dtype, or fp32 <-> bf16 / fp16."""
+    return (w.dtype in SUFFIX and dtype in SUFFIX
+            and (w.dtype == dtype or torch.float32 in (w.dtype, dtype)))
+
+
 def _register(mod) -> None:
     global native
     native = functools.partial(_native.native, mod, "CUDA")
@@ -168,6 +174,8 @@ def _register(mod) -> None:
     _reg("pack_mask", dtypes=None)
     _reg("unpack_mask", dtypes=None)
     _reg("magnitude_mask", lambda w, *a: w.dtype in SUFFIX, f"{_FLOATS} weights")
+    _reg("masked_cast", _takes_cast,
+         "float32 -> float32, bfloat16 or float16, or bfloat16 / float16 -> itself or float32")
     _reg("masked_linear", _takes_linear,
          f"at most {GEMV_MAX_M} rows (decode GEMV; {SEG_GEMV_MAX_T} with "
          f"LASS_SPARSE_CUDA_GEMV=v3) or, with weight and bias of x's dtype, at "

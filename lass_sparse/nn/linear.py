@@ -24,6 +24,18 @@ def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None):
     return x, weight, bias
 
 
+def autocast_weight_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
+    """The dtype autocast would cast ``weight`` to for a linear of ``x`` (None: no cast). The
+    masked layers then apply the mask in that cast (:func:`lass_sparse.ops.masked_cast`) and run
+    the dense op on the result, as autocast runs ``F.linear`` on its cast copy: no pass over W
+    beyond the cast, and the backward's masked gradient is cast back in one pass too."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev) or not weight.is_floating_point():
+        return None
+    dt = torch.get_autocast_dtype(dev)
+    return dt if weight.dtype != dt else None
+
+
 def _row_ids(ids: Tensor, x: Tensor, batch_dim: int) -> Tensor:
     lead = x.shape[:-1]
     rows = math.prod(lead)
@@ -95,12 +107,17 @@ def masked_forward(
     st = None if ctx is None else (state or ctx.current())
     if st is None or not st.active:
         return F.linear(x, weight, bias)
-    x, weight, bias = _autocast(x, weight, bias)
     if st.pair_ids is None:
         bits = ctx.bits(name, x.device, st)
         if bits is None:
             return F.linear(x, weight, bias)
-        return ops.masked_linear(x, weight, bits if rows is None else bits[rows], bias)
+        bits = bits if rows is None else bits[rows]
+        cast = autocast_weight_dtype(x, weight)
+        if cast is not None:  # W ⊙ M in autocast's cast of W; F.linear casts x and bias
+            return F.linear(x, ops.masked_cast(weight, bits, cast), bias)
+        x, weight, bias = _autocast(x, weight, bias)
+        return ops.masked_linear(x, weight, bits, bias)
+    x, weight, bias = _autocast(x, weight, bias)
     bank_bits = ctx.stacked(name, x.device)
     if bank_bits is None:
         return F.linear(x, weight, bias)

@@ -24,6 +24,7 @@ from .checks import (
     check_accumulate,
     check_adamw,
     check_adamw_capturable,
+    check_cast,
     check_dw,
     check_dx,
     check_hyper,
@@ -67,6 +68,11 @@ def unpack_mask_body(bits: Tensor, k: int) -> Tensor:
 def magnitude_mask_body(weight: Tensor, alpha: float) -> Tensor:
     check_magnitude(weight, alpha)
     return _dispatch("magnitude_mask", weight.device, weight.contiguous(), float(alpha))
+
+
+def masked_cast_body(weight: Tensor, bits: Tensor, dtype: torch.dtype) -> Tensor:
+    check_cast(weight, bits, dtype)
+    return _dispatch("masked_cast", weight.device, weight.contiguous(), bits.contiguous(), dtype)
 
 
 def masked_linear_body(x: Tensor, weight: Tensor, bits: Tensor, bias: Tensor | None) -> Tensor:

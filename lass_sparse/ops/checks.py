@@ -67,6 +67,22 @@ def check_magnitude(weight: Tensor, alpha: float) -> None:
         raise ValueError(f"magnitude_mask: alpha must be in [0, 1), got {alpha}")
 
 
+# ---------------------------------------------------------------------------------- masked cast
+
+
+def check_cast(weight: Tensor, bits: Tensor, dtype: torch.dtype) -> None:
+    """weight [..., K] of a float dtype, bits int32[..., ceil(K/32)] of its leading sizes, one
+    device, and a float output dtype."""
+    check_float("masked_cast", "weight", weight)
+    if weight.dim() < 1:
+        raise ValueError(f"masked_cast: weight must be [..., K], got {desc(weight)}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"masked_cast: dtype must be float32, float64, bfloat16 or float16, "
+                        f"got {dtype}")
+    check_bits(bits, tuple(weight.shape[:-1]), weight.shape[-1], "masked_cast")
+    check_same_device("masked_cast", weight=weight, bits=bits)
+
+
 # --------------------------------------------------------------------------------- masked linear
 
 

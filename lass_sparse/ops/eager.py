@@ -23,6 +23,7 @@ from . import registry, schema
 from .bodies import (
     masked_adamw_body,
     masked_adamw_capturable_body,
+    masked_cast_body,
     masked_linear_body,
     masked_qkv_proj_body,
     segmented_masked_linear_body,
@@ -52,6 +53,42 @@ def magnitude_mask(weight: Tensor, alpha: float) -> Tensor:
     than ``int(alpha * numel)`` entries may be dropped — exactly as the original LaSS code.
     """
     return torch.ops.lass_sparse.magnitude_mask(weight, alpha)
+
+
+# ---------------------------------------------------------------------------------- masked cast
+
+
+class _MaskedCastFn(torch.autograd.Function):
+    """The eager twin of masked_cast's registered autograd."""
+
+    @staticmethod
+    def forward(ctx, weight, bits, dtype):
+        out = schema.CAST_NATIVE.get(weight.device.type, masked_cast_body)(
+            weight.contiguous(), bits, dtype)
+        schema.cast_setup(ctx, (weight, bits, dtype), out)
+        return out
+
+    backward = staticmethod(schema.cast_backward)
+
+
+def masked_cast(weight: Tensor, bits: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``(weight ⊙ M).to(dtype)`` in one pass: read ``weight: [..., K]`` and
+    ``bits: int32[..., ceil(K/32)]``, write a new tensor of ``dtype`` (default: weight's).
+
+    Off-mask entries are exactly 0 (a select: NaN/Inf stored off the mask never passes).
+    Differentiable in ``weight``: the gradient is ``(grad ⊙ M)`` in weight's dtype, so the mask
+    is applied again as the gradient is cast back. This is what :class:`~lass_sparse.MaskedLinear`
+    runs under autocast when the weight's dtype is not autocast's: the cast autocast makes of a
+    dense weight, with the mask applied in the same pass (the result is a transient of W's size
+    in the autocast dtype, as autocast's own copy is).
+    """
+    dtype = weight.dtype if dtype is None else dtype
+    if forward_direct(weight, bits):
+        if needs_grad(weight):
+            return profiled("masked_cast", _MaskedCastFn.apply, weight, bits, dtype)
+        kernel = schema.CAST_NATIVE.get(weight.device.type, masked_cast_body)
+        return profiled("masked_cast", kernel, weight.contiguous(), bits, dtype)
+    return torch.ops.lass_sparse.masked_cast(weight, bits, dtype)
 
 
 # --------------------------------------------------------------------------------- masked linear

@@ -29,6 +29,7 @@ from .checks import (
     check_accumulate,
     check_adamw,
     check_adamw_capturable,
+    check_cast,
     check_dw,
     check_dx,
     check_linear,
@@ -70,6 +71,38 @@ magnitude_mask = torch.library.custom_op(f"{NS}::magnitude_mask", bodies.magnitu
 @magnitude_mask.register_fake
 def _(weight, alpha):
     return weight.new_empty((*weight.shape[:-1], num_words(weight.shape[-1])), dtype=torch.int32)
+
+
+# ---------------------------------------------------------------------------------- masked cast
+
+masked_cast = torch.library.custom_op(f"{NS}::masked_cast", bodies.masked_cast_body,
+                                      mutates_args=())
+
+
+@masked_cast.register_fake
+def _(weight, bits, dtype):
+    check_cast(weight, bits, dtype)
+    return weight.new_empty(weight.shape, dtype=dtype)
+
+
+def cast_setup(ctx, inputs, output):
+    weight, bits, dtype = inputs
+    ctx.save_for_backward(bits)
+    ctx.weight_dtype = weight.dtype
+
+
+def cast_backward(ctx, grad):
+    """The op is its own adjoint: dW = (grad ⊙ M) in the weight's dtype (off-mask exactly 0)."""
+    (bits,) = ctx.saved_tensors
+    if not torch.is_grad_enabled() and is_plain_eager(grad, bits):
+        key = grad.device.type
+        kernel = CAST_NATIVE.get(key, bodies.masked_cast_body)
+        return profiled("masked_cast", kernel, grad.contiguous(), bits, ctx.weight_dtype), \
+            None, None
+    return torch.ops.lass_sparse.masked_cast(grad, bits, ctx.weight_dtype), None, None
+
+
+masked_cast.register_autograd(cast_backward, setup_context=cast_setup)
 
 
 # --------------------------------------------------------------------------------- masked linear
@@ -288,6 +321,7 @@ def _(params, grads, exp_avgs, exp_avg_sqs, bits, state_steps, lr, beta1, beta2,
 # float16). Called only from those kernels, below autograd.
 NATIVE_BODIES = {
     "pack_mask": bodies.pack_mask_body,
+    "masked_cast": bodies.masked_cast_body,
     "unpack_mask": bodies.unpack_mask_body,
     "magnitude_mask": bodies.magnitude_mask_body,
     "masked_linear": bodies.masked_linear_body,
@@ -303,6 +337,10 @@ for _name, _body in NATIVE_BODIES.items():
     _schema = str(getattr(torch.ops.lass_sparse, _name).default._schema)
     _REGISTRY_LIB.define(f"{_name}.registry(" + _schema.split("(", 1)[1])
     _REGISTRY_LIB.impl(f"{_name}.registry", _body, "CompositeExplicitAutograd")
+
+# masked_cast's no-grad kernels by device type (C++ entries on CPU and CUDA; defined after the
+# `.registry` overloads they defer to).
+CAST_NATIVE = {dev: native_kernel("masked_cast", dev.upper()) for dev in ("cpu", "cuda")}
 
 # A plain eager backward's dx / dW kernels on CPU and CUDA tensors (the C++ entries, below
 # autograd; they defer to the op body for calls they do not take).

@@ -111,6 +111,50 @@ def test_requires_grad_false_and_autocast():
     torch.testing.assert_close(y.float(), want, atol=5e-2, rtol=5e-2)
 
 
+def test_autocast_applies_the_mask_in_the_weight_cast(monkeypatch):
+    """Under autocast with fp32 weights a masked layer runs masked_cast (W ⊙ M cast in one pass)
+    and F.linear on it: the same values as autocast's F.linear on the masked weight, grads of
+    the weight's dtype that are exactly 0 off the mask; the fused QKV projection likewise
+    (q, k, v as masked_qkv_proj's). bf16 weights keep the fused masked_linear route."""
+    torch.manual_seed(0)
+    m = MaskedLinear(64, 32)
+    bank = _linear_bank(m)
+    ls.attach(m, bank)
+    x = torch.randn(6, 64, requires_grad=True)
+    calls = []
+    real = ls.ops.masked_cast
+    monkeypatch.setattr(ls.ops, "masked_cast", lambda *a: calls.append(a[2]) or real(*a))
+    with ls.active_pair(m, "en-de"), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        y.float().pow(2).sum().backward()
+    assert calls == [torch.bfloat16] and y.dtype == torch.bfloat16
+    wm = _masked_weight(bank, "en-de", "weight", m.weight.detach())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.linear(x.detach(), wm, m.bias.detach())
+    assert torch.equal(y, want)  # the very op autocast runs, on the very same bf16 weight
+    mask = ls.unpack_mask(bank.bits("en-de", "weight"), 64)
+    assert m.weight.grad.dtype == torch.float32 and not m.weight.grad[~mask].any()
+    w_ref = m.weight.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        F.linear(x.detach(), w_ref * mask, m.bias.detach()).float().pow(2).sum().backward()
+    torch.testing.assert_close(m.weight.grad, w_ref.grad * mask, rtol=0, atol=0)
+    m16 = MaskedLinear(64, 32).to(torch.bfloat16)
+    ls.attach(m16, _linear_bank(m16))
+    calls.clear()
+    with ls.active_pair(m16, "en-de"), torch.autocast("cpu", dtype=torch.bfloat16):
+        m16(x.to(torch.bfloat16))
+    assert calls == []
+    mha = MaskedMultiheadAttention(32, 4, batch_first=True)
+    ls.attach(mha, _linear_bank(mha))
+    q = torch.randn(2, 5, 32)
+    with ls.active_pair(mha, "en-fr"), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = mha(q, q, q, need_weights=False)
+    assert calls == [torch.bfloat16] * 2  # in_proj (q, k, v at once) and out_proj
+    with ls.active_pair(mha, "en-fr"):  # fp32 reference through the fused fp32 route
+        ref, _ = mha(q, q, q, need_weights=False)
+    torch.testing.assert_close(got.float(), ref, atol=5e-2, rtol=5e-2)
+
+
 def test_compile_fullgraph_matches_eager():
     model = nn.Sequential(MaskedLinear(32, 48), nn.GELU(), MaskedLinear(48, 16))
     bank = MaskBank.from_model(model, 0.6, pair="en-de")

@@ -199,6 +199,30 @@ extern "C" int emu_apply_mask(int dtype, const void* src, const int32_t* bits, v
   return rc == cudaSuccess ? vec : -1;
 }
 
+// masked_cast: the cross-dtype kernels (fp32 <-> bf16 / fp16) with the launcher's `vec`.
+extern "C" int emu_mask_cast(int in_dtype, int out_dtype, const void* src, const int32_t* bits,
+                             void* out, int64_t rows, int64_t k) {
+  if (in_dtype == out_dtype || (in_dtype != lass::kFloat32 && out_dtype != lass::kFloat32))
+    return -1;  // the launcher: one dtype is apply_mask's; 16-bit <-> 16-bit is refused
+  const int64_t nw = (k + 31) / 32, total = rows * ((k + 7) / 8);
+  const int vec = apply_mask_vec(src, out, k);
+  const int64_t threads = (total + 255) / 256 * 256;
+  const int half = in_dtype == lass::kFloat32 ? out_dtype : in_dtype;
+  const cudaError_t rc = with_dtype(half, [&](auto tag) {
+    using H = typename decltype(tag)::type;
+    for (int64_t i = 0; i < threads; ++i) {
+      if (in_dtype == lass::kFloat32)
+        lass::apply_mask_octet<float, H>((const float*)src, bits, (H*)out, rows, k, nw, 0, vec,
+                                         i);
+      else
+        lass::apply_mask_octet<H, float>((const H*)src, bits, (float*)out, rows, k, nw, 0, vec,
+                                         i);
+    }
+    return cudaSuccess;
+  });
+  return rc == cudaSuccess ? vec : -1;
+}
+
 extern "C" void emu_pack(const bool* mask, int32_t* bits, int64_t rows, int64_t k) {
   const int64_t nw = (k + 31) / 32, threads = (rows * nw + 255) / 256 * 256;
   for (int64_t i = 0; i < threads; ++i) lass::pack_word(mask, bits, rows, k, nw, i);

@@ -8,7 +8,7 @@ import torch
 
 import lass_sparse
 from lass_sparse import reference
-from lass_sparse.bitmask import pack_mask_reference
+from lass_sparse.bitmask import pack_mask_reference, unpack_mask_reference
 from lass_sparse.ops import registry as _registry
 from lass_sparse.testing import cpu_kernels, record_backends
 
@@ -221,7 +221,7 @@ def _adamw_steps(simd: bool) -> dict:
 
     code = r"""
 import io, sys, torch, lass_sparse as ls
-from lass_sparse.bitmask import pack_mask_reference
+from lass_sparse.bitmask import pack_mask_reference, unpack_mask_reference
 from lass_sparse.testing import cpu_kernels, record_backends
 g = torch.Generator().manual_seed(0)
 out = {}
@@ -258,7 +258,7 @@ def _small_bwd(simd: bool, threads: int) -> dict:
 
     code = """
 import io, sys, torch
-from lass_sparse.bitmask import pack_mask_reference
+from lass_sparse.bitmask import pack_mask_reference, unpack_mask_reference
 from lass_sparse.testing import cpu_kernels
 g = torch.Generator().manual_seed(0)
 out = {}
@@ -315,11 +315,27 @@ def test_masked_adamw_simd_and_portable_paths_agree_bit_for_bit():
 
 
 def test_cpu_kernels_are_the_public_ops_cpu_kernels():
-    for op in ("pack_mask", "unpack_mask", "magnitude_mask", "masked_linear", "masked_linear_dx",
+    for op in ("pack_mask", "unpack_mask", "magnitude_mask", "masked_cast", "masked_linear",
+               "masked_linear_dx",
                "masked_linear_dw", "masked_linear_dw_accumulate_", "segmented_masked_linear",
                "masked_qkv_proj", "masked_adamw_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lass_sparse::{op}", "CPU"), op
     assert not hasattr(torch.ops.lass_sparse_cpu, "masked_linear"), "a second schema is back"
+
+
+def test_masked_cast_reaches_the_cpu_kernel_without_the_python_body(monkeypatch):
+    """masked_cast (also its backward) runs the C++ kernel straight from the dispatcher or the
+    direct path: no Python body, no registry."""
+    seen = record_backends(monkeypatch)
+    w = torch.randn(3, 8, 40, requires_grad=True)
+    bits = pack_mask_reference(torch.rand(3, 8, 40) > 0.5)
+    y = lass_sparse.masked_cast(w, bits, torch.bfloat16)
+    y.float().sum().backward()
+    z = torch.ops.lass_sparse.masked_cast(w.detach(), bits, torch.float16)
+    assert seen == []
+    assert torch.equal(y, reference.masked_cast(w.detach(), bits, torch.bfloat16))
+    assert torch.equal(z, reference.masked_cast(w.detach(), bits, torch.float16))
+    assert torch.equal(w.grad, unpack_mask_reference(bits, 40).float())
 
 
 @pytest.mark.parametrize("path", ["torch.ops", "public"])

@@ -43,6 +43,7 @@ def emu(tmp_path_factory, nvcc_shared):
     e.emu_seg_gemv.argtypes = [i32, p, p, p, p, p, i32, i32, p, p, i32, i64, i64]
     e.emu_gemv2.argtypes = [i32, p, p, p, p, p, i32, i64, i64]
     e.emu_apply_mask.argtypes = [i32, p, p, p, i64, i64, i32]
+    e.emu_mask_cast.argtypes = [i32, i32, p, p, p, i64, i64]
     e.emu_pack.argtypes = [p, p, i64, i64]
     e.emu_magnitude.argtypes = [i32, p, ctypes.c_float, p, i64, i64]
     return e
@@ -395,6 +396,31 @@ def test_apply_mask_selects_and_accumulates_on_the_mask_only(emu, dtype):
         emu.emu_apply_mask(DTYPE_CODE[dtype], inplace.data_ptr(), bits.data_ptr(),
                            inplace.data_ptr(), rows, k, 0)
         assert torch.equal(inplace, out)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_mask_cast_kernels_equal_torch_casts_bit_for_bit(emu, half):
+    """masked_cast's kernels (fp32 -> 16-bit, 16-bit -> fp32): (W ⊙ M).to(dtype) with torch's
+    rounding (nearest even; overflow to Inf), exact zeros off the mask (NaN/Inf there never
+    passes), 128-bit accesses only for K % 8 == 0 and 16-byte aligned pointers."""
+    for rows, k, shift in ((5, 64, 0), (7, 37, 0), (3, 96, 1), (1, 8, 0)):
+        keep = torch.rand(rows, k) < 0.5
+        bits = pack_mask_reference(keep)
+        for src_dtype, out_dtype in ((torch.float32, half), (half, torch.float32)):
+            base = (torch.randn(rows * k + 1) * 3e4).to(src_dtype)  # fp16 overflows: Inf
+            src = base[shift:shift + rows * k].view(rows, k)
+            src[~keep & (torch.rand(rows, k) < 0.5)] = float("nan")
+            src[0, 0] = float("-inf")
+            out = torch.full((rows, k), 7.0, dtype=out_dtype)
+            vec = emu.emu_mask_cast(DTYPE_CODE[src_dtype], DTYPE_CODE[out_dtype],
+                                    src.data_ptr(), bits.data_ptr(), out.data_ptr(), rows, k)
+            assert vec == int(k % 8 == 0 and shift == 0), (rows, k, shift)
+            want = torch.where(keep, src, torch.zeros_like(src)).to(out_dtype)
+            assert torch.equal(out.nan_to_num(1.0), want.nan_to_num(1.0))
+            assert torch.equal(out.isnan(), want.isnan())
+    f16 = torch.zeros(2, 8, dtype=torch.float16)
+    assert emu.emu_mask_cast(DTYPE_CODE[torch.float16], DTYPE_CODE[torch.bfloat16],
+                             f16.data_ptr(), bits.data_ptr(), f16.data_ptr(), 1, 8) == -1
 
 
 def test_pack_and_magnitude_kernels_are_bit_exact(emu):

@@ -5,6 +5,8 @@ against the reference, and the kernels' own checks. Needs a GPU and the built ex
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -14,7 +16,8 @@ from lass_sparse.bitmask import pack_mask_reference, unpack_mask_reference
 from lass_sparse.testing import cuda_kernels, record_backends, require_backend
 
 pytestmark = pytest.mark.gpu
-CUDA_OPS = ("pack_mask", "unpack_mask", "magnitude_mask", "masked_linear", "masked_linear_dx",
+CUDA_OPS = ("pack_mask", "unpack_mask", "magnitude_mask", "masked_cast", "masked_linear",
+            "masked_linear_dx",
             "masked_linear_dw", "masked_linear_dw_accumulate_", "masked_qkv_proj", "masked_adamw_")
 
 
@@ -418,3 +421,56 @@ def test_the_small_backward_kernels_take_up_to_64_rows_on_request(monkeypatch, d
         torch.testing.assert_close(dw, reference.masked_linear_dw(dy, x, bits), **_tol(dtype))
     finally:
         cuda.set_small_bwd(cuda._mod, old)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_masked_cast_equals_torchs_cast_of_the_masked_weight(monkeypatch, backend):
+    """masked_cast on the GPU: every kernel dtype pair the CUDA entry takes (and Triton's),
+    bit for bit as torch's cast of where(M, W, 0), aligned (128-bit accesses) or not, [..., K];
+    bf16 -> fp16 goes to the op body (no kernel)."""
+    if backend == "triton":
+        require_backend("triton")
+    seen = record_backends(monkeypatch)
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    for src, dst in [(a, b) for a in floats for b in floats if torch.float32 in (a, b) or a == b]:
+        for shape, shift in (((96, 200), 0), ((2, 48, 64), 0), ((33, 37), 0), ((40, 64), 1)):
+            keep = torch.rand(shape, device="cuda") < 0.5
+            base = (torch.randn(math.prod(shape) + 1, device="cuda") * 3e4).to(src)
+            w = base[shift:shift + math.prod(shape)].view(shape)
+            w[~keep] = float("nan")
+            bits = pack_mask_reference(keep)
+            with lass_sparse.use_backend(backend):
+                got = lass_sparse.masked_cast(w, bits, dst)
+            assert torch.equal(got, torch.where(keep, w, torch.zeros((), dtype=src,
+                                                                         device="cuda")).to(dst))
+    assert set(seen) == {backend}
+    if backend == "cuda":
+        seen.clear()
+        w16 = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
+        bits = pack_mask_reference(torch.rand(8, 64, device="cuda") < 0.5)
+        got = torch.ops.lass_sparse.masked_cast(w16, bits, torch.float16)
+        assert seen and "cuda" not in seen
+        assert torch.equal(got, reference.masked_cast(w16, bits, torch.float16))
+
+
+def test_autocast_training_step_runs_the_masked_cast_and_dense_kernels():
+    """A masked layer under bf16 autocast with fp32 weights: masked_cast, then cuBLAS (no
+    masked_linear call); output and fp32 weight grad as autocast's F.linear on W ⊙ M."""
+    m = lass_sparse.MaskedLinear(256, 192).cuda()
+    bank = lass_sparse.MaskBank({"weight": (192, 256)}, alpha=0.5)
+    bank.add_pair("a", {"weight": torch.rand(192, 256) < 0.5})
+    lass_sparse.attach(m, bank)
+    x = torch.randn(128, 256, device="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with lass_sparse.active_pair(m, "a"), torch.autocast("cuda", dtype=torch.bfloat16):
+            y = m(x)
+            y.float().square().sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "lass_sparse::masked_cast" in names and "lass_sparse::masked_linear" not in names
+    keep = unpack_mask_reference(bank.bits("a", "weight").cuda(), 256)
+    w = m.weight.detach().clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = torch.nn.functional.linear(x, torch.where(keep, w, 0.0), m.bias)
+        want.float().square().sum().backward()
+    assert torch.equal(y, want)
+    torch.testing.assert_close(m.weight.grad, w.grad, rtol=0, atol=0)

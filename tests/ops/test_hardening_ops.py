@@ -263,6 +263,23 @@ def _magnitude_cases(dev="cpu"):
             ("int weight", lambda: (torch.ones(4, 40, dtype=torch.int64, device=dev), 0.5))]
 
 
+def _cast_cases(dev="cpu"):
+    w = lambda *s: torch.randn(*s, device=dev)  # noqa: E731
+    return [("bits with too few words", lambda: (w(4, 40), _i32(4, 1).to(dev), torch.bfloat16)),
+            ("bits with too few rows", lambda: (w(4, 40), _i32(3, 2).to(dev), torch.float32)),
+            ("int64 bits", lambda: (w(4, 40), torch.zeros(4, 2, dtype=torch.int64, device=dev),
+                                    torch.float16)),
+            ("0-d weight", lambda: (torch.tensor(1.0, device=dev),
+                                    torch.tensor(0, dtype=torch.int32, device=dev),
+                                    torch.float32)),
+            ("int weight", lambda: (torch.ones(4, 40, dtype=torch.int64, device=dev),
+                                    _i32(4, 2).to(dev), torch.float32)),
+            ("int dtype", lambda: (w(4, 40), _i32(4, 2).to(dev), torch.int32)),
+            ("3-D weight, 2-D bits", lambda: (w(2, 4, 40), _i32(4, 2).to(dev), torch.float32)),
+            ("bits on meta", lambda: (w(4, 40), torch.zeros(4, 2, dtype=torch.int32,
+                                                            device="meta"), torch.float32))]
+
+
 def _public_extra_magnitude():
     return [("alpha 1.5", lambda: (torch.randn(4, 40), 1.5)),
             ("alpha nan", lambda: (torch.randn(4, 40), math.nan))]
@@ -274,6 +291,7 @@ def _cases() -> dict[str, dict[str, list]]:
             "pack_mask": _pack_cases(),
             "unpack_mask": _unpack_cases(),
             "magnitude_mask": _magnitude_cases() + _public_extra_magnitude(),
+            "masked_cast": _cast_cases(),
             "masked_linear": _linear_cases(),
             "masked_linear_dx": _dx_cases(),
             "masked_linear_dw": _dw_cases(),
@@ -291,6 +309,7 @@ def _cases() -> dict[str, dict[str, list]]:
             "pack_mask": _pack_cases(),
             "unpack_mask": _unpack_cases(),
             "magnitude_mask": _magnitude_cases(),
+            "masked_cast": _cast_cases(),
             # the entries take what the op takes ([..., K] x, any strides): the op's cases
             "masked_linear": _linear_cases(),
             "masked_linear_dx": _dx_cases(),
@@ -334,6 +353,11 @@ def _cuda_cases():
             ("alpha 1.5", lambda: (torch.randn(4, 40, device=cuda), 1.5)),
             ("float64 weight", lambda: (torch.randn(4, 40, device=cuda, dtype=torch.float64),
                                         0.5))],
+        "masked_cast": _cast_cases(cuda) + [
+            ("bf16 -> fp16 (no kernel)", lambda: (torch.randn(4, 40, device=cuda).bfloat16(),
+                                                  _i32(4, 2).to(cuda), torch.float16)),
+            ("bits on the CPU", lambda: (torch.randn(4, 40, device=cuda), _i32(4, 2),
+                                         torch.bfloat16))],
         # the entry takes what the op takes ([..., K] x, any strides): the op's cases
         "masked_linear": _linear_cases(cuda) + [
             ("17 rows", lambda: (torch.randn(17, 64, device=cuda),
@@ -511,6 +535,7 @@ def _valid_samples() -> dict[str, tuple]:
         "pack_mask": (torch.rand(4, 40) > 0.5,),
         "unpack_mask": (bits, 40),
         "magnitude_mask": (w, 0.5),
+        "masked_cast": (w, bits, torch.bfloat16),
         "masked_linear": (x, w, bits, b),
         "masked_linear_dx": (torch.randn(3, 8), w, bits),
         "masked_linear_dw": (torch.randn(3, 8), x, bits),

@@ -1,6 +1,7 @@
 """Op contracts (DESIGN §3) for every CPU-side backend: values vs the reference, autograd,
 opcheck, gradcheck, torch.compile and bad input. Triton has its own file (interpreter)."""
 
+import itertools
 import math
 
 import pytest
@@ -136,6 +137,8 @@ def _opcheck_samples():
         ("pack_mask", (mask,)),
         ("unpack_mask", (bits, 33)),
         ("magnitude_mask", (w, 0.5)),
+        ("masked_cast", (w, bits, torch.bfloat16)),
+        ("masked_cast", (w.clone().requires_grad_(), bits, torch.float16)),
         ("masked_linear_dx", (torch.randn(6, 8), w, bits)),
         ("masked_linear_dw", (torch.randn(6, 8), x, bits)),
         ("masked_linear_dw_accumulate_", (torch.zeros(8, 33), torch.randn(6, 8), x, bits)),
@@ -165,7 +168,7 @@ def test_opcheck_every_op(backend):
         for name, args in _opcheck_samples():
             seen.add(name)
             torch.library.opcheck(getattr(torch.ops.lass_sparse, name).default, args)
-    assert {"pack_mask", "unpack_mask", "magnitude_mask", "masked_linear",
+    assert {"pack_mask", "unpack_mask", "magnitude_mask", "masked_cast", "masked_linear",
             "segmented_masked_linear", "masked_qkv_proj", "masked_adamw_"} <= seen
 
 
@@ -184,6 +187,42 @@ def test_gradcheck_float64(backend):
         bq = pack_mask_reference(torch.rand(24, 8) > 0.5)
         assert torch.autograd.gradcheck(
             lambda a, c: lass_sparse.masked_qkv_proj(a, c, bq, None, 2), (xq, wq))
+        assert torch.autograd.gradcheck(lambda c: lass_sparse.masked_cast(c, bits), (w,))
+        assert torch.autograd.gradgradcheck(lambda c: lass_sparse.masked_cast(c, bits), (w,))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_masked_cast_is_the_masked_weight_cast(backend):
+    """(W ⊙ M).to(dtype) for every float pair, [..., K] weights, odd K, zero sizes: equal to
+    torch's cast of the selected weight (NaN/Inf off the mask never passes; fp16 overflow is
+    Inf as torch's cast). Triton's interpreter rounds fp32 -> bf16 toward zero (compiled Triton
+    rounds to nearest even, as the GPU test checks): there, within one bf16 step."""
+    floats = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    for src, dst in itertools.product(floats, floats):
+        if backend == "triton" and torch.float64 in (src, dst):
+            continue  # the Triton kernels take 16/32-bit floats
+        for shape in ((8, 33), (2, 3, 64), (0, 5), (4, 0), (1, 1)):
+            keep = torch.rand(shape) < 0.5
+            w = (torch.randn(shape) * 3e4).to(src)
+            w[~keep & (torch.rand(shape) < 0.5)] = float("nan")
+            bits = pack_mask_reference(keep)
+            with lass_sparse.use_backend(backend):
+                got = lass_sparse.masked_cast(w, bits, dst)
+            want = torch.where(keep, w, torch.zeros((), dtype=src)).to(dst)
+            assert got.dtype == dst and got.shape == w.shape
+            if backend == "triton" and dst == torch.bfloat16 and src != dst:
+                torch.testing.assert_close(got, want, rtol=2 ** -7, atol=0, equal_nan=False)
+            else:
+                assert torch.equal(got, want), (src, dst, shape)
+    w = torch.randn(6, 40, requires_grad=True)
+    bits = pack_mask_reference(torch.rand(6, 40) < 0.5)
+    with lass_sparse.use_backend(backend):
+        y = lass_sparse.masked_cast(w, bits, torch.bfloat16)
+        (y.float() * torch.arange(240.).view(6, 40)).sum().backward()
+    keep = lass_sparse.unpack_mask(bits, 40)
+    assert w.grad.dtype == torch.float32
+    assert torch.equal(w.grad, torch.where(keep, torch.arange(240.).view(6, 40).bfloat16().float(),
+                                           torch.zeros(())))
 
 
 def test_compile_fullgraph_equals_eager():

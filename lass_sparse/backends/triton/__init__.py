@@ -15,9 +15,9 @@ import torch
 from ...ops import registry
 
 _interp = os.environ.get("TRITON_INTERPRET") == "1"
-_OPS = ("masked_linear", "masked_linear_dx", "masked_linear_dw", "masked_linear_dw_accumulate_",
-        "segmented_masked_linear", "segmented_masked_linear_dx", "segmented_masked_linear_dw",
-        "masked_qkv_proj")
+_OPS = ("masked_cast", "masked_linear", "masked_linear_dx", "masked_linear_dw",
+        "masked_linear_dw_accumulate_", "segmented_masked_linear", "segmented_masked_linear_dx",
+        "segmented_masked_linear_dw", "masked_qkv_proj")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _REQUIRES = "float32, float16 or bfloat16 tensors"
 

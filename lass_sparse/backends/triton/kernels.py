@@ -302,6 +302,15 @@ def apply_mask(src: torch.Tensor, bits: torch.Tensor, out: torch.Tensor | None =
     return out
 
 
+def masked_cast(weight, bits, dtype):
+    """(W ⊙ M).to(dtype): the mask pass with an output of another dtype (one pass)."""
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    k = weight.shape[-1]
+    if out.numel():
+        apply_mask(weight.reshape(-1, k), bits.reshape(-1, bits.shape[-1]), out.view(-1, k))
+    return out
+
+
 def _same_dtype(*ts) -> bool:
     """cuBLAS takes one dtype; the fused kernels also mix them."""
     return len({t.dtype for t in ts if t is not None}) == 1
