@@ -92,6 +92,33 @@ def inputs(m: int, n: int, k: int, dtype: torch.dtype, device="cpu", keep: float
     return x, w, mask, bits
 
 
+def amp_layer_step(impl: str, x, w32, mask, bits):
+    """One layer's forward + backward under bf16 autocast with fp32 master weights (how the CLI
+    trains on a GPU), on x's device: ours, the masked modules' route (masked_cast: W ⊙ M in
+    autocast's cast of W, then F.linear); ours_fused, the route it replaced (autocast's cast of
+    W, then masked_linear); dense, autocast's F.linear; naive, F.linear of the bool-masked
+    weight. The step returns W's (fp32) grad."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(1)
+    dy = torch.randn(x.shape[0], w32.shape[0], generator=g).to(x.device, torch.bfloat16)
+    xg, wg = x.detach().requires_grad_(True), w32.detach().requires_grad_(True)
+    bf16 = torch.bfloat16
+    fwd = {"ours": lambda: F.linear(xg, ls.masked_cast(wg, bits, bf16)),
+           "ours_fused": lambda: ls.masked_linear(xg.to(bf16), wg.to(bf16), bits),
+           "dense": lambda: F.linear(xg, wg),
+           "naive": lambda: F.linear(xg, wg * mask)}[impl]
+
+    def step():
+        xg.grad = wg.grad = None
+        with torch.autocast(x.device.type, dtype=bf16):
+            y = fwd()
+        y.backward(dy)
+        return wg.grad
+
+    return step
+
+
 def linear_impls(w: torch.Tensor, mask: torch.Tensor, bits: torch.Tensor):
     """name -> f(x): ours (fused), dense (no mask), naive (LaSS original: bool mask, x @ (W*M).T),
     unpack (bits -> transient W*M -> BLAS)."""

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from common import (
     JOINT_PAIRS,
     KEEP,
+    amp_layer_step,
     case_id,
     device_cases,
     device_time,
@@ -259,30 +260,6 @@ def test_segmented_decode_device_time(benchmark, t, impl, nk, device_peaks, is_s
         torch.testing.assert_close(fn().float(), want.float(), atol=3e-2, rtol=3e-2)
 
 
-def amp_layer_fn(impl: str, x, w32, mask, bits):
-    """A masked layer's forward + backward under bf16 autocast with fp32 master weights (how the
-    CLI trains on a GPU): ours, the modules' route (masked_cast: W ⊙ M in autocast's cast, then
-    F.linear); ours_fused, the route it replaces (autocast's cast of W, then masked_linear);
-    dense, autocast's F.linear; naive, F.linear of the bool-masked weight. Returns W's grad."""
-    g = torch.Generator().manual_seed(1)
-    dy = torch.randn(x.shape[0], w32.shape[0], generator=g).to(x.device, torch.bfloat16)
-    xg, wg = x.detach().requires_grad_(True), w32.detach().requires_grad_(True)
-    bf16 = torch.bfloat16
-    fwd = {"ours": lambda: F.linear(xg, ls.masked_cast(wg, bits, bf16)),
-           "ours_fused": lambda: ls.masked_linear(xg.to(bf16), wg.to(bf16), bits),
-           "dense": lambda: F.linear(xg, wg),
-           "naive": lambda: F.linear(xg, wg * mask)}[impl]
-
-    def step():
-        xg.grad = wg.grad = None
-        with torch.autocast("cuda", dtype=bf16):
-            y = fwd()
-        y.backward(dy)
-        return wg.grad
-
-    return step
-
-
 @pytest.mark.parametrize("impl", ["ours", "ours_fused", "dense", "naive"])
 @pytest.mark.parametrize("case", [((4096, 4096), 4096), ((4096, 4096), 256),
                                   ((4096, 1024), 4096), ((1024, 4096), 1024)],
@@ -295,13 +272,13 @@ def test_amp_layer_device_time(benchmark, impl, case, device_peaks, is_smoke):
     (n, k), m = case
     x, w, mask, bits = inputs(m, n, k, torch.bfloat16, "cuda")
     w32 = w.float()
-    fn = amp_layer_fn(impl, x, w32, mask, bits)
+    fn = amp_layer_step(impl, x, w32, mask, bits)
     tag(benchmark, "device_amp_fwd_bwd", impl, dtype="bf16 autocast, fp32 W", M=m, N=n, K=k)
     flop, nbytes = linear_cost("fwd_bwd", m, n, k, 2, masked=impl.startswith("ours"))
     nbytes += n * k * 8  # the fp32 weight read and its fp32 grad written
     record_device(benchmark, fn, flop=flop, nbytes=nbytes, peaks=device_peaks)
     if impl.startswith("ours"):
-        want = amp_layer_fn("naive", x, w32, mask, bits)()
+        want = amp_layer_step("naive", x, w32, mask, bits)()
         torch.testing.assert_close(fn(), want, atol=2e-2, rtol=2e-2)
 
 

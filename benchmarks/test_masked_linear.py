@@ -6,7 +6,15 @@ import contextlib
 
 import pytest
 import torch
-from common import assert_close_to_ref, inputs, linear_impls, paired, tag, timed
+from common import (
+    amp_layer_step,
+    assert_close_to_ref,
+    inputs,
+    linear_impls,
+    paired,
+    tag,
+    timed,
+)
 
 import lass_sparse as ls
 from lass_sparse import reference
@@ -121,6 +129,30 @@ def test_forward_backward(benchmark, impl, dtype, shape, m, device, is_smoke):
         paired(benchmark, device, step, dense, smoke=is_smoke)
     if impl != "dense":
         assert not dw[~mask].any(), "off-mask dW must be exactly zero"
+
+
+@pytest.mark.parametrize("impl", ["ours", "ours_fused", "dense", "naive"])
+def test_forward_backward_autocast(benchmark, impl, shape, m, device, is_smoke):
+    """bf16 autocast, fp32 weights and grads (the CLI's training precision): ours (masked_cast,
+    then F.linear, as the masked modules run it) against the route it replaced (cast, then
+    masked_linear), dense and naive; paired ours/dense. dW off the mask must be exactly 0."""
+    if m < 16 and not is_smoke:
+        pytest.skip("training shapes only (M >= 16)")
+    n, k = shape
+    x, w, mask, bits = inputs(m, n, k, torch.bfloat16, device)
+    step = amp_layer_step(impl, x, w.float(), mask, bits)
+    tag(benchmark, "masked_linear_fwd_bwd_autocast", impl, device=device,
+        dtype="bf16 autocast fp32 W", M=m, N=n, K=k)
+    benchmark.extra_info["flop"] = 6 * m * n * k
+    dw = timed(benchmark, device, step)
+    if impl == "ours":
+        dense = amp_layer_step("dense", x, w.float(), mask, bits)
+        dense()
+        paired(benchmark, device, step, dense, smoke=is_smoke)
+    if impl != "dense":
+        assert not dw[~mask].any(), "off-mask dW must be exactly zero"
+        want = amp_layer_step("naive", x, w.float(), mask, bits)()
+        torch.testing.assert_close(dw, want, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("impl", ["ours", "bool", "numpy"])

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "simd.h"
 
 namespace lass_sparse_cpu {
 
@@ -13,7 +14,7 @@ namespace {
 
 // One row: out[j] = bit j of the row's words ? src[j] (converted) : 0.
 template <typename In, typename Out>
-void cast_row(const In* src, const int32_t* words, Out* out, int64_t k) {
+void cast_row_generic(const In* src, const int32_t* words, Out* out, int64_t k) {
   using Acc = std::conditional_t<std::is_same_v<In, double>, double, float>;
   int64_t j = 0;
   for (; j + 32 <= k; j += 32) {
@@ -26,6 +27,80 @@ void cast_row(const In* src, const int32_t* words, Out* out, int64_t k) {
     out[j] = ((static_cast<uint32_t>(words[j >> 5]) >> (j & 31)) & 1u)
                  ? static_cast<Out>(static_cast<Acc>(src[j]))
                  : static_cast<Out>(0);
+}
+
+// AVX-512: each mask word is two 16-lane masks for masked (zeroing) loads, lanes past the row
+// are never read (run_word) or written (valid_lanes); conversions as torch's: fp32 -> bf16
+// rounded to nearest even in integer ops (NaN -> 0x7FC0, c10::BFloat16's rule), fp32 -> fp16
+// by vcvtps2ph (nearest even), widening exactly.
+using BF16 = c10::BFloat16;
+
+__attribute__((target("avx512f,avx512bw"))) inline __m256i bf16_rne(__m512 a) {
+  const __m512i u = _mm512_castps_si512(a);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q),
+                            _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// fp32 -> 16-bit (Out: BF16 or at::Half).
+template <typename Out>
+__attribute__((target("avx512f,avx512bw"))) void narrow_row_avx512(
+    const float* src, const int32_t* words, Out* out, int64_t k) {
+  for (int64_t w = 0; w < num_words(k); ++w) {
+    const uint32_t word = run_word(words, w, k), valid = valid_lanes(w, k);
+    __m256i half[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m512 a = _mm512_maskz_loadu_ps(static_cast<__mmask16>(word >> (16 * h)),
+                                             src + w * 32 + 16 * h);
+      if constexpr (std::is_same_v<Out, BF16>)
+        half[h] = bf16_rne(a);
+      else
+        half[h] = _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(half[0]), half[1], 1);
+    _mm512_mask_storeu_epi16(out + w * 32, static_cast<__mmask32>(valid), v);
+  }
+}
+
+// 16-bit (In: BF16 or at::Half) -> fp32, exact.
+template <typename In>
+__attribute__((target("avx512f,avx512bw"))) void widen_row_avx512(
+    const In* src, const int32_t* words, float* out, int64_t k) {
+  for (int64_t w = 0; w < num_words(k); ++w) {
+    const uint32_t word = run_word(words, w, k), valid = valid_lanes(w, k);
+    const __m512i v = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(word), src + w * 32);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i part = h ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);
+      __m512 f;
+      if constexpr (std::is_same_v<In, BF16>)
+        f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(part), 16));
+      else
+        f = _mm512_cvtph_ps(part);
+      _mm512_mask_storeu_ps(out + w * 32 + 16 * h, static_cast<__mmask16>(valid >> (16 * h)), f);
+    }
+  }
+}
+
+template <typename T>
+constexpr bool is16 = std::is_same_v<T, BF16> || std::is_same_v<T, at::Half>;
+
+template <typename In, typename Out>
+void cast_row(const In* src, const int32_t* words, Out* out, int64_t k) {
+  if (has_avx512()) {
+    if constexpr (std::is_same_v<In, Out> && (std::is_same_v<In, float> || is16<In>)) {
+      using Raw = std::conditional_t<std::is_same_v<In, float>, float, BF16>;  // lanes moved
+      return masked_copy_avx512(reinterpret_cast<const Raw*>(src), words, k,
+                                reinterpret_cast<Raw*>(out));
+    } else if constexpr (std::is_same_v<In, float> && is16<Out>) {
+      return narrow_row_avx512<Out>(src, words, out, k);
+    } else if constexpr (is16<In> && std::is_same_v<Out, float>) {
+      return widen_row_avx512<In>(src, words, out, k);
+    }
+  }
+  cast_row_generic<In, Out>(src, words, out, k);
 }
 
 bool cast_dtype(at::ScalarType st) {
