@@ -1,5 +1,6 @@
-// The eager training nodes of lass_sparse.masked_linear and masked_qkv_proj, for every device:
-// forward, dx, dW and the bias sum as one C++ autograd node (no Python autograd.Function).
+// The eager training nodes of lass_sparse.masked_linear, masked_qkv_proj and masked_cast, for
+// every device: forward, dx, dW and the bias sum as one C++ autograd node (no Python
+// autograd.Function).
 // The products go through the dispatcher under the public names (lass_sparse::masked_linear,
 // masked_qkv_proj, _dx, _dw), below autograd: the CPU entries (csrc/cpu) and the CUDA entries
 // (csrc/cuda/binding.cpp) run their kernels there, and every call they do not take reaches
@@ -116,6 +117,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_qkv_autograd(
   return {out[0], out[1], out[2]};
 }
 
+using CastSig = at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType);
+
+// masked_cast's node: the op is its own adjoint, dW = masked_cast(grad, bits, W's dtype).
+struct MaskedCastFn : public torch::autograd::Function<MaskedCastFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& w,
+                            const at::Tensor& bits, at::ScalarType dtype) {
+    static const auto cast = public_op<CastSig>("lass_sparse::masked_cast");
+    ctx->save_for_backward({bits});
+    ctx->saved_data["weight_dtype"] = static_cast<int64_t>(w.scalar_type());
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return cast.call(w, bits, dtype);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto cast = public_op<CastSig>("lass_sparse::masked_cast");
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt());
+    const auto bits = ctx->get_saved_variables()[0];
+    // a linear op: with create_graph the public op records its own node (double backward)
+    at::Tensor dw = at::GradMode::is_enabled()
+                        ? cast.call(grads[0], bits, dtype)
+                        : [&] {
+                            at::AutoDispatchBelowADInplaceOrView below_autograd;
+                            return cast.call(grads[0].contiguous(), bits, dtype);
+                          }();
+    return {dw, at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor masked_cast_autograd(const at::Tensor& w, const at::Tensor& bits,
+                                at::ScalarType dtype) {
+  return MaskedCastFn::apply(w, bits, dtype);
+}
+
 at::Tensor masked_linear_autograd(const at::Tensor& x, const at::Tensor& w,
                                   const at::Tensor& bits, const std::optional<at::Tensor>& bias) {
   // the node's contract (eager.py's call): 2-D rows, every tensor contiguous
@@ -132,4 +167,5 @@ at::Tensor masked_linear_autograd(const at::Tensor& x, const at::Tensor& w,
 TORCH_LIBRARY_IMPL(lass_sparse_cpu, CompositeImplicitAutograd, m) {
   m.impl("masked_linear_autograd", &lass_sparse_cpu::masked_linear_autograd);
   m.impl("masked_qkv_autograd", &lass_sparse_cpu::masked_qkv_autograd);
+  m.impl("masked_cast_autograd", &lass_sparse_cpu::masked_cast_autograd);
 }

@@ -18,6 +18,8 @@ TORCH_LIBRARY(lass_sparse_cpu, m) {
   // route, the Python body elsewhere)
   m.def("masked_qkv_autograd(Tensor x, Tensor weight, Tensor bits, Tensor? bias, int num_heads)"
         " -> (Tensor, Tensor, Tensor)");
+  // masked_cast's node (its backward is the op again, with the weight's dtype)
+  m.def("masked_cast_autograd(Tensor weight, Tensor bits, ScalarType dtype) -> Tensor");
   // segment tables whose values their builder registered (held weakly; any device): the CUDA
   // entries take a segmented call with a known table without reading it from the device
   m.def("remember_table(Tensor seg_offsets, Tensor seg_pair, int[] offsets, int[] pairs) -> ()");

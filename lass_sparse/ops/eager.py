@@ -28,7 +28,7 @@ from .bodies import (
     masked_qkv_proj_body,
     segmented_masked_linear_body,
 )
-from .checks import check_linear, check_qkv
+from .checks import check_cast, check_linear, check_qkv
 from .direct import forward_direct, is_plain_eager, native_kernel, needs_grad, profiled
 
 # ------------------------------------------------------------------------- masks and pruning
@@ -85,6 +85,14 @@ def masked_cast(weight: Tensor, bits: Tensor, dtype: torch.dtype | None = None) 
     dtype = weight.dtype if dtype is None else dtype
     if forward_direct(weight, bits):
         if needs_grad(weight):
+            node = _train_op("masked_cast_autograd")
+            if (node is not None and weight.device.type in ("cpu", "cuda")
+                    and registry.forced_backend() is None):
+                try:  # one C++ node, its forward and backward the op's kernels
+                    return profiled("masked_cast", node, weight, bits, dtype)
+                except (RuntimeError, ValueError, TypeError):
+                    check_cast(weight, bits, dtype)  # the op's wording
+                    raise
             return profiled("masked_cast", _MaskedCastFn.apply, weight, bits, dtype)
         kernel = schema.CAST_NATIVE.get(weight.device.type, masked_cast_body)
         return profiled("masked_cast", kernel, weight.contiguous(), bits, dtype)

@@ -329,6 +329,7 @@ def _cases() -> dict[str, dict[str, list]]:
         },
         "lass_sparse_cpu": {"masked_linear_autograd": _linear_cases(public=False),
                             "masked_qkv_autograd": _qkv_cases(),
+                            "masked_cast_autograd": _cast_cases(),
                             "remember_table": _remember_cases(),
                             "table_known": [
                                 ("offsets 2-D", lambda: (torch.zeros(2, 2, dtype=torch.long),

@@ -368,6 +368,47 @@ def test_training_calls_take_the_cpp_autograd_node(device, dtype, m_shape):
 
 @pytest.mark.skipif(not lass_sparse.backends()["cpu"]["active"], reason="needs the C++ backend")
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("src, dst", [(torch.float32, torch.bfloat16),
+                                      (torch.float32, torch.float16),
+                                      (torch.bfloat16, torch.float32),
+                                      (torch.float64, torch.float32)])
+def test_masked_cast_training_calls_take_the_cpp_autograd_node(device, src, dst):
+    """masked_cast with a gradient runs as one C++ autograd node, its backward the op with the
+    weight's dtype: bit-identical to the Python node (which a forced backend takes); double
+    backward runs through the op itself; bad input is worded by the op's checks."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 40, generator=g).to(device, src).requires_grad_()
+    bits = pack_mask_reference(torch.rand(24, 40, generator=g) > 0.5).to(device)
+    up = torch.randn(24, 40, generator=g).to(device, dst)
+
+    def run():
+        y = lass_sparse.masked_cast(w, bits, dst)
+        names = _node_names(y)
+        (y * up).sum().backward()
+        out = (y.detach(), w.grad)
+        w.grad = None
+        return names, out
+
+    names, got = run()
+    assert any("MaskedCastFn" in n and "Cpp" in n for n in names), names
+    forced = registry.select("masked_cast", device, w, bits, dst, forced=None).backend
+    with lass_sparse.use_backend(forced):
+        names, want = run()
+    assert any(n.startswith("_MaskedCastFn") for n in names), names
+    assert all(torch.equal(a, e) for a, e in zip(got, want))
+    assert got[1].dtype == src
+    (gw,) = torch.autograd.grad((lass_sparse.masked_cast(w, bits, dst) * up).sum(), w,
+                                create_graph=True)  # the backward through the op itself
+    assert torch.equal(gw, got[1])
+    w64 = torch.randn(6, 40, dtype=torch.float64, device=device, requires_grad=True)
+    bits6 = bits[:6].contiguous()
+    assert torch.autograd.gradgradcheck(lambda a: lass_sparse.masked_cast(a, bits6), (w64,))
+    with pytest.raises(ValueError, match="masked_cast: bits"):
+        lass_sparse.masked_cast(w, bits[:, :1].contiguous(), dst)
+
+
+@pytest.mark.skipif(not lass_sparse.backends()["cpu"]["active"], reason="needs the C++ backend")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t", [3, 48])  # CUDA: the op body (Triton); the cuBLAS route entry
 def test_qkv_training_calls_take_the_cpp_autograd_node(device, dtype, t):
