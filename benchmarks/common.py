@@ -264,9 +264,10 @@ def device_cases(smoke: bool = False) -> list[tuple[tuple[int, int], int]]:
 # (baselines first), so a budget cut leaves whole rows, not "ours" without its "dense".
 SWEEP_KEY_CASES = ([((4096, 4096), m) for m in (4096, 256, 1024, 64)]
                    + [((8192, 8192), 1), ((8192, 8192), 16)])
-SWEEP_IMPL_ORDER = ("dense", "naive", "ours", "ours_fused", "ours_wt", "ours_wt_persistent",
-                    "ours_wt_tma", "ours_gemv2", "ours_gemv3", "ours_no_small", "ours_small64",
-                    "ours_triton", "plain_compiled", "plain", "ours_compiled")
+SWEEP_IMPL_ORDER = ("dense", "naive", "ours", "ours_fused", "ours_keep_wm", "ours_wt",
+                    "ours_wt_persistent", "ours_wt_tma", "ours_gemv2", "ours_gemv3",
+                    "ours_no_small", "ours_small64", "ours_triton", "plain_compiled", "plain",
+                    "ours_compiled")
 
 
 def sweep_priority(test: str, params: dict, index: int) -> tuple:

@@ -171,6 +171,13 @@ CUDA_CHOICES = (
     ("segmented decode GEMV vs Triton (T <= 64)", ("device_segmented_decode",), "ours",
      "ours_triton", (1, 64), "route it to Triton (backends/cuda.py _takes_segmented)",
      "keep it"),
+    ("autocast layer: masked_cast + F.linear vs cast + masked_linear (fwd+bwd)",
+     ("device_amp_fwd_bwd",), "ours", "ours_fused", (1, 1 << 30),
+     "go back to the fused route under autocast (nn/linear.py autocast_weight_dtype)",
+     "keep masked_cast"),
+    ("W ⊙ M kept for the backward vs the default (fwd+bwd, M >= 64)", ("device_fwd_bwd",),
+     "ours_keep_wm", "ours", (64, 1 << 30), "keep the default",
+     "offer keeping W ⊙ M from forward to backward (memory for speed)"),
 )
 
 

@@ -269,7 +269,8 @@ def test_the_tool_picks_the_fastest_variant_per_rows_and_merges_ranges():
 
 def test_the_tool_reports_the_cuda_extensions_settings():
     """The CUDA extension's settings (not routes): v2 GEMV vs v1 at <= 16 rows, the small-M
-    backward vs Triton, the segmented decode GEMV vs Triton; rows above their ranges ignored."""
+    backward vs Triton, the segmented decode GEMV vs Triton, the autocast route, keeping W ⊙ M
+    for the backward; rows above their ranges ignored."""
     bs = []
     for m in (1, 4, 16, 64):
         case = dict(M=m, N=4096, K=4096)
@@ -283,6 +284,12 @@ def test_the_tool_reports_the_cuda_extensions_settings():
                _bench("device_segmented_decode", "ours_triton", 1.01e-5, **case)]
     bs += [_bench("device_fwd", "ours_gemv3", 2e-5, M=64, N=4096, K=4096),
            _bench("device_dx", "ours_small64", 1e-5, M=64, N=4096, K=4096)]
+    for m in (256, 4096):
+        case = dict(M=m, N=4096, K=4096)
+        bs += [_bench("device_amp_fwd_bwd", "ours", 0.8e-4, **case),
+               _bench("device_amp_fwd_bwd", "ours_fused", 1e-4, **case),
+               _bench("device_fwd_bwd", "ours", 1e-4, **case),
+               _bench("device_fwd_bwd", "ours_keep_wm", 1.1e-4, **case)]
     lines = _tool().cuda_choices({"benchmarks": bs})
     assert lines == [
         "cuda: decode GEMV v2 vs v1 (forward, M <= 16): 0.50x over 3 cases -> make v2 the "
@@ -293,7 +300,11 @@ def test_the_tool_reports_the_cuda_extensions_settings():
         "(LASS_SPARSE_CUDA_SMALL_BWD_MAX_M=0 as the default)",
         "cuda: small-M backward vs the default (17 <= M <= 64): 0.50x over 1 cases -> raise "
         "LASS_SPARSE_CUDA_SMALL_BWD_MAX_M's default to 64",
-        "cuda: segmented decode GEMV vs Triton (T <= 64): 0.99x over 3 cases -> a tie: keep"]
+        "cuda: segmented decode GEMV vs Triton (T <= 64): 0.99x over 3 cases -> a tie: keep",
+        "cuda: autocast layer: masked_cast + F.linear vs cast + masked_linear (fwd+bwd): 0.80x "
+        "over 2 cases -> keep masked_cast",
+        "cuda: W ⊙ M kept for the backward vs the default (fwd+bwd, M >= 64): 1.10x over 2 "
+        "cases -> keep the default"]
     assert _tool().cuda_choices({"benchmarks": []}) == []
 
 
