@@ -155,6 +155,35 @@ def test_autocast_applies_the_mask_in_the_weight_cast(monkeypatch):
     torch.testing.assert_close(got.float(), ref, atol=5e-2, rtol=5e-2)
 
 
+def test_compile_fullgraph_under_autocast_matches_eager():
+    """The autocast route (masked_cast, then F.linear) traces without graph breaks; outputs
+    equal eager's, fp32 grads to bf16 tolerance (exact zeros off the masks in both)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(MaskedLinear(32, 48), nn.GELU(), MaskedLinear(48, 16))
+    ls.attach(model, MaskBank.from_model(model, 0.6, pair="en-de"))
+    ls.set_active_pair(model, "en-de")
+    x = torch.randn(5, 32)
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+        y.float().square().sum().backward()
+        return y
+
+    eager = step(x)
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(lambda x: model(x), fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = compiled(x)
+    y.float().square().sum().backward()
+    assert torch.equal(y, eager)
+    for p, g in zip(model.parameters(), grads):  # inductor fuses the bf16 GELU backward
+        torch.testing.assert_close(p.grad, g, rtol=2e-2, atol=5e-3)
+        if p.dim() == 2:
+            assert torch.equal(p.grad == 0, g == 0)  # the masks: exact zeros in both
+
+
 def test_compile_fullgraph_matches_eager():
     model = nn.Sequential(MaskedLinear(32, 48), nn.GELU(), MaskedLinear(48, 16))
     bank = MaskBank.from_model(model, 0.6, pair="en-de")
