@@ -443,7 +443,9 @@ def test_masked_cast_equals_torchs_cast_of_the_masked_weight(monkeypatch, backen
                 got = lass_sparse.masked_cast(w, bits, dst)
             assert torch.equal(got, torch.where(keep, w, torch.zeros((), dtype=src,
                                                                          device="cuda")).to(dst))
-    assert set(seen) == {backend}
+    # the CUDA entry runs its kernel straight from the dispatcher (no registry); Triton is the
+    # op body's choice under use_backend("triton")
+    assert set(seen) == ({"triton"} if backend == "triton" else set())
     if backend == "cuda":
         seen.clear()
         w16 = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
