@@ -9,6 +9,7 @@ On a CUDA machine it
 2. prints ``lass_sparse.backends()``;
 3. runs every public op (pack_mask, unpack_mask, magnitude_mask, masked_linear forward and
    backward, segmented_masked_linear forward and backward, masked_qkv_proj forward and backward,
+   masked_cast and its gradient,
    masked_adamw_), the nn modules (MaskedLinear, MaskedMultiheadAttention with an attached
    MaskBank) and MaskedAdamW under every active GPU backend (forced with ``use_backend``)
    against the reference backend, per dtype (float32 IEEE, float32 with TF32 allowed, bfloat16,
@@ -227,6 +228,31 @@ def _qkv_case(bsz, t, d, h):
     return C
 
 
+def _cast_case(n, k):
+    """masked_cast to float32 (the widening kernels on 16-bit weights) with its gradient."""
+    torch = _torch()
+    import lass_sparse as ls
+
+    mask = torch.rand(n, k, generator=torch.Generator().manual_seed(11)) > 0.5
+
+    class C(_Case):
+        grad_names = ("dW",)
+
+        @staticmethod
+        def inputs(dt, dev):
+            return (torch.randn(n, k, dtype=torch.float64).to(dev, dt).requires_grad_(),)
+
+        @staticmethod
+        def forward(w):
+            return ls.masked_cast(w, ls.pack_mask(mask.to(w.device)), torch.float32)
+
+        @staticmethod
+        def off_mask(dev):
+            return ~mask.to(dev)
+
+    return C
+
+
 def _module_case(kind, bsz, t, d, h=4):
     """MaskedLinear / MaskedMultiheadAttention with an attached MaskBank and an active pair."""
     torch = _torch()
@@ -336,6 +362,7 @@ def cases(small: bool):
         ("pack_mask", "bits", (37 * s, 70 * s)),
         ("unpack_mask", "bits", (37 * s, 70 * s)),
         ("magnitude_mask", "bits", (37 * s, 70 * s)),
+        ("masked_cast", "linear", _cast_case(37 * s, 70 * s)),
         ("masked_linear M=5", "linear", _linear_case(5, 24 * s, 70 * s)),
         ("masked_linear M=64", "linear", _linear_case(64, 24 * s, 70 * s, bias=False)),
         ("segmented_masked_linear", "linear", _segmented_case(20, 24 * s, 45 * s)),

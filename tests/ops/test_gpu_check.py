@@ -32,7 +32,8 @@ def test_dry_run_passes_every_case_on_every_cpu_backend(tmp_path):
     assert "lass_sparse.backends():" in r.stdout
     table = (tmp_path / "gpu_check.md").read_text()
     names = [c[0] for c in _load().cases(True)]
-    for op in ("pack_mask", "unpack_mask", "magnitude_mask", "masked_linear", "segmented",
+    for op in ("pack_mask", "unpack_mask", "magnitude_mask", "masked_cast", "masked_linear",
+               "segmented",
                "masked_qkv_proj", "masked_adamw_", "MaskedLinear", "MaskedMultiheadAttention",
                "MaskedAdamW", "MaskedAdamW capturable"):
         assert any(op in n for n in names), op
