@@ -48,6 +48,7 @@ timeout "$TEST_S" "$PY" -m pytest -q -rfEs -p no:cacheprovider -m "gpu or triton
   "tests/ops/test_determinism.py::test_training_ops_are_bit_identical_run_to_run_on_cuda" \
   "tests/ops/test_ops.py::test_training_calls_take_the_cpp_autograd_node" \
   "tests/ops/test_ops.py::test_qkv_training_calls_take_the_cpp_autograd_node" \
+  "tests/ops/test_ops.py::test_masked_cast_training_calls_take_the_cpp_autograd_node" \
   --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
 log "tests rc=$? in $((SECONDS - t))s: $(tail -n 1 "$OUT/tests.log")"
 # every CUDA entry (new ones included) refuses wrong sizes with an exception, not a crash
