@@ -15,12 +15,17 @@ from .context import MaskContext, PairState
 
 
 def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None):
-    """Custom ops are outside autocast's op lists: cast like F.linear would."""
+    """Custom ops are outside autocast's op lists: cast like F.linear would (floating tensors
+    other than float64; autocast leaves float64 as it is)."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = None if bias is None else bias.to(dt)
+
+        def cast(t):
+            return t.to(dt) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+        x, weight = cast(x), cast(weight)
+        bias = None if bias is None else cast(bias)
     return x, weight, bias
 
 
@@ -30,7 +35,8 @@ def autocast_weight_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
     the dense op on the result, as autocast runs ``F.linear`` on its cast copy: no pass over W
     beyond the cast, and the backward's masked gradient is cast back in one pass too."""
     dev = x.device.type
-    if not torch.is_autocast_enabled(dev) or not weight.is_floating_point():
+    if (not torch.is_autocast_enabled(dev) or not weight.is_floating_point()
+            or weight.dtype == torch.float64):  # autocast leaves float64 as it is
         return None
     dt = torch.get_autocast_dtype(dev)
     return dt if weight.dtype != dt else None

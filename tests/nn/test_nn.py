@@ -150,6 +150,11 @@ def test_autocast_applies_the_mask_in_the_weight_cast(monkeypatch):
     with ls.active_pair(mha, "en-fr"), torch.autocast("cpu", dtype=torch.bfloat16):
         got, _ = mha(q, q, q, need_weights=False)
     assert calls == [torch.bfloat16] * 2  # in_proj (q, k, v at once) and out_proj
+    m64 = MaskedLinear(64, 32).double()  # autocast leaves float64 alone: so do the layers
+    ls.attach(m64, _linear_bank(m64))
+    with ls.active_pair(m64, "en-de"), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m64(x.detach().double()).dtype == torch.float64
+        assert nn.Linear(64, 32).double()(x.detach().double()).dtype == torch.float64
     with ls.active_pair(mha, "en-fr"):  # fp32 reference through the fused fp32 route
         ref, _ = mha(q, q, q, need_weights=False)
     torch.testing.assert_close(got.float(), ref, atol=5e-2, rtol=5e-2)
