@@ -29,6 +29,7 @@ from .nn import (  # noqa: E402
     active_pair,
     attach,
     convert,
+    materialized,
     set_active_pair,
 )
 
@@ -54,6 +55,7 @@ __all__ = [
     "attach",
     "backends",
     "convert",
+    "materialized",
     "set_active_pair",
     "magnitude_mask",
     "masked_adamw_",

@@ -1,7 +1,14 @@
 """Drop-in masked modules, model conversion and the active-pair context."""
 
 from .attention import MaskedMultiheadAttention
-from .context import MaskContext, active_pair, attach, get_context, set_active_pair
+from .context import (
+    MaskContext,
+    active_pair,
+    attach,
+    get_context,
+    materialized,
+    set_active_pair,
+)
 from .convert import DEFAULT_EXCLUDE, convert, masked_parameters
 from .linear import MaskedLinear, MaskedTiedLinear, masked_forward
 
@@ -17,5 +24,6 @@ __all__ = [
     "get_context",
     "masked_forward",
     "masked_parameters",
+    "materialized",
     "set_active_pair",
 ]

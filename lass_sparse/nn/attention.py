@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import ops
 from .context import MaskContext, PairState
-from .linear import MaskedLinear, _autocast, autocast_weight_dtype, masked_forward
+from .linear import MaskedLinear, _autocast, masked_dense_weight, masked_forward
 
 
 def _cpu_math_sdpa(x: Tensor):
@@ -168,10 +168,10 @@ class MaskedMultiheadAttention(nn.MultiheadAttention):
         bits = None
         if single and self._qkv_same_embed_dim and is_self and not static_kv:
             bits = ctx.bits(self._lass_prefix + "in_proj_weight", query.device, st)
-        cast = None if bits is None else autocast_weight_dtype(query, self.in_proj_weight)
-        if cast is not None:  # W ⊙ M in autocast's cast of W, then the dense projection
-            y = F.linear(query, ops.masked_cast(self.in_proj_weight, bits, cast),
-                         self.in_proj_bias)
+        wm = None if bits is None else masked_dense_weight(
+            ctx, st, self._lass_prefix + "in_proj_weight", query, self.in_proj_weight, bits)
+        if wm is not None:  # W ⊙ M (autocast's cast, or materialized()), the dense projection
+            y = F.linear(query, wm, self.in_proj_bias)
             q, k, v = y.view(bsz, tq, 3, h, dh).permute(2, 0, 3, 1, 4).unbind(0)
             if cache is not None:
                 k, v = _append(cache, k, v)

@@ -61,6 +61,8 @@ class MaskContext:
         self._static: dict[tuple, Tensor] = {}  # (name, device) -> the set pair's bits
         self._static_devices: set[torch.device] = set()  # devices compiled forwards ran on
         self._static_ok = False  # the buffers hold the one single pair every thread has set
+        self.merged: dict | None = None  # materialized(): (name, pair, ...) -> (W ⊙ M, stamp)
+        self._merged_depth = 0
         self._init_threads(_DENSE)
 
     def _init_threads(self, default: PairState) -> None:
@@ -74,7 +76,8 @@ class MaskContext:
         st = self.current()
         d = {k: v for k, v in self.__dict__.items()
              if k not in ("_local", "_lock", "_held", "_default", "_fallback", "_cache",
-                          "_static", "_static_devices", "_static_ok")}
+                          "_static", "_static_devices", "_static_ok", "merged",
+                          "_merged_depth")}
         d["_default"] = PairState(st.pair, st.pairs, st.pair_ids, st.batch_dim)
         return d
 
@@ -83,6 +86,7 @@ class MaskContext:
         self.__dict__.update(d)
         self._cache = {}
         self._static, self._static_devices, self._static_ok = {}, set(), False
+        self.merged, self._merged_depth = None, 0
         self._init_threads(default)
 
     # ----------------------------------------------------------------- the active setting
@@ -134,6 +138,8 @@ class MaskContext:
     def _fresh(self) -> None:
         if self._version != self.bank.version:
             self._cache.clear()
+            if self.merged is not None:
+                self.merged.clear()
             self._static.clear()
             self._static_ok = False
             self._names = frozenset(self.bank.names)
@@ -311,3 +317,28 @@ def active_pair(
         yield ctx
     finally:
         ctx.restore(saved)
+
+
+@contextlib.contextmanager
+def materialized(model: nn.Module):
+    """``with materialized(model):`` — inside, a forward that needs no gradient, with one pair
+    active, runs the dense op (``F.linear``, cuBLAS on a GPU) on ``W ⊙ M`` computed once per
+    layer, pair and dtype (:func:`lass_sparse.masked_cast`) and kept until the block ends, as
+    PEFT's ``merge_adapter`` for inference: a decoding loop then pays no mask pass per step on
+    a GPU's GEMM route and uses cuBLAS's GEMV at few rows. Memory: one masked copy of each
+    weight a forward used, per pair, freed when the block ends. A weight changed in place is
+    masked again; calls that need a gradient, mixed-pair batches and compiled graphs run as
+    outside the block. On the CPU the fused kernels are as fast as dense or faster
+    (docs/performance.md): use it on GPUs."""
+    ctx = get_context(model)
+    with ctx._lock:
+        ctx._merged_depth += 1
+        if ctx.merged is None:
+            ctx.merged = {}
+    try:
+        yield ctx
+    finally:
+        with ctx._lock:
+            ctx._merged_depth -= 1
+            if ctx._merged_depth == 0:
+                ctx.merged = None

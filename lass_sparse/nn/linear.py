@@ -42,6 +42,28 @@ def autocast_weight_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
     return dt if weight.dtype != dt else None
 
 
+def masked_dense_weight(ctx: MaskContext, st: PairState, name: str, x: Tensor, weight: Tensor,
+                        bits: Tensor, rows: slice | None = None) -> Tensor | None:
+    """``W ⊙ M`` for the dense op where that is the route of a single-pair call, else None (the
+    fused op): inside :func:`~lass_sparse.nn.materialized` for a call without gradient, the
+    block's copy (made once per layer, pair and dtype); under autocast with a weight of another
+    dtype, :func:`lass_sparse.ops.masked_cast` into the autocast dtype."""
+    cast = autocast_weight_dtype(x, weight)
+    merged = ctx.merged
+    if (merged is not None and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
+        dtype = cast or weight.dtype
+        key = (name, st.pair, None if rows is None else rows.start, weight.device, dtype)
+        stamp = (weight.data_ptr(), weight._version)  # a view shares its base's counter
+        hit = merged.get(key)
+        if hit is None or hit[1] != stamp:
+            hit = merged[key] = (ops.masked_cast(weight, bits, dtype), stamp)
+        return hit[0]
+    if cast is not None:
+        return ops.masked_cast(weight, bits, cast)
+    return None
+
+
 def _row_ids(ids: Tensor, x: Tensor, batch_dim: int) -> Tensor:
     lead = x.shape[:-1]
     rows = math.prod(lead)
@@ -118,9 +140,9 @@ def masked_forward(
         if bits is None:
             return F.linear(x, weight, bias)
         bits = bits if rows is None else bits[rows]
-        cast = autocast_weight_dtype(x, weight)
-        if cast is not None:  # W ⊙ M in autocast's cast of W; F.linear casts x and bias
-            return F.linear(x, ops.masked_cast(weight, bits, cast), bias)
+        wm = masked_dense_weight(ctx, st, name, x, weight, bits, rows)
+        if wm is not None:  # F.linear casts x and bias as autocast does
+            return F.linear(x, wm, bias)
         x, weight, bias = _autocast(x, weight, bias)
         return ops.masked_linear(x, weight, bits, bias)
     x, weight, bias = _autocast(x, weight, bias)

@@ -160,6 +160,75 @@ def test_autocast_applies_the_mask_in_the_weight_cast(monkeypatch):
     torch.testing.assert_close(got.float(), ref, atol=5e-2, rtol=5e-2)
 
 
+def test_materialized_runs_the_dense_op_on_a_kept_masked_copy(monkeypatch):
+    """Inside materialized(model), no-grad single-pair forwards run F.linear on W ⊙ M made once
+    per layer, pair and dtype: the same values as the masked path (bit for bit: the same F.linear
+    on the same masked weight), masked_cast called once per layer over several steps, again
+    for another pair, after an in-place change of W, under autocast (another dtype); calls with
+    grad, mixed-pair batches and calls after the block use the fused ops; the copies are freed
+    when the outermost block ends."""
+    torch.manual_seed(0)
+    model = nn.Sequential(MaskedLinear(32, 48), nn.ReLU(), MaskedLinear(48, 16))
+    mha = MaskedMultiheadAttention(16, 4, batch_first=True)
+    bank = _linear_bank(model)
+    ls.attach(model, bank)
+    ls.attach(mha, _linear_bank(mha))
+    x = torch.randn(6, 32)
+    calls = []
+    real = ls.ops.masked_cast
+    monkeypatch.setattr(ls.ops, "masked_cast", lambda *a: calls.append(a[2]) or real(*a))
+
+    def dense(pair):
+        w0, w2 = (_masked_weight(bank, pair, f"{i}.weight", model[i].weight) for i in (0, 2))
+        return F.linear(F.relu(F.linear(x, w0, model[0].bias)), w2, model[2].bias)
+
+    with torch.no_grad():
+        with ls.materialized(model), ls.active_pair(model, "en-de"):
+            outs = [model(x) for _ in range(3)]
+            assert len(calls) == 2  # one copy per layer, reused by every step
+            ctx = ls.nn.get_context(model)
+            assert len(ctx.merged) == 2
+            with ls.materialized(model):  # nested: the same copies
+                model(x)
+            assert len(calls) == 2 and ctx.merged is not None
+            with ls.active_pair(model, "en-fr"):
+                fr = model(x)
+            assert len(calls) == 4
+            model[2].weight.mul_(2.0)  # in place: masked again
+            doubled = model(x)
+            assert len(calls) == 5
+            model[2].weight.div_(2.0)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                amp = model(x)
+            assert calls[-2:] == [torch.bfloat16] * 2 and amp.dtype == torch.bfloat16
+            with ls.active_pair(model, ["en-de", "en-fr"], pair_ids=torch.tensor([0, 1] * 3)):
+                n = len(calls)
+                model(x)  # mixed pairs: the segmented op
+                assert len(calls) == n
+        assert ctx.merged is None  # freed
+    for y in outs:
+        assert torch.equal(y, dense("en-de"))
+    assert torch.equal(fr, dense("en-fr"))
+    torch.testing.assert_close(doubled, dense("en-de") + F.linear(
+        F.relu(F.linear(x, _masked_weight(bank, "en-de", "0.weight", model[0].weight),
+                        model[0].bias)),
+        _masked_weight(bank, "en-de", "2.weight", model[2].weight)))
+    with ls.materialized(model), ls.active_pair(model, "en-de"):  # grad: the fused ops
+        n = len(calls)
+        model(x).sum().backward()
+        assert len(calls) == n and model[0].weight.grad is not None
+    q = torch.randn(2, 5, 16)
+    with torch.no_grad(), ls.active_pair(mha, "en-de"):
+        want, _ = mha(q, q, q, need_weights=False)
+        with ls.materialized(mha):
+            n = len(calls)
+            got, _ = mha(q, q, q, need_weights=False)
+            got2, _ = mha(q, q, q, need_weights=False)
+            assert len(calls) == n + 2  # in_proj (q, k, v at once) and out_proj, once
+    torch.testing.assert_close(got, want)
+    assert torch.equal(got, got2)
+
+
 def test_compile_fullgraph_under_autocast_matches_eager():
     """The autocast route (masked_cast, then F.linear) traces without graph breaks; outputs
     equal eager's, fp32 grads to bf16 tolerance (exact zeros off the masks in both)."""
