@@ -231,7 +231,8 @@ def cmd_translate(args) -> int:
         return 1
     run = _open_run(args.run, args)
     hyps = P.translate_texts(run, args.stage, args.pair, texts, masks=args.masks,
-                             beam=1 if args.greedy else args.beam, lenpen=args.lenpen)
+                             beam=1 if args.greedy else args.beam, lenpen=args.lenpen,
+                             materialize=args.materialize)
     out = "\n".join(hyps) + "\n"
     if args.output:
         from ..fileio import atomic_write
@@ -263,7 +264,8 @@ def cmd_evaluate(args) -> int:
     dirs = args.directions or run.directions
     hyps: dict = {}
     res = P.evaluate(run, systems, dirs, split=args.split, limit=args.limit, beam=args.beam,
-                     progress=not args.quiet, rows=rows, hyps_out=hyps)
+                     progress=not args.quiet, rows=rows, hyps_out=hyps,
+                     materialize=args.materialize)
     base = "baseline" if args.baseline else None
     table = render_table(res, dirs, baseline=base)
     out = {"results": res, "test": args.test or args.split, "limit": args.limit}
@@ -441,6 +443,9 @@ def add_commands(sub) -> None:
     p.add_argument("--lenpen", type=finite_float, default=1.0)
     p.add_argument("--input")
     p.add_argument("--output")
+    p.add_argument("--materialize", action="store_true",
+                   help="keep W ⊙ M of each layer for the direction being decoded (one masked "
+                   "copy of the model's weights): the dense kernels, memory for speed")
     p.set_defaults(func=_guarded(cmd_translate))
 
     p = sub.add_parser("evaluate", help="BLEU, chrF, translation accuracy; win ratio; "
@@ -464,6 +469,9 @@ def add_commands(sub) -> None:
     p.add_argument("--beam", type=positive_int, default=4)
     p.add_argument("--out", help="write OUT.md and OUT.json")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--materialize", action="store_true",
+                   help="keep W ⊙ M of each layer for the direction being decoded (one masked "
+                   "copy of the model's weights): the dense kernels, memory for speed")
     p.set_defaults(func=_guarded(cmd_evaluate))
 
     p = sub.add_parser("masks", help="mask bank tools: similarity, stats")

@@ -15,6 +15,7 @@ released recipe fine-tunes and joint-trains from the best θ0), else its last.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from ..fileio import atomic_write
 from ..masks import MaskBank
 from ..mt.corpus import Corpus, load_corpus
 from ..mt.direction import Direction
-from ..nn import active_pair, attach, masked_parameters
+from ..nn import active_pair, attach, masked_parameters, materialized
 from .checkpoint import has_checkpoint, load_checkpoint
 from .device import resolve_device
 from .model import ModelConfig, Seq2Seq, make_config
@@ -289,11 +290,21 @@ def extend(run: Run, directions: str | list[str], *, masks: str, init: str = "jo
             "masks": run.path(out, "masks.safetensors")}
 
 
+def _under_mask(model, direction: str, materialize: bool):
+    """The direction's masks for a block; with ``materialize``, W ⊙ M kept per layer for it."""
+    stack = contextlib.ExitStack()
+    if materialize:
+        stack.enter_context(materialized(model))
+    stack.enter_context(active_pair(model, direction))
+    return stack
+
+
 def translate_texts(run: Run, stage: str, direction: str, texts: list[str], *,
                     masks: str | None = None, beam: int = 4, batch_size: int = 64,
-                    lenpen: float = 1.0) -> list[str]:
+                    lenpen: float = 1.0, materialize: bool = False) -> list[str]:
     """Translate with a stage's model; with ``masks``, under the direction's mask (zero-shot
-    directions use the merged X→en encoder / en→Y decoder masks automatically)."""
+    directions use the merged X→en encoder / en→Y decoder masks automatically;
+    ``materialize``: :func:`lass_sparse.materialized` around the decoding)."""
     from .translate import ensure_pair, translate
 
     model = run.load_model(stage)
@@ -303,21 +314,23 @@ def translate_texts(run: Run, stage: str, direction: str, texts: list[str], *,
     bank = load_bank(run, masks)
     ensure_pair(bank, direction)
     attach(model, bank)
-    with active_pair(model, direction):
+    with _under_mask(model, direction, materialize):
         return translate(model, run.tok, texts, direction, **kw)
 
 
 def evaluate(run: Run, systems: dict[str, tuple[str, str | None]], directions: list[str], *,
              split: str = "test", limit: int | None = None, beam: int = 4,
              batch_size: int = 64, progress: bool = True, rows: list[dict] | None = None,
-             hyps_out: dict | None = None) -> dict:
+             hyps_out: dict | None = None, materialize: bool = False) -> dict:
     """BLEU, chrF and translation accuracy of each system on each direction.
 
     ``systems``: name -> (stage, masks file or None for dense); a stage's best checkpoint is used
     when it has one. Zero-shot directions (not in a bank) use merged masks. ``rows``: a
     multi-way test set of one's own (see :func:`~lass_sparse.mt.corpus.read_test_file`) instead
     of the corpus's ``split``. ``hyps_out``: filled with ``{system: {direction: hypotheses}}``
-    (for :func:`significance`). Returns ``{system: {direction: {bleu, chrf, acc, ...}}}``.
+    (for :func:`significance`). ``materialize``: :func:`lass_sparse.materialized` around each
+    direction's decoding (one masked copy of the weights at a time). Returns
+    ``{system: {direction: {bleu, chrf, acc, ...}}}``.
     """
     from tqdm.auto import tqdm
 
@@ -342,7 +355,7 @@ def evaluate(run: Run, systems: dict[str, tuple[str, str | None]], directions: l
             kw = dict(beam=beam, batch_size=batch_size, langtok=run.langtok)
             if bank is not None:
                 ensure_pair(bank, d)
-                with active_pair(model, d):
+                with _under_mask(model, d, materialize):
                     hyps = translate(model, run.tok, src, d, **kw)
             else:
                 hyps = translate(model, run.tok, src, d, **kw)

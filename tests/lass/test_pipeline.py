@@ -115,6 +115,34 @@ def test_evaluation_matches_sacrebleu_called_directly(run):
     assert "| en-de |" in table and "average" in table
 
 
+def test_materialize_translates_as_the_fused_kernels(run, tmp_path, monkeypatch):
+    """``materialize`` (CLI ``--materialize``): the dense ops on W ⊙ M kept per layer — the
+    same hypotheses as the fused kernels (a near-tie could flip one: at most one here), with
+    masked_cast run once per masked weight, not per decoding step."""
+    from lass_sparse.cli import main
+
+    src, _ = run.corpus.eval_set("test", "en-de", 8)
+    fused = P.translate_texts(run, "joint", "en-de", src, masks="masks.safetensors", beam=2)
+    calls = []
+    real = ls.ops.masked_cast
+    monkeypatch.setattr(ls.ops, "masked_cast", lambda *a: calls.append(1) or real(*a))
+    kept = P.translate_texts(run, "joint", "en-de", src, masks="masks.safetensors", beam=2,
+                             materialize=True)
+    assert sum(a != b for a, b in zip(fused, kept)) <= 1
+    n8 = len(calls)
+    calls.clear()
+    P.translate_texts(run, "joint", "en-de", src[:1], masks="masks.safetensors", beam=1,
+                      materialize=True)
+    assert n8 == len(calls) > 0  # once per weight (row block) used, not per step or sentence
+    inp = tmp_path / "in.txt"
+    inp.write_text("\n".join(src[:2]) + "\n")
+    out = tmp_path / "out.txt"
+    assert main(["translate", "--run", run.dir, "--stage", "joint", "--pair", "en-de",
+                 "--masks", "masks.safetensors", "--beam", "2", "--materialize", "--input",
+                 str(inp), "--output", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 2
+
+
 def test_extend_strict_keeps_old_pairs_bit_identical(run):
     old = run.load_model("joint")
     bank = ls.MaskBank.load(run.path("masks.safetensors"))
