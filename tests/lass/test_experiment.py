@@ -103,6 +103,26 @@ def test_bad_configs_name_the_file_and_key(tmp_path, text, msg):
     assert path in str(e.value) or "TOML" in str(e.value)
 
 
+def test_evaluate_stage_passes_materialize(tmp_path, monkeypatch):
+    """An evaluate stage's ``materialize = true`` reaches the pipeline's evaluate (default
+    false)."""
+    from lass_sparse.lass import pipeline as P
+    from lass_sparse.lass.experiment import jobs
+
+    seen = []
+
+    def fake(run, systems, dirs, **kw):
+        seen.append(kw["materialize"])
+        kw["hyps_out"]["s"] = {d: ([], []) for d in dirs}
+        return {"s": {d: {"bleu": 1.0} for d in dirs}}
+
+    monkeypatch.setattr(P, "evaluate", fake)
+    for extra, want in (({}, False), ({"materialize": True}, True)):
+        p = {"systems": {"s": "joint@masks.safetensors"}, "directions": ["en-de"], **extra}
+        assert jobs.evaluate(None, p, str(tmp_path / str(want)))["average_bleu"] == 1.0
+        assert seen[-1] is want
+
+
 def test_set_scale_extends_and_unset_variables(tmp_path):
     _write(tmp_path, "[run]\ncorpus = 'demo'\n[[stage]]\nname = 'a'\nkind = 'train'\n"
                   "steps = 100\n[[stage]]\nname = 'b'\nkind = 'prune'\nalpha = '{alpha}'\n",

@@ -56,7 +56,8 @@ STAGE_KEYS = {
     "prune": {"alpha", "out", "directions", "random", "shared_from", "ft_prefix", "seed",
               "compact_copy"},
     "select": {"variable", "values", "stage", "by"},
-    "evaluate": {"systems", "directions", "limit", "beam", "split", "batch_size"},
+    "evaluate": {"systems", "directions", "limit", "beam", "split", "batch_size",
+                 "materialize"},
     "weight_change": {"before", "after_stages", "masks"},
 }
 TRAINING_KINDS = ("train", "finetune", "joint", "extend")

@@ -111,7 +111,8 @@ def evaluate(run, p: dict, folder: str) -> dict:
     hyps: dict = {}
     res = P.evaluate(run, {name: parse_system(spec)}, p["directions"], split=p.get("split",
                      "test"), limit=p.get("limit"), beam=p.get("beam", 4),
-                     batch_size=p.get("batch_size", 64), progress=False, hyps_out=hyps)
+                     batch_size=p.get("batch_size", 64), progress=False, hyps_out=hyps,
+                     materialize=bool(p.get("materialize", False)))
     os.makedirs(folder, exist_ok=True)
     atomic_write(os.path.join(folder, f"{name}.json"), json.dumps(
         {"system": name, "spec": spec, "results": res[name], "hyps": hyps[name]}).encode())
