@@ -71,6 +71,14 @@ if [ -s "$OUT/device.json" ]; then
   log "routes (not written; run tools/routes_from_sweep.py on device.json to): $OUT/routes.txt"
 fi
 
+# beam search, one pair: the fused kernels vs materialized() vs dense (decides whether the CLI
+# should materialize on GPUs by default; ~30 s); last: it runs in the time the rest left
+t=$SECONDS
+timeout 75 "$PY" -m pytest benchmarks/test_e2e.py -k "translate_batch and cuda" -m gpu -q \
+  -p no:cacheprovider --benchmark-only --benchmark-json="$OUT/translate.json" \
+  >"$OUT/translate.log" 2>&1
+log "translate rc=$? in $((SECONDS - t))s: $(tail -n 1 "$OUT/translate.log")"
+
 # Triton's compiled kernels for the next session (restore: TRITON_CACHE_DIR, tar x)
 if [ -d "$TRITON_CACHE_DIR" ]; then
   tar czf "$OUT/triton-cache.tar.gz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
