@@ -6,7 +6,7 @@
 #
 #   OUT=/path make gpu-session            # or: OUT=... bash tools/gpu_session.sh
 #
-# Budgets (seconds, env): BUILD_S 240, TEST_S 150 (+ 90 for the hardening run), SWEEP_S 240
+# Budgets (seconds, env): BUILD_S 240, TEST_S 150 (+ 90 for the hardening run), SWEEP_S 240, then 75 for beam search
 # (benchmarks starting later are skipped, the JSON is written). GPU_PY: the machine's python (torch, triton preinstalled).
 set -u
 OUT=${OUT:-gpu_session_results}
@@ -72,7 +72,7 @@ if [ -s "$OUT/device.json" ]; then
 fi
 
 # beam search, one pair: the fused kernels vs materialized() vs dense (decides whether the CLI
-# should materialize on GPUs by default; ~30 s); last: it runs in the time the rest left
+# should materialize on GPUs by default); last, 75 s at most: it runs in the time left
 t=$SECONDS
 timeout 75 "$PY" -m pytest benchmarks/test_e2e.py -k "translate_batch and cuda" -m gpu -q \
   -p no:cacheprovider --benchmark-only --benchmark-json="$OUT/translate.json" \
