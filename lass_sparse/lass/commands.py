@@ -372,6 +372,12 @@ def _training(p, steps: int, lr: float = 2e-3) -> None:
     add_nproc_option(p)
 
 
+def _materialize_flag(p) -> None:
+    p.add_argument("--materialize", action="store_true",
+                   help="keep W ⊙ M of each layer for the direction being decoded (one masked "
+                   "copy of the model's weights): the dense kernels, memory for speed")
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("train", help="multilingual base training (temperature sampling)")
     _common(p, corpus=True)
@@ -443,9 +449,7 @@ def add_commands(sub) -> None:
     p.add_argument("--lenpen", type=finite_float, default=1.0)
     p.add_argument("--input")
     p.add_argument("--output")
-    p.add_argument("--materialize", action="store_true",
-                   help="keep W ⊙ M of each layer for the direction being decoded (one masked "
-                   "copy of the model's weights): the dense kernels, memory for speed")
+    _materialize_flag(p)
     p.set_defaults(func=_guarded(cmd_translate))
 
     p = sub.add_parser("evaluate", help="BLEU, chrF, translation accuracy; win ratio; "
@@ -469,9 +473,7 @@ def add_commands(sub) -> None:
     p.add_argument("--beam", type=positive_int, default=4)
     p.add_argument("--out", help="write OUT.md and OUT.json")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--materialize", action="store_true",
-                   help="keep W ⊙ M of each layer for the direction being decoded (one masked "
-                   "copy of the model's weights): the dense kernels, memory for speed")
+    _materialize_flag(p)
     p.set_defaults(func=_guarded(cmd_evaluate))
 
     p = sub.add_parser("masks", help="mask bank tools: similarity, stats")

@@ -170,14 +170,13 @@ class MaskedMultiheadAttention(nn.MultiheadAttention):
             bits = ctx.bits(self._lass_prefix + "in_proj_weight", query.device, st)
         wm = None if bits is None else masked_dense_weight(
             ctx, st, self._lass_prefix + "in_proj_weight", query, self.in_proj_weight, bits)
-        if wm is not None:  # W ⊙ M (autocast's cast, or materialized()), the dense projection
-            y = F.linear(query, wm, self.in_proj_bias)
-            q, k, v = y.view(bsz, tq, 3, h, dh).permute(2, 0, 3, 1, 4).unbind(0)
-            if cache is not None:
-                k, v = _append(cache, k, v)
-        elif bits is not None:  # one fused launch for q, k, v (cached decoding steps too)
-            x, w, b = _autocast(query, self.in_proj_weight, self.in_proj_bias)
-            q, k, v = ops.masked_qkv_proj(x, w, bits, b, h)
+        if bits is not None:
+            if wm is not None:  # W ⊙ M (autocast's cast, or materialized()), the dense op
+                y = F.linear(query, wm, self.in_proj_bias)
+                q, k, v = y.view(bsz, tq, 3, h, dh).permute(2, 0, 3, 1, 4).unbind(0)
+            else:  # one fused launch for q, k, v (cached decoding steps too)
+                x, w, b = _autocast(query, self.in_proj_weight, self.in_proj_bias)
+                q, k, v = ops.masked_qkv_proj(x, w, bits, b, h)
             if cache is not None:
                 k, v = _append(cache, k, v)
         else:

@@ -23,7 +23,6 @@ from . import registry, schema
 from .bodies import (
     masked_adamw_body,
     masked_adamw_capturable_body,
-    masked_cast_body,
     masked_linear_body,
     masked_qkv_proj_body,
     segmented_masked_linear_body,
@@ -63,8 +62,7 @@ class _MaskedCastFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, bits, dtype):
-        out = schema.CAST_NATIVE.get(weight.device.type, masked_cast_body)(
-            weight.contiguous(), bits, dtype)
+        out = schema.cast_kernel(weight.device.type)(weight.contiguous(), bits, dtype)
         schema.cast_setup(ctx, (weight, bits, dtype), out)
         return out
 
@@ -94,7 +92,7 @@ def masked_cast(weight: Tensor, bits: Tensor, dtype: torch.dtype | None = None) 
                     check_cast(weight, bits, dtype)  # the op's wording
                     raise
             return profiled("masked_cast", _MaskedCastFn.apply, weight, bits, dtype)
-        kernel = schema.CAST_NATIVE.get(weight.device.type, masked_cast_body)
+        kernel = schema.cast_kernel(weight.device.type)
         return profiled("masked_cast", kernel, weight.contiguous(), bits, dtype)
     return torch.ops.lass_sparse.masked_cast(weight, bits, dtype)
 

@@ -95,8 +95,7 @@ def cast_backward(ctx, grad):
     """The op is its own adjoint: dW = (grad ⊙ M) in the weight's dtype (off-mask exactly 0)."""
     (bits,) = ctx.saved_tensors
     if not torch.is_grad_enabled() and is_plain_eager(grad, bits):
-        key = grad.device.type
-        kernel = CAST_NATIVE.get(key, bodies.masked_cast_body)
+        kernel = cast_kernel(grad.device.type)
         return profiled("masked_cast", kernel, grad.contiguous(), bits, ctx.weight_dtype), \
             None, None
     return torch.ops.lass_sparse.masked_cast(grad, bits, ctx.weight_dtype), None, None
@@ -341,6 +340,11 @@ for _name, _body in NATIVE_BODIES.items():
 # masked_cast's no-grad kernels by device type (C++ entries on CPU and CUDA; defined after the
 # `.registry` overloads they defer to).
 CAST_NATIVE = {dev: native_kernel("masked_cast", dev.upper()) for dev in ("cpu", "cuda")}
+
+
+def cast_kernel(device_type: str):
+    """masked_cast's no-grad kernel for a device type: the C++ entry, else the op body."""
+    return CAST_NATIVE.get(device_type, bodies.masked_cast_body)
 
 # A plain eager backward's dx / dW kernels on CPU and CUDA tensors (the C++ entries, below
 # autograd; they defer to the op body for calls they do not take).
