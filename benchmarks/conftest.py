@@ -6,6 +6,7 @@ checks its result against the reference, so the suite doubles as a correctness t
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -21,6 +22,7 @@ import lass_sparse  # noqa: E402,F401
 
 BUDGET_ENV = "LASS_SPARSE_BENCH_BUDGET_S"  # seconds; benchmarks starting later are skipped
 PRIORITY_ENV = "LASS_SPARSE_SWEEP_PRIORITY"  # "1": the device sweep in common.sweep_priority order
+PARTIAL_ENV = "LASS_SPARSE_BENCH_PARTIAL"  # a .jsonl path: each benchmark's result as it finishes
 _T0 = time.monotonic()
 
 
@@ -44,6 +46,40 @@ def _time_budget():
     budget = os.environ.get(BUDGET_ENV)
     if budget and time.monotonic() - _T0 > float(budget):
         pytest.skip(f"time budget spent ({BUDGET_ENV}={budget})")
+
+
+def pytest_sessionstart(session):
+    """With ``$LASS_SPARSE_BENCH_PARTIAL`` set, start that JSON-lines file with the run's
+    machine and commit info; ``pytest_runtest_makereport`` appends one line per benchmark."""
+    path = os.environ.get(PARTIAL_ENV)
+    if not path:
+        return
+    from datetime import datetime, timezone
+
+    from pytest_benchmark.utils import get_commit_info
+
+    machine_info: dict = {"python_version": platform.python_version()}
+    pytest_benchmark_update_machine_info(session.config, machine_info)
+    head = {"machine_info": machine_info, "commit_info": get_commit_info(),
+            "datetime": datetime.now(timezone.utc).isoformat()}
+    with open(path, "w") as f:
+        f.write(json.dumps(head, default=str) + "\n")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Append a finished benchmark's record (as in ``--benchmark-json``, without the raw data)
+    to ``$LASS_SPARSE_BENCH_PARTIAL``, flushed to disk: a sweep killed later keeps it."""
+    yield
+    path = os.environ.get(PARTIAL_ENV)
+    bench = item.funcargs.get("benchmark") if call.when == "call" and path else None
+    stats = getattr(bench, "stats", None)
+    if stats is None:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(stats.as_dict(include_data=False), default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def smoke(config) -> bool:

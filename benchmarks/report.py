@@ -1,6 +1,9 @@
 """Turn a pytest-benchmark JSON file into a markdown table of ratios (ours/dense, ours/naive, ...).
 
     python benchmarks/report.py benchmarks/results/cpu.json [-o benchmarks/results/<device>.md]
+
+It also reads the JSON-lines file a run writes as it goes under ``LASS_SPARSE_BENCH_PARTIAL``
+(benchmarks/conftest.py): what a sweep measured before it was cut off.
 """
 
 from __future__ import annotations
@@ -14,6 +17,26 @@ BASELINES = ("dense", "dense32", "naive", "unpack", "reference", "bool", "numpy"
              "plain_compiled")
 # extra_info keys that are inputs of computed columns, not columns of their own
 HIDDEN = {"op", "impl", "flop", "bytes", "device_s", "peak_TFLOP/s", "peak_TB/s"}
+
+
+def load(path: str) -> dict:
+    """A ``--benchmark-json`` file, or a ``$LASS_SPARSE_BENCH_PARTIAL`` JSON-lines file (a
+    header line with the machine/commit info, then one benchmark a line) in the same shape; a
+    last line cut short by a kill is dropped."""
+    with open(path) as f:
+        if not path.endswith(".jsonl"):
+            return json.load(f)
+        lines = f.read().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+    if not records or "machine_info" not in records[0]:
+        raise ValueError(f"{path}: no header line (machine_info): not a partial-results file")
+    return {**records[0], "benchmarks": records[1:]}
 
 
 def _fmt_time(s: float) -> str:
@@ -138,13 +161,16 @@ def summary(data: dict, rows: int = 40) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", help="pytest-benchmark --benchmark-json output")
+    ap.add_argument("json", help="pytest-benchmark --benchmark-json output (or a partial .jsonl)")
     ap.add_argument("-o", "--out", help="write markdown here (default: stdout)")
     ap.add_argument("--summary", type=int, metavar="ROWS",
                     help="print a short plain table of the first ROWS device-time cases instead")
     a = ap.parse_args(argv)
-    with open(a.json) as f:
-        data = json.load(f)
+    try:
+        data = load(a.json)
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        print(f"report: {e}", file=sys.stderr)
+        return 2
     if a.summary is not None:
         sys.stdout.write(summary(data, a.summary))
         return 0

@@ -206,17 +206,20 @@ def cuda_choices(data: dict, min_gain: float = 0.03) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", help="the sweep's pytest-benchmark JSON (device.json)")
+    ap.add_argument("json", help="the sweep's pytest-benchmark JSON (device.json), or the "
+                    "partial .jsonl a cut-off sweep leaves")
     ap.add_argument("-o", "--out", default=DEFAULT_OUT, help="routes file to update")
     ap.add_argument("--min-gain", type=float, default=0.03,
                     help="a variant replaces v1 only when this much faster (default 0.03)")
     ap.add_argument("--dry", action="store_true", help="print the routes, write nothing")
     a = ap.parse_args(argv)
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from report import load  # the sweep's JSON, or what a cut-off sweep wrote as it went
+
     try:
-        with open(a.json) as f:
-            data = json.load(f)
+        data = load(a.json)
         gpu, routes, report = routes_from(data, a.min_gain)
-    except (OSError, json.JSONDecodeError, SweepError) as e:
+    except (OSError, ValueError, SweepError) as e:  # JSONDecodeError, SweepError: ValueErrors
         print(f"routes_from_sweep: {e}", file=sys.stderr)
         return 2
     print("\n".join(report + cuda_choices(data, a.min_gain)))

@@ -134,3 +134,105 @@ def test_the_gpu_session_script_parses_and_names_existing_tests():
         assert os.path.exists(src), path
         if test:
             assert re.search(rf"^def {test}\(", open(src).read(), re.M), f"{path}::{test}"
+
+
+_FAKE_GPU_PY = r'''
+"""Stands in for the GPU machine's python in gpu_session.sh: pip and the heredoc succeed at
+once, pytest_timeout is absent, every pytest run hangs until the script's timeout kills it,
+the sweep's after writing two benchmarks to its partial file; scripts run for real."""
+import json, os, sys, time
+args = sys.argv[1:]
+if args[:2] == ["-m", "pip"] or args[:1] == ["-"]:
+    sys.exit(0)
+if args[:1] == ["-c"]:
+    sys.exit(1)
+if args[:2] == ["-m", "pytest"]:
+    partial = os.environ.get("LASS_SPARSE_BENCH_PARTIAL")
+    if partial and "benchmarks/test_device_time.py" in args:
+        with open(partial, "w") as f:
+            f.write(json.dumps({"machine_info": {"gpu": "Fake GPU", "torch": "x"},
+                                "commit_info": {"id": "0123456789"}}) + "\n")
+            for impl, t in (("ours", 2e-4), ("dense", 1e-4)):
+                f.write(json.dumps({
+                    "group": "device_fwd[dtype=bf16 M=64 N=4096 K=4096]",
+                    "extra_info": {"op": "device_fwd", "impl": impl, "dtype": "bf16", "M": "64",
+                                   "N": "4096", "K": "4096", "device_s": t},
+                    "stats": {"median": t}}) + "\n")
+            f.write('{"group": "cut off by the kil')
+    time.sleep(1000)
+os.execv(sys.executable, [sys.executable] + args)
+'''
+
+
+def _gpu_session(tmp_path, name: str, **budgets) -> tuple[subprocess.CompletedProcess, str,
+                                                            float]:
+    """gpu_session.sh run on the fake GPU python under ``budgets``: (result, session.log,
+    wall seconds)."""
+    import time
+
+    fake = tmp_path / "fake_python"
+    if not fake.exists():
+        fake.write_text(f"#!{sys.executable}\n{_FAKE_GPU_PY}")
+        fake.chmod(0o755)
+    env = dict(os.environ, GPU_PY=str(fake), OUT=str(tmp_path / name),
+               TRITON_CACHE_DIR=str(tmp_path / "tc"), BUILD_S="5", TEST_S="2", HARDEN_S="2",
+               SWEEP_S="3", TRANSLATE_S="2", SWEEP_MIN="3", TAIL_S="6", PHASE_MIN_S="2",
+               **{k: str(v) for k, v in budgets.items()})
+    t = time.monotonic()
+    r = subprocess.run(["bash", os.path.join(REPO, "tools", "gpu_session.sh")], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=120)
+    wall = time.monotonic() - t
+    return r, (tmp_path / name / "session.log").read_text(), wall
+
+
+def test_the_gpu_session_script_keeps_its_deadline_and_reports_a_cut_off_sweep(tmp_path):
+    """gpu_session.sh with every pytest run hanging: each phase is killed at its budget, clipped
+    to the deadline, the script ends by DEADLINE_S, and the report and routes come from what the
+    sweep wrote before it was killed; with a shorter deadline the phases it leaves no time for
+    are skipped with a log line, the sweep's share kept from the tests."""
+    # 18 s: build at once, tests 2 s, hardening 2, the sweep 3, the report ~1, the beam search 2
+    r, log, wall = _gpu_session(tmp_path, "full", DEADLINE_S=18)
+    assert r.returncode == 0, r.stderr + log
+    assert wall < 18, (wall, log)
+    for phase in ("tests", "hardening", "sweep", "translate"):
+        assert f"{phase} rc=124" in log, log  # each killed by its own timeout
+    assert "skipped" not in log and "report of device.partial.jsonl" in log, log
+    md = (tmp_path / "full" / "device.md").read_text()
+    assert "Fake GPU" in md and "M=64" in md
+    assert "2.00×" in md  # ours / dense, from the two records before the cut-off line
+    assert "Fake GPU" in (tmp_path / "full" / "routes.txt").read_text()
+    assert "ours=200.0 dense=100.0 /dense=2.00" in r.stdout  # the summary the tool returns
+    # 8 s: the sweep's 3 s and the tail's 6 leave the tests nothing; the sweep gets 8 - 8 = 0
+    r, log, wall = _gpu_session(tmp_path, "short", DEADLINE_S=8)
+    assert r.returncode == 0, r.stderr + log
+    assert wall < 8, (wall, log)
+    for phase in ("GPU tests of issue 29's new paths", "hardening", "device-time sweep"):
+        assert f"{phase} skipped: 0s left before the 8s deadline" in log, log
+    assert "translate rc=124" in log and not (tmp_path / "short" / "device.md").exists(), log
+
+
+def test_partial_results_file_matches_the_benchmark_json(tmp_path):
+    """``LASS_SPARSE_BENCH_PARTIAL`` (benchmarks/conftest.py): one line per benchmark as it
+    finishes, read back by report.load into what ``--benchmark-json`` writes."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from report import load, render
+
+    partial, full = tmp_path / "p.jsonl", tmp_path / "full.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", LASS_SPARSE_BENCH_PARTIAL=str(partial))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "benchmarks/test_overhead.py", "-k", "cpu", "--benchmark-only",
+                        "--benchmark-max-time=0.001", "--benchmark-min-rounds=2",
+                        f"--benchmark-json={full}"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got, want = load(str(partial)), load(str(full))
+    assert got["machine_info"]["torch"] == want["machine_info"]["torch"] == torch.__version__
+    assert got["commit_info"]["id"] == want["commit_info"]["id"]
+    assert len(got["benchmarks"]) == len(want["benchmarks"]) >= 2
+    for g, w in zip(got["benchmarks"], want["benchmarks"]):
+        assert (g["group"], g["name"], g["extra_info"]) == (w["group"], w["name"], w["extra_info"])
+        assert g["stats"]["median"] == w["stats"]["median"]
+    assert render(got).split("\n", 3)[3] == render(want).split("\n", 3)[3]  # but the date line
+    (tmp_path / "bad.jsonl").write_text('{"group": 1}\n')
+    with pytest.raises(ValueError, match="no header line"):
+        load(str(tmp_path / "bad.jsonl"))
