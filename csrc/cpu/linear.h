@@ -11,6 +11,8 @@
 //   small_m.cpp        fp32 dx and dW at few rows: one pass, masked loads, no W tile, no GEMM
 //   tiled.cpp          decode -> BLAS: a cache-sized tile of W ⊙ M at a time into at::mm_out
 //   segmented.cpp      segmented_masked_linear (mixed pairs): checks, kernel choice, its entry
+//   amx_bf16.cpp       bf16 forward, dx and dW on AMX tiles (Intel AMX-BF16), W ⊙ M staged in
+//                      cache-resident strips
 //   simd.h             masked row primitives (masked_copy, masked_add) for all of them
 // Callers check dtypes, shapes and layout (2-D, contiguous, bits int32[N, ceil(K/32)]) before
 // any kernel below runs.
@@ -157,6 +159,30 @@ void dw_panel_bf16(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
 // dx (bf16 [M, K]) = dy (W ⊙ M) for dy [M, N], W [N, K].
 void dx_panel_bf16(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& bits,
                    at::Tensor& dx);
+
+// ---- amx_bf16.cpp (AMX-BF16; callers check has_amx_bf16(), bf16 2-D contiguous inputs)
+// The CPU has AMX-BF16 tiles, the OS lets this process use them (Linux: arch_prctl
+// ARCH_REQ_XCOMP_PERM), and $LASS_SPARSE_CPU_AMX is not 0 (read at each call).
+bool has_amx_bf16();
+// The row range in which the bf16 forward, dx and dW take the AMX kernels: from
+// $LASS_SPARSE_CPU_AMX_MIN_M (5; fewer rows: the AVX512-BF16 kernels, which read W once at
+// memory speed; dW at K > 2048 from 1 row) to $LASS_SPARSE_CPU_AMX_MAX_M (512; more rows: the
+// decode -> BLAS tiles, where the GEMM dominates and oneDNN's blocking beats ours).
+int64_t amx_min_rows();
+int64_t amx_max_rows();
+// y (bf16 [M, N]) = x (W ⊙ M)ᵀ (+ bias).
+void forward_amx(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
+                 const c10::optional<at::Tensor>& bias, at::Tensor& y);
+// The segmented forward (see tiled_segments), bf16: each strip of W packed once per pair change.
+void segments_amx(const at::Tensor& x, const at::Tensor& w, const int32_t* bits,
+                  int64_t bank_stride, const int64_t* offs, const int64_t* pid, int64_t segs,
+                  const c10::optional<at::Tensor>& bias, at::Tensor& y);
+// dx (bf16 [M, K]) = dy (W ⊙ M).
+void dx_amx(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& bits, at::Tensor& dx);
+// dst = (dyᵀ x) ⊙ M (dst bf16 or fp32; off-mask entries exactly 0), or dst (fp32) += it on the
+// mask only (accumulate). dy, x bf16.
+void dw_amx(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits, at::Tensor& dst,
+            bool accumulate);
 
 // ---- panel_fp32.cpp (AVX-512)
 // panel_segments: see tiled_segments; fp32 only.

@@ -45,6 +45,13 @@ static at::Tensor tiled_forward(const at::Tensor& x, const at::Tensor& w, const 
   return y;
 }
 
+// bf16 rows (x for the forward and dW, grad_out for dx) that the AMX kernels take: from
+// amx_min_rows() (or any count when `any_rows`) up to amx_max_rows() rows.
+static bool use_amx(const at::Tensor& rows, bool any_rows = false) {
+  return rows.scalar_type() == at::kBFloat16 && (any_rows || rows.size(0) >= amx_min_rows()) &&
+         rows.size(0) <= amx_max_rows() && has_amx_bf16();
+}
+
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
                          const c10::optional<at::Tensor>& bias) {
   // Nested ATen calls run below autograd: this kernel is the op's implementation.
@@ -54,6 +61,11 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
   if (x.size(0) == 0 || w.size(0) == 0 || w.size(1) == 0) {
     auto y = at::zeros({x.size(0), w.size(0)}, x.options());
     if (bias.has_value() && x.size(0)) y.add_(*bias);
+    return y;
+  }
+  if (use_amx(x)) {
+    auto y = at::empty({x.size(0), w.size(0)}, x.options());
+    forward_amx(x, w, bits, bias, y);
     return y;
   }
   if (x.size(0) <= gemv_max_rows(w.scalar_type())) return gemv(x, w, bits, bias);
@@ -84,6 +96,10 @@ at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& w, const at:
       std::min<int64_t>(env_int("LASS_SPARSE_CPU_DX_DP_MAX_M", kDxDotMaxRows), kGemvMaxRows);
   // most rows for the bf16 dot-product backward kernels (panel_bf16.cpp)
   static const int64_t panel_max_m = env_int("LASS_SPARSE_CPU_PANEL_DX_MAX_M", 128);
+  if (use_amx(dy)) {
+    dx_amx(dy, w, bits, dx);
+    return dx;
+  }
   if (dy.scalar_type() == at::kBFloat16 && m_rows <= dp_max_m && has_avx512_bf16()) {
     dx_bf16dp(dy, w, bits, dx);
     return dx;
@@ -127,6 +143,10 @@ at::Tensor masked_linear_dw(const at::Tensor& dy, const at::Tensor& x, const at:
   // (1.38-1.56x), M=8 0.95-1.15x (1.39-1.66x), M=16 0.86-1.00x (1.26-1.33x), M=64 0.85-0.98x;
   // at K = 4096 worse (M=16 1.25x against 1.05x: a 32 MB result, page faults on both sides).
   static const int64_t panel_max_m = env_int("LASS_SPARSE_CPU_PANEL_DW_MAX_M", 128);
+  if (use_amx(x, x.size(1) > 2048)) {  // the panel kernel takes K <= 2048 only
+    dw_amx(dy, x, bits, dw, false);
+    return dw;
+  }
   if (x.scalar_type() == at::kBFloat16 && x.size(0) <= panel_max_m && x.size(1) <= 2048 &&
       has_avx512_bf16() && panel_gemm_enabled()) {
     dw_panel_bf16(dy, x, bits, dw);
@@ -150,6 +170,12 @@ void masked_linear_dw_accumulate_(at::Tensor grad, const at::Tensor& dy, const a
               "masked_linear_dw_accumulate_: grad must be [N=", dy.size(1), ", K=", x.size(1),
               "], got ", grad.sizes());
   if (grad.numel() == 0 || x.size(0) == 0) return;
+  // bf16 activations into an fp32 (master) grad on AMX: bf16 products, fp32 sums, no casts
+  if (use_amx(x, x.size(1) > 2048) && dy.scalar_type() == at::kBFloat16 && grad.scalar_type() == at::kFloat &&
+      grad.is_contiguous()) {
+    dw_amx(dy, x, bits, grad, true);
+    return;
+  }
   // Accumulate in grad's dtype (fp32 master grads for bf16 activations).
   auto dy_c = dy.to(grad.scalar_type()).contiguous();
   auto x_c = x.to(grad.scalar_type()).contiguous();

@@ -9,6 +9,10 @@
 #define LASS_ENTRY_BACKEND "cpu"
 #include "common/entry_module.h"
 
+namespace lass_sparse_cpu {
+bool has_amx_bf16();  // amx_bf16.cpp
+}
+
 LASS_ENTRY_MODULE(_C)
 
 TORCH_LIBRARY(lass_sparse_cpu, m) {
@@ -24,4 +28,6 @@ TORCH_LIBRARY(lass_sparse_cpu, m) {
   // entries take a segmented call with a known table without reading it from the device
   m.def("remember_table(Tensor seg_offsets, Tensor seg_pair, int[] offsets, int[] pairs) -> ()");
   m.def("table_known(Tensor seg_offsets, Tensor seg_pair, int rows, int num_pairs) -> bool");
+  // whether the bf16 kernels run on AMX tiles here (the CPU, the OS, $LASS_SPARSE_CPU_AMX)
+  m.def("amx_bf16() -> bool", [] { return lass_sparse_cpu::has_amx_bf16(); });
 }

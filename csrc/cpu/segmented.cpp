@@ -1,6 +1,6 @@
 // segmented_masked_linear on the CPU: rows grouped by pair, one pass over W's row tiles for
-// every segment (panel_fp32.cpp for fp32 with AVX-512, else tiled.cpp); its entry under the
-// public name.
+// every segment (panel_fp32.cpp for fp32 with AVX-512, amx_bf16.cpp for bf16 with AMX, else
+// tiled.cpp); its entry under the public name.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -51,6 +51,11 @@ at::Tensor segmented_masked_linear(const at::Tensor& x, const at::Tensor& w,
   if (x.scalar_type() == at::kFloat && has_avx512() && panel_gemm_enabled()) {
     panel_segments(x, w, bits_bank.data_ptr<int32_t>(), n * num_words(k), offs, pid, segs, bias,
                    y);
+    return y;
+  }
+  if (x.scalar_type() == at::kBFloat16 && has_amx_bf16()) {
+    segments_amx(x, w, bits_bank.data_ptr<int32_t>(), n * num_words(k), offs, pid, segs, bias,
+                 y);
     return y;
   }
   // 4x the usual tile: each segment's GEMM has few rows, so wider tiles mean fewer calls
