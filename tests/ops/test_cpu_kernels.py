@@ -423,12 +423,13 @@ def test_forced_backends_reach_the_kernels_per_thread_and_from_the_env(monkeypat
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9])
 @pytest.mark.parametrize("n,k", [(1, 1), (7, 33), (64, 100), (65, 31), (130, 64)])
-def test_bf16_dx_of_few_rows_matches_reference(m, n, k):
+def test_bf16_dx_of_few_rows_matches_reference(monkeypatch, m, n, k):
     """The AVX512-BF16 dx of M <= 8 rows (row pairs interleaved, an odd last row, column tails;
-    M = 9 takes the decode -> GEMM path): within the tolerance rule of torch's own bf16 matmul,
-    off-mask weights (NaN here) never read."""
+    M = 9 takes the decode -> GEMM path; AMX off): within the tolerance rule of torch's own bf16
+    matmul, off-mask weights (NaN here) never read."""
     from lass_sparse.testing import within_torch_error
 
+    monkeypatch.setenv("LASS_SPARSE_CPU_AMX", "0")
     dy = torch.randn(m, n, dtype=torch.bfloat16)
     mask = torch.rand(n, k) > 0.4
     w = torch.randn(n, k, dtype=torch.bfloat16).masked_fill(~mask, float("nan"))
@@ -475,7 +476,8 @@ def test_bf16_panel_backward_kernels_match_reference(monkeypatch, m, n, k):
     multiple of 32, M odd (dy's last row pair padded), several
     256-column groups and 512-row chunks (1101 x 600); against
     float64, against the BLAS path ($LASS_SPARSE_CPU_PANEL_GEMM=0), off-mask dW exactly 0 and a
-    NaN stored off the mask never reaching dx."""
+    NaN stored off the mask never reaching dx. (AMX off: test_amx_bf16_kernels_match_reference.)"""
+    monkeypatch.setenv("LASS_SPARSE_CPU_AMX", "0")
     g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
     dy = torch.randn(m, n, generator=g).bfloat16()
     x = torch.randn(m, k, generator=g).bfloat16()
@@ -526,3 +528,99 @@ def test_segmented_backward_matches_reference(dtype, offsets, pairs):
     torch.testing.assert_close(dw.double(), want_dw, atol=tol * 10, rtol=tol)
     off = ~masks[list(set(pairs))].any(0)  # entries no pair keeps: exactly zero
     assert not dw[off].any()
+
+
+def _amx() -> bool:
+    return lass_sparse.backends()["cpu"]["active"] and torch.ops.lass_sparse_cpu.amx_bf16()
+
+
+@pytest.mark.skipif(not _amx(), reason="this CPU (or OS) gives no AMX-BF16 tiles")
+@pytest.mark.parametrize("m", [5, 16, 17, 33, 100, 512])
+@pytest.mark.parametrize("n,k", [(1, 40), (7, 33), (50, 64), (33, 200), (130, 2100), (1101, 600)])
+def test_amx_bf16_kernels_match_reference(monkeypatch, m, n, k):
+    """bf16 forward (with and without bias), dx, dW and dW accumulated into an fp32 grad on AMX
+    tiles (amx_bf16.cpp; N, K, M not multiples of the 16/32 tiles, several strips, groups, row
+    blocks and column chunks): within torch's own bf16 error of float64; a NaN stored off the
+    mask never read; off-mask dW exactly 0 and off-mask grad entries (NaN here) untouched;
+    1 and 2 threads bit for bit; against the kernels AMX replaces ($LASS_SPARSE_CPU_AMX=0)."""
+    from lass_sparse.testing import within_torch_error
+
+    g = torch.Generator().manual_seed(m * 7919 + n * 31 + k)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    dy = torch.randn(m, n, generator=g).bfloat16()
+    mask = torch.rand(n, k, generator=g) > 0.4
+    w = torch.where(mask, torch.randn(n, k, generator=g), torch.nan).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16()
+    bits = pack_mask_reference(mask)
+    wm = torch.where(mask, w, torch.zeros_like(w))
+    grad0 = torch.where(mask, torch.randn(n, k, generator=g), torch.nan)
+    op = torch.ops.lass_sparse
+
+    def run():
+        grad = grad0.clone()
+        op.masked_linear_dw_accumulate_(grad, dy, x, bits)
+        return (op.masked_linear(x, w, bits, b), op.masked_linear(x, w, bits, None),
+                op.masked_linear_dx(dy, w, bits), op.masked_linear_dw(dy, x, bits), grad)
+
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        y, y0, dx, dw, grad = got = run()
+        torch.set_num_threads(1)
+        for a, c in zip(got, run()):
+            assert torch.equal(a, c) or torch.equal(a.isnan(), c.isnan()) and torch.equal(
+                a.nan_to_num(), c.nan_to_num())
+    finally:
+        torch.set_num_threads(prev)
+    exact = {"y": x.double() @ wm.double().T + b.double(), "y0": x.double() @ wm.double().T,
+             "dx": dy.double() @ wm.double(),
+             "dw": (dy.double().T @ x.double()) * mask}
+    same = {"y": F_linear(x, wm, b), "y0": F_linear(x, wm, None), "dx": dy @ wm,
+            "dw": (dy.T @ x) * mask}
+    for name, val in (("y", y), ("y0", y0), ("dx", dx), ("dw", dw)):
+        assert torch.isfinite(val).all(), name
+        ok, msg = within_torch_error(val, same[name], exact[name])
+        assert ok, f"{name}: {msg}"
+    assert torch.equal(dw[~mask], torch.zeros(int((~mask).sum()), dtype=torch.bfloat16))
+    assert grad[~mask].isnan().all()  # never read or written off the mask
+    want = grad0.double() + exact["dw"]
+    assert (grad[mask].double() - want[mask]).abs().max() <= 1e-5 * (1 + want[mask].abs().max())
+    monkeypatch.setenv("LASS_SPARSE_CPU_AMX", "0")
+    assert not torch.ops.lass_sparse_cpu.amx_bf16()
+    for name, val, other in zip(("y", "y0", "dx", "dw"), (y, y0, dx, dw), run()[:4]):
+        scale = 1 + exact[name].abs().max()
+        assert (val.double() - other.double()).abs().max() <= 2e-2 * scale, name
+
+
+def F_linear(x, w, b):
+    return torch.nn.functional.linear(x, w, b)
+
+
+@pytest.mark.skipif(not _amx(), reason="this CPU (or OS) gives no AMX-BF16 tiles")
+@pytest.mark.parametrize("k", [31, 200])
+@pytest.mark.parametrize("n", [5, 50])
+@pytest.mark.parametrize("bias", [True, False])
+def test_segmented_amx_forward_matches_reference(monkeypatch, k, n, bias):
+    """The bf16 segmented forward on AMX tiles: segments shorter and longer than 32 rows, not on
+    16-row boundaries, empty ones, a pair used twice and non-adjacent; rows of one segment never
+    written with another's mask; against float64 and the tiled path ($LASS_SPARSE_CPU_AMX=0)."""
+    g = torch.Generator().manual_seed(k * 100 + n)
+    offs = torch.tensor([0, 0, 3, 40, 41, 75, 75, 108])
+    pid = torch.tensor([0, 2, 1, 1, 0, 2, 1])
+    x = torch.randn(int(offs[-1]), k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    masks = torch.rand(3, n, k, generator=g) > 0.4
+    bank = torch.stack([pack_mask_reference(mm) for mm in masks])
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    y = torch.ops.lass_sparse.segmented_masked_linear(x, w, bank, offs, pid, b)
+    want = torch.empty(x.shape[0], n, dtype=torch.float64)
+    for s in range(len(pid)):
+        lo, hi = int(offs[s]), int(offs[s + 1])
+        want[lo:hi] = x[lo:hi].double() @ (w.double() * masks[pid[s]]).T
+    if bias:
+        want += b.double()
+    tol = 2 ** -7 * (1 + want.abs().max())
+    assert (y.double() - want).abs().max() <= tol
+    monkeypatch.setenv("LASS_SPARSE_CPU_AMX", "0")
+    y_tiled = torch.ops.lass_sparse.segmented_masked_linear(x, w, bank, offs, pid, b)
+    assert (y.double() - y_tiled.double()).abs().max() <= tol

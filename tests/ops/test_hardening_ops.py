@@ -337,7 +337,9 @@ def _cases() -> dict[str, dict[str, list]]:
                                                          2)),
                                 ("int offsets list", lambda: ([0, 4], [0], 4, 2)),
                                 ("negative rows", lambda: (torch.tensor([0, 4]),
-                                                           torch.tensor([0]), -1, 2))]},
+                                                           torch.tensor([0]), -1, 2))],
+                            # takes no argument: one given is refused, not ignored
+                            "amx_bf16": [("a tensor", lambda: (torch.zeros(2),))]},
         # The CUDA kernels (csrc/cuda/binding.cpp, TORCH_LIBRARY_IMPL(lass_sparse, CUDA)), run
         # with their own checks only (testing.cuda_kernels); the builders run only on CUDA
         # machines.
