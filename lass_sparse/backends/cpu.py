@@ -28,7 +28,12 @@ except ImportError as e:
         "`pip install --no-build-isolation .` (needs a C++ compiler)",
     )
 else:
-    registry.set_status("cpu", True, "C++ extension lass_sparse._C (OpenMP)")
+    try:  # bf16 GEMMs on AMX tiles (csrc/cpu/amx_bf16.cpp)
+        _amx = bool(torch.ops.lass_sparse_cpu.amx_bf16())
+    except (AttributeError, RuntimeError):  # an extension built before it existed
+        _amx = False
+    registry.set_status("cpu", True, "C++ extension lass_sparse._C (OpenMP"
+                        + ("; bf16 on AMX tiles)" if _amx else ")"))
     # the kernels read the forced backend of their thread from here (they cannot see contextvars)
     registry.on_force(lambda name: _C.set_forced(name or ""))
     _DTYPES = (torch.float32, torch.float64, torch.bfloat16)

@@ -157,7 +157,13 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-_KNOBS = ("LASS_SPARSE_CPU_SIMD", "LASS_SPARSE_CPU_PANEL_GEMM", "LASS_SPARSE_CPU_GEMV_MAX_M",
+def _amx() -> bool:
+    """The bf16 kernels run on AMX tiles here (csrc/cpu/amx_bf16.cpp)."""
+    return bool(CPU_READY and torch.ops.lass_sparse_cpu.amx_bf16())
+
+
+_KNOBS = ("LASS_SPARSE_CPU_AMX", "LASS_SPARSE_CPU_AMX_MIN_M", "LASS_SPARSE_CPU_AMX_MAX_M",
+          "LASS_SPARSE_CPU_SIMD", "LASS_SPARSE_CPU_PANEL_GEMM", "LASS_SPARSE_CPU_GEMV_MAX_M",
           "LASS_SPARSE_CPU_GEMV_MAX_M_BF16", "LASS_SPARSE_CPU_DX_DP_MAX_M",
           "LASS_SPARSE_CPU_PANEL_DX_MAX_M", "LASS_SPARSE_CPU_PANEL_DW_MAX_M",
           "LASS_SPARSE_CPU_SMALL_BWD_MAX_M")
@@ -175,12 +181,17 @@ def _thread_independent(key: str, dtype: torch.dtype) -> bool:
     shape, rows, *what = key.split("-")
     m, k = int(rows[1:]), int(shape.split("x")[1])
     name, i = what[0], int(what[1]) if len(what) > 1 else -1
-    if name == "acc":  # dW accumulation: small_m.cpp for fp32 at <= 16 rows, else BLAS tiles
-        return dtype == torch.float32 and m <= 16
+    if name == "acc":  # dW accumulation: small_m.cpp for fp32 at <= 16 rows, else BLAS tiles;
+        # bf16 activations: AMX tiles from 5 rows (or K > 2048), small_m.cpp below
+        return m <= 16 if dtype == torch.float32 else bf16dp and _amx() and m <= 512
     if dtype == torch.float32:  # panel or GEMV forward; backward small_m.cpp <= 16 rows, else tiles
         return i == 0 or (i in (1, 2) and m <= 16 and name != "seg")
     if not bf16dp:
         return False
+    if _amx():  # bf16 on AMX tiles from 5 to 512 rows (dW at K > 2048 from 1), each output
+        # element summed by one thread in a fixed order; below 5 rows the dot-product kernels
+        # (fp32 small_m.cpp for the accumulation); segments: each one's rows the same way
+        return m <= 512 and i in (0, 1, 2)
     if i == 0:  # bf16 forward: dot-product GEMV up to 16 rows, BLAS tiles above
         return m <= 16 and name != "seg"
     if name == "seg":
