@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <vector>
 
 #include "linear.h"
 
@@ -407,6 +408,30 @@ void dx_impl(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& bits, 
 
 // ---- dW
 
+// Segments of rows laid out from `align`-row boundaries (a tile never mixes two segments):
+// segment s at base[s], rows past its end zero; `rows` in all.
+struct Layout {
+  std::vector<int64_t> base;
+  int64_t rows = 0;
+  bool identity = false;  // one segment at row 0: the rows as they are
+};
+
+Layout layout(const int64_t* offs, int64_t segs, int64_t align) {
+  Layout l;
+  l.base.resize(segs);
+  int64_t nonempty = 0;
+  for (int64_t s = 0; s < segs; ++s) {
+    l.base[s] = l.rows;
+    const int64_t len = offs[s + 1] - offs[s];
+    l.rows += round_up(len, align);
+    nonempty += len > 0;
+  }
+  l.identity = nonempty <= 1;
+  if (l.identity) std::fill(l.base.begin(), l.base.end(), 0);  // the rows stay where they are
+  if (l.identity) l.rows = round_up(offs[segs], align);
+  return l;
+}
+
 // a [rows, cols] bf16 -> [ceil(rows / 2), cols_p] dwords: (a[2p][c], a[2p + 1][c]) for pairs
 // [p0, p1) (zeros past the rows and columns).
 LASS_AMX void pack_row_pairs(const bf16* a, int64_t rows, int64_t cols, int64_t cols_p,
@@ -448,104 +473,154 @@ LASS_AMX void pack_transposed(const uint32_t* pairs, int64_t mp, int64_t np, uin
 }
 
 struct DwArgs {
-  const uint32_t* xb;  // x as B tiles over row pairs: [mp / 2, kp] dwords
-  const uint32_t* dyt;  // dyᵀ as A tiles: [np, mp] bf16
-  const int32_t* bits;
+  const uint32_t* xb;  // x as B tiles over row pairs: [rows / 2, kp] dwords
+  const uint32_t* dyt;  // dyᵀ as A tiles: [np, rows] bf16
+  const int32_t* bits;  // pair p's mask at bits + p * bank_stride
+  int64_t bank_stride;
+  const int64_t* offs;
+  const int64_t* pid;
+  int64_t segs;
+  const Layout* lay;  // 32-row aligned
   bf16* out16;  // the result in bf16, or
   float* out32;  // in fp32 (accumulate: added to it under the mask)
   bool accumulate;
-  int64_t m, n, k, mp, kp, chunk;  // chunk: k-blocks of x's B tiles kept in L2 across strips
+  int64_t n, k, kp, chunk;  // chunk: k-blocks of x's B tiles kept in L2 across strips
 };
 
-// Strips [s0, s1) of dW's rows (32 each), every column.
-LASS_AMX void dw_strips(const DwArgs& a, int64_t s0, int64_t s1) {
-  const uint32_t* xb = a.xb;
-  const int32_t* bits = a.bits;
-  bf16* out16 = a.out16;
-  float* out32 = a.out32;
-  const bool to_bf16 = out16 != nullptr, accumulate = a.accumulate;
-  const int64_t n = a.n, k = a.k, mp = a.mp, kp = a.kp;
-  const int64_t nw = num_words(k), kblocks = kp / 32;
-  const int64_t lda = mp * 2, ldb = kp * 4;
-  {
-    Tiles tiles;
-    alignas(64) float c[4][16][16];
-    for (int64_t kc = 0; kc < kblocks; kc += a.chunk)
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t n0 = s * 32;
-      const auto* a0 = reinterpret_cast<const bf16*>(a.dyt) + n0 * mp;
-      const bf16* a1 = a0 + 16 * mp;
-      for (int64_t kb = kc; kb < std::min(kblocks, kc + a.chunk); ++kb) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int64_t p0 = 0; p0 < mp / 2; p0 += 16) {  // 32 rows of dy / x per step
-          _tile_loadd(6, xb + p0 * kp + kb * 32, ldb);
-          _tile_loadd(7, xb + p0 * kp + kb * 32 + 16, ldb);
-          _tile_loadd(4, a0 + 2 * p0, lda);
-          _tile_loadd(5, a1 + 2 * p0, lda);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-        _tile_stored(0, c[0], 64);
-        _tile_stored(1, c[1], 64);
-        _tile_stored(2, c[2], 64);
-        _tile_stored(3, c[3], 64);
-        for (int t = 0; t < 2; ++t)
-          for (int i = 0; i < 16; ++i) {
-            const int64_t row = n0 + 16 * t + i;
-            if (row >= n) break;
-            const uint32_t word = run_word(bits + row * nw, kb, k);
-            const __m512 lo = _mm512_load_ps(c[2 * t][i]), hi = _mm512_load_ps(c[2 * t + 1][i]);
-            const int64_t col = kb * 32;
-            if (to_bf16) {  // off-mask exactly 0; lanes past K untouched
-              const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-              _mm512_mask_storeu_epi16(out16 + row * k + col, valid_lanes(kb, k),
-                                       _mm512_maskz_mov_epi16(word, v));
-            } else if (!accumulate) {
-              float* o = out32 + row * k + col;
-              const __mmask32 valid = valid_lanes(kb, k);
-              _mm512_mask_storeu_ps(o, static_cast<__mmask16>(valid),
-                                    _mm512_maskz_mov_ps(static_cast<__mmask16>(word), lo));
-              _mm512_mask_storeu_ps(o + 16, static_cast<__mmask16>(valid >> 16),
-                                    _mm512_maskz_mov_ps(static_cast<__mmask16>(word >> 16), hi));
-            } else {  // grad += on the mask only: other entries never read or written
-              float* o = out32 + row * k + col;
-              const auto w0 = static_cast<__mmask16>(word), w1 = static_cast<__mmask16>(word >> 16);
-              _mm512_mask_storeu_ps(o, w0, _mm512_add_ps(_mm512_maskz_loadu_ps(w0, o), lo));
-              _mm512_mask_storeu_ps(o + 16, w1,
-                                    _mm512_add_ps(_mm512_maskz_loadu_ps(w1, o + 16), hi));
-            }
-          }
-      }
-    }
+// c (two 16x16 blocks of rows n0.. x two of columns 32 kb..) = Σ over row pairs [p_lo, p_hi)
+// of dyᵀ x.
+LASS_AMX inline void dw_block(const DwArgs& a, int64_t n0, int64_t kb, int64_t p_lo,
+                              int64_t p_hi, float (*c)[16][16]) {
+  const int64_t rows = a.lay->rows, kp = a.kp, lda = rows * 2, ldb = kp * 4;
+  const auto* a0 = reinterpret_cast<const bf16*>(a.dyt) + n0 * rows;
+  const bf16* a1 = a0 + 16 * rows;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t p0 = p_lo; p0 < p_hi; p0 += 16) {  // 32 rows of dy / x per step
+    _tile_loadd(6, a.xb + p0 * kp + kb * 32, ldb);
+    _tile_loadd(7, a.xb + p0 * kp + kb * 32 + 16, ldb);
+    _tile_loadd(4, a0 + 2 * p0, lda);
+    _tile_loadd(5, a1 + 2 * p0, lda);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c[0], 64);
+  _tile_stored(1, c[1], 64);
+  _tile_stored(2, c[2], 64);
+  _tile_stored(3, c[3], 64);
+}
+
+// Row `row` of dW, columns 32 kb.. (lo: the first 16, hi: the next): stored under the mask
+// `word` (off-mask exactly 0; lanes past K untouched), or added under it (accumulate).
+LASS_AMX inline void dw_store(const DwArgs& a, int64_t row, int64_t kb, uint32_t word, __m512 lo,
+                              __m512 hi) {
+  const int64_t k = a.k, col = kb * 32;
+  if (a.out16) {
+    const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    _mm512_mask_storeu_epi16(a.out16 + row * k + col, valid_lanes(kb, k),
+                             _mm512_maskz_mov_epi16(word, v));
+  } else if (!a.accumulate) {
+    float* o = a.out32 + row * k + col;
+    const __mmask32 valid = valid_lanes(kb, k);
+    _mm512_mask_storeu_ps(o, static_cast<__mmask16>(valid),
+                          _mm512_maskz_mov_ps(static_cast<__mmask16>(word), lo));
+    _mm512_mask_storeu_ps(o + 16, static_cast<__mmask16>(valid >> 16),
+                          _mm512_maskz_mov_ps(static_cast<__mmask16>(word >> 16), hi));
+  } else {  // grad += on the mask only: other entries never read or written
+    float* o = a.out32 + row * k + col;
+    const auto w0 = static_cast<__mmask16>(word), w1 = static_cast<__mmask16>(word >> 16);
+    _mm512_mask_storeu_ps(o, w0, _mm512_add_ps(_mm512_maskz_loadu_ps(w0, o), lo));
+    _mm512_mask_storeu_ps(o + 16, w1, _mm512_add_ps(_mm512_maskz_loadu_ps(w1, o + 16), hi));
   }
 }
 
-void dw_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits, at::Tensor& dst,
+// Strips [s0, s1) of dW's rows (32 each), every column. One segment: its block stored under its
+// mask. Several: each segment's block added under its pair's mask into a 32x32 fp32 sum, stored
+// once (entries off every mask exactly 0).
+LASS_AMX void dw_strips(const DwArgs& a, int64_t s0, int64_t s1) {
+  const int64_t n = a.n, k = a.k, nw = num_words(k), kblocks = a.kp / 32;
+  Tiles tiles;
+  alignas(64) float c[4][16][16];
+  alignas(64) float sum[32][32];
+  for (int64_t kc = 0; kc < kblocks; kc += a.chunk)
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t n0 = s * 32;
+      for (int64_t kb = kc; kb < std::min(kblocks, kc + a.chunk); ++kb) {
+        if (a.lay->identity) {
+          const int32_t* bits = a.bits + a.pid[0] * a.bank_stride;
+          for (int64_t g = 0; g < a.segs; ++g)  // the one non-empty segment's pair
+            if (a.offs[g + 1] > a.offs[g]) bits = a.bits + a.pid[g] * a.bank_stride;
+          dw_block(a, n0, kb, 0, a.lay->rows / 2, c);
+          for (int t = 0; t < 2; ++t)
+            for (int i = 0; i < 16; ++i) {
+              const int64_t row = n0 + 16 * t + i;
+              if (row >= n) break;
+              dw_store(a, row, kb, run_word(bits + row * nw, kb, k), _mm512_load_ps(c[2 * t][i]),
+                       _mm512_load_ps(c[2 * t + 1][i]));
+            }
+          continue;
+        }
+        std::memset(sum, 0, sizeof(sum));
+        for (int64_t g = 0; g < a.segs; ++g) {
+          const int64_t len = a.offs[g + 1] - a.offs[g];
+          if (len == 0) continue;
+          const int64_t lo = a.lay->base[g] / 2;
+          dw_block(a, n0, kb, lo, lo + round_up(len, 32) / 2, c);
+          const int32_t* bits = a.bits + a.pid[g] * a.bank_stride;
+          for (int t = 0; t < 2; ++t)
+            for (int i = 0; i < 16; ++i) {
+              const int64_t row = n0 + 16 * t + i;
+              if (row >= n) break;
+              const uint32_t word = run_word(bits + row * nw, kb, k);
+              float* o = sum[16 * t + i];
+              const auto w0 = static_cast<__mmask16>(word), w1 = static_cast<__mmask16>(word >> 16);
+              _mm512_store_ps(o, _mm512_mask_add_ps(_mm512_load_ps(o), w0, _mm512_load_ps(o),
+                                                    _mm512_load_ps(c[2 * t][i])));
+              _mm512_store_ps(o + 16, _mm512_mask_add_ps(_mm512_load_ps(o + 16), w1,
+                                                         _mm512_load_ps(o + 16),
+                                                         _mm512_load_ps(c[2 * t + 1][i])));
+            }
+        }
+        for (int r = 0; r < 32 && n0 + r < n; ++r)  // all lanes: the sum is 0 off every mask
+          dw_store(a, n0 + r, kb, 0xFFFFFFFFu, _mm512_load_ps(sum[r]),
+                   _mm512_load_ps(sum[r] + 16));
+      }
+    }
+}
+
+void dw_impl(const at::Tensor& dy, const at::Tensor& x, const int32_t* bits, int64_t bank_stride,
+             const int64_t* offs, const int64_t* pid, int64_t segs, at::Tensor& dst,
              bool accumulate) {
-  const int64_t m = dy.size(0), n = dy.size(1), k = x.size(1);
-  const int64_t mp = round_up(m, 32), np = round_up(n, 32), kp = round_up(k, 32);
-  Scratch<uint32_t> xb(mp / 2 * kp), dyp(mp / 2 * np), dyt(np * mp / 2);
-  std::memset(xb.p, 0, mp / 2 * kp * 4);
-  std::memset(dyp.p, 0, mp / 2 * np * 4);
+  const int64_t n = dy.size(1), k = x.size(1);
+  const int64_t np = round_up(n, 32), kp = round_up(k, 32);
+  const Layout lay = layout(offs, segs, 32);
+  const int64_t pairs = lay.rows / 2;
+  Scratch<uint32_t> xb(pairs * kp), dyp(pairs * np), dyt(np * pairs);
+  std::memset(xb.p, 0, pairs * kp * 4);
+  std::memset(dyp.p, 0, pairs * np * 4);
   const bf16* xp = x.data_ptr<bf16>();
   const bf16* dp = dy.data_ptr<bf16>();
-  at::parallel_for(0, (m + 1) / 2, 16, [&](int64_t p0, int64_t p1) {
-    pack_row_pairs(xp, m, k, kp, xb.p, p0, p1);
-    pack_row_pairs(dp, m, n, np, dyp.p, p0, p1);
-  });
+  for (int64_t s = 0; s < segs; ++s) {  // each segment's rows in pairs from its base
+    const int64_t len = offs[s + 1] - offs[s];
+    if (len == 0) continue;
+    const int64_t at = lay.base[s] / 2;
+    at::parallel_for(0, (len + 1) / 2, 16, [&](int64_t p0, int64_t p1) {
+      pack_row_pairs(xp + offs[s] * k, len, k, kp, xb.p + at * kp, p0, p1);
+      pack_row_pairs(dp + offs[s] * n, len, n, np, dyp.p + at * np, p0, p1);
+    });
+  }
   at::parallel_for(0, np / 16, 8, [&](int64_t c0, int64_t c1) {
-    pack_transposed(dyp.p, mp, np, dyt.p, 16 * c0, 16 * c1);
+    pack_transposed(dyp.p, lay.rows, np, dyt.p, 16 * c0, 16 * c1);
   });
   const bool to_bf16 = dst.scalar_type() == at::kBFloat16;
-  const DwArgs a{xb.p, dyt.p, bits.data_ptr<int32_t>(),
+  const DwArgs a{xb.p, dyt.p, bits, bank_stride, offs, pid, segs, &lay,
                  to_bf16 ? dst.data_ptr<bf16>() : nullptr,
-                 to_bf16 ? nullptr : dst.data_ptr<float>(), accumulate, m, n, k, mp, kp,
-                 std::max<int64_t>(1, (512 * 1024) / (mp * 64))};
+                 to_bf16 ? nullptr : dst.data_ptr<float>(), accumulate, n, k, kp,
+                 std::max<int64_t>(1, (512 * 1024) / (std::max<int64_t>(lay.rows, 32) * 64))};
   at::parallel_for(0, np / 32, 1, [&](int64_t s0, int64_t s1) { dw_strips(a, s0, s1); });
 }
 }  // namespace
@@ -568,7 +643,14 @@ void dx_amx(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& bits, a
 
 void dw_amx(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits, at::Tensor& dst,
             bool accumulate) {
-  dw_impl(dy, x, bits, dst, accumulate);
+  const int64_t offs[2] = {0, dy.size(0)}, pid[1] = {0};
+  dw_impl(dy, x, bits.data_ptr<int32_t>(), 0, offs, pid, 1, dst, accumulate);
+}
+
+void segments_dw_amx(const at::Tensor& dy, const at::Tensor& x, const int32_t* bits,
+                     int64_t bank_stride, const int64_t* offs, const int64_t* pid, int64_t segs,
+                     at::Tensor& dst) {
+  dw_impl(dy, x, bits, bank_stride, offs, pid, segs, dst, false);
 }
 
 }  // namespace lass_sparse_cpu

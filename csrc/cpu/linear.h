@@ -183,6 +183,11 @@ void dx_amx(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& bits, a
 // mask only (accumulate). dy, x bf16.
 void dw_amx(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits, at::Tensor& dst,
             bool accumulate);
+// The segmented dW, bf16: dst (bf16 or fp32) = Σ_s (dy_sᵀ x_s) ⊙ M_pid[s], each 32x32 block
+// summed over the segments in fp32 and stored once.
+void segments_dw_amx(const at::Tensor& dy, const at::Tensor& x, const int32_t* bits,
+                     int64_t bank_stride, const int64_t* offs, const int64_t* pid, int64_t segs,
+                     at::Tensor& dst);
 
 // ---- panel_fp32.cpp (AVX-512)
 // panel_segments: see tiled_segments; fp32 only.
@@ -206,6 +211,10 @@ void dw_tiles(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits,
 // ---- masked_linear.cpp (the op-level kernels: checks, then a family above)
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bits,
                          const c10::optional<at::Tensor>& bias);
+at::Tensor masked_linear_dx(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& bits);
+at::Tensor masked_linear_dw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits);
+void masked_linear_dw_accumulate_(at::Tensor grad, const at::Tensor& dy, const at::Tensor& x,
+                                  const at::Tensor& bits);
 
 // ---- segmented.cpp
 at::Tensor segmented_masked_linear(const at::Tensor& x, const at::Tensor& w,

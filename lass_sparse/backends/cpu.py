@@ -15,7 +15,6 @@ import functools
 import torch
 
 from ..ops import registry
-from ..ops.segments import spans
 from ..reference import split_qkv
 from . import _native
 
@@ -54,32 +53,10 @@ else:
     _reg("masked_adamw_", (torch.float32, torch.bfloat16), validates=True)
     _reg("masked_linear_dw_accumulate_")  # dtypes of grad; x and grad_out are cast to it
     _reg("segmented_masked_linear")  # one pass over W's row tiles, every segment per tile
-    _linear, _dx, _dw = (native(op) for op in ("masked_linear", "masked_linear_dx",
-                                                "masked_linear_dw"))
-    _accumulate = native("masked_linear_dw_accumulate_")
-
-    @registry.register("segmented_masked_linear_dx", "cpu", ("cpu",), dtypes=_DTYPES)
-    def segmented_masked_linear_dx(grad_out, weight, bits_bank, seg_offsets, seg_pair):
-        segs = spans(seg_offsets, seg_pair)
-        if len(segs) == 1 and segs[0][1] - segs[0][0] == grad_out.shape[0]:
-            return _dx(grad_out, weight, bits_bank[segs[0][2]])
-        dx = torch.empty(grad_out.shape[0], weight.shape[1], dtype=grad_out.dtype)
-        for lo, hi, p in segs:
-            dx[lo:hi] = _dx(grad_out[lo:hi], weight, bits_bank[p])
-        return dx
-
-    @registry.register("segmented_masked_linear_dw", "cpu", ("cpu",), dtypes=_DTYPES)
-    def segmented_masked_linear_dw(grad_out, x, bits_bank, seg_offsets, seg_pair):
-        segs = spans(seg_offsets, seg_pair)
-        if len(segs) == 1:  # one pair: the masked_linear kernel (bf16 stays bf16, fp32 inside)
-            lo, hi, p = segs[0]
-            return _dw(grad_out[lo:hi].contiguous(), x[lo:hi].contiguous(), bits_bank[p])
-        # several: each segment's masked dyᵀx added into one fp32 (fp64) accumulator
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        dw = torch.zeros(bits_bank.shape[1], x.shape[1], dtype=acc)
-        for lo, hi, p in segs:
-            _accumulate(dw, grad_out[lo:hi], x[lo:hi], bits_bank[p])
-        return dw.to(x.dtype)
+    # one pass over W / dW for every segment on AMX (bf16); else per segment, dW summed in fp32
+    _reg("segmented_masked_linear_dx")
+    _reg("segmented_masked_linear_dw")
+    _linear = native("masked_linear")
 
     @registry.register("masked_qkv_proj", "cpu", ("cpu",), dtypes=_DTYPES)
     def masked_qkv_proj(x, weight, bits, bias, num_heads):

@@ -328,6 +328,8 @@ NATIVE_BODIES = {
     "masked_linear_dw": bodies.masked_linear_dw_body,
     "masked_linear_dw_accumulate_": bodies.dw_accumulate_body,
     "segmented_masked_linear": bodies.segmented_masked_linear_body,
+    "segmented_masked_linear_dx": bodies.segmented_masked_linear_dx_body,
+    "segmented_masked_linear_dw": bodies.segmented_masked_linear_dw_body,
     "masked_qkv_proj": bodies.masked_qkv_proj_body,
     "masked_adamw_": bodies.masked_adamw_body,
 }

@@ -502,10 +502,18 @@ def test_bf16_panel_backward_kernels_match_reference(monkeypatch, m, n, k):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("offsets,pairs", [([0, 0, 37, 37], [2, 1, 0]),  # one non-empty segment
-                                           ([0, 10, 11, 37], [1, 0, 1])])
-def test_segmented_backward_matches_reference(dtype, offsets, pairs):
-    """The CPU segmented dx / dW: one non-empty segment through the masked_linear kernels (dW in
-    the input dtype), several through an fp32 accumulator; against float64."""
+                                           ([0, 10, 11, 37], [1, 0, 1]),
+                                           ([0, 3, 40, 41, 75, 75, 108, 141],
+                                            [0, 2, 1, 0, 1, 2, 0])])
+@pytest.mark.parametrize("amx", ["1", "0"])
+def test_segmented_backward_matches_reference(monkeypatch, dtype, offsets, pairs, amx):
+    """The CPU segmented dx / dW (C++ entries): one non-empty segment through the masked_linear
+    kernels (dW in the input dtype), several through an fp32 accumulator; bf16 on AMX tiles
+    (where the CPU has them; segments shorter and longer than a tile, not on tile boundaries, a
+    pair used again later) in one pass for every segment; against float64."""
+    monkeypatch.setenv("LASS_SPARSE_CPU_AMX", amx)
+    if amx == "1" and (dtype != torch.bfloat16 or not _amx()):
+        pytest.skip("the AMX case: bf16 on a CPU with AMX tiles")
     g = torch.Generator().manual_seed(len(offsets) + len(pairs))
     t, n, k = offsets[-1], 50, 70
     dy, x = torch.randn(t, n, generator=g).to(dtype), torch.randn(t, k, generator=g).to(dtype)
@@ -528,6 +536,17 @@ def test_segmented_backward_matches_reference(dtype, offsets, pairs):
     torch.testing.assert_close(dw.double(), want_dw, atol=tol * 10, rtol=tol)
     off = ~masks[list(set(pairs))].any(0)  # entries no pair keeps: exactly zero
     assert not dw[off].any()
+    if amx == "0":
+        return
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)  # AMX: the same bits with one thread (each sum in one thread)
+    try:
+        assert torch.equal(dx, torch.ops.lass_sparse.segmented_masked_linear_dx(
+            dy, w, bank, offs, pid))
+        assert torch.equal(dw, torch.ops.lass_sparse.segmented_masked_linear_dw(
+            dy, x, bank, offs, pid))
+    finally:
+        torch.set_num_threads(prev)
 
 
 def _amx() -> bool:

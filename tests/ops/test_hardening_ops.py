@@ -167,6 +167,23 @@ def _seg_grad_cases(kind):
     ]
 
 
+def _seg_kernel_cases(kind):
+    """What only the C++ entries see (the op's checks come first elsewhere): tables of another
+    dtype or on the meta device, decreasing offsets, a bf16 grad_out (the AMX path's dtype)."""
+    x, w, bank, offs, pair = _seg_args()
+    g = torch.randn(8, 8)
+    first = w if kind == "dx" else x
+    return [
+        ("int32 offsets", lambda: (g, first, bank, offs.int(), pair)),
+        ("meta pairs", lambda: (g, first, bank, offs, pair.to("meta"))),
+        ("decreasing offsets", lambda: (g, first, bank, torch.tensor([0, 9, 8]),
+                                        torch.tensor([0, 0]))),
+        ("bf16 grad_out, fp32 rest", lambda: (g.bfloat16(), first, bank, offs, pair)),
+        ("bf16 with the wrong T", lambda: (torch.randn(3, 8).bfloat16(), first.bfloat16(), bank,
+                                           offs, pair)),
+    ]
+
+
 def _remember_cases():
     offs, pair = torch.tensor([0, 2, 4]), torch.tensor([1, 0])
     return [
@@ -321,6 +338,8 @@ def _cases() -> dict[str, dict[str, list]]:
                 ("meta offsets", lambda: (*_seg_args()[:3], torch.tensor([0, 8], device="meta"),
                                           torch.tensor([0]), None))],
             "masked_linear_dw_accumulate_": _acc_cases(),
+            "segmented_masked_linear_dx": _seg_grad_cases("dx") + _seg_kernel_cases("dx"),
+            "segmented_masked_linear_dw": _seg_grad_cases("dw") + _seg_kernel_cases("dw"),
             "masked_qkv_proj": _qkv_cases(),
             "masked_adamw_": _adamw_cases() + [
                 ("lr inf", lambda: (*_adamw_lists(torch.randn(4, 40)), math.inf, *_HP[1:])),
