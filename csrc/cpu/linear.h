@@ -22,7 +22,8 @@
 // so results are bit-identical run to run at a fixed thread count. The tiled.cpp routes size
 // their tiles by at::get_num_threads() and BLAS may round a tile of another shape differently:
 // they may change bits with the thread count; the other families do not
-// (tests/test_determinism.py).
+// (tests/ops/test_determinism.py). The AMX kernels (amx_bf16.cpp) too: each output element is
+// summed by one thread in a fixed order, whatever the strip, group or chunk sizes.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 

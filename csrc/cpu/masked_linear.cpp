@@ -32,9 +32,13 @@ static at::Tensor tiled_forward(const at::Tensor& x, const at::Tensor& w, const 
                                 const c10::optional<at::Tensor>& bias) {
   auto y = at::empty({x.size(0), w.size(0)}, x.options());
   const int64_t offs[2] = {0, x.size(0)}, pid[1] = {0};
-  if (x.scalar_type() == at::kFloat && has_avx512() && panel_gemm_enabled()) {
-    // fp32, 2 threads, against F.linear (one run): M=32 0.68-0.80x (BLAS tiles 0.83-1.03x),
-    // M=128 0.78-0.98x (0.92-1.08x), M=512 0.82-1.09x (0.92-1.08x) at 2048x512 to 4096x4096
+  // fp32, 2 threads, against F.linear (one run), 2048x512 to 4096x4096. EPYC: M=32 0.68-0.80x
+  // (BLAS tiles 0.83-1.03x), M=128 0.78-0.98x (0.92-1.08x), M=512 0.82-1.09x (0.92-1.08x).
+  // Xeon (AMX machine, paired): M=32 0.98-1.06x (1.27-1.44x), M=128 1.16-1.38x (1.20-1.29x),
+  // M=512 1.33-1.69x (1.15-1.20x). So the panel up to $LASS_SPARSE_CPU_PANEL_MAX_M rows (128).
+  static const int64_t panel_max_m = env_int("LASS_SPARSE_CPU_PANEL_MAX_M", 128);
+  if (x.scalar_type() == at::kFloat && x.size(0) <= panel_max_m && has_avx512() &&
+      panel_gemm_enabled()) {
     panel_segments(x, w, bits.data_ptr<int32_t>(), 0, offs, pid, 1, bias, y);
     return y;
   }

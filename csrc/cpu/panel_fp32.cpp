@@ -53,19 +53,22 @@ __attribute__((target("avx512f"))) static inline void panel_kernel(const float* 
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + i * kPanelRows + 16 * v, acc[i][v]);
 }
 
-// y[rows, c0 + i] = out[i][j] (+ bias) for the `rows` valid panel rows starting at y row m0.
+// y[rows, c0 + i] = out[i][j] (+ bias) for the `rows` valid panel rows starting at y row m0,
+// over a block of kc columns of K (the decoded rows' stride ldw); added to y after the first.
 template <int MR>
-static void panel_block(const float* wd, int64_t k, const float* panel, int64_t rows,
-                        const float* bias, float* y, int64_t n, int64_t m0, int64_t c0) {
+static void panel_block(const float* wd, int64_t ldw, const float* panel, int64_t kc,
+                        int64_t rows, const float* bias, bool first, float* y, int64_t n,
+                        int64_t m0, int64_t c0) {
   alignas(64) float out[kPanelMR * kPanelRows];
   if (rows <= 16)
-    panel_kernel<MR, 1>(wd, k, panel, k, out);
+    panel_kernel<MR, 1>(wd, ldw, panel, kc, out);
   else
-    panel_kernel<MR, 2>(wd, k, panel, k, out);
+    panel_kernel<MR, 2>(wd, ldw, panel, kc, out);
   for (int64_t j = 0; j < rows; ++j) {
     float* yr = y + (m0 + j) * n + c0;
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) yr[i] = out[i * kPanelRows + j] + (bias ? bias[c0 + i] : 0.f);
+    for (int i = 0; i < MR; ++i)
+      yr[i] = out[i * kPanelRows + j] + (first ? (bias ? bias[c0 + i] : 0.f) : yr[i]);
   }
 }
 
@@ -100,15 +103,23 @@ static std::vector<Panel> pack_panels(const float* x, int64_t k, const int64_t* 
 }
 
 // tiled_segments for fp32 with AVX-512: the same loop over W's tiles and pairs, the panel
-// kernel instead of a BLAS call per segment.
+// kernel instead of a BLAS call per segment. K runs in blocks of kc columns (the outer loop of
+// each thread), so the panels' kc columns (<= ~1 MB) stay in L2 while every W tile passes: with
+// the whole K at once, 512 rows x K = 4096 (8 MB of panels) streamed from L3 for every tile
+// (1.8x dense on a 2-core Xeon, 1.15x in blocks).
 void panel_segments(const at::Tensor& x, const at::Tensor& w, const int32_t* bits,
                     int64_t bank_stride, const int64_t* offs, const int64_t* pid,
                     int64_t segs, const c10::optional<at::Tensor>& bias, at::Tensor& y) {
   const int64_t k = x.size(1), n = w.size(0);
   at::Tensor packed;
   const std::vector<Panel> panels = pack_panels(x.data_ptr<float>(), k, offs, segs, packed);
+  const int64_t np = static_cast<int64_t>(panels.size());
+  // kc: ~1 MB of panels (a multiple of 32: mask words stay whole), the whole K when it fits
+  int64_t kc = std::max<int64_t>(128, (1024 * 1024 / (4 * kPanelRows * std::max<int64_t>(np, 1)))
+                                          / 32 * 32);
+  if (kc >= k) kc = k;
   // a decoded tile of at most ~256 KB (L2 holds it beside a panel), whole register tiles
-  int64_t tn = std::max<int64_t>(kPanelMR, (256 * 1024 / (4 * k)) / kPanelMR * kPanelMR);
+  int64_t tn = std::max<int64_t>(kPanelMR, (256 * 1024 / (4 * kc)) / kPanelMR * kPanelMR);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t share = (n + 2 * threads - 1) / (2 * threads);  // >= 2 tiles per thread
   tn = std::min(tn, std::max<int64_t>(kPanelMR, (share + kPanelMR - 1) / kPanelMR * kPanelMR));
@@ -118,28 +129,34 @@ void panel_segments(const at::Tensor& x, const at::Tensor& w, const int32_t* bit
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::unique_ptr<float[]> buf(new float[static_cast<size_t>(tn * k)]);  // not zeroed
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = t * tn, r1 = std::min(n, r0 + tn);
-      int64_t decoded = -1;
-      for (size_t p = 0; p < panels.size(); ++p) {
-        const Panel& pn = panels[p];
-        if (pid[pn.seg] != decoded) {
-          decode_block(wp, bits + pid[pn.seg] * bank_stride, k, r0, r1, 0, k, buf.get());
-          decoded = pid[pn.seg];
-        }
-        const float* panel = pp + static_cast<int64_t>(p) * k * kPanelRows;
-        int64_t r = r0;
-        for (; r + kPanelMR <= r1; r += kPanelMR)
-          panel_block<kPanelMR>(buf.get() + (r - r0) * k, k, panel, pn.rows, bp, yp, n, pn.row0,
-                                r);
-        switch (r1 - r) {  // the tile's last rows
-          case 5: panel_block<5>(buf.get() + (r - r0) * k, k, panel, pn.rows, bp, yp, n, pn.row0, r); break;
-          case 4: panel_block<4>(buf.get() + (r - r0) * k, k, panel, pn.rows, bp, yp, n, pn.row0, r); break;
-          case 3: panel_block<3>(buf.get() + (r - r0) * k, k, panel, pn.rows, bp, yp, n, pn.row0, r); break;
-          case 2: panel_block<2>(buf.get() + (r - r0) * k, k, panel, pn.rows, bp, yp, n, pn.row0, r); break;
-          case 1: panel_block<1>(buf.get() + (r - r0) * k, k, panel, pn.rows, bp, yp, n, pn.row0, r); break;
-          default: break;
+    std::unique_ptr<float[]> buf(new float[static_cast<size_t>(tn * kc)]);  // not zeroed
+    for (int64_t k0 = 0; k0 < k; k0 += kc) {
+      const int64_t kw = std::min(kc, k - k0);
+      const bool first = k0 == 0;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r0 = t * tn, r1 = std::min(n, r0 + tn);
+        int64_t decoded = -1;
+        for (int64_t p = 0; p < np; ++p) {
+          const Panel& pn = panels[p];
+          if (pid[pn.seg] != decoded) {
+            decode_block(wp, bits + pid[pn.seg] * bank_stride, k, r0, r1, k0, kw, buf.get());
+            decoded = pid[pn.seg];
+          }
+          const float* panel = pp + p * k * kPanelRows + k0 * kPanelRows;
+          const float* wd = buf.get();
+          int64_t r = r0;
+          for (; r + kPanelMR <= r1; r += kPanelMR)
+            panel_block<kPanelMR>(wd + (r - r0) * kw, kw, panel, kw, pn.rows, bp, first, yp, n,
+                                  pn.row0, r);
+          const float* wr = wd + (r - r0) * kw;
+          switch (r1 - r) {  // the tile's last rows
+            case 5: panel_block<5>(wr, kw, panel, kw, pn.rows, bp, first, yp, n, pn.row0, r); break;
+            case 4: panel_block<4>(wr, kw, panel, kw, pn.rows, bp, first, yp, n, pn.row0, r); break;
+            case 3: panel_block<3>(wr, kw, panel, kw, pn.rows, bp, first, yp, n, pn.row0, r); break;
+            case 2: panel_block<2>(wr, kw, panel, kw, pn.rows, bp, first, yp, n, pn.row0, r); break;
+            case 1: panel_block<1>(wr, kw, panel, kw, pn.rows, bp, first, yp, n, pn.row0, r); break;
+            default: break;
+          }
         }
       }
     }

@@ -468,6 +468,33 @@ def test_segmented_panel_kernel_matches_reference(monkeypatch, k, n, bias):
     torch.testing.assert_close(y, y_blas, atol=1e-4 * k**0.5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("t,k", [(700, 1000), (128, 4100)])
+def test_fp32_panel_forward_runs_k_in_blocks(monkeypatch, t, k):
+    """The fp32 panel kernel with K in several blocks (the panels' block ~1 MB: 22 panels of a
+    mixed-pair batch at K = 1000; 4 panels at K = 4100, one forward of 128 rows), the last
+    block shorter, bias added once: against float64 and the BLAS path."""
+    g = torch.Generator().manual_seed(t + k)
+    n = 45
+    offs = torch.tensor([0, 5, t // 2, t // 2, t]) if t != 128 else torch.tensor([0, t])
+    pid = torch.tensor([1, 0, 2, 1]) if t != 128 else torch.tensor([0])
+    x, w, b = torch.randn(t, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n)
+    masks = torch.rand(3, n, k, generator=g) > 0.4
+    bank = torch.stack([pack_mask_reference(mm) for mm in masks])
+    if t == 128:
+        y = torch.ops.lass_sparse.masked_linear(x, w, bank[0], b)
+    else:
+        y = torch.ops.lass_sparse.segmented_masked_linear(x, w, bank, offs, pid, b)
+    want = torch.empty(t, n, dtype=torch.float64)
+    for s in range(len(pid)):
+        lo, hi = int(offs[s]), int(offs[s + 1])
+        want[lo:hi] = x[lo:hi].double() @ (w.double() * masks[pid[s]]).T + b.double()
+    torch.testing.assert_close(y.double(), want, atol=1e-4 * k**0.5, rtol=1e-5)
+    monkeypatch.setenv("LASS_SPARSE_CPU_PANEL_GEMM", "0")
+    y_blas = (torch.ops.lass_sparse.masked_linear(x, w, bank[0], b) if t == 128 else
+              torch.ops.lass_sparse.segmented_masked_linear(x, w, bank, offs, pid, b))
+    torch.testing.assert_close(y, y_blas, atol=1e-4 * k**0.5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("m", [1, 2, 5, 9, 16, 17, 33, 100])
 @pytest.mark.parametrize("n,k", [(1, 40), (7, 33), (50, 64), (33, 200), (1101, 600)])
 def test_bf16_panel_backward_kernels_match_reference(monkeypatch, m, n, k):

@@ -163,7 +163,8 @@ def _amx() -> bool:
 
 
 _KNOBS = ("LASS_SPARSE_CPU_AMX", "LASS_SPARSE_CPU_AMX_MIN_M", "LASS_SPARSE_CPU_AMX_MAX_M",
-          "LASS_SPARSE_CPU_SIMD", "LASS_SPARSE_CPU_PANEL_GEMM", "LASS_SPARSE_CPU_GEMV_MAX_M",
+          "LASS_SPARSE_CPU_SIMD", "LASS_SPARSE_CPU_PANEL_GEMM", "LASS_SPARSE_CPU_PANEL_MAX_M",
+          "LASS_SPARSE_CPU_GEMV_MAX_M",
           "LASS_SPARSE_CPU_GEMV_MAX_M_BF16", "LASS_SPARSE_CPU_DX_DP_MAX_M",
           "LASS_SPARSE_CPU_PANEL_DX_MAX_M", "LASS_SPARSE_CPU_PANEL_DW_MAX_M",
           "LASS_SPARSE_CPU_SMALL_BWD_MAX_M")
@@ -184,8 +185,10 @@ def _thread_independent(key: str, dtype: torch.dtype) -> bool:
     if name == "acc":  # dW accumulation: small_m.cpp for fp32 at <= 16 rows, else BLAS tiles;
         # bf16 activations: AMX tiles from 5 rows (or K > 2048), small_m.cpp below
         return m <= 16 if dtype == torch.float32 else bf16dp and _amx() and m <= 512
-    if dtype == torch.float32:  # panel or GEMV forward; backward small_m.cpp <= 16 rows, else tiles
-        return i == 0 or (i in (1, 2) and m <= 16 and name != "seg")
+    if dtype == torch.float32:  # GEMV or panel forward up to 128 rows (the segmented: any), tiles
+        # above; backward small_m.cpp <= 16 rows, else tiles
+        return (i == 0 and (m <= 128 or name == "seg")) or (i in (1, 2) and m <= 16
+                                                              and name != "seg")
     if not bf16dp:
         return False
     if _amx():  # bf16 on AMX tiles from 5 to 512 rows (dW at K > 2048 from 1), each output
