@@ -172,6 +172,22 @@ inline __mmask16 lanes16(int64_t count) {
                      : static_cast<__mmask16>((1u << std::max<int64_t>(count, 0)) - 1u);
 }
 
+// One 32-wide reduction step of the 2x2 block: C0, C1 += A0 · (B0, B1); with `two` also
+// C2, C3 += A1 · (B0, B1). A rows lda bytes apart; B0 at b, B1 at b + 256 (dense 1 KB tiles).
+LASS_AMX inline void step_2x2(const bf16* a0, const bf16* a1, int64_t lda, const uint32_t* b,
+                              bool two) {
+  _tile_loadd(6, b, 64);
+  _tile_loadd(7, b + 256, 64);
+  _tile_loadd(4, a0, lda);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  if (two) {
+    _tile_loadd(5, a1, lda);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
 // ---- forward
 
 // B tiles of W rows [n0, n0 + 32), every k-block: buf[(kb * 2 + h) * 256 + kk * 16 + j] is the
@@ -239,18 +255,8 @@ LASS_AMX void forward_strips(const FwdArgs& a, int64_t g0, int64_t g1) {
           _tile_zero(1);
           _tile_zero(2);
           _tile_zero(3);
-          for (int64_t kb = 0; kb < kblocks; ++kb) {
-            _tile_loadd(6, bj + kb * 512, 64);
-            _tile_loadd(7, bj + kb * 512 + 256, 64);
-            _tile_loadd(4, a0 + kb * 32, lda);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            if (two) {
-              _tile_loadd(5, a1 + kb * 32, lda);
-              _tile_dpbf16ps(2, 5, 6);
-              _tile_dpbf16ps(3, 5, 7);
-            }
-          }
+          for (int64_t kb = 0; kb < kblocks; ++kb)
+            step_2x2(a0 + kb * 32, a1 + kb * 32, lda, bj + kb * 512, two);
           _tile_stored(0, c[0], 64);
           _tile_stored(1, c[1], 64);
           _tile_stored(2, c[2], 64);
@@ -360,18 +366,8 @@ LASS_AMX void dx_chunks(const DxArgs& a, int64_t q0, int64_t q1) {
             _tile_loadd(2, c1p, ldc);
             _tile_loadd(3, c1p + 16, ldc);
           }
-          for (int64_t nb = 0; nb < nblocks; ++nb) {
-            _tile_loadd(6, bj + nb * 512, 64);
-            _tile_loadd(7, bj + nb * 512 + 256, 64);
-            _tile_loadd(4, a0 + nb * 32, lda);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            if (two) {
-              _tile_loadd(5, a1 + nb * 32, lda);
-              _tile_dpbf16ps(2, 5, 6);
-              _tile_dpbf16ps(3, 5, 7);
-            }
-          }
+          for (int64_t nb = 0; nb < nblocks; ++nb)
+            step_2x2(a0 + nb * 32, a1 + nb * 32, lda, bj + nb * 512, two);
           _tile_stored(0, c0p, ldc);
           _tile_stored(1, c0p + 16, ldc);
           if (two) {
