@@ -14,10 +14,21 @@
 // 6-7. Each worker thread loads the tile configuration for its chunk and releases it after.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+// AMX intrinsics need GCC 11 / clang 12 on x86-64 Linux (arch_prctl); elsewhere, or with
+// -DLASS_SPARSE_NO_AMX, the entry points below are stubs: has_amx_bf16() is false and the other
+// families serve every call.
+#if defined(__x86_64__) && defined(__linux__) && !defined(LASS_SPARSE_NO_AMX) && \
+    ((defined(__clang__) && __clang_major__ >= 12) ||                        \
+     (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define LASS_AMX_BUILD 1
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#else
+#define LASS_AMX_BUILD 0
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -32,6 +43,17 @@
 
 namespace lass_sparse_cpu {
 
+int64_t amx_min_rows() {
+  static const int64_t v = env_int("LASS_SPARSE_CPU_AMX_MIN_M", 5);
+  return v;
+}
+
+int64_t amx_max_rows() {
+  static const int64_t v = env_int("LASS_SPARSE_CPU_AMX_MAX_M", 512);
+  return v;
+}
+
+#if LASS_AMX_BUILD
 bool has_amx_bf16() {
   const char* env = std::getenv("LASS_SPARSE_CPU_AMX");  // read per call: tests switch it
   if (env && env[0] == '0') return false;
@@ -49,15 +71,6 @@ bool has_amx_bf16() {
   return ok;
 }
 
-int64_t amx_min_rows() {
-  static const int64_t v = env_int("LASS_SPARSE_CPU_AMX_MIN_M", 5);
-  return v;
-}
-
-int64_t amx_max_rows() {
-  static const int64_t v = env_int("LASS_SPARSE_CPU_AMX_MAX_M", 512);
-  return v;
-}
 
 namespace {
 using bf16 = c10::BFloat16;
@@ -648,5 +661,23 @@ void segments_dw_amx(const at::Tensor& dy, const at::Tensor& x, const int32_t* b
                      at::Tensor& dst) {
   dw_impl(dy, x, bits, bank_stride, offs, pid, segs, dst, false);
 }
+
+#else  // LASS_AMX_BUILD: stubs (never called: has_amx_bf16() is false)
+bool has_amx_bf16() { return false; }
+
+static void no_amx() { LASS_CHECK(false, "lass_sparse: built without AMX intrinsics"); }
+
+void forward_amx(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                 const c10::optional<at::Tensor>&, at::Tensor&) { no_amx(); }
+void segments_amx(const at::Tensor&, const at::Tensor&, const int32_t*, int64_t,
+                  const int64_t*, const int64_t*, int64_t, const c10::optional<at::Tensor>&,
+                  at::Tensor&) { no_amx(); }
+void dx_amx(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&) { no_amx(); }
+void dw_amx(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, bool) {
+  no_amx();
+}
+void segments_dw_amx(const at::Tensor&, const at::Tensor&, const int32_t*, int64_t,
+                     const int64_t*, const int64_t*, int64_t, at::Tensor&) { no_amx(); }
+#endif  // LASS_AMX_BUILD
 
 }  // namespace lass_sparse_cpu
