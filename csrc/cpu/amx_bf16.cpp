@@ -3,13 +3,17 @@
 // panel_bf16.cpp) took 2-5x dense at 16-64 rows. Each kernel stages W ⊙ M one strip at a time,
 // decoded and laid out as a tile operand in a cache-resident buffer (never W's size), and
 // multiplies with TDPBF16PS (fp32 accumulation):
-//   forward  y  = x (W ⊙ M)ᵀ: C[m, n] += x[m, k] B[k, n]; B = 32 rows of W ⊙ M, each 16x16 block
-//            of (k, k+1) pairs transposed (VNNI layout); x read in place (or zero-padded).
-//   dx       dx = dy (W ⊙ M): C[m, k] += dy[m, n] B[n, k]; B = 32 columns of W ⊙ M, rows n and
-//            n+1 interleaved (permutex2var), no transpose.
-//   dW       dW = (dyᵀ x) ⊙ M: C[n, k] += dyᵀ[n, m] B[m, k]; dyᵀ and x packed once; the mask
-//            applied as each 16x32 block is stored (off-mask exactly 0), or added under it to an
-//            fp32 gradient (accumulate).
+//   forward  y  = x (W ⊙ M)ᵀ: C[m, n] += x[m, k] B[k, n]; B = strips of 32 rows of W ⊙ M, each
+//            16x16 block of (k, k+1) pairs transposed (VNNI layout), packed again when a
+//            segment's pair changes (the segmented forward); x read in place (or zero-padded).
+//   dx       dx = dy (W ⊙ M): C[m, k] += dy[m, n] B[n, k]; B = a row block of a column chunk of
+//            W ⊙ M (each row read in one run), rows n and n+1 interleaved (permutex2var); the
+//            fp32 sums kept in an L2-sized buffer between row blocks.
+//   dW       dW = (dyᵀ x) ⊙ M: C[n, k] += dyᵀ[n, m] B[m, k]; dyᵀ and x packed once (each
+//            segment's rows from a 32-row boundary); the mask applied as each 32x32 block is
+//            stored (off-mask exactly 0), added under it to an fp32 gradient (accumulate), or,
+//            for several segments, each one's block added under its pair's mask into an fp32
+//            sum stored once.
 // Tiles: 8 registers of 16 rows x 64 bytes; C in 0-3 (2x2 blocks of 16x16 fp32), A in 4-5, B in
 // 6-7. Each worker thread loads the tile configuration for its chunk and releases it after.
 #include <ATen/ATen.h>
