@@ -53,7 +53,8 @@ else:
     _reg("masked_adamw_", (torch.float32, torch.bfloat16), validates=True)
     _reg("masked_linear_dw_accumulate_")  # dtypes of grad; x and grad_out are cast to it
     _reg("segmented_masked_linear")  # one pass over W's row tiles, every segment per tile
-    # one pass over W / dW for every segment on AMX (bf16); else per segment, dW summed in fp32
+    # C++ entries: dx per segment; dW on AMX (bf16) in one pass over dW for every segment, else
+    # each segment's added under its mask into an fp32 (fp64) sum
     _reg("segmented_masked_linear_dx")
     _reg("segmented_masked_linear_dw")
     _linear = native("masked_linear")

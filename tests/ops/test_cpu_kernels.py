@@ -319,7 +319,8 @@ def test_cpu_kernels_are_the_public_ops_cpu_kernels():
     for op in ("pack_mask", "unpack_mask", "magnitude_mask", "masked_cast", "masked_linear",
                "masked_linear_dx",
                "masked_linear_dw", "masked_linear_dw_accumulate_", "segmented_masked_linear",
-               "masked_qkv_proj", "masked_adamw_"):
+               "segmented_masked_linear_dx", "segmented_masked_linear_dw", "masked_qkv_proj",
+               "masked_adamw_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lass_sparse::{op}", "CPU"), op
     assert not hasattr(torch.ops.lass_sparse_cpu, "masked_linear"), "a second schema is back"
 
