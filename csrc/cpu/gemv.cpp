@@ -136,9 +136,12 @@ static void gemv_avx512(const float* x, int64_t m_rows, int64_t k, const T* w,
                         int64_t n1) {
   const int64_t nw = num_words(k);
   int64_t r = n0;
-  if (m_rows < 4) {  // bandwidth-bound: 4 weight rows at a time
-    for (; r + 4 <= n1; r += 4)
-      for (int64_t m = 0; m < m_rows; ++m) gemv_tile<T, 4, 1>(x, k, w, bits, nw, bias, y, n, r, m);
+  if (m_rows < 4) {  // bandwidth-bound: 4 weight rows at a time, every row of x per pass
+    for (; r + 4 <= n1; r += 4) {  // (one pass per x row read W 2-3 times at M = 2-3)
+      if (m_rows == 1) gemv_tile<T, 4, 1>(x, k, w, bits, nw, bias, y, n, r, 0);
+      else if (m_rows == 2) gemv_tile<T, 4, 2>(x, k, w, bits, nw, bias, y, n, r, 0);
+      else gemv_tile<T, 4, 3>(x, k, w, bits, nw, bias, y, n, r, 0);
+    }
   }
   for (; r < n1; ++r) {
     int64_t m = 0;
