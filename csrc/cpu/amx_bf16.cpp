@@ -75,7 +75,6 @@ bool has_amx_bf16() {
   return ok;
 }
 
-
 namespace {
 using bf16 = c10::BFloat16;
 constexpr int64_t kStrip = 32;  // rows (forward) or columns (dx) of W ⊙ M staged per B strip
@@ -427,6 +426,7 @@ struct Layout {
   std::vector<int64_t> base;
   int64_t rows = 0;
   bool identity = false;  // one segment at row 0: the rows as they are
+  int64_t only = 0;  // with `identity`: that segment
 };
 
 Layout layout(const int64_t* offs, int64_t segs, int64_t align) {
@@ -437,7 +437,7 @@ Layout layout(const int64_t* offs, int64_t segs, int64_t align) {
     l.base[s] = l.rows;
     const int64_t len = offs[s + 1] - offs[s];
     l.rows += round_up(len, align);
-    nonempty += len > 0;
+    if (len > 0 && nonempty++ == 0) l.only = s;
   }
   l.identity = nonempty <= 1;
   if (l.identity) std::fill(l.base.begin(), l.base.end(), 0);  // the rows stay where they are
@@ -564,9 +564,7 @@ LASS_AMX void dw_strips(const DwArgs& a, int64_t s0, int64_t s1) {
       const int64_t n0 = s * 32;
       for (int64_t kb = kc; kb < std::min(kblocks, kc + a.chunk); ++kb) {
         if (a.lay->identity) {
-          const int32_t* bits = a.bits + a.pid[0] * a.bank_stride;
-          for (int64_t g = 0; g < a.segs; ++g)  // the one non-empty segment's pair
-            if (a.offs[g + 1] > a.offs[g]) bits = a.bits + a.pid[g] * a.bank_stride;
+          const int32_t* bits = a.bits + a.pid[a.lay->only] * a.bank_stride;
           dw_block(a, n0, kb, 0, a.lay->rows / 2, c);
           for (int t = 0; t < 2; ++t)
             for (int i = 0; i < 16; ++i) {

@@ -175,8 +175,8 @@ void masked_linear_dw_accumulate_(at::Tensor grad, const at::Tensor& dy, const a
               "], got ", grad.sizes());
   if (grad.numel() == 0 || x.size(0) == 0) return;
   // bf16 activations into an fp32 (master) grad on AMX: bf16 products, fp32 sums, no casts
-  if (use_amx(x, x.size(1) > 2048) && dy.scalar_type() == at::kBFloat16 && grad.scalar_type() == at::kFloat &&
-      grad.is_contiguous()) {
+  if (use_amx(x, x.size(1) > 2048) && dy.scalar_type() == at::kBFloat16 &&
+      grad.scalar_type() == at::kFloat && grad.is_contiguous()) {
     dw_amx(dy, x, bits, grad, true);
     return;
   }

@@ -170,9 +170,6 @@ static at::Tensor segmented_masked_linear_op(const at::Tensor& x, const at::Tens
       x, w, bits_bank, seg_offsets, seg_pair, bias);
 }
 
-}  // namespace lass_sparse_cpu
-
-namespace lass_sparse_cpu {
 static at::Tensor segmented_dx_op(const at::Tensor& dy, const at::Tensor& w,
                                   const at::Tensor& bits_bank, const at::Tensor& seg_offsets,
                                   const at::Tensor& seg_pair) {
